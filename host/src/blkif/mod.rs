@@ -1,0 +1,1 @@
+//! The Xen block protocol (blkif): ABI structs and the shared ring.

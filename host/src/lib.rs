@@ -1,0 +1,18 @@
+//! xen-disk-host: a userspace Xen block backend whose disks are plugins.
+//!
+//! Data flows one way through the modules:
+//!
+//! ```text
+//!  xen::xenstore handshake ─▶ xen::grant (ring pages mapped) ─▶ blkif::ring (request copied out)
+//!    ─▶ blkif request validated ─▶ xen::grant (segments mapped) ─▶ plugin Disk read/write
+//!    ─▶ blkif response on the ring ─▶ xen::evtchn kick
+//! ```
+//!
+//! - [`plugin`]: find, load and check plugin `.so` files.
+//! - [`blkif`]: the Xen block protocol's byte-exact structures and the shared ring.
+//! - [`xen`]: the platform (xenstore, grants, event channels), real (`linux`) or simulated
+//!   (`sim`), behind traits the rest cannot tell apart.
+
+pub mod blkif;
+pub mod plugin;
+pub mod xen;

@@ -1,0 +1,1 @@
+//! Grant mapping: the platform trait.

@@ -1,0 +1,7 @@
+//! The simulated hypervisor: xenstored over a unix socket, guest memory in a memfd with
+//! grant references naming its pages, event channels over eventfd.
+
+pub mod evtchn;
+pub mod grant;
+pub mod memory;
+pub mod xenstored;

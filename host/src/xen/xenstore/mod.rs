@@ -1,0 +1,1 @@
+//! Xenstore: the client trait, wire protocol and transports.

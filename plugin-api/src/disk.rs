@@ -1,0 +1,202 @@
+//! The two traits a plugin author implements: [`Plugin`] (describe yourself, open a disk)
+//! and [`Disk`] (one open virtual disk).
+//!
+//! ```text
+//!   Plugin ──open(&Config)──▶ Disk: info · read · write · [flush · discard · write_zeroes · write_fua]
+//!     │                        (dropped = closed)
+//!     └ NAME, VERSION, DESCRIPTION, CONFIG_KEYS
+//! ```
+
+use crate::buffers::{ReadBufs, WriteBufs};
+use crate::config::{Config, ConfigKey};
+use crate::error::{Error, Result};
+
+/// How the host may call a disk's methods.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, abi_stable::StableAbi)]
+pub enum ThreadModel {
+    /// One call at a time per disk; the host holds a lock around each call. Choose this when
+    /// the backing store is a single stream (a socket, a device that dislikes concurrency).
+    Serialized = 0,
+    /// Any number of calls at once from several threads. The default: a `Disk` is `Sync`, so
+    /// Rust already makes this safe; take locks inside only where state is shared.
+    Parallel = 1,
+}
+
+/// What an open disk is and can do. Build it with [`DiskInfo::new`] and the setters.
+///
+/// The host advertises to the guest only what is set here: `feature-flush-cache` when
+/// `can_flush`, `feature-discard` when `can_discard`, and so on. Capabilities a disk lacks are
+/// emulated where that is safe: write-zeroes by writing zero buffers, FUA by write + flush.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, abi_stable::StableAbi)]
+pub struct DiskInfo {
+    /// Size in bytes; a multiple of `logical_sector_size`.
+    pub size: u64,
+    /// The smallest unit of I/O: 512 or 4096. Requests are aligned to it by the host.
+    pub logical_sector_size: u32,
+    /// The unit the backing store writes atomically (≥ logical), e.g. 4096.
+    pub physical_sector_size: u32,
+    /// The disk refuses writes; the host tells the guest and fails writes before calling.
+    pub read_only: bool,
+    /// See [`ThreadModel`].
+    pub thread_model: ThreadModel,
+    /// The disk has a volatile cache and [`Disk::flush`] makes writes durable.
+    pub can_flush: bool,
+    /// [`Disk::write_fua`] is native (cheaper than write + flush).
+    pub can_fua: bool,
+    /// [`Disk::discard`] is native.
+    pub can_discard: bool,
+    /// [`Disk::write_zeroes`] is native.
+    pub can_write_zeroes: bool,
+    /// Discard granularity in bytes (0 = the physical sector size).
+    pub discard_granularity: u32,
+}
+
+impl DiskInfo {
+    /// A writable, parallel disk of `size` bytes with 512-byte sectors and no extra
+    /// capabilities.
+    pub const fn new(size: u64) -> Self {
+        DiskInfo {
+            size,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            read_only: false,
+            thread_model: ThreadModel::Parallel,
+            can_flush: false,
+            can_fua: false,
+            can_discard: false,
+            can_write_zeroes: false,
+            discard_granularity: 0,
+        }
+    }
+
+    /// Sets the logical sector size (the physical one is raised to match if smaller).
+    pub const fn sector_size(mut self, bytes: u32) -> Self {
+        self.logical_sector_size = bytes;
+        if self.physical_sector_size < bytes {
+            self.physical_sector_size = bytes;
+        }
+        self
+    }
+
+    /// Sets the physical sector size.
+    pub const fn physical_sector_size(mut self, bytes: u32) -> Self {
+        self.physical_sector_size = bytes;
+        self
+    }
+
+    /// Marks the disk read-only.
+    pub const fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+
+    /// Sets the thread model.
+    pub const fn thread_model(mut self, model: ThreadModel) -> Self {
+        self.thread_model = model;
+        self
+    }
+
+    /// Declares a volatile cache that `flush` empties.
+    pub const fn flush(mut self, yes: bool) -> Self {
+        self.can_flush = yes;
+        self
+    }
+
+    /// Declares native FUA writes.
+    pub const fn fua(mut self, yes: bool) -> Self {
+        self.can_fua = yes;
+        self
+    }
+
+    /// Declares native discard.
+    pub const fn discard(mut self, yes: bool) -> Self {
+        self.can_discard = yes;
+        self
+    }
+
+    /// Declares native write-zeroes.
+    pub const fn write_zeroes(mut self, yes: bool) -> Self {
+        self.can_write_zeroes = yes;
+        self
+    }
+
+    /// Sets the discard granularity in bytes.
+    pub const fn discard_granularity(mut self, bytes: u32) -> Self {
+        self.discard_granularity = bytes;
+        self
+    }
+
+    /// Number of 512-byte sectors (the unit of the Xen protocol).
+    pub const fn sectors_512(&self) -> u64 {
+        self.size / 512
+    }
+}
+
+/// One open virtual disk.
+///
+/// Offsets and lengths are in bytes. **The host has already checked every request**: it is
+/// inside the disk, aligned to `logical_sector_size`, never a write on a read-only disk, and
+/// only uses capabilities `info` declared. A disk may still check and return an error.
+///
+/// Required: [`info`](Disk::info), [`read`](Disk::read), [`write`](Disk::write). Everything
+/// else has a default. Dropping the disk closes it (flush first if you keep dirty state).
+pub trait Disk: Send + Sync + 'static {
+    /// What the disk is. Called at open and again whenever the host wants to notice a resize,
+    /// so keep it cheap.
+    fn info(&self) -> DiskInfo;
+
+    /// Fills `bufs` with `bufs.len()` bytes from `offset`.
+    fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()>;
+
+    /// Stores `bufs.len()` bytes at `offset`.
+    fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()>;
+
+    /// Makes every completed write durable. Called only when `info().can_flush`.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// A write that is durable when it returns. Called only when `info().can_fua`; the host
+    /// otherwise emulates it with `write` + `flush`.
+    fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.write(offset, bufs)?;
+        self.flush()
+    }
+
+    /// Tells the disk the range is no longer needed; later reads may return anything the
+    /// disk documents (most return zeroes). Called only when `info().can_discard`.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(Error::unsupported("discard"))
+    }
+
+    /// Makes the range read as zeroes. Called only when `info().can_write_zeroes`; the host
+    /// otherwise writes zero buffers.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(Error::unsupported("write-zeroes"))
+    }
+}
+
+/// A plugin: its description and how to open a disk. Export it with
+/// [`export_plugin!`](crate::export_plugin).
+pub trait Plugin: 'static {
+    /// The disk type `open` returns.
+    type Disk: Disk;
+
+    /// The short name users type (`--plugin mmap`); the file is `lib<name>.so` with `-`
+    /// spelled `_`.
+    const NAME: &'static str;
+    /// The plugin's own version, usually `env!("CARGO_PKG_VERSION")`.
+    const VERSION: &'static str;
+    /// One line saying what the plugin does.
+    const DESCRIPTION: &'static str;
+    /// The configuration keys it takes. Anything else is refused before `open` is called.
+    const CONFIG_KEYS: &'static [ConfigKey];
+
+    /// Opens a disk. `config` has been checked against `CONFIG_KEYS`, defaults filled in.
+    /// Errors should name the file or key at fault.
+    fn open(config: &Config) -> Result<Self::Disk>;
+}

@@ -1,0 +1,246 @@
+//! The glue between the safe traits and the stable ABI, both ways.
+//!
+//! Plugin side: [`root_module`] turns a [`Plugin`] into the [`PluginMod`] that
+//! [`export_plugin!`](crate::export_plugin) exports; every call into the plugin runs under
+//! `catch_unwind`, so a panic becomes an [`ErrorKind::Panic`] error with the panic message
+//! and never unwinds into the host.
+//!
+//! Host side: [`ForeignDisk`] wraps a loaded plugin's disk object back into the safe
+//! [`Disk`] trait, so the host, the conformance suite and filter plugins all speak `Disk`.
+
+use crate::buffers::{ReadBufs, RawBuf, WriteBufs};
+use crate::config::Config;
+use crate::disk::{Disk, DiskInfo, Plugin};
+use crate::error::{Error, ErrorKind, Result};
+use crate::ffi::*;
+use abi_stable::prefix_type::PrefixTypeTrait;
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+impl From<Error> for FfiError {
+    fn from(e: Error) -> Self {
+        FfiError { kind: e.kind(), errno: e.errno(), message: RString::from(e.message()) }
+    }
+}
+
+impl From<FfiError> for Error {
+    fn from(e: FfiError) -> Self {
+        Error::from_parts(e.kind, e.errno, e.message.into_string())
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Runs `f`, turning an error or a panic into an `FfiError`.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> RResult<T, FfiError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => RResult::ROk(v),
+        Ok(Err(e)) => RResult::RErr(e.into()),
+        Err(payload) => RResult::RErr(
+            Error::new(ErrorKind::Panic, format!("plugin panicked in {what}: {}", panic_message(payload)))
+                .into(),
+        ),
+    }
+}
+
+struct Exported<D>(D);
+
+impl<D: Disk> FfiDisk for Exported<D> {
+    fn info(&self) -> DiskInfo {
+        // info cannot report an error; a panicking info() yields an empty, read-only disk so
+        // the host refuses it rather than unwinding.
+        catch_unwind(AssertUnwindSafe(|| self.0.info())).unwrap_or(DiskInfo::new(0).read_only(true))
+    }
+
+    fn read(&self, offset: u64, bufs: RSlice<'_, RawBuf>) -> RResult<(), FfiError> {
+        guarded("read", || {
+            // SAFETY: the host built these buffers under ReadBufs::from_raw's contract
+            // (ForeignDisk::read passes on a ReadBufs it was given).
+            let mut b = unsafe { ReadBufs::from_raw(bufs.as_slice()) };
+            self.0.read(offset, &mut b)
+        })
+    }
+
+    fn write(&self, offset: u64, bufs: RSlice<'_, RawBuf>, flags: u32) -> RResult<(), FfiError> {
+        guarded("write", || {
+            // SAFETY: as in read, under WriteBufs::from_raw's contract.
+            let b = unsafe { WriteBufs::from_raw(bufs.as_slice()) };
+            if flags & WRITE_FUA != 0 {
+                self.0.write_fua(offset, &b)
+            } else {
+                self.0.write(offset, &b)
+            }
+        })
+    }
+
+    fn flush(&self) -> RResult<(), FfiError> {
+        guarded("flush", || self.0.flush())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> RResult<(), FfiError> {
+        guarded("discard", || self.0.discard(offset, len))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> RResult<(), FfiError> {
+        guarded("write_zeroes", || self.0.write_zeroes(offset, len))
+    }
+}
+
+/// Wraps a safe disk as an FFI object (what `open` returns; also how a filter plugin hands a
+/// disk it built on).
+pub fn export_disk<D: Disk>(disk: D) -> FfiDiskBox {
+    FfiDisk_TO::from_value(Exported(disk), TD_Opaque)
+}
+
+extern "C" fn describe<P: Plugin>() -> FfiDescriptor {
+    FfiDescriptor {
+        name: RStr::from_str(P::NAME),
+        version: RStr::from_str(P::VERSION),
+        description: RStr::from_str(P::DESCRIPTION),
+        config_keys: P::CONFIG_KEYS
+            .iter()
+            .map(|k| FfiConfigKey {
+                name: RStr::from_str(k.name),
+                ty: k.ty,
+                default: match k.default {
+                    Some(d) => ROption::RSome(RStr::from_str(d)),
+                    None => ROption::RNone,
+                },
+                required: k.required,
+                help: RStr::from_str(k.help),
+            })
+            .collect(),
+    }
+}
+
+extern "C" fn open<P: Plugin>(config: RStr<'_>) -> RResult<FfiDiskBox, FfiError> {
+    guarded("open", || {
+        let mut config = Config::from_toml(config.as_str())?;
+        config.validate(P::NAME, P::CONFIG_KEYS, &[])?;
+        P::open(&config).map(export_disk)
+    })
+}
+
+/// Builds the root module for `P` (called once, when the host loads the library).
+#[doc(hidden)]
+pub fn root_module<P: Plugin>() -> PluginModRef {
+    PluginMod { abi_version: crate::ABI_VERSION, describe: describe::<P>, open: open::<P> }
+        .leak_into_prefix()
+}
+
+/// A disk opened by a loaded plugin, seen through the safe [`Disk`] trait.
+pub struct ForeignDisk {
+    inner: FfiDiskBox,
+}
+
+impl ForeignDisk {
+    /// Wraps a disk object a plugin returned.
+    pub fn new(inner: FfiDiskBox) -> Self {
+        ForeignDisk { inner }
+    }
+
+    /// Opens a disk with a loaded root module.
+    pub fn open(module: PluginModRef, config: &Config) -> Result<Self> {
+        let text = config.to_toml();
+        (module.open())(RStr::from_str(&text)).into_result().map(ForeignDisk::new).map_err(Error::from)
+    }
+}
+
+impl Disk for ForeignDisk {
+    fn info(&self) -> DiskInfo {
+        self.inner.info()
+    }
+
+    fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        self.inner.read(offset, RSlice::from_slice(bufs.raw())).into_result().map_err(Error::from)
+    }
+
+    fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.inner.write(offset, RSlice::from_slice(bufs.raw()), 0).into_result().map_err(Error::from)
+    }
+
+    fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.inner
+            .write(offset, RSlice::from_slice(bufs.raw()), WRITE_FUA)
+            .into_result()
+            .map_err(Error::from)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush().into_result().map_err(Error::from)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.discard(offset, len).into_result().map_err(Error::from)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.write_zeroes(offset, len).into_result().map_err(Error::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffers::with_read_bufs;
+    use crate::config::{ConfigKey, KeyType};
+
+    struct Boom;
+    impl Disk for Boom {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(4096)
+        }
+        fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            panic!("kaboom {}", 42)
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            Err(Error::io(5, "disk on fire"))
+        }
+    }
+
+    struct BoomPlugin;
+    impl Plugin for BoomPlugin {
+        type Disk = Boom;
+        const NAME: &'static str = "boom";
+        const VERSION: &'static str = "1";
+        const DESCRIPTION: &'static str = "fails";
+        const CONFIG_KEYS: &'static [ConfigKey] = &[ConfigKey::optional("x", KeyType::Bool, "false", "x")];
+        fn open(_: &Config) -> Result<Boom> {
+            Ok(Boom)
+        }
+    }
+
+    #[test]
+    fn panics_and_errors_become_values() {
+        let m = root_module::<BoomPlugin>();
+        let d = ForeignDisk::open(m, &Config::new()).unwrap();
+        let mut buf = [0u8; 512];
+        let e = with_read_bufs(&mut [&mut buf], |b| d.read(0, b)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Panic);
+        assert!(e.message().contains("kaboom 42"), "{e}");
+        let e = crate::buffers::with_write_bufs(&[&buf], |b| d.write(0, b)).unwrap_err();
+        assert_eq!((e.kind(), e.errno(), e.message()), (ErrorKind::Io, 5, "disk on fire"));
+        assert_eq!(d.discard(0, 1).unwrap_err().kind(), ErrorKind::Unsupported);
+    }
+
+    #[test]
+    fn open_checks_config_before_the_plugin_sees_it() {
+        let m = root_module::<BoomPlugin>();
+        let bad = Config::from_pairs(&["y=1"]).unwrap();
+        let e = ForeignDisk::open(m, &bad).err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.message().contains("`y`"), "{e}");
+        let d = (m.describe())();
+        assert_eq!(d.name.as_str(), "boom");
+        assert_eq!(d.config_keys.len(), 1);
+    }
+}

@@ -1,0 +1,197 @@
+//! # Writing a xen-disk plugin
+//!
+//! A plugin is a Rust `cdylib` that serves one kind of virtual disk to Xen guests:
+//! `xen-disk-host` speaks the Xen block protocol to the guest and calls your plugin to
+//! read and write bytes. You implement two small traits and export them with one macro;
+//! you write no `unsafe`, no abi_stable types and no Xen code.
+//!
+//! ## A complete plugin
+//!
+//! `Cargo.toml`:
+//!
+//! ```toml
+//! [package]
+//! name = "ramdisk-plugin"
+//! version = "0.1.0"
+//! edition = "2021"
+//!
+//! [lib]
+//! name = "ramdisk"            # the file is libramdisk.so; users type --plugin ramdisk
+//! crate-type = ["cdylib"]
+//!
+//! [dependencies]
+//! xen-disk-plugin-api = "0.1"
+//! ```
+//!
+//! `src/lib.rs`:
+//!
+//! ```no_run
+//! use std::sync::RwLock;
+//! use xen_disk_plugin_api::*;
+//!
+//! struct RamDisk(RwLock<Vec<u8>>);
+//!
+//! impl Disk for RamDisk {
+//!     fn info(&self) -> DiskInfo {
+//!         DiskInfo::new(self.0.read().unwrap().len() as u64)
+//!     }
+//!     fn read(&self, offset: u64, bufs: &mut ReadBufs) -> Result<()> {
+//!         let data = self.0.read().unwrap();
+//!         bufs.copy_from(&data[offset as usize..][..bufs.len()]);
+//!         Ok(())
+//!     }
+//!     fn write(&self, offset: u64, bufs: &WriteBufs) -> Result<()> {
+//!         let mut data = self.0.write().unwrap();
+//!         bufs.copy_to(&mut data[offset as usize..][..bufs.len()]);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! struct RamDiskPlugin;
+//!
+//! impl Plugin for RamDiskPlugin {
+//!     type Disk = RamDisk;
+//!     const NAME: &'static str = "ramdisk";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     const DESCRIPTION: &'static str = "A disk in memory, lost on detach";
+//!     const CONFIG_KEYS: &'static [ConfigKey] =
+//!         &[ConfigKey::optional("size", KeyType::Size, "64M", "Disk size")];
+//!
+//!     fn open(config: &Config) -> Result<RamDisk> {
+//!         Ok(RamDisk(RwLock::new(vec![0; config.size("size")? as usize])))
+//!     }
+//! }
+//!
+//! export_plugin!(RamDiskPlugin);
+//! ```
+//!
+//! Build it and try it without Xen:
+//!
+//! ```text
+//! cargo build --release
+//! xen-disk-host plugins inspect ./target/release/libramdisk.so
+//! xen-disk-host check ./target/release/libramdisk.so -c size=16M
+//! ```
+//!
+//! `check` is the conformance suite: it writes and reads back patterns, probes the edges,
+//! runs concurrent I/O and checks error handling. Pass it before you ship. Then serve a real
+//! guest: `xen-disk-host connect guest1 --plugin ./target/release/libramdisk.so -c size=1G`.
+//!
+//! ## The promise
+//!
+//! The boundary is a stable ABI (abi_stable): a plugin built against interface
+//! [`ABI_VERSION`] keeps loading in newer hosts that speak the same version, whatever Rust
+//! compiler either was built with. The host checks the version and the layout of every type
+//! on load and refuses a mismatch with one line naming the file and both versions.
+//!
+//! ## Lifecycle
+//!
+//! ```text
+//!  load .so ─▶ check ABI ─▶ describe (NAME, VERSION, DESCRIPTION, CONFIG_KEYS)
+//!    ─▶ config checked against CONFIG_KEYS, defaults filled
+//!    ─▶ Plugin::open(&Config) ─▶ Disk::info
+//!    ─▶ read / write / flush / discard / write_zeroes … (from many threads if Parallel)
+//!    ─▶ drop(Disk)            (detach, guest gone, or hot swap to another plugin)
+//! ```
+//!
+//! - **`open`** is called once per disk attach, with a [`Config`] already checked against
+//!   [`Plugin::CONFIG_KEYS`]: unknown keys, ill-typed values and missing required keys never
+//!   reach you. Open files here; return an [`Error`] naming the file on failure.
+//! - **`info`** says what the disk is ([`DiskInfo`]). It may be called again at any time:
+//!   if `size` grows the host tells the guest (online resize).
+//! - **I/O** calls come with offsets and lengths in bytes, already checked by the host to be
+//!   inside the disk and aligned to the logical sector size. Buffers are the guest's own
+//!   mapped pages ([`ReadBufs`], [`WriteBufs`]): no copy was made, and none is needed.
+//! - **drop** closes the disk. A library is never unloaded once loaded.
+//!
+//! ## Required and optional
+//!
+//! Required: [`Disk::info`], [`Disk::read`], [`Disk::write`], and the [`Plugin`] constants
+//! and `open`. Optional, each only called when [`DiskInfo`] declares it:
+//!
+//! | capability | declare with | if you don't |
+//! |---|---|---|
+//! | [`Disk::flush`] | `.flush(true)` (you have a volatile cache) | the guest is told the disk is write-through and sends no flushes |
+//! | [`Disk::write_fua`] | `.fua(true)` | host emulates: write, then flush |
+//! | [`Disk::discard`] | `.discard(true)` | not advertised to the guest |
+//! | [`Disk::write_zeroes`] | `.write_zeroes(true)` | host emulates by writing zero buffers |
+//!
+//! ## Thread model
+//!
+//! [`ThreadModel::Parallel`] (the default) lets the host call a disk from several worker
+//! threads at once; `Disk: Sync`, so the compiler already holds you to it. Choose
+//! [`ThreadModel::Serialized`] when the backing store wants one request at a time; the host
+//! then serializes calls with a lock.
+//!
+//! ## Errors and panics
+//!
+//! Return [`Error`] values: [`Error::io`] with an errno, [`Error::config`] naming the key,
+//! [`Error::corrupt`] for a bad image, [`Error::unsupported`]. The guest sees
+//! `BLKIF_RSP_ERROR` (`EOPNOTSUPP` for unsupported) and the host logs your message. A panic
+//! is caught on your side of the boundary and becomes an error carrying the panic message;
+//! it never unwinds into the host. (Keep `panic = "unwind"`, Rust's default: with
+//! `panic = "abort"` a panic would end the whole host process.)
+//!
+//! ## Naming and finding plugins
+//!
+//! `--plugin NAME` looks for `lib<NAME>.so` (with `-` spelled `_`) on
+//! `$XEN_DISK_PLUGIN_PATH`, the host binary's directory, and `/usr/lib/xen-disk/plugins`;
+//! `--plugin ./path/libx.so` loads a file. `xen-disk-host plugins` lists what it finds.
+
+#![warn(missing_docs)]
+
+mod buffers;
+mod config;
+mod disk;
+mod error;
+mod export;
+#[allow(non_local_definitions)] // emitted by #[sabi_trait]
+pub mod ffi;
+
+pub use buffers::{with_read_bufs, with_write_bufs, RawBuf, ReadBufs, WriteBufs};
+pub use config::{parse_size, value_from_cli, Config, ConfigKey, KeyType};
+pub use disk::{Disk, DiskInfo, Plugin, ThreadModel};
+pub use error::{Error, ErrorKind, Result};
+pub use export::{export_disk, ForeignDisk};
+
+#[doc(hidden)]
+pub use export::root_module as __root_module;
+
+/// The plugin interface version. A host loads only plugins built for the same version.
+pub const ABI_VERSION: u32 = 1;
+
+/// The name of the plain C symbol, exported by every plugin, that returns its
+/// [`ABI_VERSION`]. The host reads it before anything else.
+pub const ABI_VERSION_SYMBOL: &str = "xen_disk_plugin_abi_version";
+
+/// Exports a [`Plugin`] from a `cdylib`: `export_plugin!(MyPlugin);` once, at the crate root.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        /// The plugin interface version this library was built for.
+        #[no_mangle]
+        pub extern "C" fn xen_disk_plugin_abi_version() -> u32 {
+            $crate::ABI_VERSION
+        }
+
+        // The symbol name is abi_stable's mangled name for a library's root-module header
+        // (what its #[export_root_module] attribute emits), spelled out so plugin crates need
+        // not depend on abi_stable themselves.
+        #[doc(hidden)]
+        #[no_mangle]
+        #[allow(non_upper_case_globals)]
+        pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::ffi::__private::LibHeader = {
+            extern "C" fn constructor() -> $crate::ffi::__private::RootModuleResult {
+                $crate::ffi::__private::__call_root_module_loader($crate::__root_module::<$plugin>)
+            }
+            // SAFETY: the constructor returns the PluginModRef built by root_module, the same
+            // module type named here.
+            unsafe {
+                $crate::ffi::__private::LibHeader::from_constructor::<$crate::ffi::PluginModRef>(
+                    constructor,
+                    $crate::ffi::__private::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
