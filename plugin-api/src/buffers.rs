@@ -22,12 +22,18 @@ pub struct RawBuf {
 impl RawBuf {
     /// Describes a mutable slice (its lifetime is the caller's to keep).
     pub fn from_mut(slice: &mut [u8]) -> Self {
-        RawBuf { base: slice.as_mut_ptr(), len: slice.len() }
+        RawBuf {
+            base: slice.as_mut_ptr(),
+            len: slice.len(),
+        }
     }
 
     /// Describes a shared slice; only for buffers a plugin will read (writes).
     pub fn from_ref(slice: &[u8]) -> Self {
-        RawBuf { base: slice.as_ptr() as *mut u8, len: slice.len() }
+        RawBuf {
+            base: slice.as_ptr() as *mut u8,
+            len: slice.len(),
+        }
     }
 }
 
@@ -55,7 +61,10 @@ impl<'a> ReadBufs<'a> {
     /// Each buffer must be valid for writes of `len` bytes for `'a` and must not overlap
     /// another buffer of the list or be accessed by the caller while the `ReadBufs` lives.
     pub unsafe fn from_raw(bufs: &'a [RawBuf]) -> Self {
-        ReadBufs { bufs, _borrow: PhantomData }
+        ReadBufs {
+            bufs,
+            _borrow: PhantomData,
+        }
     }
 
     /// The raw list (to hand on to another disk, e.g. in a filter plugin).
@@ -99,7 +108,11 @@ impl<'a> ReadBufs<'a> {
 
     /// Fills the buffers from `src`, which must be exactly [`len`](Self::len) bytes.
     pub fn copy_from(&mut self, src: &[u8]) {
-        assert_eq!(src.len(), self.len(), "ReadBufs::copy_from: length mismatch");
+        assert_eq!(
+            src.len(),
+            self.len(),
+            "ReadBufs::copy_from: length mismatch"
+        );
         self.for_each_mut(|at, s| s.copy_from_slice(&src[at..at + s.len()]));
     }
 
@@ -148,7 +161,10 @@ impl<'a> WriteBufs<'a> {
     /// # Safety
     /// Each buffer must be valid for reads of `len` bytes for `'a`.
     pub unsafe fn from_raw(bufs: &'a [RawBuf]) -> Self {
-        WriteBufs { bufs, _borrow: PhantomData }
+        WriteBufs {
+            bufs,
+            _borrow: PhantomData,
+        }
     }
 
     /// The raw list (to hand on to another disk, e.g. in a filter plugin).
@@ -216,7 +232,9 @@ impl<'a> WriteBufs<'a> {
     pub fn as_io_slices(&self) -> &[IoSlice<'_>] {
         // SAFETY: RawBuf has the iovec layout and IoSlice is ABI-compatible with iovec on
         // Unix; the buffers are valid for reads for the borrow (from_raw's contract).
-        unsafe { std::slice::from_raw_parts(self.bufs.as_ptr() as *const IoSlice<'_>, self.bufs.len()) }
+        unsafe {
+            std::slice::from_raw_parts(self.bufs.as_ptr() as *const IoSlice<'_>, self.bufs.len())
+        }
     }
 }
 

@@ -66,7 +66,13 @@ pub struct ConfigKey {
 impl ConfigKey {
     /// A key that must be given.
     pub const fn required(name: &'static str, ty: KeyType, help: &'static str) -> Self {
-        ConfigKey { name, ty, default: None, required: true, help }
+        ConfigKey {
+            name,
+            ty,
+            default: None,
+            required: true,
+            help,
+        }
     }
 
     /// A key with a default.
@@ -76,12 +82,24 @@ impl ConfigKey {
         default: &'static str,
         help: &'static str,
     ) -> Self {
-        ConfigKey { name, ty, default: Some(default), required: false, help }
+        ConfigKey {
+            name,
+            ty,
+            default: Some(default),
+            required: false,
+            help,
+        }
     }
 
     /// A key that may be absent and has no default (check with `config.opt_*`).
     pub const fn maybe(name: &'static str, ty: KeyType, help: &'static str) -> Self {
-        ConfigKey { name, ty, default: None, required: false, help }
+        ConfigKey {
+            name,
+            ty,
+            default: None,
+            required: false,
+            help,
+        }
     }
 }
 
@@ -90,9 +108,13 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if digits_end == 0 {
-        return Err(format!("`{text}` is not a size (expected e.g. 4096, 64M, 1G)"));
+        return Err(format!(
+            "`{text}` is not a size (expected e.g. 4096, 64M, 1G)"
+        ));
     }
-    let n: u64 = t[..digits_end].parse().map_err(|_| format!("`{text}` is too large"))?;
+    let n: u64 = t[..digits_end]
+        .parse()
+        .map_err(|_| format!("`{text}` is too large"))?;
     let shift = match t[digits_end..].trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -102,7 +124,8 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         "p" | "pb" | "pib" => 50,
         other => return Err(format!("`{text}`: unknown size suffix `{other}`")),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{text}` is too large"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 fn parse_bool(text: &str) -> Option<bool> {
@@ -191,7 +214,12 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Self> {
         text.parse::<toml::Table>()
             .map(Config::from_table)
-            .map_err(|e| Error::new(ErrorKind::Config, format!("configuration is not valid TOML: {e}")))
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("configuration is not valid TOML: {e}"),
+                )
+            })
     }
 
     /// True when the key is present.
@@ -206,13 +234,21 @@ impl Config {
 
     /// A nested table (for layered plugins: `base.*` keys), if present.
     pub fn sub(&self, key: &str) -> Option<Config> {
-        self.table.get(key).and_then(|v| v.as_table()).map(|t| Config::from_table(t.clone()))
+        self.table
+            .get(key)
+            .and_then(|v| v.as_table())
+            .map(|t| Config::from_table(t.clone()))
     }
 
     /// Checks the table against `keys`: refuses unknown keys (nested tables are allowed only
     /// where `allow_tables` names them), ill-typed values and missing required keys, and fills in
     /// defaults. `plugin` names the plugin in messages.
-    pub fn validate(&mut self, plugin: &str, keys: &[ConfigKey], allow_tables: &[&str]) -> Result<()> {
+    pub fn validate(
+        &mut self,
+        plugin: &str,
+        keys: &[ConfigKey],
+        allow_tables: &[&str],
+    ) -> Result<()> {
         for (name, value) in &self.table {
             if value.is_table() && allow_tables.contains(&name.as_str()) {
                 continue;
@@ -223,7 +259,11 @@ impl Config {
                     name,
                     format!(
                         "unknown key for plugin {plugin} (it takes: {})",
-                        if known.is_empty() { "no keys".to_string() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "no keys".to_string()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 ));
             };
@@ -234,22 +274,29 @@ impl Config {
                 continue;
             }
             if let Some(default) = key.default {
-                self.table.insert(key.name.to_string(), value_from_cli(default));
+                self.table
+                    .insert(key.name.to_string(), value_from_cli(default));
             } else if key.required {
-                return Err(Error::config(key.name, format!("is required by plugin {plugin}")));
+                return Err(Error::config(
+                    key.name,
+                    format!("is required by plugin {plugin}"),
+                ));
             }
         }
         Ok(())
     }
 
     fn get(&self, key: &str) -> Result<&toml::Value> {
-        self.table.get(key).ok_or_else(|| Error::config(key, "is required"))
+        self.table
+            .get(key)
+            .ok_or_else(|| Error::config(key, "is required"))
     }
 
     /// A string (or path) value.
     pub fn str(&self, key: &str) -> Result<&str> {
         let v = self.get(key)?;
-        v.as_str().ok_or_else(|| Error::config(key, format!("expected a string, got {v}")))
+        v.as_str()
+            .ok_or_else(|| Error::config(key, format!("expected a string, got {v}")))
     }
 
     /// An optional string value.
@@ -326,7 +373,10 @@ fn as_size(key: &str, v: &toml::Value) -> Result<u64> {
     match v {
         toml::Value::Integer(i) if *i >= 0 => Ok(*i as u64),
         toml::Value::String(s) => parse_size(s).map_err(|e| Error::config(key, e)),
-        _ => Err(Error::config(key, format!("expected a size such as 64M or 1G, got {v}"))),
+        _ => Err(Error::config(
+            key,
+            format!("expected a size such as 64M or 1G, got {v}"),
+        )),
     }
 }
 
@@ -334,7 +384,10 @@ fn check_type(key: &ConfigKey, v: &toml::Value) -> Result<()> {
     match key.ty {
         KeyType::String | KeyType::Path => match v {
             toml::Value::String(_) => Ok(()),
-            _ => Err(Error::config(key.name, format!("expected a {}, got {v}", key.ty.name()))),
+            _ => Err(Error::config(
+                key.name,
+                format!("expected a {}, got {v}", key.ty.name()),
+            )),
         },
         KeyType::Bool => as_bool(key.name, v).map(drop),
         KeyType::Integer => as_u64(key.name, v).map(drop),
@@ -368,7 +421,9 @@ mod tests {
     #[test]
     fn cli_pairs_and_toml_table_are_the_same() {
         let cli = Config::from_pairs(&["size=1G", "shared=false", "path=/x", "n=3"]).unwrap();
-        let file: toml::Table = "size = \"1G\"\nshared = false\npath = \"/x\"\nn = 3".parse().unwrap();
+        let file: toml::Table = "size = \"1G\"\nshared = false\npath = \"/x\"\nn = 3"
+            .parse()
+            .unwrap();
         assert_eq!(cli, Config::from_table(file));
         assert_eq!(Config::from_toml(&cli.to_toml()).unwrap(), cli);
     }
@@ -385,15 +440,36 @@ mod tests {
 
     #[test]
     fn validate_refuses_bad_keys_naming_them() {
-        let e = Config::from_pairs(&["path=/x", "sharde=1"]).unwrap().validate("t", KEYS, &[]).unwrap_err();
-        assert!(e.message().contains("`sharde`") && e.message().contains("shared"), "{e}");
-        let e = Config::from_pairs(&["path=/x", "shared=maybe"]).unwrap().validate("t", KEYS, &[]).unwrap_err();
+        let e = Config::from_pairs(&["path=/x", "sharde=1"])
+            .unwrap()
+            .validate("t", KEYS, &[])
+            .unwrap_err();
+        assert!(
+            e.message().contains("`sharde`") && e.message().contains("shared"),
+            "{e}"
+        );
+        let e = Config::from_pairs(&["path=/x", "shared=maybe"])
+            .unwrap()
+            .validate("t", KEYS, &[])
+            .unwrap_err();
         assert!(e.message().contains("`shared`"), "{e}");
-        let e = Config::from_pairs(&["path=/x", "size=lots"]).unwrap().validate("t", KEYS, &[]).unwrap_err();
+        let e = Config::from_pairs(&["path=/x", "size=lots"])
+            .unwrap()
+            .validate("t", KEYS, &[])
+            .unwrap_err();
         assert!(e.message().contains("`size`"), "{e}");
-        let e = Config::from_pairs(&["shared=true"]).unwrap().validate("t", KEYS, &[]).unwrap_err();
-        assert!(e.message().contains("`path`") && e.message().contains("required"), "{e}");
-        let e = Config::from_pairs(&["path=3"]).unwrap().validate("t", KEYS, &[]).unwrap_err();
+        let e = Config::from_pairs(&["shared=true"])
+            .unwrap()
+            .validate("t", KEYS, &[])
+            .unwrap_err();
+        assert!(
+            e.message().contains("`path`") && e.message().contains("required"),
+            "{e}"
+        );
+        let e = Config::from_pairs(&["path=3"])
+            .unwrap()
+            .validate("t", KEYS, &[])
+            .unwrap_err();
         assert!(e.message().contains("`path`"), "{e}");
         assert!(Config::from_pairs(&["novalue"]).is_err());
     }

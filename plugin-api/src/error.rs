@@ -59,12 +59,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An error of `kind` with a message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, errno: 0, message: message.into() }
+        Error {
+            kind,
+            errno: 0,
+            message: message.into(),
+        }
     }
 
     /// An I/O error with its errno, e.g. `Error::io(libc::EIO, "short read")`.
     pub fn io(errno: i32, message: impl Into<String>) -> Self {
-        Error { kind: ErrorKind::Io, errno, message: message.into() }
+        Error {
+            kind: ErrorKind::Io,
+            errno,
+            message: message.into(),
+        }
     }
 
     /// A configuration error that names the key.
@@ -95,7 +103,11 @@ impl Error {
 
     /// Rebuilds an error from its parts (used by the FFI glue).
     pub fn from_parts(kind: ErrorKind, errno: i32, message: String) -> Self {
-        Error { kind, errno, message }
+        Error {
+            kind,
+            errno,
+            message,
+        }
     }
 
     /// The kind.
@@ -128,6 +140,10 @@ impl From<std::io::Error> for Error {
             std::io::ErrorKind::Unsupported => ErrorKind::Unsupported,
             _ => ErrorKind::Io,
         };
-        Error { kind, errno: e.raw_os_error().unwrap_or(0), message: e.to_string() }
+        Error {
+            kind,
+            errno: e.raw_os_error().unwrap_or(0),
+            message: e.to_string(),
+        }
     }
 }

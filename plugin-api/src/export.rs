@@ -8,7 +8,7 @@
 //! Host side: [`ForeignDisk`] wraps a loaded plugin's disk object back into the safe
 //! [`Disk`] trait, so the host, the conformance suite and filter plugins all speak `Disk`.
 
-use crate::buffers::{ReadBufs, RawBuf, WriteBufs};
+use crate::buffers::{RawBuf, ReadBufs, WriteBufs};
 use crate::config::Config;
 use crate::disk::{Disk, DiskInfo, Plugin};
 use crate::error::{Error, ErrorKind, Result};
@@ -20,7 +20,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 impl From<Error> for FfiError {
     fn from(e: Error) -> Self {
-        FfiError { kind: e.kind(), errno: e.errno(), message: RString::from(e.message()) }
+        FfiError {
+            kind: e.kind(),
+            errno: e.errno(),
+            message: RString::from(e.message()),
+        }
     }
 }
 
@@ -46,8 +50,11 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> RResult<T, FfiError>
         Ok(Ok(v)) => RResult::ROk(v),
         Ok(Err(e)) => RResult::RErr(e.into()),
         Err(payload) => RResult::RErr(
-            Error::new(ErrorKind::Panic, format!("plugin panicked in {what}: {}", panic_message(payload)))
-                .into(),
+            Error::new(
+                ErrorKind::Panic,
+                format!("plugin panicked in {what}: {}", panic_message(payload)),
+            )
+            .into(),
         ),
     }
 }
@@ -133,8 +140,12 @@ extern "C" fn open<P: Plugin>(config: RStr<'_>) -> RResult<FfiDiskBox, FfiError>
 /// Builds the root module for `P` (called once, when the host loads the library).
 #[doc(hidden)]
 pub fn root_module<P: Plugin>() -> PluginModRef {
-    PluginMod { abi_version: crate::ABI_VERSION, describe: describe::<P>, open: open::<P> }
-        .leak_into_prefix()
+    PluginMod {
+        abi_version: crate::ABI_VERSION,
+        describe: describe::<P>,
+        open: open::<P>,
+    }
+    .leak_into_prefix()
 }
 
 /// A disk opened by a loaded plugin, seen through the safe [`Disk`] trait.
@@ -151,7 +162,10 @@ impl ForeignDisk {
     /// Opens a disk with a loaded root module.
     pub fn open(module: PluginModRef, config: &Config) -> Result<Self> {
         let text = config.to_toml();
-        (module.open())(RStr::from_str(&text)).into_result().map(ForeignDisk::new).map_err(Error::from)
+        (module.open())(RStr::from_str(&text))
+            .into_result()
+            .map(ForeignDisk::new)
+            .map_err(Error::from)
     }
 }
 
@@ -161,11 +175,17 @@ impl Disk for ForeignDisk {
     }
 
     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
-        self.inner.read(offset, RSlice::from_slice(bufs.raw())).into_result().map_err(Error::from)
+        self.inner
+            .read(offset, RSlice::from_slice(bufs.raw()))
+            .into_result()
+            .map_err(Error::from)
     }
 
     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
-        self.inner.write(offset, RSlice::from_slice(bufs.raw()), 0).into_result().map_err(Error::from)
+        self.inner
+            .write(offset, RSlice::from_slice(bufs.raw()), 0)
+            .into_result()
+            .map_err(Error::from)
     }
 
     fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
@@ -180,11 +200,17 @@ impl Disk for ForeignDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.discard(offset, len).into_result().map_err(Error::from)
+        self.inner
+            .discard(offset, len)
+            .into_result()
+            .map_err(Error::from)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.write_zeroes(offset, len).into_result().map_err(Error::from)
+        self.inner
+            .write_zeroes(offset, len)
+            .into_result()
+            .map_err(Error::from)
     }
 }
 
@@ -213,7 +239,8 @@ mod tests {
         const NAME: &'static str = "boom";
         const VERSION: &'static str = "1";
         const DESCRIPTION: &'static str = "fails";
-        const CONFIG_KEYS: &'static [ConfigKey] = &[ConfigKey::optional("x", KeyType::Bool, "false", "x")];
+        const CONFIG_KEYS: &'static [ConfigKey] =
+            &[ConfigKey::optional("x", KeyType::Bool, "false", "x")];
         fn open(_: &Config) -> Result<Boom> {
             Ok(Boom)
         }
@@ -228,7 +255,10 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Panic);
         assert!(e.message().contains("kaboom 42"), "{e}");
         let e = crate::buffers::with_write_bufs(&[&buf], |b| d.write(0, b)).unwrap_err();
-        assert_eq!((e.kind(), e.errno(), e.message()), (ErrorKind::Io, 5, "disk on fire"));
+        assert_eq!(
+            (e.kind(), e.errno(), e.message()),
+            (ErrorKind::Io, 5, "disk on fire")
+        );
         assert_eq!(d.discard(0, 1).unwrap_err().kind(), ErrorKind::Unsupported);
     }
 
