@@ -13,6 +13,9 @@
 //! - [`xen`]: the platform (xenstore, grants, event channels), real (`linux`) or simulated
 //!   (`sim`), behind traits the rest cannot tell apart.
 
+pub mod bench;
 pub mod blkif;
+pub mod check;
+pub mod cli;
 pub mod plugin;
 pub mod xen;

@@ -1,1 +1,15 @@
-//! Finding, loading and checking plugins.
+//! Finding, loading and guarding plugins: the host's side of the `.so` boundary.
+//!
+//! ```text
+//!  --plugin NAME|PATH ─▶ search::resolve ─▶ loader::load (ABI version, layout) ─▶ LoadedPlugin
+//!     ─▶ LoadedPlugin::open(config) ─▶ ForeignDisk ─▶ guard::GuardedDisk (bounds, read-only,
+//!        alignment, capability emulation) ─▶ the device's workers
+//! ```
+
+pub mod guard;
+pub mod loader;
+pub mod search;
+
+pub use guard::GuardedDisk;
+pub use loader::{load, KeyInfo, LoadedPlugin, PluginError};
+pub use search::{find_plugins, resolve, search_path};

@@ -1,0 +1,199 @@
+//! Driving a disk straight through the plugin boundary, and the memcpy reference.
+//!
+//! Sequential modes walk the region in `bs` steps and wrap; random modes pick aligned offsets
+//! uniformly. Read modes first read the region once untimed, so page-cache and mapping faults
+//! are not what is measured.
+
+use super::histogram::Histogram;
+use crate::check::model::Rng;
+use crate::plugin::GuardedDisk;
+use std::time::{Duration, Instant};
+use xen_disk_plugin_api::{with_read_bufs, with_write_bufs};
+
+/// The access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pattern {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    Randread,
+    /// Random writes.
+    Randwrite,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DirectOptions {
+    /// Access pattern.
+    pub pattern: Pattern,
+    /// Block size in bytes.
+    pub bs: usize,
+    /// Bytes of the disk used, from offset 0.
+    pub region: u64,
+    /// How long to run.
+    pub duration: Duration,
+    /// Threads issuing I/O at once.
+    pub threads: usize,
+}
+
+/// Figures from one run.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    /// Operations completed.
+    pub ops: u64,
+    /// Seconds measured.
+    pub seconds: f64,
+    /// Operations per second.
+    pub iops: f64,
+    /// Megabytes (10^6) per second.
+    pub mbps: f64,
+    /// Mean nanoseconds per operation per thread.
+    pub ns_per_op: f64,
+    /// Median latency, microseconds.
+    pub lat_p50_us: f64,
+    /// 99th percentile latency, microseconds.
+    pub lat_p99_us: f64,
+}
+
+fn figures(
+    ops: u64,
+    bytes_per_op: usize,
+    elapsed: Duration,
+    threads: usize,
+    h: &Histogram,
+) -> Figures {
+    let s = elapsed.as_secs_f64().max(1e-9);
+    Figures {
+        ops,
+        seconds: s,
+        iops: ops as f64 / s,
+        mbps: ops as f64 * bytes_per_op as f64 / s / 1e6,
+        ns_per_op: s * 1e9 * threads as f64 / ops.max(1) as f64,
+        lat_p50_us: h.percentile(0.5) as f64 / 1000.0,
+        lat_p99_us: h.percentile(0.99) as f64 / 1000.0,
+    }
+}
+
+/// Runs the pattern against `disk`.
+pub fn run(disk: &GuardedDisk, opts: &DirectOptions) -> Result<Figures, String> {
+    let bs = opts.bs as u64;
+    let region = opts.region.min(disk.size()) / bs * bs;
+    if region == 0 {
+        return Err(format!("block size {bs} is larger than the region"));
+    }
+    let reading = matches!(opts.pattern, Pattern::Read | Pattern::Randread);
+    if !reading && disk.info().read_only {
+        return Err("the disk is read-only".into());
+    }
+    if reading {
+        let mut buf = vec![0u8; opts.bs];
+        let mut off = 0;
+        while off < region {
+            with_read_bufs(&mut [&mut buf], |b| disk.read(off, b)).map_err(|e| e.to_string())?;
+            off += bs;
+        }
+    }
+    let started = Instant::now();
+    let results: Vec<Result<(u64, Histogram), String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..opts.threads.max(1))
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut buf = vec![0x5Au8; opts.bs];
+                    let mut rng = Rng::new(t as u64 + 1);
+                    let mut h = Histogram::default();
+                    let blocks = region / bs;
+                    let mut seq = (t as u64 * blocks / opts.threads.max(1) as u64) * bs;
+                    let mut ops = 0u64;
+                    let deadline = started + opts.duration;
+                    loop {
+                        // Check the clock once per 64 ops; per-op timing is below.
+                        if ops.is_multiple_of(64) && Instant::now() >= deadline {
+                            break;
+                        }
+                        let off = match opts.pattern {
+                            Pattern::Read | Pattern::Write => {
+                                let o = seq;
+                                seq = if seq + bs >= region { 0 } else { seq + bs };
+                                o
+                            }
+                            Pattern::Randread | Pattern::Randwrite => rng.below(blocks) * bs,
+                        };
+                        let t0 = Instant::now();
+                        let r = if reading {
+                            with_read_bufs(&mut [&mut buf], |b| disk.read(off, b))
+                        } else {
+                            with_write_bufs(&[&buf], |b| disk.write(off, b, false))
+                        };
+                        h.record(t0.elapsed().as_nanos() as u64);
+                        r.map_err(|e| e.to_string())?;
+                        ops += 1;
+                    }
+                    Ok((ops, h))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("bench thread panicked".into()))
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    let mut total = 0;
+    let mut hist = Histogram::default();
+    for r in results {
+        let (ops, h) = r?;
+        total += ops;
+        hist.merge(&h);
+    }
+    Ok(figures(total, opts.bs, elapsed, opts.threads.max(1), &hist))
+}
+
+/// The reference: `memcpy` of `bs`-byte blocks walking a `region`-byte buffer, same threads
+/// and duration. What a perfect zero-overhead read path would do.
+pub fn memcpy_reference(bs: usize, region: u64, duration: Duration, threads: usize) -> Figures {
+    let region = (region as usize).clamp(bs, 256 << 20) / bs * bs;
+    let src = vec![0x33u8; region];
+    let started = Instant::now();
+    let per_thread: Vec<(u64, Histogram)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                let src = &src;
+                scope.spawn(move || {
+                    let mut dst = vec![0u8; bs];
+                    let mut h = Histogram::default();
+                    let (mut ops, mut off) = (0u64, 0usize);
+                    let deadline = started + duration;
+                    loop {
+                        if ops % 64 == 0 && Instant::now() >= deadline {
+                            break;
+                        }
+                        let t0 = Instant::now();
+                        dst.copy_from_slice(&src[off..off + bs]);
+                        std::hint::black_box(&mut dst);
+                        h.record(t0.elapsed().as_nanos() as u64);
+                        off = if off + 2 * bs > region { 0 } else { off + bs };
+                        ops += 1;
+                    }
+                    (ops, h)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    let mut hist = Histogram::default();
+    let mut total = 0;
+    for (ops, h) in &per_thread {
+        total += ops;
+        hist.merge(h);
+    }
+    figures(total, bs, elapsed, threads.max(1), &hist)
+}

@@ -1,0 +1,257 @@
+//! `xen-disk-host check`: the conformance suite for plugin authors.
+//!
+//! It opens the plugin's disk the way the host does (loaded `.so`, guarded by
+//! [`GuardedDisk`](crate::plugin::GuardedDisk)) and runs each case in [`cases`], printing one
+//! line per case and a closing `N passed, N failed` line. Data checks use a sparse model of
+//! what was written: each written sector's content is derived from a per-write seed, so the
+//! model costs 16 bytes a sector however large the disk.
+
+mod cases;
+pub(crate) mod model;
+
+use crate::plugin::{GuardedDisk, LoadedPlugin};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use xen_disk_plugin_api::{Config, Disk, DiskInfo, ReadBufs, Result, WriteBufs};
+
+/// How to run the suite.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Threads for the concurrency case.
+    pub threads: usize,
+    /// Random writes in the pattern case.
+    pub ops: usize,
+    /// Seed for the random offsets and data.
+    pub seed: u64,
+    /// The disk stores no data (a null disk): run every call, skip content comparisons.
+    pub no_data: bool,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            threads: 4,
+            ops: 200,
+            seed: 0x5eed,
+            no_data: false,
+        }
+    }
+}
+
+/// The outcome of one case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Passed, with a detail line.
+    Pass(String),
+    /// Does not apply to this disk, with the reason.
+    Skip(String),
+    /// Failed, with what went wrong.
+    Fail(String),
+}
+
+/// Every case's name and outcome.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// In run order.
+    pub results: Vec<(&'static str, Outcome)>,
+}
+
+impl CheckReport {
+    /// Number of failed cases.
+    pub fn failed(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Fail(_)))
+            .count()
+    }
+
+    /// Number of passed cases.
+    pub fn passed(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Pass(_)))
+            .count()
+    }
+
+    /// Number of skipped cases.
+    pub fn skipped(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Skip(_)))
+            .count()
+    }
+}
+
+/// The plugin's disk with a count of the calls that reach it, so cases can prove that
+/// refused requests never did.
+struct Counting {
+    inner: Box<dyn Disk>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Counting {
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Disk for Counting {
+    fn info(&self) -> DiskInfo {
+        self.inner.info()
+    }
+    fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        self.count();
+        self.inner.read(offset, bufs)
+    }
+    fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.count();
+        self.inner.write(offset, bufs)
+    }
+    fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.count();
+        self.inner.write_fua(offset, bufs)
+    }
+    fn flush(&self) -> Result<()> {
+        self.count();
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.count();
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.count();
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+/// Another handle on the same counted disk (for a second guard, e.g. read-only).
+pub struct SharedDisk(Arc<dyn Disk>);
+
+impl Disk for SharedDisk {
+    fn info(&self) -> DiskInfo {
+        self.0.info()
+    }
+    fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        self.0.read(offset, bufs)
+    }
+    fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.0.write(offset, bufs)
+    }
+    fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.0.write_fua(offset, bufs)
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
+}
+
+/// What each case gets.
+pub struct Subject<'a> {
+    /// The plugin under test.
+    pub plugin: &'a LoadedPlugin,
+    /// Its configuration.
+    pub config: &'a Config,
+    /// The disk, guarded as the host serves it.
+    pub disk: GuardedDisk,
+    /// The same disk without the guard (counted).
+    pub raw: Arc<dyn Disk>,
+    /// Calls that reached the plugin so far.
+    pub calls: Arc<AtomicUsize>,
+    /// Options.
+    pub opts: &'a CheckOptions,
+}
+
+impl Subject<'_> {
+    /// Another handle on the plugin's disk, for building a second guard.
+    pub fn shared(&self) -> SharedDisk {
+        SharedDisk(self.raw.clone())
+    }
+}
+
+/// Runs the suite, calling `report` after each case (for live output).
+pub fn run(
+    plugin: &LoadedPlugin,
+    config: &Config,
+    opts: &CheckOptions,
+    mut report: impl FnMut(&'static str, &Outcome),
+) -> CheckReport {
+    let mut out = CheckReport::default();
+    let mut record = |name: &'static str, o: Outcome| {
+        report(name, &o);
+        out.results.push((name, o));
+    };
+    let disk = match plugin.open(config) {
+        Ok(d) => d,
+        Err(e) => {
+            record("open", Outcome::Fail(e.to_string()));
+            return out;
+        }
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let raw: Arc<dyn Disk> = Arc::new(Counting {
+        inner: Box::new(disk),
+        calls: calls.clone(),
+    });
+    let disk = match GuardedDisk::new(Box::new(SharedDisk(raw.clone())), false) {
+        Ok(d) => d,
+        Err(e) => {
+            record(
+                "open",
+                Outcome::Fail(format!("the plugin reports an invalid disk: {e}")),
+            );
+            return out;
+        }
+    };
+    let i = disk.info();
+    record(
+        "open",
+        Outcome::Pass(format!(
+            "{} bytes, sectors {}/{}, {:?}{}{}{}{}{}",
+            i.size,
+            i.logical_sector_size,
+            i.physical_sector_size,
+            i.thread_model,
+            if i.read_only { ", read-only" } else { "" },
+            if i.can_flush { ", flush" } else { "" },
+            if i.can_fua { ", fua" } else { "" },
+            if i.can_discard { ", discard" } else { "" },
+            if i.can_write_zeroes {
+                ", write-zeroes"
+            } else {
+                ""
+            },
+        )),
+    );
+    let subject = Subject {
+        plugin,
+        config,
+        disk,
+        raw,
+        calls,
+        opts,
+    };
+    for (name, case) in cases::ALL {
+        let started = Instant::now();
+        let outcome =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&subject))) {
+                Ok(o) => o,
+                Err(_) => Outcome::Fail("the check itself panicked (see stderr)".into()),
+            };
+        let outcome = match outcome {
+            Outcome::Pass(d) => {
+                Outcome::Pass(format!("{d} ({} ms)", started.elapsed().as_millis()))
+            }
+            other => other,
+        };
+        record(name, outcome);
+    }
+    out
+}

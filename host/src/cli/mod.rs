@@ -1,0 +1,66 @@
+//! The command line: one module per subcommand, all parsed here with clap.
+
+mod bench;
+mod check;
+mod plugins;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use xen_disk_plugin_api::Config;
+
+/// A userspace Xen virtual-disk backend whose disks are plugins.
+#[derive(Parser, Debug)]
+#[command(name = "xen-disk-host", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List and inspect plugins on the search path.
+    Plugins(plugins::PluginsArgs),
+    /// Run the conformance suite against a plugin.
+    Check(check::CheckArgs),
+    /// Measure a plugin's I/O speed.
+    Bench(bench::BenchArgs),
+}
+
+/// How a plugin is named and configured on the command line (shared by every subcommand).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PluginArgs {
+    /// Plugin name (`mmap`, looked up on the search path) or path to a `.so`.
+    pub plugin: String,
+    /// Plugin configuration, `key=value`; repeat for more keys.
+    #[arg(short = 'c', long = "config", value_name = "KEY=VALUE")]
+    pub config: Vec<String>,
+}
+
+impl PluginArgs {
+    /// The configuration table the `-c` pairs make.
+    pub fn config(&self) -> Result<Config> {
+        Config::from_pairs(&self.config)
+            .map_err(anyhow::Error::msg)
+            .context("bad -c option")
+    }
+}
+
+/// Parses the process arguments and runs the command; returns the exit code.
+pub fn main() -> Result<i32> {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Plugins(a) => plugins::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("XEN_DISK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,288 @@
+//! The host's guard in front of every plugin disk.
+//!
+//! Plugins are promised that every call they get is inside the disk, aligned to the logical
+//! sector size, not a write to a read-only disk, and only for capabilities they declared
+//! (see the plugin-api docs). This module keeps that promise, so a plugin bug cannot be
+//! reached by a hostile guest through an out-of-range request. It also emulates what a
+//! plugin lacks: write-zeroes by writing zero buffers, FUA by write + flush, and serializes
+//! calls for plugins that asked for it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use xen_disk_plugin_api::{
+    Disk, DiskInfo, Error, ErrorKind, RawBuf, ReadBufs, Result, ThreadModel, WriteBufs,
+};
+
+/// Largest run of zeroes written per call when emulating write-zeroes.
+const ZERO_CHUNK: usize = 256 * 1024;
+static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
+
+/// Checks that a plugin's `info` describes a disk the host can serve.
+pub fn check_info(info: &DiskInfo) -> std::result::Result<(), String> {
+    let ls = info.logical_sector_size;
+    if ls != 512 && ls != 4096 {
+        return Err(format!("logical sector size {ls} (must be 512 or 4096)"));
+    }
+    let ps = info.physical_sector_size;
+    if ps < ls || !ps.is_power_of_two() || ps > 1 << 20 {
+        return Err(format!(
+            "physical sector size {ps} (must be a power of two from {ls} to 1 MiB)"
+        ));
+    }
+    if info.size == 0 || !info.size.is_multiple_of(u64::from(ls)) {
+        return Err(format!(
+            "size {} (must be a non-zero multiple of {ls})",
+            info.size
+        ));
+    }
+    Ok(())
+}
+
+/// A plugin disk behind the host's checks.
+pub struct GuardedDisk {
+    inner: Box<dyn Disk>,
+    info: DiskInfo,
+    size: AtomicU64,
+    read_only: bool,
+    serial: Option<Mutex<()>>,
+}
+
+impl GuardedDisk {
+    /// Wraps `inner`; `read_only` forces a read-only disk whatever the plugin says.
+    pub fn new(inner: Box<dyn Disk>, read_only: bool) -> std::result::Result<Self, String> {
+        let info = inner.info();
+        check_info(&info)?;
+        Ok(GuardedDisk {
+            serial: (info.thread_model == ThreadModel::Serialized).then(|| Mutex::new(())),
+            size: AtomicU64::new(info.size),
+            read_only: read_only || info.read_only,
+            info,
+            inner,
+        })
+    }
+
+    /// What the guest is told: the plugin's info with the host's read-only override and the
+    /// current size.
+    pub fn info(&self) -> DiskInfo {
+        let mut info = self.info;
+        info.read_only = self.read_only;
+        info.size = self.size();
+        info
+    }
+
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the plugin's size (online resize). Returns the new size if it changed.
+    pub fn refresh_size(&self) -> std::result::Result<Option<u64>, String> {
+        let now = self.inner.info();
+        if now.logical_sector_size != self.info.logical_sector_size {
+            return Err("the plugin changed its sector size".into());
+        }
+        check_info(&now)?;
+        let old = self.size.swap(now.size, Ordering::Relaxed);
+        Ok((old != now.size).then_some(now.size))
+    }
+
+    /// True when discard reaches the plugin (the only case it is advertised).
+    pub fn can_discard(&self) -> bool {
+        self.info.can_discard && !self.read_only
+    }
+
+    /// True when flush means something (the plugin has a volatile cache).
+    pub fn can_flush(&self) -> bool {
+        self.info.can_flush
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let ls = u64::from(self.info.logical_sector_size);
+        if !offset.is_multiple_of(ls) || !len.is_multiple_of(ls) {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("request at {offset}+{len} is not aligned to the {ls}-byte sector size"),
+            ));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "request at {offset}+{len} is outside the {}-byte disk",
+                    self.size()
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::new(ErrorKind::ReadOnly, "the disk is read-only"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn call<T>(&self, f: impl FnOnce(&dyn Disk) -> Result<T>) -> Result<T> {
+        let _guard = self
+            .serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&*self.inner)
+    }
+
+    /// Reads into `bufs` from `offset`.
+    pub fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        let len = bufs.len() as u64;
+        if len == 0 {
+            return Err(Error::new(ErrorKind::OutOfRange, "zero-length read"));
+        }
+        self.check_range(offset, len)?;
+        self.call(|d| d.read(offset, bufs))
+    }
+
+    /// Writes `bufs` at `offset`; with `fua` the data is durable on return.
+    pub fn write(&self, offset: u64, bufs: &WriteBufs<'_>, fua: bool) -> Result<()> {
+        self.check_writable()?;
+        let len = bufs.len() as u64;
+        if len == 0 {
+            return Err(Error::new(ErrorKind::OutOfRange, "zero-length write"));
+        }
+        self.check_range(offset, len)?;
+        match (fua, self.info.can_fua) {
+            (true, true) => self.call(|d| d.write_fua(offset, bufs)),
+            (true, false) => {
+                self.call(|d| d.write(offset, bufs))?;
+                self.flush()
+            }
+            (false, _) => self.call(|d| d.write(offset, bufs)),
+        }
+    }
+
+    /// Makes completed writes durable (a no-op for disks without a volatile cache).
+    pub fn flush(&self) -> Result<()> {
+        if self.info.can_flush {
+            self.call(|d| d.flush())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Discards a range; only for disks that declared discard.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.info.can_discard {
+            return Err(Error::unsupported("discard"));
+        }
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.call(|d| d.discard(offset, len))
+    }
+
+    /// Makes a range read as zeroes, natively or by writing zero buffers.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.info.can_write_zeroes {
+            return self.call(|d| d.write_zeroes(offset, len));
+        }
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(ZERO_CHUNK as u64) as usize;
+            let raw = [RawBuf::from_ref(&ZEROES[..n])];
+            // SAFETY: the buffer is a static, immutable slice; WriteBufs only reads it.
+            let bufs = unsafe { WriteBufs::from_raw(&raw) };
+            self.call(|d| d.write(offset + at, &bufs))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use xen_disk_plugin_api::{with_read_bufs, with_write_bufs};
+
+    /// A disk that counts the calls that reach it and stores nothing.
+    struct Spy(Arc<AtomicUsize>, DiskInfo);
+    impl Disk for Spy {
+        fn info(&self) -> DiskInfo {
+            self.1
+        }
+        fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn spy(info: DiskInfo, ro: bool) -> (GuardedDisk, Arc<AtomicUsize>) {
+        let n = Arc::new(AtomicUsize::new(0));
+        (
+            GuardedDisk::new(Box::new(Spy(n.clone(), info)), ro).unwrap(),
+            n,
+        )
+    }
+
+    #[test]
+    fn out_of_range_and_unaligned_never_reach_the_plugin() {
+        let (g, n) = spy(DiskInfo::new(1 << 20).sector_size(4096), false);
+        let mut b = vec![0u8; 4096];
+        for off in [1 << 20, (1 << 20) - 512, u64::MAX - 4095, 512] {
+            let e = with_read_bufs(&mut [&mut b], |r| g.read(off, r)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::OutOfRange, "offset {off}");
+        }
+        assert_eq!(
+            g.discard(0, 4096).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+        with_read_bufs(&mut [&mut b], |r| g.read((1 << 20) - 4096, r)).unwrap();
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn read_only_refuses_writes_before_the_plugin() {
+        let (g, n) = spy(DiskInfo::new(1 << 20), true);
+        let b = [0u8; 512];
+        let e = with_write_bufs(&[&b], |w| g.write(0, w, false)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        assert_eq!(
+            g.write_zeroes(0, 512).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+        assert!(g.info().read_only);
+    }
+
+    #[test]
+    fn write_zeroes_is_emulated_in_chunks() {
+        let (g, n) = spy(DiskInfo::new(4 << 20), false);
+        g.write_zeroes(0, 1 << 20).unwrap();
+        assert_eq!(n.load(Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn bad_info_is_refused() {
+        let n = Arc::new(AtomicUsize::new(0));
+        for info in [
+            DiskInfo::new(0),
+            DiskInfo::new(1000),
+            DiskInfo::new(4096).sector_size(1024),
+        ] {
+            assert!(GuardedDisk::new(Box::new(Spy(n.clone(), info)), false).is_err());
+        }
+    }
+}

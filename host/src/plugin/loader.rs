@@ -1,0 +1,182 @@
+//! Loading a plugin `.so`: check it is one of ours and speaks our ABI, then describe it.
+//!
+//! Order of checks, each failure one line naming the file:
+//! 1. the file loads at all (`dlopen`);
+//! 2. it exports `xen_disk_plugin_abi_version` (else: not a xen-disk plugin);
+//! 3. that version equals ours (else: both versions named);
+//! 4. abi_stable's own version and type-layout check of the root module.
+//!
+//! Libraries are never unloaded (abi_stable's rule): a loaded plugin's code stays mapped for
+//! the life of the process, so disks opened from it stay valid.
+
+use std::path::{Path, PathBuf};
+use xen_disk_plugin_api::ffi::PluginModRef;
+use xen_disk_plugin_api::{Config, ForeignDisk, KeyType, ABI_VERSION, ABI_VERSION_SYMBOL};
+
+/// Why a plugin could not be loaded or opened. Every variant displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// Not found on the search path or at the given path.
+    #[error("{0}")]
+    NotFound(String),
+    /// `dlopen` failed.
+    #[error("{path}: cannot load: {reason}")]
+    Load { path: PathBuf, reason: String },
+    /// The library has no xen-disk entry point.
+    #[error("{path}: not a xen-disk plugin (no {ABI_VERSION_SYMBOL} symbol)")]
+    NotAPlugin { path: PathBuf },
+    /// Built for another interface version.
+    #[error("{path}: built for plugin ABI version {found}; this host speaks version {expected}")]
+    AbiVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    /// abi_stable refused the root module (version or layout).
+    #[error("{path}: incompatible plugin interface: {reason}")]
+    Layout { path: PathBuf, reason: String },
+    /// The plugin refused to open the disk.
+    #[error("plugin {plugin}: {error}")]
+    Open {
+        plugin: String,
+        error: xen_disk_plugin_api::Error,
+    },
+}
+
+/// A declared configuration key, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Key name.
+    pub name: String,
+    /// Value type.
+    pub ty: KeyType,
+    /// Default, as typed.
+    pub default: Option<String>,
+    /// Must be given.
+    pub required: bool,
+    /// Help line.
+    pub help: String,
+}
+
+/// A loaded plugin: its file, its root module and what it says about itself.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Short name.
+    pub name: String,
+    /// Plugin version.
+    pub version: String,
+    /// One-line description.
+    pub description: String,
+    /// Declared configuration keys.
+    pub keys: Vec<KeyInfo>,
+    /// The ABI version it was built for.
+    pub abi_version: u32,
+    module: PluginModRef,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Collapses abi_stable's multi-line messages into one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Loads the plugin at `path`.
+pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
+    if !path.exists() {
+        return Err(PluginError::NotFound(format!(
+            "plugin {}: no such file",
+            path.display()
+        )));
+    }
+    // dlopen needs a path with a slash to not search LD_LIBRARY_PATH.
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        Path::new(".").join(path)
+    };
+    // SAFETY: loading a library runs its initialisers; that is the point of a plugin and
+    // the user chose the file. Nothing else is called before the checks below.
+    let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| PluginError::Load {
+        path: path.clone(),
+        reason: one_line(&e.to_string()),
+    })?;
+    // SAFETY: the symbol, if present, is `extern "C" fn() -> u32` by our ABI's definition;
+    // a foreign library that happens to export the name with another type is the user's error.
+    let found = unsafe {
+        let f = lib
+            .get::<extern "C" fn() -> u32>(ABI_VERSION_SYMBOL.as_bytes())
+            .map_err(|_| PluginError::NotAPlugin { path: path.clone() })?;
+        f()
+    };
+    if found != ABI_VERSION {
+        return Err(PluginError::AbiVersion {
+            path,
+            found,
+            expected: ABI_VERSION,
+        });
+    }
+    let header =
+        abi_stable::library::lib_header_from_path(&path).map_err(|e| PluginError::Layout {
+            path: path.clone(),
+            reason: one_line(&e.to_string()),
+        })?;
+    let module = header
+        .init_root_module::<PluginModRef>()
+        .map_err(|e| PluginError::Layout {
+            path: path.clone(),
+            reason: one_line(&e.to_string()),
+        })?;
+    // The library stays loaded for the life of the process (abi_stable holds it too).
+    std::mem::forget(lib);
+    let d = (module.describe())();
+    Ok(LoadedPlugin {
+        name: d.name.to_string(),
+        version: d.version.to_string(),
+        description: d.description.to_string(),
+        keys: d
+            .config_keys
+            .iter()
+            .map(|k| KeyInfo {
+                name: k.name.to_string(),
+                ty: k.ty,
+                default: k.default.map(|s| s.to_string()).into_option(),
+                required: k.required,
+                help: k.help.to_string(),
+            })
+            .collect(),
+        abi_version: module.abi_version(),
+        path,
+        module,
+    })
+}
+
+/// Resolves a `--plugin` spec on the search path and loads it.
+pub fn load_spec(spec: &str) -> Result<LoadedPlugin, PluginError> {
+    let path = super::search::resolve(spec).map_err(PluginError::NotFound)?;
+    load(&path)
+}
+
+impl LoadedPlugin {
+    /// Opens a disk with `config`.
+    pub fn open(&self, config: &Config) -> Result<ForeignDisk, PluginError> {
+        ForeignDisk::open(self.module, config).map_err(|error| PluginError::Open {
+            plugin: self.name.clone(),
+            error,
+        })
+    }
+
+    /// The raw root module (for tests and layered plugins).
+    pub fn module(&self) -> PluginModRef {
+        self.module
+    }
+}

@@ -1,0 +1,118 @@
+//! Shared helpers for the end-to-end tests: build the binary and every plugin once, run the
+//! `xen-disk-host` binary, make temporary files.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Once;
+
+/// `target/<profile>`, where cargo put this test and where it builds the plugins.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+/// Builds the host binary, every plugin and the test fixtures (once per test binary).
+pub fn build_all() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--workspace", "--lib", "--bins"]);
+        if target_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace failed");
+    });
+}
+
+/// A plugin file built by [`build_all`], e.g. `plugin_path("mmap")`.
+pub fn plugin_path(name: &str) -> PathBuf {
+    build_all();
+    target_dir().join(format!("lib{}.so", name.replace('-', "_")))
+}
+
+/// Runs `xen-disk-host ARGS` with the plugin search path set to the build directory.
+pub fn host(args: &[&str]) -> Output {
+    build_all();
+    Command::new(target_dir().join("xen-disk-host"))
+        .args(args)
+        .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .output()
+        .expect("run xen-disk-host")
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the command failed as bad input: exit code 2 and exactly one stderr line that
+/// contains every one of `needles`.
+pub fn assert_bad_input(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "exit code; stderr: {err}; stdout: {}",
+        stdout(o)
+    );
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "one error line expected, got: {err}"
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr should mention {n:?}: {err}");
+    }
+}
+
+/// A fresh temporary directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let p = std::env::temp_dir().join(format!("xen-disk-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a file of `len` pseudo-random bytes.
+pub fn random_file(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    std::fs::write(path, data).unwrap();
+}

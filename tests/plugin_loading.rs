@@ -1,0 +1,112 @@
+//! Loading plugins through the real `.so` boundary: the CLI's listing and inspection, and
+//! every kind of bad plugin or bad configuration giving one clear line and exit code 2.
+
+mod common;
+use common::*;
+
+#[test]
+fn plugins_list_shows_the_shipped_plugins() {
+    let o = host(&["plugins"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("discard ") && l.contains("Null disk")),
+        "{out}"
+    );
+}
+
+#[test]
+fn inspect_shows_keys_types_defaults_and_abi() {
+    let o = host(&["plugins", "inspect", "discard"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("abi version: 1"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("size") && l.contains("default 1G")),
+        "{out}"
+    );
+    // A path works as well as a name, and `-` is spelled `_` in the file.
+    let path = plugin_path("discard");
+    let o = host(&["plugins", "inspect", path.to_str().unwrap()]);
+    assert!(stdout(&o).contains("name:        discard"));
+}
+
+#[test]
+fn a_library_that_is_not_a_plugin_is_refused() {
+    let libz = "/lib/x86_64-linux-gnu/libz.so.1";
+    assert!(
+        std::path::Path::new(libz).exists(),
+        "{libz} is needed for this test"
+    );
+    assert_bad_input(&host(&["check", libz]), &[libz, "not a xen-disk plugin"]);
+    assert_bad_input(
+        &host(&["plugins", "inspect", libz]),
+        &[libz, "not a xen-disk plugin"],
+    );
+}
+
+#[test]
+fn a_plugin_built_for_another_abi_version_is_refused_naming_both() {
+    let p = plugin_path("test-wrong-abi");
+    let o = host(&["check", p.to_str().unwrap()]);
+    assert_bad_input(&o, &["libtest_wrong_abi.so", "version 999", "version 1"]);
+}
+
+#[test]
+fn missing_plugins_and_files_are_named() {
+    assert_bad_input(
+        &host(&["check", "no-such-plugin"]),
+        &["libno_such_plugin.so"],
+    );
+    assert_bad_input(
+        &host(&["check", "./nowhere/libx.so"]),
+        &["./nowhere/libx.so", "no such file"],
+    );
+    let t = TempDir::new("notelf");
+    let junk = t.join("libjunk.so");
+    std::fs::write(&junk, b"not an ELF file").unwrap();
+    assert_bad_input(
+        &host(&["check", junk.to_str().unwrap()]),
+        &["libjunk.so", "cannot load"],
+    );
+}
+
+#[test]
+fn unknown_and_ill_typed_config_keys_are_named() {
+    assert_bad_input(
+        &host(&["check", "discard", "-c", "sise=1G"]),
+        &["`sise`", "size, sector-size"],
+    );
+    assert_bad_input(
+        &host(&["check", "discard", "-c", "size=lots"]),
+        &["`size`", "lots"],
+    );
+    assert_bad_input(
+        &host(&["check", "discard", "-c", "sector-size=yes"]),
+        &["`sector-size`"],
+    );
+    assert_bad_input(&host(&["check", "discard", "-c", "size"]), &["key=value"]);
+    assert_bad_input(
+        &host(&["check", "discard", "-c", "size=1000"]),
+        &["`size`", "multiple of 512"],
+    );
+}
+
+#[test]
+fn discard_passes_check_and_the_check_catches_a_disk_that_stores_nothing() {
+    let o = host(&["check", "discard", "--no-data"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("check: 10 passed, 0 failed"),
+        "{}",
+        stdout(&o)
+    );
+    // Without --no-data the read-back comparisons must notice that nothing was stored.
+    let o = host(&["check", "discard"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("FAIL  pattern"), "{}", stdout(&o));
+    let o = host(&["check", "discard", "-c", "sector-size=4096", "--no-data"]);
+    assert!(o.status.success(), "{}", stdout(&o));
+}
