@@ -238,19 +238,49 @@ impl<'a> WriteBufs<'a> {
     }
 }
 
+/// Lists of up to this many buffers are built on the stack by [`with_read_bufs`] and
+/// [`with_write_bufs`] (a Xen request has at most 11 direct segments).
+const INLINE_BUFS: usize = 16;
+
+const EMPTY: RawBuf = RawBuf {
+    base: std::ptr::null_mut(),
+    len: 0,
+};
+
 /// Runs `f` with `slices` as a [`ReadBufs`]: the safe way to call a disk from ordinary code.
+/// No allocation for up to 16 slices.
 pub fn with_read_bufs<R>(slices: &mut [&mut [u8]], f: impl FnOnce(&mut ReadBufs<'_>) -> R) -> R {
-    let raw: Vec<RawBuf> = slices.iter_mut().map(|s| RawBuf::from_mut(s)).collect();
+    let mut inline = [EMPTY; INLINE_BUFS];
+    let mut heap = Vec::new();
+    let raw: &mut [RawBuf] = if slices.len() <= INLINE_BUFS {
+        &mut inline[..slices.len()]
+    } else {
+        heap.resize(slices.len(), EMPTY);
+        &mut heap
+    };
+    for (r, s) in raw.iter_mut().zip(slices.iter_mut()) {
+        *r = RawBuf::from_mut(s);
+    }
     // SAFETY: each RawBuf comes from a distinct &mut slice borrowed for this call.
-    let mut bufs = unsafe { ReadBufs::from_raw(&raw) };
+    let mut bufs = unsafe { ReadBufs::from_raw(raw) };
     f(&mut bufs)
 }
 
-/// Runs `f` with `slices` as a [`WriteBufs`].
+/// Runs `f` with `slices` as a [`WriteBufs`]. No allocation for up to 16 slices.
 pub fn with_write_bufs<R>(slices: &[&[u8]], f: impl FnOnce(&WriteBufs<'_>) -> R) -> R {
-    let raw: Vec<RawBuf> = slices.iter().map(|s| RawBuf::from_ref(s)).collect();
+    let mut inline = [EMPTY; INLINE_BUFS];
+    let mut heap = Vec::new();
+    let raw: &mut [RawBuf] = if slices.len() <= INLINE_BUFS {
+        &mut inline[..slices.len()]
+    } else {
+        heap.resize(slices.len(), EMPTY);
+        &mut heap
+    };
+    for (r, s) in raw.iter_mut().zip(slices.iter()) {
+        *r = RawBuf::from_ref(s);
+    }
     // SAFETY: each RawBuf comes from a shared slice borrowed for this call; WriteBufs only reads.
-    let bufs = unsafe { WriteBufs::from_raw(&raw) };
+    let bufs = unsafe { WriteBufs::from_raw(raw) };
     f(&bufs)
 }
 
@@ -271,6 +301,17 @@ mod tests {
         let mut out = [0u8; 4];
         with_write_bufs(&[&a, &b], |w| w.copy_out_at(1, &mut out));
         assert_eq!(out, [0, 7, 7, 7]);
+    }
+
+    #[test]
+    fn long_lists_spill_to_the_heap() {
+        let mut store = vec![[0u8; 2]; 40];
+        let mut slices: Vec<&mut [u8]> = store.iter_mut().map(|a| &mut a[..]).collect();
+        with_read_bufs(&mut slices, |r| {
+            assert_eq!((r.count(), r.len()), (40, 80));
+            r.fill(3);
+        });
+        assert!(store.iter().all(|a| a == &[3, 3]));
     }
 
     #[test]
