@@ -110,3 +110,87 @@ fn discard_passes_check_and_the_check_catches_a_disk_that_stores_nothing() {
     let o = host(&["check", "discard", "-c", "sector-size=4096", "--no-data"]);
     assert!(o.status.success(), "{}", stdout(&o));
 }
+
+#[test]
+fn a_toml_plugin_config_table_and_cli_pairs_configure_alike() {
+    let t = TempDir::new("cfg");
+    let f = t.join("disk.toml");
+    std::fs::write(&f, "[plugin-config]\nsize = \"64M\"\nsector-size = 4096\n").unwrap();
+    let o = host(&[
+        "check",
+        "discard",
+        "--no-data",
+        "--config-file",
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stdout(&o).contains("67108864 bytes, sectors 4096/4096"),
+        "{}",
+        stdout(&o)
+    );
+    // -c overrides the file.
+    let o = host(&[
+        "check",
+        "discard",
+        "--no-data",
+        "--config-file",
+        f.to_str().unwrap(),
+        "-c",
+        "size=32M",
+    ]);
+    assert!(stdout(&o).contains("33554432 bytes"), "{}", stdout(&o));
+    // A bad file is one line naming it.
+    std::fs::write(&f, "[plugin-config\n").unwrap();
+    assert_bad_input(
+        &host(&["check", "discard", "--config-file", f.to_str().unwrap()]),
+        &["disk.toml", "TOML"],
+    );
+    std::fs::write(&f, "size = 1\n").unwrap();
+    assert_bad_input(
+        &host(&["check", "discard", "--config-file", f.to_str().unwrap()]),
+        &["disk.toml", "[plugin-config]"],
+    );
+    std::fs::write(&f, "[plugin-config]\nsize = true\n").unwrap();
+    assert_bad_input(
+        &host(&["check", "discard", "--config-file", f.to_str().unwrap()]),
+        &["`size`"],
+    );
+}
+
+#[test]
+fn bench_direct_reports_figures_beside_memcpy() {
+    let o = host(&[
+        "bench",
+        "--direct",
+        "discard",
+        "--rw",
+        "randread",
+        "--bs",
+        "4k",
+        "--seconds",
+        "0.3",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for key in [
+        "\"iops\":",
+        "\"mbps\":",
+        "\"lat_p50_us\":",
+        "\"lat_p99_us\":",
+        "\"memcpy_mbps\":",
+    ] {
+        assert!(out.contains(key), "{key} missing: {out}");
+    }
+    let field = |k: &str| -> f64 {
+        let at = out.find(&format!("\"{k}\":")).unwrap() + k.len() + 3;
+        out[at..].split([',', '}']).next().unwrap().parse().unwrap()
+    };
+    assert!(field("ops") > 1000.0 && field("memcpy_mbps") > 0.0, "{out}");
+    assert_bad_input(
+        &host(&["bench", "--direct", "discard", "--bs", "1000"]),
+        &["--bs"],
+    );
+    assert_bad_input(&host(&["bench", "discard"]), &["--direct"]);
+}

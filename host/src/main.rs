@@ -5,9 +5,16 @@ fn main() {
     match xen_disk_host::cli::main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            // One line: the error and its causes, joined.
+            // One line: the error and its causes, joined; multi-line messages (from parsers)
+            // folded.
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("xen-disk-host: error: {}", chain.join(": "));
+            let line: Vec<&str> = chain
+                .iter()
+                .flat_map(|c| c.lines())
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("xen-disk-host: error: {}", line.join("; "));
             std::process::exit(2);
         }
     }

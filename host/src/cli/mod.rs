@@ -34,14 +34,38 @@ pub struct PluginArgs {
     /// Plugin configuration, `key=value`; repeat for more keys.
     #[arg(short = 'c', long = "config", value_name = "KEY=VALUE")]
     pub config: Vec<String>,
+    /// A TOML file whose `[plugin-config]` table configures the plugin (`-c` pairs override it).
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 impl PluginArgs {
-    /// The configuration table the `-c` pairs make.
+    /// The configuration table: the file's `[plugin-config]`, then the `-c` pairs on top.
     pub fn config(&self) -> Result<Config> {
-        Config::from_pairs(&self.config)
+        let mut config = match &self.config_file {
+            Some(path) => read_plugin_config(path)?,
+            None => Config::new(),
+        };
+        let pairs = Config::from_pairs(&self.config)
             .map_err(anyhow::Error::msg)
-            .context("bad -c option")
+            .context("bad -c option")?;
+        for (k, v) in pairs.table() {
+            config.set(k, v.clone()).map_err(anyhow::Error::msg)?;
+        }
+        Ok(config)
+    }
+}
+
+/// Reads the `[plugin-config]` table of a TOML file.
+pub fn read_plugin_config(path: &std::path::Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        anyhow::anyhow!("{}: not valid TOML: {}", path.display(), e.message())
+    })?;
+    match doc.get("plugin-config") {
+        Some(toml::Value::Table(t)) => Ok(Config::from_table(t.clone())),
+        Some(_) => anyhow::bail!("{}: `plugin-config` must be a table", path.display()),
+        None => anyhow::bail!("{}: no [plugin-config] table", path.display()),
     }
 }
 
