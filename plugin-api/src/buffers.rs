@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn long_lists_spill_to_the_heap() {
-        let mut store = vec![[0u8; 2]; 40];
+        let mut store = [[0u8; 2]; 40];
         let mut slices: Vec<&mut [u8]> = store.iter_mut().map(|a| &mut a[..]).collect();
         with_read_bufs(&mut slices, |r| {
             assert_eq!((r.count(), r.len()), (40, 80));
