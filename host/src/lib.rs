@@ -13,6 +13,7 @@
 //! - [`xen`]: the platform (xenstore, grants, event channels), real (`linux`) or simulated
 //!   (`sim`), behind traits the rest cannot tell apart.
 
+pub mod backend;
 pub mod bench;
 pub mod blkif;
 pub mod check;

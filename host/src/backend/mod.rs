@@ -1,0 +1,11 @@
+//! One virtual disk served to one guest: the xenbus handshake, the rings, the workers.
+//!
+//! The pure decision parts live here first, each testable alone: [`state`] (what to do on a
+//! watch event), [`features`] (what to publish), [`frontend_keys`] (what the guest
+//! published, hostile), [`params`] (the toolstack's `params`), [`vbd`] (device numbers).
+
+pub mod features;
+pub mod frontend_keys;
+pub mod params;
+pub mod state;
+pub mod vbd;
