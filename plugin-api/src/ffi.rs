@@ -100,7 +100,8 @@ pub type FfiDiskBox = FfiDisk_TO<'static, RBox<()>>;
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
-#[sabi(missing_field(panic))]
+// Fields appended after `open` in later versions read as `None` from older plugins.
+#[sabi(missing_field(option))]
 pub struct PluginMod {
     /// The plugin interface version the plugin was built against ([`crate::ABI_VERSION`]).
     pub abi_version: u32,
