@@ -2,6 +2,12 @@
 //! it and turns an error into one line on stderr and exit code 2.
 
 fn main() {
+    // Like other Unix tools, end quietly when the reader of our output goes away (`| head`)
+    // instead of panicking on EPIPE.
+    // SAFETY: setting a signal disposition to the default before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match xen_disk_host::cli::main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -184,20 +184,44 @@ impl Config {
     }
 
     /// Sets `key` (dotted keys nest) to `value`, replacing what was there.
+    ///
+    /// Layered plugins are configured with a table per layer, and a string can name a layer's
+    /// plugin: `base=vhd` then `base.path=x` (or the other way round) make the table
+    /// `base = { plugin = "vhd", path = "x" }`.
     pub fn set(&mut self, key: &str, value: toml::Value) -> std::result::Result<(), String> {
         let mut parts: Vec<&str> = key.split('.').collect();
         let last = parts.pop().unwrap_or(key);
+        if parts.iter().chain([&last]).any(|p| p.is_empty()) {
+            return Err(format!("config key `{key}`: empty part"));
+        }
         let mut table = &mut self.table;
         for p in parts {
             let entry = table
                 .entry(p.to_string())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::String(name) = entry {
+                let mut t = toml::Table::new();
+                t.insert("plugin".into(), toml::Value::String(std::mem::take(name)));
+                *entry = toml::Value::Table(t);
+            }
             table = entry
                 .as_table_mut()
                 .ok_or_else(|| format!("config key `{key}`: `{p}` is not a table"))?;
         }
-        table.insert(last.to_string(), value);
+        match (table.get_mut(last), value) {
+            (Some(toml::Value::Table(t)), toml::Value::String(name)) => {
+                t.insert("plugin".into(), toml::Value::String(name));
+            }
+            (_, value) => {
+                table.insert(last.to_string(), value);
+            }
+        }
         Ok(())
+    }
+
+    /// Removes a key and returns its value.
+    pub fn take(&mut self, key: &str) -> Option<toml::Value> {
+        self.table.remove(key)
     }
 
     /// The underlying table.
@@ -475,11 +499,27 @@ mod tests {
     }
 
     #[test]
-    fn dotted_keys_nest() {
-        let c = Config::from_pairs(&["base=file", "base.path=/g.img"]);
-        // `base=file` then `base.path`: base is a string, so it cannot hold a table.
-        assert!(c.is_err());
-        let c = Config::from_pairs(&["base.plugin=file", "base.path=/g.img"]).unwrap();
-        assert_eq!(c.sub("base").unwrap().str("path").unwrap(), "/g.img");
+    fn dotted_keys_nest_and_a_string_names_a_layers_plugin() {
+        let c = Config::from_pairs(&["base=file", "base.path=/g.img"]).unwrap();
+        let base = c.sub("base").unwrap();
+        assert_eq!(
+            (base.str("plugin").unwrap(), base.str("path").unwrap()),
+            ("file", "/g.img")
+        );
+        let d = Config::from_pairs(&["base.path=/g.img", "base=file"]).unwrap();
+        assert_eq!(c, d);
+        let e =
+            Config::from_pairs(&["base.plugin=cow", "base.base=vhd", "base.base.path=/x"]).unwrap();
+        assert_eq!(
+            e.sub("base")
+                .unwrap()
+                .sub("base")
+                .unwrap()
+                .str("path")
+                .unwrap(),
+            "/x"
+        );
+        assert!(Config::from_pairs(&["base.=x"]).is_err());
+        assert!(Config::from_pairs(&["n=1", "n.x=2"]).is_err());
     }
 }

@@ -200,3 +200,27 @@ pub trait Plugin: 'static {
     /// Errors should name the file or key at fault.
     fn open(config: &Config) -> Result<Self::Disk>;
 }
+
+/// A filter: a plugin that opens its disk over another disk (the *base*), which the host
+/// opens first from the `base` table of the filter's configuration. Filters stack: a base may
+/// itself be a filter. Export it with [`export_filter!`](crate::export_filter).
+///
+/// The base arrives as a [`ForeignDisk`](crate::ForeignDisk): call it like any [`Disk`].
+/// The host checks requests against the *filter's* `info`; a filter that changes the size
+/// or sector size must keep its own calls to the base inside the base's `info`.
+pub trait Filter: 'static {
+    /// The disk type `open` returns.
+    type Disk: Disk;
+
+    /// See [`Plugin::NAME`].
+    const NAME: &'static str;
+    /// See [`Plugin::VERSION`].
+    const VERSION: &'static str;
+    /// See [`Plugin::DESCRIPTION`].
+    const DESCRIPTION: &'static str;
+    /// The filter's own keys (the `base` table is the host's and never reaches `open`).
+    const CONFIG_KEYS: &'static [ConfigKey];
+
+    /// Opens the filter over `base`.
+    fn open(config: &Config, base: crate::ForeignDisk) -> Result<Self::Disk>;
+}

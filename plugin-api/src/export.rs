@@ -10,7 +10,7 @@
 
 use crate::buffers::{RawBuf, ReadBufs, WriteBufs};
 use crate::config::Config;
-use crate::disk::{Disk, DiskInfo, Plugin};
+use crate::disk::{Disk, DiskInfo, Filter, Plugin};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ffi::*;
 use abi_stable::prefix_type::PrefixTypeTrait;
@@ -108,12 +108,19 @@ pub fn export_disk<D: Disk>(disk: D) -> FfiDiskBox {
     FfiDisk_TO::from_value(Exported(disk), TD_Opaque)
 }
 
-extern "C" fn describe<P: Plugin>() -> FfiDescriptor {
+fn descriptor(
+    kind: PluginKind,
+    name: &'static str,
+    version: &'static str,
+    description: &'static str,
+    keys: &'static [crate::config::ConfigKey],
+) -> FfiDescriptor {
     FfiDescriptor {
-        name: RStr::from_str(P::NAME),
-        version: RStr::from_str(P::VERSION),
-        description: RStr::from_str(P::DESCRIPTION),
-        config_keys: P::CONFIG_KEYS
+        kind,
+        name: RStr::from_str(name),
+        version: RStr::from_str(version),
+        description: RStr::from_str(description),
+        config_keys: keys
             .iter()
             .map(|k| FfiConfigKey {
                 name: RStr::from_str(k.name),
@@ -129,6 +136,26 @@ extern "C" fn describe<P: Plugin>() -> FfiDescriptor {
     }
 }
 
+extern "C" fn describe<P: Plugin>() -> FfiDescriptor {
+    descriptor(
+        PluginKind::Disk,
+        P::NAME,
+        P::VERSION,
+        P::DESCRIPTION,
+        P::CONFIG_KEYS,
+    )
+}
+
+extern "C" fn describe_filter<F: Filter>() -> FfiDescriptor {
+    descriptor(
+        PluginKind::Filter,
+        F::NAME,
+        F::VERSION,
+        F::DESCRIPTION,
+        F::CONFIG_KEYS,
+    )
+}
+
 extern "C" fn open<P: Plugin>(config: RStr<'_>) -> RResult<FfiDiskBox, FfiError> {
     guarded("open", || {
         let mut config = Config::from_toml(config.as_str())?;
@@ -137,13 +164,50 @@ extern "C" fn open<P: Plugin>(config: RStr<'_>) -> RResult<FfiDiskBox, FfiError>
     })
 }
 
-/// Builds the root module for `P` (called once, when the host loads the library).
+extern "C" fn open_filter_alone<F: Filter>(_config: RStr<'_>) -> RResult<FfiDiskBox, FfiError> {
+    RResult::RErr(
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "{} is a filter: give it a base disk (e.g. -c base=file -c base.path=IMG)",
+                F::NAME
+            ),
+        )
+        .into(),
+    )
+}
+
+extern "C" fn open_over<F: Filter>(
+    config: RStr<'_>,
+    base: FfiDiskBox,
+) -> RResult<FfiDiskBox, FfiError> {
+    guarded("open", || {
+        let mut config = Config::from_toml(config.as_str())?;
+        config.validate(F::NAME, F::CONFIG_KEYS, &[])?;
+        F::open(&config, ForeignDisk::new(base)).map(export_disk)
+    })
+}
+
+/// Builds the root module for plugin `P` (called once, when the host loads the library).
 #[doc(hidden)]
 pub fn root_module<P: Plugin>() -> PluginModRef {
     PluginMod {
         abi_version: crate::ABI_VERSION,
         describe: describe::<P>,
         open: open::<P>,
+        open_over: None,
+    }
+    .leak_into_prefix()
+}
+
+/// Builds the root module for filter `F`.
+#[doc(hidden)]
+pub fn filter_root_module<F: Filter>() -> PluginModRef {
+    PluginMod {
+        abi_version: crate::ABI_VERSION,
+        describe: describe_filter::<F>,
+        open: open_filter_alone::<F>,
+        open_over: Some(open_over::<F>),
     }
     .leak_into_prefix()
 }
@@ -163,6 +227,21 @@ impl ForeignDisk {
     pub fn open(module: PluginModRef, config: &Config) -> Result<Self> {
         let text = config.to_toml();
         (module.open())(RStr::from_str(&text))
+            .into_result()
+            .map(ForeignDisk::new)
+            .map_err(Error::from)
+    }
+
+    /// Opens a filter's disk over `base` with a loaded root module.
+    pub fn open_over(module: PluginModRef, config: &Config, base: ForeignDisk) -> Result<Self> {
+        let Some(open_over) = module.open_over() else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "this plugin is not a filter: it takes no base disk",
+            ));
+        };
+        let text = config.to_toml();
+        open_over(RStr::from_str(&text), base.inner)
             .into_result()
             .map(ForeignDisk::new)
             .map_err(Error::from)
@@ -260,6 +339,73 @@ mod tests {
             (ErrorKind::Io, 5, "disk on fire")
         );
         assert_eq!(d.discard(0, 1).unwrap_err().kind(), ErrorKind::Unsupported);
+    }
+
+    /// A filter that shifts every offset by one sector of the base.
+    struct Shift(ForeignDisk);
+    impl Disk for Shift {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(self.0.info().size - 512)
+        }
+        fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+            self.0.read(offset + 512, bufs)
+        }
+        fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+            self.0.write(offset + 512, bufs)
+        }
+    }
+    struct ShiftFilter;
+    impl Filter for ShiftFilter {
+        type Disk = Shift;
+        const NAME: &'static str = "shift";
+        const VERSION: &'static str = "1";
+        const DESCRIPTION: &'static str = "shifts";
+        const CONFIG_KEYS: &'static [ConfigKey] = &[];
+        fn open(_: &Config, base: ForeignDisk) -> Result<Shift> {
+            Ok(Shift(base))
+        }
+    }
+
+    struct Ram(std::sync::Mutex<Vec<u8>>);
+    impl Disk for Ram {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(self.0.lock().unwrap().len() as u64)
+        }
+        fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+            bufs.copy_from(&self.0.lock().unwrap()[offset as usize..][..bufs.len()]);
+            Ok(())
+        }
+        fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+            bufs.copy_to(&mut self.0.lock().unwrap()[offset as usize..][..bufs.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn filters_open_over_a_base_and_stack() {
+        let m = filter_root_module::<ShiftFilter>();
+        assert_eq!((m.describe())().kind, PluginKind::Filter);
+        assert!(ForeignDisk::open(m, &Config::new())
+            .err()
+            .unwrap()
+            .message()
+            .contains("is a filter"));
+        let base = ForeignDisk::new(export_disk(Ram(std::sync::Mutex::new(vec![0; 4096]))));
+        let one = ForeignDisk::open_over(m, &Config::new(), base).unwrap();
+        let two = ForeignDisk::open_over(m, &Config::new(), one).unwrap();
+        assert_eq!(two.info().size, 4096 - 1024);
+        crate::buffers::with_write_bufs(&[&[7u8; 512]], |b| two.write(0, b)).unwrap();
+        let mut out = [0u8; 512];
+        with_read_bufs(&mut [&mut out], |b| two.read(0, b)).unwrap();
+        assert_eq!(out, [7u8; 512]);
+        // A plain plugin is not a filter.
+        let plain = root_module::<BoomPlugin>();
+        let base = ForeignDisk::new(export_disk(Ram(std::sync::Mutex::new(vec![0; 4096]))));
+        assert!(ForeignDisk::open_over(plain, &Config::new(), base)
+            .err()
+            .unwrap()
+            .message()
+            .contains("not a filter"));
     }
 
     #[test]

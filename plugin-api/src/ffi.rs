@@ -10,8 +10,9 @@
 //!   ├ xen_disk_plugin_abi_version() -> u32        checked first: a plain C symbol
 //!   └ abi_stable LibHeader ─▶ PluginMod (prefix type; layout checked by abi_stable)
 //!        ├ abi_version: u32
-//!        ├ describe() -> FfiDescriptor             name, version, description, keys
-//!        └ open(config TOML text) -> FfiDisk trait object | FfiError
+//!        ├ describe() -> FfiDescriptor             kind, name, version, description, keys
+//!        ├ open(config TOML text) -> FfiDisk trait object | FfiError
+//!        └ open_over(config, base FfiDisk) -> FfiDisk | FfiError      (filters only)
 //! ```
 //!
 //! The configuration crosses as TOML text, so host and plugin need not share a `toml`
@@ -58,10 +59,22 @@ pub struct FfiConfigKey {
     pub help: RStr<'static>,
 }
 
+/// Whether a plugin opens a disk from configuration alone, or over another disk.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, StableAbi)]
+pub enum PluginKind {
+    /// Opens a disk from its configuration (`open`).
+    Disk = 0,
+    /// Opens a disk over a base disk the host opened first (`open_over`).
+    Filter = 1,
+}
+
 /// What `describe` returns.
 #[repr(C)]
 #[derive(Debug, Clone, StableAbi)]
 pub struct FfiDescriptor {
+    /// Disk or filter.
+    pub kind: PluginKind,
     /// Short name.
     pub name: RStr<'static>,
     /// Plugin version.
@@ -107,9 +120,12 @@ pub struct PluginMod {
     pub abi_version: u32,
     /// Describes the plugin.
     pub describe: extern "C" fn() -> FfiDescriptor,
-    /// Opens a disk from configuration TOML text.
-    #[sabi(last_prefix_field)]
+    /// Opens a disk from configuration TOML text (a filter answers with an error).
     pub open: extern "C" fn(config: RStr<'_>) -> RResult<FfiDiskBox, FfiError>,
+    /// Opens a filter's disk over `base`; `None` for plain disk plugins.
+    #[sabi(last_prefix_field)]
+    pub open_over:
+        Option<extern "C" fn(config: RStr<'_>, base: FfiDiskBox) -> RResult<FfiDiskBox, FfiError>>,
 }
 
 impl RootModule for PluginModRef {

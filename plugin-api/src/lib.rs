@@ -150,12 +150,12 @@ pub mod ffi;
 
 pub use buffers::{with_read_bufs, with_write_bufs, RawBuf, ReadBufs, WriteBufs};
 pub use config::{parse_size, value_from_cli, Config, ConfigKey, KeyType};
-pub use disk::{Disk, DiskInfo, Plugin, ThreadModel};
+pub use disk::{Disk, DiskInfo, Filter, Plugin, ThreadModel};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{export_disk, ForeignDisk};
 
 #[doc(hidden)]
-pub use export::root_module as __root_module;
+pub use export::{filter_root_module as __filter_root_module, root_module as __root_module};
 
 /// The plugin interface version. A host loads only plugins built for the same version.
 pub const ABI_VERSION: u32 = 1;
@@ -168,6 +168,22 @@ pub const ABI_VERSION_SYMBOL: &str = "xen_disk_plugin_abi_version";
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
+        $crate::__export_root_module!($crate::__root_module::<$plugin>);
+    };
+}
+
+/// Exports a [`Filter`] from a `cdylib`: `export_filter!(MyFilter);` once, at the crate root.
+#[macro_export]
+macro_rules! export_filter {
+    ($filter:ty) => {
+        $crate::__export_root_module!($crate::__filter_root_module::<$filter>);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_root_module {
+    ($root:expr) => {
         /// The plugin interface version this library was built for.
         #[no_mangle]
         pub extern "C" fn xen_disk_plugin_abi_version() -> u32 {
@@ -182,10 +198,10 @@ macro_rules! export_plugin {
         #[allow(non_upper_case_globals)]
         pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::ffi::__private::LibHeader = {
             extern "C" fn constructor() -> $crate::ffi::__private::RootModuleResult {
-                $crate::ffi::__private::__call_root_module_loader($crate::__root_module::<$plugin>)
+                $crate::ffi::__private::__call_root_module_loader($root)
             }
-            // SAFETY: the constructor returns the PluginModRef built by root_module, the same
-            // module type named here.
+            // SAFETY: the constructor returns the PluginModRef built by the root-module
+            // builder, the same module type named here.
             unsafe {
                 $crate::ffi::__private::LibHeader::from_constructor::<$crate::ffi::PluginModRef>(
                     constructor,

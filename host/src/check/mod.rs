@@ -9,7 +9,7 @@
 mod cases;
 pub(crate) mod model;
 
-use crate::plugin::{GuardedDisk, LoadedPlugin};
+use crate::plugin::{open_stack, GuardedDisk, Stack};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -155,10 +155,8 @@ impl Disk for SharedDisk {
 
 /// What each case gets.
 pub struct Subject<'a> {
-    /// The plugin under test.
-    pub plugin: &'a LoadedPlugin,
-    /// Its configuration.
-    pub config: &'a Config,
+    /// The layers under test, top first ("cow over file").
+    pub layers: String,
     /// The disk, guarded as the host serves it.
     pub disk: GuardedDisk,
     /// The same disk without the guard (counted).
@@ -178,7 +176,7 @@ impl Subject<'_> {
 
 /// Runs the suite, calling `report` after each case (for live output).
 pub fn run(
-    plugin: &LoadedPlugin,
+    spec: &str,
     config: &Config,
     opts: &CheckOptions,
     mut report: impl FnMut(&'static str, &Outcome),
@@ -188,8 +186,8 @@ pub fn run(
         report(name, &o);
         out.results.push((name, o));
     };
-    let disk = match plugin.open(config) {
-        Ok(d) => d,
+    let Stack { disk, layers } = match open_stack(spec, config) {
+        Ok(s) => s,
         Err(e) => {
             record("open", Outcome::Fail(e.to_string()));
             return out;
@@ -211,10 +209,15 @@ pub fn run(
         }
     };
     let i = disk.info();
+    let layers = layers
+        .iter()
+        .map(|p| format!("{} {}", p.name, p.version))
+        .collect::<Vec<_>>()
+        .join(" over ");
     record(
         "open",
         Outcome::Pass(format!(
-            "{} bytes, sectors {}/{}, {:?}{}{}{}{}{}",
+            "{layers}: {} bytes, sectors {}/{}, {:?}{}{}{}{}{}",
             i.size,
             i.logical_sector_size,
             i.physical_sector_size,
@@ -231,8 +234,7 @@ pub fn run(
         )),
     );
     let subject = Subject {
-        plugin,
-        config,
+        layers,
         disk,
         raw,
         calls,

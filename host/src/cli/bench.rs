@@ -3,7 +3,7 @@
 
 use super::PluginArgs;
 use crate::bench::direct::{memcpy_reference, run as run_direct, DirectOptions, Pattern};
-use crate::plugin::{loader::load_spec, GuardedDisk};
+use crate::plugin::{open_stack, GuardedDisk};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::time::Duration;
@@ -50,9 +50,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         bail!("--seconds {}: must be between 0 and 3600", args.seconds);
     }
     let config = args.plugin.config()?;
-    let plugin = load_spec(&args.plugin.plugin)?;
-    let disk = plugin.open(&config)?;
-    let disk = GuardedDisk::new(Box::new(disk), false).map_err(anyhow::Error::msg)?;
+    let stack = open_stack(&args.plugin.plugin, &config)?;
+    let name = stack.describe();
+    let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(anyhow::Error::msg)?;
     let region = match &args.region {
         Some(r) => parse_size(r)
             .map_err(anyhow::Error::msg)
@@ -72,12 +72,12 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     if args.json {
         println!(
             "{{\"plugin\":\"{}\",\"mode\":\"direct\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}}}",
-            plugin.name, args.threads, f.ops, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
+            name, args.threads, f.ops, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
         );
     } else {
         println!(
             "{} {pattern} bs={bs} threads={} direct (no ring)",
-            plugin.name, args.threads
+            name, args.threads
         );
         println!(
             "  plugin: {:>12.0} IOPS {:>10.1} MB/s {:>9.1} ns/op  p50 {:.3} us  p99 {:.3} us",

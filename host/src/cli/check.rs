@@ -2,7 +2,6 @@
 
 use super::PluginArgs;
 use crate::check::{run as run_suite, CheckOptions, Outcome};
-use crate::plugin::loader::load_spec;
 use anyhow::Result;
 use clap::Args;
 
@@ -26,29 +25,28 @@ pub struct CheckArgs {
 
 pub fn run(args: CheckArgs) -> Result<i32> {
     let config = args.plugin.config()?;
-    let plugin = load_spec(&args.plugin.plugin)?;
     let opts = CheckOptions {
         threads: args.threads,
         ops: args.ops,
         seed: args.seed,
         no_data: args.no_data,
     };
-    let report = run_suite(&plugin, &config, &opts, |name, outcome| match outcome {
-        // A disk that does not open is bad input, reported as one error line below.
-        Outcome::Fail(_) if name == "open" => {}
-        Outcome::Pass(d) if name == "open" => {
-            println!(
-                "checking {} {} ({})",
-                plugin.name,
-                plugin.version,
-                plugin.path.display()
-            );
-            println!("ok    {name:<13} {d}");
-        }
-        Outcome::Pass(d) => println!("ok    {name:<13} {d}"),
-        Outcome::Skip(d) => println!("skip  {name:<13} {d}"),
-        Outcome::Fail(d) => println!("FAIL  {name:<13} {d}"),
-    });
+    let report = run_suite(
+        &args.plugin.plugin,
+        &config,
+        &opts,
+        |name, outcome| match outcome {
+            // A disk that does not open is bad input, reported as one error line below.
+            Outcome::Fail(_) if name == "open" => {}
+            Outcome::Pass(d) if name == "open" => {
+                println!("checking {}", args.plugin.plugin);
+                println!("ok    {name:<13} {d}");
+            }
+            Outcome::Pass(d) => println!("ok    {name:<13} {d}"),
+            Outcome::Skip(d) => println!("skip  {name:<13} {d}"),
+            Outcome::Fail(d) => println!("FAIL  {name:<13} {d}"),
+        },
+    );
     if let [("open", Outcome::Fail(why))] = report.results.as_slice() {
         // The disk did not open: bad input (a missing file, a bad key), not a failed check.
         anyhow::bail!("{why}");

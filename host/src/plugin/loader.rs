@@ -10,7 +10,7 @@
 //! the life of the process, so disks opened from it stay valid.
 
 use std::path::{Path, PathBuf};
-use xen_disk_plugin_api::ffi::PluginModRef;
+use xen_disk_plugin_api::ffi::{PluginKind, PluginModRef};
 use xen_disk_plugin_api::{Config, ForeignDisk, KeyType, ABI_VERSION, ABI_VERSION_SYMBOL};
 
 /// Why a plugin could not be loaded or opened. Every variant displays as one line.
@@ -73,6 +73,8 @@ pub struct LoadedPlugin {
     pub keys: Vec<KeyInfo>,
     /// The ABI version it was built for.
     pub abi_version: u32,
+    /// A disk, or a filter opened over a base disk.
+    pub kind: PluginKind,
     module: PluginModRef,
 }
 
@@ -140,6 +142,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
     std::mem::forget(lib);
     let d = (module.describe())();
     Ok(LoadedPlugin {
+        kind: d.kind,
         name: d.name.to_string(),
         version: d.version.to_string(),
         description: d.description.to_string(),
@@ -170,6 +173,18 @@ impl LoadedPlugin {
     /// Opens a disk with `config`.
     pub fn open(&self, config: &Config) -> Result<ForeignDisk, PluginError> {
         ForeignDisk::open(self.module, config).map_err(|error| PluginError::Open {
+            plugin: self.name.clone(),
+            error,
+        })
+    }
+
+    /// Opens a filter's disk over `base`.
+    pub fn open_over(
+        &self,
+        config: &Config,
+        base: ForeignDisk,
+    ) -> Result<ForeignDisk, PluginError> {
+        ForeignDisk::open_over(self.module, config, base).map_err(|error| PluginError::Open {
             plugin: self.name.clone(),
             error,
         })

@@ -9,7 +9,9 @@
 pub mod guard;
 pub mod loader;
 pub mod search;
+pub mod stack;
 
 pub use guard::GuardedDisk;
 pub use loader::{load, KeyInfo, LoadedPlugin, PluginError};
 pub use search::{find_plugins, resolve, search_path};
+pub use stack::{open_stack, Stack};
