@@ -7,6 +7,9 @@
 pub mod disks_config;
 pub mod features;
 pub mod frontend_keys;
+pub mod inflight;
+pub mod io;
 pub mod params;
 pub mod state;
 pub mod vbd;
+pub mod workers;
