@@ -5,6 +5,7 @@
 //! published, hostile), [`params`] (the toolstack's `params`), [`vbd`] (device numbers).
 
 pub mod disks_config;
+pub mod domains;
 pub mod features;
 pub mod frontend_keys;
 pub mod inflight;
@@ -12,4 +13,5 @@ pub mod io;
 pub mod params;
 pub mod state;
 pub mod vbd;
+pub mod wake;
 pub mod workers;
