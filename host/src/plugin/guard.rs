@@ -274,6 +274,72 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 4);
     }
 
+    /// Records every range that reaches it.
+    struct Ranges(Arc<std::sync::Mutex<Vec<(u64, u64)>>>, DiskInfo);
+    impl Disk for Ranges {
+        fn info(&self) -> DiskInfo {
+            self.1
+        }
+        fn read(&self, o: u64, b: &mut ReadBufs<'_>) -> Result<()> {
+            self.0.lock().unwrap().push((o, b.len() as u64));
+            Ok(())
+        }
+        fn write(&self, o: u64, b: &WriteBufs<'_>) -> Result<()> {
+            self.0.lock().unwrap().push((o, b.len() as u64));
+            Ok(())
+        }
+        fn discard(&self, o: u64, l: u64) -> Result<()> {
+            self.0.lock().unwrap().push((o, l));
+            Ok(())
+        }
+        fn write_zeroes(&self, o: u64, l: u64) -> Result<()> {
+            self.0.lock().unwrap().push((o, l));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn no_random_request_reaches_the_plugin_out_of_bounds() {
+        let mut rng = crate::check::model::Rng::new(42);
+        for sector in [512u32, 4096] {
+            let size = 8 << 20;
+            let info = DiskInfo::new(size)
+                .sector_size(sector)
+                .discard(true)
+                .write_zeroes(true);
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let g = GuardedDisk::new(Box::new(Ranges(seen.clone(), info)), false).unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            for _ in 0..20_000 {
+                // Offsets near the edges, near u64::MAX and anywhere; lengths of any 512 multiple.
+                let offset = match rng.below(4) {
+                    0 => size - 512 * rng.below(16),
+                    1 => u64::MAX - rng.below(1 << 20),
+                    2 => 512 * rng.below((size + 8192) / 512),
+                    _ => rng.next(),
+                };
+                let len = 512 * (1 + rng.below(128)) as usize;
+                let _ = with_read_bufs(&mut [&mut buf[..len]], |b| g.read(offset, b));
+                let _ = with_write_bufs(&[&buf[..len]], |b| g.write(offset, b, false));
+                let _ = g.discard(offset, rng.next() >> rng.below(64));
+                let _ = g.write_zeroes(offset, len as u64);
+            }
+            let seen = seen.lock().unwrap();
+            // Some valid requests got through, so the checks below are not vacuous.
+            assert!(seen.len() > 100, "{} reached the plugin", seen.len());
+            for &(o, l) in seen.iter() {
+                assert!(
+                    o % u64::from(sector) == 0 && l % u64::from(sector) == 0,
+                    "{o}+{l} misaligned"
+                );
+                assert!(
+                    o.checked_add(l).is_some_and(|end| end <= size),
+                    "{o}+{l} outside {size}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bad_info_is_refused() {
         let n = Arc::new(AtomicUsize::new(0));
