@@ -141,16 +141,16 @@ impl<'a> ReadBufs<'a> {
         });
     }
 
-    /// The buffers as `IoSliceMut`s, ready for `preadv`.
-    pub fn as_io_slices_mut(&mut self) -> &mut [IoSliceMut<'_>] {
+    /// The buffers as `IoSliceMut`s, ready for `preadv` (which fills the buffers; the list
+    /// itself is shared and must not be changed, e.g. with `IoSliceMut::advance_slices` — copy
+    /// it first to handle a short read).
+    pub fn as_io_slices_mut(&mut self) -> &[IoSliceMut<'_>] {
         // SAFETY: RawBuf is repr(C) {pointer, usize}, the layout of struct iovec, and std
-        // guarantees IoSliceMut is ABI-compatible with iovec on Unix. The buffers are valid
-        // for writes and unaliased (from_raw's contract) for the &mut self borrow.
+        // guarantees IoSliceMut is ABI-compatible with iovec on Unix. The list is only read;
+        // the buffers it names are valid for writes and unaliased (from_raw's contract) for
+        // the &mut self borrow.
         unsafe {
-            std::slice::from_raw_parts_mut(
-                self.bufs.as_ptr() as *mut IoSliceMut<'_>,
-                self.bufs.len(),
-            )
+            std::slice::from_raw_parts(self.bufs.as_ptr() as *const IoSliceMut<'_>, self.bufs.len())
         }
     }
 }
@@ -319,8 +319,9 @@ mod tests {
         let mut a = [1u8; 4];
         with_read_bufs(&mut [&mut a], |r| {
             let s = r.as_io_slices_mut();
-            assert_eq!(s.len(), 1);
-            s[0][0] = 9;
+            assert_eq!((s.len(), s[0].len()), (1, 4));
+            // SAFETY: writing through the iovec's base, as preadv would.
+            unsafe { *(s[0].as_ptr() as *mut u8) = 9 };
         });
         assert_eq!(a[0], 9);
     }
