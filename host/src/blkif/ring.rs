@@ -62,7 +62,9 @@ impl SharedRing {
     /// life of the value.
     unsafe fn new(base: *mut u8, len: usize, protocol: Protocol) -> Result<SharedRing, RingError> {
         let pages = len / XEN_PAGE_SIZE;
-        if !len.is_multiple_of(XEN_PAGE_SIZE) || !pages.is_power_of_two() || pages > 1 << MAX_RING_PAGE_ORDER
+        if !len.is_multiple_of(XEN_PAGE_SIZE)
+            || !pages.is_power_of_two()
+            || pages > 1 << MAX_RING_PAGE_ORDER
         {
             return Err(RingError::BadSize(len));
         }
