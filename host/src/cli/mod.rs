@@ -3,6 +3,7 @@
 mod bench;
 mod check;
 mod plugins;
+mod sim;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Measure a plugin's I/O speed.
     Bench(bench::BenchArgs),
+    /// The simulated hypervisor (no Xen needed).
+    Sim(sim::SimArgs),
 }
 
 /// How a plugin is named and configured on the command line (shared by every subcommand).
@@ -77,6 +80,7 @@ pub fn main() -> Result<i32> {
         Command::Plugins(a) => plugins::run(a),
         Command::Check(a) => check::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Sim(a) => sim::run(a),
     }
 }
 
