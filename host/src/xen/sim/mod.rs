@@ -3,5 +3,6 @@
 
 pub mod evtchn;
 pub mod grant;
+pub mod hypervisor;
 pub mod memory;
 pub mod xenstored;
