@@ -34,15 +34,15 @@ fn ours() -> Vec<(String, u64)> {
     vec![
         v(
             "IOCTL_GNTDEV_MAP_GRANT_REF",
-            gd::IOCTL_GNTDEV_MAP_GRANT_REF as u64,
+            u64::from(gd::IOCTL_GNTDEV_MAP_GRANT_REF),
         ),
         v(
             "IOCTL_GNTDEV_UNMAP_GRANT_REF",
-            gd::IOCTL_GNTDEV_UNMAP_GRANT_REF as u64,
+            u64::from(gd::IOCTL_GNTDEV_UNMAP_GRANT_REF),
         ),
         v(
             "IOCTL_GNTDEV_GRANT_COPY",
-            gd::IOCTL_GNTDEV_GRANT_COPY as u64,
+            u64::from(gd::IOCTL_GNTDEV_GRANT_COPY),
         ),
         v(
             "sizeof(struct ioctl_gntdev_grant_ref)",
@@ -74,11 +74,11 @@ fn ours() -> Vec<(String, u64)> {
         ),
         v(
             "IOCTL_EVTCHN_BIND_INTERDOMAIN",
-            ev::IOCTL_EVTCHN_BIND_INTERDOMAIN as u64,
+            u64::from(ev::IOCTL_EVTCHN_BIND_INTERDOMAIN),
         ),
-        v("IOCTL_EVTCHN_UNBIND", ev::IOCTL_EVTCHN_UNBIND as u64),
-        v("IOCTL_EVTCHN_NOTIFY", ev::IOCTL_EVTCHN_NOTIFY as u64),
-        v("IOCTL_EVTCHN_RESET", ev::IOCTL_EVTCHN_RESET as u64),
+        v("IOCTL_EVTCHN_UNBIND", u64::from(ev::IOCTL_EVTCHN_UNBIND)),
+        v("IOCTL_EVTCHN_NOTIFY", u64::from(ev::IOCTL_EVTCHN_NOTIFY)),
+        v("IOCTL_EVTCHN_RESET", u64::from(ev::IOCTL_EVTCHN_RESET)),
         v(
             "sizeof(struct ioctl_evtchn_bind_interdomain)",
             size_of::<ev::BindInterdomain>() as u64,
