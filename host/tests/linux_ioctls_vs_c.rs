@@ -32,18 +32,12 @@ fn compile(asserts: &[(String, u64)]) -> Result<(), String> {
 fn ours() -> Vec<(String, u64)> {
     let v = |e: &str, n: u64| (e.to_string(), n);
     vec![
-        v(
-            "IOCTL_GNTDEV_MAP_GRANT_REF",
-            u64::from(gd::IOCTL_GNTDEV_MAP_GRANT_REF),
-        ),
+        v("IOCTL_GNTDEV_MAP_GRANT_REF", gd::IOCTL_GNTDEV_MAP_GRANT_REF),
         v(
             "IOCTL_GNTDEV_UNMAP_GRANT_REF",
-            u64::from(gd::IOCTL_GNTDEV_UNMAP_GRANT_REF),
+            gd::IOCTL_GNTDEV_UNMAP_GRANT_REF,
         ),
-        v(
-            "IOCTL_GNTDEV_GRANT_COPY",
-            u64::from(gd::IOCTL_GNTDEV_GRANT_COPY),
-        ),
+        v("IOCTL_GNTDEV_GRANT_COPY", gd::IOCTL_GNTDEV_GRANT_COPY),
         v(
             "sizeof(struct ioctl_gntdev_grant_ref)",
             size_of::<gd::GrantRef>() as u64,
@@ -74,11 +68,11 @@ fn ours() -> Vec<(String, u64)> {
         ),
         v(
             "IOCTL_EVTCHN_BIND_INTERDOMAIN",
-            u64::from(ev::IOCTL_EVTCHN_BIND_INTERDOMAIN),
+            ev::IOCTL_EVTCHN_BIND_INTERDOMAIN,
         ),
-        v("IOCTL_EVTCHN_UNBIND", u64::from(ev::IOCTL_EVTCHN_UNBIND)),
-        v("IOCTL_EVTCHN_NOTIFY", u64::from(ev::IOCTL_EVTCHN_NOTIFY)),
-        v("IOCTL_EVTCHN_RESET", u64::from(ev::IOCTL_EVTCHN_RESET)),
+        v("IOCTL_EVTCHN_UNBIND", ev::IOCTL_EVTCHN_UNBIND),
+        v("IOCTL_EVTCHN_NOTIFY", ev::IOCTL_EVTCHN_NOTIFY),
+        v("IOCTL_EVTCHN_RESET", ev::IOCTL_EVTCHN_RESET),
         v(
             "sizeof(struct ioctl_evtchn_bind_interdomain)",
             size_of::<ev::BindInterdomain>() as u64,
