@@ -10,6 +10,8 @@
 //!
 //! - [`plugin`]: find, load and check plugin `.so` files.
 //! - [`blkif`]: the Xen block protocol's byte-exact structures and the shared ring.
+//! - [`frontend`]: a blkfront in Rust for simulated guests (`check`, `bench`, tests).
+//! - [`backend`]: one virtual disk's pieces: features, frontend keys, I/O workers.
 //! - [`xen`]: the platform (xenstore, grants, event channels), real (`linux`) or simulated
 //!   (`sim`), behind traits the rest cannot tell apart.
 
@@ -18,5 +20,6 @@ pub mod bench;
 pub mod blkif;
 pub mod check;
 pub mod cli;
+pub mod frontend;
 pub mod plugin;
 pub mod xen;
