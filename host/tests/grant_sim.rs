@@ -164,3 +164,99 @@ fn child_backend() {
         .unwrap();
     ping_pong(&*ch, true);
 }
+
+/// Counts the mappings the platform is asked for.
+struct Counting(SimBackend, std::sync::atomic::AtomicUsize);
+
+impl GrantMapper for Counting {
+    fn map(
+        &self,
+        domid: u32,
+        refs: &[u32],
+        writable: bool,
+    ) -> Result<xen_disk_host::xen::grant::GrantMapping, GrantError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.map(domid, refs, writable)
+    }
+}
+
+#[test]
+fn persistent_grants_are_mapped_once_and_bounded() {
+    use xen_disk_host::xen::grant::PersistentGrants;
+    let dom = SimDomain::new(GUEST, 16, 1).unwrap();
+    let grefs: Vec<u32> = (0..6)
+        .map(|p| dom.grants.grant(p, 0, false).unwrap())
+        .collect();
+    let counting = std::sync::Arc::new(Counting(dom.backend(0), Default::default()));
+    let mut cache = PersistentGrants::new(counting.clone(), GUEST, 4);
+    for round in 0..3u8 {
+        for (i, &g) in grefs[..4].iter().enumerate() {
+            let p = cache.page(g).unwrap().expect("room in the cache");
+            // SAFETY: a cached, writable 4096-byte mapping.
+            unsafe { *p.add(7) = round * 10 + i as u8 };
+        }
+    }
+    assert_eq!(
+        counting.1.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "each grant mapped once"
+    );
+    assert_eq!(cache.len(), 4);
+    // Full: a fifth grant is not cached (the caller maps it per request).
+    assert_eq!(cache.page(grefs[4]).unwrap(), None);
+    assert_eq!(counting.1.load(std::sync::atomic::Ordering::SeqCst), 4);
+    // Writes through cached pages are the guest's memory.
+    let mut b = [0u8; 1];
+    dom.memory.read(2 * 4096 + 7, &mut b);
+    assert_eq!(b[0], 22);
+    // A bad reference is an error, not a cache entry.
+    cache.clear();
+    assert!(cache.page(4000).is_err());
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn grant_copy_moves_bytes_and_reports_each_failure() {
+    use xen_disk_host::xen::grant::{
+        GrantCopy, GNTST_BAD_COPY_ARG, GNTST_BAD_GNTREF, GNTST_OKAY, GNTST_PERMISSION_DENIED,
+    };
+    let dom = SimDomain::new(GUEST, 8, 1).unwrap();
+    dom.memory.write(4096 + 100, b"from the guest");
+    let rw = dom.grants.grant(1, 0, false).unwrap();
+    let ro = dom.grants.grant(2, 0, true).unwrap();
+    let back = dom.backend(0);
+    let mut into = [0u8; 14];
+    let mut out = *b"to the guest!!";
+    let op = |gref, offset, len, local: *mut u8, to_guest| GrantCopy {
+        gref,
+        offset,
+        len,
+        local,
+        to_guest,
+        status: 99,
+    };
+    let mut ops = [
+        op(rw, 100, 14, into.as_mut_ptr(), false),
+        op(rw, 200, 14, out.as_mut_ptr(), true),
+        op(ro, 0, 14, out.as_mut_ptr(), true),
+        op(4000, 0, 14, into.as_mut_ptr(), false),
+        op(rw, 4090, 14, into.as_mut_ptr(), false),
+    ];
+    // SAFETY: every local buffer is a live 14-byte array.
+    unsafe { back.copy(GUEST, &mut ops) }.unwrap();
+    let statuses: Vec<i16> = ops.iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        [
+            GNTST_OKAY,
+            GNTST_OKAY,
+            GNTST_PERMISSION_DENIED,
+            GNTST_BAD_GNTREF,
+            GNTST_BAD_COPY_ARG
+        ]
+    );
+    assert_eq!(&into, b"from the guest");
+    let mut page = [0u8; 14];
+    dom.memory.read(4096 + 200, &mut page);
+    assert_eq!(&page, b"to the guest!!");
+}

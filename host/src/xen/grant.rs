@@ -110,8 +110,124 @@ impl Drop for GrantMapping {
     }
 }
 
+/// GNTST_okay.
+pub const GNTST_OKAY: i16 = 0;
+/// GNTST_bad_gntref.
+pub const GNTST_BAD_GNTREF: i16 = -3;
+/// GNTST_permission_denied.
+pub const GNTST_PERMISSION_DENIED: i16 = -8;
+/// GNTST_bad_copy_arg.
+pub const GNTST_BAD_COPY_ARG: i16 = -10;
+
+/// One grant-copy operation: `len` bytes between offset `offset` of the granted page `gref`
+/// and local memory at `local`. Each operation gets its own status; check every one.
+#[derive(Debug, Clone, Copy)]
+pub struct GrantCopy {
+    /// The guest page.
+    pub gref: u32,
+    /// Offset in that page; `offset + len` must stay within the page.
+    pub offset: u16,
+    /// Bytes.
+    pub len: u16,
+    /// Local memory (valid for `len` bytes, writable when copying from the guest).
+    pub local: *mut u8,
+    /// Direction: true = local → guest page.
+    pub to_guest: bool,
+    /// Out: GNTST_* for this operation.
+    pub status: i16,
+}
+
 /// Maps grant references.
 pub trait GrantMapper: Send + Sync {
     /// Maps `refs` of domain `domid`, in order, into one region of `refs.len()` pages.
     fn map(&self, domid: u32, refs: &[u32], writable: bool) -> Result<GrantMapping, GrantError>;
+
+    /// Copies to or from granted pages without keeping a mapping (gntdev's GRANT_COPY where
+    /// the platform has it). The default maps each page for the copy. A failed operation sets
+    /// its `status`; the call itself fails only when the platform does.
+    ///
+    /// # Safety
+    /// Each op's `local` must be valid for `len` bytes (writable when `!to_guest`).
+    unsafe fn copy(&self, domid: u32, ops: &mut [GrantCopy]) -> Result<(), GrantError> {
+        for op in ops.iter_mut() {
+            if usize::from(op.offset) + usize::from(op.len) > 4096 {
+                op.status = GNTST_BAD_COPY_ARG;
+                continue;
+            }
+            match self.map(domid, &[op.gref], op.to_guest) {
+                Ok(m) => {
+                    // SAFETY: the page is mapped (4096 bytes, offset + len inside it); `local`
+                    // is valid per this function's contract.
+                    unsafe {
+                        let page = m.as_ptr().add(usize::from(op.offset));
+                        let (src, dst) = if op.to_guest {
+                            (op.local.cast_const(), page)
+                        } else {
+                            (page.cast_const(), op.local)
+                        };
+                        std::ptr::copy_nonoverlapping(src, dst, usize::from(op.len));
+                    }
+                    op.status = GNTST_OKAY;
+                }
+                Err(GrantError::ReadOnly { .. }) => op.status = GNTST_PERMISSION_DENIED,
+                Err(_) => op.status = GNTST_BAD_GNTREF,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Grants mapped once and kept, keyed by reference: the backend's side of persistent grants
+/// (`feature-persistent`), where the frontend reuses a fixed pool of pages granted
+/// read-write. Bounded: when full, callers map per request instead (as Linux blkback does).
+pub struct PersistentGrants {
+    mapper: Arc<dyn GrantMapper>,
+    domid: u32,
+    max: usize,
+    pages: std::collections::HashMap<u32, GrantMapping>,
+}
+
+impl PersistentGrants {
+    /// Linux blkback's bound per ring: 32 requests x 11 segments x 3.
+    pub const LINUX_MAX: usize = 1056;
+
+    /// An empty cache for `domid`'s grants, holding at most `max` pages.
+    pub fn new(mapper: Arc<dyn GrantMapper>, domid: u32, max: usize) -> PersistentGrants {
+        PersistentGrants {
+            mapper,
+            domid,
+            max,
+            pages: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The page of `gref`, mapped read-write on first use and kept; `Ok(None)` when the cache
+    /// is full and `gref` is not in it.
+    pub fn page(&mut self, gref: u32) -> Result<Option<*mut u8>, GrantError> {
+        if let Some(m) = self.pages.get(&gref) {
+            return Ok(Some(m.as_ptr()));
+        }
+        if self.pages.len() >= self.max {
+            return Ok(None);
+        }
+        let m = self.mapper.map(self.domid, &[gref], true)?;
+        let p = m.as_ptr();
+        self.pages.insert(gref, m);
+        Ok(Some(p))
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Unmaps everything (at disconnect).
+    pub fn clear(&mut self) {
+        self.pages.clear();
+    }
 }

@@ -6,7 +6,7 @@
 //! Numbers and layouts from PROTOCOL.md §3.5, checked against the kernel's UAPI header by
 //! `host/tests/linux_ioctls_vs_c.rs`.
 
-use crate::xen::grant::{GrantError, GrantMapper, GrantMapping, Unmap};
+use crate::xen::grant::{GrantCopy, GrantError, GrantMapper, GrantMapping, Unmap};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
@@ -52,6 +52,50 @@ pub struct UnmapGrantRef {
     pub count: u32,
     /// Padding.
     pub pad: u32,
+}
+
+/// `GNTCOPY_source_gref`: the source is a grant reference.
+pub const GNTCOPY_SOURCE_GREF: u16 = 1;
+/// `GNTCOPY_dest_gref`: the destination is a grant reference.
+pub const GNTCOPY_DEST_GREF: u16 = 2;
+
+/// `struct gntdev_grant_copy_segment` (24 bytes): `source` and `dest` are each either a
+/// local address (u64) or `{ref u32, offset u16, domid u16}`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct GrantCopySegment {
+    /// Source: a virtual address or a foreign reference.
+    pub source: [u32; 2],
+    /// Destination: a virtual address or a foreign reference.
+    pub dest: [u32; 2],
+    /// Bytes.
+    pub len: u16,
+    /// GNTCOPY_* flags.
+    pub flags: u16,
+    /// Out: GNTST_*.
+    pub status: i16,
+    /// Padding.
+    pub pad: u16,
+}
+
+/// `struct ioctl_gntdev_grant_copy`.
+#[repr(C)]
+pub struct IoctlGrantCopy {
+    /// Segments.
+    pub count: u32,
+    /// Padding.
+    pub pad: u32,
+    /// The segment array.
+    pub segments: *mut GrantCopySegment,
+}
+
+fn foreign(gref: u32, offset: u16, domid: u32) -> [u32; 2] {
+    [gref, u32::from(offset) | (domid << 16)]
+}
+
+fn local(p: *mut u8) -> [u32; 2] {
+    let a = p as u64;
+    [a as u32, (a >> 32) as u32]
 }
 
 /// The open device.
@@ -158,6 +202,63 @@ impl GrantMapper for LinuxGrants {
         }
         // SAFETY: a live mapping of len bytes that Gntdev::unmap undoes.
         Ok(unsafe { GrantMapping::new(base.cast(), len, index, self.0.clone()) })
+    }
+
+    unsafe fn copy(&self, domid: u32, ops: &mut [GrantCopy]) -> Result<(), GrantError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.grant_copy(domid, ops) }
+    }
+}
+
+impl LinuxGrants {
+    /// GRANT_COPY for a batch (the kernel splits it into hypercalls of 16).
+    ///
+    /// # Safety
+    /// As [`GrantMapper::copy`].
+    unsafe fn grant_copy(&self, domid: u32, ops: &mut [GrantCopy]) -> Result<(), GrantError> {
+        let mut segs: Vec<GrantCopySegment> = ops
+            .iter()
+            .map(|op| {
+                let (source, dest, flags) = if op.to_guest {
+                    (
+                        local(op.local),
+                        foreign(op.gref, op.offset, domid),
+                        GNTCOPY_DEST_GREF,
+                    )
+                } else {
+                    (
+                        foreign(op.gref, op.offset, domid),
+                        local(op.local),
+                        GNTCOPY_SOURCE_GREF,
+                    )
+                };
+                GrantCopySegment {
+                    source,
+                    dest,
+                    len: op.len,
+                    flags,
+                    status: 0,
+                    pad: 0,
+                }
+            })
+            .collect();
+        let mut arg = IoctlGrantCopy {
+            count: segs.len() as u32,
+            pad: 0,
+            segments: segs.as_mut_ptr(),
+        };
+        // SAFETY: arg points at `count` live segments; the kernel writes their status.
+        if unsafe { libc::ioctl(self.0.fd.as_raw_fd(), IOCTL_GNTDEV_GRANT_COPY, &mut arg) } != 0 {
+            return Err(GrantError::System(format!(
+                "gntdev grant copy: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // The ioctl succeeds even when segments fail: every status must be looked at.
+        for (op, seg) in ops.iter_mut().zip(&segs) {
+            op.status = seg.status;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,188 @@
+//! The Rust frontend's half of the xenbus handshake against a scripted backend in dom0, over
+//! the simulated xenstored with real permissions: what the frontend writes is read back with
+//! the backend's own parser of frontend keys, so the two halves check each other.
+
+use std::time::Duration;
+use xen_disk_host::backend::features::{connect_keys, initwait_keys, HostOffer};
+use xen_disk_host::backend::frontend_keys::{read_frontend, Advertised, FrontendRings, QueueRing};
+use xen_disk_host::blkif::abi::Protocol;
+use xen_disk_host::frontend::handshake::{connect, Device, Wishes};
+use xen_disk_host::xen::sim::hypervisor::SimDomain;
+use xen_disk_host::xen::sim::xenstored::SimXenstored;
+use xen_disk_host::xen::xenstore::{Perm, Xenstore, NO_TX};
+use xen_disk_plugin_api::DiskInfo;
+
+const GUEST: u32 = 4;
+const FE: &str = "/local/domain/4/device/vbd/51728";
+const BE: &str = "/local/domain/0/backend/vbd3/4/51728";
+
+fn setup(dom0: &dyn Xenstore, offer: &HostOffer) {
+    for (k, v) in [
+        ("frontend", FE),
+        ("frontend-id", "4"),
+        ("online", "1"),
+        ("state", "1"),
+    ] {
+        dom0.write(NO_TX, &format!("{BE}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    for (k, v) in [
+        ("backend", BE),
+        ("backend-id", "0"),
+        ("state", "1"),
+        ("virtual-device", "51728"),
+    ] {
+        dom0.write(NO_TX, &format!("{FE}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    let be_perms = [Perm::parse("n0").unwrap(), Perm::parse("r4").unwrap()];
+    let fe_perms = [Perm::parse("n4").unwrap(), Perm::parse("r0").unwrap()];
+    for (k, v) in initwait_keys(offer) {
+        dom0.write(NO_TX, &format!("{BE}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    for p in dom0
+        .directory(NO_TX, BE)
+        .unwrap()
+        .iter()
+        .map(|k| format!("{BE}/{k}"))
+        .chain([BE.to_string()])
+    {
+        dom0.set_perms(NO_TX, &p, &be_perms).unwrap();
+    }
+    for p in dom0
+        .directory(NO_TX, FE)
+        .unwrap()
+        .iter()
+        .map(|k| format!("{FE}/{k}"))
+        .chain([FE.to_string()])
+    {
+        dom0.set_perms(NO_TX, &p, &fe_perms).unwrap();
+    }
+    dom0.write(NO_TX, &format!("{BE}/state"), b"2").unwrap();
+}
+
+fn run(
+    offer: HostOffer,
+    wishes: Wishes,
+) -> (
+    FrontendRings,
+    Vec<QueueRing>,
+    xen_disk_host::frontend::handshake::DiskDescription,
+) {
+    let xs = SimXenstored::new();
+    xs.add_domain(GUEST, "guest", "00000000-0000-0000-0000-000000000004");
+    let dom0 = xs.connect(0).unwrap();
+    setup(&dom0, &offer);
+    let domain = SimDomain::new(GUEST, 128, 1).unwrap();
+    let guest_xs = xs.connect(GUEST).unwrap();
+    let fe = std::thread::spawn(move || {
+        let c = connect(
+            &guest_xs,
+            &domain,
+            0,
+            FE,
+            BE,
+            16,
+            wishes,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let queues: Vec<QueueRing> = c
+            .queues
+            .iter()
+            .map(|q| QueueRing {
+                ring_refs: q.ring_grefs().to_vec(),
+                event_channel: q.port(),
+            })
+            .collect();
+        (queues, c.disk)
+    });
+    // The scripted backend: wait for Initialised, parse what the frontend wrote, connect.
+    let started = std::time::Instant::now();
+    while dom0.read(NO_TX, &format!("{FE}/state")).unwrap() != b"3" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "frontend never reached Initialised"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let read = |k: &str| match dom0.read(NO_TX, &format!("{FE}/{k}")) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_enoent() => Ok(None),
+        Err(e) => Err(e.to_string()),
+    };
+    let ad = Advertised {
+        max_ring_page_order: offer.max_ring_page_order,
+        max_queues: offer.max_queues,
+        persistent: offer.persistent,
+    };
+    let rings = read_frontend(&read, &ad).unwrap();
+    for (k, v) in connect_keys(
+        &DiskInfo::new(1 << 30)
+            .sector_size(4096)
+            .flush(true)
+            .discard(true),
+    ) {
+        dom0.write(NO_TX, &format!("{BE}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    dom0.write(NO_TX, &format!("{BE}/state"), b"4").unwrap();
+    let (queues, disk) = fe.join().unwrap();
+    assert_eq!(dom0.read(NO_TX, &format!("{FE}/state")).unwrap(), b"4");
+    (rings, queues, disk)
+}
+
+#[test]
+fn multi_page_multi_queue_persistent() {
+    let offer = HostOffer {
+        max_ring_page_order: 4,
+        max_queues: 2,
+        max_indirect_segments: 256,
+        persistent: true,
+    };
+    let wishes = Wishes {
+        ring_page_order: 4,
+        queues: 4,
+        persistent: true,
+        protocol: Protocol::X86_64,
+    };
+    let (rings, queues, disk) = run(offer, wishes);
+    assert_eq!(rings.ring_page_order, 4);
+    assert_eq!(
+        rings.queues, queues,
+        "the backend reads exactly the rings the frontend made"
+    );
+    assert_eq!(queues.len(), 2, "capped by the backend's offer");
+    assert_eq!(queues[0].ring_refs.len(), 16);
+    assert!(rings.persistent && disk.persistent);
+    assert_eq!(rings.protocol.as_deref(), Some("x86_64-abi"));
+    assert_eq!(
+        (disk.sectors, disk.sector_size, disk.flush, disk.discard),
+        (1 << 21, 4096, true, true)
+    );
+    assert_eq!(disk.max_indirect_segments, 256);
+}
+
+#[test]
+fn single_page_single_queue_without_persistent_grants() {
+    let offer = HostOffer {
+        max_ring_page_order: 0,
+        max_queues: 1,
+        max_indirect_segments: 0,
+        persistent: false,
+    };
+    let wishes = Wishes {
+        ring_page_order: 4,
+        queues: 1,
+        persistent: true,
+        protocol: Protocol::X86_32,
+    };
+    let (rings, queues, disk) = run(offer, wishes);
+    assert_eq!(rings.ring_page_order, 0);
+    assert_eq!(rings.queues, queues);
+    assert_eq!(queues[0].ring_refs.len(), 1);
+    assert!(!rings.persistent && !disk.persistent);
+    assert_eq!(rings.protocol.as_deref(), Some("x86_32-abi"));
+    assert_eq!(disk.max_indirect_segments, 0);
+}
