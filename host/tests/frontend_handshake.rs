@@ -77,12 +77,15 @@ fn run(
     let domain = SimDomain::new(GUEST, 128, 1).unwrap();
     let guest_xs = xs.connect(GUEST).unwrap();
     let fe = std::thread::spawn(move || {
+        let device = Device {
+            frontend: FE,
+            backend: BE,
+            backend_domid: 0,
+        };
         let c = connect(
             &guest_xs,
             &domain,
-            0,
-            FE,
-            BE,
+            device,
             16,
             wishes,
             Duration::from_secs(10),
