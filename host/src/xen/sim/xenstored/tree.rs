@@ -244,7 +244,7 @@ mod tests {
     fn writes_create_parents_that_inherit_permissions() {
         let mut t = Tree::default();
         t.write("/local/domain/3", b"", 0).unwrap();
-        t.set_perms("/local/domain/3", vec![p("b3"), p("r0")], 0)
+        t.set_perms("/local/domain/3", vec![p("n3"), p("r0")], 0)
             .unwrap();
         // Domain 3 writes below its own directory; new nodes are its own.
         let created = t
@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(created.len(), 4);
         assert_eq!(
             t.get("/local/domain/3/device").unwrap().perms,
-            vec![p("b3"), p("r0")]
+            vec![p("n3"), p("r0")]
         );
         // It may not write elsewhere, nor read what it was not given.
         assert_eq!(t.write("/local/domain/4/x", b"1", 3), Err("EACCES"));
