@@ -11,6 +11,7 @@ pub mod frontend_keys;
 pub mod inflight;
 pub mod io;
 pub mod params;
+pub mod queue;
 pub mod state;
 pub mod vbd;
 pub mod wake;

@@ -213,6 +213,13 @@ impl FrontQueue {
         Ok(())
     }
 
+    /// Rings the backend's doorbell without publishing anything.
+    pub fn notify(&self) -> Result<(), FrontendError> {
+        self.evtchn
+            .notify()
+            .map_err(|e| FrontendError::Setup(e.to_string()))
+    }
+
     /// Takes every published response, checking each, and calls `done` for each completion.
     pub fn reap(&mut self, mut done: impl FnMut(Completion)) -> Result<usize, FrontendError> {
         let mut n = 0;

@@ -1,0 +1,348 @@
+//! One ring of a device: the ring thread's loop.
+//!
+//! ```text
+//!  event ─▶ take requests (copied once) ─▶ validate ─▶ refused? answer at once
+//!        └▶ map the segments' grants (one mapping per request; indirect lists copied once)
+//!           ─▶ slot ─▶ workers ─▶ plugin ─▶ completion ─▶ unmap ─▶ response ─▶ notify
+//! ```
+//!
+//! A barrier waits for everything before it, and holds everything after it, as the protocol
+//! asks. Responses go out as workers finish, in any order. When there is nothing to do, the
+//! thread sleeps in `poll` on the event channel and the workers' doorbell.
+
+use super::inflight::{FreeList, SlotTable};
+use super::io::{IoOp, IoStatus};
+use super::wake::EventFdWake;
+use super::workers::{Wake, Workers};
+use crate::blkif::abi::*;
+use crate::blkif::request::{
+    validate, validate_indirect_segments, Limits, Request, Segment, Valid,
+};
+use crate::blkif::ring::{BackRing, Response, RingError};
+use crate::plugin::GuardedDisk;
+use crate::xen::evtchn::EventChannel;
+use crate::xen::grant::{GrantMapper, GrantMapping};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use xen_disk_plugin_api::RawBuf;
+
+/// What the ring thread needs.
+pub struct QueueParts {
+    /// The attached ring.
+    pub ring: BackRing,
+    /// The ring pages' mapping (kept alive while the ring is used).
+    pub ring_mapping: GrantMapping,
+    /// The bound event channel.
+    pub evtchn: Box<dyn EventChannel>,
+    /// Maps the guest's data pages.
+    pub grants: Arc<dyn GrantMapper>,
+    /// The guest's domain id.
+    pub guest: u32,
+    /// What was advertised.
+    pub limits: Limits,
+    /// Worker threads for this ring.
+    pub workers: usize,
+}
+
+/// Counters, readable while the queue runs.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Requests answered OKAY.
+    pub ok: AtomicU64,
+    /// Requests answered ERROR.
+    pub errors: AtomicU64,
+    /// Requests answered EOPNOTSUPP.
+    pub unsupported: AtomicU64,
+}
+
+impl QueueStats {
+    fn count(&self, status: i16) {
+        let c = match status {
+            BLKIF_RSP_OKAY => &self.ok,
+            BLKIF_RSP_EOPNOTSUPP => &self.unsupported,
+            _ => &self.errors,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a queue stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The guest broke the ring: the device disconnects it.
+    #[error("{0}")]
+    Ring(#[from] RingError),
+    /// The host could not set the queue up.
+    #[error("queue setup: {0}")]
+    Setup(String),
+}
+
+fn io_op(op: u8) -> IoOp {
+    match op {
+        BLKIF_OP_READ => IoOp::Read,
+        BLKIF_OP_WRITE => IoOp::Write,
+        BLKIF_OP_WRITE_BARRIER => IoOp::Barrier,
+        _ => IoOp::Flush,
+    }
+}
+
+struct Ready {
+    op: IoOp,
+    offset: u64,
+    mapping: Option<GrantMapping>,
+    segments: Vec<Segment>,
+}
+
+/// The guest's pages as the ring thread reaches them.
+struct Guest<'a> {
+    grants: &'a dyn GrantMapper,
+    domid: u32,
+    limits: &'a Limits,
+}
+
+/// Maps what a valid request needs; an error here is answered ERROR.
+fn prepare(valid: Valid, guest: &Guest<'_>, scratch: &mut Vec<Segment>) -> Result<Ready, String> {
+    match valid {
+        Valid::Flush { op } => Ok(Ready {
+            op: io_op(op),
+            offset: 0,
+            mapping: None,
+            segments: Vec::new(),
+        }),
+        Valid::Discard { offset, len } => Ok(Ready {
+            op: IoOp::Discard { len },
+            offset,
+            mapping: None,
+            segments: Vec::new(),
+        }),
+        Valid::Data {
+            op,
+            offset,
+            segments,
+            ..
+        } => map_segments(guest, op, offset, segments.as_slice()),
+        Valid::Indirect {
+            op,
+            sector_number,
+            nr_segments,
+            grefs,
+            pages,
+        } => {
+            let lists = guest
+                .grants
+                .map(guest.domid, &grefs[..pages], false)
+                .map_err(|e| e.to_string())?;
+            let mut bytes = [0u8; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * XEN_PAGE_SIZE];
+            let bytes = &mut bytes[..pages * XEN_PAGE_SIZE];
+            if !lists.copy_out(0, bytes) {
+                return Err("indirect pages".into());
+            }
+            drop(lists);
+            validate_indirect_segments(bytes, nr_segments, sector_number, guest.limits, scratch)
+                .map_err(|r| r.reason)?;
+            map_segments(guest, op, sector_number * 512, scratch)
+        }
+    }
+}
+
+fn map_segments(
+    guest: &Guest<'_>,
+    op: u8,
+    offset: u64,
+    segments: &[Segment],
+) -> Result<Ready, String> {
+    let grefs: Vec<u32> = segments.iter().map(|s| s.gref).collect();
+    // The backend writes into the guest's pages only for reads.
+    let mapping = guest
+        .grants
+        .map(guest.domid, &grefs, op == BLKIF_OP_READ)
+        .map_err(|e| e.to_string())?;
+    Ok(Ready {
+        op: io_op(op),
+        offset,
+        mapping: Some(mapping),
+        segments: segments.to_vec(),
+    })
+}
+
+/// Serves the ring until `stop` is set (then finishes what is in flight) or the guest breaks
+/// the ring. Requests are served from `disk` on `parts.workers` threads.
+pub fn serve(
+    parts: QueueParts,
+    disk: Arc<GuardedDisk>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<QueueStats>,
+) -> Result<(), QueueError> {
+    let QueueParts {
+        mut ring,
+        ring_mapping,
+        evtchn,
+        grants,
+        guest,
+        limits,
+        workers: threads,
+    } = parts;
+    let guest = Guest {
+        grants: &*grants,
+        domid: guest,
+        limits: &limits,
+    };
+    let size = ring.size() as usize;
+    let slots = Arc::new(SlotTable::<GrantMapping>::new(
+        size,
+        BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    ));
+    let wake = Arc::new(EventFdWake::new().map_err(|e| QueueError::Setup(e.to_string()))?);
+    let (workers, completions) = Workers::start(
+        threads,
+        disk,
+        vec![(slots.clone(), wake.clone() as Arc<dyn Wake>)],
+    );
+    let mut free = FreeList::new(size);
+    let mut entry = [0u8; MAX_ENTRY_SIZE];
+    let mut scratch = Vec::new();
+    let mut held: Option<Request> = None;
+    let result = loop {
+        let mut progress = false;
+        // Completions first: they free slots and unmap before answering.
+        while let Ok(index) = completions[0].try_recv() {
+            // SAFETY: the worker handed the index back; this thread owns the slot again.
+            let slot = unsafe { slots.slot(index) };
+            slot.mappings = None;
+            slot.bufs.clear();
+            let status = slot.status.code();
+            stats.count(status);
+            ring.put_response(&Response {
+                id: slot.id,
+                operation: slot.operation,
+                status,
+            });
+            free.give(index);
+            progress = true;
+        }
+        if stop.load(Ordering::Relaxed) {
+            if free.in_use(size) == 0 {
+                ring.push_responses();
+                break Ok(());
+            }
+        } else {
+            if let Err(e) = ring.poll() {
+                break Err(QueueError::Ring(e));
+            }
+            loop {
+                // A barrier waits for everything before it, then runs alone.
+                let req = match held.take() {
+                    Some(r) => r,
+                    None => match ring.take(&mut entry) {
+                        Some(r) => r,
+                        None => break,
+                    },
+                };
+                let is_barrier = matches!(
+                    req,
+                    Request::ReadWrite {
+                        op: BLKIF_OP_WRITE_BARRIER,
+                        ..
+                    }
+                );
+                if (is_barrier && free.in_use(size) > 0) || free.in_use(size) == size {
+                    held = Some(req);
+                    break;
+                }
+                progress = true;
+                let (id, operation) = (req.id(), req.echo_op());
+                let ready = match validate(&req, &limits) {
+                    Err(refused) => {
+                        tracing::debug!(id, "refused: {}", refused.reason);
+                        stats.count(refused.status);
+                        ring.put_response(&Response {
+                            id,
+                            operation,
+                            status: refused.status,
+                        });
+                        continue;
+                    }
+                    Ok(valid) => prepare(valid, &guest, &mut scratch),
+                };
+                let ready = match ready {
+                    Ok(r) => r,
+                    Err(why) => {
+                        tracing::debug!(id, "refused: {why}");
+                        stats.count(BLKIF_RSP_ERROR);
+                        ring.put_response(&Response {
+                            id,
+                            operation,
+                            status: BLKIF_RSP_ERROR,
+                        });
+                        continue;
+                    }
+                };
+                let Some(index) = free.take() else {
+                    unreachable!("checked in_use < size")
+                };
+                // SAFETY: taken from the free list: this thread owns the slot.
+                let slot = unsafe { slots.slot(index) };
+                (slot.id, slot.operation, slot.op, slot.offset, slot.status) =
+                    (id, operation, ready.op, ready.offset, IoStatus::Okay);
+                slot.bufs.clear();
+                if let Some(m) = &ready.mapping {
+                    for (i, s) in ready.segments.iter().enumerate() {
+                        let start = i * XEN_PAGE_SIZE + usize::from(s.first_sect) * 512;
+                        let len = usize::from(s.last_sect - s.first_sect + 1) * 512;
+                        // SAFETY: validated: first..=last ≤ 7, so inside page i of the mapping.
+                        let base = unsafe { m.as_ptr().add(start) };
+                        slot.bufs.push(RawBuf { base, len });
+                    }
+                }
+                slot.mappings = ready.mapping;
+                workers.submit(0, index);
+                if is_barrier {
+                    break;
+                }
+            }
+        }
+        if ring.push_responses() {
+            let _ = evtchn.notify();
+        }
+        if progress {
+            continue;
+        }
+        // Nothing to do: re-arm, look once more, then sleep on the guest and the workers.
+        wake.about_to_sleep();
+        let more = !stop.load(Ordering::Relaxed)
+            && held.is_none()
+            && matches!(ring.final_check(), Ok(true));
+        if more || !completions[0].is_empty() {
+            wake.awake();
+            continue;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: evtchn.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds; a timeout so `stop` is noticed.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                2,
+                Duration::from_millis(100).as_millis() as i32,
+            )
+        };
+        wake.awake();
+        let _ = evtchn.ack();
+    };
+    // Workers finish first; the ring pages stay mapped until then (the ring view itself
+    // touches no memory when dropped).
+    drop(workers);
+    drop(ring_mapping);
+    result
+}
