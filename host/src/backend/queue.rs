@@ -87,12 +87,8 @@ fn io_op(op: u8) -> IoOp {
     }
 }
 
-struct Ready {
-    op: IoOp,
-    offset: u64,
-    mapping: Option<GrantMapping>,
-    segments: Vec<Segment>,
-}
+/// The most segments one request can carry (indirect, as advertised).
+const MAX_SEGMENTS: usize = 256;
 
 /// The guest's pages as the ring thread reaches them.
 struct Guest<'a> {
@@ -101,27 +97,28 @@ struct Guest<'a> {
     limits: &'a Limits,
 }
 
-/// Maps what a valid request needs; an error here is answered ERROR.
-fn prepare(valid: Valid, guest: &Guest<'_>, scratch: &mut Vec<Segment>) -> Result<Ready, String> {
+/// Maps what a valid request needs and lists its buffers in `bufs`; an error here is
+/// answered ERROR. Allocates nothing: grant lists live on the stack, `bufs` and `scratch`
+/// keep their capacity from request to request.
+fn prepare(
+    valid: Valid,
+    guest: &Guest<'_>,
+    scratch: &mut Vec<Segment>,
+    bufs: &mut Vec<RawBuf>,
+) -> Result<(IoOp, u64, Option<GrantMapping>), String> {
+    bufs.clear();
     match valid {
-        Valid::Flush { op } => Ok(Ready {
-            op: io_op(op),
-            offset: 0,
-            mapping: None,
-            segments: Vec::new(),
-        }),
-        Valid::Discard { offset, len } => Ok(Ready {
-            op: IoOp::Discard { len },
-            offset,
-            mapping: None,
-            segments: Vec::new(),
-        }),
+        Valid::Flush { op } => Ok((io_op(op), 0, None)),
+        Valid::Discard { offset, len } => Ok((IoOp::Discard { len }, offset, None)),
         Valid::Data {
             op,
             offset,
             segments,
             ..
-        } => map_segments(guest, op, offset, segments.as_slice()),
+        } => {
+            let m = map_segments(guest, op, segments.as_slice(), bufs)?;
+            Ok((io_op(op), offset, Some(m)))
+        }
         Valid::Indirect {
             op,
             sector_number,
@@ -141,29 +138,39 @@ fn prepare(valid: Valid, guest: &Guest<'_>, scratch: &mut Vec<Segment>) -> Resul
             drop(lists);
             validate_indirect_segments(bytes, nr_segments, sector_number, guest.limits, scratch)
                 .map_err(|r| r.reason)?;
-            map_segments(guest, op, sector_number * 512, scratch)
+            let m = map_segments(guest, op, scratch, bufs)?;
+            Ok((io_op(op), sector_number * 512, Some(m)))
         }
     }
 }
 
+/// Maps the segments' pages in one mapping and lists each segment's bytes in `bufs`.
 fn map_segments(
     guest: &Guest<'_>,
     op: u8,
-    offset: u64,
     segments: &[Segment],
-) -> Result<Ready, String> {
-    let grefs: Vec<u32> = segments.iter().map(|s| s.gref).collect();
+    bufs: &mut Vec<RawBuf>,
+) -> Result<GrantMapping, String> {
+    if segments.len() > MAX_SEGMENTS {
+        return Err(format!("{} segments", segments.len()));
+    }
+    let mut grefs = [0u32; MAX_SEGMENTS];
+    for (g, s) in grefs.iter_mut().zip(segments) {
+        *g = s.gref;
+    }
     // The backend writes into the guest's pages only for reads.
-    let mapping = guest
+    let m = guest
         .grants
-        .map(guest.domid, &grefs, op == BLKIF_OP_READ)
+        .map(guest.domid, &grefs[..segments.len()], op == BLKIF_OP_READ)
         .map_err(|e| e.to_string())?;
-    Ok(Ready {
-        op: io_op(op),
-        offset,
-        mapping: Some(mapping),
-        segments: segments.to_vec(),
-    })
+    for (i, s) in segments.iter().enumerate() {
+        let start = i * XEN_PAGE_SIZE + usize::from(s.first_sect) * 512;
+        let len = usize::from(s.last_sect - s.first_sect + 1) * 512;
+        // SAFETY: validated: first..=last ≤ 7, so inside page i of the mapping.
+        let base = unsafe { m.as_ptr().add(start) };
+        bufs.push(RawBuf { base, len });
+    }
+    Ok(m)
 }
 
 /// Serves the ring until `stop` is set (then finishes what is in flight) or the guest breaks
@@ -252,7 +259,8 @@ pub fn serve(
                 }
                 progress = true;
                 let (id, operation) = (req.id(), req.echo_op());
-                let ready = match validate(&req, &limits) {
+                let valid = match validate(&req, &limits) {
+                    Ok(v) => v,
                     Err(refused) => {
                         tracing::debug!(id, "refused: {}", refused.reason);
                         stats.count(refused.status);
@@ -263,12 +271,23 @@ pub fn serve(
                         });
                         continue;
                     }
-                    Ok(valid) => prepare(valid, &guest, &mut scratch),
                 };
-                let ready = match ready {
-                    Ok(r) => r,
+                let Some(index) = free.take() else {
+                    unreachable!("checked in_use < size")
+                };
+                // SAFETY: taken from the free list: this thread owns the slot.
+                let slot = unsafe { slots.slot(index) };
+                match prepare(valid, &guest, &mut scratch, &mut slot.bufs) {
+                    Ok((op, offset, mapping)) => {
+                        (slot.id, slot.operation, slot.op, slot.offset) =
+                            (id, operation, op, offset);
+                        slot.status = IoStatus::Okay;
+                        slot.mappings = mapping;
+                    }
                     Err(why) => {
                         tracing::debug!(id, "refused: {why}");
+                        slot.bufs.clear();
+                        free.give(index);
                         stats.count(BLKIF_RSP_ERROR);
                         ring.put_response(&Response {
                             id,
@@ -277,25 +296,7 @@ pub fn serve(
                         });
                         continue;
                     }
-                };
-                let Some(index) = free.take() else {
-                    unreachable!("checked in_use < size")
-                };
-                // SAFETY: taken from the free list: this thread owns the slot.
-                let slot = unsafe { slots.slot(index) };
-                (slot.id, slot.operation, slot.op, slot.offset, slot.status) =
-                    (id, operation, ready.op, ready.offset, IoStatus::Okay);
-                slot.bufs.clear();
-                if let Some(m) = &ready.mapping {
-                    for (i, s) in ready.segments.iter().enumerate() {
-                        let start = i * XEN_PAGE_SIZE + usize::from(s.first_sect) * 512;
-                        let len = usize::from(s.last_sect - s.first_sect + 1) * 512;
-                        // SAFETY: validated: first..=last ≤ 7, so inside page i of the mapping.
-                        let base = unsafe { m.as_ptr().add(start) };
-                        slot.bufs.push(RawBuf { base, len });
-                    }
                 }
-                slot.mappings = ready.mapping;
                 workers.submit(0, index);
                 if is_barrier {
                     break;
