@@ -192,5 +192,58 @@ fn bench_direct_reports_figures_beside_memcpy() {
         &host(&["bench", "--direct", "discard", "--bs", "1000"]),
         &["--bs"],
     );
-    assert_bad_input(&host(&["bench", "discard"]), &["--direct"]);
+    assert_bad_input(
+        &host(&["bench", "discard", "--iodepth", "0"]),
+        &["--iodepth"],
+    );
+    assert_bad_input(
+        &host(&["bench", "discard", "--bs", "6k"]),
+        &["multiples of 4k"],
+    );
+}
+
+#[test]
+fn bench_drives_the_full_ring_path() {
+    let t = TempDir::new("ringbench");
+    let img = t.join("disk.img");
+    random_file(&img, 16 << 20, 9);
+    for (plugin, args) in [
+        ("discard", vec![]),
+        (
+            "mmap",
+            vec!["-c".to_string(), format!("path={}", img.display())],
+        ),
+    ] {
+        for bs in ["4k", "128k"] {
+            let mut a = vec![
+                "bench",
+                plugin,
+                "--rw",
+                "randread",
+                "--bs",
+                bs,
+                "--seconds",
+                "0.3",
+                "--json",
+            ];
+            a.extend(args.iter().map(String::as_str));
+            let o = host(&a);
+            assert!(o.status.success(), "{a:?}: {}", stderr(&o));
+            let out = stdout(&o);
+            assert!(
+                out.contains("\"mode\":\"ring\"") && out.contains("\"memcpy_mbps\":"),
+                "{out}"
+            );
+            let ops: f64 = out
+                .split("\"ops\":")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(ops > 10.0, "{out}");
+        }
+    }
 }

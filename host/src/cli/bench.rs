@@ -1,8 +1,10 @@
-//! `xen-disk-host bench --direct <plugin>`: a plugin's speed through the `.so` boundary,
-//! with a memcpy reference measured in the same run.
+//! `xen-disk-host bench <plugin>`: a plugin's speed through the full ring path in the
+//! simulator (or, with `--direct`, through the `.so` boundary alone), with a memcpy
+//! reference measured in the same run.
 
 use super::PluginArgs;
 use crate::bench::direct::{memcpy_reference, run as run_direct, DirectOptions, Pattern};
+use crate::bench::ring::{run as run_ring, RingOptions};
 use crate::plugin::{open_stack, GuardedDisk};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -16,6 +18,12 @@ pub struct BenchArgs {
     /// Drive the plugin directly through its `.so` boundary, without the Xen ring.
     #[arg(long)]
     direct: bool,
+    /// Requests in flight (ring path).
+    #[arg(long, default_value_t = 32)]
+    iodepth: usize,
+    /// Worker threads of the device queue (ring path).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Pattern::Randread)]
     rw: Pattern,
@@ -37,9 +45,6 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<i32> {
-    if !args.direct {
-        bail!("only --direct is available: the ring-path benchmark comes with the simulated Xen");
-    }
     let bs = parse_size(&args.bs)
         .map_err(anyhow::Error::msg)
         .context("--bs")? as usize;
@@ -66,18 +71,39 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         duration: Duration::from_secs_f64(args.seconds),
         threads: args.threads,
     };
-    let f = run_direct(&disk, &opts).map_err(anyhow::Error::msg)?;
+    let mode = if args.direct { "direct" } else { "ring" };
+    let f = if args.direct {
+        run_direct(&disk, &opts).map_err(anyhow::Error::msg)?
+    } else {
+        if args.iodepth == 0 || args.workers == 0 || args.workers > 64 {
+            bail!("--iodepth and --workers must be at least 1 (workers at most 64)");
+        }
+        let ring = RingOptions {
+            pattern: args.rw,
+            bs,
+            iodepth: args.iodepth,
+            region,
+            duration: opts.duration,
+            workers: args.workers,
+        };
+        run_ring(std::sync::Arc::new(disk), &ring).map_err(anyhow::Error::msg)?
+    };
     let m = memcpy_reference(bs, region, opts.duration, args.threads);
     let pattern = format!("{:?}", args.rw).to_lowercase();
     if args.json {
         println!(
-            "{{\"plugin\":\"{}\",\"mode\":\"direct\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}}}",
+            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}}}",
             name, args.threads, f.ops, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
         );
     } else {
         println!(
-            "{} {pattern} bs={bs} threads={} direct (no ring)",
-            name, args.threads
+            "{} {pattern} bs={bs} {} {mode}",
+            name,
+            if args.direct {
+                format!("threads={}", args.threads)
+            } else {
+                format!("iodepth={} workers={}", args.iodepth, args.workers)
+            }
         );
         println!(
             "  plugin: {:>12.0} IOPS {:>10.1} MB/s {:>9.1} ns/op  p50 {:.3} us  p99 {:.3} us",

@@ -1,0 +1,204 @@
+//! The full ring path, measured: a simulated guest (the Rust frontend) keeps `iodepth`
+//! requests in flight against a device queue serving the plugin — grants, the shared ring,
+//! event channels, validation, worker threads — all in this process.
+
+use super::direct::{Figures, Pattern};
+use super::histogram::Histogram;
+use crate::backend::queue::{serve, QueueParts, QueueStats};
+use crate::blkif::abi::*;
+use crate::blkif::request::{Limits, Segment};
+use crate::blkif::ring::BackRing;
+use crate::check::model::Rng;
+use crate::frontend::pages::{DataPage, DataPages};
+use crate::frontend::FrontQueue;
+use crate::plugin::GuardedDisk;
+use crate::xen::evtchn::EventChannels;
+use crate::xen::grant::GrantMapper;
+use crate::xen::sim::hypervisor::SimDomain;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RingOptions {
+    /// Access pattern.
+    pub pattern: Pattern,
+    /// Bytes per request (a multiple of 4096, at most 1 MiB).
+    pub bs: usize,
+    /// Requests in flight.
+    pub iodepth: usize,
+    /// Bytes of the disk used.
+    pub region: u64,
+    /// How long.
+    pub duration: Duration,
+    /// Worker threads of the device queue.
+    pub workers: usize,
+}
+
+const GUEST: u32 = 1;
+
+/// A request in flight: its data pages, its indirect list page, when it was sent.
+struct Lent {
+    data: Vec<DataPage>,
+    list: Option<DataPage>,
+    sent: Instant,
+}
+
+/// Runs the pattern through the ring against `disk`.
+pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String> {
+    let pages_per_req = opts.bs / XEN_PAGE_SIZE;
+    if opts.bs == 0 || !opts.bs.is_multiple_of(XEN_PAGE_SIZE) || pages_per_req > 256 {
+        return Err(format!(
+            "--bs {}: the ring bench takes multiples of 4k up to 1M",
+            opts.bs
+        ));
+    }
+    let order = (0..=MAX_RING_PAGE_ORDER)
+        .find(|&o| ring_entries(o, LAYOUT_64.entry_size) as usize >= opts.iodepth)
+        .ok_or_else(|| format!("--iodepth {} exceeds the largest ring (512)", opts.iodepth))?;
+    let indirect = pages_per_req > BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    let data_pages = opts.iodepth * (pages_per_req + usize::from(indirect));
+    let ring_pages = 1usize << order;
+    let dom = SimDomain::new(GUEST, ring_pages + data_pages, data_pages.div_ceil(256) + 1)
+        .map_err(|e| e.to_string())?;
+    let mut q = FrontQueue::new(dom.clone(), 0, 0, order, Protocol::X86_64, 0)
+        .map_err(|e| e.to_string())?;
+    let mut pages =
+        DataPages::new(dom.clone(), 0, ring_pages, data_pages, true).ok_or("data pages")?;
+    let info = disk.info();
+    let reading = matches!(opts.pattern, Pattern::Read | Pattern::Randread);
+    let limits = Limits {
+        sectors: info.size / 512,
+        logical_sector_size: info.logical_sector_size,
+        read_only: info.read_only,
+        flush: info.can_flush,
+        discard: disk.can_discard(),
+        discard_secure: false,
+        max_indirect_segments: 256,
+    };
+    let back = Arc::new(dom.backend(0));
+    let ring_mapping = back
+        .map(GUEST, q.ring_grefs(), true)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: the mapping goes to the queue with the ring and outlives it.
+    let ring =
+        unsafe { BackRing::attach(ring_mapping.as_ptr(), ring_mapping.len(), Protocol::X86_64) }
+            .map_err(|e| e.to_string())?;
+    let evtchn = back
+        .bind_interdomain(GUEST, q.port())
+        .map_err(|e| e.to_string())?;
+    let parts = QueueParts {
+        ring,
+        ring_mapping,
+        evtchn,
+        grants: back,
+        guest: GUEST,
+        limits,
+        workers: opts.workers,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(QueueStats::default());
+    let (s, st) = (stop.clone(), stats.clone());
+    let server = std::thread::spawn(move || serve(parts, disk, s, st));
+
+    let bs = opts.bs as u64;
+    let blocks = (opts.region.min(info.size) / bs).max(1);
+    let mut rng = Rng::new(7);
+    let mut seq = 0u64;
+    let mut lent: Vec<Option<Lent>> = (0..q.free()).map(|_| None).collect();
+    let mut hist = Histogram::default();
+    let (mut ops, mut failed) = (0u64, 0u64);
+    let started = Instant::now();
+    let deadline = started + opts.duration;
+    let op = if reading {
+        BLKIF_OP_READ
+    } else {
+        BLKIF_OP_WRITE
+    };
+    loop {
+        let now = Instant::now();
+        while now < deadline && q.in_flight() < opts.iodepth && q.free() > 0 {
+            let offset = match opts.pattern {
+                Pattern::Read | Pattern::Write => {
+                    let o = seq * bs;
+                    seq = (seq + 1) % blocks;
+                    o
+                }
+                _ => rng.below(blocks) * bs,
+            };
+            let data: Vec<DataPage> = (0..pages_per_req)
+                .filter_map(|_| pages.take(false))
+                .collect();
+            let segs: Vec<Segment> = data
+                .iter()
+                .map(|p| Segment {
+                    gref: p.gref,
+                    first_sect: 0,
+                    last_sect: 7,
+                })
+                .collect();
+            let (id, list) = if indirect {
+                let list = pages.take(false).ok_or("indirect page")?;
+                pages.write_segments(list, &segs);
+                (
+                    q.submit_indirect(op, offset / 512, segs.len() as u16, &[list.gref]),
+                    Some(list),
+                )
+            } else {
+                (q.submit_rw(op, offset / 512, &segs), None)
+            };
+            let id = id.ok_or("ring full")?;
+            lent[id as usize] = Some(Lent {
+                data,
+                list,
+                sent: Instant::now(),
+            });
+        }
+        q.kick().map_err(|e| e.to_string())?;
+        let mut done = Vec::new();
+        q.reap(|c| done.push(c)).map_err(|e| e.to_string())?;
+        for c in &done {
+            if let Some(Lent {
+                data,
+                list,
+                sent: t0,
+            }) = lent[c.id as usize].take()
+            {
+                hist.record(t0.elapsed().as_nanos() as u64);
+                data.into_iter().for_each(|p| pages.release(p));
+                if let Some(l) = list {
+                    pages.release(l);
+                }
+            }
+            ops += 1;
+            failed += u64::from(c.status != BLKIF_RSP_OKAY);
+        }
+        if Instant::now() >= deadline && q.in_flight() == 0 {
+            break;
+        }
+        if done.is_empty() {
+            q.wait(Duration::from_millis(100))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    server
+        .join()
+        .map_err(|_| "queue thread panicked")?
+        .map_err(|e| e.to_string())?;
+    if failed > 0 {
+        return Err(format!("{failed} of {ops} requests failed"));
+    }
+    let s = elapsed.as_secs_f64();
+    Ok(Figures {
+        ops,
+        seconds: s,
+        iops: ops as f64 / s,
+        mbps: ops as f64 * opts.bs as f64 / s / 1e6,
+        ns_per_op: s * 1e9 / ops.max(1) as f64,
+        lat_p50_us: hist.percentile(0.5) as f64 / 1000.0,
+        lat_p99_us: hist.percentile(0.99) as f64 / 1000.0,
+    })
+}
