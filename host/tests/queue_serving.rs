@@ -44,9 +44,13 @@ struct Harness {
 }
 
 fn start() -> Harness {
+    start_with(false)
+}
+
+fn start_with(persistent: bool) -> Harness {
     let dom = SimDomain::new(GUEST, 512, 2).unwrap();
     let q = FrontQueue::new(dom.clone(), 0, 0, 2, Protocol::X86_64, 0).unwrap();
-    let pages = DataPages::new(dom.clone(), 0, 8, 400, false).unwrap();
+    let pages = DataPages::new(dom.clone(), 0, 8, 400, persistent).unwrap();
     let back = Arc::new(dom.backend(0));
     let ring_mapping = back.map(GUEST, q.ring_grefs(), true).unwrap();
     // SAFETY: ring_mapping is handed to the queue with the ring and outlives it.
@@ -74,6 +78,7 @@ fn start() -> Harness {
         guest: GUEST,
         limits,
         workers: 2,
+        persistent,
     };
     let (stop, stats) = (
         Arc::new(AtomicBool::new(false)),
@@ -110,7 +115,16 @@ fn fill(i: usize) -> u8 {
 
 #[test]
 fn data_goes_through_the_queue_to_the_disk_and_back() {
-    let mut h = start();
+    data_round_trip(false);
+}
+
+#[test]
+fn data_goes_through_the_queue_with_persistent_grants() {
+    data_round_trip(true);
+}
+
+fn data_round_trip(persistent: bool) {
+    let mut h = start_with(persistent);
     // 20 writes of 8 pages each, all in flight at once.
     let mut lent = Vec::new();
     for w in 0..20usize {

@@ -21,7 +21,7 @@ use crate::blkif::request::{
 use crate::blkif::ring::{BackRing, Response, RingError};
 use crate::plugin::GuardedDisk;
 use crate::xen::evtchn::EventChannel;
-use crate::xen::grant::{GrantMapper, GrantMapping};
+use crate::xen::grant::{GrantMapper, GrantMapping, PersistentGrants};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +43,13 @@ pub struct QueueParts {
     pub limits: Limits,
     /// Worker threads for this ring.
     pub workers: usize,
+    /// Persistent grants were negotiated: keep data pages mapped and reuse them.
+    pub persistent: bool,
 }
+
+/// Pages a ring keeps mapped with persistent grants (64 MiB of address space, no memory:
+/// the pages are the guest's). Beyond it, requests are mapped one by one.
+pub const PERSISTENT_PAGES: usize = 16384;
 
 /// Counters, readable while the queue runs.
 #[derive(Debug, Default)]
@@ -103,6 +109,7 @@ struct Guest<'a> {
 fn prepare(
     valid: Valid,
     guest: &Guest<'_>,
+    cache: &mut Option<PersistentGrants>,
     scratch: &mut Vec<Segment>,
     bufs: &mut Vec<RawBuf>,
 ) -> Result<(IoOp, u64, Option<GrantMapping>), String> {
@@ -116,8 +123,8 @@ fn prepare(
             segments,
             ..
         } => {
-            let m = map_segments(guest, op, segments.as_slice(), bufs)?;
-            Ok((io_op(op), offset, Some(m)))
+            let m = map_segments(guest, cache, op, segments.as_slice(), bufs)?;
+            Ok((io_op(op), offset, m))
         }
         Valid::Indirect {
             op,
@@ -138,21 +145,47 @@ fn prepare(
             drop(lists);
             validate_indirect_segments(bytes, nr_segments, sector_number, guest.limits, scratch)
                 .map_err(|r| r.reason)?;
-            let m = map_segments(guest, op, scratch, bufs)?;
-            Ok((io_op(op), sector_number * 512, Some(m)))
+            let m = map_segments(guest, cache, op, scratch, bufs)?;
+            Ok((io_op(op), sector_number * 512, m))
         }
     }
 }
 
-/// Maps the segments' pages in one mapping and lists each segment's bytes in `bufs`.
+/// Lists each segment's bytes in `bufs`: from pages kept mapped (persistent grants), or from
+/// one mapping made for this request, which is returned to be unmapped at completion.
 fn map_segments(
     guest: &Guest<'_>,
+    cache: &mut Option<PersistentGrants>,
     op: u8,
     segments: &[Segment],
     bufs: &mut Vec<RawBuf>,
-) -> Result<GrantMapping, String> {
+) -> Result<Option<GrantMapping>, String> {
     if segments.len() > MAX_SEGMENTS {
         return Err(format!("{} segments", segments.len()));
+    }
+    if let Some(cache) = cache.as_mut() {
+        let mut all = true;
+        for s in segments {
+            match cache.page(s.gref).map_err(|e| e.to_string())? {
+                Some(page) => {
+                    // SAFETY: validated: first..=last ≤ 7, so inside the 4096-byte page.
+                    let base = unsafe { page.add(usize::from(s.first_sect) * 512) };
+                    bufs.push(RawBuf {
+                        base,
+                        len: usize::from(s.last_sect - s.first_sect + 1) * 512,
+                    });
+                }
+                None => {
+                    all = false;
+                    break;
+                }
+            }
+        }
+        if all {
+            return Ok(None);
+        }
+        // The cache is full: this request's pages are mapped for it alone.
+        bufs.clear();
     }
     let mut grefs = [0u32; MAX_SEGMENTS];
     for (g, s) in grefs.iter_mut().zip(segments) {
@@ -170,7 +203,7 @@ fn map_segments(
         let base = unsafe { m.as_ptr().add(start) };
         bufs.push(RawBuf { base, len });
     }
-    Ok(m)
+    Ok(Some(m))
 }
 
 /// Serves the ring until `stop` is set (then finishes what is in flight) or the guest breaks
@@ -189,7 +222,10 @@ pub fn serve(
         guest,
         limits,
         workers: threads,
+        persistent,
     } = parts;
+    let mut cache =
+        persistent.then(|| PersistentGrants::new(grants.clone(), guest, PERSISTENT_PAGES));
     let guest = Guest {
         grants: &*grants,
         domid: guest,
@@ -277,7 +313,7 @@ pub fn serve(
                 };
                 // SAFETY: taken from the free list: this thread owns the slot.
                 let slot = unsafe { slots.slot(index) };
-                match prepare(valid, &guest, &mut scratch, &mut slot.bufs) {
+                match prepare(valid, &guest, &mut cache, &mut scratch, &mut slot.bufs) {
                     Ok((op, offset, mapping)) => {
                         (slot.id, slot.operation, slot.op, slot.offset) =
                             (id, operation, op, offset);
@@ -341,9 +377,10 @@ pub fn serve(
         wake.awake();
         let _ = evtchn.ack();
     };
-    // Workers finish first; the ring pages stay mapped until then (the ring view itself
+    // Workers finish first; persistent pages and the ring pages stay mapped until then (the ring view itself
     // touches no memory when dropped).
     drop(workers);
+    drop(cache);
     drop(ring_mapping);
     result
 }

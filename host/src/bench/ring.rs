@@ -96,6 +96,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
         guest: GUEST,
         limits,
         workers: opts.workers,
+        persistent: true,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(QueueStats::default());
