@@ -134,6 +134,20 @@ pub fn connect(
     transaction(xs, |tx| {
         let w =
             |key: &str, value: String| xs.write(tx, &format!("{frontend}/{key}"), value.as_bytes());
+        // A previous connection's rings (before a reboot or driver reload) must not linger:
+        // the backend would read them as ours.
+        for stale in xs.directory(tx, frontend)? {
+            let ring_key = stale.starts_with("ring-ref") || stale.starts_with("queue-");
+            let other = [
+                "ring-page-order",
+                "num-ring-pages",
+                "multi-queue-num-queues",
+                "event-channel",
+            ];
+            if ring_key || other.contains(&stale.as_str()) {
+                xs.rm(tx, &format!("{frontend}/{stale}"))?;
+            }
+        }
         for (q, queue) in qs.iter().enumerate() {
             let prefix = if queues > 1 {
                 format!("queue-{q}/")

@@ -1,0 +1,287 @@
+//! One virtual disk: the xenbus state machine that connects a frontend's rings to a plugin
+//! disk, and takes them down again (PROTOCOL.md §3.3 and §4 items 1-2).
+//!
+//! ```text
+//!  features, InitWait ─▶ frontend Initialised/Connected ─▶ read its keys (hostile), map
+//!  rings, bind event channels, start a queue thread per ring, publish the disk, Connected
+//!    ─▶ frontend Closing ─▶ Closing ─▶ frontend Closed ─▶ stop queues, unmap ─▶ Closed
+//!    ─▶ frontend Initialising (reboot) and online ─▶ InitWait again
+//!    ─▶ online=0, frontend gone, or a stop request ─▶ remove the backend directory
+//! ```
+//!
+//! Every decision re-reads the nodes ([`super::state::next_action`]); watch events only
+//! say "look again".
+
+use super::features::{connect_keys, initwait_keys, HostOffer};
+use super::frontend_keys::{read_frontend, Advertised};
+use super::queue::{serve, QueueError, QueueParts, QueueStats};
+use super::state::{next_action, Action, XenbusState};
+use crate::blkif::abi::Protocol;
+use crate::blkif::request::Limits;
+use crate::blkif::ring::BackRing;
+use crate::plugin::GuardedDisk;
+use crate::xen::evtchn::EventChannels;
+use crate::xen::grant::GrantMapper;
+use crate::xen::xenstore::{read_u32, transaction, Xenstore, NO_TX};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Where the device lives and what it offers.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// `/local/domain/<backend>/backend/vbd3/<guest>/<devid>`.
+    pub backend_path: String,
+    /// `/local/domain/<guest>/device/vbd/<devid>`.
+    pub frontend_path: String,
+    /// The guest.
+    pub frontend_domid: u32,
+    /// Limits published before InitWait.
+    pub offer: HostOffer,
+    /// Worker threads per ring.
+    pub workers: usize,
+}
+
+/// The platform the device maps and signals through (real or simulated).
+#[derive(Clone)]
+pub struct Platform {
+    /// Grant mapping.
+    pub grants: Arc<dyn GrantMapper>,
+    /// Event channels.
+    pub evtchns: Arc<dyn EventChannels>,
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<(), QueueError>>>,
+}
+
+impl Running {
+    fn broken(&self) -> bool {
+        self.threads.iter().any(|t| t.is_finished())
+    }
+
+    fn shut(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            if let Ok(Err(e)) = t.join() {
+                tracing::warn!("queue stopped: {e}");
+            }
+        }
+    }
+}
+
+/// How the device ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The toolstack, the guest or a stop request removed it.
+    Removed,
+}
+
+/// The device's counters, shared with whoever reports them.
+#[derive(Default)]
+pub struct DeviceStats {
+    /// Per ring, for the current connection.
+    pub queues: std::sync::Mutex<Vec<Arc<QueueStats>>>,
+}
+
+/// Runs the device until it is removed. `stop` asks for a clean detach (Ctrl-C): Closing,
+/// wait for the frontend to close, then remove.
+pub fn run(
+    xs: &dyn Xenstore,
+    platform: &Platform,
+    cfg: &DeviceConfig,
+    disk: Arc<GuardedDisk>,
+    stop: &AtomicBool,
+    stats: &DeviceStats,
+) -> Result<Ended, String> {
+    let be = cfg.backend_path.as_str();
+    let fe = cfg.frontend_path.as_str();
+    let err = |e: crate::xen::xenstore::XsError| e.to_string();
+    let token = format!("device:{be}");
+    xs.watch(be, &token).map_err(err)?;
+    xs.watch(&format!("{fe}/state"), &token).map_err(err)?;
+    let events = xs.events();
+    let write_state = |s: XenbusState| {
+        xs.write(NO_TX, &format!("{be}/state"), s.as_str().as_bytes())
+            .map_err(err)
+    };
+    let initwait = || {
+        transaction(xs, |tx| {
+            for (k, v) in initwait_keys(&cfg.offer) {
+                xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+            }
+            xs.write(
+                tx,
+                &format!("{be}/state"),
+                XenbusState::InitWait.as_str().as_bytes(),
+            )
+        })
+        .map_err(err)
+    };
+    initwait()?;
+    let mut ours = XenbusState::InitWait;
+    let mut running: Option<Running> = None;
+    let mut closing_for_stop = false;
+    let result = loop {
+        let _ = events.recv_timeout(Duration::from_millis(100));
+        if stop.load(Ordering::Relaxed) && !closing_for_stop {
+            closing_for_stop = true;
+            if ours == XenbusState::Connected || ours == XenbusState::InitWait {
+                write_state(XenbusState::Closing)?;
+                ours = XenbusState::Closing;
+            }
+        }
+        // A queue that stopped on its own means the guest broke its ring: close the device.
+        if running.as_ref().is_some_and(Running::broken) && ours == XenbusState::Connected {
+            tracing::warn!("{be}: a ring broke; closing the device");
+            write_state(XenbusState::Closing)?;
+            ours = XenbusState::Closing;
+        }
+        let frontend = match xs.read(NO_TX, &format!("{fe}/state")) {
+            Ok(v) => XenbusState::parse(&v),
+            Err(e) if e.is_enoent() => None,
+            Err(e) => break Err(err(e)),
+        };
+        let online = match read_u32(xs, NO_TX, &format!("{be}/online")) {
+            Ok(v) => v.unwrap_or(1) == 1 && !closing_for_stop,
+            Err(_) => false,
+        };
+        if xs.read(NO_TX, &format!("{be}/state")).is_err() {
+            break Ok(Ended::Removed);
+        }
+        match next_action(ours, frontend, online) {
+            Action::Wait => {}
+            Action::Connect => match connect(xs, platform, cfg, &disk, stats) {
+                Ok(r) => {
+                    running = Some(r);
+                    ours = XenbusState::Connected;
+                }
+                Err(why) => {
+                    tracing::warn!("{be}: cannot connect: {why}");
+                    let _ = xs.write(NO_TX, &format!("{be}/error"), why.as_bytes());
+                    write_state(XenbusState::Closing)?;
+                    ours = XenbusState::Closing;
+                }
+            },
+            Action::Close => {
+                write_state(XenbusState::Closing)?;
+                ours = XenbusState::Closing;
+            }
+            Action::Disconnect => {
+                if let Some(r) = running.take() {
+                    r.shut();
+                }
+                write_state(XenbusState::Closed)?;
+                ours = XenbusState::Closed;
+            }
+            Action::Reinit => {
+                initwait()?;
+                ours = XenbusState::InitWait;
+            }
+            Action::Remove => break Ok(Ended::Removed),
+        }
+    };
+    if let Some(r) = running.take() {
+        r.shut();
+    }
+    let _ = xs.unwatch(be, &token);
+    let _ = xs.unwatch(&format!("{fe}/state"), &token);
+    let _ = xs.rm(NO_TX, be);
+    result
+}
+
+/// Maps the frontend's rings and starts a queue thread per ring; publishes the disk.
+fn connect(
+    xs: &dyn Xenstore,
+    platform: &Platform,
+    cfg: &DeviceConfig,
+    disk: &Arc<GuardedDisk>,
+    stats: &DeviceStats,
+) -> Result<Running, String> {
+    let fe = &cfg.frontend_path;
+    let read = |k: &str| match xs.read(NO_TX, &format!("{fe}/{k}")) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_enoent() => Ok(None),
+        Err(e) => Err(e.to_string()),
+    };
+    let ad = Advertised {
+        max_ring_page_order: cfg.offer.max_ring_page_order,
+        max_queues: cfg.offer.max_queues,
+        persistent: cfg.offer.persistent,
+    };
+    let rings = read_frontend(&read, &ad)?;
+    let protocol = Protocol::from_xenstore(rings.protocol.as_deref())?;
+    let info = disk.info();
+    let limits = Limits {
+        sectors: info.size / 512,
+        logical_sector_size: info.logical_sector_size,
+        read_only: info.read_only,
+        flush: info.can_flush,
+        discard: disk.can_discard(),
+        discard_secure: false,
+        max_indirect_segments: cfg.offer.max_indirect_segments as u16,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let mut all_stats = Vec::new();
+    for (i, q) in rings.queues.iter().enumerate() {
+        let started = (|| -> Result<QueueParts, String> {
+            let ring_mapping = platform
+                .grants
+                .map(cfg.frontend_domid, &q.ring_refs, true)
+                .map_err(|e| e.to_string())?;
+            // SAFETY: the mapping goes into QueueParts with the ring and outlives it.
+            let ring =
+                unsafe { BackRing::attach(ring_mapping.as_ptr(), ring_mapping.len(), protocol) }
+                    .map_err(|e| e.to_string())?;
+            let evtchn = platform
+                .evtchns
+                .bind_interdomain(cfg.frontend_domid, q.event_channel)
+                .map_err(|e| e.to_string())?;
+            Ok(QueueParts {
+                ring,
+                ring_mapping,
+                evtchn,
+                grants: platform.grants.clone(),
+                guest: cfg.frontend_domid,
+                limits,
+                workers: cfg.workers,
+                persistent: rings.persistent,
+            })
+        })();
+        let parts = match started {
+            Ok(p) => p,
+            Err(e) => {
+                Running { stop, threads }.shut();
+                return Err(format!("queue {i}: {e}"));
+            }
+        };
+        let (d, s, st) = (disk.clone(), stop.clone(), Arc::new(QueueStats::default()));
+        all_stats.push(st.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("xen-disk-ring-{i}"))
+                .spawn(move || serve(parts, d, s, st))
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    *stats.queues.lock().unwrap_or_else(|e| e.into_inner()) = all_stats;
+    let be = &cfg.backend_path;
+    let published = transaction(xs, |tx| {
+        for (k, v) in connect_keys(&info) {
+            xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+        }
+        xs.write(
+            tx,
+            &format!("{be}/state"),
+            XenbusState::Connected.as_str().as_bytes(),
+        )
+    });
+    if let Err(e) = published {
+        Running { stop, threads }.shut();
+        return Err(e.to_string());
+    }
+    Ok(Running { stop, threads })
+}

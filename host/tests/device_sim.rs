@@ -1,0 +1,302 @@
+//! A whole device through the simulator: the backend state machine and the Rust frontend's
+//! handshake over the simulated xenstored with real permissions, data through granted pages
+//! to a disk, a guest "reboot" (close, reinitialise, reconnect) with the data intact, and a
+//! clean stop that removes the device.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use xen_disk_host::backend::device::{run, DeviceConfig, DeviceStats, Ended, Platform};
+use xen_disk_host::backend::features::HostOffer;
+use xen_disk_host::blkif::abi::*;
+use xen_disk_host::blkif::request::Segment;
+use xen_disk_host::frontend::handshake::{connect, Connected, Device, Wishes};
+use xen_disk_host::frontend::pages::{DataPage, DataPages};
+use xen_disk_host::frontend::{Completion, FrontQueue};
+use xen_disk_host::plugin::GuardedDisk;
+use xen_disk_host::xen::sim::hypervisor::SimDomain;
+use xen_disk_host::xen::sim::xenstored::SimXenstored;
+use xen_disk_host::xen::xenstore::{Perm, Xenstore, NO_TX};
+use xen_disk_plugin_api::{Disk, DiskInfo, ReadBufs, Result as PResult, WriteBufs};
+
+const GUEST: u32 = 6;
+const FE: &str = "/local/domain/6/device/vbd/51728";
+const BE: &str = "/local/domain/0/backend/vbd3/6/51728";
+const SIZE: u64 = 16 << 20;
+
+struct Ram(Mutex<Vec<u8>>);
+impl Disk for Ram {
+    fn info(&self) -> DiskInfo {
+        DiskInfo::new(SIZE).flush(true)
+    }
+    fn read(&self, o: u64, b: &mut ReadBufs<'_>) -> PResult<()> {
+        b.copy_from(&self.0.lock().unwrap()[o as usize..][..b.len()]);
+        Ok(())
+    }
+    fn write(&self, o: u64, b: &WriteBufs<'_>) -> PResult<()> {
+        b.copy_to(&mut self.0.lock().unwrap()[o as usize..][..b.len()]);
+        Ok(())
+    }
+}
+
+/// What `connect` will write: both directories, owned by their sides, readable by the other.
+fn create_device(dom0: &dyn Xenstore) {
+    for (k, v) in [
+        ("frontend", FE),
+        ("frontend-id", "6"),
+        ("online", "1"),
+        ("state", "1"),
+        ("mode", "w"),
+    ] {
+        dom0.write(NO_TX, &format!("{BE}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    for (k, v) in [
+        ("backend", BE),
+        ("backend-id", "0"),
+        ("state", "1"),
+        ("virtual-device", "51728"),
+    ] {
+        dom0.write(NO_TX, &format!("{FE}/{k}"), v.as_bytes())
+            .unwrap();
+    }
+    let be_perms = [Perm::parse("n0").unwrap(), Perm::parse("r6").unwrap()];
+    let fe_perms = [Perm::parse("n6").unwrap(), Perm::parse("r0").unwrap()];
+    for (dir, perms) in [(BE, be_perms), (FE, fe_perms)] {
+        for p in dom0
+            .directory(NO_TX, dir)
+            .unwrap()
+            .iter()
+            .map(|k| format!("{dir}/{k}"))
+            .chain([dir.to_string()])
+        {
+            dom0.set_perms(NO_TX, &p, &perms).unwrap();
+        }
+    }
+}
+
+fn wait_for(xs: &dyn Xenstore, path: &str, want: &[u8]) {
+    let started = Instant::now();
+    while xs.read(NO_TX, path).ok().as_deref() != Some(want) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{path} never became {:?}",
+            String::from_utf8_lossy(want)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn complete(q: &mut FrontQueue, n: usize) -> Vec<Completion> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        q.reap(|c| got.push(c)).unwrap();
+        if got.len() < n {
+            q.wait(Duration::from_secs(10)).unwrap();
+        }
+    }
+    got
+}
+
+fn byte(i: usize) -> u8 {
+    (i * 17 % 241) as u8
+}
+
+/// Writes (or reads and checks) 64 pages at sector 800 through queue 0.
+fn io(c: &mut Connected, pages: &mut DataPages, write: bool) {
+    let q = &mut c.queues[0];
+    let used: Vec<DataPage> = (0..64).map(|_| pages.take(write).unwrap()).collect();
+    if write {
+        for (i, p) in used.iter().enumerate() {
+            assert!(pages.fill(
+                *p,
+                0,
+                &(0..4096).map(|j| byte(i * 4096 + j)).collect::<Vec<_>>()
+            ));
+        }
+    }
+    for (n, chunk) in used.chunks(8).enumerate() {
+        let segs: Vec<Segment> = chunk
+            .iter()
+            .map(|p| Segment {
+                gref: p.gref,
+                first_sect: 0,
+                last_sect: 7,
+            })
+            .collect();
+        let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
+        q.submit_rw(op, 800 + (n * 64) as u64, &segs).unwrap();
+    }
+    q.kick().unwrap();
+    assert!(complete(q, 8).iter().all(|c| c.status == BLKIF_RSP_OKAY));
+    if !write {
+        for (i, p) in used.iter().enumerate() {
+            let mut got = vec![0u8; 4096];
+            pages.read(*p, 0, &mut got);
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(j, &b)| b == byte(i * 4096 + j)),
+                "page {i} differs"
+            );
+        }
+    }
+    used.into_iter().for_each(|p| pages.release(p));
+}
+
+#[test]
+fn connect_serve_reboot_reconnect_and_stop() {
+    let xs = SimXenstored::new();
+    xs.add_domain(GUEST, "guest", "00000000-0000-0000-0000-000000000006");
+    let dom0 = xs.connect(0).unwrap();
+    create_device(&dom0);
+    let domain = SimDomain::new(GUEST, 1024, 4).unwrap();
+    let backend_view = Arc::new(domain.backend(0));
+    let platform = Platform {
+        grants: backend_view.clone(),
+        evtchns: backend_view,
+    };
+    let cfg = DeviceConfig {
+        backend_path: BE.into(),
+        frontend_path: FE.into(),
+        frontend_domid: GUEST,
+        offer: HostOffer {
+            max_ring_page_order: 4,
+            max_queues: 2,
+            max_indirect_segments: 256,
+            persistent: true,
+        },
+        workers: 2,
+    };
+    let disk = Arc::new(
+        GuardedDisk::new(Box::new(Ram(Mutex::new(vec![0; SIZE as usize]))), false).unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let device_xs = xs.connect(0).unwrap();
+    let s = stop.clone();
+    let device = std::thread::spawn(move || {
+        run(
+            &device_xs,
+            &platform,
+            &cfg,
+            disk,
+            &s,
+            &DeviceStats::default(),
+        )
+    });
+
+    let guest = xs.connect(GUEST).unwrap();
+    let dev = Device {
+        frontend: FE,
+        backend: BE,
+        backend_domid: 0,
+    };
+    let wishes = Wishes {
+        ring_page_order: 2,
+        queues: 2,
+        persistent: true,
+        protocol: Protocol::X86_64,
+    };
+    let mut c = connect(&guest, &domain, dev, 0, wishes, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        (c.queues.len(), c.disk.sectors, c.disk.persistent),
+        (2, SIZE / 512, true)
+    );
+    assert_eq!(dom0.read(NO_TX, &format!("{BE}/state")).unwrap(), b"4");
+    let mut pages = DataPages::new(domain.clone(), 0, 100, 128, c.disk.persistent).unwrap();
+    io(&mut c, &mut pages, true);
+    io(&mut c, &mut pages, false);
+
+    // The guest reboots: closes, then starts over with new rings.
+    drop(c);
+    guest.write(NO_TX, &format!("{FE}/state"), b"5").unwrap();
+    wait_for(&dom0, &format!("{BE}/state"), b"5");
+    guest.write(NO_TX, &format!("{FE}/state"), b"6").unwrap();
+    wait_for(&dom0, &format!("{BE}/state"), b"6");
+    guest.write(NO_TX, &format!("{FE}/state"), b"1").unwrap();
+    wait_for(&dom0, &format!("{BE}/state"), b"2");
+    let wishes = Wishes {
+        ring_page_order: 0,
+        queues: 1,
+        persistent: false,
+        protocol: Protocol::X86_32,
+    };
+    let mut c = connect(&guest, &domain, dev, 40, wishes, Duration::from_secs(10)).unwrap();
+    let mut pages = DataPages::new(domain.clone(), 0, 300, 128, c.disk.persistent).unwrap();
+    io(&mut c, &mut pages, false);
+
+    // Detach (Ctrl-C): the device closes, the guest closes, the device goes away.
+    stop.store(true, Ordering::Relaxed);
+    wait_for(&dom0, &format!("{BE}/state"), b"5");
+    drop(c);
+    guest.write(NO_TX, &format!("{FE}/state"), b"6").unwrap();
+    assert_eq!(device.join().unwrap(), Ok(Ended::Removed));
+    assert!(
+        dom0.read(NO_TX, &format!("{BE}/state"))
+            .unwrap_err()
+            .is_enoent(),
+        "backend directory removed"
+    );
+}
+
+#[test]
+fn garbage_from_the_frontend_closes_the_device_without_harm() {
+    let xs = SimXenstored::new();
+    xs.add_domain(GUEST, "guest", "00000000-0000-0000-0000-000000000006");
+    let dom0 = xs.connect(0).unwrap();
+    create_device(&dom0);
+    let domain = SimDomain::new(GUEST, 64, 1).unwrap();
+    let view = Arc::new(domain.backend(0));
+    let platform = Platform {
+        grants: view.clone(),
+        evtchns: view,
+    };
+    let cfg = DeviceConfig {
+        backend_path: BE.into(),
+        frontend_path: FE.into(),
+        frontend_domid: GUEST,
+        offer: HostOffer {
+            max_ring_page_order: 4,
+            max_queues: 2,
+            max_indirect_segments: 256,
+            persistent: true,
+        },
+        workers: 1,
+    };
+    let disk = Arc::new(
+        GuardedDisk::new(Box::new(Ram(Mutex::new(vec![0; SIZE as usize]))), false).unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let device_xs = xs.connect(0).unwrap();
+    let s = stop.clone();
+    let device = std::thread::spawn(move || {
+        run(
+            &device_xs,
+            &platform,
+            &cfg,
+            disk,
+            &s,
+            &DeviceStats::default(),
+        )
+    });
+    wait_for(&dom0, &format!("{BE}/state"), b"2");
+    let guest = xs.connect(GUEST).unwrap();
+    // A ring reference that is not a number, and one that was never granted.
+    for (key, value) in [
+        ("ring-ref", "12abc"),
+        ("event-channel", "3"),
+        ("protocol", "x86_64-abi"),
+        ("state", "3"),
+    ] {
+        guest
+            .write(NO_TX, &format!("{FE}/{key}"), value.as_bytes())
+            .unwrap();
+    }
+    wait_for(&dom0, &format!("{BE}/state"), b"5");
+    let why = String::from_utf8(dom0.read(NO_TX, &format!("{BE}/error")).unwrap()).unwrap();
+    assert!(why.contains("ring-ref"), "{why}");
+    // The guest closes and the toolstack unplugs: the device goes away, nothing crashed.
+    guest.write(NO_TX, &format!("{FE}/state"), b"6").unwrap();
+    dom0.write(NO_TX, &format!("{BE}/online"), b"0").unwrap();
+    assert_eq!(device.join().unwrap(), Ok(Ended::Removed));
+}
