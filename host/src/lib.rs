@@ -22,4 +22,5 @@ pub mod check;
 pub mod cli;
 pub mod frontend;
 pub mod plugin;
+pub mod simulation;
 pub mod xen;

@@ -4,6 +4,7 @@
 //! watch event), [`features`] (what to publish), [`frontend_keys`] (what the guest
 //! published, hostile), [`params`] (the toolstack's `params`), [`vbd`] (device numbers).
 
+pub mod attach;
 pub mod device;
 pub mod disks_config;
 pub mod domains;

@@ -1,0 +1,294 @@
+//! A disk served end to end without Xen: the simulated xenstored, a simulated guest with
+//! the Rust frontend, and the real device in between, all in this process. What `sim read`
+//! and `sim write` run, and what a plugin vendor uses to try a plugin through the whole path.
+//!
+//! ```text
+//!  guest: handshake, FrontQueue, DataPages ─ ring, grants, event channels ─▶ device (queue
+//!  threads, workers) ─▶ GuardedDisk ─▶ plugin
+//! ```
+
+use crate::backend::attach::{create_device, DevicePaths};
+use crate::backend::device::{run, DeviceConfig, DeviceStats, Ended, Platform};
+use crate::backend::features::HostOffer;
+use crate::backend::vbd::Vbd;
+use crate::blkif::abi::*;
+use crate::blkif::request::Segment;
+use crate::frontend::handshake::{connect, Connected, Device, Wishes};
+use crate::frontend::pages::{DataPage, DataPages};
+use crate::plugin::GuardedDisk;
+use crate::xen::sim::hypervisor::SimDomain;
+use crate::xen::sim::xenstored::SimXenstored;
+use crate::xen::xenstore::client::XsClient;
+use crate::xen::xenstore::{Xenstore, NO_TX};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The simulated guest's domain id.
+pub const GUEST: u32 = 1;
+/// Requests kept in flight by [`SimulatedDisk::read`] and [`SimulatedDisk::write`].
+const DEPTH: usize = 4;
+/// Pages per request: 1 MiB with indirect descriptors.
+const PAGES_PER_REQUEST: usize = 256;
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// A request in flight: where its bytes start, its data pages, its indirect list page.
+struct Lent {
+    at: usize,
+    data: Vec<DataPage>,
+    list: Option<DataPage>,
+}
+
+/// One disk, its device and a connected guest.
+pub struct SimulatedDisk {
+    stop: Arc<AtomicBool>,
+    device: Option<JoinHandle<Result<Ended, String>>>,
+    guest_xs: XsClient,
+    paths: DevicePaths,
+    conn: Option<Connected>,
+    pages: DataPages,
+    _xenstored: SimXenstored,
+}
+
+impl SimulatedDisk {
+    /// Starts the device on `disk` and connects a guest to it.
+    pub fn start(disk: Arc<GuardedDisk>) -> Result<SimulatedDisk, String> {
+        let xenstored = SimXenstored::new();
+        xenstored.add_domain(GUEST, "sim-guest", "00000000-0000-0000-0000-000000000001");
+        let dom0 = xenstored.connect(0).map_err(|e| e.to_string())?;
+        let read_only = disk.info().read_only;
+        let paths =
+            create_device(&dom0, 0, GUEST, Vbd::disk(1), read_only).map_err(|e| e.to_string())?;
+        let ring_pages = 1 << MAX_RING_PAGE_ORDER;
+        let data_pages = DEPTH * (PAGES_PER_REQUEST + 1);
+        let domain = SimDomain::new(GUEST, ring_pages + data_pages, data_pages.div_ceil(256) + 1)
+            .map_err(|e| e.to_string())?;
+        let view = Arc::new(domain.backend(0));
+        let platform = Platform {
+            grants: view.clone(),
+            evtchns: view,
+        };
+        let cfg = DeviceConfig {
+            backend_path: paths.backend.clone(),
+            frontend_path: paths.frontend.clone(),
+            frontend_domid: GUEST,
+            offer: HostOffer {
+                max_ring_page_order: MAX_RING_PAGE_ORDER,
+                max_queues: 1,
+                max_indirect_segments: 256,
+                persistent: true,
+            },
+            workers: 2,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let device_xs = xenstored.connect(0).map_err(|e| e.to_string())?;
+        let device = std::thread::Builder::new()
+            .name("xen-disk-device".into())
+            .spawn(move || {
+                run(
+                    &device_xs,
+                    &platform,
+                    &cfg,
+                    disk,
+                    &s,
+                    &DeviceStats::default(),
+                )
+            })
+            .map_err(|e| e.to_string())?;
+        let guest_xs = xenstored.connect(GUEST).map_err(|e| e.to_string())?;
+        let dev = Device {
+            frontend: &paths.frontend,
+            backend: &paths.backend,
+            backend_domid: 0,
+        };
+        let wishes = Wishes {
+            ring_page_order: MAX_RING_PAGE_ORDER,
+            queues: 1,
+            persistent: true,
+            protocol: Protocol::X86_64,
+        };
+        let conn =
+            connect(&guest_xs, &domain, dev, 0, wishes, HANDSHAKE).map_err(|e| e.to_string())?;
+        let pages = DataPages::new(
+            domain.clone(),
+            0,
+            ring_pages,
+            data_pages,
+            conn.disk.persistent,
+        )
+        .ok_or("guest pages")?;
+        Ok(SimulatedDisk {
+            stop,
+            device: Some(device),
+            guest_xs,
+            paths,
+            conn: Some(conn),
+            pages,
+            _xenstored: xenstored,
+        })
+    }
+
+    /// The disk's size in bytes, as the guest was told.
+    pub fn size(&self) -> u64 {
+        self.conn.as_ref().map_or(0, |c| c.disk.sectors * 512)
+    }
+
+    /// Reads the disk from `offset` into `out` (multiples of 512).
+    pub fn read(&mut self, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        let len = out.len();
+        let mut drain = |pages: &mut DataPages, p: DataPage, at: usize, l: usize| {
+            pages.read(p, 0, &mut out[at..at + l]);
+        };
+        self.run(offset, len, false, &mut |_, _, _, _| {}, &mut drain)
+    }
+
+    /// Writes `data` to the disk at `offset` (multiples of 512).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let mut fill = |pages: &mut DataPages, p: DataPage, at: usize, l: usize| {
+            pages.fill(p, 0, &data[at..at + l]);
+        };
+        self.run(offset, data.len(), true, &mut fill, &mut |_, _, _, _| {})
+    }
+
+    /// Moves `len` bytes at `offset` in 1 MiB requests, `DEPTH` in flight.
+    fn run(
+        &mut self,
+        offset: u64,
+        len: usize,
+        write: bool,
+        fill: &mut dyn FnMut(&mut DataPages, DataPage, usize, usize),
+        drain: &mut dyn FnMut(&mut DataPages, DataPage, usize, usize),
+    ) -> Result<(), String> {
+        if !len.is_multiple_of(512)
+            || !offset.is_multiple_of(512)
+            || offset + len as u64 > self.size()
+        {
+            return Err(format!(
+                "{offset}+{len} is not whole sectors inside the {}-byte disk",
+                self.size()
+            ));
+        }
+        let conn = self.conn.as_mut().ok_or("not connected")?;
+        let indirect = conn.disk.max_indirect_segments >= PAGES_PER_REQUEST as u32;
+        let chunk = if indirect {
+            PAGES_PER_REQUEST
+        } else {
+            BLKIF_MAX_SEGMENTS_PER_REQUEST
+        } * XEN_PAGE_SIZE;
+        let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
+        let q = &mut conn.queues[0];
+        let mut lent: Vec<Option<Lent>> = (0..q.free()).map(|_| None).collect();
+        let (mut next, mut done) = (0usize, 0usize);
+        while done < len {
+            while next < len && q.in_flight() < DEPTH {
+                let n = chunk.min(len - next);
+                let mut data = Vec::new();
+                let mut segs = Vec::new();
+                for at in (0..n).step_by(XEN_PAGE_SIZE) {
+                    let p = self.pages.take(!write).ok_or("out of guest pages")?;
+                    let l = XEN_PAGE_SIZE.min(n - at);
+                    if write {
+                        fill(&mut self.pages, p, next + at, l);
+                    }
+                    segs.push(Segment {
+                        gref: p.gref,
+                        first_sect: 0,
+                        last_sect: (l / 512 - 1) as u8,
+                    });
+                    data.push(p);
+                }
+                let sector = (offset + next as u64) / 512;
+                let (id, list) = if indirect {
+                    let list = self.pages.take(true).ok_or("out of guest pages")?;
+                    self.pages.write_segments(list, &segs);
+                    (
+                        q.submit_indirect(op, sector, segs.len() as u16, &[list.gref]),
+                        Some(list),
+                    )
+                } else {
+                    (q.submit_rw(op, sector, &segs), None)
+                };
+                let id = id.ok_or("ring full")?;
+                lent[id as usize] = Some(Lent {
+                    at: next,
+                    data,
+                    list,
+                });
+                next += n;
+            }
+            q.kick().map_err(|e| e.to_string())?;
+            let mut finished = Vec::new();
+            q.reap(|c| finished.push(c)).map_err(|e| e.to_string())?;
+            for c in &finished {
+                let Some(Lent { at, data, list }) = lent[c.id as usize].take() else {
+                    continue;
+                };
+                if c.status != BLKIF_RSP_OKAY {
+                    return Err(format!(
+                        "the device answered {} for bytes {}+",
+                        c.status,
+                        offset + at as u64
+                    ));
+                }
+                let mut pos = at;
+                let end = (at + chunk).min(len);
+                for p in data {
+                    let l = XEN_PAGE_SIZE.min(end - pos);
+                    if !write {
+                        drain(&mut self.pages, p, pos, l);
+                    }
+                    pos += l;
+                    self.pages.release(p);
+                }
+                if let Some(l) = list {
+                    self.pages.release(l);
+                }
+                done += end - at;
+            }
+            if finished.is_empty() {
+                q.wait(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the device to make everything written durable (when it offers flush).
+    pub fn flush(&mut self) -> Result<(), String> {
+        let conn = self.conn.as_mut().ok_or("not connected")?;
+        if !conn.disk.flush {
+            return Ok(());
+        }
+        let q = &mut conn.queues[0];
+        q.submit_rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[])
+            .ok_or("ring full")?;
+        q.kick().map_err(|e| e.to_string())?;
+        loop {
+            let mut status = None;
+            q.reap(|c| status = Some(c.status))
+                .map_err(|e| e.to_string())?;
+            match status {
+                Some(BLKIF_RSP_OKAY) => return Ok(()),
+                Some(s) => return Err(format!("flush answered {s}")),
+                None => {
+                    q.wait(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+
+    /// Detaches: the device closes, the guest closes, the device removes itself.
+    pub fn shutdown(mut self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.conn = None;
+        let _ = self
+            .guest_xs
+            .write(NO_TX, &format!("{}/state", self.paths.frontend), b"6");
+        match self.device.take().map(|d| d.join()) {
+            Some(Ok(Ok(Ended::Removed))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err("the device thread panicked".into()),
+        }
+    }
+}
