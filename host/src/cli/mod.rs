@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod connect;
 mod plugins;
 mod sim;
 
@@ -21,6 +22,8 @@ pub struct Cli {
 enum Command {
     /// List and inspect plugins on the search path.
     Plugins(plugins::PluginsArgs),
+    /// Attach a disk to a running guest and serve it until Ctrl-C.
+    Connect(connect::ConnectArgs),
     /// Run the conformance suite against a plugin.
     Check(check::CheckArgs),
     /// Measure a plugin's I/O speed.
@@ -78,6 +81,7 @@ pub fn main() -> Result<i32> {
     let cli = Cli::parse();
     match cli.command {
         Command::Plugins(a) => plugins::run(a),
+        Command::Connect(a) => connect::run_connect(a),
         Command::Check(a) => check::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Sim(a) => sim::run(a),

@@ -1,0 +1,180 @@
+//! `xen-disk-host connect <domain> --plugin <p> [-c k=v]...`: attach a disk to a running
+//! guest and serve it until Ctrl-C (which detaches cleanly: Closing, the guest lets go, the
+//! entries are removed; a second Ctrl-C forces the guest's side closed).
+
+use crate::backend::attach::create_device;
+use crate::backend::device::{run, DeviceConfig, DeviceStats, Platform};
+use crate::backend::disks_config::DomainRef;
+use crate::backend::domains::{find_domain, XenstoreView};
+use crate::backend::features::HostOffer;
+use crate::backend::vbd::{next_free, Vbd};
+use crate::plugin::{open_stack, GuardedDisk};
+use crate::simulation::SimulatedDisk;
+use crate::xen::linux::evtchn::LinuxEventChannels;
+use crate::xen::linux::gntdev::{Gntdev, LinuxGrants};
+use crate::xen::xenstore::client::XsClient;
+use crate::xen::xenstore::{Xenstore, NO_TX};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use xen_disk_plugin_api::Config;
+
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    /// The guest: domid, name or UUID.
+    domain: String,
+    /// Plugin name or path (MirageOS xen-disk's spelling `--backend` works too).
+    #[arg(long, visible_alias = "backend")]
+    plugin: String,
+    /// Plugin configuration, `key=value`; repeat for more keys.
+    #[arg(short = 'c', long = "config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+    /// Shorthand for `-c path=PATH` (MirageOS xen-disk's spelling).
+    #[arg(long)]
+    path: Option<String>,
+    /// Serve the disk read-only.
+    #[arg(long)]
+    readonly: bool,
+    /// Most rings to offer.
+    #[arg(long, default_value_t = 1)]
+    queues: u32,
+    /// The guest device (default: the next free one, e.g. xvdb).
+    #[arg(long)]
+    vbd: Option<String>,
+    /// Run against the simulated hypervisor (a simulated guest attaches the disk).
+    #[arg(long)]
+    sim: bool,
+}
+
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+struct View<'a>(&'a dyn Xenstore);
+
+impl XenstoreView for View<'_> {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+        match self.0.read(NO_TX, path) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_enoent() => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn list(&self, path: &str) -> Result<Vec<String>, String> {
+        self.0.directory(NO_TX, path).map_err(|e| e.to_string())
+    }
+}
+
+pub fn run_connect(args: ConnectArgs) -> Result<i32> {
+    let mut pairs = args.config.clone();
+    if let Some(p) = &args.path {
+        pairs.push(format!("path={p}"));
+    }
+    let config = Config::from_pairs(&pairs)
+        .map_err(anyhow::Error::msg)
+        .context("bad -c option")?;
+    if !(1..=64).contains(&args.queues) {
+        bail!("--queues {}: must be 1 to 64", args.queues);
+    }
+    if !args.sim && !std::path::Path::new("/dev/xen").exists() {
+        bail!("this is not a Xen domain (no /dev/xen); use --sim to run against the simulated hypervisor");
+    }
+    let domain = DomainRef::parse(&args.domain)
+        .map_err(anyhow::Error::msg)
+        .context("domain")?;
+    let stack = open_stack(&args.plugin, &config)?;
+    let layers = stack.describe();
+    let disk = Arc::new(
+        GuardedDisk::new(Box::new(stack.disk), args.readonly).map_err(anyhow::Error::msg)?,
+    );
+    catch_signals();
+    if args.sim {
+        return run_sim(disk, &layers);
+    }
+    let xs = XsClient::open_default()?;
+    let domid = find_domain(&View(&xs), &domain).map_err(anyhow::Error::msg)?;
+    let vbd = match &args.vbd {
+        Some(v) => Vbd::parse(v).ok_or_else(|| anyhow!("--vbd {v}: not a device like xvdb"))?,
+        None => {
+            let used = xs
+                .directory(NO_TX, &format!("/local/domain/{domid}/device/vbd"))
+                .unwrap_or_default();
+            next_free(used.iter().map(String::as_str))
+                .ok_or_else(|| anyhow!("domain {domid} has no free disk slot"))?
+        }
+    };
+    let platform = Platform {
+        grants: Arc::new(LinuxGrants(Gntdev::open()?)),
+        evtchns: Arc::new(LinuxEventChannels),
+    };
+    let paths = create_device(&xs, 0, domid, vbd, args.readonly)?;
+    println!(
+        "attached {layers} to domain {domid} as {} ({})",
+        vbd.linux_name(),
+        paths.backend
+    );
+    let cfg = DeviceConfig {
+        backend_path: paths.backend.clone(),
+        frontend_path: paths.frontend.clone(),
+        frontend_domid: domid,
+        offer: HostOffer {
+            max_ring_page_order: 4,
+            max_queues: args
+                .queues
+                .min(std::thread::available_parallelism().map_or(1, |n| n.get() as u32)),
+            max_indirect_segments: 256,
+            persistent: true,
+        },
+        workers: 2,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // A second signal forces the guest's side closed, as MirageOS xen-disk did.
+    let (s, fe) = (stop.clone(), paths.frontend.clone());
+    std::thread::spawn(move || {
+        let Ok(xs) = XsClient::open_default() else {
+            return;
+        };
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let n = SIGNALS.load(Ordering::SeqCst);
+            if n >= 1 && !s.swap(true, Ordering::SeqCst) {
+                eprintln!("detaching (Ctrl-C again to force)");
+            }
+            if n >= 2 {
+                let _ = xs.write(NO_TX, &format!("{fe}/state"), b"6");
+                return;
+            }
+        }
+    });
+    run(&xs, &platform, &cfg, disk, &stop, &DeviceStats::default()).map_err(anyhow::Error::msg)?;
+    let _ = xs.rm(NO_TX, &paths.frontend);
+    println!("detached");
+    Ok(0)
+}
+
+fn run_sim(disk: Arc<GuardedDisk>, layers: &str) -> Result<i32> {
+    let sim = SimulatedDisk::start(disk)
+        .map_err(anyhow::Error::msg)
+        .context("simulated guest")?;
+    println!(
+        "attached {layers} to a simulated guest as xvdb ({} bytes); Ctrl-C detaches",
+        sim.size()
+    );
+    while SIGNALS.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sim.shutdown().map_err(anyhow::Error::msg)?;
+    println!("detached");
+    Ok(0)
+}
