@@ -4,75 +4,71 @@
 //! clean stop that removes the device.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+mod common;
 use std::time::{Duration, Instant};
+use xen_disk_host::backend::attach::create_device;
 use xen_disk_host::backend::device::{run, DeviceConfig, DeviceStats, Ended, Platform};
 use xen_disk_host::backend::features::HostOffer;
+use xen_disk_host::backend::vbd::Vbd;
 use xen_disk_host::blkif::abi::*;
 use xen_disk_host::blkif::request::Segment;
 use xen_disk_host::frontend::handshake::{connect, Connected, Device, Wishes};
 use xen_disk_host::frontend::pages::{DataPage, DataPages};
 use xen_disk_host::frontend::{Completion, FrontQueue};
-use xen_disk_host::plugin::GuardedDisk;
 use xen_disk_host::xen::sim::hypervisor::SimDomain;
 use xen_disk_host::xen::sim::xenstored::SimXenstored;
-use xen_disk_host::xen::xenstore::{Perm, Xenstore, NO_TX};
-use xen_disk_plugin_api::{Disk, DiskInfo, ReadBufs, Result as PResult, WriteBufs};
+use xen_disk_host::xen::xenstore::{Xenstore, NO_TX};
 
 const GUEST: u32 = 6;
 const FE: &str = "/local/domain/6/device/vbd/51728";
 const BE: &str = "/local/domain/0/backend/vbd3/6/51728";
 const SIZE: u64 = 16 << 20;
 
-struct Ram(Mutex<Vec<u8>>);
-impl Disk for Ram {
-    fn info(&self) -> DiskInfo {
-        DiskInfo::new(SIZE).flush(true)
-    }
-    fn read(&self, o: u64, b: &mut ReadBufs<'_>) -> PResult<()> {
-        b.copy_from(&self.0.lock().unwrap()[o as usize..][..b.len()]);
-        Ok(())
-    }
-    fn write(&self, o: u64, b: &WriteBufs<'_>) -> PResult<()> {
-        b.copy_to(&mut self.0.lock().unwrap()[o as usize..][..b.len()]);
-        Ok(())
-    }
+/// The device's entries as `connect` writes them (vbd 1 = xvdb = 51728).
+fn create(dom0: &dyn Xenstore) {
+    let p = create_device(dom0, 0, GUEST, Vbd::disk(1), false).unwrap();
+    assert_eq!((p.backend.as_str(), p.frontend.as_str()), (BE, FE));
 }
 
-/// What `connect` will write: both directories, owned by their sides, readable by the other.
-fn create_device(dom0: &dyn Xenstore) {
-    for (k, v) in [
-        ("frontend", FE),
-        ("frontend-id", "6"),
-        ("online", "1"),
-        ("state", "1"),
-        ("mode", "w"),
-    ] {
-        dom0.write(NO_TX, &format!("{BE}/{k}"), v.as_bytes())
-            .unwrap();
-    }
-    for (k, v) in [
-        ("backend", BE),
-        ("backend-id", "0"),
-        ("state", "1"),
-        ("virtual-device", "51728"),
-    ] {
-        dom0.write(NO_TX, &format!("{FE}/{k}"), v.as_bytes())
-            .unwrap();
-    }
-    let be_perms = [Perm::parse("n0").unwrap(), Perm::parse("r6").unwrap()];
-    let fe_perms = [Perm::parse("n6").unwrap(), Perm::parse("r0").unwrap()];
-    for (dir, perms) in [(BE, be_perms), (FE, fe_perms)] {
-        for p in dom0
-            .directory(NO_TX, dir)
-            .unwrap()
-            .iter()
-            .map(|k| format!("{dir}/{k}"))
-            .chain([dir.to_string()])
-        {
-            dom0.set_perms(NO_TX, &p, &perms).unwrap();
-        }
-    }
+/// Starts the device for `domain` in its own thread.
+fn start_device(
+    xs: &SimXenstored,
+    domain: &Arc<SimDomain>,
+    workers: usize,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<Ended, String>> {
+    let view = Arc::new(domain.backend(0));
+    let platform = Platform {
+        grants: view.clone(),
+        evtchns: view,
+    };
+    let cfg = DeviceConfig {
+        backend_path: BE.into(),
+        frontend_path: FE.into(),
+        frontend_domid: GUEST,
+        offer: HostOffer {
+            max_ring_page_order: 4,
+            max_queues: 2,
+            max_indirect_segments: 256,
+            persistent: true,
+        },
+        workers,
+    };
+    let disk = common::ram_disk(SIZE);
+    let device_xs = xs.connect(0).unwrap();
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        run(
+            &device_xs,
+            &platform,
+            &cfg,
+            disk,
+            &s,
+            &DeviceStats::default(),
+        )
+    })
 }
 
 fn wait_for(xs: &dyn Xenstore, path: &str, want: &[u8]) {
@@ -149,41 +145,10 @@ fn connect_serve_reboot_reconnect_and_stop() {
     let xs = SimXenstored::new();
     xs.add_domain(GUEST, "guest", "00000000-0000-0000-0000-000000000006");
     let dom0 = xs.connect(0).unwrap();
-    create_device(&dom0);
+    create(&dom0);
     let domain = SimDomain::new(GUEST, 1024, 4).unwrap();
-    let backend_view = Arc::new(domain.backend(0));
-    let platform = Platform {
-        grants: backend_view.clone(),
-        evtchns: backend_view,
-    };
-    let cfg = DeviceConfig {
-        backend_path: BE.into(),
-        frontend_path: FE.into(),
-        frontend_domid: GUEST,
-        offer: HostOffer {
-            max_ring_page_order: 4,
-            max_queues: 2,
-            max_indirect_segments: 256,
-            persistent: true,
-        },
-        workers: 2,
-    };
-    let disk = Arc::new(
-        GuardedDisk::new(Box::new(Ram(Mutex::new(vec![0; SIZE as usize]))), false).unwrap(),
-    );
     let stop = Arc::new(AtomicBool::new(false));
-    let device_xs = xs.connect(0).unwrap();
-    let s = stop.clone();
-    let device = std::thread::spawn(move || {
-        run(
-            &device_xs,
-            &platform,
-            &cfg,
-            disk,
-            &s,
-            &DeviceStats::default(),
-        )
-    });
+    let device = start_device(&xs, &domain, 2, &stop);
 
     let guest = xs.connect(GUEST).unwrap();
     let dev = Device {
@@ -244,41 +209,10 @@ fn garbage_from_the_frontend_closes_the_device_without_harm() {
     let xs = SimXenstored::new();
     xs.add_domain(GUEST, "guest", "00000000-0000-0000-0000-000000000006");
     let dom0 = xs.connect(0).unwrap();
-    create_device(&dom0);
+    create(&dom0);
     let domain = SimDomain::new(GUEST, 64, 1).unwrap();
-    let view = Arc::new(domain.backend(0));
-    let platform = Platform {
-        grants: view.clone(),
-        evtchns: view,
-    };
-    let cfg = DeviceConfig {
-        backend_path: BE.into(),
-        frontend_path: FE.into(),
-        frontend_domid: GUEST,
-        offer: HostOffer {
-            max_ring_page_order: 4,
-            max_queues: 2,
-            max_indirect_segments: 256,
-            persistent: true,
-        },
-        workers: 1,
-    };
-    let disk = Arc::new(
-        GuardedDisk::new(Box::new(Ram(Mutex::new(vec![0; SIZE as usize]))), false).unwrap(),
-    );
     let stop = Arc::new(AtomicBool::new(false));
-    let device_xs = xs.connect(0).unwrap();
-    let s = stop.clone();
-    let device = std::thread::spawn(move || {
-        run(
-            &device_xs,
-            &platform,
-            &cfg,
-            disk,
-            &s,
-            &DeviceStats::default(),
-        )
-    });
+    let device = start_device(&xs, &domain, 1, &stop);
     wait_for(&dom0, &format!("{BE}/state"), b"2");
     let guest = xs.connect(GUEST).unwrap();
     // A ring reference that is not a number, and one that was never granted.

@@ -3,61 +3,29 @@
 //! the backend's own parser of frontend keys, so the two halves check each other.
 
 use std::time::Duration;
+use xen_disk_host::backend::attach::create_device;
 use xen_disk_host::backend::features::{connect_keys, initwait_keys, HostOffer};
 use xen_disk_host::backend::frontend_keys::{read_frontend, Advertised, FrontendRings, QueueRing};
+use xen_disk_host::backend::vbd::Vbd;
 use xen_disk_host::blkif::abi::Protocol;
 use xen_disk_host::frontend::handshake::{connect, Device, Wishes};
 use xen_disk_host::xen::sim::hypervisor::SimDomain;
 use xen_disk_host::xen::sim::xenstored::SimXenstored;
-use xen_disk_host::xen::xenstore::{Perm, Xenstore, NO_TX};
+use xen_disk_host::xen::xenstore::{Xenstore, NO_TX};
 use xen_disk_plugin_api::DiskInfo;
 
 const GUEST: u32 = 4;
 const FE: &str = "/local/domain/4/device/vbd/51728";
 const BE: &str = "/local/domain/0/backend/vbd3/4/51728";
 
+/// The device's entries as `connect` writes them, then what the backend publishes before
+/// InitWait (new nodes inherit the backend directory's permissions: the guest may read them).
 fn setup(dom0: &dyn Xenstore, offer: &HostOffer) {
-    for (k, v) in [
-        ("frontend", FE),
-        ("frontend-id", "4"),
-        ("online", "1"),
-        ("state", "1"),
-    ] {
-        dom0.write(NO_TX, &format!("{BE}/{k}"), v.as_bytes())
-            .unwrap();
-    }
-    for (k, v) in [
-        ("backend", BE),
-        ("backend-id", "0"),
-        ("state", "1"),
-        ("virtual-device", "51728"),
-    ] {
-        dom0.write(NO_TX, &format!("{FE}/{k}"), v.as_bytes())
-            .unwrap();
-    }
-    let be_perms = [Perm::parse("n0").unwrap(), Perm::parse("r4").unwrap()];
-    let fe_perms = [Perm::parse("n4").unwrap(), Perm::parse("r0").unwrap()];
+    let p = create_device(dom0, 0, GUEST, Vbd::disk(1), false).unwrap();
+    assert_eq!((p.backend.as_str(), p.frontend.as_str()), (BE, FE));
     for (k, v) in initwait_keys(offer) {
         dom0.write(NO_TX, &format!("{BE}/{k}"), v.as_bytes())
             .unwrap();
-    }
-    for p in dom0
-        .directory(NO_TX, BE)
-        .unwrap()
-        .iter()
-        .map(|k| format!("{BE}/{k}"))
-        .chain([BE.to_string()])
-    {
-        dom0.set_perms(NO_TX, &p, &be_perms).unwrap();
-    }
-    for p in dom0
-        .directory(NO_TX, FE)
-        .unwrap()
-        .iter()
-        .map(|k| format!("{FE}/{k}"))
-        .chain([FE.to_string()])
-    {
-        dom0.set_perms(NO_TX, &p, &fe_perms).unwrap();
     }
     dom0.write(NO_TX, &format!("{BE}/state"), b"2").unwrap();
 }

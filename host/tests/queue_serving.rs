@@ -3,7 +3,9 @@
 //! disconnected, and a clean stop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+mod common;
 use std::time::Duration;
 use xen_disk_host::backend::queue::{serve, QueueError, QueueParts, QueueStats};
 use xen_disk_host::blkif::abi::*;
@@ -11,29 +13,12 @@ use xen_disk_host::blkif::request::{Limits, Request, Segment};
 use xen_disk_host::blkif::ring::BackRing;
 use xen_disk_host::frontend::pages::{DataPage, DataPages};
 use xen_disk_host::frontend::{Completion, FrontQueue};
-use xen_disk_host::plugin::GuardedDisk;
 use xen_disk_host::xen::evtchn::EventChannels;
 use xen_disk_host::xen::grant::GrantMapper;
 use xen_disk_host::xen::sim::hypervisor::SimDomain;
-use xen_disk_plugin_api::{Disk, DiskInfo, ReadBufs, Result as PResult, WriteBufs};
 
 const GUEST: u32 = 12;
 const SIZE: u64 = 8 << 20;
-
-struct Ram(Mutex<Vec<u8>>);
-impl Disk for Ram {
-    fn info(&self) -> DiskInfo {
-        DiskInfo::new(SIZE).flush(true)
-    }
-    fn read(&self, o: u64, b: &mut ReadBufs<'_>) -> PResult<()> {
-        b.copy_from(&self.0.lock().unwrap()[o as usize..][..b.len()]);
-        Ok(())
-    }
-    fn write(&self, o: u64, b: &WriteBufs<'_>) -> PResult<()> {
-        b.copy_to(&mut self.0.lock().unwrap()[o as usize..][..b.len()]);
-        Ok(())
-    }
-}
 
 struct Harness {
     q: FrontQueue,
@@ -67,9 +52,7 @@ fn start_with(persistent: bool) -> Harness {
         discard_secure: false,
         max_indirect_segments: 256,
     };
-    let disk = Arc::new(
-        GuardedDisk::new(Box::new(Ram(Mutex::new(vec![0; SIZE as usize]))), false).unwrap(),
-    );
+    let disk = common::ram_disk(SIZE);
     let parts = QueueParts {
         ring,
         ring_mapping,
