@@ -243,3 +243,41 @@ fn an_oversized_message_drops_only_that_connection() {
     assert_eq!(good.read(0, "/still").unwrap(), b"serving");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn malformed_requests_get_errors_and_the_server_carries_on() {
+    use std::io::Read;
+    use xen_disk_host::xen::xenstore::wire::{Message, MsgType};
+    let dir = std::env::temp_dir().join(format!("xs-malformed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("socket");
+    let sim = SimXenstored::new();
+    sim.listen(&sock, 0).unwrap();
+    let mut raw = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A WRITE with no NUL after the path, an unknown type, a READ of a path with a NUL inside.
+    for (ty, payload) in [
+        (MsgType::Write as u32, b"/a".to_vec()),
+        (999, b"x\0".to_vec()),
+        (MsgType::Read as u32, b"/a\0b\0".to_vec()),
+    ] {
+        Message {
+            ty,
+            req_id: 5,
+            tx_id: 0,
+            payload,
+        }
+        .write_to(&mut raw)
+        .unwrap();
+        let reply = Message::read_from(&mut raw).unwrap();
+        assert_eq!(reply.kind(), Some(MsgType::Error), "type {ty}");
+        assert_eq!(reply.req_id, 5);
+    }
+    let mut none = [0u8; 1];
+    raw.set_nonblocking(true).unwrap();
+    assert!(raw.read(&mut none).is_err(), "nothing else was sent");
+    let xs = xen_disk_host::xen::xenstore::client::XsClient::connect_unix(&sock).unwrap();
+    xs.write(0, "/fine", b"1").unwrap();
+    assert_eq!(xs.read(0, "/fine").unwrap(), b"1");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -329,9 +329,15 @@ impl SimXenstored {
                         (reply(req, join_strings(&perms)), vec![])
                     }),
                     MsgType::Write => {
-                        // The value is everything after the path's NUL, byte for byte.
-                        let value = &req.payload[path.len() + 1..];
-                        tree.write(path, value, domid).map(|c| (ok(req), c))
+                        // The value is everything after the path's NUL, byte for byte; a
+                        // payload without that NUL is malformed.
+                        match req.payload.get(path.len()) {
+                            Some(0) => {
+                                let value = &req.payload[path.len() + 1..];
+                                tree.write(path, value, domid).map(|c| (ok(req), c))
+                            }
+                            _ => Err("EINVAL"),
+                        }
                     }
                     MsgType::Mkdir => tree.create(path, domid).map(|c| (ok(req), c)),
                     MsgType::Rm => tree.remove(path, domid).map(|c| (ok(req), c)),
