@@ -281,3 +281,70 @@ fn malformed_requests_get_errors_and_the_server_carries_on() {
     assert_eq!(xs.read(0, "/fine").unwrap(), b"1");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn twenty_thousand_random_requests_never_bring_the_server_down() {
+    use xen_disk_host::xen::xenstore::wire::{Message, MsgType};
+    let dir = std::env::temp_dir().join(format!("xs-random-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sim = SimXenstored::new();
+    sim.add_domain(5, "g", "00000000-0000-0000-0000-000000000005");
+    let (dom0_sock, guest_sock) = (dir.join("dom0"), dir.join("guest"));
+    sim.listen(&dom0_sock, 0).unwrap();
+    sim.listen(&guest_sock, 5).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let words: [&[u8]; 9] = [
+        b"/",
+        b"/a",
+        b"/a/b",
+        b"@releaseDomain",
+        b"rel",
+        b"T",
+        b"b3",
+        b"//",
+        b"/local/domain/5/x",
+    ];
+    for sock in [&dom0_sock, &guest_sock] {
+        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for i in 0..10_000u32 {
+            let mut payload = Vec::new();
+            for _ in 0..next() % 4 {
+                if next() % 5 == 0 {
+                    payload.push(next() as u8);
+                } else {
+                    payload.extend_from_slice(words[(next() % 9) as usize]);
+                }
+                if next() % 4 != 0 {
+                    payload.push(0);
+                }
+            }
+            let req = Message {
+                ty: (next() % 28) as u32,
+                req_id: i,
+                tx_id: (next() % 4) as u32,
+                payload,
+            };
+            req.write_to(&mut s).unwrap();
+            // Skip watch events; the reply to this request must come, echoing its id.
+            let reply = loop {
+                let m = Message::read_from(&mut s)
+                    .unwrap_or_else(|e| panic!("request {i} ({req:?}): {e}"));
+                if m.kind() != Some(MsgType::WatchEvent) {
+                    break m;
+                }
+            };
+            assert_eq!(reply.req_id, i, "{req:?}");
+        }
+    }
+    let xs = xen_disk_host::xen::xenstore::client::XsClient::connect_unix(&dom0_sock).unwrap();
+    xs.write(0, "/after", b"ok").unwrap();
+    assert_eq!(xs.read(0, "/after").unwrap(), b"ok");
+    let _ = std::fs::remove_dir_all(&dir);
+}
