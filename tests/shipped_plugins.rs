@@ -210,3 +210,23 @@ fn bad_images_are_one_line_naming_the_file() {
         assert_bad_input(&host(&["check", plugin]), &["`path`", "required"]);
     }
 }
+
+#[test]
+fn qcow2_passes_check_on_a_qemu_image_and_leaves_it_clean_for_qemu() {
+    let t = TempDir::new("qcow2");
+    let img = t.join("disk.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"])
+        .status()
+        .expect("qemu-img (package qemu-utils) is needed");
+    assert!(made.success());
+    check_passes(&["qcow2", "-c", &format!("path={}", img.display())]);
+    let checked = std::process::Command::new("qemu-img")
+        .args(["check", "-q", img.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(
+        checked.success(),
+        "qemu-img check finds the image damaged after the conformance workload"
+    );
+}

@@ -1,0 +1,102 @@
+//! Throughput of the plugin (through the FFI boundary) against `qemu-img bench -f qcow2`,
+//! with the same pattern: sequential requests of 4 KiB or 1 MiB, reads and writes, on an
+//! allocated (pre-written) and a fresh image. Prints MB/s for both and the ratio.
+//!
+//! `cargo run --release -p xen-disk-plugin-qcow2 --example bench [dir]` (default /tmp).
+
+use qcow2::Qcow2Plugin;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use xen_disk_plugin_api::{with_read_bufs, with_write_bufs, Config, Disk, ForeignDisk};
+
+const IMAGE: u64 = 256 << 20;
+
+fn make(path: &Path, allocated: bool) {
+    let _ = std::fs::remove_file(path);
+    let p = path.to_str().unwrap();
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", p, &IMAGE.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    if allocated {
+        assert!(Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -P 0x5a 0 {IMAGE}"), p])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+fn plugin(path: &Path, bs: usize, count: u64, write: bool) -> f64 {
+    let cfg = Config::from_pairs(&[format!("path={}", path.display())]).unwrap();
+    let disk =
+        ForeignDisk::open(xen_disk_plugin_api::__root_module::<Qcow2Plugin>(), &cfg).unwrap();
+    let mut buf = vec![0x33u8; bs];
+    let t = Instant::now();
+    for i in 0..count {
+        let off = (i * bs as u64) % IMAGE;
+        if write {
+            with_write_bufs(&[&buf], |b| disk.write(off, b)).unwrap();
+        } else {
+            with_read_bufs(&mut [&mut buf], |b| disk.read(off, b)).unwrap();
+        }
+    }
+    if write {
+        disk.flush().unwrap();
+    }
+    (bs as u64 * count) as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+fn qemu(path: &Path, bs: usize, count: u64, write: bool) -> f64 {
+    let mut args = vec![
+        "bench".to_string(),
+        "-f".into(),
+        "qcow2".into(),
+        "-t".into(),
+        "writeback".into(),
+    ];
+    args.extend(["-c".into(), count.to_string(), "-s".into(), bs.to_string()]);
+    if write {
+        args.extend(["-w".into(), "--flush-interval".into(), count.to_string()]);
+    }
+    args.push(path.display().to_string());
+    let t = Instant::now();
+    let out = Command::new("qemu-img").args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (bs as u64 * count) as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+fn main() {
+    let dir = std::env::args().nth(1).unwrap_or_else(|| "/tmp".into());
+    let path = Path::new(&dir).join(format!("qcow2-bench-{}.qcow2", std::process::id()));
+    println!(
+        "{:<28} {:>12} {:>12} {:>7}",
+        "case", "plugin MB/s", "qemu MB/s", "ratio"
+    );
+    for bs in [4096usize, 1 << 20] {
+        let count = if bs == 4096 { 16384 } else { 256 };
+        for write in [false, true] {
+            for allocated in [true, false] {
+                make(&path, allocated);
+                let p = plugin(&path, bs, count, write);
+                make(&path, allocated);
+                let q = qemu(&path, bs, count, write);
+                let name = format!(
+                    "{} {} {}",
+                    if bs == 4096 { "4K" } else { "1M" },
+                    if write { "write" } else { "read" },
+                    if allocated { "allocated" } else { "fresh" }
+                );
+                println!("{name:<28} {p:>12.1} {q:>12.1} {:>7.2}", p / q);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
