@@ -230,3 +230,29 @@ fn qcow2_passes_check_on_a_qemu_image_and_leaves_it_clean_for_qemu() {
         "qemu-img check finds the image damaged after the conformance workload"
     );
 }
+
+#[test]
+fn vhd_passes_check_on_qemu_and_plugin_made_images() {
+    let t = TempDir::new("vhd");
+    let img = t.join("disk.vhd");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vpc", img.to_str().unwrap(), "64M"])
+        .status()
+        .expect("qemu-img (package qemu-utils) is needed");
+    assert!(made.success());
+    let out = check_passes(&["vhd", "-c", &format!("path={}", img.display())]);
+    assert!(
+        out.contains("skip  discard"),
+        "VHD declares no discard: {out}"
+    );
+    let fixed = t.join("fixed.vhd");
+    check_passes(&[
+        "vhd",
+        "-c",
+        &format!("path={}", fixed.display()),
+        "-c",
+        "create=fixed",
+        "-c",
+        "size=32M",
+    ]);
+}
