@@ -16,7 +16,6 @@ use xen_disk_host::blkif::abi::*;
 use xen_disk_host::blkif::request::Segment;
 use xen_disk_host::frontend::handshake::{connect, Connected, Device, Wishes};
 use xen_disk_host::frontend::pages::{DataPage, DataPages};
-use xen_disk_host::frontend::{Completion, FrontQueue};
 use xen_disk_host::xen::sim::hypervisor::SimDomain;
 use xen_disk_host::xen::sim::xenstored::SimXenstored;
 use xen_disk_host::xen::xenstore::{Xenstore, NO_TX};
@@ -83,17 +82,6 @@ fn wait_for(xs: &dyn Xenstore, path: &str, want: &[u8]) {
     }
 }
 
-fn complete(q: &mut FrontQueue, n: usize) -> Vec<Completion> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        q.reap(|c| got.push(c)).unwrap();
-        if got.len() < n {
-            q.wait(Duration::from_secs(10)).unwrap();
-        }
-    }
-    got
-}
-
 fn byte(i: usize) -> u8 {
     (i * 17 % 241) as u8
 }
@@ -124,7 +112,11 @@ fn io(c: &mut Connected, pages: &mut DataPages, write: bool) {
         q.submit_rw(op, 800 + (n * 64) as u64, &segs).unwrap();
     }
     q.kick().unwrap();
-    assert!(complete(q, 8).iter().all(|c| c.status == BLKIF_RSP_OKAY));
+    assert!(q
+        .collect(8, Duration::from_secs(10))
+        .unwrap()
+        .iter()
+        .all(|c| c.status == BLKIF_RSP_OKAY));
     if !write {
         for (i, p) in used.iter().enumerate() {
             let mut got = vec![0u8; 4096];

@@ -122,14 +122,9 @@ fn exchange(persistent: bool) {
     let (grefs, port) = (q.ring_grefs().to_vec(), q.port());
     // 4 direct writes of 10 full pages + 1 indirect read of 40 pages.
     let t = std::thread::spawn(move || ramdisk_backend(&back, &grefs, port, 5));
-    let wait_one = |q: &mut FrontQueue| loop {
-        let mut done = None;
-        q.reap(|c| done = Some(c)).unwrap();
-        if let Some(c) = done {
-            assert_eq!(c.status, BLKIF_RSP_OKAY);
-            return;
-        }
-        q.wait(Duration::from_secs(10)).unwrap();
+    let wait_one = |q: &mut FrontQueue| {
+        let done = q.collect(1, Duration::from_secs(10)).unwrap();
+        assert_eq!(done[0].status, BLKIF_RSP_OKAY);
     };
     for w in 0..4usize {
         let used: Vec<DataPage> = (0..10).map(|_| pages.take(true).unwrap()).collect();

@@ -12,7 +12,7 @@ use xen_disk_host::blkif::abi::*;
 use xen_disk_host::blkif::request::{Limits, Request, Segment};
 use xen_disk_host::blkif::ring::BackRing;
 use xen_disk_host::frontend::pages::{DataPage, DataPages};
-use xen_disk_host::frontend::{Completion, FrontQueue};
+use xen_disk_host::frontend::FrontQueue;
 use xen_disk_host::xen::evtchn::EventChannels;
 use xen_disk_host::xen::grant::GrantMapper;
 use xen_disk_host::xen::sim::hypervisor::SimDomain;
@@ -78,20 +78,6 @@ fn start_with(persistent: bool) -> Harness {
     }
 }
 
-impl Harness {
-    /// Waits for `n` completions.
-    fn complete(&mut self, n: usize) -> Vec<Completion> {
-        let mut got = Vec::new();
-        while got.len() < n {
-            self.q.reap(|c| got.push(c)).unwrap();
-            if got.len() < n {
-                assert!(self.q.wait(Duration::from_secs(10)).unwrap() || self.q.in_flight() > 0);
-            }
-        }
-        got
-    }
-}
-
 fn fill(i: usize) -> u8 {
     (i * 13 % 253) as u8
 }
@@ -133,7 +119,12 @@ fn data_round_trip(persistent: bool) {
         lent.extend(used);
     }
     h.q.kick().unwrap();
-    assert!(h.complete(20).iter().all(|c| c.status == BLKIF_RSP_OKAY));
+    assert!(h
+        .q
+        .collect(20, Duration::from_secs(10))
+        .unwrap()
+        .iter()
+        .all(|c| c.status == BLKIF_RSP_OKAY));
     lent.drain(..).for_each(|p| h.pages.release(p));
     // Read all 160 pages back with one indirect request.
     let used: Vec<DataPage> = (0..160).map(|_| h.pages.take(false).unwrap()).collect();
@@ -152,7 +143,12 @@ fn data_round_trip(persistent: bool) {
     // And a flush without data.
     h.q.submit_rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[]).unwrap();
     h.q.kick().unwrap();
-    assert!(h.complete(2).iter().all(|c| c.status == BLKIF_RSP_OKAY));
+    assert!(h
+        .q
+        .collect(2, Duration::from_secs(10))
+        .unwrap()
+        .iter()
+        .all(|c| c.status == BLKIF_RSP_OKAY));
     for (i, p) in used.iter().enumerate() {
         let mut got = vec![0u8; 4096];
         h.pages.read(*p, 0, &mut got);
@@ -240,7 +236,7 @@ fn hostile_requests_are_answered_and_the_queue_keeps_serving() {
         want.insert(id, status);
     }
     h.q.kick().unwrap();
-    for c in h.complete(want.len()) {
+    for c in h.q.collect(want.len(), Duration::from_secs(10)).unwrap() {
         assert_eq!(c.status, want[&c.id], "id {}", c.id);
     }
     h.stop.store(true, Ordering::Relaxed);

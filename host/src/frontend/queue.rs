@@ -252,6 +252,32 @@ impl FrontQueue {
         Ok(n)
     }
 
+    /// Waits until `n` requests have completed (each response checked as in [`reap`](Self::reap)),
+    /// failing if that takes longer than `timeout` in all.
+    pub fn collect(
+        &mut self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Completion>, FrontendError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            self.reap(|c| got.push(c))?;
+            if got.len() < n {
+                let left = deadline
+                    .checked_duration_since(std::time::Instant::now())
+                    .ok_or_else(|| {
+                        FrontendError::Setup(format!(
+                            "{} of {n} requests completed in {timeout:?}",
+                            got.len()
+                        ))
+                    })?;
+                self.wait(left.min(Duration::from_millis(500)))?;
+            }
+        }
+        Ok(got)
+    }
+
     /// Waits for responses (after the final check), up to `timeout`; true if any may be ready.
     pub fn wait(&mut self, timeout: Duration) -> Result<bool, FrontendError> {
         if self.ring.final_check() {
