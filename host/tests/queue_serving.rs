@@ -29,10 +29,10 @@ struct Harness {
 }
 
 fn start() -> Harness {
-    start_with(false)
+    start_with(false, 2)
 }
 
-fn start_with(persistent: bool) -> Harness {
+fn start_with(persistent: bool, workers: usize) -> Harness {
     let dom = SimDomain::new(GUEST, 512, 2).unwrap();
     let q = FrontQueue::new(dom.clone(), 0, 0, 2, Protocol::X86_64, 0).unwrap();
     let pages = DataPages::new(dom.clone(), 0, 8, 400, persistent).unwrap();
@@ -60,7 +60,7 @@ fn start_with(persistent: bool) -> Harness {
         grants: back,
         guest: GUEST,
         limits,
-        workers: 2,
+        workers,
         persistent,
     };
     let (stop, stats) = (
@@ -84,16 +84,22 @@ fn fill(i: usize) -> u8 {
 
 #[test]
 fn data_goes_through_the_queue_to_the_disk_and_back() {
-    data_round_trip(false);
+    data_round_trip(false, 2);
 }
 
 #[test]
 fn data_goes_through_the_queue_with_persistent_grants() {
-    data_round_trip(true);
+    data_round_trip(true, 2);
 }
 
-fn data_round_trip(persistent: bool) {
-    let mut h = start_with(persistent);
+#[test]
+fn data_goes_through_a_queue_serving_on_its_ring_thread() {
+    data_round_trip(false, 0);
+    data_round_trip(true, 0);
+}
+
+fn data_round_trip(persistent: bool, workers: usize) {
+    let mut h = start_with(persistent, workers);
     // 20 writes of 8 pages each, all in flight at once.
     let mut lent = Vec::new();
     for w in 0..20usize {

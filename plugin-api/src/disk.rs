@@ -21,6 +21,11 @@ pub enum ThreadModel {
     /// Any number of calls at once from several threads. The default: a `Disk` is `Sync`, so
     /// Rust already makes this safe; take locks inside only where state is shared.
     Parallel = 1,
+    /// As `Parallel`, and every call returns within microseconds without sleeping or waiting
+    /// on I/O (memory only: a RAM disk, a null disk). The host then runs calls on the ring
+    /// thread itself and skips the hand-off to a worker, which costs more than such a call.
+    /// A call that blocks anyway stalls every request behind it on that ring.
+    NonBlocking = 2,
 }
 
 /// What an open disk is and can do. Build it with [`DiskInfo::new`] and the setters.

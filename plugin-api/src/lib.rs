@@ -121,7 +121,8 @@
 //! [`ThreadModel::Parallel`] (the default) lets the host call a disk from several worker
 //! threads at once; `Disk: Sync`, so the compiler already holds you to it. Choose
 //! [`ThreadModel::Serialized`] when the backing store wants one request at a time; the host
-//! then serializes calls with a lock.
+//! then serializes calls with a lock. [`ThreadModel::NonBlocking`] is for disks that never
+//! wait (memory only): the host calls them on the ring thread, without a worker hand-off.
 //!
 //! ## Errors and panics
 //!

@@ -28,7 +28,9 @@ impl RamDisk {
 impl Disk for RamDisk {
     fn info(&self) -> DiskInfo {
         let size = self.data.read().unwrap_or_else(|p| p.into_inner()).len();
-        DiskInfo::new(size as u64).write_zeroes(true)
+        DiskInfo::new(size as u64)
+            .write_zeroes(true)
+            .thread_model(ThreadModel::NonBlocking)
     }
 
     fn read(&self, offset: u64, bufs: &mut ReadBufs) -> Result<()> {

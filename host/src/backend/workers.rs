@@ -63,7 +63,7 @@ impl Workers {
             receivers.push(completions);
         }
         let shares = Arc::new(shares);
-        let threads = (0..threads.max(1))
+        let threads = (0..threads)
             .map(|i| {
                 let (jobs, shares, disk) = (jobs.clone(), shares.clone(), disk.clone());
                 std::thread::Builder::new()

@@ -153,10 +153,20 @@ pub fn run(disk: &GuardedDisk, opts: &DirectOptions) -> Result<Figures, String> 
     Ok(figures(total, opts.bs, elapsed, opts.threads.max(1), &hist))
 }
 
-/// The reference: `memcpy` of `bs`-byte blocks walking a `region`-byte buffer, same threads
-/// and duration. What a perfect zero-overhead read path would do.
-pub fn memcpy_reference(bs: usize, region: u64, duration: Duration, threads: usize) -> Figures {
+/// The reference: `memcpy` of `bs`-byte blocks walking a `region`-byte buffer into
+/// destinations rotating through `dst_span` bytes, same threads and duration. What a perfect
+/// zero-overhead read path would do. The ring path writes into `iodepth` different guest
+/// buffers, so its reference rotates through as many: one reused buffer would stay in cache
+/// and flatter memcpy.
+pub fn memcpy_reference(
+    bs: usize,
+    region: u64,
+    dst_span: usize,
+    duration: Duration,
+    threads: usize,
+) -> Figures {
     let region = (region as usize).clamp(bs, 256 << 20) / bs * bs;
+    let dst_span = dst_span.clamp(bs, 256 << 20) / bs * bs;
     let src = vec![0x33u8; region];
     let started = Instant::now();
     let per_thread: Vec<(u64, Histogram)> = std::thread::scope(|scope| {
@@ -164,7 +174,8 @@ pub fn memcpy_reference(bs: usize, region: u64, duration: Duration, threads: usi
             .map(|_| {
                 let src = &src;
                 scope.spawn(move || {
-                    let mut dst = vec![0u8; bs];
+                    let mut dst = vec![0u8; dst_span];
+                    let mut at = 0usize;
                     let mut h = Histogram::default();
                     let (mut ops, mut off) = (0u64, 0usize);
                     let deadline = started + duration;
@@ -173,8 +184,9 @@ pub fn memcpy_reference(bs: usize, region: u64, duration: Duration, threads: usi
                             break;
                         }
                         let t0 = Instant::now();
-                        dst.copy_from_slice(&src[off..off + bs]);
+                        dst[at..at + bs].copy_from_slice(&src[off..off + bs]);
                         std::hint::black_box(&mut dst);
+                        at = if at + 2 * bs > dst_span { 0 } else { at + bs };
                         h.record(t0.elapsed().as_nanos() as u64);
                         off = if off + 2 * bs > region { 0 } else { off + bs };
                         ops += 1;

@@ -383,6 +383,11 @@ impl FrontRing {
         Ok(Some(Response::decode(&bytes)))
     }
 
+    /// Whether the backend has published responses not yet taken.
+    pub fn has_responses(&self) -> bool {
+        self.ring.index(header::RSP_PROD).load(Ordering::Acquire) != self.rsp_cons
+    }
+
     /// Before sleeping: asks for a notification at the next response, then looks again.
     pub fn final_check(&mut self) -> bool {
         let rp = self.ring.index(header::RSP_PROD).load(Ordering::Acquire);

@@ -382,7 +382,7 @@ fn concurrency(s: &Subject<'_>) -> Outcome {
         Some(e) => Outcome::Fail(e.clone()),
         None => Outcome::Pass(format!(
             "{threads} threads x 50 write+read ({})",
-            if info.thread_model == ThreadModel::Parallel {
+            if info.thread_model != ThreadModel::Serialized {
                 "parallel"
             } else {
                 "serialized by the host"

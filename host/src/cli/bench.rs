@@ -21,7 +21,8 @@ pub struct BenchArgs {
     /// Requests in flight (ring path).
     #[arg(long, default_value_t = 32)]
     iodepth: usize,
-    /// Worker threads of the device queue (ring path).
+    /// Worker threads of the device queue (ring path); 0 serves requests on the ring thread
+    /// (plugins declaring the non-blocking thread model are served so regardless).
     #[arg(long, default_value_t = 2)]
     workers: usize,
     /// Access pattern.
@@ -75,8 +76,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     let f = if args.direct {
         run_direct(&disk, &opts).map_err(anyhow::Error::msg)?
     } else {
-        if args.iodepth == 0 || args.workers == 0 || args.workers > 64 {
-            bail!("--iodepth and --workers must be at least 1 (workers at most 64)");
+        if args.iodepth == 0 || args.workers > 64 {
+            bail!("--iodepth must be at least 1 and --workers at most 64");
         }
         let ring = RingOptions {
             pattern: args.rw,
@@ -88,7 +89,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         };
         run_ring(std::sync::Arc::new(disk), &ring).map_err(anyhow::Error::msg)?
     };
-    let m = memcpy_reference(bs, region, opts.duration, args.threads);
+    let dst_span = if args.direct { bs } else { bs * args.iodepth };
+    let m = memcpy_reference(bs, region, dst_span, opts.duration, args.threads);
     let pattern = format!("{:?}", args.rw).to_lowercase();
     if args.json {
         println!(

@@ -220,6 +220,11 @@ impl FrontQueue {
             .map_err(|e| FrontendError::Setup(e.to_string()))
     }
 
+    /// Whether responses are waiting to be reaped (one load; no notification is asked for).
+    pub fn has_responses(&self) -> bool {
+        self.ring.has_responses()
+    }
+
     /// Takes every published response, checking each, and calls `done` for each completion.
     pub fn reap(&mut self, mut done: impl FnMut(Completion)) -> Result<usize, FrontendError> {
         let mut n = 0;

@@ -79,7 +79,8 @@ impl Plugin for DiscardPlugin {
             .sector_size(sector as u32)
             .flush(true)
             .discard(true)
-            .write_zeroes(true);
+            .write_zeroes(true)
+            .thread_model(ThreadModel::NonBlocking);
         Ok(DiscardDisk { info })
     }
 }
