@@ -247,3 +247,33 @@ fn bench_drives_the_full_ring_path() {
         }
     }
 }
+
+#[test]
+fn bench_measures_nbdkit_null_beside_the_plugin() {
+    let o = host(&[
+        "bench",
+        "discard",
+        "--rw",
+        "randread",
+        "--seconds",
+        "0.5",
+        "--nbdkit",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let field = |k: &str| -> f64 {
+        let at = out
+            .find(&format!("\"{k}\":"))
+            .unwrap_or_else(|| panic!("{k}: {out}"))
+            + k.len()
+            + 3;
+        out[at..].split([',', '}']).next().unwrap().parse().unwrap()
+    };
+    assert!(field("iops") > 0.0, "{out}");
+    assert!(field("nbdkit_iops") > 0.0, "{out}");
+    assert!(
+        (field("nbdkit_mbps") - field("nbdkit_iops") * 4096.0 / 1e6).abs() < 1.0,
+        "{out}"
+    );
+}

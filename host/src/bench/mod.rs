@@ -3,8 +3,10 @@
 //! - [`direct`]: a plugin's disk driven straight through the loaded `.so` boundary (no
 //!   ring), with a `memcpy` reference of the same block size measured in the same run.
 //! - [`ring`]: the full ring path through the simulator, a Rust frontend driving a device queue.
+//! - [`nbdkit`]: the same pattern through nbdkit's null plugin and fio's nbd engine.
 //! - [`histogram`]: latency percentiles in fixed memory.
 
 pub mod direct;
 pub mod histogram;
+pub mod nbdkit;
 pub mod ring;

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Threads issuing I/O at once.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Also measure nbdkit's null plugin driven by fio's nbd engine with the same pattern,
+    /// block size, depth and duration (needs nbdkit and fio).
+    #[arg(long)]
+    nbdkit: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -91,10 +95,27 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     };
     let dst_span = if args.direct { bs } else { bs * args.iodepth };
     let m = memcpy_reference(bs, region, dst_span, opts.duration, args.threads);
+    let nbd = if args.nbdkit {
+        Some(
+            crate::bench::nbdkit::run(args.rw, bs, args.iodepth, region, opts.duration)
+                .map_err(anyhow::Error::msg)
+                .context("--nbdkit")?,
+        )
+    } else {
+        None
+    };
     let pattern = format!("{:?}", args.rw).to_lowercase();
     if args.json {
+        let nbd_fields = nbd
+            .map(|n| {
+                format!(
+                    ",\"nbdkit_iops\":{:.0},\"nbdkit_mbps\":{:.1}",
+                    n.iops, n.mbps
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}}}",
+            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}}}",
             name, args.threads, f.ops, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
         );
     } else {
@@ -119,6 +140,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             "  ratio:  {:.1}% of memcpy",
             100.0 * f.mbps / m.mbps.max(1e-9)
         );
+        if let Some(n) = nbd {
+            println!(
+                "  nbdkit: {:>12.0} IOPS {:>10.1} MB/s  (null plugin, fio nbd engine, same run)",
+                n.iops, n.mbps
+            );
+            println!("  ratio:  {:.1}x nbdkit", f.iops / n.iops.max(1e-9));
+        }
     }
     Ok(0)
 }
