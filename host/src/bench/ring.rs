@@ -32,8 +32,10 @@ pub struct RingOptions {
     pub region: u64,
     /// How long.
     pub duration: Duration,
-    /// Worker threads of the device queue.
+    /// Worker threads of each device queue (0: served on the ring thread).
     pub workers: usize,
+    /// Queues (rings), each with its own ring thread and driver thread.
+    pub queues: usize,
 }
 
 const GUEST: u32 = 1;
@@ -60,7 +62,8 @@ fn spin_for_responses(q: &mut FrontQueue) -> bool {
     false
 }
 
-/// Runs the pattern through the ring against `disk`.
+/// Runs the pattern through the ring against `disk`: `opts.queues` queues, each with its
+/// own ring thread and its own driver thread keeping `iodepth` requests in flight.
 pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String> {
     let pages_per_req = opts.bs / XEN_PAGE_SIZE;
     if opts.bs == 0 || !opts.bs.is_multiple_of(XEN_PAGE_SIZE) || pages_per_req > 256 {
@@ -69,20 +72,23 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             opts.bs
         ));
     }
+    if opts.queues == 0 || opts.queues > 16 {
+        return Err(format!("--queues {}: must be 1 to 16", opts.queues));
+    }
     let order = (0..=MAX_RING_PAGE_ORDER)
         .find(|&o| ring_entries(o, LAYOUT_64.entry_size) as usize >= opts.iodepth)
         .ok_or_else(|| format!("--iodepth {} exceeds the largest ring (512)", opts.iodepth))?;
     let indirect = pages_per_req > BLKIF_MAX_SEGMENTS_PER_REQUEST;
     let data_pages = opts.iodepth * (pages_per_req + usize::from(indirect));
     let ring_pages = 1usize << order;
-    let dom = SimDomain::new(GUEST, ring_pages + data_pages, data_pages.div_ceil(256) + 1)
-        .map_err(|e| e.to_string())?;
-    let mut q = FrontQueue::new(dom.clone(), 0, 0, order, Protocol::X86_64, 0)
-        .map_err(|e| e.to_string())?;
-    let mut pages =
-        DataPages::new(dom.clone(), 0, ring_pages, data_pages, true).ok_or("data pages")?;
+    let per_queue = ring_pages + data_pages;
+    let dom = SimDomain::new(
+        GUEST,
+        per_queue * opts.queues,
+        (data_pages.div_ceil(256) + 1) * opts.queues,
+    )
+    .map_err(|e| e.to_string())?;
     let info = disk.info();
-    let reading = matches!(opts.pattern, Pattern::Read | Pattern::Randread);
     let limits = Limits {
         sectors: info.size / 512,
         logical_sector_size: info.logical_sector_size,
@@ -92,49 +98,126 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
         discard_secure: false,
         max_indirect_segments: 256,
     };
-    let back = Arc::new(dom.backend(0));
-    let ring_mapping = back
-        .map(GUEST, q.ring_grefs(), true)
-        .map_err(|e| e.to_string())?;
-    // SAFETY: the mapping goes to the queue with the ring and outlives it.
-    let ring =
-        unsafe { BackRing::attach(ring_mapping.as_ptr(), ring_mapping.len(), Protocol::X86_64) }
-            .map_err(|e| e.to_string())?;
-    let evtchn = back
-        .bind_interdomain(GUEST, q.port())
-        .map_err(|e| e.to_string())?;
-    let parts = QueueParts {
-        ring,
-        ring_mapping,
-        evtchn,
-        grants: back,
-        guest: GUEST,
-        limits,
-        workers: opts.workers,
-        persistent: true,
-    };
     let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(QueueStats::default());
-    let (s, st) = (stop.clone(), stats.clone());
-    let server = std::thread::spawn(move || serve(parts, disk, s, st));
+    let mut servers = Vec::new();
+    let mut drivers = Vec::new();
+    let started = Instant::now();
+    let deadline = started + opts.duration;
+    for qi in 0..opts.queues {
+        let first = qi * per_queue;
+        let q = FrontQueue::new(dom.clone(), 0, first, order, Protocol::X86_64, 0)
+            .map_err(|e| e.to_string())?;
+        let pages = DataPages::new(dom.clone(), 0, first + ring_pages, data_pages, true)
+            .ok_or("data pages")?;
+        let back = Arc::new(dom.backend(0));
+        let ring_mapping = back
+            .map(GUEST, q.ring_grefs(), true)
+            .map_err(|e| e.to_string())?;
+        // SAFETY: the mapping goes to the queue with the ring and outlives it.
+        let ring = unsafe {
+            BackRing::attach(ring_mapping.as_ptr(), ring_mapping.len(), Protocol::X86_64)
+        }
+        .map_err(|e| e.to_string())?;
+        let evtchn = back
+            .bind_interdomain(GUEST, q.port())
+            .map_err(|e| e.to_string())?;
+        let parts = QueueParts {
+            ring,
+            ring_mapping,
+            evtchn,
+            grants: back,
+            guest: GUEST,
+            limits,
+            workers: opts.workers,
+            persistent: true,
+        };
+        let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());
+        servers.push(std::thread::spawn(move || serve(parts, d, s, st)));
+        let job = Job {
+            opts: opts.clone(),
+            size: info.size,
+            queue: qi,
+            deadline,
+        };
+        drivers.push(std::thread::spawn(move || drive(q, pages, job)));
+    }
+    let mut hist = Histogram::default();
+    let (mut ops, mut failed) = (0u64, 0u64);
+    let mut first_error = None;
+    for d in drivers {
+        match d.join().map_err(|_| "driver thread panicked")? {
+            Ok(r) => {
+                ops += r.ops;
+                failed += r.failed;
+                hist.merge(&r.hist);
+            }
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join()
+            .map_err(|_| "queue thread panicked")?
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {ops} requests failed"));
+    }
+    let s = elapsed.as_secs_f64();
+    Ok(Figures {
+        ops,
+        seconds: s,
+        iops: ops as f64 / s,
+        mbps: ops as f64 * opts.bs as f64 / s / 1e6,
+        ns_per_op: s * 1e9 / ops.max(1) as f64,
+        lat_p50_us: hist.percentile(0.5) as f64 / 1000.0,
+        lat_p99_us: hist.percentile(0.99) as f64 / 1000.0,
+    })
+}
 
+/// One driver thread's assignment.
+struct Job {
+    opts: RingOptions,
+    size: u64,
+    queue: usize,
+    deadline: Instant,
+}
+
+/// What one driver thread measured.
+struct Driven {
+    ops: u64,
+    failed: u64,
+    hist: Histogram,
+}
+
+/// Keeps `iodepth` requests in flight on one queue until the deadline, then drains it.
+fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, String> {
+    let opts = &job.opts;
+    let pages_per_req = opts.bs / XEN_PAGE_SIZE;
+    let indirect = pages_per_req > BLKIF_MAX_SEGMENTS_PER_REQUEST;
     let bs = opts.bs as u64;
-    let blocks = (opts.region.min(info.size) / bs).max(1);
-    let mut rng = Rng::new(7);
-    let mut seq = 0u64;
+    let blocks = (opts.region.min(job.size) / bs).max(1);
+    let mut rng = Rng::new(7 + job.queue as u64);
+    // Queues walk the disk from different places, as a guest's CPUs would.
+    let mut seq = job.queue as u64 * blocks / opts.queues as u64;
     let mut lent: Vec<Option<Lent>> = (0..q.free()).map(|_| None).collect();
     let mut hist = Histogram::default();
     let (mut ops, mut failed) = (0u64, 0u64);
-    let started = Instant::now();
-    let deadline = started + opts.duration;
+    let reading = matches!(opts.pattern, Pattern::Read | Pattern::Randread);
     let op = if reading {
         BLKIF_OP_READ
     } else {
         BLKIF_OP_WRITE
     };
+    let mut done = Vec::new();
+    let mut segs = Vec::with_capacity(pages_per_req);
     loop {
         let now = Instant::now();
-        while now < deadline && q.in_flight() < opts.iodepth && q.free() > 0 {
+        while now < job.deadline && q.in_flight() < opts.iodepth && q.free() > 0 {
             let offset = match opts.pattern {
                 Pattern::Read | Pattern::Write => {
                     let o = seq * bs;
@@ -146,14 +229,12 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             let data: Vec<DataPage> = (0..pages_per_req)
                 .filter_map(|_| pages.take(false))
                 .collect();
-            let segs: Vec<Segment> = data
-                .iter()
-                .map(|p| Segment {
-                    gref: p.gref,
-                    first_sect: 0,
-                    last_sect: 7,
-                })
-                .collect();
+            segs.clear();
+            segs.extend(data.iter().map(|p| Segment {
+                gref: p.gref,
+                first_sect: 0,
+                last_sect: 7,
+            }));
             let (id, list) = if indirect {
                 let list = pages.take(false).ok_or("indirect page")?;
                 pages.write_segments(list, &segs);
@@ -172,7 +253,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             });
         }
         q.kick().map_err(|e| e.to_string())?;
-        let mut done = Vec::new();
+        done.clear();
         q.reap(|c| done.push(c)).map_err(|e| e.to_string())?;
         for c in &done {
             if let Some(Lent {
@@ -190,7 +271,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             ops += 1;
             failed += u64::from(c.status != BLKIF_RSP_OKAY);
         }
-        if Instant::now() >= deadline && q.in_flight() == 0 {
+        if Instant::now() >= job.deadline && q.in_flight() == 0 {
             break;
         }
         if done.is_empty() && !spin_for_responses(&mut q) {
@@ -198,23 +279,5 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
                 .map_err(|e| e.to_string())?;
         }
     }
-    let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    server
-        .join()
-        .map_err(|_| "queue thread panicked")?
-        .map_err(|e| e.to_string())?;
-    if failed > 0 {
-        return Err(format!("{failed} of {ops} requests failed"));
-    }
-    let s = elapsed.as_secs_f64();
-    Ok(Figures {
-        ops,
-        seconds: s,
-        iops: ops as f64 / s,
-        mbps: ops as f64 * opts.bs as f64 / s / 1e6,
-        ns_per_op: s * 1e9 / ops.max(1) as f64,
-        lat_p50_us: hist.percentile(0.5) as f64 / 1000.0,
-        lat_p99_us: hist.percentile(0.99) as f64 / 1000.0,
-    })
+    Ok(Driven { ops, failed, hist })
 }

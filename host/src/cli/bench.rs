@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// (plugins declaring the non-blocking thread model are served so regardless).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Queues (rings) of the simulated device, each with a ring thread and a driver thread
+    /// keeping `--iodepth` requests in flight (ring path).
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Pattern::Randread)]
     rw: Pattern,
@@ -90,10 +94,15 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             region,
             duration: opts.duration,
             workers: args.workers,
+            queues: args.queues,
         };
         run_ring(std::sync::Arc::new(disk), &ring).map_err(anyhow::Error::msg)?
     };
-    let dst_span = if args.direct { bs } else { bs * args.iodepth };
+    let dst_span = if args.direct {
+        bs
+    } else {
+        bs * args.iodepth * args.queues
+    };
     let m = memcpy_reference(bs, region, dst_span, opts.duration, args.threads);
     let nbd = if args.nbdkit {
         Some(
@@ -125,7 +134,10 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             if args.direct {
                 format!("threads={}", args.threads)
             } else {
-                format!("iodepth={} workers={}", args.iodepth, args.workers)
+                format!(
+                    "iodepth={} queues={} workers={}",
+                    args.iodepth, args.queues, args.workers
+                )
             }
         );
         println!(
