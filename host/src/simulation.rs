@@ -40,99 +40,104 @@ struct Lent {
     list: Option<DataPage>,
 }
 
-/// One disk, its device and a connected guest.
-pub struct SimulatedDisk {
-    stop: Arc<AtomicBool>,
-    device: Option<JoinHandle<Result<Ended, String>>>,
-    guest_xs: XsClient,
-    paths: DevicePaths,
-    conn: Option<Connected>,
-    pages: DataPages,
-    _xenstored: SimXenstored,
+/// How the simulated guest and the device meet: what the guest asks for and how the device
+/// serves. The defaults are what a modern Linux guest negotiates.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Ring pages the guest asks for, as an order (0: one page, 4: sixteen).
+    pub ring_page_order: u32,
+    /// Queues (rings) the guest asks for; requests are spread over them.
+    pub queues: u32,
+    /// The guest asks for persistent grants.
+    pub persistent: bool,
+    /// The guest uses indirect descriptors when offered (1 MiB requests); otherwise 44 KiB.
+    pub indirect: bool,
+    /// Worker threads per ring on the device (0: served on the ring thread).
+    pub workers: usize,
 }
 
-impl SimulatedDisk {
-    /// Starts the device on `disk` and connects a guest to it.
-    pub fn start(disk: Arc<GuardedDisk>) -> Result<SimulatedDisk, String> {
-        let xenstored = SimXenstored::new();
-        xenstored.add_domain(GUEST, "sim-guest", "00000000-0000-0000-0000-000000000001");
-        let dom0 = xenstored.connect(0).map_err(|e| e.to_string())?;
-        let read_only = disk.info().read_only;
-        let paths =
-            create_device(&dom0, 0, GUEST, Vbd::disk(1), read_only).map_err(|e| e.to_string())?;
-        let ring_pages = 1 << MAX_RING_PAGE_ORDER;
-        let data_pages = DEPTH * (PAGES_PER_REQUEST + 1);
-        let domain = SimDomain::new(GUEST, ring_pages + data_pages, data_pages.div_ceil(256) + 1)
-            .map_err(|e| e.to_string())?;
-        let view = Arc::new(domain.backend(0));
-        let platform = Platform {
-            grants: view.clone(),
-            evtchns: view,
-        };
-        let cfg = DeviceConfig {
-            backend_path: paths.backend.clone(),
-            frontend_path: paths.frontend.clone(),
-            frontend_domid: GUEST,
-            offer: HostOffer {
-                max_ring_page_order: MAX_RING_PAGE_ORDER,
-                max_queues: 1,
-                max_indirect_segments: 256,
-                persistent: true,
-            },
-            workers: 2,
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let device_xs = xenstored.connect(0).map_err(|e| e.to_string())?;
-        let device = std::thread::Builder::new()
-            .name("xen-disk-device".into())
-            .spawn(move || {
-                run(
-                    &device_xs,
-                    &platform,
-                    &cfg,
-                    disk,
-                    &s,
-                    &DeviceStats::default(),
-                )
-            })
-            .map_err(|e| e.to_string())?;
-        let guest_xs = xenstored.connect(GUEST).map_err(|e| e.to_string())?;
-        let dev = Device {
-            frontend: &paths.frontend,
-            backend: &paths.backend,
-            backend_domid: 0,
-        };
-        let wishes = Wishes {
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
             ring_page_order: MAX_RING_PAGE_ORDER,
             queues: 1,
             persistent: true,
+            indirect: true,
+            workers: 2,
+        }
+    }
+}
+
+/// A connected guest's side of one disk: its queues and data pages. Reads and writes go
+/// through the ring as blkfront's would.
+pub struct GuestDisk {
+    conn: Connected,
+    pages: DataPages,
+    indirect: bool,
+    next_queue: usize,
+}
+
+impl GuestDisk {
+    /// Connects the guest `domain` (whose xenstore connection is `xs`) to the device at
+    /// `frontend`/`backend`, with rings from guest page `first_page` and data pages after
+    /// them.
+    pub fn attach(
+        xs: &dyn Xenstore,
+        domain: &Arc<SimDomain>,
+        frontend: &str,
+        backend: &str,
+        first_page: usize,
+        opts: &SimOptions,
+    ) -> Result<GuestDisk, String> {
+        let dev = Device {
+            frontend,
+            backend,
+            backend_domid: 0,
+        };
+        let wishes = Wishes {
+            ring_page_order: opts.ring_page_order,
+            queues: opts.queues,
+            persistent: opts.persistent,
             protocol: Protocol::X86_64,
         };
         let conn =
-            connect(&guest_xs, &domain, dev, 0, wishes, HANDSHAKE).map_err(|e| e.to_string())?;
+            connect(xs, domain, dev, first_page, wishes, HANDSHAKE).map_err(|e| e.to_string())?;
+        let ring_pages = conn.queues.len() << MAX_RING_PAGE_ORDER;
+        let data_pages = DEPTH * (PAGES_PER_REQUEST + 1);
         let pages = DataPages::new(
             domain.clone(),
             0,
-            ring_pages,
+            first_page + ring_pages,
             data_pages,
             conn.disk.persistent,
         )
         .ok_or("guest pages")?;
-        Ok(SimulatedDisk {
-            stop,
-            device: Some(device),
-            guest_xs,
-            paths,
-            conn: Some(conn),
+        Ok(GuestDisk {
+            conn,
             pages,
-            _xenstored: xenstored,
+            indirect: opts.indirect,
+            next_queue: 0,
         })
+    }
+
+    /// Guest pages one attached disk uses (rings and data), for laying out several.
+    pub fn pages_needed(queues: u32) -> usize {
+        ((queues as usize) << MAX_RING_PAGE_ORDER) + DEPTH * (PAGES_PER_REQUEST + 1)
+    }
+
+    /// What the guest was told about the disk.
+    pub fn description(&self) -> &crate::frontend::handshake::DiskDescription {
+        &self.conn.disk
+    }
+
+    /// Queues negotiated.
+    pub fn queues(&self) -> usize {
+        self.conn.queues.len()
     }
 
     /// The disk's size in bytes, as the guest was told.
     pub fn size(&self) -> u64 {
-        self.conn.as_ref().map_or(0, |c| c.disk.sectors * 512)
+        self.conn.disk.sectors * 512
     }
 
     /// Reads the disk from `offset` into `out` (multiples of 512).
@@ -170,15 +175,17 @@ impl SimulatedDisk {
                 self.size()
             ));
         }
-        let conn = self.conn.as_mut().ok_or("not connected")?;
-        let indirect = conn.disk.max_indirect_segments >= PAGES_PER_REQUEST as u32;
+        let conn = &mut self.conn;
+        let indirect = self.indirect && conn.disk.max_indirect_segments >= PAGES_PER_REQUEST as u32;
         let chunk = if indirect {
             PAGES_PER_REQUEST
         } else {
             BLKIF_MAX_SEGMENTS_PER_REQUEST
         } * XEN_PAGE_SIZE;
         let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
-        let q = &mut conn.queues[0];
+        // Each call uses the next queue, as a guest's CPUs take turns.
+        self.next_queue = (self.next_queue + 1) % conn.queues.len();
+        let q = &mut conn.queues[self.next_queue];
         let mut lent: Vec<Option<Lent>> = (0..q.free()).map(|_| None).collect();
         let (mut next, mut done) = (0usize, 0usize);
         while done < len {
@@ -187,7 +194,8 @@ impl SimulatedDisk {
                 let mut data = Vec::new();
                 let mut segs = Vec::new();
                 for at in (0..n).step_by(XEN_PAGE_SIZE) {
-                    let p = self.pages.take(!write).ok_or("out of guest pages")?;
+                    // The backend writes into the page only for a read.
+                    let p = self.pages.take(write).ok_or("out of guest pages")?;
                     let l = XEN_PAGE_SIZE.min(n - at);
                     if write {
                         fill(&mut self.pages, p, next + at, l);
@@ -254,9 +262,21 @@ impl SimulatedDisk {
         Ok(())
     }
 
+    /// Discards `len` bytes at `offset`; the device's status (EOPNOTSUPP when not offered).
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<i16, String> {
+        let q = &mut self.conn.queues[0];
+        q.submit_discard(offset / 512, len / 512, false)
+            .ok_or("ring full")?;
+        q.kick().map_err(|e| e.to_string())?;
+        let done = q
+            .collect(1, Duration::from_secs(30))
+            .map_err(|e| e.to_string())?;
+        Ok(done[0].status)
+    }
+
     /// Asks the device to make everything written durable (when it offers flush).
     pub fn flush(&mut self) -> Result<(), String> {
-        let conn = self.conn.as_mut().ok_or("not connected")?;
+        let conn = &mut self.conn;
         if !conn.disk.flush {
             return Ok(());
         }
@@ -277,11 +297,182 @@ impl SimulatedDisk {
             }
         }
     }
+}
+
+/// One disk, its device and a connected guest.
+pub struct SimulatedDisk {
+    stop: Arc<AtomicBool>,
+    device: Option<JoinHandle<Result<Ended, String>>>,
+    guest_xs: XsClient,
+    paths: DevicePaths,
+    guest: Option<GuestDisk>,
+    domain: Arc<SimDomain>,
+    _xenstored: SimXenstored,
+}
+
+impl SimulatedDisk {
+    /// Starts the device on `disk` and connects a guest to it, as a modern Linux guest would.
+    pub fn start(disk: Arc<GuardedDisk>) -> Result<SimulatedDisk, String> {
+        SimulatedDisk::start_with(disk, &SimOptions::default())
+    }
+
+    /// As [`start`](Self::start), with the guest's wishes and the device's workers chosen.
+    pub fn start_with(disk: Arc<GuardedDisk>, opts: &SimOptions) -> Result<SimulatedDisk, String> {
+        let xenstored = SimXenstored::new();
+        xenstored.add_domain(GUEST, "sim-guest", "00000000-0000-0000-0000-000000000001");
+        let dom0 = xenstored.connect(0).map_err(|e| e.to_string())?;
+        let read_only = disk.info().read_only;
+        let paths =
+            create_device(&dom0, 0, GUEST, Vbd::disk(1), read_only).map_err(|e| e.to_string())?;
+        let domain = SimDomain::new(
+            GUEST,
+            // Room for up to 4 queues, so a reboot may ask for more than the first connect.
+            GuestDisk::pages_needed(opts.queues.max(4)),
+            // Room for a few reconnects: grants are not ended when a queue is dropped.
+            4 * ((DEPTH * (PAGES_PER_REQUEST + 1)).div_ceil(256) + 1 + opts.queues as usize),
+        )
+        .map_err(|e| e.to_string())?;
+        let view = Arc::new(domain.backend(0));
+        let platform = Platform {
+            grants: view.clone(),
+            evtchns: view,
+        };
+        let cfg = DeviceConfig {
+            backend_path: paths.backend.clone(),
+            frontend_path: paths.frontend.clone(),
+            frontend_domid: GUEST,
+            offer: HostOffer {
+                max_ring_page_order: MAX_RING_PAGE_ORDER,
+                max_queues: 4,
+                max_indirect_segments: 256,
+                persistent: true,
+            },
+            workers: opts.workers,
+            remove_entries: true,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let device_xs = xenstored.connect(0).map_err(|e| e.to_string())?;
+        let device = std::thread::Builder::new()
+            .name("xen-disk-device".into())
+            .spawn(move || {
+                run(
+                    &device_xs,
+                    &platform,
+                    &cfg,
+                    disk,
+                    &s,
+                    &DeviceStats::default(),
+                )
+            })
+            .map_err(|e| e.to_string())?;
+        let guest_xs = xenstored.connect(GUEST).map_err(|e| e.to_string())?;
+        let guest =
+            GuestDisk::attach(&guest_xs, &domain, &paths.frontend, &paths.backend, 0, opts)?;
+        Ok(SimulatedDisk {
+            stop,
+            device: Some(device),
+            guest_xs,
+            paths,
+            guest: Some(guest),
+            domain,
+            _xenstored: xenstored,
+        })
+    }
+
+    fn guest(&mut self) -> Result<&mut GuestDisk, String> {
+        self.guest
+            .as_mut()
+            .ok_or_else(|| "not connected".to_string())
+    }
+
+    /// The disk's size in bytes, as the guest was told.
+    pub fn size(&self) -> u64 {
+        self.guest.as_ref().map_or(0, GuestDisk::size)
+    }
+
+    /// The guest's side, for what [`read`](Self::read) and [`write`](Self::write) don't cover.
+    pub fn guest_disk(&mut self) -> Option<&mut GuestDisk> {
+        self.guest.as_mut()
+    }
+
+    /// Reads the disk from `offset` into `out` (multiples of 512).
+    pub fn read(&mut self, offset: u64, out: &mut [u8]) -> Result<(), String> {
+        self.guest()?.read(offset, out)
+    }
+
+    /// Writes `data` to the disk at `offset` (multiples of 512).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        self.guest()?.write(offset, data)
+    }
+
+    /// Asks the device to make everything written durable (when it offers flush).
+    pub fn flush(&mut self) -> Result<(), String> {
+        self.guest()?.flush()
+    }
+
+    /// The guest reboots: its driver lets go (Closed), the device tears the rings down, the
+    /// driver starts over (Initialising) and connects again with `opts`.
+    pub fn reboot(&mut self, opts: &SimOptions) -> Result<(), String> {
+        self.guest = None;
+        let fe = &self.paths.frontend;
+        let be = &self.paths.backend;
+        self.guest_xs
+            .write(NO_TX, &format!("{fe}/state"), b"6")
+            .map_err(|e| e.to_string())?;
+        self.wait_backend(&["6"])?;
+        self.guest_xs
+            .write(NO_TX, &format!("{fe}/state"), b"1")
+            .map_err(|e| e.to_string())?;
+        self.wait_backend(&["2"])?;
+        self.guest = Some(GuestDisk::attach(
+            &self.guest_xs,
+            &self.domain,
+            fe,
+            be,
+            0,
+            opts,
+        )?);
+        Ok(())
+    }
+
+    /// Takes the backend's current `sectors` as the disk's size, as blkfront does when the
+    /// backend rewrites its state after an online resize.
+    pub fn refresh_size(&mut self) {
+        if let (Some(sectors), Some(g)) = (self.backend_sectors(), self.guest.as_mut()) {
+            g.conn.disk.sectors = sectors;
+        }
+    }
+
+    /// The `sectors` the backend publishes now (it changes on online resize).
+    pub fn backend_sectors(&self) -> Option<u64> {
+        let v = self
+            .guest_xs
+            .read(NO_TX, &format!("{}/sectors", self.paths.backend))
+            .ok()?;
+        std::str::from_utf8(&v).ok()?.trim().parse().ok()
+    }
+
+    fn wait_backend(&self, states: &[&str]) -> Result<(), String> {
+        let path = format!("{}/state", self.paths.backend);
+        let deadline = std::time::Instant::now() + HANDSHAKE;
+        loop {
+            if let Ok(v) = self.guest_xs.read(NO_TX, &path) {
+                if states.iter().any(|s| s.as_bytes() == v.as_slice()) {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{path} never became {states:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     /// Detaches: the device closes, the guest closes, the device removes itself.
     pub fn shutdown(mut self) -> Result<(), String> {
         self.stop.store(true, Ordering::Relaxed);
-        self.conn = None;
+        self.guest = None;
         let _ = self
             .guest_xs
             .write(NO_TX, &format!("{}/state", self.paths.frontend), b"6");

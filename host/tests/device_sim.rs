@@ -54,6 +54,7 @@ fn start_device(
             persistent: true,
         },
         workers,
+        remove_entries: true,
     };
     let disk = common::ram_disk(SIZE);
     let device_xs = xs.connect(0).unwrap();

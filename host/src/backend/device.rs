@@ -39,8 +39,12 @@ pub struct DeviceConfig {
     pub frontend_domid: u32,
     /// Limits published before InitWait.
     pub offer: HostOffer,
-    /// Worker threads per ring.
+    /// Worker threads per ring (0: requests are served on the ring thread).
     pub workers: usize,
+    /// Remove the backend directory when the device ends: true when this process created
+    /// the device (`connect`, static disks); false for the toolstack's devices, whose
+    /// entries the toolstack removes after it sees Closed.
+    pub remove_entries: bool,
 }
 
 /// The platform the device maps and signals through (real or simulated).
@@ -126,6 +130,9 @@ pub fn run(
     let mut closing_for_stop = false;
     let result = loop {
         let _ = events.recv_timeout(Duration::from_millis(100));
+        if ours == XenbusState::Connected {
+            resize_if_changed(xs, be, &disk)?;
+        }
         if stop.load(Ordering::Relaxed) && !closing_for_stop {
             closing_for_stop = true;
             if ours == XenbusState::Connected || ours == XenbusState::InitWait {
@@ -188,8 +195,38 @@ pub fn run(
     }
     let _ = xs.unwatch(be, &token);
     let _ = xs.unwatch(&format!("{fe}/state"), &token);
-    let _ = xs.rm(NO_TX, be);
+    if cfg.remove_entries {
+        let _ = xs.rm(NO_TX, be);
+    }
     result
+}
+
+/// Online resize: when the plugin's size changed, tells the guest, as blkback does, by
+/// rewriting `sectors` and `state` in one transaction (blkfront re-reads `sectors` on the
+/// state watch and resizes the block device).
+fn resize_if_changed(xs: &dyn Xenstore, be: &str, disk: &GuardedDisk) -> Result<(), String> {
+    let new = match disk.refresh_size() {
+        Ok(Some(n)) => n,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            tracing::warn!("{be}: size not refreshed: {e}");
+            return Ok(());
+        }
+    };
+    tracing::info!("{be}: disk resized to {new} bytes");
+    transaction(xs, |tx| {
+        xs.write(
+            tx,
+            &format!("{be}/sectors"),
+            (new / 512).to_string().as_bytes(),
+        )?;
+        xs.write(
+            tx,
+            &format!("{be}/state"),
+            XenbusState::Connected.as_str().as_bytes(),
+        )
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// Maps the frontend's rings and starts a queue thread per ring; publishes the disk.

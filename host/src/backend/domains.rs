@@ -16,6 +16,24 @@ fn text(v: Option<Vec<u8>>) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// A xenstore connection seen as a [`XenstoreView`].
+pub struct XsView<'a>(pub &'a dyn crate::xen::xenstore::Xenstore);
+
+impl XenstoreView for XsView<'_> {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+        match self.0.read(crate::xen::xenstore::NO_TX, path) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_enoent() => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn list(&self, path: &str) -> Result<Vec<String>, String> {
+        self.0
+            .directory(crate::xen::xenstore::NO_TX, path)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// The domid of `domain`, or an error saying what was not found.
 pub fn find_domain(xs: &dyn XenstoreView, domain: &DomainRef) -> Result<u32, String> {
     if let DomainRef::Id(id) = domain {

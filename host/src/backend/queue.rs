@@ -256,11 +256,8 @@ pub fn serve(
     } = parts;
     let mut cache =
         persistent.then(|| PersistentGrants::new(grants.clone(), guest, PERSISTENT_PAGES));
-    let guest = Guest {
-        grants: &*grants,
-        domid: guest,
-        limits: &limits,
-    };
+    let guest_domid = guest;
+    let mut limits = limits;
     let size = ring.size() as usize;
     let slots = Arc::new(SlotTable::<GrantMapping>::new(
         size,
@@ -268,6 +265,8 @@ pub fn serve(
     ));
     let wake = Arc::new(EventFdWake::new().map_err(|e| QueueError::Setup(e.to_string()))?);
     let inline = runs_inline(threads, &disk).then(|| disk.clone());
+    // The disk can grow or shrink while connected (online resize): bounds follow it.
+    let sizer = disk.clone();
     let (workers, completions) = Workers::start(
         if inline.is_some() { 0 } else { threads },
         disk,
@@ -301,6 +300,12 @@ pub fn serve(
                 break Ok(());
             }
         } else {
+            limits.sectors = sizer.size() / 512;
+            let guest = Guest {
+                grants: &*grants,
+                domid: guest_domid,
+                limits: &limits,
+            };
             if let Err(e) = ring.poll() {
                 break Err(QueueError::Ring(e));
             }

@@ -5,7 +5,7 @@
 use crate::backend::attach::create_device;
 use crate::backend::device::{run, DeviceConfig, DeviceStats, Platform};
 use crate::backend::disks_config::DomainRef;
-use crate::backend::domains::{find_domain, XenstoreView};
+use crate::backend::domains::{find_domain, XsView};
 use crate::backend::features::HostOffer;
 use crate::backend::vbd::{next_free, Vbd};
 use crate::plugin::{open_stack, GuardedDisk};
@@ -54,25 +54,16 @@ extern "C" fn on_signal(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
-fn catch_signals() {
+/// SIGINT and SIGTERM received so far.
+pub fn signals() -> usize {
+    SIGNALS.load(Ordering::SeqCst)
+}
+
+/// Counts SIGINT and SIGTERM instead of dying: the first detaches, the second forces.
+pub fn catch_signals() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only touches an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
-struct View<'a>(&'a dyn Xenstore);
-
-impl XenstoreView for View<'_> {
-    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
-        match self.0.read(NO_TX, path) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.is_enoent() => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-    fn list(&self, path: &str) -> Result<Vec<String>, String> {
-        self.0.directory(NO_TX, path).map_err(|e| e.to_string())
     }
 }
 
@@ -103,7 +94,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         return run_sim(disk, &layers);
     }
     let xs = XsClient::open_default()?;
-    let domid = find_domain(&View(&xs), &domain).map_err(anyhow::Error::msg)?;
+    let domid = find_domain(&XsView(&xs), &domain).map_err(anyhow::Error::msg)?;
     let vbd = match &args.vbd {
         Some(v) => Vbd::parse(v).ok_or_else(|| anyhow!("--vbd {v}: not a device like xvdb"))?,
         None => {
@@ -137,6 +128,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
             persistent: true,
         },
         workers: 2,
+        remove_entries: true,
     };
     let stop = Arc::new(AtomicBool::new(false));
     // A second signal forces the guest's side closed, as MirageOS xen-disk did.

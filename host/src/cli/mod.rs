@@ -4,6 +4,7 @@ mod bench;
 mod check;
 mod connect;
 mod plugins;
+mod serve;
 mod sim;
 
 use anyhow::{Context, Result};
@@ -24,6 +25,8 @@ enum Command {
     Plugins(plugins::PluginsArgs),
     /// Attach a disk to a running guest and serve it until Ctrl-C.
     Connect(connect::ConnectArgs),
+    /// Serve configured disks and the toolstack's devices until SIGTERM (the daemon).
+    Serve(serve::ServeArgs),
     /// Run the conformance suite against a plugin.
     Check(check::CheckArgs),
     /// Measure a plugin's I/O speed.
@@ -82,6 +85,7 @@ pub fn main() -> Result<i32> {
     match cli.command {
         Command::Plugins(a) => plugins::run(a),
         Command::Connect(a) => connect::run_connect(a),
+        Command::Serve(a) => serve::run_serve(a),
         Command::Check(a) => check::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Sim(a) => sim::run(a),

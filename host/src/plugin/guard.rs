@@ -61,6 +61,30 @@ impl GuardedDisk {
         })
     }
 
+    /// Presents `sector_size`-byte logical sectors (512 or 4096) whatever the plugin's are:
+    /// `--sector-size 4096` over a 512-byte image gives a guest a 4Kn disk. The guard then
+    /// refuses I/O not aligned to it. A plugin's 4096-byte sectors cannot be presented as 512.
+    pub fn with_sector_size(mut self, sector_size: u32) -> std::result::Result<Self, String> {
+        if sector_size != 512 && sector_size != 4096 {
+            return Err(format!("sector size {sector_size}: must be 512 or 4096"));
+        }
+        if sector_size < self.info.logical_sector_size {
+            return Err(format!(
+                "sector size {sector_size}: the plugin's sectors are {} bytes",
+                self.info.logical_sector_size
+            ));
+        }
+        if !self.size().is_multiple_of(u64::from(sector_size)) {
+            return Err(format!(
+                "sector size {sector_size}: the disk's {} bytes are not a whole number of sectors",
+                self.size()
+            ));
+        }
+        self.info.logical_sector_size = sector_size;
+        self.info.physical_sector_size = self.info.physical_sector_size.max(sector_size);
+        Ok(self)
+    }
+
     /// What the guest is told: the plugin's info with the host's read-only override and the
     /// current size.
     pub fn info(&self) -> DiskInfo {
@@ -77,10 +101,12 @@ impl GuardedDisk {
 
     /// Re-reads the plugin's size (online resize). Returns the new size if it changed.
     pub fn refresh_size(&self) -> std::result::Result<Option<u64>, String> {
-        let now = self.inner.info();
-        if now.logical_sector_size != self.info.logical_sector_size {
+        let mut now = self.inner.info();
+        if now.logical_sector_size > self.info.logical_sector_size {
             return Err("the plugin changed its sector size".into());
         }
+        now.logical_sector_size = self.info.logical_sector_size;
+        now.physical_sector_size = now.physical_sector_size.max(now.logical_sector_size);
         check_info(&now)?;
         let old = self.size.swap(now.size, Ordering::Relaxed);
         Ok((old != now.size).then_some(now.size))
@@ -251,6 +277,37 @@ mod tests {
         assert_eq!(n.load(Ordering::SeqCst), 0);
         with_read_bufs(&mut [&mut b], |r| g.read((1 << 20) - 4096, r)).unwrap();
         assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_4096_byte_sector_size_can_be_presented_over_512() {
+        let (g, n) = spy(DiskInfo::new(1 << 20), false);
+        let g = g.with_sector_size(4096).unwrap();
+        assert_eq!(g.info().logical_sector_size, 4096);
+        assert_eq!(g.info().physical_sector_size, 4096);
+        let mut b = vec![0u8; 4096];
+        let e = with_read_bufs(&mut [&mut b[..512]], |r| g.read(0, r)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+        let e = with_read_bufs(&mut [&mut b], |r| g.read(512, r)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+        with_read_bufs(&mut [&mut b], |r| g.read(4096, r)).unwrap();
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        assert_eq!(g.refresh_size().unwrap(), None);
+        let (g, _) = spy(DiskInfo::new(1 << 20).sector_size(4096), false);
+        assert!(g
+            .with_sector_size(512)
+            .err()
+            .unwrap()
+            .contains("4096 bytes"));
+        let (g, _) = spy(DiskInfo::new(5 * 512), false);
+        assert!(g
+            .with_sector_size(4096)
+            .err()
+            .unwrap()
+            .contains("whole number"));
+        let (g, _) = spy(DiskInfo::new(1 << 20), false);
+        assert!(g.with_sector_size(1024).is_err());
     }
 
     #[test]

@@ -107,8 +107,24 @@ impl FileDisk {
 }
 
 impl Disk for FileDisk {
+    /// The size is read again each time: the host polls it, so growing the image (`truncate
+    /// -s`, `lvextend`) resizes the guest's disk online. A size that is not whole sectors is
+    /// rounded down; one that cannot be read leaves the last known size.
     fn info(&self) -> DiskInfo {
-        self.info
+        let mut info = self.info;
+        let fd = self.file.as_raw_fd();
+        let now = match self.file.metadata() {
+            Ok(m) if m.file_type().is_block_device() => {
+                sys::block_device_geometry(fd).ok().map(|(size, _, _)| size)
+            }
+            Ok(m) => Some(m.len()),
+            Err(_) => None,
+        };
+        let sector = u64::from(info.logical_sector_size);
+        if let Some(size) = now.map(|n| n / sector * sector).filter(|&n| n > 0) {
+            info.size = size;
+        }
+        info
     }
 
     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {

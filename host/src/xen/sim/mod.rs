@@ -4,5 +4,6 @@
 pub mod evtchn;
 pub mod grant;
 pub mod hypervisor;
+pub mod machine;
 pub mod memory;
 pub mod xenstored;

@@ -1,0 +1,378 @@
+//! `serve`: a daemon serving many disks at once, until asked to stop.
+//!
+//! Two kinds of device, each run by [`super::device::run`] on its own thread with its own
+//! xenstore connection (watch events are per connection):
+//!
+//! - **Static disks** from `disks.toml`: plugins opened at start (a bad file or plugin fails
+//!   the start, naming the disk); attached when their domain exists, by creating both xenstore
+//!   directories as `connect` does, and attached again when a domain of that name comes back
+//!   after being destroyed. Their entries are removed when they end.
+//! - **Toolstack devices**: every directory that appears under
+//!   `/local/domain/<us>/backend/vbd3/<domid>/<devid>` with a `params` key (`mmap:/a.img`,
+//!   see [`super::params`]). Opened when they appear; a plugin that fails to open gets an
+//!   `error` node and state Closing, as blkback's xenbus_dev_fatal does. Their entries
+//!   belong to the toolstack and are left for it to remove.
+//!
+//! Stopping (SIGTERM) asks every device to close (Closing, wait for the guest to let go);
+//! forcing (a second signal) writes Closed into the guests' states so nothing waits.
+
+use super::attach::{create_device, device_paths, BACKEND_TYPE};
+use super::device::{run as run_device, DeviceConfig, DeviceStats, Ended, Platform};
+use super::disks_config::DiskSpec;
+use super::domains::{find_domain, XsView};
+use super::features::HostOffer;
+use super::params::parse_params;
+use super::vbd::next_free;
+use crate::plugin::{open_stack, GuardedDisk};
+use crate::xen::xenstore::{Xenstore, NO_TX};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use xen_disk_plugin_api::Config;
+
+/// Opens a new xenstore connection (each device needs its own).
+pub type XsConnect = Arc<dyn Fn() -> Result<Box<dyn Xenstore + Send>, String> + Send + Sync>;
+
+/// What every device of this server offers.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The domain this backend runs in (0: dom0).
+    pub backend_domid: u32,
+    /// Limits published to guests (`max_queues` is capped per disk by its `queues`).
+    pub offer: HostOffer,
+    /// Worker threads per ring.
+    pub workers: usize,
+}
+
+/// A static disk, opened.
+pub struct StaticDisk {
+    /// As configured.
+    pub spec: DiskSpec,
+    /// Its plugin stack behind the guard.
+    pub disk: Arc<GuardedDisk>,
+    /// "cow over vhd" style, for messages.
+    pub layers: String,
+}
+
+/// Opens every configured disk's plugin; the first failure names the disk.
+pub fn open_static(specs: Vec<DiskSpec>) -> Result<Vec<StaticDisk>, String> {
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let (disk, layers) = open_disk(
+                &spec.plugin,
+                &spec.plugin_config,
+                spec.readonly,
+                spec.sector_size,
+            )
+            .map_err(|e| format!("disk {} (plugin {}): {e}", i + 1, spec.plugin))?;
+            Ok(StaticDisk { spec, disk, layers })
+        })
+        .collect()
+}
+
+fn open_disk(
+    plugin: &str,
+    config: &Config,
+    readonly: bool,
+    sector_size: Option<u32>,
+) -> Result<(Arc<GuardedDisk>, String), String> {
+    let stack = open_stack(plugin, config).map_err(|e| e.to_string())?;
+    let layers = stack.describe();
+    let mut disk = GuardedDisk::new(Box::new(stack.disk), readonly)?;
+    if let Some(n) = sector_size {
+        disk = disk.with_sector_size(n)?;
+    }
+    Ok((Arc::new(disk), layers))
+}
+
+/// What the server reports as it goes (the CLI prints these lines; tests collect them).
+pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
+
+struct Device {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Ended, String>>,
+    frontend: String,
+    /// Index into the static disks, or None for a toolstack device.
+    static_index: Option<usize>,
+    guest: u32,
+    /// The guest's device name, for messages.
+    name: String,
+}
+
+/// Serves until `stop` is at least 1; at 2, forces guests' sides closed.
+pub fn serve(
+    connect: XsConnect,
+    platform: Platform,
+    opts: ServeOptions,
+    disks: Vec<StaticDisk>,
+    stop: &AtomicUsize,
+    log: Log,
+) -> Result<(), String> {
+    let xs = connect()?;
+    let base = format!(
+        "/local/domain/{}/backend/{BACKEND_TYPE}",
+        opts.backend_domid
+    );
+    for (path, token) in [
+        (base.as_str(), "toolstack"),
+        ("@introduceDomain", "domains"),
+        ("@releaseDomain", "domains"),
+    ] {
+        xs.watch(path, token)
+            .map_err(|e| format!("watch {path}: {e}"))?;
+    }
+    let events = xs.events();
+    let mut devices: HashMap<String, Device> = HashMap::new();
+    // Static disks not attached: waiting for their domain.
+    let mut pending: Vec<usize> = (0..disks.len()).collect();
+    // Toolstack devices that failed to open: not retried until their directory goes away.
+    let mut failed: HashSet<String> = HashSet::new();
+    let mut forced = false;
+    while stop.load(Ordering::SeqCst) == 0 {
+        let _ = events.recv_timeout(Duration::from_millis(200));
+        while events.try_recv().is_ok() {}
+        reap(&*xs, &mut devices, &mut pending, &log);
+        pending.retain(
+            |&i| match attach_static(&*xs, &connect, &platform, &opts, &disks[i], i) {
+                Ok(Some((path, dev))) => {
+                    log(&format!(
+                        "disk {}: {} attached to domain {} as {} ({path})",
+                        i + 1,
+                        disks[i].layers,
+                        dev.guest,
+                        dev.name
+                    ));
+                    devices.insert(path, dev);
+                    false
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    log(&format!("disk {}: {e}", i + 1));
+                    true
+                }
+            },
+        );
+        let present = scan_toolstack(&*xs, &base);
+        failed.retain(|p| present.contains(p));
+        for path in present {
+            if devices.contains_key(&path) || failed.contains(&path) {
+                continue;
+            }
+            match start_toolstack(&*xs, &connect, &platform, &opts, &path) {
+                Ok(Some(dev)) => {
+                    log(&format!("{path}: serving for domain {}", dev.guest));
+                    devices.insert(path, dev);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log(&format!("{path}: {e}"));
+                    let _ = xs.write(NO_TX, &format!("{path}/error"), e.as_bytes());
+                    let _ = xs.write(NO_TX, &format!("{path}/state"), b"5");
+                    failed.insert(path);
+                }
+            }
+        }
+    }
+    log(&format!("stopping: closing {} device(s)", devices.len()));
+    for d in devices.values() {
+        d.stop.store(true, Ordering::SeqCst);
+    }
+    while !devices.is_empty() {
+        if stop.load(Ordering::SeqCst) >= 2 && !forced {
+            forced = true;
+            for d in devices.values() {
+                let _ = xs.write(NO_TX, &format!("{}/state", d.frontend), b"6");
+            }
+        }
+        devices.retain(|_, d| !d.thread.is_finished());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Joins devices that ended; a static disk whose domain is gone waits for it again.
+fn reap(
+    xs: &dyn Xenstore,
+    devices: &mut HashMap<String, Device>,
+    pending: &mut Vec<usize>,
+    log: &Log,
+) {
+    let ended: Vec<String> = devices
+        .iter()
+        .filter(|(_, d)| d.thread.is_finished())
+        .map(|(p, _)| p.clone())
+        .collect();
+    for path in ended {
+        let Some(d) = devices.remove(&path) else {
+            continue;
+        };
+        let how = match d.thread.join() {
+            Ok(Ok(Ended::Removed)) => "removed".to_string(),
+            Ok(Err(e)) => format!("failed: {e}"),
+            Err(_) => "device thread panicked".to_string(),
+        };
+        log(&format!("{path}: {how}"));
+        if let Some(i) = d.static_index {
+            let domain_alive = xs
+                .read(NO_TX, &format!("/local/domain/{}/domid", d.guest))
+                .is_ok();
+            if domain_alive {
+                log(&format!(
+                    "disk {}: detached while domain {} runs; not attaching again",
+                    i + 1,
+                    d.guest
+                ));
+            } else {
+                log(&format!(
+                    "disk {}: domain {} is gone; waiting for it to return",
+                    i + 1,
+                    d.guest
+                ));
+                pending.push(i);
+            }
+        }
+    }
+}
+
+/// Attaches static disk `index` if its domain exists: the device path and its thread.
+fn attach_static(
+    xs: &dyn Xenstore,
+    connect: &XsConnect,
+    platform: &Platform,
+    opts: &ServeOptions,
+    disk: &StaticDisk,
+    index: usize,
+) -> Result<Option<(String, Device)>, String> {
+    let Ok(domid) = find_domain(&XsView(xs), &disk.spec.domain) else {
+        return Ok(None);
+    };
+    let vbd = match disk.spec.vbd {
+        Some(v) => v,
+        None => {
+            let used = xs
+                .directory(NO_TX, &format!("/local/domain/{domid}/device/vbd"))
+                .unwrap_or_default();
+            next_free(used.iter().map(String::as_str))
+                .ok_or_else(|| format!("domain {domid} has no free disk slot"))?
+        }
+    };
+    let paths = device_paths(opts.backend_domid, domid, vbd);
+    if xs.read(NO_TX, &format!("{}/state", paths.frontend)).is_ok() {
+        return Err(format!(
+            "domain {domid} already has a disk at {}",
+            vbd.linux_name()
+        ));
+    }
+    let read_only = disk.disk.info().read_only;
+    let paths = create_device(xs, opts.backend_domid, domid, vbd, read_only)
+        .map_err(|e| format!("creating the device for domain {domid}: {e}"))?;
+    let mut offer = opts.offer;
+    if let Some(q) = disk.spec.queues {
+        offer.max_queues = offer.max_queues.min(q.max(1));
+    }
+    let cfg = DeviceConfig {
+        backend_path: paths.backend.clone(),
+        frontend_path: paths.frontend.clone(),
+        frontend_domid: domid,
+        offer,
+        workers: opts.workers,
+        remove_entries: true,
+    };
+    let mut dev = spawn(connect, platform, cfg, disk.disk.clone(), Some(index))?;
+    dev.name = vbd.linux_name();
+    Ok(Some((paths.backend, dev)))
+}
+
+/// Every `<domid>/<devid>` directory under the toolstack's backend directory.
+fn scan_toolstack(xs: &dyn Xenstore, base: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for domid in xs.directory(NO_TX, base).unwrap_or_default() {
+        for devid in xs
+            .directory(NO_TX, &format!("{base}/{domid}"))
+            .unwrap_or_default()
+        {
+            out.push(format!("{base}/{domid}/{devid}"));
+        }
+    }
+    out
+}
+
+/// Starts serving a toolstack-created device, once its `params` and `state` are there.
+fn start_toolstack(
+    xs: &dyn Xenstore,
+    connect: &XsConnect,
+    platform: &Platform,
+    opts: &ServeOptions,
+    path: &str,
+) -> Result<Option<Device>, String> {
+    let read = |k: &str| -> Option<String> {
+        xs.read(NO_TX, &format!("{path}/{k}"))
+            .ok()
+            .map(|v| String::from_utf8_lossy(&v).trim().to_string())
+    };
+    let (Some(params), Some(_state)) = (read("params"), read("state")) else {
+        return Ok(None);
+    };
+    // Written by dom0's toolstack, but checked as carefully as anything else.
+    let mut parts = path.rsplit('/');
+    let (devid, domid) = (parts.next(), parts.next());
+    let domid: u32 = domid
+        .and_then(|d| d.parse().ok())
+        .ok_or("the directory is not <domid>/<devid>")?;
+    let devid: u32 = devid
+        .and_then(|d| d.parse().ok())
+        .ok_or("the directory is not <domid>/<devid>")?;
+    let frontend = read("frontend").ok_or("no `frontend` key")?;
+    let expected = format!("/local/domain/{domid}/device/vbd/{devid}");
+    if frontend != expected {
+        return Err(format!("`frontend` is {frontend}, expected {expected}"));
+    }
+    if let Some(id) = read("frontend-id") {
+        if id != domid.to_string() {
+            return Err(format!("`frontend-id` is {id}, expected {domid}"));
+        }
+    }
+    let spec = parse_params(&params).map_err(|e| format!("`params`: {e}"))?;
+    let config = Config::from_pairs(&spec.pairs).map_err(|e| format!("`params`: {e}"))?;
+    let readonly = matches!(read("mode").as_deref(), Some("r" | "ro"));
+    let (disk, _) = open_disk(&spec.plugin, &config, readonly, None)
+        .map_err(|e| format!("plugin {}: {e}", spec.plugin))?;
+    let cfg = DeviceConfig {
+        backend_path: path.to_string(),
+        frontend_path: frontend,
+        frontend_domid: domid,
+        offer: opts.offer,
+        workers: opts.workers,
+        remove_entries: false,
+    };
+    spawn(connect, platform, cfg, disk, None).map(Some)
+}
+
+fn spawn(
+    connect: &XsConnect,
+    platform: &Platform,
+    cfg: DeviceConfig,
+    disk: Arc<GuardedDisk>,
+    static_index: Option<usize>,
+) -> Result<Device, String> {
+    let xs = connect()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, p) = (stop.clone(), platform.clone());
+    let (frontend, guest) = (cfg.frontend_path.clone(), cfg.frontend_domid);
+    let thread = std::thread::Builder::new()
+        .name(format!("xen-disk-dev-{guest}"))
+        .spawn(move || run_device(&*xs, &p, &cfg, disk, &s, &DeviceStats::default()))
+        .map_err(|e| e.to_string())?;
+    Ok(Device {
+        stop,
+        thread,
+        frontend,
+        static_index,
+        guest,
+        name: String::new(),
+    })
+}

@@ -1,0 +1,281 @@
+//! `xen-disk-host serve --config disks.toml [--sim]`: the daemon. Serves the disks the file
+//! lists and every device the toolstack creates under `backend/vbd3`, until SIGTERM or
+//! Ctrl-C (a second one forces guests' sides closed).
+//!
+//! With `--sim`, everything runs on the simulated hypervisor: a simulated xenstored (on a
+//! socket, for `xenstore-ls` with `XENSTORED_PATH`), one simulated guest per domain the file
+//! names, each connecting to its disks through the real handshake and ring.
+
+use super::connect::{catch_signals, signals};
+use crate::backend::device::Platform;
+use crate::backend::disks_config::{parse_disks, DomainRef};
+use crate::backend::features::HostOffer;
+use crate::backend::server::{open_static, serve, Log, ServeOptions, StaticDisk, XsConnect};
+use crate::blkif::abi::{Protocol, MAX_RING_PAGE_ORDER};
+use crate::frontend::handshake::{connect as guest_connect, Connected, Device, Wishes};
+use crate::xen::linux::evtchn::LinuxEventChannels;
+use crate::xen::linux::gntdev::{Gntdev, LinuxGrants};
+use crate::xen::sim::hypervisor::SimDomain;
+use crate::xen::sim::machine::SimMachine;
+use crate::xen::sim::xenstored::SimXenstored;
+use crate::xen::xenstore::client::XsClient;
+use crate::xen::xenstore::{Xenstore, NO_TX};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The disks to serve (see the README's `disks.toml`); without it, only the toolstack's
+    /// devices are served.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Most rings a guest may use per disk (default: the number of CPUs).
+    #[arg(long)]
+    queues: Option<u32>,
+    /// Worker threads per ring; 0 serves requests on the ring thread.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Run against the simulated hypervisor, with a simulated guest per configured domain.
+    #[arg(long)]
+    sim: bool,
+    /// With `--sim`: where the simulated xenstored listens (default: a temporary path).
+    #[arg(long, requires = "sim")]
+    xenstore_socket: Option<PathBuf>,
+}
+
+pub fn run_serve(args: ServeArgs) -> Result<i32> {
+    let specs = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read", path.display()))?;
+            parse_disks(path, &text).map_err(anyhow::Error::msg)?
+        }
+        None => Vec::new(),
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let queues = args.queues.unwrap_or(cpus);
+    if !(1..=64).contains(&queues) {
+        bail!("--queues {queues}: must be 1 to 64");
+    }
+    if args.workers > 64 {
+        bail!("--workers {}: at most 64", args.workers);
+    }
+    if !args.sim && !std::path::Path::new("/dev/xen").exists() {
+        bail!("this is not a Xen domain (no /dev/xen); use --sim to run against the simulated hypervisor");
+    }
+    let disks = open_static(specs).map_err(anyhow::Error::msg)?;
+    let opts = ServeOptions {
+        backend_domid: 0,
+        offer: HostOffer {
+            max_ring_page_order: MAX_RING_PAGE_ORDER,
+            max_queues: queues.min(cpus),
+            max_indirect_segments: 256,
+            persistent: true,
+        },
+        workers: args.workers,
+    };
+    let log: Log = Arc::new(|line: &str| println!("{line}"));
+    catch_signals();
+    let stop = Arc::new(AtomicUsize::new(0));
+    let s = stop.clone();
+    std::thread::spawn(move || loop {
+        s.store(signals(), Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+    });
+    if args.sim {
+        return run_sim(args, disks, opts, log, &stop);
+    }
+    let connect: XsConnect = Arc::new(|| {
+        XsClient::open_default()
+            .map(|c| Box::new(c) as Box<dyn Xenstore + Send>)
+            .map_err(|e| e.to_string())
+    });
+    let platform = Platform {
+        grants: Arc::new(LinuxGrants(Gntdev::open()?)),
+        evtchns: Arc::new(LinuxEventChannels),
+    };
+    println!(
+        "serving {} configured disk(s) and the toolstack's vbd3 devices; SIGTERM stops",
+        disks.len()
+    );
+    serve(connect, platform, opts, disks, &stop, log).map_err(anyhow::Error::msg)?;
+    println!("stopped");
+    Ok(0)
+}
+
+/// A simulated guest's domain id for each configured domain, in order of first mention.
+fn sim_domains(disks: &[StaticDisk]) -> Vec<(u32, String, String)> {
+    let mut out: Vec<(u32, String, String)> = Vec::new();
+    let mut next = 1u32;
+    for d in disks {
+        let (id, name, uuid) = match &d.spec.domain {
+            DomainRef::Id(id) => (*id, format!("sim-guest-{id}"), None),
+            DomainRef::Name(n) => (0, n.clone(), None),
+            DomainRef::Uuid(u) => (0, format!("sim-{}", &u[..8]), Some(u.clone())),
+        };
+        let seen = out.iter().any(|(i, n, u)| {
+            (id != 0 && *i == id) || *n == name || uuid.as_ref().is_some_and(|x| x == u)
+        });
+        if seen {
+            continue;
+        }
+        let id = if id != 0 {
+            id
+        } else {
+            while out.iter().any(|(i, _, _)| *i == next) || disks_use_id(disks, next) {
+                next += 1;
+            }
+            next
+        };
+        let uuid = uuid.unwrap_or_else(|| format!("00000000-0000-0000-0000-{id:012x}"));
+        out.push((id, name, uuid));
+    }
+    out
+}
+
+fn disks_use_id(disks: &[StaticDisk], id: u32) -> bool {
+    disks
+        .iter()
+        .any(|d| matches!(d.spec.domain, DomainRef::Id(i) if i == id))
+}
+
+struct SimGuest {
+    domid: u32,
+    xs: XsClient,
+    disks: Vec<(String, Connected)>,
+    failed: Vec<String>,
+}
+
+fn run_sim(
+    args: ServeArgs,
+    disks: Vec<StaticDisk>,
+    opts: ServeOptions,
+    log: Log,
+    stop: &AtomicUsize,
+) -> Result<i32> {
+    let xenstored = Arc::new(SimXenstored::new());
+    let socket = args.xenstore_socket.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("xen-disk-sim-{}.sock", std::process::id()))
+    });
+    let _ = std::fs::remove_file(&socket);
+    xenstored
+        .listen(&socket, 0)
+        .with_context(|| format!("{}: cannot listen", socket.display()))?;
+    let machine = Arc::new(SimMachine::new(0));
+    let mut domains = Vec::new();
+    for (id, name, uuid) in sim_domains(&disks) {
+        let dom = SimDomain::new(id, 4096, 64).context("simulated guest memory")?;
+        machine.add(&dom);
+        xenstored.add_domain(id, &name, &uuid);
+        domains.push(dom);
+    }
+    println!(
+        "simulated xenstored at {} (XENSTORED_PATH={0}); {} simulated guest(s)",
+        socket.display(),
+        domains.len()
+    );
+    let x = xenstored.clone();
+    let connect: XsConnect = Arc::new(move || {
+        x.connect(0)
+            .map(|c| Box::new(c) as Box<dyn Xenstore + Send>)
+            .map_err(|e| e.to_string())
+    });
+    let platform = Platform {
+        grants: machine.clone(),
+        evtchns: machine,
+    };
+    let expected = disks.len();
+    let server_stop = Arc::new(AtomicUsize::new(0));
+    let ss = server_stop.clone();
+    let server = std::thread::spawn(move || serve(connect, platform, opts, disks, &ss, log));
+    // Each simulated guest connects to every disk attached to it, as blkfront would.
+    let mut guests = Vec::new();
+    for dom in &domains {
+        guests.push(SimGuest {
+            domid: dom.domid,
+            xs: xenstored.connect(dom.domid)?,
+            disks: Vec::new(),
+            failed: Vec::new(),
+        });
+    }
+    // The guests keep looking for new disks (the toolstack may add some), as blkfront would
+    // on its watch; the configured ones must all connect within 20 s.
+    let mut connected = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while stop.load(Ordering::SeqCst) == 0 {
+        if connected < expected && std::time::Instant::now() > deadline {
+            bail!("simulated guests: only {connected} of {expected} disks connected in 20 s");
+        }
+        for (g, dom) in guests.iter_mut().zip(&domains) {
+            let base = format!("/local/domain/{}/device/vbd", g.domid);
+            for devid in g.xs.directory(NO_TX, &base).unwrap_or_default() {
+                let fe = format!("{base}/{devid}");
+                if g.disks.iter().any(|(p, _)| *p == fe) || g.failed.contains(&fe) {
+                    continue;
+                }
+                let Ok(be) = g.xs.read(NO_TX, &format!("{fe}/backend")) else {
+                    continue;
+                };
+                let be = String::from_utf8_lossy(&be).to_string();
+                // Only once the backend is waiting for us (a failed one says Closing).
+                match g.xs.read(NO_TX, &format!("{be}/state")).as_deref() {
+                    Ok(b"2") => {}
+                    Ok(b"5") | Ok(b"6") => {
+                        println!("simulated guest {}: {fe}: the backend closed it", g.domid);
+                        g.failed.push(fe);
+                        continue;
+                    }
+                    _ => continue,
+                }
+                let first_page = g.disks.len() * (1 << MAX_RING_PAGE_ORDER);
+                let wishes = Wishes {
+                    ring_page_order: MAX_RING_PAGE_ORDER,
+                    queues: 1,
+                    persistent: true,
+                    protocol: Protocol::X86_64,
+                };
+                let dev = Device {
+                    frontend: &fe,
+                    backend: &be,
+                    backend_domid: 0,
+                };
+                let conn =
+                    guest_connect(&g.xs, dom, dev, first_page, wishes, Duration::from_secs(10))
+                        .with_context(|| format!("simulated guest {}: {fe}", g.domid))?;
+                println!(
+                    "simulated guest {} connected {fe}: {} bytes, {}-byte sectors{}",
+                    g.domid,
+                    conn.disk.sectors * 512,
+                    conn.disk.sector_size,
+                    if conn.disk.info & crate::blkif::abi::VDISK_READONLY != 0 {
+                        ", read-only"
+                    } else {
+                        ""
+                    }
+                );
+                g.disks.push((fe, conn));
+                connected += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The guests let go first, as at a clean guest shutdown; then the devices are removed.
+    for g in &mut guests {
+        for (fe, conn) in g.disks.drain(..) {
+            drop(conn);
+            let _ = g.xs.write(NO_TX, &format!("{fe}/state"), b"6");
+        }
+    }
+    server_stop.store(stop.load(Ordering::SeqCst), Ordering::SeqCst);
+    let result = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
+    let _ = std::fs::remove_file(&socket);
+    result.map_err(anyhow::Error::msg)?;
+    println!("stopped");
+    Ok(0)
+}

@@ -1,0 +1,259 @@
+//! `serve --config disks.toml --sim`: the daemon serves the configured disks to simulated
+//! guests, picks up devices the toolstack creates under `backend/vbd3` (plugin from
+//! `params`), refuses a bad one with an `error` node while the others keep serving, and stops
+//! cleanly on SIGTERM.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+use xen_disk_host::xen::xenstore::client::XsClient;
+use xen_disk_host::xen::xenstore::{transaction, Access, Perm, Xenstore, NO_TX};
+
+fn perm(domid: u32, access: Access) -> Perm {
+    Perm { domid, access }
+}
+
+struct Daemon {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed test must not leave the daemon running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        build_all();
+        let mut child = Command::new(target_dir().join("xen-disk-host"))
+            .args(args)
+            .env("XEN_DISK_PLUGIN_PATH", target_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run xen-disk-host serve");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing every needle; returns it.
+    fn expect(&mut self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(l) = self
+                .seen
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("no line with {needles:?}; saw:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn terminate(&mut self) -> Vec<String> {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = self.child.wait().unwrap();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        assert!(
+            status.success(),
+            "exit {status:?}:\n{}",
+            self.seen.join("\n")
+        );
+        self.seen.clone()
+    }
+}
+
+#[test]
+fn serve_runs_configured_and_toolstack_disks_until_sigterm() {
+    let t = TempDir::new("serve");
+    let (a, b, c) = (t.join("a.img"), t.join("b.img"), t.join("c.img"));
+    for (p, len) in [(&a, 64 << 20), (&b, 32 << 20), (&c, 16 << 20)] {
+        std::fs::File::create(p).unwrap().set_len(len).unwrap();
+    }
+    let config = t.join("disks.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[disk]]
+domain = "alpha"
+plugin = "mmap"
+[disk.plugin-config]
+path = "{}"
+
+[[disk]]
+domain = "alpha"
+plugin = "file"
+readonly = true
+sector-size = 4096
+[disk.plugin-config]
+path = "{}"
+
+[[disk]]
+domain = "7"
+plugin = "file"
+[disk.plugin-config]
+path = "{}"
+"#,
+            a.display(),
+            b.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let socket = t.join("xs.sock");
+    let mut d = Daemon::start(&[
+        "serve",
+        "--sim",
+        "--config",
+        config.to_str().unwrap(),
+        "--xenstore-socket",
+        socket.to_str().unwrap(),
+    ]);
+    d.expect(&["disk 1: mmap attached to domain 1 as xvdb"]);
+    d.expect(&["disk 2: file attached to domain 1 as xvdc"]);
+    d.expect(&["disk 3: file attached to domain 7 as xvdb"]);
+    d.expect(&[
+        "guest 1 connected",
+        "/51728: 67108864 bytes, 512-byte sectors",
+    ]);
+    d.expect(&[
+        "guest 1 connected",
+        "/51744: 33554432 bytes, 4096-byte sectors, read-only",
+    ]);
+    d.expect(&[
+        "guest 7 connected",
+        "/51728: 33554432 bytes, 512-byte sectors",
+    ]);
+
+    // The toolstack adds a disk to domain 1, as libxl would: both directories, one
+    // transaction, the plugin in `params`.
+    let xs = XsClient::connect_unix(&socket).unwrap();
+    let toolstack_device = |devid: u32, params: &str| {
+        let be = format!("/local/domain/0/backend/vbd3/1/{devid}");
+        let fe = format!("/local/domain/1/device/vbd/{devid}");
+        transaction(&xs, |tx| {
+            // libxl's permissions, set on each directory before its keys (which inherit
+            // them): each side owns its directory, the other side reads it.
+            xs.mkdir(tx, &be)?;
+            xs.set_perms(tx, &be, &[perm(0, Access::None), perm(1, Access::Read)])?;
+            xs.mkdir(tx, &fe)?;
+            xs.set_perms(tx, &fe, &[perm(1, Access::None), perm(0, Access::Read)])?;
+            for (k, v) in [
+                ("frontend", fe.as_str()),
+                ("frontend-id", "1"),
+                ("online", "1"),
+                ("state", "1"),
+                ("mode", "w"),
+                ("params", params),
+            ] {
+                xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+            }
+
+            for (k, v) in [
+                ("backend", be.as_str()),
+                ("backend-id", "0"),
+                ("state", "1"),
+                ("virtual-device", &devid.to_string()),
+            ] {
+                xs.write(tx, &format!("{fe}/{k}"), v.as_bytes())?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        be
+    };
+    let be = toolstack_device(51760, &format!("file:{}", c.display()));
+    d.expect(&[&format!("{be}: serving for domain 1")]);
+    d.expect(&["guest 1 connected", "/51760: 16777216 bytes"]);
+    assert_eq!(xs.read(NO_TX, &format!("{be}/state")).unwrap(), b"4");
+    assert_eq!(
+        xs.read(NO_TX, &format!("{be}/sectors")).unwrap(),
+        (16u64 << 20 >> 9).to_string().as_bytes()
+    );
+
+    // A device whose plugin cannot open: an error node, Closing, and the rest serve on.
+    let bad = toolstack_device(51776, "qcow2:/nonexistent/x.qcow2");
+    d.expect(&[&bad, "plugin qcow2"]);
+    d.expect(&["guest 1", "/51776: the backend closed it"]);
+    let err = String::from_utf8(xs.read(NO_TX, &format!("{bad}/error")).unwrap()).unwrap();
+    assert!(err.contains("/nonexistent/x.qcow2"), "{err}");
+    assert_eq!(xs.read(NO_TX, &format!("{bad}/state")).unwrap(), b"5");
+    let garbage = toolstack_device(51792, "");
+    d.expect(&[&garbage, "params"]);
+    assert_eq!(xs.read(NO_TX, &format!("{be}/state")).unwrap(), b"4");
+
+    let lines = d.terminate();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("stopping: closing 4 device(s)")),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("stopped"),
+        "{lines:?}"
+    );
+    let _ = std::fs::remove_file(&socket);
+}
+
+#[test]
+fn serve_mistakes_are_one_line() {
+    let t = TempDir::new("serve-bad");
+    let config = t.join("disks.toml");
+    std::fs::write(&config, "[[disk]]\ndomain = \"a\"\nplugin = \"nosuch\"\n").unwrap();
+    assert_bad_input(
+        &host(&["serve", "--sim", "--config", config.to_str().unwrap()]),
+        &["disk 1", "nosuch"],
+    );
+    std::fs::write(&config, "[[disk]]\nplugin = \"mmap\"\n").unwrap();
+    assert_bad_input(
+        &host(&["serve", "--sim", "--config", config.to_str().unwrap()]),
+        &["disks.toml", "domain"],
+    );
+    assert_bad_input(
+        &host(&[
+            "serve",
+            "--sim",
+            "--config",
+            t.join("missing.toml").to_str().unwrap(),
+        ]),
+        &["missing.toml"],
+    );
+    if !std::path::Path::new("/dev/xen").exists() {
+        assert_bad_input(&host(&["serve"]), &["not a Xen domain", "--sim"]);
+    }
+}
