@@ -188,6 +188,14 @@ extern "C" fn open_over<F: Filter>(
     })
 }
 
+extern "C" fn no() -> bool {
+    false
+}
+
+extern "C" fn read_only_base<F: Filter>() -> bool {
+    F::READ_ONLY_BASE
+}
+
 /// Builds the root module for plugin `P` (called once, when the host loads the library).
 #[doc(hidden)]
 pub fn root_module<P: Plugin>() -> PluginModRef {
@@ -196,6 +204,7 @@ pub fn root_module<P: Plugin>() -> PluginModRef {
         describe: describe::<P>,
         open: open::<P>,
         open_over: None,
+        read_only_base: no,
     }
     .leak_into_prefix()
 }
@@ -208,6 +217,7 @@ pub fn filter_root_module<F: Filter>() -> PluginModRef {
         describe: describe_filter::<F>,
         open: open_filter_alone::<F>,
         open_over: Some(open_over::<F>),
+        read_only_base: read_only_base::<F>,
     }
     .leak_into_prefix()
 }
