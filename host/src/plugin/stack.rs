@@ -10,12 +10,11 @@
 //! file read-only and cannot touch it on open; a plugin with neither key is wrapped so that
 //! writes fail before they reach it. A user's explicit `readonly=false` is refused.
 
+use super::loader::KeyInfo;
 use super::loader::{load_spec, LoadedPlugin, PluginError};
 use xen_disk_plugin_api::ffi::PluginKind;
-use super::loader::KeyInfo;
 use xen_disk_plugin_api::{
-    export_disk, Config, Disk, DiskInfo, Error, ErrorKind, ForeignDisk, ReadBufs, Result,
-    WriteBufs,
+    export_disk, Config, Disk, DiskInfo, Error, ErrorKind, ForeignDisk, ReadBufs, Result, WriteBufs,
 };
 
 /// How deep stacks may go (a loop in a config file is not possible, but a silly one is).
