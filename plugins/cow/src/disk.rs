@@ -70,6 +70,18 @@ impl CowDisk {
         }
     }
 
+    /// The end of `[offset, offset + len)`, refused if outside the disk: the host checks
+    /// first, this keeps a direct caller (a filter above, a test) from indexing past the map.
+    fn end_of(&self, offset: u64, len: u64) -> Result<u64> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.info.size => Ok(end),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("{offset}+{len} is outside the {}-byte disk", self.info.size),
+            )),
+        }
+    }
+
     /// The run starting at `pos` (≤ `end`) of granules that are all in the overlay, or all
     /// not: (in overlay?, run end).
     fn run(&self, pos: u64, end: u64) -> (bool, u64) {
@@ -83,7 +95,7 @@ impl CowDisk {
     }
 
     fn write_from(&self, offset: u64, len: u64, src: &Source<'_, '_>) -> Result<()> {
-        let end = offset + len;
+        let end = self.end_of(offset, len)?;
         let mut pos = offset;
         while pos < end {
             let (mapped, run_end) = self.run(pos, end);
@@ -135,7 +147,10 @@ impl Disk for CowDisk {
     }
 
     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
-        let end = offset + bufs.len() as u64;
+        let end = self.end_of(offset, bufs.len() as u64)?;
+        if end == offset {
+            return Ok(());
+        }
         let (mapped, run_end) = self.run(offset, end);
         if run_end == end && !mapped {
             // The common case over a gold image: straight from the base into the guest's pages.
@@ -174,12 +189,21 @@ impl Disk for CowDisk {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         // Bounded chunks keep the temporary buffers small for a large range.
         const CHUNK: u64 = 16 << 20;
+        let end = self.end_of(offset, len)?;
         let mut pos = offset;
-        while pos < offset + len {
-            let n = CHUNK.min(offset + len - pos);
+        while pos < end {
+            let n = CHUNK.min(end - pos);
             self.write_from(pos, n, &Source::Zeroes)?;
             pos += n;
         }
         Ok(())
+    }
+}
+
+impl Drop for CowDisk {
+    /// Closing persists the bitmap, so a clean detach keeps every write even if the guest
+    /// never flushed. There is no one left to tell about an error.
+    fn drop(&mut self) {
+        let _ = self.overlay.flush();
     }
 }
