@@ -220,14 +220,10 @@ fn the_base_of_cow_is_read_only_whatever_the_user_says() {
             file.display()
         );
         assert!(
-            modes.iter().all(|&m| m == libc_o_rdonly()),
+            modes.iter().all(|&m| m == libc::O_RDONLY as u32),
             "{base}: opened with access modes {modes:?}"
         );
     }
-}
-
-fn libc_o_rdonly() -> u32 {
-    0
 }
 
 /// The access modes (O_ACCMODE bits) of this process's descriptors open on `path`.
@@ -484,7 +480,7 @@ fn error_filter_rates_fail_about_that_fraction_with_io_errors() {
     for i in 0..400u64 {
         with_read_bufs(&mut [&mut buf], |b| never.read(i * 512 % (MIB as u64), b)).unwrap();
         let e = with_write_bufs(&[&buf], |b| always.write(0, b)).unwrap_err();
-        assert_eq!((e.kind(), e.errno()), (ErrorKind::Io, libc_eio()));
+        assert_eq!((e.kind(), e.errno()), (ErrorKind::Io, libc::EIO));
         if let Err(e) = with_read_bufs(&mut [&mut buf], |b| half.read(0, b)) {
             assert_eq!(e.kind(), ErrorKind::Io);
             failed += 1;
@@ -496,10 +492,6 @@ fn error_filter_rates_fail_about_that_fraction_with_io_errors() {
     );
     // Reads still pass through when the write rate is 1.
     with_read_bufs(&mut [&mut buf], |b| always.read(0, b)).unwrap();
-}
-
-fn libc_eio() -> i32 {
-    5
 }
 
 #[test]

@@ -109,7 +109,7 @@ fn file_overlay_keeps_flushed_writes_across_a_crash_and_all_writes_across_a_clos
     let _ = std::fs::remove_file(&path);
     let key = format!("overlay={}", path.display());
     {
-        let (d, _) = open(&[key.clone()]);
+        let (d, _) = open(std::slice::from_ref(&key));
         assert!(d.info().can_flush);
         write(&d, 4096, &[9; 4096]);
         d.flush().unwrap();
@@ -119,7 +119,7 @@ fn file_overlay_keeps_flushed_writes_across_a_crash_and_all_writes_across_a_clos
     }
     let mut expect = pattern();
     expect[4096..8192].fill(9);
-    let (d, _) = open(&[key.clone()]);
+    let (d, _) = open(std::slice::from_ref(&key));
     assert_eq!(
         read(&d, 0, SIZE),
         expect,
@@ -128,7 +128,7 @@ fn file_overlay_keeps_flushed_writes_across_a_crash_and_all_writes_across_a_clos
     write(&d, 1 << 18, &[8; 512]);
     // A clean close persists the bitmap without a flush from the guest.
     drop(d);
-    let (d, _) = open(&[key.clone()]);
+    let (d, _) = open(std::slice::from_ref(&key));
     expect[1 << 18..(1 << 18) + 512].fill(8);
     assert_eq!(read(&d, 0, SIZE), expect, "after a close");
     drop(d);

@@ -40,7 +40,7 @@ impl ErrorDisk {
     /// Decides whether the request `[offset, offset + len)` fails.
     fn check(&self, what: &str, offset: u64, len: u64, rate: f64) -> Result<()> {
         if let Some((first, last)) = self.bad {
-            if len > 0 && offset <= last && offset + len - 1 >= first {
+            if len > 0 && offset <= last && offset + len > first {
                 return Err(Error::io(
                     libc::EIO,
                     format!(
