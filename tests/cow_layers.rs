@@ -81,6 +81,12 @@ fn check_passes_over_every_base_in_both_modes_and_the_base_never_changes() {
             "{base}: the base image changed"
         );
     }
+    // A base with no read-only switch of its own is fenced by the host, and cow still works.
+    let out = run_ok(&["check", "cow", "-c", "base=discard", "-c", "base.size=8M"]);
+    assert!(
+        out.contains(" 0 failed") && out.contains("cow 0.1.0 over discard"),
+        "{out}"
+    );
     // qemu still finds the gold images sound.
     qemu_img(&["check", s(&qcow)]);
 }

@@ -395,6 +395,12 @@ mod tests {
     fn filters_open_over_a_base_and_stack() {
         let m = filter_root_module::<ShiftFilter>();
         assert_eq!((m.describe())().kind, PluginKind::Filter);
+        // Filters write their base unless they declare otherwise; plain plugins have none.
+        assert_eq!(m.read_only_base().map(|f| f()), Some(false));
+        assert_eq!(
+            root_module::<BoomPlugin>().read_only_base().map(|f| f()),
+            Some(false)
+        );
         assert!(ForeignDisk::open(m, &Config::new())
             .err()
             .unwrap()

@@ -12,8 +12,8 @@
 //! xen-disk-host check delay -c read_ms=5 -c jitter_ms=3 -c base=file -c base.path=disk.img
 //! ```
 //!
-//! Each request sleeps on its own worker thread and is then forwarded unchanged, so
-//! requests in flight overlap their delays, as on a real slow device. The disk is the base's:
+//! A request sleeps on the worker thread that carries it, then goes to the base unchanged:
+//! requests on different workers overlap their delays, as on a real slow device. The disk is the base's:
 //! same size, capabilities and thread model.
 
 use std::sync::atomic::{AtomicU64, Ordering};
