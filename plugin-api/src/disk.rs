@@ -225,6 +225,11 @@ pub trait Filter: 'static {
     const DESCRIPTION: &'static str;
     /// The filter's own keys (the `base` table is the host's and never reaches `open`).
     const CONFIG_KEYS: &'static [ConfigKey];
+    /// True when the filter never writes its base (a copy-on-write overlay): the host then
+    /// opens the base read-only — it sets the base plugin's `readonly` key (or `shared=false`
+    /// for `mmap`), passes the request down a stack of filters, and refuses writes at the
+    /// boundary for bases that have no such key — and refuses a user's `readonly=false`.
+    const READ_ONLY_BASE: bool = false;
 
     /// Opens the filter over `base`.
     fn open(config: &Config, base: crate::ForeignDisk) -> Result<Self::Disk>;

@@ -188,6 +188,14 @@ extern "C" fn open_over<F: Filter>(
     })
 }
 
+extern "C" fn no() -> bool {
+    false
+}
+
+extern "C" fn read_only_base<F: Filter>() -> bool {
+    F::READ_ONLY_BASE
+}
+
 /// Builds the root module for plugin `P` (called once, when the host loads the library).
 #[doc(hidden)]
 pub fn root_module<P: Plugin>() -> PluginModRef {
@@ -196,6 +204,7 @@ pub fn root_module<P: Plugin>() -> PluginModRef {
         describe: describe::<P>,
         open: open::<P>,
         open_over: None,
+        read_only_base: no,
     }
     .leak_into_prefix()
 }
@@ -208,6 +217,7 @@ pub fn filter_root_module<F: Filter>() -> PluginModRef {
         describe: describe_filter::<F>,
         open: open_filter_alone::<F>,
         open_over: Some(open_over::<F>),
+        read_only_base: read_only_base::<F>,
     }
     .leak_into_prefix()
 }
@@ -385,6 +395,12 @@ mod tests {
     fn filters_open_over_a_base_and_stack() {
         let m = filter_root_module::<ShiftFilter>();
         assert_eq!((m.describe())().kind, PluginKind::Filter);
+        // Filters write their base unless they declare otherwise; plain plugins have none.
+        assert_eq!(m.read_only_base().map(|f| f()), Some(false));
+        assert_eq!(
+            root_module::<BoomPlugin>().read_only_base().map(|f| f()),
+            Some(false)
+        );
         assert!(ForeignDisk::open(m, &Config::new())
             .err()
             .unwrap()

@@ -126,6 +126,10 @@ pub struct PluginMod {
     #[sabi(last_prefix_field)]
     pub open_over:
         Option<extern "C" fn(config: RStr<'_>, base: FfiDiskBox) -> RResult<FfiDiskBox, FfiError>>,
+    /// True for a filter that never writes its base and wants the host to open the base
+    /// read-only ([`Filter::READ_ONLY_BASE`](crate::Filter::READ_ONLY_BASE)). Added after
+    /// the prefix: plugins built before it read as `None` (false).
+    pub read_only_base: extern "C" fn() -> bool,
 }
 
 impl RootModule for PluginModRef {

@@ -3,6 +3,7 @@
 mod bench;
 mod check;
 mod connect;
+mod cow;
 mod plugins;
 mod serve;
 mod sim;
@@ -33,6 +34,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The simulated hypervisor (no Xen needed).
     Sim(sim::SimArgs),
+    /// Offline care of a cow overlay file: reset it, or commit it into its base.
+    Cow(cow::CowArgs),
 }
 
 /// How a plugin is named and configured on the command line (shared by every subcommand).
@@ -89,6 +92,7 @@ pub fn main() -> Result<i32> {
         Command::Check(a) => check::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Sim(a) => sim::run(a),
+        Command::Cow(a) => cow::run(a),
     }
 }
 

@@ -75,6 +75,8 @@ pub struct LoadedPlugin {
     pub abi_version: u32,
     /// A disk, or a filter opened over a base disk.
     pub kind: PluginKind,
+    /// A filter that never writes its base: the host opens the base read-only.
+    pub read_only_base: bool,
     module: PluginModRef,
 }
 
@@ -158,6 +160,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
             })
             .collect(),
         abi_version: module.abi_version(),
+        read_only_base: module.read_only_base().is_some_and(|f| f()),
         path,
         module,
     })

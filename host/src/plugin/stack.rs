@@ -3,10 +3,19 @@
 //! The filter's configuration carries its base as a table: `-c base=vhd -c base.path=g.vhd`
 //! (or `[plugin-config.base]` with `plugin = "vhd"` in TOML). The host opens the base first,
 //! bottom up, then the filter over it; each layer sees the one below as a plain disk.
+//!
+//! A filter that declares [`Filter::READ_ONLY_BASE`](xen_disk_plugin_api::Filter) (cow) gets
+//! its whole base stack opened read-only: each plain plugin below gets `readonly=true` (or
+//! `shared=false` for a plugin whose only such key is `shared`, like mmap) so it opens its
+//! file read-only and cannot touch it on open; a plugin with neither key is wrapped so that
+//! writes fail before they reach it. A user's explicit `readonly=false` is refused.
 
+use super::loader::KeyInfo;
 use super::loader::{load_spec, LoadedPlugin, PluginError};
 use xen_disk_plugin_api::ffi::PluginKind;
-use xen_disk_plugin_api::{Config, ForeignDisk};
+use xen_disk_plugin_api::{
+    export_disk, Config, Disk, DiskInfo, Error, ErrorKind, ForeignDisk, ReadBufs, Result, WriteBufs,
+};
 
 /// How deep stacks may go (a loop in a config file is not possible, but a silly one is).
 pub const MAX_LAYERS: usize = 8;
@@ -39,10 +48,78 @@ fn bad(plugin: &str, message: String) -> PluginError {
 
 /// Loads `spec` and opens it with `config`, building its base stack first if it is a filter.
 pub fn open_stack(spec: &str, config: &Config) -> Result<Stack, PluginError> {
-    open_layer(spec, config.clone(), 0)
+    open_layer(spec, config.clone(), 0, false)
 }
 
-fn open_layer(spec: &str, mut config: Config, depth: usize) -> Result<Stack, PluginError> {
+fn has_bool_key(keys: &[KeyInfo], name: &str) -> bool {
+    keys.iter()
+        .any(|k| k.name == name && k.ty == xen_disk_plugin_api::KeyType::Bool)
+}
+
+/// Sets the plain plugin's own read-only switch, refusing a user's contrary choice.
+/// Returns false when the plugin has no such key.
+fn force_read_only(
+    plugin: &LoadedPlugin,
+    config: &mut Config,
+) -> std::result::Result<bool, PluginError> {
+    let (key, wanted) = if has_bool_key(&plugin.keys, "readonly") {
+        ("readonly", true)
+    } else if has_bool_key(&plugin.keys, "shared") {
+        ("shared", false)
+    } else {
+        return Ok(false);
+    };
+    if let Some(v) = config.value(key) {
+        if v.as_bool() != Some(wanted) {
+            return Err(bad(
+                &plugin.name,
+                format!(
+                    "config key `{key}`: the base of a copy-on-write filter is always opened \
+                     read-only; drop `{key}={v}`"
+                ),
+            ));
+        }
+    }
+    config
+        .set(key, toml::Value::Boolean(wanted))
+        .map_err(|e| bad(&plugin.name, e))?;
+    Ok(true)
+}
+
+/// A base with no read-only switch of its own: writes stop here.
+struct ReadOnlyBase(ForeignDisk);
+
+impl Disk for ReadOnlyBase {
+    fn info(&self) -> DiskInfo {
+        let i = self.0.info();
+        DiskInfo {
+            read_only: true,
+            can_discard: false,
+            can_write_zeroes: false,
+            can_fua: false,
+            ..i
+        }
+    }
+    fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        self.0.read(offset, bufs)
+    }
+    fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::ReadOnly,
+            "the base of a copy-on-write filter is read-only",
+        ))
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn open_layer(
+    spec: &str,
+    mut config: Config,
+    depth: usize,
+    read_only: bool,
+) -> Result<Stack, PluginError> {
     if depth >= MAX_LAYERS {
         return Err(bad(spec, format!("more than {MAX_LAYERS} layers")));
     }
@@ -50,7 +127,11 @@ fn open_layer(spec: &str, mut config: Config, depth: usize) -> Result<Stack, Plu
     let base = config.take("base");
     match (plugin.kind, base) {
         (PluginKind::Disk, None) => {
-            let disk = plugin.open(&config)?;
+            let switched = read_only && force_read_only(&plugin, &mut config)?;
+            let mut disk = plugin.open(&config)?;
+            if read_only && !switched {
+                disk = ForeignDisk::new(export_disk(ReadOnlyBase(disk)));
+            }
             Ok(Stack {
                 disk,
                 layers: vec![plugin],
@@ -83,7 +164,8 @@ fn open_layer(spec: &str, mut config: Config, depth: usize) -> Result<Stack, Plu
                     ))
                 }
             };
-            let below = open_layer(&base_spec, base_config, depth + 1)?;
+            let below_read_only = read_only || plugin.read_only_base;
+            let below = open_layer(&base_spec, base_config, depth + 1, below_read_only)?;
             let disk = plugin.open_over(&config, below.disk)?;
             let mut layers = vec![plugin];
             layers.extend(below.layers);

@@ -1,0 +1,266 @@
+//! The overlay store: granules written by the guest, in a sparse file or in memory.
+//!
+//! Both modes keep granule `i` at a fixed place (`data offset + i * granularity`) in a file
+//! that is sparse until written: a `memfd` (freed on close) or the `overlay=PATH` file, whose
+//! header and bitmap make it persistent. There is no allocator and no index to update, so
+//! a granule is found with one bit and read with one `pread`.
+//!
+//! # Crash safety (file mode)
+//!
+//! Data is written with `pwrite` before its bit is set in memory; the bitmap reaches the
+//! file only in [`Overlay::flush`], in this order:
+//!
+//! 1. take a snapshot of the dirty bitmap pages (every bit in it has its data already
+//!    written to the file, though perhaps only in the page cache);
+//! 2. `fdatasync` — now that data is durable;
+//! 3. write the snapshot pages;
+//! 4. `fdatasync` — now the bits are durable.
+//!
+//! So a durable bit always points at durable data. A crash loses at most the writes since
+//! the last flush (the guest was never told they were durable): their bits were not
+//! persisted and those granules read from the base again, as before the writes. Bits only
+//! go from 0 to 1 while a disk is open, so a torn bitmap page, whose sectors are each old or
+//! new, is still a valid set of durable granules. Flushes hold a lock so an older snapshot
+//! never lands after a newer one. New files are built under a temporary name and renamed
+//! into place, so a crash never leaves a half-made overlay under the real name.
+
+mod bitmap;
+mod header;
+
+pub use bitmap::Bitmap;
+pub use header::Header;
+
+use header::BLOCK;
+use std::fs::{File, OpenOptions};
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use xen_disk_plugin_api::{Error, Result};
+
+/// The default granularity.
+pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
+
+/// An open overlay.
+pub struct Overlay {
+    file: File,
+    name: String,
+    header: Header,
+    persistent: bool,
+    bitmap: Bitmap,
+    flush_lock: Mutex<()>,
+}
+
+/// Checks a granularity against the base's sector size.
+pub fn check_granularity(g: u64, sector: u32) -> Result<()> {
+    if !g.is_power_of_two() || g < u64::from(sector) || g > 1 << 30 {
+        return Err(Error::config(
+            "granularity",
+            format!("{g} must be a power of two from the sector size ({sector}) to 1G"),
+        ));
+    }
+    Ok(())
+}
+
+fn io_context<'a>(name: &'a str, what: &'a str) -> impl Fn(std::io::Error) -> Error + 'a {
+    move |e| Error::from(e).context(format!("{name}: {what}"))
+}
+
+impl Overlay {
+    /// A fresh overlay in memory, gone when dropped.
+    pub fn in_memory(base_size: u64, granularity: u64) -> Result<Overlay> {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(c"xen-disk-cow".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::from(std::io::Error::last_os_error()).context("memfd_create"));
+        }
+        // SAFETY: fd was just created and nothing else owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let header = Header {
+            data_offset: 0,
+            ..Header::new(base_size, granularity)
+        };
+        file.set_len(header.granules * granularity)
+            .map_err(io_context("memory overlay", "size"))?;
+        Ok(Overlay {
+            file,
+            name: "memory overlay".into(),
+            bitmap: Bitmap::zeroed(header.bitmap_len as usize),
+            header,
+            persistent: false,
+            flush_lock: Mutex::new(()),
+        })
+    }
+
+    /// Opens an existing overlay file, checking its header and length.
+    pub fn open_file(path: &Path) -> Result<Overlay> {
+        let name = path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::from(e).context(&name))?;
+        let len = file.metadata().map_err(io_context(&name, "stat"))?.len();
+        let mut block = vec![0u8; BLOCK.min(len) as usize];
+        file.read_exact_at(&mut block, 0)
+            .map_err(io_context(&name, "read header"))?;
+        let header = Header::decode(&block, &name)?;
+        if len < header.file_len() {
+            return Err(Error::corrupt(format!(
+                "{name}: truncated overlay: {len} bytes, the header says {}",
+                header.file_len()
+            )));
+        }
+        let mut bits = vec![0u8; header.bitmap_len as usize];
+        file.read_exact_at(&mut bits, header.bitmap_offset)
+            .map_err(io_context(&name, "read bitmap"))?;
+        Ok(Overlay {
+            file,
+            name,
+            bitmap: Bitmap::from_bytes(&bits),
+            header,
+            persistent: true,
+            flush_lock: Mutex::new(()),
+        })
+    }
+
+    /// Opens `path` over a base of `base_size` bytes, creating it if absent. A given
+    /// `granularity` must match an existing file's.
+    pub fn open_or_create(
+        path: &Path,
+        base_size: u64,
+        granularity: Option<u64>,
+    ) -> Result<Overlay> {
+        let name = path.display().to_string();
+        if !path.exists() {
+            create(path, base_size, granularity.unwrap_or(DEFAULT_GRANULARITY))?;
+        }
+        let o = Overlay::open_file(path)?;
+        if o.header.base_size != base_size {
+            return Err(Error::config(
+                "overlay",
+                format!(
+                    "{name} was made over a {}-byte base, this base is {base_size} bytes",
+                    o.header.base_size
+                ),
+            ));
+        }
+        if let Some(g) = granularity.filter(|&g| g != o.header.granularity) {
+            return Err(Error::config(
+                "granularity",
+                format!(
+                    "{g} differs from {name}'s granularity {} (leave the key out to use the file's)",
+                    o.header.granularity
+                ),
+            ));
+        }
+        Ok(o)
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.bitmap
+    }
+
+    /// Reads overlay bytes at disk offset `pos`.
+    pub fn read_at(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, self.header.data_offset + pos)
+            .map_err(io_context(&self.name, "read"))
+    }
+
+    /// Writes overlay bytes at disk offset `pos` (the granule's bit is the caller's to set).
+    pub fn write_at(&self, pos: u64, buf: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(buf, self.header.data_offset + pos)
+            .map_err(io_context(&self.name, "write"))
+    }
+
+    /// Makes every write so far durable, data before bitmap (see the module docs).
+    pub fn flush(&self) -> Result<()> {
+        if !self.persistent {
+            return Ok(());
+        }
+        let _one_at_a_time = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let pages = self.bitmap.take_dirty();
+        let result = (|| {
+            self.file
+                .sync_data()
+                .map_err(io_context(&self.name, "fdatasync data"))?;
+            if pages.is_empty() {
+                return Ok(());
+            }
+            for (at, bytes) in &pages {
+                self.file
+                    .write_all_at(bytes, self.header.bitmap_offset + at)
+                    .map_err(io_context(&self.name, "write bitmap"))?;
+            }
+            self.file
+                .sync_data()
+                .map_err(io_context(&self.name, "fdatasync bitmap"))
+        })();
+        if result.is_err() {
+            self.bitmap
+                .redirty(&pages.iter().map(|p| p.0).collect::<Vec<_>>());
+        }
+        result
+    }
+
+    /// Empties the overlay: the bitmap is cleared and made durable first, then the data's
+    /// space is given back, so a crash in between leaves an empty overlay, never stale bits.
+    pub fn reset(self) -> Result<()> {
+        let h = self.header;
+        self.file
+            .write_all_at(&vec![0u8; h.bitmap_len as usize], h.bitmap_offset)
+            .map_err(io_context(&self.name, "clear bitmap"))?;
+        self.file
+            .sync_data()
+            .map_err(io_context(&self.name, "fdatasync"))?;
+        self.file
+            .set_len(h.data_offset)
+            .and_then(|()| self.file.set_len(h.file_len()))
+            .and_then(|()| self.file.sync_all())
+            .map_err(io_context(&self.name, "free data"))
+    }
+}
+
+fn create(path: &Path, base_size: u64, granularity: u64) -> Result<()> {
+    let name = path.display().to_string();
+    let mut tmp = PathBuf::from(path).into_os_string();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let h = Header::new(base_size, granularity);
+    let made = (|| {
+        let f = File::create(&tmp)?;
+        f.write_all_at(&h.encode(), 0)?;
+        f.set_len(h.file_len())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable once the directory is.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+    })();
+    made.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::from(e).context(format!("{name}: create overlay"))
+    })
+}
+
+/// Empties the overlay at `path` (offline).
+pub fn reset_file(path: &Path) -> Result<u64> {
+    let o = Overlay::open_file(path)?;
+    let n = o.bitmap.iter_set().count() as u64;
+    o.reset()?;
+    Ok(n)
+}
