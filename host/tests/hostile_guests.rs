@@ -117,6 +117,13 @@ fn honest_round_trip(g: &mut GuestDisk, round: u8) {
     );
 }
 
+/// The key the error must name, what is wrong, and the keys the attacker writes.
+type GarbageCase = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
 fn seg(gref: u32, first_sect: u8, last_sect: u8) -> Segment {
     Segment {
         gref,
@@ -324,7 +331,7 @@ fn an_attacker_gets_errors_and_disconnects_while_a_second_disk_keeps_serving() {
     drop(evil);
 
     // Garbage in xenstore, one key at a time, each after a "reboot" of the attacker's driver.
-    let garbage: &[(&str, &str, &[(&str, &str)])] = &[
+    let garbage: &[GarbageCase] = &[
         (
             "ring-ref",
             "not a number",
