@@ -37,9 +37,15 @@ pub struct ConnectArgs {
     /// Serve the disk read-only.
     #[arg(long)]
     readonly: bool,
-    /// Most rings to offer.
+    /// Present 512- or 4096-byte logical sectors (default: the plugin's).
+    #[arg(long)]
+    sector_size: Option<u32>,
+    /// Most rings to offer (capped at the number of CPUs).
     #[arg(long, default_value_t = 1)]
     queues: u32,
+    /// Worker threads per ring; 0 serves requests on the ring thread.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
     /// The guest device (default: the next free one, e.g. xvdb).
     #[arg(long)]
     vbd: Option<String>,
@@ -86,9 +92,17 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         .context("domain")?;
     let stack = open_stack(&args.plugin, &config)?;
     let layers = stack.describe();
-    let disk = Arc::new(
-        GuardedDisk::new(Box::new(stack.disk), args.readonly).map_err(anyhow::Error::msg)?,
-    );
+    if args.workers > 64 {
+        bail!("--workers {}: at most 64", args.workers);
+    }
+    let mut disk =
+        GuardedDisk::new(Box::new(stack.disk), args.readonly).map_err(anyhow::Error::msg)?;
+    if let Some(n) = args.sector_size {
+        disk = disk
+            .with_sector_size(n)
+            .map_err(|e| anyhow!("--sector-size: {e}"))?;
+    }
+    let disk = Arc::new(disk);
     catch_signals();
     if args.sim {
         return run_sim(disk, &layers);
@@ -127,7 +141,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
             max_indirect_segments: 256,
             persistent: true,
         },
-        workers: 2,
+        workers: args.workers,
         remove_entries: true,
     };
     let stop = Arc::new(AtomicBool::new(false));

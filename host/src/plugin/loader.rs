@@ -33,7 +33,7 @@ pub enum PluginError {
         expected: u32,
     },
     /// abi_stable refused the root module (version or layout).
-    #[error("{path}: incompatible plugin interface: {reason}")]
+    #[error("{path}: incompatible plugin interface ({reason}); rebuild the plugin against this host's xen-disk-plugin-api")]
     Layout { path: PathBuf, reason: String },
     /// The plugin refused to open the disk.
     #[error("plugin {plugin}: {error}")]
@@ -94,6 +94,18 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// abi_stable explains a layout mismatch with both types' full layouts (kilobytes); the
+/// user needs its verdict, the text after the last `Error:`.
+fn layout_reason(text: &str) -> String {
+    let text = one_line(text);
+    let verdict = text.rsplit("Error:").next().unwrap_or(&text).trim();
+    let mut v: String = verdict.chars().take(160).collect();
+    if v.len() < verdict.len() {
+        v.push('…');
+    }
+    v
+}
+
 /// Loads the plugin at `path`.
 pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
     if !path.exists() {
@@ -138,7 +150,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
         .init_root_module::<PluginModRef>()
         .map_err(|e| PluginError::Layout {
             path: path.clone(),
-            reason: one_line(&e.to_string()),
+            reason: layout_reason(&e.to_string()),
         })?;
     // The library stays loaded for the life of the process (abi_stable holds it too).
     std::mem::forget(lib);
@@ -196,5 +208,20 @@ impl LoadedPlugin {
     /// The raw root module (for tests and layered plugins).
     pub fn module(&self) -> PluginModRef {
         self.module
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout_reason;
+
+    #[test]
+    fn a_layout_mismatch_is_reported_by_its_verdict() {
+        let long = format!(
+            "Compared <this>: {} Error:too many fields\n Expected: 5 Found: 4",
+            "x ".repeat(5000)
+        );
+        assert_eq!(layout_reason(&long), "too many fields Expected: 5 Found: 4");
+        assert!(layout_reason(&"y".repeat(1000)).chars().count() <= 161);
     }
 }
