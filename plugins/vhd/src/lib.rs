@@ -29,12 +29,12 @@
 //!   sector 0 (a crash mid-allocation); the next allocation rewrites the end footer.
 //!
 //! # Benchmark
-//! `examples/bench.rs` repeats `qemu-img bench`'s sequential depth-1 pattern on the same
+//! `examples/vhd_bench.rs` repeats `qemu-img bench`'s sequential depth-1 pattern on the same
 //! image:
 //! ```text
 //! qemu-img create -f vpc /tmp/b.vhd 1G
-//! cargo build --release -p xen-disk-plugin-vhd --example bench
-//! target/release/examples/bench /tmp/b.vhd 20000 4K write       # or read; 500 1M ...
+//! cargo build --release -p xen-disk-plugin-vhd --example vhd_bench
+//! target/release/examples/vhd_bench /tmp/b.vhd 20000 4K write       # or read; 500 1M ...
 //! qemu-img bench -f vpc -t writeback -d 1 -c 20000 -s 4K -w /tmp/b.vhd
 //! ```
 //!

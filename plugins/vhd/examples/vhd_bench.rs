@@ -3,7 +3,7 @@
 //! at the end of the disk. Prints MB/s.
 //!
 //! ```text
-//! cargo run --release -p xen-disk-plugin-vhd --example bench -- IMAGE COUNT SIZE [read|write]
+//! cargo run --release -p xen-disk-plugin-vhd --example vhd_bench -- IMAGE COUNT SIZE [read|write]
 //! qemu-img bench -f vpc -t writeback -d 1 -c COUNT -s SIZE [-w] IMAGE      # the reference
 //! ```
 

@@ -1,0 +1,114 @@
+#!/bin/sh
+# dom0 side of the Xen-lab scenarios (one boot). Starts one PV guest (2 vCPUs), then serves it
+# one disk per scenario, each at its own device name so the guest script knows what to check:
+#   xvdb file        xvdc mmap shared=false   xvdd discard     xvde file --readonly
+#   xvdf file --sector-size 4096              xvdg file: mkfs, detach, reattach
+#   xvdh file: blkfront reloaded with other parameters     xvdi/xvdj: `serve` (disks.toml and a
+#   toolstack-made device), then `xl destroy`.
+# Prints LAB: lines that run.sh checks.
+ln -sf /usr/lib/xen-4.17/bin/xl /bin/xl
+export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:/usr/lib/xen-4.17/lib
+export XEN_DISK_PLUGIN_PATH=/opt/xen-disk
+H=/opt/xen-disk/xen-disk-host
+L=/var/log/xen/console/guest-guest.log
+md5() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum | cut -c1-32; }
+# Waits for a guest console line matching $1 (up to $2 seconds).
+waitg() { i=0; while [ $i -lt "${2:-240}" ]; do grep -q "$1" $L 2>/dev/null && return 0; sleep 1; i=$((i + 1)); done; echo "LAB: timeout waiting for '$1'"; return 1; }
+# connect NAME ARGS...: serve a disk to the guest in the background.
+attach() { n=$1; shift; $H connect guest "$@" > /tmp/$n.log 2>&1 & CP=$!; }
+# Ctrl-C, then a second one if the guest has not let go in 20 s.
+detach() {
+  kill -INT $CP; i=0; while kill -0 $CP 2>/dev/null && [ $i -lt 20 ]; do sleep 1; i=$((i + 1)); done
+  kill -INT $CP 2>/dev/null; wait $CP; echo "LAB: $1 exit=$?"; sed "s/^/LAB: $1 log /" /tmp/$1.log
+}
+rand() { dd if=/dev/urandom of="$1" bs=1M count="$2" 2>/dev/null; }
+
+cat > /tmp/guest.cfg <<CFG
+name = "guest"
+type = "pv"
+kernel = "/guest/vmlinuz"
+ramdisk = "/guest/initrd.gz"
+extra = "console=hvc0"
+memory = 384
+vcpus = 2
+on_poweroff = "destroy"
+CFG
+xl create /tmp/guest.cfg >/dev/null 2>&1
+waitg 'GUEST: up' 120 || exit 0
+D=$(xl domid guest)
+
+# 1. file: data both ways, a cold read, discard punches holes.
+rand /tmp/b.img 256
+echo "LAB: b host-md5-head=$(md5 /tmp/b.img 0 16)"
+echo "LAB: b du-before=$(du -k /tmp/b.img | cut -f1)"
+attach b --plugin file -c path=/tmp/b.img --vbd xvdb
+waitg 'GUEST: xvdb done'; detach b
+echo "LAB: b host-md5-written=$(md5 /tmp/b.img 16 8)"
+echo "LAB: b du-after=$(du -k /tmp/b.img | cut -f1)"
+
+# 2. mmap, copy-on-write: the guest sees its writes, the image never changes.
+rand /tmp/c.img 256
+echo "LAB: c sha-before=$(sha256sum /tmp/c.img | cut -c1-64)"
+attach c --plugin mmap -c path=/tmp/c.img -c shared=false --vbd xvdc
+waitg 'GUEST: xvdc done'; detach c
+echo "LAB: c sha-after=$(sha256sum /tmp/c.img | cut -c1-64)"
+
+# 3. discard: the path's own speed.
+attach d --plugin discard -c size=256M --vbd xvdd
+waitg 'GUEST: xvdd done'; detach d
+
+# 4. read-only.
+rand /tmp/e.img 64
+echo "LAB: e host-md5-head=$(md5 /tmp/e.img 0 16)"
+attach e --plugin file -c path=/tmp/e.img --readonly --vbd xvde
+waitg 'GUEST: xvde done'; detach e
+echo "LAB: e host-md5-after=$(md5 /tmp/e.img 0 16)"
+
+# 5. 4096-byte logical sectors.
+rand /tmp/f.img 64
+attach f --plugin file -c path=/tmp/f.img --sector-size 4096 --vbd xvdf
+waitg 'GUEST: xvdf done'; detach f
+echo "LAB: f host-md5-written=$(md5 /tmp/f.img 4 4)"
+
+# 6. A filesystem survives detach and reattach.
+dd if=/dev/zero of=/tmp/g.img bs=1M count=64 2>/dev/null
+attach g --plugin file -c path=/tmp/g.img --vbd xvdg
+waitg 'GUEST: xvdg fs written'; detach g
+waitg 'GUEST: xvdg gone' 60
+attach g2 --plugin file -c path=/tmp/g.img --vbd xvdg
+waitg 'GUEST: xvdg done'; detach g2
+
+# 7. The guest reloads xen-blkfront with 2 queues, order-4 rings, no persistent grants.
+rand /tmp/h.img 256
+attach h --plugin file -c path=/tmp/h.img --queues 2 --vbd xvdh
+waitg 'GUEST: xvdh reloaded'
+F=/local/domain/$D/device/vbd/51824
+echo "LAB: h fe queues=$(xenstore-read $F/multi-queue-num-queues 2>/dev/null) order=$(xenstore-read $F/ring-page-order 2>/dev/null) persistent=$(xenstore-read $F/feature-persistent 2>/dev/null)"
+waitg 'GUEST: xvdh done'; detach h
+
+# 8. serve: a configured disk and one the toolstack adds; then the guest is destroyed.
+rand /tmp/i.img 32; rand /tmp/j.img 32
+echo "LAB: i host-md5=$(md5 /tmp/i.img 0 32) j host-md5=$(md5 /tmp/j.img 0 32)"
+cat > /tmp/disks.toml <<TOML
+[[disk]]
+domain = "guest"
+plugin = "file"
+vbd = "xvdi"
+[disk.plugin-config]
+path = "/tmp/i.img"
+TOML
+$H serve --config /tmp/disks.toml --queues 2 > /tmp/serve.log 2>&1 & SP=$!
+waitg 'GUEST: xvdi seen' 60
+B=/local/domain/0/backend/vbd3/$D/51856; F=/local/domain/$D/device/vbd/51856
+xenstore-write $B/frontend $F $B/frontend-id $D $B/online 1 $B/state 1 $B/mode w $B/params file:/tmp/j.img $B/dev xvdj $B/device-type disk
+xenstore-chmod -r $B n0 r$D
+xenstore-write $F/backend $B $F/backend-id 0 $F/state 1 $F/virtual-device 51856 $F/device-type disk
+xenstore-chmod -r $F n$D r0
+waitg 'GUEST: xvdj done'
+xl destroy guest
+sleep 5
+echo "LAB: serve alive-after-destroy=$(kill -0 $SP 2>/dev/null && echo yes || echo no)"
+echo "LAB: serve static-entries-left=$(xenstore-ls /local/domain/0/backend/vbd3/$D/51840 >/dev/null 2>&1 && echo yes || echo no)"
+kill -TERM $SP; wait $SP; echo "LAB: serve exit=$?"
+sed 's/^/LAB: serve log /' /tmp/serve.log
+grep 'GUEST:' $L | sed 's/^/LAB: /'
