@@ -134,6 +134,7 @@ path = "{}"
     )
     .unwrap();
     let socket = t.join("xs.sock");
+    let control = t.join("control.sock");
     let mut d = Daemon::start(&[
         "serve",
         "--sim",
@@ -141,6 +142,8 @@ path = "{}"
         config.to_str().unwrap(),
         "--xenstore-socket",
         socket.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
     ]);
     d.expect(&["disk 1: mmap attached to domain 1 as xvdb"]);
     d.expect(&["disk 2: file attached to domain 1 as xvdc"]);

@@ -12,6 +12,7 @@
 //! - [`blkif`]: the Xen block protocol's byte-exact structures and the shared ring.
 //! - [`frontend`]: a blkfront in Rust for simulated guests (`check`, `bench`, tests).
 //! - [`backend`]: one virtual disk's pieces: features, frontend keys, I/O workers.
+//! - [`control`]: the control socket (`ctl`): list, statistics, plugin swap, detach.
 //! - [`xen`]: the platform (xenstore, grants, event channels), real (`linux`) or simulated
 //!   (`sim`), behind traits the rest cannot tell apart.
 
@@ -20,6 +21,7 @@ pub mod bench;
 pub mod blkif;
 pub mod check;
 pub mod cli;
+pub mod control;
 pub mod frontend;
 pub mod plugin;
 pub mod simulation;

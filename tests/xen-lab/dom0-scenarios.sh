@@ -13,7 +13,12 @@ H=/opt/xen-disk/xen-disk-host
 L=/var/log/xen/console/guest-guest.log
 md5() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum | cut -c1-32; }
 # Waits for a guest console line matching $1 (up to $2 seconds).
-waitg() { i=0; while [ $i -lt "${2:-240}" ]; do grep -q "$1" $L 2>/dev/null && return 0; sleep 1; i=$((i + 1)); done; echo "LAB: timeout waiting for '$1'"; return 1; }
+waitg() {
+  i=0; while [ $i -lt "${2:-240}" ]; do grep -q "$1" $L 2>/dev/null && return 0; sleep 1; i=$((i + 1)); done
+  echo "LAB: timeout waiting for '$1'"; tail -5 $L | sed 's/^/LAB: console /'
+  xenstore-ls /local/domain/0/backend/vbd3 2>/dev/null | grep -E 'state|error' | sed 's/^/LAB: backend /'
+  return 1
+}
 # connect NAME ARGS...: serve a disk to the guest in the background.
 attach() { n=$1; shift; $H connect guest "$@" > /tmp/$n.log 2>&1 & CP=$!; }
 # Ctrl-C, then a second one if the guest has not let go in 20 s.
@@ -81,8 +86,11 @@ waitg 'GUEST: xvdg done'; detach g2
 # 7. The guest reloads xen-blkfront with 2 queues, order-4 rings, no persistent grants.
 rand /tmp/h.img 256
 attach h --plugin file -c path=/tmp/h.img --queues 2 --vbd xvdh
-waitg 'GUEST: xvdh reloaded'
 F=/local/domain/$D/device/vbd/51824
+waitg 'GUEST: xvdh unloaded'
+echo "LAB: h fe-state-after-unload=$(xenstore-read $F/state) be-state=$(xenstore-read /local/domain/0/backend/vbd3/$D/51824/state)"
+xenstore-write $F/state 1
+waitg 'GUEST: xvdh reloaded'
 echo "LAB: h fe queues=$(xenstore-read $F/multi-queue-num-queues 2>/dev/null) order=$(xenstore-read $F/ring-page-order 2>/dev/null) persistent=$(xenstore-read $F/feature-persistent 2>/dev/null)"
 waitg 'GUEST: xvdh done'; detach h
 

@@ -84,6 +84,10 @@ waitdev xvdh && {
   info xvdh
   before=$(md5 xvdh 0 32)
   rmmod xen_blkfront
+  # Linux probes a frontend only in state Initialising: dom0 (the toolstack's part) resets
+  # it once it sees this line; then the driver comes back with other parameters.
+  echo "GUEST: xvdh unloaded"
+  sleep 8
   insmod /xen-blkfront.ko max_queues=2 max_ring_page_order=4 feature_persistent=0
   waitdev xvdh && {
     info xvdh

@@ -19,7 +19,7 @@ OUT=$out bash "$lab" build "$t/xen-disk-host" "$t/libfile.so" "$t/libmmap.so" "$
 cp "$kmod/lib/crc16.ko" "$kmod/fs/mbcache.ko" "$kmod/fs/jbd2/jbd2.ko" "$kmod/fs/ext4/ext4.ko" "$out/domU/"
 
 start=$(date +%s)
-log=$(OUT=$out bash "$lab" run "$here/dom0-scenarios.sh" "$here/guest-scenarios.sh" | tr -d '\r')
+log=$(LAB_TIMEOUT=${LAB_TIMEOUT:-1200} OUT=$out bash "$lab" run "$here/dom0-scenarios.sh" "$here/guest-scenarios.sh" | tr -d '\r')
 boot=$(( $(date +%s) - start ))
 echo "$log"
 # The value of KEY=... on the first line containing TAG.

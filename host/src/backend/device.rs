@@ -88,6 +88,8 @@ pub enum Ended {
 pub struct DeviceStats {
     /// Per ring, for the current connection.
     pub queues: std::sync::Mutex<Vec<Arc<QueueStats>>>,
+    /// The device's xenbus state (as a number), for `ctl list`.
+    pub state: std::sync::atomic::AtomicU8,
 }
 
 /// Runs the device until it is removed. `stop` asks for a clean detach (Ctrl-C): Closing,
@@ -128,10 +130,13 @@ pub fn run(
     let mut ours = XenbusState::InitWait;
     let mut running: Option<Running> = None;
     let mut closing_for_stop = false;
+    // The size the guest was last told (resize and plugin swaps change the disk's).
+    let mut published = disk.size();
     let result = loop {
         let _ = events.recv_timeout(Duration::from_millis(100));
+        stats.state.store(ours as u8, Ordering::Relaxed);
         if ours == XenbusState::Connected {
-            resize_if_changed(xs, be, &disk)?;
+            resize_if_changed(xs, be, &disk, &mut published)?;
         }
         if stop.load(Ordering::Relaxed) && !closing_for_stop {
             closing_for_stop = true;
@@ -164,6 +169,7 @@ pub fn run(
                 Ok(r) => {
                     running = Some(r);
                     ours = XenbusState::Connected;
+                    published = disk.size();
                 }
                 Err(why) => {
                     tracing::warn!("{be}: cannot connect: {why}");
@@ -201,24 +207,28 @@ pub fn run(
     result
 }
 
-/// Online resize: when the plugin's size changed, tells the guest, as blkback does, by
-/// rewriting `sectors` and `state` in one transaction (blkfront re-reads `sectors` on the
-/// state watch and resizes the block device).
-fn resize_if_changed(xs: &dyn Xenstore, be: &str, disk: &GuardedDisk) -> Result<(), String> {
-    let new = match disk.refresh_size() {
-        Ok(Some(n)) => n,
-        Ok(None) => return Ok(()),
-        Err(e) => {
-            tracing::warn!("{be}: size not refreshed: {e}");
-            return Ok(());
-        }
-    };
-    tracing::info!("{be}: disk resized to {new} bytes");
+/// Online resize: when the disk's size differs from what the guest was told (the plugin's
+/// size changed, or a swap brought another), tells the guest, as blkback does, by rewriting
+/// `sectors` and `state` in one transaction (blkfront re-reads `sectors` on the state watch).
+fn resize_if_changed(
+    xs: &dyn Xenstore,
+    be: &str,
+    disk: &GuardedDisk,
+    published: &mut u64,
+) -> Result<(), String> {
+    if let Err(e) = disk.refresh_size() {
+        tracing::warn!("{be}: size not refreshed: {e}");
+    }
+    let now = disk.size();
+    if now == *published {
+        return Ok(());
+    }
+    tracing::info!("{be}: disk resized to {now} bytes");
     transaction(xs, |tx| {
         xs.write(
             tx,
             &format!("{be}/sectors"),
-            (new / 512).to_string().as_bytes(),
+            (now / 512).to_string().as_bytes(),
         )?;
         xs.write(
             tx,
@@ -226,7 +236,9 @@ fn resize_if_changed(xs: &dyn Xenstore, be: &str, disk: &GuardedDisk) -> Result<
             XenbusState::Connected.as_str().as_bytes(),
         )
     })
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    *published = now;
+    Ok(())
 }
 
 /// Maps the frontend's rings and starts a queue thread per ring; publishes the disk.

@@ -15,6 +15,7 @@ use super::io::{execute, status_of};
 use super::io::{IoOp, IoStatus};
 use super::wake::EventFdWake;
 use super::workers::{Completions, Wake, Workers};
+use crate::bench::histogram::AtomicHistogram;
 use crate::blkif::abi::*;
 use crate::blkif::request::{
     validate, validate_indirect_segments, Limits, Request, Segment, Valid,
@@ -53,7 +54,7 @@ pub struct QueueParts {
 /// the pages are the guest's). Beyond it, requests are mapped one by one.
 pub const PERSISTENT_PAGES: usize = 16384;
 
-/// Counters, readable while the queue runs.
+/// Counters, readable while the queue runs (`ctl stats`).
 #[derive(Debug, Default)]
 pub struct QueueStats {
     /// Requests answered OKAY.
@@ -62,6 +63,22 @@ pub struct QueueStats {
     pub errors: AtomicU64,
     /// Requests answered EOPNOTSUPP.
     pub unsupported: AtomicU64,
+    /// Reads served (answered, whatever the status).
+    pub reads: AtomicU64,
+    /// Writes served.
+    pub writes: AtomicU64,
+    /// Flushes and barriers served.
+    pub flushes: AtomicU64,
+    /// Discards served.
+    pub discards: AtomicU64,
+    /// Bytes read by successful reads.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by successful writes.
+    pub write_bytes: AtomicU64,
+    /// Requests handed to the plugin and not yet answered.
+    pub in_flight: AtomicU64,
+    /// Time from taking a request off the ring to answering it.
+    pub latency: AtomicHistogram,
 }
 
 impl QueueStats {
@@ -72,6 +89,24 @@ impl QueueStats {
             _ => &self.errors,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request the plugin served: its kind, its bytes if it succeeded, its latency.
+    fn served(&self, op: IoOp, bytes: u64, status: i16, started: Instant) {
+        self.count(status);
+        let ok = status == BLKIF_RSP_OKAY;
+        let (n, b) = match op {
+            IoOp::Read => (&self.reads, Some(&self.read_bytes)),
+            IoOp::Write => (&self.writes, Some(&self.write_bytes)),
+            IoOp::Flush | IoOp::Barrier if bytes > 0 => (&self.writes, Some(&self.write_bytes)),
+            IoOp::Flush | IoOp::Barrier => (&self.flushes, None),
+            IoOp::Discard { .. } => (&self.discards, None),
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        if let (Some(b), true) = (b, ok) {
+            b.fetch_add(bytes, Ordering::Relaxed);
+        }
+        self.latency.record(started.elapsed().as_nanos() as u64);
     }
 }
 
@@ -273,6 +308,8 @@ pub fn serve(
         vec![(slots.clone(), wake.clone() as Arc<dyn Wake>)],
     );
     let mut free = FreeList::new(size);
+    // When each slot's request was taken off the ring (for latency).
+    let mut started = vec![Instant::now(); size];
     let mut entry = [0u8; MAX_ENTRY_SIZE];
     let mut scratch = Vec::new();
     let mut held: Option<Request> = None;
@@ -282,10 +319,12 @@ pub fn serve(
         while let Ok(index) = completions[0].try_recv() {
             // SAFETY: the worker handed the index back; this thread owns the slot again.
             let slot = unsafe { slots.slot(index) };
+            let bytes = slot.bufs.iter().map(|b| b.len as u64).sum();
             slot.mappings = None;
             slot.bufs.clear();
             let status = slot.status.code();
-            stats.count(status);
+            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            stats.served(slot.op, bytes, status, started[usize::from(index)]);
             ring.put_response(&Response {
                 id: slot.id,
                 operation: slot.operation,
@@ -349,6 +388,7 @@ pub fn serve(
                 };
                 // SAFETY: taken from the free list: this thread owns the slot.
                 let slot = unsafe { slots.slot(index) };
+                started[usize::from(index)] = Instant::now();
                 match prepare(valid, &guest, &mut cache, &mut scratch, &mut slot.bufs) {
                     Ok((op, offset, mapping)) => {
                         (slot.id, slot.operation, slot.op, slot.offset) =
@@ -377,9 +417,10 @@ pub fn serve(
                         tracing::debug!(id, offset = slot.offset, "request failed: {e}");
                     }
                     let status = status_of(&result).code();
+                    let bytes = slot.bufs.iter().map(|b| b.len as u64).sum();
                     slot.mappings = None;
                     slot.bufs.clear();
-                    stats.count(status);
+                    stats.served(slot.op, bytes, status, started[usize::from(index)]);
                     ring.put_response(&Response {
                         id,
                         operation,
@@ -387,6 +428,7 @@ pub fn serve(
                     });
                     free.give(index);
                 } else {
+                    stats.in_flight.fetch_add(1, Ordering::Relaxed);
                     workers.submit(0, index);
                 }
                 if is_barrier {

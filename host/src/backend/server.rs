@@ -22,7 +22,8 @@ use super::disks_config::DiskSpec;
 use super::domains::{find_domain, XsView};
 use super::features::HostOffer;
 use super::params::parse_params;
-use super::vbd::next_free;
+use super::vbd::{next_free, Vbd};
+use crate::control::{Entry, Registry};
 use crate::plugin::{open_stack, GuardedDisk};
 use crate::xen::xenstore::{Xenstore, NO_TX};
 use std::collections::{HashMap, HashSet};
@@ -101,6 +102,8 @@ struct Device {
     guest: u32,
     /// The guest's device name, for messages.
     name: String,
+    /// Its control-socket id.
+    id: String,
 }
 
 /// Serves until `stop` is at least 1; at 2, forces guests' sides closed.
@@ -111,7 +114,9 @@ pub fn serve(
     disks: Vec<StaticDisk>,
     stop: &AtomicUsize,
     log: Log,
+    registry: Arc<Registry>,
 ) -> Result<(), String> {
+    let reg = &registry;
     let xs = connect()?;
     let base = format!(
         "/local/domain/{}/backend/{BACKEND_TYPE}",
@@ -135,9 +140,9 @@ pub fn serve(
     while stop.load(Ordering::SeqCst) == 0 {
         let _ = events.recv_timeout(Duration::from_millis(200));
         while events.try_recv().is_ok() {}
-        reap(&*xs, &mut devices, &mut pending, &log);
-        pending.retain(
-            |&i| match attach_static(&*xs, &connect, &platform, &opts, &disks[i], i) {
+        reap(&*xs, &mut devices, &mut pending, &log, reg);
+        pending.retain(|&i| {
+            match attach_static(&*xs, &connect, &platform, &opts, &disks[i], i, reg) {
                 Ok(Some((path, dev))) => {
                     log(&format!(
                         "disk {}: {} attached to domain {} as {} ({path})",
@@ -154,15 +159,15 @@ pub fn serve(
                     log(&format!("disk {}: {e}", i + 1));
                     true
                 }
-            },
-        );
+            }
+        });
         let present = scan_toolstack(&*xs, &base);
         failed.retain(|p| present.contains(p));
         for path in present {
             if devices.contains_key(&path) || failed.contains(&path) {
                 continue;
             }
-            match start_toolstack(&*xs, &connect, &platform, &opts, &path) {
+            match start_toolstack(&*xs, &connect, &platform, &opts, &path, reg) {
                 Ok(Some(dev)) => {
                     log(&format!("{path}: serving for domain {}", dev.guest));
                     devices.insert(path, dev);
@@ -200,6 +205,7 @@ fn reap(
     devices: &mut HashMap<String, Device>,
     pending: &mut Vec<usize>,
     log: &Log,
+    registry: &Registry,
 ) {
     let ended: Vec<String> = devices
         .iter()
@@ -210,6 +216,7 @@ fn reap(
         let Some(d) = devices.remove(&path) else {
             continue;
         };
+        registry.remove(&d.id);
         let how = match d.thread.join() {
             Ok(Ok(Ended::Removed)) => "removed".to_string(),
             Ok(Err(e)) => format!("failed: {e}"),
@@ -246,6 +253,7 @@ fn attach_static(
     opts: &ServeOptions,
     disk: &StaticDisk,
     index: usize,
+    registry: &Registry,
 ) -> Result<Option<(String, Device)>, String> {
     let Ok(domid) = find_domain(&XsView(xs), &disk.spec.domain) else {
         return Ok(None);
@@ -282,7 +290,14 @@ fn attach_static(
         workers: opts.workers,
         remove_entries: true,
     };
-    let mut dev = spawn(connect, platform, cfg, disk.disk.clone(), Some(index))?;
+    let mut dev = spawn(
+        connect,
+        platform,
+        cfg,
+        disk.disk.clone(),
+        Some(index),
+        (xs, registry, vbd, &disk.layers),
+    )?;
     dev.name = vbd.linux_name();
     Ok(Some((paths.backend, dev)))
 }
@@ -308,6 +323,7 @@ fn start_toolstack(
     platform: &Platform,
     opts: &ServeOptions,
     path: &str,
+    registry: &Registry,
 ) -> Result<Option<Device>, String> {
     let read = |k: &str| -> Option<String> {
         xs.read(NO_TX, &format!("{path}/{k}"))
@@ -339,8 +355,9 @@ fn start_toolstack(
     let spec = parse_params(&params).map_err(|e| format!("`params`: {e}"))?;
     let config = Config::from_pairs(&spec.pairs).map_err(|e| format!("`params`: {e}"))?;
     let readonly = matches!(read("mode").as_deref(), Some("r" | "ro"));
-    let (disk, _) = open_disk(&spec.plugin, &config, readonly, None)
+    let (disk, layers) = open_disk(&spec.plugin, &config, readonly, None)
         .map_err(|e| format!("plugin {}: {e}", spec.plugin))?;
+    let vbd = Vbd::from_number(devid).ok_or_else(|| format!("{devid} is not a disk number"))?;
     let cfg = DeviceConfig {
         backend_path: path.to_string(),
         frontend_path: frontend,
@@ -349,8 +366,20 @@ fn start_toolstack(
         workers: opts.workers,
         remove_entries: false,
     };
-    spawn(connect, platform, cfg, disk, None).map(Some)
+    spawn(
+        connect,
+        platform,
+        cfg,
+        disk,
+        None,
+        (xs, registry, vbd, &layers),
+    )
+    .map(Some)
 }
+
+/// What `spawn` registers with the control socket: xenstore (for the guest's name), the
+/// registry, the device name, the plugin stack.
+type Registration<'a> = (&'a dyn Xenstore, &'a Registry, Vbd, &'a str);
 
 fn spawn(
     connect: &XsConnect,
@@ -358,14 +387,31 @@ fn spawn(
     cfg: DeviceConfig,
     disk: Arc<GuardedDisk>,
     static_index: Option<usize>,
+    (xs, registry, vbd, layers): Registration<'_>,
 ) -> Result<Device, String> {
-    let xs = connect()?;
+    let dev_xs = connect()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (s, p) = (stop.clone(), platform.clone());
+    let stats = Arc::new(DeviceStats::default());
+    let (s, p, st) = (stop.clone(), platform.clone(), stats.clone());
     let (frontend, guest) = (cfg.frontend_path.clone(), cfg.frontend_domid);
+    let id = format!("{guest}/{}", vbd.linux_name());
+    let guest_name = xs
+        .read(NO_TX, &format!("/local/domain/{guest}/name"))
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default();
+    registry.add(Entry {
+        id: id.clone(),
+        domid: guest,
+        guest: guest_name,
+        vbd: vbd.linux_name(),
+        stack: std::sync::Mutex::new(layers.to_string()),
+        disk: disk.clone(),
+        stats: stats.clone(),
+        stop: stop.clone(),
+    });
     let thread = std::thread::Builder::new()
         .name(format!("xen-disk-dev-{guest}"))
-        .spawn(move || run_device(&*xs, &p, &cfg, disk, &s, &DeviceStats::default()))
+        .spawn(move || run_device(&*dev_xs, &p, &cfg, disk, &s, &st))
         .map_err(|e| e.to_string())?;
     Ok(Device {
         stop,
@@ -374,5 +420,6 @@ fn spawn(
         static_index,
         guest,
         name: String::new(),
+        id,
     })
 }

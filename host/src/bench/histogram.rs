@@ -40,6 +40,45 @@ fn low(b: usize) -> u64 {
     (1u64 << exp) | (sub << (exp - 4))
 }
 
+/// A [`Histogram`] that several threads may record into and read at any time (relaxed
+/// counters: a snapshot taken while samples arrive may miss the latest few).
+pub struct AtomicHistogram {
+    counts: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+impl Default for AtomicHistogram {
+    fn default() -> Self {
+        AtomicHistogram {
+            counts: (0..BUCKETS)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AtomicHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AtomicHistogram({} samples)", self.snapshot().count())
+    }
+}
+
+impl AtomicHistogram {
+    /// Records one sample.
+    pub fn record(&self, ns: u64) {
+        self.counts[bucket(ns)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The samples so far.
+    pub fn snapshot(&self) -> Histogram {
+        let mut h = Histogram::default();
+        for (a, b) in h.counts.iter_mut().zip(self.counts.iter()) {
+            *a = b.load(std::sync::atomic::Ordering::Relaxed);
+            h.total += *a;
+        }
+        h
+    }
+}
+
 impl Histogram {
     /// Records one sample.
     pub fn record(&mut self, ns: u64) {

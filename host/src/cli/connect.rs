@@ -8,6 +8,8 @@ use crate::backend::disks_config::DomainRef;
 use crate::backend::domains::{find_domain, XsView};
 use crate::backend::features::HostOffer;
 use crate::backend::vbd::{next_free, Vbd};
+use crate::control::socket::{default_connect, listen};
+use crate::control::{Entry, Registry};
 use crate::plugin::{open_stack, GuardedDisk};
 use crate::simulation::SimulatedDisk;
 use crate::xen::linux::evtchn::LinuxEventChannels;
@@ -49,6 +51,9 @@ pub struct ConnectArgs {
     /// The guest device (default: the next free one, e.g. xvdb).
     #[arg(long)]
     vbd: Option<String>,
+    /// The control socket for `ctl` (default: /run/xen-disk/connect-<pid>.sock).
+    #[arg(long)]
+    control: Option<std::path::PathBuf>,
     /// Run against the simulated hypervisor (a simulated guest attaches the disk).
     #[arg(long)]
     sim: bool,
@@ -145,6 +150,31 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         remove_entries: true,
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(DeviceStats::default());
+    let registry = Arc::new(Registry::default());
+    let guest_name = xs
+        .read(NO_TX, &format!("/local/domain/{domid}/name"))
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default();
+    registry.add(Entry {
+        id: format!("{domid}/{}", vbd.linux_name()),
+        domid,
+        guest: guest_name,
+        vbd: vbd.linux_name(),
+        stack: std::sync::Mutex::new(layers.clone()),
+        disk: disk.clone(),
+        stats: stats.clone(),
+        stop: stop.clone(),
+    });
+    let control_path = args.control.clone().unwrap_or_else(default_connect);
+    let _control = match listen(&control_path, registry) {
+        Ok(l) => Some(l),
+        Err(e) if args.control.is_none() => {
+            eprintln!("xen-disk-host: warning: no control socket: {e}");
+            None
+        }
+        Err(e) => bail!("--control {e}"),
+    };
     // A second signal forces the guest's side closed, as MirageOS xen-disk did.
     let (s, fe) = (stop.clone(), paths.frontend.clone());
     std::thread::spawn(move || {
@@ -163,7 +193,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
             }
         }
     });
-    run(&xs, &platform, &cfg, disk, &stop, &DeviceStats::default()).map_err(anyhow::Error::msg)?;
+    run(&xs, &platform, &cfg, disk, &stop, &stats).map_err(anyhow::Error::msg)?;
     let _ = xs.rm(NO_TX, &paths.frontend);
     println!("detached");
     Ok(0)

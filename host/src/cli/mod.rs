@@ -4,6 +4,7 @@ mod bench;
 mod check;
 mod connect;
 mod cow;
+mod ctl;
 mod plugins;
 mod serve;
 mod sim;
@@ -28,6 +29,8 @@ enum Command {
     Connect(connect::ConnectArgs),
     /// Serve configured disks and the toolstack's devices until SIGTERM (the daemon).
     Serve(serve::ServeArgs),
+    /// Talk to a running `serve` or `connect`: list devices, statistics, swap a plugin, detach.
+    Ctl(ctl::CtlArgs),
     /// Run the conformance suite against a plugin.
     Check(check::CheckArgs),
     /// Measure a plugin's I/O speed.
@@ -89,6 +92,7 @@ pub fn main() -> Result<i32> {
         Command::Plugins(a) => plugins::run(a),
         Command::Connect(a) => connect::run_connect(a),
         Command::Serve(a) => serve::run_serve(a),
+        Command::Ctl(a) => ctl::run(a),
         Command::Check(a) => check::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Sim(a) => sim::run(a),

@@ -11,8 +11,10 @@ use crate::backend::device::Platform;
 use crate::backend::disks_config::{parse_disks, DomainRef};
 use crate::backend::features::HostOffer;
 use crate::backend::server::{open_static, serve, Log, ServeOptions, StaticDisk, XsConnect};
-use crate::blkif::abi::{Protocol, MAX_RING_PAGE_ORDER};
-use crate::frontend::handshake::{connect as guest_connect, Connected, Device, Wishes};
+use crate::blkif::abi::MAX_RING_PAGE_ORDER;
+use crate::control::socket::{listen, DEFAULT_SERVE};
+use crate::control::Registry;
+use crate::simulation::{GuestDisk, SimOptions};
 use crate::xen::linux::evtchn::LinuxEventChannels;
 use crate::xen::linux::gntdev::{Gntdev, LinuxGrants};
 use crate::xen::sim::hypervisor::SimDomain;
@@ -42,6 +44,10 @@ pub struct ServeArgs {
     /// Run against the simulated hypervisor, with a simulated guest per configured domain.
     #[arg(long)]
     sim: bool,
+    /// The control socket for `ctl` (default: /run/xen-disk/serve.sock; with `--sim`, a
+    /// temporary path, printed).
+    #[arg(long)]
+    control: Option<PathBuf>,
     /// With `--sim`: where the simulated xenstored listens (default: a temporary path).
     #[arg(long, requires = "sim")]
     xenstore_socket: Option<PathBuf>,
@@ -79,6 +85,26 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         workers: args.workers,
     };
     let log: Log = Arc::new(|line: &str| println!("{line}"));
+    let registry = Arc::new(Registry::default());
+    let control_path = args.control.clone().unwrap_or_else(|| {
+        if args.sim {
+            std::env::temp_dir().join(format!("xen-disk-sim-{}-control.sock", std::process::id()))
+        } else {
+            PathBuf::from(DEFAULT_SERVE)
+        }
+    });
+    let _control = match listen(&control_path, registry.clone()) {
+        Ok(l) => {
+            println!("control socket at {}", control_path.display());
+            Some(l)
+        }
+        // The default place may be unwritable (not root): serve without `ctl`, and say so.
+        Err(e) if args.control.is_none() => {
+            eprintln!("xen-disk-host: warning: no control socket: {e}");
+            None
+        }
+        Err(e) => bail!("--control {e}"),
+    };
     catch_signals();
     let stop = Arc::new(AtomicUsize::new(0));
     let s = stop.clone();
@@ -87,7 +113,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         std::thread::sleep(Duration::from_millis(50));
     });
     if args.sim {
-        return run_sim(args, disks, opts, log, &stop);
+        return run_sim(args, disks, opts, log, &stop, registry);
     }
     let connect: XsConnect = Arc::new(|| {
         XsClient::open_default()
@@ -102,7 +128,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         "serving {} configured disk(s) and the toolstack's vbd3 devices; SIGTERM stops",
         disks.len()
     );
-    serve(connect, platform, opts, disks, &stop, log).map_err(anyhow::Error::msg)?;
+    serve(connect, platform, opts, disks, &stop, log, registry).map_err(anyhow::Error::msg)?;
     println!("stopped");
     Ok(0)
 }
@@ -146,7 +172,7 @@ fn disks_use_id(disks: &[StaticDisk], id: u32) -> bool {
 struct SimGuest {
     domid: u32,
     xs: XsClient,
-    disks: Vec<(String, Connected)>,
+    disks: Vec<(String, GuestDisk)>,
     failed: Vec<String>,
 }
 
@@ -156,6 +182,7 @@ fn run_sim(
     opts: ServeOptions,
     log: Log,
     stop: &AtomicUsize,
+    registry: Arc<Registry>,
 ) -> Result<i32> {
     let xenstored = Arc::new(SimXenstored::new());
     let socket = args.xenstore_socket.clone().unwrap_or_else(|| {
@@ -168,7 +195,8 @@ fn run_sim(
     let machine = Arc::new(SimMachine::new(0));
     let mut domains = Vec::new();
     for (id, name, uuid) in sim_domains(&disks) {
-        let dom = SimDomain::new(id, 4096, 64).context("simulated guest memory")?;
+        let dom = SimDomain::new(id, 8 * GuestDisk::pages_needed(1), 64)
+            .context("simulated guest memory")?;
         machine.add(&dom);
         xenstored.add_domain(id, &name, &uuid);
         domains.push(dom);
@@ -191,7 +219,8 @@ fn run_sim(
     let expected = disks.len();
     let server_stop = Arc::new(AtomicUsize::new(0));
     let ss = server_stop.clone();
-    let server = std::thread::spawn(move || serve(connect, platform, opts, disks, &ss, log));
+    let server =
+        std::thread::spawn(move || serve(connect, platform, opts, disks, &ss, log, registry));
     // Each simulated guest connects to every disk attached to it, as blkfront would.
     let mut guests = Vec::new();
     for dom in &domains {
@@ -231,32 +260,28 @@ fn run_sim(
                     }
                     _ => continue,
                 }
-                let first_page = g.disks.len() * (1 << MAX_RING_PAGE_ORDER);
-                let wishes = Wishes {
-                    ring_page_order: MAX_RING_PAGE_ORDER,
-                    queues: 1,
-                    persistent: true,
-                    protocol: Protocol::X86_64,
-                };
-                let dev = Device {
-                    frontend: &fe,
-                    backend: &be,
-                    backend_domid: 0,
-                };
-                let conn =
-                    guest_connect(&g.xs, dom, dev, first_page, wishes, Duration::from_secs(10))
-                        .with_context(|| format!("simulated guest {}: {fe}", g.domid))?;
+                let first_page = g.disks.len() * GuestDisk::pages_needed(1);
+                let mut disk =
+                    GuestDisk::attach(&g.xs, dom, &fe, &be, first_page, &SimOptions::default())
+                        .map_err(|e| anyhow::anyhow!("simulated guest {}: {fe}: {e}", g.domid))?;
+                let d = disk.description().clone();
+                // A first read, as a guest's partition scan does (and `ctl stats` shows).
+                let probe = (d.sectors * 512).min(1 << 20) as usize;
+                let mut first = vec![0u8; probe];
+                disk.read(0, &mut first)
+                    .map_err(|e| anyhow::anyhow!("simulated guest {}: {fe}: {e}", g.domid))?;
                 println!(
-                    "simulated guest {} connected {fe}: {} bytes, {}-byte sectors{}",
+                    "simulated guest {} connected {fe}: {} bytes, {}-byte sectors{}; read {probe} bytes",
                     g.domid,
-                    conn.disk.sectors * 512,
-                    conn.disk.sector_size,
-                    if conn.disk.info & crate::blkif::abi::VDISK_READONLY != 0 {
+                    d.sectors * 512,
+                    d.sector_size,
+                    if d.info & crate::blkif::abi::VDISK_READONLY != 0 {
                         ", read-only"
                     } else {
                         ""
                     }
                 );
+                let conn = disk;
                 g.disks.push((fe, conn));
                 connected += 1;
             }

@@ -8,7 +8,8 @@
 //! calls for plugins that asked for it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{
     Disk, DiskInfo, Error, ErrorKind, RawBuf, ReadBufs, Result, ThreadModel, WriteBufs,
 };
@@ -38,27 +39,61 @@ pub fn check_info(info: &DiskInfo) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// A plugin disk behind the host's checks.
+/// The plugin disk currently plugged in, with what it declared.
+struct Plugged {
+    disk: Box<dyn Disk>,
+    /// Its own info (capabilities); sizes and sector sizes are the guard's.
+    info: DiskInfo,
+    serial: Option<Mutex<()>>,
+}
+
+impl Plugged {
+    fn new(disk: Box<dyn Disk>) -> std::result::Result<Plugged, String> {
+        let info = disk.info();
+        check_info(&info)?;
+        Ok(Plugged {
+            serial: (info.thread_model == ThreadModel::Serialized).then(|| Mutex::new(())),
+            info,
+            disk,
+        })
+    }
+}
+
+/// A plugin disk behind the host's checks. The plugin behind it can be swapped while the
+/// guest runs ([`swap`](Self::swap)): each call holds a read lock on the plugged disk for its
+/// duration, so a swap (the write lock) waits for the calls in flight and holds back new ones.
 pub struct GuardedDisk {
-    inner: Box<dyn Disk>,
+    plugged: RwLock<Plugged>,
+    /// What the guest was told at first (sector sizes, capabilities advertised).
     info: DiskInfo,
     size: AtomicU64,
     read_only: bool,
-    serial: Option<Mutex<()>>,
+}
+
+/// What a swap did.
+#[derive(Debug, Clone, Copy)]
+pub struct Swapped {
+    /// How long the disk held new requests back: drain, flush of the old plugin, switch.
+    pub pause: Duration,
+    /// The new plugin's size, when it differs (the device tells the guest).
+    pub new_size: Option<u64>,
 }
 
 impl GuardedDisk {
     /// Wraps `inner`; `read_only` forces a read-only disk whatever the plugin says.
     pub fn new(inner: Box<dyn Disk>, read_only: bool) -> std::result::Result<Self, String> {
-        let info = inner.info();
-        check_info(&info)?;
+        let plugged = Plugged::new(inner)?;
+        let info = plugged.info;
         Ok(GuardedDisk {
-            serial: (info.thread_model == ThreadModel::Serialized).then(|| Mutex::new(())),
             size: AtomicU64::new(info.size),
             read_only: read_only || info.read_only,
             info,
-            inner,
+            plugged: RwLock::new(plugged),
         })
+    }
+
+    fn plugged(&self) -> std::sync::RwLockReadGuard<'_, Plugged> {
+        self.plugged.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Presents `sector_size`-byte logical sectors (512 or 4096) whatever the plugin's are:
@@ -99,17 +134,71 @@ impl GuardedDisk {
         self.size.load(Ordering::Relaxed)
     }
 
+    /// The plugin's size rounded down to whole logical sectors, checked.
+    fn plugin_size(&self, info: &DiskInfo) -> std::result::Result<u64, String> {
+        if info.logical_sector_size > self.info.logical_sector_size {
+            return Err(format!(
+                "the plugin's sectors are {} bytes, the guest's {}",
+                info.logical_sector_size, self.info.logical_sector_size
+            ));
+        }
+        let ls = u64::from(self.info.logical_sector_size);
+        let size = info.size / ls * ls;
+        if size == 0 {
+            return Err(format!(
+                "the plugin's size {} is less than a sector",
+                info.size
+            ));
+        }
+        Ok(size)
+    }
+
     /// Re-reads the plugin's size (online resize). Returns the new size if it changed.
     pub fn refresh_size(&self) -> std::result::Result<Option<u64>, String> {
-        let mut now = self.inner.info();
-        if now.logical_sector_size > self.info.logical_sector_size {
-            return Err("the plugin changed its sector size".into());
+        let now = self.plugged().disk.info();
+        let size = self.plugin_size(&now)?;
+        let old = self.size.swap(size, Ordering::Relaxed);
+        Ok((old != size).then_some(size))
+    }
+
+    /// Replaces the plugin behind the disk while the guest runs: waits for the calls in flight,
+    /// flushes the old plugin, and switches; the guest sees a pause. `new` must present the
+    /// same sectors, be writable if the guest's disk is, and be at least as large unless
+    /// `allow_shrink`. On any error the old plugin stays and keeps serving.
+    pub fn swap(
+        &self,
+        new: Box<dyn Disk>,
+        allow_shrink: bool,
+    ) -> std::result::Result<Swapped, String> {
+        let new = Plugged::new(new)?;
+        let new_size = self.plugin_size(&new.info)?;
+        if new_size < self.size() && !allow_shrink {
+            return Err(format!(
+                "the new plugin's disk is {new_size} bytes, smaller than the guest's {} (allow a shrink explicitly)",
+                self.size()
+            ));
         }
-        now.logical_sector_size = self.info.logical_sector_size;
-        now.physical_sector_size = now.physical_sector_size.max(now.logical_sector_size);
-        check_info(&now)?;
-        let old = self.size.swap(now.size, Ordering::Relaxed);
-        Ok((old != now.size).then_some(now.size))
+        if new.info.read_only && !self.read_only {
+            return Err("the new plugin's disk is read-only; the guest's is writable".into());
+        }
+        let started = Instant::now();
+        let mut plugged = self.plugged.write().unwrap_or_else(|p| p.into_inner());
+        if plugged.info.can_flush {
+            plugged
+                .disk
+                .flush()
+                .map_err(|e| format!("flushing the old plugin: {e}; it keeps serving"))?;
+        }
+        let old = std::mem::replace(&mut *plugged, new);
+        let previous = self.size.swap(new_size, Ordering::Relaxed);
+        drop(plugged);
+        let pause = started.elapsed();
+        // Closing the old disk happens after the guest's requests flow again.
+        drop(old);
+        Ok(Swapped {
+            pause,
+            new_size: (previous != new_size).then_some(new_size),
+        })
     }
 
     /// True when discard reaches the plugin (the only case it is advertised).
@@ -150,12 +239,14 @@ impl GuardedDisk {
         }
     }
 
-    fn call<T>(&self, f: impl FnOnce(&dyn Disk) -> Result<T>) -> Result<T> {
-        let _guard = self
+    /// Runs `f` on the plugged disk, with its declared capabilities, serialized if it asked.
+    fn call<T>(&self, f: impl FnOnce(&dyn Disk, &DiskInfo) -> Result<T>) -> Result<T> {
+        let plugged = self.plugged();
+        let _serial = plugged
             .serial
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
-        f(&*self.inner)
+        f(&*plugged.disk, &plugged.info)
     }
 
     /// Reads into `bufs` from `offset`.
@@ -165,7 +256,7 @@ impl GuardedDisk {
             return Err(Error::new(ErrorKind::OutOfRange, "zero-length read"));
         }
         self.check_range(offset, len)?;
-        self.call(|d| d.read(offset, bufs))
+        self.call(|d, _| d.read(offset, bufs))
     }
 
     /// Writes `bufs` at `offset`; with `fua` the data is durable on return.
@@ -176,23 +267,23 @@ impl GuardedDisk {
             return Err(Error::new(ErrorKind::OutOfRange, "zero-length write"));
         }
         self.check_range(offset, len)?;
-        match (fua, self.info.can_fua) {
-            (true, true) => self.call(|d| d.write_fua(offset, bufs)),
+        self.call(|d, info| match (fua, info.can_fua) {
+            (true, true) => d.write_fua(offset, bufs),
             (true, false) => {
-                self.call(|d| d.write(offset, bufs))?;
-                self.flush()
+                d.write(offset, bufs)?;
+                if info.can_flush {
+                    d.flush()
+                } else {
+                    Ok(())
+                }
             }
-            (false, _) => self.call(|d| d.write(offset, bufs)),
-        }
+            (false, _) => d.write(offset, bufs),
+        })
     }
 
     /// Makes completed writes durable (a no-op for disks without a volatile cache).
     pub fn flush(&self) -> Result<()> {
-        if self.info.can_flush {
-            self.call(|d| d.flush())
-        } else {
-            Ok(())
-        }
+        self.call(|d, info| if info.can_flush { d.flush() } else { Ok(()) })
     }
 
     /// Discards a range; only for disks that declared discard.
@@ -205,7 +296,14 @@ impl GuardedDisk {
         if len == 0 {
             return Ok(());
         }
-        self.call(|d| d.discard(offset, len))
+        self.call(|d, info| {
+            if info.can_discard {
+                d.discard(offset, len)
+            } else {
+                // Swapped in without discard: the guest may still ask; discard is advisory.
+                Ok(())
+            }
+        })
     }
 
     /// Makes a range read as zeroes, natively or by writing zero buffers.
@@ -215,19 +313,21 @@ impl GuardedDisk {
         if len == 0 {
             return Ok(());
         }
-        if self.info.can_write_zeroes {
-            return self.call(|d| d.write_zeroes(offset, len));
-        }
-        let mut at = 0u64;
-        while at < len {
-            let n = (len - at).min(ZERO_CHUNK as u64) as usize;
-            let raw = [RawBuf::from_ref(&ZEROES[..n])];
-            // SAFETY: the buffer is a static, immutable slice; WriteBufs only reads it.
-            let bufs = unsafe { WriteBufs::from_raw(&raw) };
-            self.call(|d| d.write(offset + at, &bufs))?;
-            at += n as u64;
-        }
-        Ok(())
+        self.call(|d, info| {
+            if info.can_write_zeroes {
+                return d.write_zeroes(offset, len);
+            }
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(ZERO_CHUNK as u64) as usize;
+                let raw = [RawBuf::from_ref(&ZEROES[..n])];
+                // SAFETY: the buffer is a static, immutable slice; WriteBufs only reads it.
+                let bufs = unsafe { WriteBufs::from_raw(&raw) };
+                d.write(offset + at, &bufs)?;
+                at += n as u64;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -1,0 +1,40 @@
+//! `xen-disk-host ctl [--socket PATH] <request>...`: talks to a running `serve` or `connect`
+//! through its control socket (see [`crate::control`] for the requests).
+
+use crate::control::socket::{request, DEFAULT_SERVE};
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The control socket (default: serve's, /run/xen-disk/serve.sock).
+    #[arg(long, default_value = DEFAULT_SERVE)]
+    socket: PathBuf,
+    /// With `stats`: print again every second until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// The request: `list`, `stats <dev> [--json]`, `swap <dev> <plugin> [--allow-shrink]
+    /// [key=value]...`, `detach <dev>`, `resize <dev>`.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    request: Vec<String>,
+}
+
+pub fn run(args: CtlArgs) -> Result<i32> {
+    let line = args.request.join(" ");
+    if args.watch && args.request.first().map(String::as_str) != Some("stats") {
+        bail!("--watch goes with `stats`");
+    }
+    loop {
+        let answer = request(&args.socket, &line).map_err(anyhow::Error::msg)?;
+        if let Some(why) = answer.strip_prefix("error: ") {
+            bail!("{}", why.trim());
+        }
+        print!("{answer}");
+        if !args.watch {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
