@@ -75,13 +75,17 @@ impl Daemon {
         }
     }
 
-    fn terminate(&mut self) -> Vec<String> {
+    fn signal(&self, sig: &str) {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([sig, &pid])
             .status()
             .unwrap()
             .success());
+    }
+
+    fn terminate(&mut self) -> Vec<String> {
+        self.signal("-TERM");
         let status = self.child.wait().unwrap();
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.seen.push(l);
@@ -160,6 +164,60 @@ path = "{}"
         "guest 7 connected",
         "/51728: 33554432 bytes, 512-byte sectors",
     ]);
+    let ctl = |args: &[&str]| {
+        let mut a = vec!["ctl", "--socket", control.to_str().unwrap()];
+        a.extend_from_slice(args);
+        host(&a)
+    };
+
+    // ctl list: every device, connected, with its stack.
+    let o = ctl(&["list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list = stdout(&o);
+    for want in [
+        "1/xvdb domain=1 guest=alpha vbd=xvdb state=Connected size=67108864 stack=mmap",
+        "1/xvdc domain=1 guest=alpha vbd=xvdc state=Connected size=33554432 stack=file",
+        "7/xvdb domain=7 guest=sim-guest-7 vbd=xvdb state=Connected size=33554432 stack=file",
+    ] {
+        assert!(list.contains(want), "{want} missing from:\n{list}");
+    }
+    // ctl stats: exactly what the simulated guest did (one 1 MiB read on connecting).
+    let o = ctl(&["stats", "7/xvdb", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json = stdout(&o);
+    for want in [
+        "\"device\":\"7/xvdb\"",
+        "\"reads\":1,",
+        "\"writes\":0,",
+        "\"read_bytes\":1048576,",
+        "\"write_bytes\":0,",
+        "\"errors\":0,",
+        "\"in_flight\":0,",
+    ] {
+        assert!(
+            json.starts_with('{') && json.contains(want),
+            "{want}: {json}"
+        );
+    }
+    assert!(json.contains("\"queues\":[{"), "{json}");
+    // ctl swap: mmap out, file in, over the same image; a plugin that cannot open changes
+    // nothing.
+    let o = ctl(&["swap", "1/xvdb", "file", &format!("path={}", a.display())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("1/xvdb: now file; paused"),
+        "{}",
+        stdout(&o)
+    );
+    assert_bad_input(
+        &ctl(&["swap", "1/xvdb", "qcow2", "path=/nonexistent/x.qcow2"]),
+        &["/nonexistent/x.qcow2"],
+    );
+    assert!(stdout(&ctl(&["list"]))
+        .contains("1/xvdb domain=1 guest=alpha vbd=xvdb state=Connected size=67108864 stack=file"));
+    assert_bad_input(&ctl(&["stats", "xvdb"]), &["ambiguous"]);
+    assert_bad_input(&ctl(&["stats", "9/xvdz"]), &["no device 9/xvdz"]);
+    assert_bad_input(&ctl(&["frobnicate"]), &["unknown request"]);
 
     // The toolstack adds a disk to domain 1, as libxl would: both directories, one
     // transaction, the plugin in `params`.
@@ -217,6 +275,23 @@ path = "{}"
     let garbage = toolstack_device(51792, "");
     d.expect(&[&garbage, "params"]);
     assert_eq!(xs.read(NO_TX, &format!("{be}/state")).unwrap(), b"4");
+
+    // SIGHUP with a changed disks.toml: disk 3 moves from file to mmap under the running guest.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let i = text.rfind("plugin = \"file\"").unwrap();
+    std::fs::write(
+        &config,
+        format!("{}plugin = \"mmap\"{}", &text[..i], &text[i + 15..]),
+    )
+    .unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload: disk 3: now mmap"]);
+    assert!(stdout(&ctl(&["list"])).contains(
+        "7/xvdb domain=7 guest=sim-guest-7 vbd=xvdb state=Connected size=33554432 stack=mmap"
+    ));
+    std::fs::write(&config, "[[disk]]\nplugin = 3\n").unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload:", "keeping the running configuration"]);
 
     let lines = d.terminate();
     assert!(

@@ -106,6 +106,16 @@ struct Device {
     id: String,
 }
 
+/// How the server talks to the rest of the process.
+pub struct Hooks<'a> {
+    /// Where progress lines go.
+    pub log: Log,
+    /// The devices, for the control socket.
+    pub registry: Arc<Registry>,
+    /// Polled each round: a new configuration after SIGHUP, or None.
+    pub reload: &'a dyn Fn() -> Option<Result<Vec<DiskSpec>, String>>,
+}
+
 /// Serves until `stop` is at least 1; at 2, forces guests' sides closed.
 pub fn serve(
     connect: XsConnect,
@@ -113,10 +123,15 @@ pub fn serve(
     opts: ServeOptions,
     disks: Vec<StaticDisk>,
     stop: &AtomicUsize,
-    log: Log,
-    registry: Arc<Registry>,
+    hooks: Hooks<'_>,
 ) -> Result<(), String> {
+    let Hooks {
+        log,
+        registry,
+        reload,
+    } = hooks;
     let reg = &registry;
+    let mut disks = disks;
     let xs = connect()?;
     let base = format!(
         "/local/domain/{}/backend/{BACKEND_TYPE}",
@@ -141,6 +156,11 @@ pub fn serve(
         let _ = events.recv_timeout(Duration::from_millis(200));
         while events.try_recv().is_ok() {}
         reap(&*xs, &mut devices, &mut pending, &log, reg);
+        match reload() {
+            Some(Ok(specs)) => apply_reload(&mut disks, specs, &mut pending, &devices, &log, reg),
+            Some(Err(e)) => log(&format!("reload: {e}; keeping the running configuration")),
+            None => {}
+        }
         pending.retain(|&i| {
             match attach_static(&*xs, &connect, &platform, &opts, &disks[i], i, reg) {
                 Ok(Some((path, dev))) => {
@@ -197,6 +217,90 @@ pub fn serve(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// A changed `disks.toml` (SIGHUP): a disk whose plugin or plugin configuration changed gets
+/// the new plugin swapped in under the running guest; new disks are attached; disks no longer
+/// listed are detached. Changes to the domain, `readonly`, `sector-size`, `queues` or `vbd`
+/// of a listed disk need a detach and are reported, not applied.
+fn apply_reload(
+    disks: &mut Vec<StaticDisk>,
+    specs: Vec<DiskSpec>,
+    pending: &mut Vec<usize>,
+    devices: &HashMap<String, Device>,
+    log: &Log,
+    registry: &Registry,
+) {
+    let listed = specs.len();
+    for (i, spec) in specs.into_iter().enumerate() {
+        let Some(current) = disks.get_mut(i) else {
+            match open_static(vec![spec]) {
+                Ok(mut d) => {
+                    log(&format!("reload: disk {} added", i + 1));
+                    disks.push(d.remove(0));
+                    pending.push(i);
+                }
+                Err(e) => log(&format!("reload: disk {}: {e}", i + 1)),
+            }
+            continue;
+        };
+        let old = &current.spec;
+        if (
+            &old.domain,
+            old.readonly,
+            old.sector_size,
+            old.queues,
+            old.vbd,
+        ) != (
+            &spec.domain,
+            spec.readonly,
+            spec.sector_size,
+            spec.queues,
+            spec.vbd,
+        ) {
+            log(&format!(
+                "reload: disk {}: only the plugin and its configuration change live; detach it to change the rest",
+                i + 1
+            ));
+            continue;
+        }
+        if old.plugin == spec.plugin && old.plugin_config == spec.plugin_config {
+            continue;
+        }
+        let swapped = open_stack(&spec.plugin, &spec.plugin_config)
+            .map_err(|e| e.to_string())
+            .and_then(|stack| {
+                let layers = stack.describe();
+                current
+                    .disk
+                    .swap(Box::new(stack.disk), false)
+                    .map(|s| (s, layers))
+            });
+        match swapped {
+            Ok((s, layers)) => {
+                log(&format!(
+                    "reload: disk {}: now {layers} (paused {} us)",
+                    i + 1,
+                    s.pause.as_micros()
+                ));
+                for d in devices.values().filter(|d| d.static_index == Some(i)) {
+                    registry.set_stack(&d.id, &layers);
+                }
+                current.layers = layers;
+                current.spec = spec;
+            }
+            Err(e) => log(&format!("reload: disk {}: not swapped: {e}", i + 1)),
+        }
+    }
+    // Disks no longer listed: detached (their entries stay in `disks`, unused, so the
+    // indices of the others hold).
+    pending.retain(|&i| i < listed);
+    for d in devices.values() {
+        if d.static_index.is_some_and(|i| i >= listed) {
+            log(&format!("reload: {} no longer listed; detaching", d.id));
+            d.stop.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 /// Joins devices that ended; a static disk whose domain is gone waits for it again.

@@ -65,6 +65,23 @@ extern "C" fn on_signal(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
+static HANGUPS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    HANGUPS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Counts SIGHUP (serve re-reads its configuration) instead of dying.
+pub fn catch_hangups() {
+    // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGHUP, on_hangup as *const () as libc::sighandler_t) };
+}
+
+/// SIGHUP received so far.
+pub fn hangups() -> usize {
+    HANGUPS.load(Ordering::SeqCst)
+}
+
 /// SIGINT and SIGTERM received so far.
 pub fn signals() -> usize {
     SIGNALS.load(Ordering::SeqCst)

@@ -6,11 +6,11 @@
 //! socket, for `xenstore-ls` with `XENSTORED_PATH`), one simulated guest per domain the file
 //! names, each connecting to its disks through the real handshake and ring.
 
-use super::connect::{catch_signals, signals};
+use super::connect::{catch_hangups, catch_signals, hangups, signals};
 use crate::backend::device::Platform;
 use crate::backend::disks_config::{parse_disks, DomainRef};
 use crate::backend::features::HostOffer;
-use crate::backend::server::{open_static, serve, Log, ServeOptions, StaticDisk, XsConnect};
+use crate::backend::server::{open_static, serve, Hooks, Log, ServeOptions, StaticDisk, XsConnect};
 use crate::blkif::abi::MAX_RING_PAGE_ORDER;
 use crate::control::socket::{listen, DEFAULT_SERVE};
 use crate::control::Registry;
@@ -106,6 +106,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         Err(e) => bail!("--control {e}"),
     };
     catch_signals();
+    catch_hangups();
     let stop = Arc::new(AtomicUsize::new(0));
     let s = stop.clone();
     std::thread::spawn(move || loop {
@@ -128,9 +129,34 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         "serving {} configured disk(s) and the toolstack's vbd3 devices; SIGTERM stops",
         disks.len()
     );
-    serve(connect, platform, opts, disks, &stop, log, registry).map_err(anyhow::Error::msg)?;
+    let reload = reloader(args.config.clone());
+    let hooks = Hooks {
+        log,
+        registry,
+        reload: &reload,
+    };
+    serve(connect, platform, opts, disks, &stop, hooks).map_err(anyhow::Error::msg)?;
     println!("stopped");
     Ok(0)
+}
+
+/// On SIGHUP, the configuration file read and parsed again (None when no new SIGHUP).
+fn reloader(
+    config: Option<PathBuf>,
+) -> impl Fn() -> Option<Result<Vec<crate::backend::disks_config::DiskSpec>, String>> {
+    let seen = AtomicUsize::new(hangups());
+    move || {
+        let now = hangups();
+        if seen.swap(now, Ordering::SeqCst) == now {
+            return None;
+        }
+        let path = config.as_ref()?;
+        Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|text| parse_disks(path, &text)),
+        )
+    }
 }
 
 /// A simulated guest's domain id for each configured domain, in order of first mention.
@@ -219,8 +245,16 @@ fn run_sim(
     let expected = disks.len();
     let server_stop = Arc::new(AtomicUsize::new(0));
     let ss = server_stop.clone();
-    let server =
-        std::thread::spawn(move || serve(connect, platform, opts, disks, &ss, log, registry));
+    let config = args.config.clone();
+    let server = std::thread::spawn(move || {
+        let reload = reloader(config);
+        let hooks = Hooks {
+            log,
+            registry,
+            reload: &reload,
+        };
+        serve(connect, platform, opts, disks, &ss, hooks)
+    });
     // Each simulated guest connects to every disk attached to it, as blkfront would.
     let mut guests = Vec::new();
     for dom in &domains {

@@ -63,6 +63,13 @@ impl Registry {
         self.lock().retain(|x| x.id != id);
     }
 
+    /// Records that device `id` now runs `layers` (after a swap made elsewhere).
+    pub fn set_stack(&self, id: &str, layers: &str) {
+        if let Some(e) = self.lock().iter().find(|x| x.id == id) {
+            *e.stack.lock().unwrap_or_else(|p| p.into_inner()) = layers.to_string();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Entry>>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
