@@ -1,7 +1,7 @@
 #!/bin/sh
 # Guest side of the Xen-lab scenarios: handles each disk dom0 attaches, by its name (see
 # dom0-scenarios.sh), and prints GUEST: lines with what it saw.
-waitdev() { i=0; while [ $i -lt 240 ]; do [ -b /dev/$1 ] && return 0; sleep 1; i=$((i + 1)); done; echo "GUEST: $1 never appeared"; return 1; }
+waitdev() { i=0; while [ $i -lt 240 ]; do [ -b /dev/$1 ] && return 0; sleep 1; i=$((i + 1)); done; echo "GUEST: $1 never appeared"; dmesg | tail -15 | sed 's/^/GUEST: dmesg /'; return 1; }
 gone() { i=0; while [ $i -lt 120 ]; do [ -b /dev/$1 ] || { echo "GUEST: $1 gone"; return 0; }; sleep 1; i=$((i + 1)); done; echo "GUEST: $1 still there"; }
 info() { echo "GUEST: $1 size=$(cat /sys/block/$1/size) lbs=$(cat /sys/block/$1/queue/logical_block_size) ro=$(cat /sys/block/$1/ro) queues=$(ls /sys/block/$1/mq | wc -l)"; }
 md5() { dd if=/dev/$1 bs=1M skip=$2 count=$3 2>/dev/null | md5sum | cut -c1-32; }
@@ -16,6 +16,24 @@ coldread() {
 # ext2 for the filesystem scenario: the modules run.sh adds to this initramfs.
 for m in crc16 mbcache jbd2 ext4; do insmod /$m.ko 2>/dev/null; done
 pattern() { dd if=/dev/urandom of=/tmp/pat bs=1M count=$1 2>/dev/null; md5sum /tmp/pat | cut -c1-32; }
+
+# The second guest (dom0's scenario 7): its disk, with the blkfront parameters it was given.
+case " $(cat /proc/cmdline) " in
+  *" xdl=second "*)
+    waitdev xvdh && {
+      info xvdh
+      echo "GUEST: xvdh md5=$(md5 xvdh 0 64)"
+      coldread xvdh
+      p=$(pattern 4)
+      dd if=/tmp/pat of=/dev/xvdh bs=1M seek=32 conv=fsync 2>/dev/null
+      echo "GUEST: xvdh wrote md5-pat=$p"
+      echo "GUEST: xvdh done"
+    }
+    sleep 100000 ;;
+  *" xdl=rebooted "*)
+    waitdev xvdh && echo "GUEST: xvdh after reboot md5-pat=$(md5 xvdh 32 4) md5-head=$(md5 xvdh 0 32)"
+    sleep 100000 ;;
+esac
 
 # 1. file
 waitdev xvdb && {
@@ -73,28 +91,10 @@ waitdev xvdg && {
     if mount -t ext2 /dev/xvdg /mnt/g && [ "$(md5sum /mnt/g/data | cut -c1-32)" = "$m" ] && grep -q hello /mnt/g/note; then
       echo "GUEST: xvdg fs intact"
     else
-      echo "GUEST: xvdg fs lost"
+      echo "GUEST: xvdg fs lost"; ls -l /dev/xvd* | sed 's/^/GUEST: dev /'; dmesg | tail -15 | sed 's/^/GUEST: dmesg /'
     fi
     umount /mnt/g 2>/dev/null
     echo "GUEST: xvdg done"; gone xvdg
-  }
-}
-# 7. reload xen-blkfront with other parameters; the data stays
-waitdev xvdh && {
-  info xvdh
-  before=$(md5 xvdh 0 32)
-  rmmod xen_blkfront
-  # Linux probes a frontend only in state Initialising: dom0 (the toolstack's part) resets
-  # it once it sees this line; then the driver comes back with other parameters.
-  echo "GUEST: xvdh unloaded"
-  sleep 8
-  insmod /xen-blkfront.ko max_queues=2 max_ring_page_order=4 feature_persistent=0
-  waitdev xvdh && {
-    info xvdh
-    echo "GUEST: xvdh reloaded"
-    [ "$(md5 xvdh 0 32)" = "$before" ] && echo "GUEST: xvdh data intact" || echo "GUEST: xvdh data changed"
-    coldread xvdh
-    echo "GUEST: xvdh done"; gone xvdh
   }
 }
 # 8. serve: a configured disk, then a toolstack-made one; dom0 then destroys this guest
