@@ -5,7 +5,8 @@
 #   xvdf file --sector-size 4096              xvdg file: mkfs, detach, reattach
 #   xvdh file: blkfront reloaded with other parameters     xvdi/xvdj: `serve` (disks.toml and a
 #   toolstack-made device), then `xl destroy`.
-# Prints LAB: lines that run.sh checks.
+# Prints LAB: lines that run.sh checks. dom0's /tmp is a tmpfs of half its memory: each
+# scenario removes its image when done.
 ln -sf /usr/lib/xen-4.17/bin/xl /bin/xl
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:/usr/lib/xen-4.17/lib
 export XEN_DISK_PLUGIN_PATH=/opt/xen-disk
@@ -51,6 +52,7 @@ attach b --plugin file -c path=/tmp/b.img --vbd xvdb
 waitg 'GUEST: xvdb done'; detach b
 echo "LAB: b host-md5-written=$(md5 /tmp/b.img 16 8)"
 echo "LAB: b du-after=$(du -k /tmp/b.img | cut -f1)"
+rm -f /tmp/b.img
 
 # 2. mmap, copy-on-write: the guest sees its writes, the image never changes.
 rand /tmp/c.img 256
@@ -58,6 +60,7 @@ echo "LAB: c sha-before=$(sha256sum /tmp/c.img | cut -c1-64)"
 attach c --plugin mmap -c path=/tmp/c.img -c shared=false --vbd xvdc
 waitg 'GUEST: xvdc done'; detach c
 echo "LAB: c sha-after=$(sha256sum /tmp/c.img | cut -c1-64)"
+rm -f /tmp/c.img
 
 # 3. discard: the path's own speed.
 attach d --plugin discard -c size=256M --vbd xvdd
@@ -69,12 +72,14 @@ echo "LAB: e host-md5-head=$(md5 /tmp/e.img 0 16)"
 attach e --plugin file -c path=/tmp/e.img --readonly --vbd xvde
 waitg 'GUEST: xvde done'; detach e
 echo "LAB: e host-md5-after=$(md5 /tmp/e.img 0 16)"
+rm -f /tmp/e.img
 
 # 5. 4096-byte logical sectors.
 rand /tmp/f.img 64
 attach f --plugin file -c path=/tmp/f.img --sector-size 4096 --vbd xvdf
 waitg 'GUEST: xvdf done'; detach f
 echo "LAB: f host-md5-written=$(md5 /tmp/f.img 4 4)"
+rm -f /tmp/f.img
 
 # 6. A filesystem survives detach and reattach.
 dd if=/dev/zero of=/tmp/g.img bs=1M count=64 2>/dev/null
@@ -86,6 +91,7 @@ waitg 'GUEST: xvdg gone' 60
 sleep 5
 attach g2 --plugin file -c path=/tmp/g.img --vbd xvdg
 waitg 'GUEST: xvdg done'; detach g2
+rm -f /tmp/g.img
 
 # 7. A second guest whose blkfront asks for 2 queues, order-4 rings and no persistent grants
 # (xen_blkfront.* on its command line); then it is destroyed and created again, and `serve`
@@ -126,6 +132,7 @@ kill -TERM $SP2 2>/dev/null; wait $SP2; echo "LAB: h serve exit=$?"
 sed 's/^/LAB: h serve log /' /tmp/serve2.log
 grep 'GUEST:' $L2 | sed 's/^/LAB: guest2 /'
 xl destroy guest2 2>/dev/null
+rm -f /tmp/h.img
 
 # 8. serve: a configured disk and one the toolstack adds; then the guest is destroyed.
 rand /tmp/i.img 32; rand /tmp/j.img 32
