@@ -123,6 +123,7 @@ waitg2 'GUEST: xvdh done'
 F=/local/domain/$D2/device/vbd/51824
 echo "LAB: h fe queues=$(xenstore-read $F/multi-queue-num-queues 2>/dev/null) order=$(xenstore-read $F/ring-page-order 2>/dev/null) persistent=$(xenstore-read $F/feature-persistent 2>/dev/null)"
 $H ctl --socket /tmp/serve2.sock stats $D2/xvdh | sed 's/^/LAB: h stats /'
+grep 'GUEST:' $L2 | sed 's/^/LAB: guest2 /'
 xl destroy guest2; sleep 3
 guest2 rebooted
 waitg2 'GUEST: xvdh after reboot'
@@ -130,13 +131,14 @@ echo "LAB: h reattached-to-new-domain=$(xl domid guest2)"
 kill -TERM $SP2; i=0; while kill -0 $SP2 2>/dev/null && [ $i -lt 20 ]; do sleep 1; i=$((i + 1)); done
 kill -TERM $SP2 2>/dev/null; wait $SP2; echo "LAB: h serve exit=$?"
 sed 's/^/LAB: h serve log /' /tmp/serve2.log
-grep 'GUEST:' $L2 | sed 's/^/LAB: guest2 /'
+grep 'GUEST:' $L2 | sed 's/^/LAB: guest2-again /'
 xl destroy guest2 2>/dev/null
 rm -f /tmp/h.img
 
 # 8. serve: a configured disk and one the toolstack adds; then the guest is destroyed.
 rand /tmp/i.img 32; rand /tmp/j.img 32
-echo "LAB: i host-md5=$(md5 /tmp/i.img 0 32) j host-md5=$(md5 /tmp/j.img 0 32)"
+echo "LAB: i host-md5=$(md5 /tmp/i.img 0 32)"
+echo "LAB: j host-md5=$(md5 /tmp/j.img 0 32)"
 cat > /tmp/disks.toml <<TOML
 [[disk]]
 domain = "guest"

@@ -14,7 +14,7 @@ coldread() {
   echo "GUEST: $1 dd-read 256MiB start=$s end=$e"
 }
 # ext2 for the filesystem scenario: the modules run.sh adds to this initramfs.
-for m in crc16 mbcache jbd2 ext4; do insmod /$m.ko 2>/dev/null; done
+for m in crc32c_generic crc16 mbcache jbd2 ext4; do insmod /$m.ko 2>/dev/null; done
 pattern() { dd if=/dev/urandom of=/tmp/pat bs=1M count=$1 2>/dev/null; md5sum /tmp/pat | cut -c1-32; }
 
 # The second guest (dom0's scenario 7): its disk, with the blkfront parameters it was given.

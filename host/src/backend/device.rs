@@ -130,6 +130,7 @@ pub fn run(
     let mut ours = XenbusState::InitWait;
     let mut running: Option<Running> = None;
     let mut closing_for_stop = false;
+    let mut seen_frontend = false;
     // The size the guest was last told (resize and plugin swaps change the disk's).
     let mut published = disk.size();
     let result = loop {
@@ -153,9 +154,13 @@ pub fn run(
         }
         let frontend = match xs.read(NO_TX, &format!("{fe}/state")) {
             Ok(v) => XenbusState::parse(&v),
+            // A toolstack may write the backend before the frontend: absent at first is
+            // "not yet"; absent after it existed is "gone".
+            Err(e) if e.is_enoent() && !seen_frontend && !closing_for_stop => continue,
             Err(e) if e.is_enoent() => None,
             Err(e) => break Err(err(e)),
         };
+        seen_frontend = true;
         let online = match read_u32(xs, NO_TX, &format!("{be}/online")) {
             Ok(v) => v.unwrap_or(1) == 1 && !closing_for_stop,
             Err(_) => false,

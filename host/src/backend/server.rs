@@ -447,6 +447,11 @@ fn start_toolstack(
         .and_then(|d| d.parse().ok())
         .ok_or("the directory is not <domid>/<devid>")?;
     let frontend = read("frontend").ok_or("no `frontend` key")?;
+    // Not before the frontend exists: a toolstack writing without a transaction may not
+    // have created it yet.
+    if xs.read(NO_TX, &format!("{frontend}/state")).is_err() {
+        return Ok(None);
+    }
     let expected = format!("/local/domain/{domid}/device/vbd/{devid}");
     if frontend != expected {
         return Err(format!("`frontend` is {frontend}, expected {expected}"));

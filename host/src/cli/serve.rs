@@ -84,7 +84,12 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         },
         workers: args.workers,
     };
-    let log: Log = Arc::new(|line: &str| println!("{line}"));
+    // A daemon's progress lines must not kill it when stdout fails (a full disk, a closed
+    // pipe): println! would panic.
+    let log: Log = Arc::new(|line: &str| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{line}");
+    });
     let registry = Arc::new(Registry::default());
     let control_path = args.control.clone().unwrap_or_else(|| {
         if args.sim {
