@@ -9,6 +9,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 lab=${XEN_LAB:-$root/../shared/xen-lab/xen-lab.sh}
+[ -f "$lab" ] || lab=/work/shared/xen-lab/xen-lab.sh
 out=${OUT:-${TMPDIR:-/tmp}/xen-disk-lab}
 kmod=/lib/modules/$(ls /lib/modules | sort -V | tail -1)/kernel
 cargo build --release --manifest-path "$root/Cargo.toml" >/dev/null
@@ -76,7 +77,7 @@ echo "xen-lab: cold dd bs=1M read in the guest: file $(speed xvdb) MB/s, mmap $(
 
 if [ "${1:-}" = "--reference" ]; then
   start=$(date +%s)
-  ref=$(OUT=$out bash "$lab" run "$root/../shared/xen-lab/reference-kernel-blkback.sh" "$here/guest-reference.sh" | tr -d '\r')
+  ref=$(OUT=$out bash "$lab" run "$(dirname "$lab")/reference-kernel-blkback.sh" "$here/guest-reference.sh" | tr -d '\r')
   echo "$ref" | grep -E 'GUEST: |LAB: be' || true
   echo "$ref" | grep -F 'GUEST: xvda dd-read' | sed -n 's/.*start=\([0-9.]*\) end=\([0-9.]*\).*/\1 \2/p' |
     awk -v t=$(( $(date +%s) - start )) '{ printf "xen-lab: kernel blkback (loop device): %.1f MB/s (boot %ss)\n", 268.435456 / ($2 - $1), t }'
