@@ -349,6 +349,7 @@ impl SimulatedDisk {
             },
             workers: opts.workers,
             remove_entries: true,
+            poll: Duration::ZERO,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();

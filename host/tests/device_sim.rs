@@ -55,6 +55,7 @@ fn start_device(
         },
         workers,
         remove_entries: true,
+        poll: Duration::from_micros(20),
     };
     let disk = common::ram_disk(SIZE);
     let device_xs = xs.connect(0).unwrap();

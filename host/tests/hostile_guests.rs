@@ -82,6 +82,7 @@ impl Host {
             },
             workers: 2,
             remove_entries: true,
+            poll: Duration::ZERO,
         };
         let platform = Platform {
             grants: self.machine.clone(),

@@ -62,6 +62,8 @@ fn start_with(persistent: bool, workers: usize) -> Harness {
         limits,
         workers,
         persistent,
+        // Polling exercises the spin path; the other tests sleep at once.
+        poll: std::time::Duration::from_micros(if workers == 0 { 20 } else { 0 }),
     };
     let (stop, stats) = (
         Arc::new(AtomicBool::new(false)),

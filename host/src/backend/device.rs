@@ -45,6 +45,8 @@ pub struct DeviceConfig {
     /// the device (`connect`, static disks); false for the toolstack's devices, whose
     /// entries the toolstack removes after it sees Closed.
     pub remove_entries: bool,
+    /// How long each ring thread polls before sleeping (see [`QueueParts::poll`]).
+    pub poll: Duration,
 }
 
 /// The platform the device maps and signals through (real or simulated).
@@ -303,6 +305,7 @@ fn connect(
                 limits,
                 workers: cfg.workers,
                 persistent: rings.persistent,
+                poll: cfg.poll,
             })
         })();
         let parts = match started {

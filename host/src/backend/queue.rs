@@ -48,6 +48,10 @@ pub struct QueueParts {
     pub workers: usize,
     /// Persistent grants were negotiated: keep data pages mapped and reuse them.
     pub persistent: bool,
+    /// How long the ring thread polls for work before it sleeps (0: never polls). Polling
+    /// saves two wake-ups per burst when CPUs are free, and steals them when they are not
+    /// (dom0 sharing its CPUs with guests): off unless asked for.
+    pub poll: Duration,
 }
 
 /// Pages a ring keeps mapped with persistent grants (64 MiB of address space, no memory:
@@ -243,12 +247,14 @@ fn map_segments(
     Ok(Some(m))
 }
 
-/// How long the ring thread looks for work before it sleeps.
-const SPIN: Duration = Duration::from_micros(30);
-
-/// Polls the ring (when it may take requests) and the completions for up to [`SPIN`]; true
+/// Polls the ring (when it may take requests) and the completions for up to `poll`; true
 /// when there is work. A broken ring counts as work, for the main loop to report.
-fn spin_for_work(ring: &mut BackRing, completions: &Completions, taking: bool) -> bool {
+fn spin_for_work(
+    ring: &mut BackRing,
+    completions: &Completions,
+    taking: bool,
+    poll: Duration,
+) -> bool {
     let start = Instant::now();
     loop {
         for _ in 0..64 {
@@ -257,7 +263,7 @@ fn spin_for_work(ring: &mut BackRing, completions: &Completions, taking: bool) -
             }
             std::hint::spin_loop();
         }
-        if start.elapsed() >= SPIN {
+        if start.elapsed() >= poll {
             return false;
         }
     }
@@ -288,6 +294,7 @@ pub fn serve(
         limits,
         workers: threads,
         persistent,
+        poll,
     } = parts;
     let mut cache =
         persistent.then(|| PersistentGrants::new(grants.clone(), guest, PERSISTENT_PAGES));
@@ -446,7 +453,8 @@ pub fn serve(
         // or completion comes within microseconds, and a sleep costs two context switches and
         // an event channel notification each way; when idle, this spins once, briefly.
         if !stop.load(Ordering::Relaxed)
-            && spin_for_work(&mut ring, &completions[0], held.is_none())
+            && !poll.is_zero()
+            && spin_for_work(&mut ring, &completions[0], held.is_none(), poll)
         {
             continue;
         }

@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub offer: HostOffer,
     /// Worker threads per ring.
     pub workers: usize,
+    /// Ring threads' polling before sleep (see [`crate::backend::queue::QueueParts::poll`]).
+    pub poll: Duration,
 }
 
 /// A static disk, opened.
@@ -393,6 +395,7 @@ fn attach_static(
         offer,
         workers: opts.workers,
         remove_entries: true,
+        poll: opts.poll,
     };
     let mut dev = spawn(
         connect,
@@ -474,6 +477,7 @@ fn start_toolstack(
         offer: opts.offer,
         workers: opts.workers,
         remove_entries: false,
+        poll: opts.poll,
     };
     spawn(
         connect,

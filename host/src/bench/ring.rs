@@ -36,6 +36,8 @@ pub struct RingOptions {
     pub workers: usize,
     /// Queues (rings), each with its own ring thread and driver thread.
     pub queues: usize,
+    /// Ring threads' polling before sleep.
+    pub poll: Duration,
 }
 
 const GUEST: u32 = 1;
@@ -49,9 +51,9 @@ struct Lent {
 
 /// Looks for responses for a few microseconds before the driver sleeps, as a polling guest
 /// driver would: a sleep and its wake-up cost more than the gap between completions.
-fn spin_for_responses(q: &mut FrontQueue) -> bool {
+fn spin_for_responses(q: &mut FrontQueue, poll: Duration) -> bool {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_micros(30) {
+    while start.elapsed() < poll {
         for _ in 0..64 {
             if q.has_responses() {
                 return true;
@@ -130,6 +132,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             limits,
             workers: opts.workers,
             persistent: true,
+            poll: opts.poll,
         };
         let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());
         servers.push(std::thread::spawn(move || serve(parts, d, s, st)));
@@ -274,7 +277,7 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
         if Instant::now() >= job.deadline && q.in_flight() == 0 {
             break;
         }
-        if done.is_empty() && !spin_for_responses(&mut q) {
+        if done.is_empty() && !spin_for_responses(&mut q, opts.poll) {
             q.wait(Duration::from_millis(100))
                 .map_err(|e| e.to_string())?;
         }

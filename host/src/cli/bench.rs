@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// keeping `--iodepth` requests in flight (ring path).
     #[arg(long, default_value_t = 1)]
     queues: usize,
+    /// Microseconds the ring thread (and the simulated guest) poll for work before sleeping;
+    /// 0 sleeps at once, as `connect` and `serve` do by default (ring path).
+    #[arg(long, default_value_t = 30)]
+    poll_us: u64,
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Pattern::Randread)]
     rw: Pattern,
@@ -95,6 +99,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             duration: opts.duration,
             workers: args.workers,
             queues: args.queues,
+            poll: Duration::from_micros(args.poll_us.min(10_000)),
         };
         run_ring(std::sync::Arc::new(disk), &ring).map_err(anyhow::Error::msg)?
     };

@@ -48,6 +48,10 @@ pub struct ConnectArgs {
     /// Worker threads per ring; 0 serves requests on the ring thread.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Microseconds a ring thread polls for work before sleeping (0: never). Worth it when
+    /// dom0 has CPUs to spare; it takes them from guests when it has not.
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
     /// The guest device (default: the next free one, e.g. xvdb).
     #[arg(long)]
     vbd: Option<String>,
@@ -165,6 +169,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         },
         workers: args.workers,
         remove_entries: true,
+        poll: std::time::Duration::from_micros(args.poll_us.min(10_000)),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::default());

@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Worker threads per ring; 0 serves requests on the ring thread.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Microseconds a ring thread polls for work before sleeping (0: never). Worth it when
+    /// dom0 has CPUs to spare; it takes them from guests when it has not.
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
     /// Run against the simulated hypervisor, with a simulated guest per configured domain.
     #[arg(long)]
     sim: bool,
@@ -83,6 +87,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
             persistent: true,
         },
         workers: args.workers,
+        poll: Duration::from_micros(args.poll_us.min(10_000)),
     };
     // A daemon's progress lines must not kill it when stdout fails (a full disk, a closed
     // pipe): println! would panic.
