@@ -150,10 +150,13 @@ TOML
 $H serve --config /tmp/disks.toml --queues 2 > /tmp/serve.log 2>&1 & SP=$!
 waitg 'GUEST: xvdi seen' 60
 B=/local/domain/0/backend/vbd3/$D/51856; F=/local/domain/$D/device/vbd/51856
-xenstore-write $B/frontend $F $B/frontend-id $D $B/online 1 $B/state 1 $B/mode w $B/params file:/tmp/j.img $B/dev xvdj $B/device-type disk
-xenstore-chmod -r $B n0 r$D
-xenstore-write $F/backend $B $F/backend-id 0 $F/state 1 $F/virtual-device 51856 $F/device-type disk
-xenstore-chmod -r $F n$D r0
+# As a toolstack without transactions must: each directory made and its permissions set
+# before its keys (which inherit them), `state` written last (a guest's xenbus probes a
+# frontend only when it can read state Initialising).
+xenstore-write $B ""; xenstore-chmod $B n0 r$D
+xenstore-write $B/frontend $F $B/frontend-id $D $B/online 1 $B/mode w $B/params file:/tmp/j.img $B/dev xvdj $B/device-type disk $B/state 1
+xenstore-write $F ""; xenstore-chmod $F n$D r0
+xenstore-write $F/backend $B $F/backend-id 0 $F/virtual-device 51856 $F/device-type disk $F/state 1
 waitg 'GUEST: xvdj done'
 xl destroy guest
 sleep 5
