@@ -14,10 +14,9 @@
 
 use super::features::{connect_keys, initwait_keys, HostOffer};
 use super::frontend_keys::{read_frontend, Advertised};
-use super::queue::{serve, QueueError, QueueParts, QueueStats};
+use super::queue::{limits_for, serve, QueueError, QueueParts, QueueStats};
 use super::state::{next_action, Action, XenbusState};
 use crate::blkif::abi::Protocol;
-use crate::blkif::request::Limits;
 use crate::blkif::ring::BackRing;
 use crate::plugin::GuardedDisk;
 use crate::xen::evtchn::EventChannels;
@@ -270,15 +269,7 @@ fn connect(
     let rings = read_frontend(&read, &ad)?;
     let protocol = Protocol::from_xenstore(rings.protocol.as_deref())?;
     let info = disk.info();
-    let limits = Limits {
-        sectors: info.size / 512,
-        logical_sector_size: info.logical_sector_size,
-        read_only: info.read_only,
-        flush: info.can_flush,
-        discard: disk.can_discard(),
-        discard_secure: false,
-        max_indirect_segments: cfg.offer.max_indirect_segments as u16,
-    };
+    let limits = limits_for(disk, cfg.offer.max_indirect_segments as u16);
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let mut all_stats = Vec::new();

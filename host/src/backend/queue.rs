@@ -269,6 +269,20 @@ fn spin_for_work(
     }
 }
 
+/// What the guest may ask of `disk`: its size and sectors, and the features advertised.
+pub fn limits_for(disk: &GuardedDisk, max_indirect_segments: u16) -> Limits {
+    let info = disk.info();
+    Limits {
+        sectors: info.size / 512,
+        logical_sector_size: info.logical_sector_size,
+        read_only: info.read_only,
+        flush: info.can_flush,
+        discard: disk.can_discard(),
+        discard_secure: false,
+        max_indirect_segments,
+    }
+}
+
 /// Whether a ring serves requests on its own thread instead of handing them to workers:
 /// when asked (`workers == 0`) or when the plugin promises its calls never block
 /// ([`ThreadModel::NonBlocking`]). The hand-off costs two thread wake-ups per request, more

@@ -4,9 +4,9 @@
 
 use super::direct::{Figures, Pattern};
 use super::histogram::Histogram;
-use crate::backend::queue::{serve, QueueParts, QueueStats};
+use crate::backend::queue::{limits_for, serve, QueueParts, QueueStats};
 use crate::blkif::abi::*;
-use crate::blkif::request::{Limits, Segment};
+use crate::blkif::request::Segment;
 use crate::blkif::ring::BackRing;
 use crate::check::model::Rng;
 use crate::frontend::pages::{DataPage, DataPages};
@@ -91,15 +91,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
     )
     .map_err(|e| e.to_string())?;
     let info = disk.info();
-    let limits = Limits {
-        sectors: info.size / 512,
-        logical_sector_size: info.logical_sector_size,
-        read_only: info.read_only,
-        flush: info.can_flush,
-        discard: disk.can_discard(),
-        discard_secure: false,
-        max_indirect_segments: 256,
-    };
+    let limits = limits_for(&disk, 256);
     let stop = Arc::new(AtomicBool::new(false));
     let mut servers = Vec::new();
     let mut drivers = Vec::new();
