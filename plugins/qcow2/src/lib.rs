@@ -164,7 +164,8 @@ impl Plugin for Qcow2Plugin {
             .flush(true)
             .discard(discard_ok)
             .write_zeroes(true)
-            .discard_granularity(cs as u32);
+            .discard_granularity(cs as u32)
+            .thread_model(ThreadModel::Parallel);
         Ok(Qcow2Disk { image, info })
     }
 }
