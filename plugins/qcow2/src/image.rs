@@ -957,3 +957,63 @@ pub fn create(
     let _ = l1l2::OFFSET_MASK;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("qcow2-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("u.qcow2")
+    }
+
+    /// Reads never wait for each other: with the metadata lock held shared by one reader
+    /// (as during its `pread`), another thread's reads of allocated clusters complete.
+    #[test]
+    fn reads_share_the_metadata_lock() {
+        let p = scratch("shared");
+        create(&p, 4 << 20, 65536, None).unwrap();
+        let img = Image::open(&p, false, &[]).unwrap();
+        img.write_at(0, &vec![7u8; 1 << 20]).unwrap();
+        img.flush().unwrap();
+        let held = img.meta.read().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let (img, tx) = (&img, tx.clone());
+                s.spawn(move || {
+                    let mut b = vec![0u8; 65536];
+                    let r = img.read_at(t * 65536, &mut b);
+                    let _ = tx.send(r.is_ok() && b.iter().all(|&x| x == 7));
+                });
+            }
+            for _ in 0..2 {
+                assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+            }
+            drop(held);
+        });
+    }
+
+    /// A write takes the lock exclusively, so it waits for readers (and they for it).
+    #[test]
+    fn writes_wait_for_readers() {
+        let p = scratch("excl");
+        create(&p, 4 << 20, 65536, None).unwrap();
+        let img = Image::open(&p, false, &[]).unwrap();
+        let held = img.meta.read().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let r = img.write_at(0, &[1u8; 512]);
+                let _ = tx.send(r.is_ok());
+            });
+            assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+            drop(held);
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+        });
+    }
+}

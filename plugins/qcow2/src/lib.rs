@@ -21,6 +21,17 @@
 //! Data flow: the host calls [`Qcow2Disk`] through the stable ABI; it maps guest offsets
 //! through [`image::Image`] (L1/L2 in `l1l2`, refcounts in `refcount`, backing in `backing`,
 //! deflate in `compressed`) onto `pread`/`pwrite` of the image file.
+//!
+//! Durability: guest data is written at once; metadata (L1/L2 entries, refcounts) is cached
+//! and written at `flush`, on close, or when the dirty set passes 32 MiB, in crash-safe
+//! order (refcounts and data, `fdatasync`, then the pointers to them; see [`image`]), so a
+//! power loss or kill leaves a consistent image (at worst leaked clusters) holding every
+//! flushed write. Multi-cluster writes to unallocated space get one contiguous host range
+//! (one data `pwrite`). The refcount table grows (moves to the end of the file) when the
+//! file outgrows it.
+//!
+//! Thread model: `Parallel`. Reads share a reader lock on the metadata and `pread` in
+//! parallel; writes, discards and flushes take it exclusively.
 
 pub mod backing;
 pub mod compressed;
