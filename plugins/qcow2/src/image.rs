@@ -269,7 +269,8 @@ impl Image {
             .map_err(|e| self.ioerr("fdatasync", e))
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    /// `OutOfRange` unless `[offset, offset+len)` lies inside the virtual disk.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.hdr.size) {
             return Err(Error::new(
                 xen_disk_plugin_api::ErrorKind::OutOfRange,

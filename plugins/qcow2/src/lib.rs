@@ -63,6 +63,8 @@ impl Disk for Qcow2Disk {
     }
 
     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        // The whole request first: past the end is an error, and `pos` cannot overflow.
+        self.image.check_range(offset, bufs.len() as u64)?;
         let mut pos = offset;
         let mut res = Ok(());
         bufs.for_each_mut(|_, b| {
@@ -75,12 +77,15 @@ impl Disk for Qcow2Disk {
     }
 
     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
-        let mut pos = offset;
-        for (_, b) in bufs.iter() {
-            self.image.write_at(pos, b)?;
-            pos += b.len() as u64;
+        self.image.check_range(offset, bufs.len() as u64)?;
+        if bufs.count() == 1 {
+            return self.image.write_at(offset, bufs.get(0));
         }
-        Ok(())
+        // Several segments (a guest request in pages): one write, so clusters are
+        // allocated as one run instead of copy-on-write per segment.
+        let mut all = vec![0u8; bufs.len()];
+        bufs.copy_to(&mut all);
+        self.image.write_at(offset, &all)
     }
 
     fn flush(&self) -> Result<()> {
