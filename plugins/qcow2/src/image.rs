@@ -774,18 +774,24 @@ impl Image {
     }
 
     /// Writes all dirty metadata in crash-safe order (see the module docs) and makes it and
-    /// every earlier data write durable.
+    /// every earlier data write durable. Dirty state is only dropped once written, so after
+    /// an I/O error a later flush writes it again.
     fn writeback(&self, m: &mut Meta) -> Result<()> {
         let cs = self.cs;
         // 1. Refcount blocks, new L2 tables, a grown refcount table: nothing on disk points
         //    at any of them yet (or they only raise refcounts).
-        for off in std::mem::take(&mut m.rb_dirty) {
+        for &off in &m.rb_dirty {
             let b = m.refblocks.get(&off).ok_or_else(lock_err)?;
             self.pwrite(b, off, "write refcount block")?;
         }
+        m.rb_dirty.clear();
+        for off in &m.l2_new {
+            if let Some(t) = m.l2_dirty.get(off) {
+                self.pwrite(&to_be(t), *off, "write L2 table")?;
+            }
+        }
         for off in std::mem::take(&mut m.l2_new) {
             if let Some(t) = m.l2_dirty.remove(&off) {
-                self.pwrite(&to_be(&t), off, "write L2 table")?;
                 self.cache_l2(off, t)?;
             }
         }
@@ -793,31 +799,35 @@ impl Image {
             self.pwrite(&to_be(&m.reftable), m.rt_off, "write refcount table")?;
         }
         // 2. Whatever points at new refcount blocks or the new table.
-        if let Some((old_off, old_n)) = m.rt_moved_from.take() {
+        if let Some((old_off, old_n)) = m.rt_moved_from {
             self.sync()?;
             let mut h = [0u8; 12];
             h[..8].copy_from_slice(&m.rt_off.to_be_bytes());
             h[8..].copy_from_slice(&(m.rt_clusters as u32).to_be_bytes());
             self.pwrite(&h, 48, "write header")?;
             self.sync()?;
+            m.rt_moved_from = None;
+            m.rt_dirty.clear();
             m.pending_free.extend((0..old_n).map(|c| old_off + c * cs));
         } else if !m.rt_dirty.is_empty() {
             self.sync()?;
-            for ti in std::mem::take(&mut m.rt_dirty) {
+            for &ti in &m.rt_dirty {
                 let e = m.reftable[ti].to_be_bytes();
                 self.pwrite(&e, m.rt_off + ti as u64 * 8, "write refcount table")?;
             }
             self.sync()?;
+            m.rt_dirty.clear();
         }
-        m.rt_dirty.clear();
         // 3. Pointers: only once the refcounts and data they point at are durable.
         if !m.l2_dirty.is_empty() || !m.l1_dirty.is_empty() {
             self.sync()?;
+            for (&off, t) in &m.l2_dirty {
+                self.pwrite(&to_be(t), off, "write L2 table")?;
+            }
             for (off, t) in std::mem::take(&mut m.l2_dirty) {
-                self.pwrite(&to_be(&t), off, "write L2 table")?;
                 self.cache_l2(off, t)?;
             }
-            for i in std::mem::take(&mut m.l1_dirty) {
+            for &i in &m.l1_dirty {
                 let e = m.l1[i].to_be_bytes();
                 self.pwrite(
                     &e,
@@ -825,6 +835,7 @@ impl Image {
                     "write L1 table",
                 )?;
             }
+            m.l1_dirty.clear();
         }
         // 4. Durable; now freed clusters may lose their references' counts.
         self.sync()?;
