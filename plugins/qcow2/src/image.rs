@@ -65,6 +65,8 @@ const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
 const DIRTY_LIMIT: u64 = 32 << 20;
 /// Deferred refcount decrements that trigger a writeback.
 const PENDING_FREE_LIMIT: usize = 1 << 16;
+/// Data writes at least this large start their writeback at once.
+const EARLY_WRITEBACK_MIN: usize = 256 << 10;
 
 /// One I/O an image did on its file, as recorded by [`Image::record_io`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,6 +271,27 @@ impl Image {
             .map_err(|e| self.ioerr("fdatasync", e))
     }
 
+    /// Starts writeback of a large data write already in the page cache, so the disk works
+    /// while later requests are copied in and the next `fdatasync` has less left to do.
+    /// Only a hint: it orders nothing (the syncs in `writeback` do), and errors are
+    /// reported by the next `fdatasync`.
+    fn start_writeback(&self, off: u64, len: usize) {
+        if len < EARLY_WRITEBACK_MIN {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is
+        // owned by `self.file` and open for the duration of the call.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                off as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
     /// `OutOfRange` unless `[offset, offset+len)` lies inside the virtual disk.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.hdr.size) {
@@ -404,11 +427,26 @@ impl Image {
                         .read_exact_at(&mut buf[done..done + n], host + in_cl)
                         .map_err(|e| self.ioerr("read", e))?
                 }
-                Mapping::Zero { .. } => buf[done..done + n].fill(0),
-                Mapping::Unallocated => match &self.backing {
-                    Some(b) => b.read_at(pos, &mut buf[done..done + n])?,
-                    None => buf[done..done + n].fill(0),
-                },
+                map @ (Mapping::Zero { .. } | Mapping::Unallocated) => {
+                    // Extend over following clusters that read the same way.
+                    let from_backing = map == Mapping::Unallocated && self.backing.is_some();
+                    while done + n < buf.len() {
+                        let next = self.lookup(&m, vcl + (n as u64 + in_cl) / self.cs)?;
+                        let same = match next {
+                            Mapping::Unallocated => from_backing || self.backing.is_none(),
+                            Mapping::Zero { .. } => !from_backing,
+                            _ => false,
+                        };
+                        if !same {
+                            break;
+                        }
+                        n += (self.cs as usize).min(buf.len() - done - n);
+                    }
+                    match &self.backing {
+                        Some(b) if from_backing => b.read_at(pos, &mut buf[done..done + n])?,
+                        _ => buf[done..done + n].fill(0),
+                    }
+                }
                 Mapping::Compressed { host, len } => {
                     scratch.resize(self.cs as usize, 0);
                     self.read_compressed(&m, host, len, &mut scratch)?;
@@ -657,6 +695,7 @@ impl Image {
                         next += cs;
                     }
                     self.pwrite(slice(pos, run_end), host + in_cl, "write")?;
+                    self.start_writeback(host + in_cl, (run_end - pos) as usize);
                     pos = run_end;
                 }
                 Mapping::Zero { host } if host != 0 => {
@@ -709,6 +748,7 @@ impl Image {
         let tail_partial = k > 1 && !(in_cl + data.len() as u64).is_multiple_of(cs);
         if !head_partial && !tail_partial {
             self.pwrite(data, host0, "write")?;
+            self.start_writeback(host0, data.len());
         } else {
             let mut buf = vec![0u8; total as usize];
             let c = cs as usize;
@@ -721,6 +761,7 @@ impl Image {
             }
             buf[in_cl as usize..in_cl as usize + data.len()].copy_from_slice(data);
             self.pwrite(&buf, host0, "write")?;
+            self.start_writeback(host0, buf.len());
         }
         for (j, &old) in maps.iter().enumerate() {
             let host = host0 + j as u64 * cs;
