@@ -58,14 +58,64 @@ fn raw_of(img: &Path) -> Vec<u8> {
     std::fs::read(raw).unwrap()
 }
 
-fn apply(file: &mut Vec<u8>, ev: &IoEvent) {
-    if let IoEvent::Write { offset, data } = ev {
-        let (o, n) = (*offset as usize, data.len());
-        if file.len() < o + n {
-            file.resize(o + n, 0);
+/// Writes the file a power loss would leave: the image as it was when recording started
+/// (`initial`, then a hole up to `initial_len`), the events before `from`, and of the
+/// later ones only `sub`. Built with `pwrite` on a sparse file, so large holes cost nothing.
+fn build_crash(
+    path: &Path,
+    initial: &[u8],
+    initial_len: u64,
+    events: &[IoEvent],
+    from: usize,
+    sub: &[usize],
+) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.write_all_at(initial, 0).unwrap();
+    f.set_len(initial_len).unwrap();
+    for e in events[..from].iter().chain(sub.iter().map(|&i| &events[i])) {
+        if let IoEvent::Write { offset, data } = e {
+            f.write_all_at(data, *offset).unwrap();
         }
-        file[o..o + n].copy_from_slice(data);
     }
+}
+
+/// Every crash the log allows, as (sync number, index after that sync, surviving later
+/// writes): for each sync point, nothing after it, everything up to the next sync, each
+/// single write alone, each single write missing, and each prefix.
+fn crashes(events: &[IoEvent]) -> Vec<(usize, usize, Vec<usize>)> {
+    let syncs: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e == IoEvent::Sync)
+        .map(|(i, _)| i)
+        .collect();
+    let mut starts = vec![None];
+    starts.extend(syncs.iter().map(|&s| Some(s)));
+    let mut out = Vec::new();
+    for (k, start) in starts.iter().enumerate() {
+        let from = start.map_or(0, |s| s + 1);
+        let to = syncs.get(k).copied().unwrap_or(events.len());
+        let epoch: Vec<usize> = (from..to).collect();
+        let mut subsets: Vec<Vec<usize>> = vec![vec![], epoch.clone()];
+        for (j, &i) in epoch.iter().enumerate() {
+            subsets.push(vec![i]);
+            subsets.push(epoch.iter().copied().filter(|&x| x != i).collect());
+            subsets.push(epoch[..j].to_vec());
+        }
+        subsets.sort();
+        subsets.dedup();
+        out.extend(subsets.into_iter().map(|sub| (k, from, sub)));
+    }
+    out
+}
+
+fn assert_no_corruption(img: &Path, what: &str) {
+    let (code, text) = check(img);
+    assert!(
+        matches!(code, 0 | 3) && !text.contains("ERROR"),
+        "{what}: qemu-img check {code}: {text}"
+    );
 }
 
 /// What the guest did: (log length when the op returned, touched byte range, is a flush).
@@ -172,67 +222,35 @@ fn power_loss_at_any_point_leaves_a_consistent_image() {
         }
     }
 
-    let syncs: Vec<usize> = events
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| **e == IoEvent::Sync)
-        .map(|(i, _)| i)
-        .collect();
-    assert!(syncs.len() >= 4, "{} syncs", syncs.len());
-    let mut starts = vec![None];
-    starts.extend(syncs.iter().map(|&s| Some(s)));
+    let syncs = events.iter().filter(|e| **e == IoEvent::Sync).count();
+    assert!(syncs >= 4, "{syncs} syncs");
     let crash = d.join("crash.qcow2");
     let mut images = 0;
-    for (k, start) in starts.iter().enumerate() {
-        let from = start.map_or(0, |s| s + 1);
-        let to = syncs.get(k).copied().unwrap_or(events.len());
-        let mut base = initial.clone();
-        for e in &events[..from] {
-            apply(&mut base, e);
-        }
-        let epoch: Vec<usize> = (from..to).collect();
-        let mut subsets: Vec<Vec<usize>> = vec![vec![], epoch.clone()];
-        for (j, &i) in epoch.iter().enumerate() {
-            subsets.push(vec![i]);
-            subsets.push(epoch.iter().copied().filter(|&x| x != i).collect());
-            subsets.push(epoch[..j].to_vec());
-        }
-        subsets.sort();
-        subsets.dedup();
-        // The newest flush whose last sync is in `base`.
-        let flushed = ops.iter().rposition(|o| o.flush && o.log_end <= from);
-        for sub in subsets {
-            let mut f = base.clone();
-            for &i in &sub {
-                apply(&mut f, &events[i]);
-            }
-            std::fs::write(&crash, &f).unwrap();
-            images += 1;
-            let (code, text) = check(&crash);
-            assert!(
-                matches!(code, 0 | 3) && !text.contains("ERROR"),
-                "crash after sync {k}, writes {sub:?}: qemu-img check {code}: {text}"
-            );
-            let ro = Image::open(&crash, true, &[]).unwrap();
-            let mut got = vec![0u8; SIZE];
-            ro.read_at(0, &mut got).unwrap();
-            if let Some(fi) = flushed {
-                let want = &ops[fi].model;
-                let mut touched = vec![false; SIZE];
-                for o in &ops[fi + 1..] {
-                    if let Some((a, b)) = o.range {
-                        touched[a..b].fill(true);
-                    }
+    for (k, from, sub) in crashes(&events) {
+        build_crash(&crash, &initial, initial.len() as u64, &events, from, &sub);
+        images += 1;
+        let what = format!("crash after sync {k}, writes {sub:?}");
+        assert_no_corruption(&crash, &what);
+        let ro = Image::open(&crash, true, &[]).unwrap();
+        let mut got = vec![0u8; SIZE];
+        ro.read_at(0, &mut got).unwrap();
+        // The newest flush whose last sync is in the crash image.
+        if let Some(fi) = ops.iter().rposition(|o| o.flush && o.log_end <= from) {
+            let want = &ops[fi].model;
+            let mut touched = vec![false; SIZE];
+            for o in &ops[fi + 1..] {
+                if let Some((a, b)) = o.range {
+                    touched[a..b].fill(true);
                 }
-                for i in (0..SIZE).step_by(512) {
-                    if !touched[i] {
-                        assert_eq!(
-                            got[i..i + 512],
-                            want[i..i + 512],
-                            "crash after sync {k}, writes {sub:?}: flushed sector {} lost",
-                            i / 512
-                        );
-                    }
+            }
+            for i in (0..SIZE).step_by(512) {
+                if !touched[i] {
+                    assert_eq!(
+                        got[i..i + 512],
+                        want[i..i + 512],
+                        "{what}: flushed sector {} lost",
+                        i / 512
+                    );
                 }
             }
         }
@@ -243,6 +261,17 @@ fn power_loss_at_any_point_leaves_a_consistent_image() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("No errors were found"), "{text}");
     assert_eq!(raw_of(&img), final_model);
+}
+
+/// The first cluster of a file (images here may be gigabytes of hole).
+fn head(p: &Path) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; 4096];
+    std::fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, 0)
+        .unwrap();
+    b
 }
 
 fn header_u64(file: &[u8], at: usize) -> u64 {
@@ -330,7 +359,18 @@ fn refcount_table_grows_past_its_coverage() {
     // the one-cluster refcount table qemu-img makes covers 512 blocks = 4 GiB of file. A
     // sparse hole up to that point puts every new allocation past the table's coverage
     // without writing 4 GiB (unreferenced clusters with refcount 0 are legal).
-    let d = tmpdir("grow");
+    grow(16, 4 << 30);
+}
+
+#[test]
+fn refcount_table_grows_with_64_bit_refcounts() {
+    // 64-bit refcounts: a block covers 512 clusters (2 MiB), the table 1 GiB; the 20 MiB
+    // written need ten new blocks after the move.
+    grow(64, 1 << 30);
+}
+
+fn grow(refcount_bits: u32, coverage: u64) {
+    let d = tmpdir(&format!("grow{refcount_bits}"));
     let img = d.join("g.qcow2");
     let size = 64usize << 20;
     run(
@@ -341,7 +381,7 @@ fn refcount_table_grows_past_its_coverage() {
             "-f",
             "qcow2",
             "-o",
-            "cluster_size=4096,refcount_bits=16",
+            &format!("cluster_size=4096,refcount_bits={refcount_bits}"),
             img.to_str().unwrap(),
             &size.to_string(),
         ],
@@ -359,7 +399,7 @@ fn refcount_table_grows_past_its_coverage() {
     let before = std::fs::read(&img).unwrap();
     assert_eq!(u32::from_be_bytes(before[56..60].try_into().unwrap()), 1);
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    f.set_len(4 << 30).unwrap();
+    f.set_len(coverage).unwrap();
     drop(f);
 
     let mut expect = vec![0u8; size];
@@ -377,7 +417,7 @@ fn refcount_table_grows_past_its_coverage() {
         }
     }
     drop(image);
-    let after = std::fs::read(&img).unwrap();
+    let after = head(&img);
     let rt_clusters = u32::from_be_bytes(after[56..60].try_into().unwrap());
     assert!(rt_clusters > 1, "refcount table did not grow");
     assert_ne!(header_u64(&after, 48), header_u64(&before, 48));
@@ -405,6 +445,88 @@ fn refcount_table_grows_past_its_coverage() {
     drop(image);
     let (code, text) = check(&img);
     assert_eq!(code, 0, "{text}");
+    assert_eq!(head(&img)[56..60], after[56..60]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn power_loss_while_the_refcount_table_moves() {
+    // 64-bit refcounts, 4 KiB clusters: the table covers 1 GiB; a hole to there makes the
+    // first allocation move the table, and 3 MiB more need new refcount blocks.
+    let d = tmpdir("growpl");
+    let img = d.join("gp.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096,refcount_bits=64",
+            img.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x41 0 64k",
+            img.to_str().unwrap(),
+        ],
+    );
+    let small = std::fs::read(&img).unwrap();
+    let coverage = 1u64 << 30;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(coverage)
+        .unwrap();
+    let image = Image::open(&img, false, &[]).unwrap();
+    let log: IoLog = Arc::new(Mutex::new(Vec::new()));
+    image.record_io(log.clone());
+    let mut want = vec![0u8; 16 << 20];
+    want[..64 << 10].fill(0x41);
+    for (i, off) in [1usize << 20, 5 << 20, 9 << 20].into_iter().enumerate() {
+        image
+            .write_at(off as u64, &vec![0x50 + i as u8; 1 << 20])
+            .unwrap();
+        want[off..off + (1 << 20)].fill(0x50 + i as u8);
+    }
+    image.flush().unwrap();
+    let flushed_at = log.lock().unwrap().len();
+    image.write_at(13 << 20, &vec![0x60; 1 << 20]).unwrap();
+    image.zero_range(0, 64 << 10, true).unwrap();
+    drop(image);
+    let events = log.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, IoEvent::Write { offset: 48, data } if data.len() == 12)),
+        "the header never switched tables"
+    );
+    let crash = d.join("crash.qcow2");
+    let all = crashes(&events);
+    assert!(all.len() > 20);
+    for (k, from, sub) in all {
+        build_crash(&crash, &small, coverage, &events, from, &sub);
+        let what = format!("crash after sync {k}, writes {sub:?}");
+        assert_no_corruption(&crash, &what);
+        let ro = Image::open(&crash, true, &[]).unwrap();
+        let mut got = vec![0u8; 16 << 20];
+        ro.read_at(0, &mut got).unwrap();
+        if from >= flushed_at {
+            // The flushed 3 MiB (nothing later touched them).
+            assert!(got[1 << 20..10 << 20] == want[1 << 20..10 << 20], "{what}");
+        }
+    }
+    let (code, text) = check(&img);
+    assert_eq!(code, 0, "{text}");
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
