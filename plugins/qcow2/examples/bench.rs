@@ -116,7 +116,7 @@ fn main() {
     let dir = std::env::args().nth(1).unwrap_or_else(|| "/tmp".into());
     let path = Path::new(&dir).join(format!("qcow2-bench-{}.qcow2", std::process::id()));
     println!(
-        "{:<28} {:>12} {:>12} {:>7}",
+        "{:<28} {:>12} {:>12} {:>7}   runs (plugin | qemu)",
         "case", "plugin MB/s", "qemu MB/s", "ratio"
     );
     for bs in [4096usize, 1 << 20] {
@@ -130,6 +130,13 @@ fn main() {
                     make(&path, allocated);
                     qs.push(qemu(&path, bs, count, write, allocated));
                 }
+                let runs = |v: &[f64]| {
+                    v.iter()
+                        .map(|x| format!("{x:.0}"))
+                        .collect::<Vec<_>>()
+                        .join("/")
+                };
+                let spread = format!("{} | {}", runs(&ps), runs(&qs));
                 let (p, q) = (median(ps), median(qs));
                 let name = format!(
                     "{} {} {}",
@@ -137,7 +144,7 @@ fn main() {
                     if write { "write" } else { "read" },
                     if allocated { "allocated" } else { "fresh" }
                 );
-                println!("{name:<28} {p:>12.1} {q:>12.1} {:>7.2}", p / q);
+                println!("{name:<28} {p:>12.1} {q:>12.1} {:>7.2}   {spread}", p / q);
             }
         }
     }
