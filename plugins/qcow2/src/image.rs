@@ -5,8 +5,10 @@
 //!
 //! `meta` is a `RwLock`. Reads take it shared, so parallel reads of allocated clusters only
 //! meet at the L2-cache `RwLock` (itself taken shared on a hit) and then `pread` in
-//! parallel; writes, discards, allocation and metadata writeback take it exclusive. The disk
-//! is therefore declared [`ThreadModel::Parallel`](xen_disk_plugin_api::ThreadModel).
+//! parallel. Writes that land entirely in allocated data clusters change no metadata and
+//! also take it shared; writes that allocate, discards and metadata writeback (flush) take
+//! it exclusive. The disk is therefore declared
+//! [`ThreadModel::Parallel`](xen_disk_plugin_api::ThreadModel).
 //!
 //! # Allocation
 //!
@@ -673,6 +675,14 @@ impl Image {
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.writable()?;
         self.check_range(offset, data.len() as u64)?;
+        {
+            // Only allocated clusters: no metadata changes, so the shared lock will do and
+            // reads (and other such writes) go on in parallel.
+            let m = self.meta.read().map_err(|_| lock_err())?;
+            if self.write_in_place(&m, offset, data)? {
+                return Ok(());
+            }
+        }
         let mut m = self.meta.write().map_err(|_| lock_err())?;
         let cs = self.cs;
         let end = offset + data.len() as u64;
@@ -724,6 +734,34 @@ impl Image {
             }
         }
         self.maybe_writeback(&mut m)
+    }
+
+    /// Writes `data` at `offset` if every cluster it touches is plain data (false, having
+    /// written nothing, otherwise). Contiguous host clusters take one `pwrite`.
+    fn write_in_place(&self, m: &Meta, offset: u64, data: &[u8]) -> Result<bool> {
+        let cs = self.cs;
+        let end = offset + data.len() as u64;
+        // (host offset, start, end) of each run, in guest bytes.
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let Mapping::Data { host } = self.lookup(m, pos / cs)? else {
+                return Ok(false);
+            };
+            let in_cl = pos % cs;
+            let next = (pos - in_cl + cs).min(end);
+            match runs.last_mut() {
+                Some((h, a, b)) if *b == pos && *h + (pos - *a) == host + in_cl => *b = next,
+                _ => runs.push((host + in_cl, pos, next)),
+            }
+            pos = next;
+        }
+        for (host, a, b) in runs {
+            let buf = &data[(a - offset) as usize..(b - offset) as usize];
+            self.pwrite(buf, host, "write")?;
+            self.start_writeback(host, buf.len());
+        }
+        Ok(true)
     }
 
     /// Writes `data` (starting `in_cl` bytes into guest cluster `vcl0`, spanning
@@ -1051,7 +1089,31 @@ mod tests {
         });
     }
 
-    /// A write takes the lock exclusively, so it waits for readers (and they for it).
+    /// Writes into allocated clusters need no metadata change: they share the lock too.
+    #[test]
+    fn in_place_writes_share_the_metadata_lock() {
+        let p = scratch("inplace");
+        create(&p, 4 << 20, 65536, None).unwrap();
+        let img = Image::open(&p, false, &[]).unwrap();
+        img.write_at(0, &vec![7u8; 1 << 20]).unwrap();
+        let held = img.meta.read().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = tx.send(img.write_at(65536 - 512, &[9u8; 1024]).is_ok());
+            });
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+            drop(held);
+        });
+        let mut b = vec![0u8; 2048];
+        img.read_at(65536 - 1024, &mut b).unwrap();
+        assert_eq!(&b[..512], &[7u8; 512][..]);
+        assert_eq!(&b[512..1536], &[9u8; 1024][..]);
+        assert_eq!(&b[1536..], &[7u8; 512][..]);
+    }
+
+    /// A write that allocates takes the lock exclusively, so it waits for readers (and they
+    /// for it).
     #[test]
     fn writes_wait_for_readers() {
         let p = scratch("excl");

@@ -30,8 +30,9 @@
 //! (one data `pwrite`). The refcount table grows (moves to the end of the file) when the
 //! file outgrows it.
 //!
-//! Thread model: `Parallel`. Reads share a reader lock on the metadata and `pread` in
-//! parallel; writes, discards and flushes take it exclusively.
+//! Thread model: `Parallel`. Reads, and writes into already-allocated clusters, share a
+//! reader lock on the metadata and `pread`/`pwrite` in parallel; allocating writes,
+//! discards and flushes take it exclusively.
 
 pub mod backing;
 pub mod compressed;
