@@ -21,6 +21,18 @@
 //! Data flow: the host calls [`Qcow2Disk`] through the stable ABI; it maps guest offsets
 //! through [`image::Image`] (L1/L2 in `l1l2`, refcounts in `refcount`, backing in `backing`,
 //! deflate in `compressed`) onto `pread`/`pwrite` of the image file.
+//!
+//! Durability: guest data is written at once; metadata (L1/L2 entries, refcounts) is cached
+//! and written at `flush`, on close, or when the dirty set passes 32 MiB, in crash-safe
+//! order (refcounts and data, `fdatasync`, then the pointers to them; see [`image`]), so a
+//! power loss or kill leaves a consistent image (at worst leaked clusters) holding every
+//! flushed write. Multi-cluster writes to unallocated space get one contiguous host range
+//! (one data `pwrite`). The refcount table grows (moves to the end of the file) when the
+//! file outgrows it.
+//!
+//! Thread model: `Parallel`. Reads, and writes into already-allocated clusters, share a
+//! reader lock on the metadata and `pread`/`pwrite` in parallel; allocating writes,
+//! discards and flushes take it exclusively.
 
 pub mod backing;
 pub mod compressed;
@@ -52,6 +64,8 @@ impl Disk for Qcow2Disk {
     }
 
     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        // The whole request first: past the end is an error, and `pos` cannot overflow.
+        self.image.check_range(offset, bufs.len() as u64)?;
         let mut pos = offset;
         let mut res = Ok(());
         bufs.for_each_mut(|_, b| {
@@ -64,12 +78,15 @@ impl Disk for Qcow2Disk {
     }
 
     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
-        let mut pos = offset;
-        for (_, b) in bufs.iter() {
-            self.image.write_at(pos, b)?;
-            pos += b.len() as u64;
+        self.image.check_range(offset, bufs.len() as u64)?;
+        if bufs.count() == 1 {
+            return self.image.write_at(offset, bufs.get(0));
         }
-        Ok(())
+        // Several segments (a guest request in pages): one write, so clusters are
+        // allocated as one run instead of copy-on-write per segment.
+        let mut all = vec![0u8; bufs.len()];
+        bufs.copy_to(&mut all);
+        self.image.write_at(offset, &all)
     }
 
     fn flush(&self) -> Result<()> {
@@ -164,7 +181,8 @@ impl Plugin for Qcow2Plugin {
             .flush(true)
             .discard(discard_ok)
             .write_zeroes(true)
-            .discard_granularity(cs as u32);
+            .discard_granularity(cs as u32)
+            .thread_model(ThreadModel::Parallel);
         Ok(Qcow2Disk { image, info })
     }
 }

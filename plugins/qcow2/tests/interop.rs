@@ -507,3 +507,34 @@ fn parallel_reads_agree_with_qemu() {
         }
     });
 }
+
+#[test]
+fn out_of_range_is_an_error_and_segmented_writes_match_qemu() {
+    let d = tmpdir("segments");
+    let img = d.join("s.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"],
+    );
+    let disk = open_path(&img, false);
+    // Calls the host's guard would refuse, straight to the plugin: errors, not panics.
+    let mut buf = vec![0u8; 4096];
+    for off in [u64::MAX - 4095, u64::MAX - 511, 8 << 20, (8 << 20) - 512] {
+        let e = with_read_bufs(&mut [&mut buf], |b| disk.read(off, b)).unwrap_err();
+        assert_eq!(e.kind(), xen_disk_plugin_api::ErrorKind::OutOfRange, "{e}");
+        let e = with_write_bufs(&[&buf], |b| disk.write(off, b)).unwrap_err();
+        assert_eq!(e.kind(), xen_disk_plugin_api::ErrorKind::OutOfRange, "{e}");
+    }
+    // A 1 MiB write in 256 page-sized segments, starting mid-cluster.
+    let pages: Vec<Vec<u8>> = (0..256u32).map(|i| vec![i as u8; 4096]).collect();
+    let refs: Vec<&[u8]> = pages.iter().map(|p| p.as_slice()).collect();
+    with_write_bufs(&refs, |b| disk.write(3 * 4096, b)).unwrap();
+    disk.flush().unwrap();
+    drop(disk);
+    check_clean(&img);
+    let mut expect = vec![0u8; 8 << 20];
+    for (i, p) in pages.iter().enumerate() {
+        expect[3 * 4096 + i * 4096..][..4096].copy_from_slice(p);
+    }
+    assert_eq!(raw_of(&img, &d), expect);
+}
