@@ -21,7 +21,8 @@ fn inspect_shows_keys_types_defaults_and_abi() {
     let o = host(&["plugins", "inspect", "discard"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("abi version: 1"), "{out}");
+    let abi = format!("abi version: {}", xen_disk_plugin_api::ABI_VERSION);
+    assert!(out.contains(&abi), "{out}");
     assert!(
         out.lines()
             .any(|l| l.contains("size") && l.contains("default 1G")),
@@ -51,7 +52,8 @@ fn a_library_that_is_not_a_plugin_is_refused() {
 fn a_plugin_built_for_another_abi_version_is_refused_naming_both() {
     let p = plugin_path("test-wrong-abi");
     let o = host(&["check", p.to_str().unwrap()]);
-    assert_bad_input(&o, &["libtest_wrong_abi.so", "version 999", "version 1"]);
+    let host_version = format!("version {}", xen_disk_plugin_api::ABI_VERSION);
+    assert_bad_input(&o, &["libtest_wrong_abi.so", "version 999", &host_version]);
 }
 
 #[test]

@@ -292,6 +292,19 @@ path = "{}"
     std::fs::write(&config, "[[disk]]\nplugin = 3\n").unwrap();
     d.signal("-HUP");
     d.expect(&["reload:", "keeping the running configuration"]);
+    // Two new disks, the first of which cannot open: disks are known by position, so the
+    // second is not added either (and nothing is attached to the wrong index).
+    let mmap_text = format!("{}plugin = \"mmap\"{}", &text[..i], &text[i + 15..]);
+    std::fs::write(
+        &config,
+        format!(
+            "{mmap_text}\n[[disk]]\ndomain = \"7\"\nplugin = \"nosuch\"\n\n[[disk]]\ndomain = \"7\"\nplugin = \"discard\"\n"
+        ),
+    )
+    .unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload: disk 4:", "nosuch"]);
+    d.expect(&["reload: disk 5: not added"]);
 
     let lines = d.terminate();
     assert!(

@@ -113,7 +113,9 @@ pub type FfiDiskBox = FfiDisk_TO<'static, RBox<()>>;
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
-// Fields appended after `open` in later versions read as `None` from older plugins.
+// abi_stable refuses a root module with fewer fields than the host's, whatever
+// `missing_field` says, so every field added here comes with a new `ABI_VERSION`: the version
+// check then refuses an older plugin first, with one line naming both versions.
 #[sabi(missing_field(option))]
 pub struct PluginMod {
     /// The plugin interface version the plugin was built against ([`crate::ABI_VERSION`]).
@@ -127,8 +129,7 @@ pub struct PluginMod {
     pub open_over:
         Option<extern "C" fn(config: RStr<'_>, base: FfiDiskBox) -> RResult<FfiDiskBox, FfiError>>,
     /// True for a filter that never writes its base and wants the host to open the base
-    /// read-only ([`Filter::READ_ONLY_BASE`](crate::Filter::READ_ONLY_BASE)). Added after
-    /// the prefix: plugins built before it read as `None` (false).
+    /// read-only ([`Filter::READ_ONLY_BASE`](crate::Filter::READ_ONLY_BASE)); since ABI 2.
     pub read_only_base: extern "C" fn() -> bool,
 }
 

@@ -159,7 +159,9 @@ pub use export::{export_disk, ForeignDisk};
 pub use export::{filter_root_module as __filter_root_module, root_module as __root_module};
 
 /// The plugin interface version. A host loads only plugins built for the same version.
-pub const ABI_VERSION: u32 = 1;
+///
+/// 2: `ThreadModel::NonBlocking` and the root module's `read_only_base` (filters).
+pub const ABI_VERSION: u32 = 2;
 
 /// The name of the plain C symbol, exported by every plugin, that returns its
 /// [`ABI_VERSION`]. The host reads it before anything else.

@@ -10,7 +10,7 @@
 //! asks. Responses go out as workers finish, in any order. When there is nothing to do, the
 //! thread sleeps in `poll` on the event channel and the workers' doorbell.
 
-use super::inflight::{FreeList, SlotTable};
+use super::inflight::{FreeList, Slot, SlotTable};
 use super::io::{execute, status_of};
 use super::io::{IoOp, IoStatus};
 use super::wake::EventFdWake;
@@ -283,6 +283,26 @@ pub fn limits_for(disk: &GuardedDisk, max_indirect_segments: u16) -> Limits {
     }
 }
 
+/// Answers a request the plugin has served (on a worker or inline): counts it, releases its
+/// mappings and buffers, and puts the response on the ring. The caller frees the slot.
+fn answer(
+    slot: &mut Slot<GrantMapping>,
+    status: i16,
+    started: Instant,
+    stats: &QueueStats,
+    ring: &mut BackRing,
+) {
+    let bytes = slot.bufs.iter().map(|b| b.len as u64).sum();
+    slot.mappings = None;
+    slot.bufs.clear();
+    stats.served(slot.op, bytes, status, started);
+    ring.put_response(&Response {
+        id: slot.id,
+        operation: slot.operation,
+        status,
+    });
+}
+
 /// Whether a ring serves requests on its own thread instead of handing them to workers:
 /// when asked (`workers == 0`) or when the plugin promises its calls never block
 /// ([`ThreadModel::NonBlocking`]). The hand-off costs two thread wake-ups per request, more
@@ -320,12 +340,10 @@ pub fn serve(
         BLKIF_MAX_SEGMENTS_PER_REQUEST,
     ));
     let wake = Arc::new(EventFdWake::new().map_err(|e| QueueError::Setup(e.to_string()))?);
-    let inline = runs_inline(threads, &disk).then(|| disk.clone());
-    // The disk can grow or shrink while connected (online resize): bounds follow it.
-    let sizer = disk.clone();
+    let inline = runs_inline(threads, &disk);
     let (workers, completions) = Workers::start(
-        if inline.is_some() { 0 } else { threads },
-        disk,
+        if inline { 0 } else { threads },
+        disk.clone(),
         vec![(slots.clone(), wake.clone() as Arc<dyn Wake>)],
     );
     let mut free = FreeList::new(size);
@@ -340,17 +358,9 @@ pub fn serve(
         while let Ok(index) = completions[0].try_recv() {
             // SAFETY: the worker handed the index back; this thread owns the slot again.
             let slot = unsafe { slots.slot(index) };
-            let bytes = slot.bufs.iter().map(|b| b.len as u64).sum();
-            slot.mappings = None;
-            slot.bufs.clear();
-            let status = slot.status.code();
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            stats.served(slot.op, bytes, status, started[usize::from(index)]);
-            ring.put_response(&Response {
-                id: slot.id,
-                operation: slot.operation,
-                status,
-            });
+            let status = slot.status.code();
+            answer(slot, status, started[usize::from(index)], &stats, &mut ring);
             free.give(index);
             progress = true;
         }
@@ -360,7 +370,8 @@ pub fn serve(
                 break Ok(());
             }
         } else {
-            limits.sectors = sizer.size() / 512;
+            // The disk can grow or shrink while connected (online resize): bounds follow it.
+            limits.sectors = disk.size() / 512;
             let guest = Guest {
                 grants: &*grants,
                 domid: guest_domid,
@@ -430,23 +441,15 @@ pub fn serve(
                         continue;
                     }
                 }
-                if let Some(disk) = &inline {
+                if inline {
                     // SAFETY: the buffers point into mappings this slot holds until it is
                     // answered just below.
-                    let result = unsafe { execute(disk, slot.op, slot.offset, &slot.bufs) };
+                    let result = unsafe { execute(&disk, slot.op, slot.offset, &slot.bufs) };
                     if let Err(e) = &result {
                         tracing::debug!(id, offset = slot.offset, "request failed: {e}");
                     }
                     let status = status_of(&result).code();
-                    let bytes = slot.bufs.iter().map(|b| b.len as u64).sum();
-                    slot.mappings = None;
-                    slot.bufs.clear();
-                    stats.served(slot.op, bytes, status, started[usize::from(index)]);
-                    ring.put_response(&Response {
-                        id,
-                        operation,
-                        status,
-                    });
+                    answer(slot, status, started[usize::from(index)], &stats, &mut ring);
                     free.give(index);
                 } else {
                     stats.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -463,9 +466,9 @@ pub fn serve(
         if progress {
             continue;
         }
-        // Nothing to do: look again for a moment before sleeping. Under load the next request
-        // or completion comes within microseconds, and a sleep costs two context switches and
-        // an event channel notification each way; when idle, this spins once, briefly.
+        // Nothing to do: with polling on, look again for a moment before sleeping. Under load
+        // the next request or completion comes within microseconds, and a sleep costs two
+        // context switches and an event channel notification each way.
         if !stop.load(Ordering::Relaxed)
             && !poll.is_zero()
             && spin_for_work(&mut ring, &completions[0], held.is_none(), poll)

@@ -236,6 +236,15 @@ fn apply_reload(
     let listed = specs.len();
     for (i, spec) in specs.into_iter().enumerate() {
         let Some(current) = disks.get_mut(i) else {
+            // Disks are known by position: one that failed to open leaves a gap that later
+            // ones cannot fill without renumbering.
+            if i != disks.len() {
+                log(&format!(
+                    "reload: disk {}: not added (an earlier new disk failed to open)",
+                    i + 1
+                ));
+                continue;
+            }
             match open_static(vec![spec]) {
                 Ok(mut d) => {
                     log(&format!("reload: disk {} added", i + 1));
@@ -397,7 +406,7 @@ fn attach_static(
         remove_entries: true,
         poll: opts.poll,
     };
-    let mut dev = spawn(
+    let dev = spawn(
         connect,
         platform,
         cfg,
@@ -405,7 +414,6 @@ fn attach_static(
         Some(index),
         (xs, registry, vbd, &disk.layers),
     )?;
-    dev.name = vbd.linux_name();
     Ok(Some((paths.backend, dev)))
 }
 
@@ -449,15 +457,19 @@ fn start_toolstack(
     let devid: u32 = devid
         .and_then(|d| d.parse().ok())
         .ok_or("the directory is not <domid>/<devid>")?;
+    // A device the toolstack is taking away (online=0) is not started again.
+    if read("online").as_deref() == Some("0") {
+        return Ok(None);
+    }
     let frontend = read("frontend").ok_or("no `frontend` key")?;
+    let expected = format!("/local/domain/{domid}/device/vbd/{devid}");
+    if frontend != expected {
+        return Err(format!("`frontend` is {frontend}, expected {expected}"));
+    }
     // Not before the frontend exists: a toolstack writing without a transaction may not
     // have created it yet.
     if xs.read(NO_TX, &format!("{frontend}/state")).is_err() {
         return Ok(None);
-    }
-    let expected = format!("/local/domain/{domid}/device/vbd/{devid}");
-    if frontend != expected {
-        return Err(format!("`frontend` is {frontend}, expected {expected}"));
     }
     if let Some(id) = read("frontend-id") {
         if id != domid.to_string() {
@@ -507,32 +519,20 @@ fn spawn(
     let stats = Arc::new(DeviceStats::default());
     let (s, p, st) = (stop.clone(), platform.clone(), stats.clone());
     let (frontend, guest) = (cfg.frontend_path.clone(), cfg.frontend_domid);
-    let id = format!("{guest}/{}", vbd.linux_name());
-    let guest_name = xs
-        .read(NO_TX, &format!("/local/domain/{guest}/name"))
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
-        .unwrap_or_default();
-    registry.add(Entry {
-        id: id.clone(),
-        domid: guest,
-        guest: guest_name,
-        vbd: vbd.linux_name(),
-        stack: std::sync::Mutex::new(layers.to_string()),
-        disk: disk.clone(),
-        stats: stats.clone(),
-        stop: stop.clone(),
-    });
+    let entry = Entry::for_device(xs, guest, vbd, layers, disk.clone(), stats, stop.clone());
+    let id = entry.id.clone();
     let thread = std::thread::Builder::new()
         .name(format!("xen-disk-dev-{guest}"))
         .spawn(move || run_device(&*dev_xs, &p, &cfg, disk, &s, &st))
         .map_err(|e| e.to_string())?;
+    registry.add(entry);
     Ok(Device {
         stop,
         thread,
         frontend,
         static_index,
         guest,
-        name: String::new(),
+        name: vbd.linux_name(),
         id,
     })
 }

@@ -174,20 +174,15 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::default());
     let registry = Arc::new(Registry::default());
-    let guest_name = xs
-        .read(NO_TX, &format!("/local/domain/{domid}/name"))
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
-        .unwrap_or_default();
-    registry.add(Entry {
-        id: format!("{domid}/{}", vbd.linux_name()),
+    registry.add(Entry::for_device(
+        &xs,
         domid,
-        guest: guest_name,
-        vbd: vbd.linux_name(),
-        stack: std::sync::Mutex::new(layers.clone()),
-        disk: disk.clone(),
-        stats: stats.clone(),
-        stop: stop.clone(),
-    });
+        vbd,
+        &layers,
+        disk.clone(),
+        stats.clone(),
+        stop.clone(),
+    ));
     let control_path = args.control.clone().unwrap_or_else(default_connect);
     let _control = match listen(&control_path, registry) {
         Ok(l) => Some(l),

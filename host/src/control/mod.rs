@@ -44,6 +44,37 @@ pub struct Entry {
     pub stop: Arc<AtomicBool>,
 }
 
+impl Entry {
+    /// The entry for the device serving `vbd` to guest `domid` (its name read from xenstore).
+    pub fn for_device(
+        xs: &dyn crate::xen::xenstore::Xenstore,
+        domid: u32,
+        vbd: crate::backend::vbd::Vbd,
+        stack: &str,
+        disk: Arc<GuardedDisk>,
+        stats: Arc<DeviceStats>,
+        stop: Arc<AtomicBool>,
+    ) -> Entry {
+        let guest = xs
+            .read(
+                crate::xen::xenstore::NO_TX,
+                &format!("/local/domain/{domid}/name"),
+            )
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        Entry {
+            id: format!("{domid}/{}", vbd.linux_name()),
+            domid,
+            guest,
+            vbd: vbd.linux_name(),
+            stack: Mutex::new(stack.to_string()),
+            disk,
+            stats,
+            stop,
+        }
+    }
+}
+
 /// The devices of this process.
 #[derive(Default)]
 pub struct Registry {
@@ -261,6 +292,12 @@ fn stats(e: &Entry, json: bool) -> String {
 /// Opens `plugin` with the `key=value` words and swaps it in.
 fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
     let allow_shrink = words.contains(&"--allow-shrink");
+    if let Some(bad) = words
+        .iter()
+        .find(|w| w.starts_with("--") && **w != "--allow-shrink")
+    {
+        return Err(format!("swap: unknown option {bad} (only --allow-shrink)"));
+    }
     let pairs: Vec<String> = words
         .iter()
         .filter(|w| !w.starts_with("--"))
