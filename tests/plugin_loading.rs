@@ -205,6 +205,70 @@ fn bench_direct_reports_figures_beside_memcpy() {
 }
 
 #[test]
+fn bench_direct_runs_qemu_img_on_the_same_image() {
+    let t = TempDir::new("qemubench");
+    let img = t.join("disk.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"])
+        .status()
+        .expect("qemu-img (package qemu-utils) is needed");
+    assert!(made.success());
+    let path = format!("path={}", img.display());
+    for rw in ["write", "read"] {
+        let o = host(&[
+            "bench",
+            "--direct",
+            "qcow2",
+            "-c",
+            &path,
+            "--rw",
+            rw,
+            "--bs",
+            "64k",
+            "--qemu-img",
+            "qcow2",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{rw}: {}", stderr(&o));
+        let out = stdout(&o);
+        let field = |k: &str| -> f64 {
+            let at = out
+                .find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k}: {out}"))
+                + k.len()
+                + 3;
+            out[at..].split([',', '}']).next().unwrap().parse().unwrap()
+        };
+        // One pass over the 32 MiB disk, and qemu-img repeats exactly that many requests.
+        assert_eq!(field("ops"), 512.0, "{out}");
+        assert_eq!(field("qemu_img_ops"), 512.0, "{out}");
+        assert!(field("qemu_img_mbps") > 0.0, "{out}");
+    }
+    // The write pass ran on a copy that is gone again; the image is still valid qcow2.
+    let left: Vec<_> = std::fs::read_dir(&t.0).unwrap().collect();
+    assert_eq!(left.len(), 1, "the qemu-img copy was not removed: {left:?}");
+    let checked = std::process::Command::new("qemu-img")
+        .args(["check", "-q", img.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(checked.success());
+    assert_bad_input(
+        &host(&[
+            "bench",
+            "--direct",
+            "qcow2",
+            "-c",
+            &path,
+            "--rw",
+            "randread",
+            "--qemu-img",
+            "qcow2",
+        ]),
+        &["--qemu-img"],
+    );
+}
+
+#[test]
 fn bench_drives_the_full_ring_path() {
     let t = TempDir::new("ringbench");
     let img = t.join("disk.img");

@@ -242,8 +242,8 @@ fn vhd_passes_check_on_qemu_and_plugin_made_images() {
     assert!(made.success());
     let out = check_passes(&["vhd", "-c", &format!("path={}", img.display())]);
     assert!(
-        out.contains("skip  discard"),
-        "VHD declares no discard: {out}"
+        out.contains("ok    discard") && out.contains("write-zeroes  7 KiB zeroed (native)"),
+        "VHD discards and zeroes natively: {out}"
     );
     let fixed = t.join("fixed.vhd");
     check_passes(&[
@@ -255,4 +255,52 @@ fn vhd_passes_check_on_qemu_and_plugin_made_images() {
         "-c",
         "size=32M",
     ]);
+    // A differencing chain of depth 3, made by the plugin's own create: the suite runs on
+    // its top, over parents that already hold data.
+    let base = t.join("base.vhd");
+    let fill = t.join("fill.bin");
+    std::fs::write(&fill, vec![0x5a; 3 << 20]).unwrap();
+    let out = host(&[
+        "sim",
+        "write",
+        "vhd",
+        "-c",
+        &format!("path={}", base.display()),
+        "-c",
+        "create=dynamic",
+        "-c",
+        "size=32M",
+        "--in",
+        fill.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut parent = base;
+    for name in ["mid.vhd", "top.vhd"] {
+        let child = t.join(name);
+        let config = [
+            format!("path={}", child.display()),
+            "create=differencing".into(),
+            format!("parent={}", parent.display()),
+        ];
+        if name == "top.vhd" {
+            let out = check_passes(&["vhd", "-c", &config[0], "-c", &config[1], "-c", &config[2]]);
+            assert!(out.contains("check: 10 passed, 0 failed"), "{out}");
+        } else {
+            let out = host(&[
+                "sim",
+                "write",
+                "vhd",
+                "-c",
+                &config[0],
+                "-c",
+                &config[1],
+                "-c",
+                &config[2],
+                "--in",
+                fill.to_str().unwrap(),
+            ]);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        parent = child;
+    }
 }

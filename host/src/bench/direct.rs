@@ -36,6 +36,9 @@ pub struct DirectOptions {
     pub duration: Duration,
     /// Threads issuing I/O at once.
     pub threads: usize,
+    /// Stop after one pass over the region (each thread its share) even before `duration`:
+    /// the run a count-based reference (qemu-img bench) repeats.
+    pub one_pass: bool,
 }
 
 /// Figures from one run.
@@ -107,9 +110,13 @@ pub fn run(disk: &GuardedDisk, opts: &DirectOptions) -> Result<Figures, String> 
                     let mut seq = (t as u64 * blocks / opts.threads.max(1) as u64) * bs;
                     let mut ops = 0u64;
                     let deadline = started + opts.duration;
+                    let share = (blocks / opts.threads.max(1) as u64).max(1);
                     loop {
                         // Check the clock once per 64 ops; per-op timing is below.
                         if ops.is_multiple_of(64) && Instant::now() >= deadline {
+                            break;
+                        }
+                        if opts.one_pass && ops == share {
                             break;
                         }
                         let off = match opts.pattern {

@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// block size, depth and duration (needs nbdkit and fio).
     #[arg(long)]
     nbdkit: bool,
+    /// Also run `qemu-img bench -f FORMAT` (e.g. `qcow2`, `vpc`, `raw`) on the plugin's
+    /// `path` image with the same pattern, block size and depth (`--threads`), after the plugin
+    /// made one pass over the region (`--direct`, `--rw read|write`; needs qemu-img).
+    #[arg(long, value_name = "FORMAT")]
+    qemu_img: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -68,6 +73,25 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         bail!("--seconds {}: must be between 0 and 3600", args.seconds);
     }
     let config = args.plugin.config()?;
+    // qemu-img's write pass needs the image as it was before the plugin wrote.
+    let qemu_image = match &args.qemu_img {
+        None => None,
+        Some(_) => {
+            if !args.direct || !crate::bench::qemu_img::supports(args.rw) {
+                bail!("--qemu-img compares --direct runs with --rw read or write (qemu-img bench is sequential)");
+            }
+            let Ok(Some(path)) = config.opt_str("path") else {
+                bail!("--qemu-img: the plugin configuration has no `path` key naming the image");
+            };
+            let path = std::path::PathBuf::from(path);
+            let snapshot = if args.rw == Pattern::Write {
+                Some(crate::bench::qemu_img::Snapshot::take(&path).map_err(anyhow::Error::msg)?)
+            } else {
+                None
+            };
+            Some((path, snapshot))
+        }
+    };
     let stack = open_stack(&args.plugin.plugin, &config)?;
     let name = stack.describe();
     let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(anyhow::Error::msg)?;
@@ -83,10 +107,14 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         region,
         duration: Duration::from_secs_f64(args.seconds),
         threads: args.threads,
+        one_pass: args.qemu_img.is_some(),
     };
     let mode = if args.direct { "direct" } else { "ring" };
     let f = if args.direct {
-        run_direct(&disk, &opts).map_err(anyhow::Error::msg)?
+        let f = run_direct(&disk, &opts).map_err(anyhow::Error::msg)?;
+        // The plugin's disk is closed first: qemu-img takes the image's lock.
+        drop(disk);
+        f
     } else {
         if args.iodepth == 0 || args.workers > 64 {
             bail!("--iodepth must be at least 1 and --workers at most 64");
@@ -108,7 +136,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     } else {
         bs * args.iodepth * args.queues
     };
-    let m = memcpy_reference(bs, region, dst_span, opts.duration, args.threads);
+    // A one-pass run may end early: the reference gets the time the plugin took.
+    let m_time = if opts.one_pass {
+        Duration::from_secs_f64(f.seconds).min(opts.duration)
+    } else {
+        opts.duration
+    };
+    let m = memcpy_reference(bs, region, dst_span, m_time, args.threads);
     let nbd = if args.nbdkit {
         Some(
             crate::bench::nbdkit::run(args.rw, bs, args.iodepth, region, opts.duration)
@@ -118,8 +152,27 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     } else {
         None
     };
+    let qemu = match (&args.qemu_img, &qemu_image) {
+        (Some(format), Some((path, snapshot))) => {
+            let image = snapshot.as_ref().map_or(path.as_path(), |s| s.path());
+            Some(
+                crate::bench::qemu_img::run(format, image, args.rw, bs, f.ops, args.threads)
+                    .map_err(anyhow::Error::msg)
+                    .context("--qemu-img")?,
+            )
+        }
+        _ => None,
+    };
     let pattern = format!("{:?}", args.rw).to_lowercase();
     if args.json {
+        let qemu_fields = qemu
+            .map(|q| {
+                format!(
+                    ",\"qemu_img_ops\":{},\"qemu_img_mbps\":{:.1}",
+                    q.ops, q.mbps
+                )
+            })
+            .unwrap_or_default();
         let nbd_fields = nbd
             .map(|n| {
                 format!(
@@ -129,7 +182,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             })
             .unwrap_or_default();
         println!(
-            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}}}",
+            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{qemu_fields}}}",
             name, args.threads, f.ops, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
         );
     } else {
@@ -163,6 +216,15 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                 n.iops, n.mbps
             );
             println!("  ratio:  {:.1}x nbdkit", f.iops / n.iops.max(1e-9));
+        }
+        if let Some(q) = qemu {
+            println!(
+                "  qemu-img: {:>10} ops  {:>10.1} MB/s  (qemu-img bench -f {}, same requests, after the plugin)",
+                q.ops,
+                q.mbps,
+                args.qemu_img.as_deref().unwrap_or_default()
+            );
+            println!("  ratio:  {:.2}x qemu-img", f.mbps / q.mbps.max(1e-9));
         }
     }
     Ok(0)

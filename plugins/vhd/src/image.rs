@@ -28,6 +28,50 @@ pub struct Sparse {
     /// Where the next block goes (the end of data; the footer follows it).
     pub next_free: u64,
     pub parent: Option<Box<Image>>,
+    /// Serialises read-modify-write of bitmap bytes by in-place writes that share the image.
+    pub bitmap_lock: std::sync::Mutex<()>,
+}
+
+/// What a write stores.
+#[derive(Debug, Clone, Copy)]
+pub enum Src<'a> {
+    /// These bytes.
+    Data(&'a [u8]),
+    /// Zeroes (write-zeroes): no buffer, and a hole in the file where possible.
+    Zeroes,
+}
+
+impl<'a> Src<'a> {
+    fn slice(self, from: u64, len: u64) -> Src<'a> {
+        match self {
+            Src::Data(d) => Src::Data(&d[from as usize..(from + len) as usize]),
+            Src::Zeroes => Src::Zeroes,
+        }
+    }
+}
+
+/// Frees `[at, at + len)` of `file` and makes it read as zeroes, keeping the file's size.
+/// Partial file-system blocks at either end are zeroed by the kernel.
+fn punch_hole(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(at), Ok(len)) = (libc::off_t::try_from(at), libc::off_t::try_from(len)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: fallocate on a descriptor we own, with plain integer arguments; no memory is
+    // passed to the kernel.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at,
+            len,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// An open VHD.
@@ -215,6 +259,7 @@ impl Image {
                 bitmap_size,
                 next_free,
                 parent,
+                bitmap_lock: std::sync::Mutex::new(()),
             }),
         })
     }
@@ -281,96 +326,212 @@ impl Image {
         Ok(())
     }
 
+    /// Whether every block of `[off, off + len)` is already allocated in this file, so a
+    /// write there changes no BAT entry and may run beside other I/O ([`Image::write_in_place`]).
+    pub fn is_allocated(&self, off: u64, len: u64) -> bool {
+        let Some(sp) = &self.sparse else {
+            return true;
+        };
+        if len == 0 {
+            return true;
+        }
+        let bs = u64::from(sp.header.block_size);
+        let (first, last) = (off / bs, (off + len - 1) / bs);
+        (first..=last).all(|b| sp.bat.get(b as usize).is_some_and(|&e| e != UNALLOCATED))
+    }
+
     /// Writes `buf` at `off` (sector-aligned, bounds-checked), allocating blocks here.
     pub fn write(&mut self, off: u64, buf: &[u8]) -> Result<()> {
-        let path = self.path.clone();
-        let werr = |e| io(&path, "write", e);
-        let Some(sp) = &mut self.sparse else {
-            return self.file.write_all_at(buf, off).map_err(werr);
+        self.store(off, buf.len() as u64, Src::Data(buf))
+    }
+
+    /// Stores `src` over `[off, off + len)`, allocating blocks in this file where needed.
+    pub fn store(&mut self, off: u64, len: u64, src: Src<'_>) -> Result<()> {
+        let Some(sp) = &self.sparse else {
+            return self.write_in_place(off, len, src);
         };
         let bs = u64::from(sp.header.block_size);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = off + done as u64;
-            let blk = (pos / bs) as usize;
+        let mut done = 0u64;
+        while done < len {
+            let pos = off + done;
             let in_blk = pos % bs;
-            let n = ((bs - in_blk) as usize).min(buf.len() - done);
-            let src = &buf[done..done + n];
-            let first = (in_blk / 512) as usize;
-            let nsec = n.div_ceil(512);
-            if sp.bat[blk] == UNALLOCATED {
-                let base = sp.next_free;
-                let sector = base / 512;
-                if sector >= u64::from(u32::MAX) {
-                    return Err(Error::msg(format!(
-                        "{}: file too large for BAT offsets",
-                        path.display()
-                    )));
-                }
-                // 1. data (the rest of the block reads as zero: the file is extended sparse).
-                let block_end = base + sp.bitmap_size + bs;
-                self.file
-                    .write_all_at(src, base + sp.bitmap_size + in_blk)
-                    .map_err(werr)?;
-                if self.file.metadata().map_err(werr)?.len() < block_end {
-                    self.file.set_len(block_end).map_err(werr)?;
-                }
-                // 2. bitmap: all present for a dynamic disk; only the written sectors for a
-                // differencing one (the rest fall through to the parent).
-                let mut bm = vec![0u8; sp.bitmap_size as usize];
-                if sp.parent.is_none() {
-                    bitmap::set_range(&mut bm, 0, (bs / 512) as usize);
-                } else {
-                    bitmap::set_range(&mut bm, first, nsec);
-                }
-                self.file.write_all_at(&bm, base).map_err(werr)?;
-                // 3. BAT entry.
-                let at = sp.header.table_offset + blk as u64 * 4;
-                self.file
-                    .write_all_at(&(sector as u32).to_be_bytes(), at)
-                    .map_err(werr)?;
-                sp.bat[blk] = sector as u32;
-                // 4. footer at the new end.
-                self.file
-                    .write_all_at(&self.footer.raw, block_end)
-                    .map_err(werr)?;
-                // Drop any tail a crashed allocation left past the new footer.
-                if self.file.metadata().map_err(werr)?.len() > block_end + 512 {
-                    self.file.set_len(block_end + 512).map_err(werr)?;
-                }
-                sp.next_free = block_end;
-            } else {
-                let base = u64::from(sp.bat[blk]) * 512;
-                self.file
-                    .write_all_at(src, base + sp.bitmap_size + in_blk)
-                    .map_err(werr)?;
-                if sp.parent.is_some() {
-                    // Only the bitmap bytes this write touches are read and rewritten.
-                    let lo = first / 8;
-                    let hi = (first + nsec).div_ceil(8);
-                    let mut part = vec![0u8; hi - lo];
-                    read_at(
-                        &self.file,
-                        &path,
-                        &mut part,
-                        base + lo as u64,
-                        "block bitmap",
-                    )?;
-                    let before = part.clone();
-                    let mut full = vec![0u8; hi];
-                    full[lo..].copy_from_slice(&part);
-                    bitmap::set_range(&mut full, first, nsec);
-                    part.copy_from_slice(&full[lo..]);
-                    if part != before {
-                        self.file
-                            .write_all_at(&part, base + lo as u64)
-                            .map_err(werr)?;
-                    }
-                }
+            let n = (bs - in_blk).min(len - done);
+            let piece = src.slice(done, n);
+            let allocated = self.is_allocated(pos, n);
+            let sp = self.sparse.as_ref().expect("sparse image");
+            if allocated {
+                self.write_in_place(pos, n, piece)?;
+            } else if !(matches!(piece, Src::Zeroes) && sp.parent.is_none()) {
+                // An unallocated block of a disk without parent already reads as zeroes.
+                self.allocate(pos, n, piece)?;
             }
             done += n;
         }
         Ok(())
+    }
+
+    /// Writes into blocks that are all allocated ([`Image::is_allocated`]); needs only `&self`,
+    /// so the plugin runs such writes under a shared lock. A differencing disk's bitmap bytes
+    /// are read, changed and written under the sparse part's bitmap lock.
+    pub fn write_in_place(&self, off: u64, len: u64, src: Src<'_>) -> Result<()> {
+        let Some(sp) = &self.sparse else {
+            return self.put(off, len, src);
+        };
+        let bs = u64::from(sp.header.block_size);
+        let mut done = 0u64;
+        while done < len {
+            let pos = off + done;
+            let blk = (pos / bs) as usize;
+            let in_blk = pos % bs;
+            let n = (bs - in_blk).min(len - done);
+            let entry = sp.bat.get(blk).copied().unwrap_or(UNALLOCATED);
+            if entry == UNALLOCATED {
+                return Err(Error::msg(format!(
+                    "{}: block {blk} is not allocated for an in-place write",
+                    self.path.display()
+                )));
+            }
+            let base = u64::from(entry) * 512;
+            self.put(base + sp.bitmap_size + in_blk, n, src.slice(done, n))?;
+            if sp.parent.is_some() {
+                self.mark_present(sp, base, (in_blk / 512) as usize, n.div_ceil(512) as usize)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Sets bitmap bits `[first, first + nsec)` of the block at `base`, writing only the bytes
+    /// that change.
+    fn mark_present(&self, sp: &Sparse, base: u64, first: usize, nsec: usize) -> Result<()> {
+        let lo = first / 8;
+        let hi = (first + nsec).div_ceil(8);
+        let _guard = sp.bitmap_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut part = vec![0u8; hi - lo];
+        read_at(
+            &self.file,
+            &self.path,
+            &mut part,
+            base + lo as u64,
+            "block bitmap",
+        )?;
+        let mut full = vec![0u8; hi];
+        full[lo..].copy_from_slice(&part);
+        bitmap::set_range(&mut full, first, nsec);
+        if full[lo..] != part[..] {
+            self.file
+                .write_all_at(&full[lo..], base + lo as u64)
+                .map_err(|e| io(&self.path, "write block bitmap", e))?;
+        }
+        Ok(())
+    }
+
+    /// Allocates the block holding `[pos, pos + n)` (one block's piece) at the end of the file
+    /// and stores the piece there, in the crash-safe order of the module doc.
+    fn allocate(&mut self, pos: u64, n: u64, src: Src<'_>) -> Result<()> {
+        let path = self.path.clone();
+        let werr = |e| io(&path, "write", e);
+        let sp = self.sparse.as_ref().expect("sparse image");
+        let bs = u64::from(sp.header.block_size);
+        let blk = (pos / bs) as usize;
+        let in_blk = pos % bs;
+        let base = sp.next_free;
+        let sector = base / 512;
+        if sector >= u64::from(u32::MAX) {
+            return Err(Error::msg(format!(
+                "{}: file too large for BAT offsets",
+                path.display()
+            )));
+        }
+        // 1. data (the rest of the block reads as zero: the file is extended sparse, and
+        // zeroes need no write at all).
+        let block_end = base + sp.bitmap_size + bs;
+        if let Src::Data(d) = src {
+            self.file
+                .write_all_at(d, base + sp.bitmap_size + in_blk)
+                .map_err(werr)?;
+        }
+        if self.file.metadata().map_err(werr)?.len() < block_end {
+            self.file.set_len(block_end).map_err(werr)?;
+        }
+        // 2. bitmap: all present for a dynamic disk; only the written sectors for a
+        // differencing one (the rest fall through to the parent).
+        let mut bm = vec![0u8; sp.bitmap_size as usize];
+        if sp.parent.is_none() {
+            bitmap::set_range(&mut bm, 0, (bs / 512) as usize);
+        } else {
+            bitmap::set_range(&mut bm, (in_blk / 512) as usize, n.div_ceil(512) as usize);
+        }
+        self.file.write_all_at(&bm, base).map_err(werr)?;
+        // 3. BAT entry.
+        let at = sp.header.table_offset + blk as u64 * 4;
+        self.file
+            .write_all_at(&(sector as u32).to_be_bytes(), at)
+            .map_err(werr)?;
+        // 4. footer at the new end.
+        self.file
+            .write_all_at(&self.footer.raw, block_end)
+            .map_err(werr)?;
+        // Drop any tail a crashed allocation left past the new footer.
+        if self.file.metadata().map_err(werr)?.len() > block_end + 512 {
+            self.file.set_len(block_end + 512).map_err(werr)?;
+        }
+        let sp = self.sparse.as_mut().expect("sparse image");
+        sp.bat[blk] = sector as u32;
+        sp.next_free = block_end;
+        Ok(())
+    }
+
+    /// Tells the image `[off, off + len)` is unused: the data of allocated blocks in the range
+    /// is punched out of the file (it then reads as zeroes). No BAT entry or bitmap changes,
+    /// so a crash cannot corrupt metadata; sectors a differencing disk never wrote still read
+    /// from its parent, and unallocated blocks are left alone.
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        let Some(sp) = &self.sparse else {
+            return self.put(off, len, Src::Zeroes);
+        };
+        let bs = u64::from(sp.header.block_size);
+        let mut done = 0u64;
+        while done < len {
+            let pos = off + done;
+            let in_blk = pos % bs;
+            let n = (bs - in_blk).min(len - done);
+            let entry = sp
+                .bat
+                .get((pos / bs) as usize)
+                .copied()
+                .unwrap_or(UNALLOCATED);
+            if entry != UNALLOCATED {
+                let data = u64::from(entry) * 512 + sp.bitmap_size + in_blk;
+                self.put(data, n, Src::Zeroes)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Stores `src` at file offset `at`: zeroes by punching a hole (the file system frees the
+    /// space and the range reads as zero), or by writing zeroes where holes are unsupported.
+    fn put(&self, at: u64, len: u64, src: Src<'_>) -> Result<()> {
+        let werr = |e| io(&self.path, "write", e);
+        match src {
+            Src::Data(d) => self.file.write_all_at(d, at).map_err(werr),
+            Src::Zeroes => {
+                if punch_hole(&self.file, at, len).is_ok() {
+                    return Ok(());
+                }
+                let zero = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(zero.len() as u64) as usize;
+                    self.file
+                        .write_all_at(&zero[..n], at + done)
+                        .map_err(werr)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+        }
     }
 
     pub fn flush(&self) -> Result<()> {
