@@ -1,7 +1,8 @@
-//! Finding a differencing disk's parent: the parent locators (W2ru, W2ku, MacX), then the
+//! Finding a differencing disk's parent: the parent locators (W2ru, W2ku, MacX, and the
+//! deprecated ANSI Wi2r and Wi2k that old tools wrote), then the
 //! header's parent name, each relative to the child's directory.
 
-use crate::header::{Header, PLAT_MACX, PLAT_W2KU, PLAT_W2RU};
+use crate::header::{Header, PLAT_MACX, PLAT_W2KU, PLAT_W2RU, PLAT_WI2K, PLAT_WI2R};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,9 @@ pub fn parent_candidates(
                     .collect();
                 String::from_utf16_lossy(&u)
             }
+            PLAT_WI2R | PLAT_WI2K => String::from_utf8_lossy(&buf)
+                .trim_end_matches('\0')
+                .to_string(),
             PLAT_MACX => {
                 let s = String::from_utf8_lossy(&buf)
                     .trim_end_matches('\0')

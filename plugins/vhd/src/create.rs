@@ -22,7 +22,33 @@ fn utf16le(s: &str) -> Vec<u8> {
 }
 
 /// Creates `path` (which must not exist). `size` is rounded up to the CHS geometry.
+///
+/// The image is built under a temporary name beside `path`, synced, then linked into place
+/// (which fails if `path` appeared meanwhile): a crash never leaves a half-made image at
+/// `path`, and an existing file is never replaced.
 pub fn create(path: &Path, kind: Kind<'_>, size: u64, block_size: u32) -> Result<()> {
+    let werr = |e: std::io::Error| Error::from(e).context(format!("{}: create", path.display()));
+    if path.exists() {
+        return Err(werr(std::io::ErrorKind::AlreadyExists.into()));
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".creating-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let built = build(path, &tmp, kind, size, block_size);
+    let linked = built.and_then(|()| std::fs::hard_link(&tmp, path).map_err(werr));
+    let _ = std::fs::remove_file(&tmp);
+    linked?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The new name is durable too.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(werr)?;
+    }
+    Ok(())
+}
+
+/// Writes the new image into `tmp`; `path` is where it will live (locators are relative to it).
+fn build(path: &Path, tmp: &Path, kind: Kind<'_>, size: u64, block_size: u32) -> Result<()> {
     let werr = |e: std::io::Error| Error::from(e).context(format!("{}: create", path.display()));
     if !block_size.is_power_of_two() || !(4096..=(256 << 20)).contains(&block_size) {
         return Err(Error::config(
@@ -48,7 +74,7 @@ pub fn create(path: &Path, kind: Kind<'_>, size: u64, block_size: u32) -> Result
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(path)
+        .open(tmp)
         .map_err(werr)?;
     let uuid = new_uuid();
     if let Kind::Fixed = kind {

@@ -13,6 +13,10 @@ pub const PLAT_W2RU: u32 = 0x5732_7275;
 pub const PLAT_W2KU: u32 = 0x5732_6b75;
 /// Mac OS X file URL, UTF-8.
 pub const PLAT_MACX: u32 = 0x4d61_6358;
+/// Deprecated (pre-Unicode) Windows relative path, in ANSI characters: old tools wrote it.
+pub const PLAT_WI2R: u32 = 0x5769_3272;
+/// Deprecated (pre-Unicode) Windows absolute path, in ANSI characters.
+pub const PLAT_WI2K: u32 = 0x5769_326b;
 
 /// One parent locator entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

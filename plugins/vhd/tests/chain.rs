@@ -75,3 +75,57 @@ fn depth_three_chain_matches_model() {
         pattern(1, 3 << 20)[8192..8704].to_vec()
     );
 }
+
+/// Old tools wrote only the deprecated ANSI locators (Wi2r relative, Wi2k absolute): the
+/// parent is found through them when the header's name and the Unicode locators are gone.
+#[test]
+fn deprecated_ansi_locators_find_the_parent() {
+    use std::os::unix::fs::FileExt;
+    use vhd::header::{Header, HEADER_SIZE, PLAT_WI2K, PLAT_WI2R};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("kids")).unwrap();
+    let base = dir.path().join("base.vhd");
+    let d = open(&[
+        format!("path={}", base.display()),
+        "create=dynamic".into(),
+        "size=4M".into(),
+    ])
+    .unwrap();
+    let data = pattern(11, 1 << 20);
+    write(&d, 0, &data);
+    drop(d);
+    for (code, text) in [
+        (PLAT_WI2R, "..\\base.vhd".to_string()),
+        (PLAT_WI2K, base.display().to_string()),
+    ] {
+        let child = dir.path().join("kids").join(format!("c{code:x}.vhd"));
+        drop(
+            open(&[
+                format!("path={}", child.display()),
+                "create=differencing".into(),
+                format!("parent={}", base.display()),
+            ])
+            .unwrap(),
+        );
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&child)
+            .unwrap();
+        let mut raw = [0u8; HEADER_SIZE];
+        f.read_exact_at(&mut raw, 512).unwrap();
+        let mut h = Header::parse(&raw, "child").unwrap();
+        let mut loc = h.locators[0];
+        h.parent_name = String::new();
+        loc.code = code;
+        loc.len = text.len() as u32;
+        h.locators = vec![loc];
+        f.write_all_at(&vec![0u8; loc.space as usize], loc.offset)
+            .unwrap();
+        f.write_all_at(text.as_bytes(), loc.offset).unwrap();
+        f.write_all_at(&h.encode(), 512).unwrap();
+        drop(f);
+        let c = open_path(&child).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert!(read(&c, 0, 1 << 20) == data, "{text}: parent data not read");
+    }
+}
