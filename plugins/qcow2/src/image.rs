@@ -168,7 +168,11 @@ impl Image {
                 return refuse("the image is marked corrupt (run qemu-img check -r all)");
             }
             if hdr.incompatible_features & INCOMPAT_DIRTY != 0 {
-                return refuse("the image is dirty and its refcounts must be rebuilt (run qemu-img check -r all)");
+                // Lazy refcounts after a crash: rebuilt from the L1/L2 tables, as the spec
+                // asks before any write, then the image is opened afresh.
+                crate::repair::rebuild_refcounts(&name, &file, &hdr, &first, file_len)?;
+                drop(file);
+                return Image::open(path, readonly, chain);
             }
         }
         let mut l1b = vec![0u8; hdr.l1_size as usize * 8];

@@ -6,8 +6,9 @@
 //! loops refused); compressed (deflate) clusters read, and rewritten uncompressed when
 //! written; v3 zero clusters for `discard` and `write_zeroes`; copy-on-write of partial
 //! clusters. Refused with a clear error: encryption, external data files, extended L2
-//! entries, zstd compression; images with internal snapshots, dirty or corrupt images open
-//! read-only only (snapshots are ignored, never modified).
+//! entries, zstd compression; images with internal snapshots or marked corrupt open read-only
+//! only (snapshots are ignored, never modified). A dirty image (lazy refcounts after a crash)
+//! opened writable has its refcounts rebuilt from the L1/L2 tables first ([`repair`]).
 //!
 //! Config:
 //! - `path` (required): the image file.
@@ -40,6 +41,7 @@ pub mod header;
 pub mod image;
 pub mod l1l2;
 pub mod refcount;
+pub mod repair;
 
 use image::Image;
 use std::path::Path;

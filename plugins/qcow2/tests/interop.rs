@@ -475,15 +475,105 @@ fn corrupt_images_give_clear_errors() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("loop"), "{e}");
-    // Dirty images open read-only only.
-    let p = fresh("dirty.qcow2");
+    // A dirty image whose tables reference one data cluster twice cannot be repaired here.
+    let p = d.join("twice.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            p.to_str().unwrap(),
+            "1M",
+        ],
+    );
+    qemu_write(&p, "qcow2", &["write -P 1 0 8k"]);
+    let l1 = u64::from_be_bytes(std::fs::read(&p).unwrap()[40..48].try_into().unwrap());
+    let bytes = std::fs::read(&p).unwrap();
+    let l2 = u64::from_be_bytes(bytes[l1 as usize..l1 as usize + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00;
+    let first = bytes[l2 as usize..l2 as usize + 8].to_vec();
+    patch(&p, l2 + 8, &first);
     patch(&p, 72, &1u64.to_be_bytes());
-    assert!(open(&[format!("path={}", p.display())])
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("dirty"));
-    open_path(&p, true);
+    let before = std::fs::read(&p).unwrap();
+    let e = open(&[format!("path={}", p.display())]).err().unwrap();
+    assert!(e.to_string().contains("referenced twice"), "{e}");
+    assert!(
+        std::fs::read(&p).unwrap() == before,
+        "a refused repair changed the file"
+    );
+}
+
+/// Lazy refcounts and a crash (qemu-io's `abort`) leave a dirty image with refcounts that
+/// miss clusters. Read-only it opens as is; writable, its refcounts are rebuilt first, and
+/// after more writes qemu-img finds no error and the data qemu and the plugin wrote.
+#[test]
+fn dirty_lazy_refcount_image_is_repaired_before_writing() {
+    let dir = tmpdir("lazy");
+    let img = dir.join("lazy.qcow2");
+    let i = img.to_str().unwrap();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,cluster_size=4096",
+            i,
+            "8M",
+        ],
+    );
+    // qemu-io aborts on purpose: its exit status is not success.
+    let _ = Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x11 0 100k",
+            "-c",
+            "write -P 0x22 1M 64k",
+            "-c",
+            "abort",
+            i,
+        ])
+        .output()
+        .expect("qemu-io");
+    let broken = Command::new("qemu-img")
+        .args(["check", i])
+        .output()
+        .unwrap();
+    assert!(!broken.status.success(), "the crash left refcount errors");
+    let mut model = vec![0u8; 8 << 20];
+    model[..100 << 10].fill(0x11);
+    model[1 << 20..(1 << 20) + (64 << 10)].fill(0x22);
+
+    let before = std::fs::read(&img).unwrap();
+    let ro = open_path(&img, true);
+    assert!(read_all(&ro) == model, "read-only view of the dirty image");
+    drop(ro);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "read-only open changed the image"
+    );
+
+    let d = open_path(&img, false);
+    assert!(read_all(&d) == model, "after the repair");
+    let data = vec![0x33u8; 3 << 20];
+    with_write_bufs(&[&data], |b| d.write(2 << 20, b)).unwrap();
+    model[2 << 20..5 << 20].fill(0x33);
+    with_write_bufs(&[&data[..4096]], |b| d.write(0, b)).unwrap();
+    model[..4096].fill(0x33);
+    d.flush().unwrap();
+    drop(d);
+    check_clean(&img);
+    assert!(
+        raw_of(&img, &dir) == model,
+        "qemu reads the repaired and written image"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
