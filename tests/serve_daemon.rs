@@ -305,6 +305,18 @@ path = "{}"
     d.signal("-HUP");
     d.expect(&["reload: disk 4:", "nosuch"]);
     d.expect(&["reload: disk 5: not added"]);
+    // Disk 3 left out: detached. Listed again: attached again, as the entry now says.
+    let third = mmap_text.rfind("[[disk]]").unwrap();
+    std::fs::write(&config, &mmap_text[..third]).unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload: 7/xvdb no longer listed; detaching"]);
+    d.expect(&["/local/domain/0/backend/vbd3/7/51728: removed"]);
+    assert!(!stdout(&ctl(&["list"])).contains("7/xvdb"));
+    std::fs::write(&config, &mmap_text).unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload: disk 3 listed again"]);
+    d.expect(&["disk 3: mmap attached to domain 7 as xvdb"]);
+    d.expect(&["guest 7 connected", "/51728: 33554432 bytes"]);
 
     let lines = d.terminate();
     assert!(

@@ -40,9 +40,9 @@ pub struct DeviceConfig {
     pub offer: HostOffer,
     /// Worker threads per ring (0: requests are served on the ring thread).
     pub workers: usize,
-    /// Remove the backend directory when the device ends: true when this process created
-    /// the device (`connect`, static disks); false for the toolstack's devices, whose
-    /// entries the toolstack removes after it sees Closed.
+    /// Remove the frontend and backend directories when the device ends: true when this
+    /// process created the device (`connect`, static disks); false for the toolstack's
+    /// devices, whose entries the toolstack removes after it sees Closed.
     pub remove_entries: bool,
     /// How long each ring thread polls before sleeping (see [`QueueParts::poll`]).
     pub poll: Duration,
@@ -208,6 +208,9 @@ pub fn run(
     let _ = xs.unwatch(be, &token);
     let _ = xs.unwatch(&format!("{fe}/state"), &token);
     if cfg.remove_entries {
+        // As a toolstack removes a device (libxl does both): the guest's xenbus sees its
+        // frontend directory go and unplugs the disk, and its vbd name is free again.
+        let _ = xs.rm(NO_TX, fe);
         let _ = xs.rm(NO_TX, be);
     }
     result

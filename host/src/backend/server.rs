@@ -57,6 +57,9 @@ pub struct StaticDisk {
     pub disk: Arc<GuardedDisk>,
     /// "cow over vhd" style, for messages.
     pub layers: String,
+    /// Still in `disks.toml`: false once a reload left it out (it is detached and never
+    /// attached again unless a later reload lists it once more).
+    pub listed: bool,
 }
 
 /// Opens every configured disk's plugin; the first failure names the disk.
@@ -72,7 +75,12 @@ pub fn open_static(specs: Vec<DiskSpec>) -> Result<Vec<StaticDisk>, String> {
                 spec.sector_size,
             )
             .map_err(|e| format!("disk {} (plugin {}): {e}", i + 1, spec.plugin))?;
-            Ok(StaticDisk { spec, disk, layers })
+            Ok(StaticDisk {
+                spec,
+                disk,
+                layers,
+                listed: true,
+            })
         })
         .collect()
 }
@@ -157,7 +165,7 @@ pub fn serve(
     while stop.load(Ordering::SeqCst) == 0 {
         let _ = events.recv_timeout(Duration::from_millis(200));
         while events.try_recv().is_ok() {}
-        reap(&*xs, &mut devices, &mut pending, &log, reg);
+        reap(&*xs, &mut devices, &mut pending, &disks, &log, reg);
         match reload() {
             Some(Ok(specs)) => apply_reload(&mut disks, specs, &mut pending, &devices, &log, reg),
             Some(Err(e)) => log(&format!("reload: {e}; keeping the running configuration")),
@@ -255,6 +263,21 @@ fn apply_reload(
             }
             continue;
         };
+        if !current.listed {
+            // Left out by an earlier reload and listed again: detached, so opened afresh
+            // with whatever the entry now says, and attached when its domain exists.
+            match open_static(vec![spec]) {
+                Ok(mut d) => {
+                    log(&format!("reload: disk {} listed again", i + 1));
+                    *current = d.remove(0);
+                    if !pending.contains(&i) {
+                        pending.push(i);
+                    }
+                }
+                Err(e) => log(&format!("reload: disk {}: {e}", i + 1)),
+            }
+            continue;
+        }
         let old = &current.spec;
         if (
             &old.domain,
@@ -306,6 +329,9 @@ fn apply_reload(
     // Disks no longer listed: detached (their entries stay in `disks`, unused, so the
     // indices of the others hold).
     pending.retain(|&i| i < listed);
+    for d in disks.iter_mut().skip(listed) {
+        d.listed = false;
+    }
     for d in devices.values() {
         if d.static_index.is_some_and(|i| i >= listed) {
             log(&format!("reload: {} no longer listed; detaching", d.id));
@@ -319,6 +345,7 @@ fn reap(
     xs: &dyn Xenstore,
     devices: &mut HashMap<String, Device>,
     pending: &mut Vec<usize>,
+    disks: &[StaticDisk],
     log: &Log,
     registry: &Registry,
 ) {
@@ -338,7 +365,10 @@ fn reap(
             Err(_) => "device thread panicked".to_string(),
         };
         log(&format!("{path}: {how}"));
-        if let Some(i) = d.static_index {
+        if let Some(i) = d
+            .static_index
+            .filter(|&i| disks.get(i).is_some_and(|s| s.listed))
+        {
             let domain_alive = xs
                 .read(NO_TX, &format!("/local/domain/{}/domid", d.guest))
                 .is_ok();

@@ -284,6 +284,27 @@ fn run_sim(
             bail!("simulated guests: only {connected} of {expected} disks connected in 20 s");
         }
         for (g, dom) in guests.iter_mut().zip(&domains) {
+            // A backend that closes a connected disk (a detach): the guest lets go, as
+            // blkfront does, so the backend can finish removing it.
+            let mut i = 0;
+            while i < g.disks.len() {
+                let fe = &g.disks[i].0;
+                let be_state =
+                    g.xs.read(NO_TX, &format!("{fe}/backend"))
+                        .ok()
+                        .and_then(|be| {
+                            let be = String::from_utf8_lossy(&be).into_owned();
+                            g.xs.read(NO_TX, &format!("{be}/state")).ok()
+                        });
+                if matches!(be_state.as_deref(), Some(b"1" | b"2" | b"3" | b"4")) {
+                    i += 1;
+                    continue;
+                }
+                let (fe, conn) = g.disks.remove(i);
+                drop(conn);
+                let _ = g.xs.write(NO_TX, &format!("{fe}/state"), b"6");
+                println!("simulated guest {}: {fe}: detached by the backend", g.domid);
+            }
             let base = format!("/local/domain/{}/device/vbd", g.domid);
             for devid in g.xs.directory(NO_TX, &base).unwrap_or_default() {
                 let fe = format!("{base}/{devid}");
