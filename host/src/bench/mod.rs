@@ -4,9 +4,11 @@
 //!   ring), with a `memcpy` reference of the same block size measured in the same run.
 //! - [`ring`]: the full ring path through the simulator, a Rust frontend driving a device queue.
 //! - [`nbdkit`]: the same pattern through nbdkit's null plugin and fio's nbd engine.
+//! - [`fio_nbd`]: fio's nbd engine against any NBD server, the reference for NBD clients.
 //! - [`histogram`]: latency percentiles in fixed memory.
 
 pub mod direct;
+pub mod fio_nbd;
 pub mod histogram;
 pub mod nbdkit;
 pub mod ring;

@@ -1,0 +1,421 @@
+//! `nbd-client`: a disk served by an NBD server, over a Unix socket or TCP
+//! (`libnbd_client.so`; `libnbd.so` is the system library it links with).
+//!
+//! | key | type | default | meaning |
+//! |---|---|---|---|
+//! | `uri` | string | required | `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT` (also `nbds…` with TLS when libnbd has it) |
+//! | `readonly` | bool | `false` | serve the export read-only even if the server allows writes |
+//! | `connections` | integer | `1` | connections to open (more than one needs a server advertising multi-conn, or `readonly`) |
+//! | `timeout` | integer | `30` | seconds to wait for the handshake, and for any progress while requests are outstanding; then the connection is cut and its requests fail |
+//!
+//! ```text
+//! xen-disk-host connect guest1 --plugin nbd-client -c 'uri=nbd+unix:///?socket=/run/nbd.sock'
+//! ```
+//!
+//! The protocol is spoken by libnbd (Debian's `libnbd0`, 1.14 or later) through a few
+//! hand-written declarations ([`ffi`]): fixed newstyle handshake, structured replies when the
+//! server offers them. What the disk can do comes from what the server advertises: read-only,
+//! flush, FUA, trim (discard), write-zeroes, the size and minimum block size.
+//!
+//! ## Parallelism: one connection, many commands in flight
+//!
+//! The host calls `read`/`write` from several worker threads at once and each call blocks,
+//! so N workers must give N commands on the wire. libnbd's synchronous calls would serialize
+//! on the handle's lock for the whole round trip, so each worker uses the asynchronous API
+//! instead: it submits its command (`nbd_aio_pread`, …, which writes it to the socket
+//! straight away and returns) and parks; one dispatcher thread per connection reads the
+//! replies and wakes each worker from the command's completion callback (see [`conn`]).
+//! The lock is then held only while a request is written or a reply read, not across the
+//! server's work, and one connection carries as many commands as there are callers — as
+//! fio's nbd engine does with its iodepth. This works with every server (qemu-nbd serves one
+//! client by default), where a pool of connections needs multi-conn; `connections=N` adds
+//! such a pool on top, for servers that advertise it, when one socket is the limit.
+//!
+//! Guest buffers are handed to libnbd as they are when they are one contiguous run (a
+//! single page, or pages mapped side by side); scattered pages go through a per-thread
+//! bounce buffer, as an NBD command reads or writes one contiguous range.
+//!
+//! ## Failures
+//!
+//! A server that is not there fails `open` with one line naming the URI. A server that dies
+//! fails every outstanding and later request with an I/O error (the guest sees EIO); one
+//! that stops answering is cut off after `timeout` seconds without progress, with the same
+//! effect. The plugin does not reconnect: detach and attach again (or `ctl swap`).
+
+pub mod conn;
+pub mod ffi;
+
+use conn::{Caps, Conn, Pending};
+use ffi::*;
+use std::cell::RefCell;
+use std::time::Duration;
+use xen_disk_plugin_api::*;
+
+/// The longest trim or write-zeroes sent as one command: NBD lengths are 32-bit.
+const MAX_RANGE: u64 = 1 << 30;
+
+/// An open export.
+pub struct NbdDisk {
+    conns: Vec<Conn>,
+    info: DiskInfo,
+}
+
+thread_local! {
+    /// Per worker thread: where scattered guest pages are gathered for one command.
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The buffers as one range when each starts where the previous ended.
+fn contiguous(bufs: &[RawBuf]) -> Option<(*mut u8, usize)> {
+    let first = bufs.first()?;
+    let mut end = first.base as usize + first.len;
+    for b in &bufs[1..] {
+        if b.base as usize != end {
+            return None;
+        }
+        end += b.len;
+    }
+    Some((first.base, end - first.base as usize))
+}
+
+fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BOUNCE.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        f(&mut b[..len])
+    })
+}
+
+impl NbdDisk {
+    /// The connection with the fewest commands outstanding.
+    fn conn(&self) -> &Conn {
+        self.conns
+            .iter()
+            .min_by_key(|c| c.pending())
+            .expect("at least one connection")
+    }
+
+    fn pread(&self, offset: u64, buf: *mut u8, len: usize) -> Result<()> {
+        self.conn()
+            .start("read", |h, cb| {
+                // SAFETY: h is live; buf is valid for writes of len bytes until the caller's
+                // wait() returns, which is after libnbd lets go of it.
+                unsafe { nbd_aio_pread(h.0, buf.cast(), len, offset, cb, 0) }
+            })?
+            .wait()
+            .map_err(|e| e.context(format!("offset {offset}, {len} bytes")))
+    }
+
+    fn pwrite(&self, offset: u64, buf: *const u8, len: usize, flags: u32) -> Result<()> {
+        self.conn()
+            .start("write", |h, cb| {
+                // SAFETY: h is live; buf is valid for reads of len bytes until wait() returns.
+                unsafe { nbd_aio_pwrite(h.0, buf.cast(), len, offset, cb, flags) }
+            })?
+            .wait()
+            .map_err(|e| e.context(format!("offset {offset}, {len} bytes")))
+    }
+
+    fn write_flags(&self, offset: u64, bufs: &WriteBufs<'_>, flags: u32) -> Result<()> {
+        if bufs.is_empty() {
+            return Ok(());
+        }
+        match contiguous(bufs.raw()) {
+            Some((p, len)) => self.pwrite(offset, p, len, flags),
+            None => with_bounce(bufs.len(), |b| {
+                bufs.copy_to(b);
+                self.pwrite(offset, b.as_ptr(), b.len(), flags)
+            }),
+        }
+    }
+
+    /// Sends `op` over the range in pieces of at most [`MAX_RANGE`], all in flight at once.
+    fn ranged(
+        &self,
+        what: &str,
+        offset: u64,
+        len: u64,
+        op: unsafe extern "C" fn(*mut NbdHandle, u64, u64, CompletionCallback, u32) -> i64,
+    ) -> Result<()> {
+        let conn = self.conn();
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        let mut first_err = None;
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(MAX_RANGE);
+            // SAFETY: h is live; the command uses no buffer.
+            match conn.start(what, |h, cb| unsafe { op(h.0, n, offset + at, cb, 0) }) {
+                Ok(p) => pending.push(p),
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+            at += n;
+        }
+        for p in pending {
+            if let Err(e) = p.wait() {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e.context(format!("offset {offset}, {len} bytes"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Disk for NbdDisk {
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
+
+    fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        if bufs.is_empty() {
+            return Ok(());
+        }
+        match contiguous(bufs.raw()) {
+            // Adjacent buffers, each valid for writes per ReadBufs' contract, make one range.
+            Some((p, len)) => self.pread(offset, p, len),
+            None => with_bounce(bufs.len(), |b| {
+                self.pread(offset, b.as_mut_ptr(), b.len())?;
+                bufs.copy_from(b);
+                Ok(())
+            }),
+        }
+    }
+
+    fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.write_flags(offset, bufs, 0)
+    }
+
+    fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.write_flags(offset, bufs, CMD_FLAG_FUA)
+    }
+
+    /// With several connections every one is flushed: the multi-conn promise covers writes
+    /// completed on any connection, and flushing all costs little and relies on nothing.
+    fn flush(&self) -> Result<()> {
+        let mut pending = Vec::with_capacity(self.conns.len());
+        let mut first_err = None;
+        for c in &self.conns {
+            // SAFETY: h is live; flush uses no buffer.
+            match c.start("flush", |h, cb| unsafe { nbd_aio_flush(h.0, cb, 0) }) {
+                Ok(p) => pending.push(p),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for p in pending {
+            if let Err(e) = p.wait() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.ranged("trim", offset, len, nbd_aio_trim)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.ranged("write-zeroes", offset, len, nbd_aio_zero)
+    }
+}
+
+/// Refuses what is clearly not an NBD URI before libnbd sees it.
+fn check_uri(uri: &str) -> Result<()> {
+    const SCHEMES: &[&str] = &[
+        "nbd://",
+        "nbds://",
+        "nbd+unix://",
+        "nbds+unix://",
+        "nbd+vsock://",
+        "nbds+vsock://",
+    ];
+    if !SCHEMES.iter().any(|s| uri.starts_with(s)) {
+        return Err(Error::config(
+            "uri",
+            format!(
+                "{uri:?} is not an NBD URI (nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT)"
+            ),
+        ));
+    }
+    if uri.starts_with("nbd+unix://") || uri.starts_with("nbds+unix://") {
+        if !uri.contains("socket=") {
+            return Err(Error::config(
+                "uri",
+                format!("{uri}: a unix URI needs ?socket=PATH"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn disk_info(caps: &Caps, readonly: bool, uri: &str) -> Result<DiskInfo> {
+    let sector: u32 = match caps.min_block {
+        0..=512 => 512,
+        4096 => 4096,
+        n => {
+            return Err(Error::io(
+                libc::EINVAL,
+                format!("{uri}: the server's minimum block size {n} is neither 512 nor 4096"),
+            ))
+        }
+    };
+    let size = caps.size / u64::from(sector) * u64::from(sector);
+    if size == 0 {
+        return Err(Error::io(
+            libc::EINVAL,
+            format!(
+                "{uri}: the export is {} bytes, less than one {sector}-byte sector",
+                caps.size
+            ),
+        ));
+    }
+    let physical = match caps.preferred_block {
+        4096 => 4096,
+        _ => sector,
+    };
+    Ok(DiskInfo::new(size)
+        .sector_size(sector)
+        .physical_sector_size(physical.max(sector))
+        .read_only(readonly || caps.read_only)
+        .flush(caps.flush)
+        .fua(caps.flush && caps.fua)
+        .discard(caps.trim)
+        .write_zeroes(caps.zero))
+}
+
+/// The plugin.
+pub struct NbdClientPlugin;
+
+impl Plugin for NbdClientPlugin {
+    type Disk = NbdDisk;
+    const NAME: &'static str = "nbd-client";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str =
+        "An NBD server's export (unix socket or TCP, libnbd), many requests in flight";
+    const CONFIG_KEYS: &'static [ConfigKey] = &[
+        ConfigKey::required(
+            "uri",
+            KeyType::String,
+            "nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT",
+        ),
+        ConfigKey::optional(
+            "readonly",
+            KeyType::Bool,
+            "false",
+            "Serve read-only even if the server allows writes",
+        ),
+        ConfigKey::optional(
+            "connections",
+            KeyType::Integer,
+            "1",
+            "Connections (more than 1 needs multi-conn from the server, or readonly)",
+        ),
+        ConfigKey::optional(
+            "timeout",
+            KeyType::Integer,
+            "30",
+            "Seconds without progress before the connection is cut and its requests fail",
+        ),
+    ];
+
+    fn open(config: &Config) -> Result<NbdDisk> {
+        let uri = config.str("uri")?.to_string();
+        check_uri(&uri)?;
+        let readonly = config.bool("readonly")?;
+        let connections = config.u64("connections")?;
+        if !(1..=16).contains(&connections) {
+            return Err(Error::config(
+                "connections",
+                format!("{connections}: must be 1 to 16"),
+            ));
+        }
+        let timeout = config.u64("timeout")?;
+        if !(1..=3600).contains(&timeout) {
+            return Err(Error::config(
+                "timeout",
+                format!("{timeout}: must be 1 to 3600 seconds"),
+            ));
+        }
+        let timeout = Duration::from_secs(timeout);
+        let first = Conn::open(&uri, timeout)?;
+        let info = disk_info(&first.caps, readonly, &uri)?;
+        if connections > 1 && !first.caps.multi_conn && !info.read_only {
+            return Err(Error::config(
+                "connections",
+                format!(
+                    "{uri}: the server does not advertise multi-conn, so writes on {connections} connections could be seen inconsistently; use connections=1 or readonly=true"
+                ),
+            ));
+        }
+        let mut conns = vec![first];
+        for _ in 1..connections {
+            conns.push(Conn::open(&uri, timeout)?);
+        }
+        Ok(NbdDisk { conns, info })
+    }
+}
+
+export_plugin!(NbdClientPlugin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_that_are_not_nbd_are_refused_naming_the_key() {
+        for bad in ["/tmp/x.sock", "http://x/", "nbd+unix:///export"] {
+            let e = check_uri(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config, "{bad}");
+            assert!(e.message().contains("`uri`"), "{}", e.message());
+        }
+        check_uri("nbd+unix:///?socket=/tmp/s").unwrap();
+        check_uri("nbd://localhost:10809/disk").unwrap();
+    }
+
+    #[test]
+    fn adjacent_buffers_make_one_range() {
+        let mut a = [0u8; 8192];
+        let (x, y) = a.split_at_mut(4096);
+        let bufs = [RawBuf::from_mut(x), RawBuf::from_mut(y)];
+        assert_eq!(contiguous(&bufs).map(|(_, n)| n), Some(8192));
+        let bufs = [RawBuf::from_mut(y), RawBuf::from_mut(x)];
+        assert_eq!(contiguous(&bufs), None);
+    }
+
+    #[test]
+    fn capabilities_follow_the_server() {
+        let caps = Caps {
+            size: 10 * 4096 + 100,
+            read_only: false,
+            flush: true,
+            fua: true,
+            trim: false,
+            zero: true,
+            multi_conn: false,
+            min_block: 4096,
+            preferred_block: 4096,
+        };
+        let i = disk_info(&caps, false, "u").unwrap();
+        assert_eq!((i.size, i.logical_sector_size), (10 * 4096, 4096));
+        assert!(i.can_flush && i.can_fua && !i.can_discard && i.can_write_zeroes);
+        assert!(!i.read_only);
+        assert!(disk_info(&caps, true, "u").unwrap().read_only);
+        let no_flush = Caps {
+            flush: false,
+            ..caps
+        };
+        assert!(!disk_info(&no_flush, false, "u").unwrap().can_fua);
+        let odd = Caps {
+            min_block: 1024,
+            ..caps
+        };
+        assert!(disk_info(&odd, false, "u").is_err());
+    }
+}
