@@ -76,7 +76,7 @@ impl Server {
         need("qemu-nbd", "qemu-utils");
         let socket = dir.join("qemu-nbd.sock");
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["--format=qcow2", "--persistent", "--shared=4", "--socket"])
+        cmd.args(["--format=qcow2", "--persistent", "--shared=16", "--socket"])
             .arg(&socket)
             .arg(qcow2);
         Server::start(cmd, &socket)
@@ -237,8 +237,8 @@ fn requests_from_many_threads_overlap_on_one_connection() {
     let t = TempDir::new("nbd-par");
     // Every read takes half a second in the server; nbdkit serves a connection's requests
     // with several threads, so only requests sent together finish together.
-    let server = Server::nbdkit(&t, "16M", &["--filter=delay"], &["rdelay=0.5"]);
-    let disk = Arc::new(open(&[server.config()]));
+    let server = Server::nbdkit(&t, "16M", &["--filter=delay"], &["rdelay=500ms"]);
+    let disk = Arc::new(open(&[server.config(), "connections=1".into()]));
     let start = Instant::now();
     let threads: Vec<_> = (0..8u64)
         .map(|i| {
@@ -306,7 +306,7 @@ fn a_missing_server_and_bad_keys_are_one_line() {
         "-c",
         "uri=nbd+unix:///?socket=/x",
         "-c",
-        "connections=0",
+        "connections=17",
     ]);
     assert_bad_input(&o, &["connections"]);
     // A socket that accepts but never speaks NBD: the handshake times out.
@@ -316,6 +316,33 @@ fn a_missing_server_and_bad_keys_are_one_line() {
     assert_bad_input(&o, &["nobody.sock", "handshake"]);
     assert!(start.elapsed() < Duration::from_secs(20));
     drop(listener);
+}
+
+#[test]
+fn several_connections_only_with_multi_conn_or_readonly() {
+    let t = TempDir::new("nbd-mc");
+    let server = Server::nbdkit(
+        &t,
+        "4M",
+        &["--filter=multi-conn"],
+        &["multi-conn-mode=disable"],
+    );
+    let cfg = server.config();
+    let o = host(&["check", "nbd-client", "-c", &cfg, "-c", "connections=2"]);
+    assert_bad_input(&o, &["connections", "multi-conn"]);
+    // Automatic: one connection, and the disk works.
+    check_passes(&server);
+    let o = host(&[
+        "check",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "-c",
+        "connections=2",
+        "-c",
+        "readonly=true",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
 
 /// Runs reads from four threads until each has seen an error; panics if that takes longer
@@ -376,6 +403,7 @@ fn a_server_killed_or_hung_during_io_gives_errors_not_a_hang() {
     let e = with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
     assert!(e.message().contains("no reply"), "{}", e.message());
     drop(disk);
+    drop(server);
 
     // The host binary too: a server killed under `sim read` makes it fail, not hang.
     let _ = std::fs::remove_file(t.join("nbdkit.sock"));

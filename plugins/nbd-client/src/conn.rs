@@ -1,31 +1,34 @@
-//! One NBD connection: a libnbd handle, the dispatcher thread that moves its state machine
-//! along, and the way a blocked caller learns that its command completed.
+//! One NBD connection: a libnbd handle shared by every caller, and the way a blocked caller
+//! learns that its command completed.
 //!
 //! ```text
-//!  worker ──nbd_aio_pread(cb)──▶ handle ──▶ socket     (the request is sent by the worker)
-//!    │ park                        ▲
-//!    │                 dispatcher: poll(fd, eventfd) ─▶ nbd_aio_notify_read/write
-//!    └◀── unpark ── free(cb) ◀── reply read, callback run ──┘
+//!  caller A ──nbd_aio_pread(cb)──▶ socket        (each caller sends its own command)
+//!  caller A: reader? yes ─▶ poll(socket) ─▶ nbd_aio_notify_read ─▶ callbacks ─▶ unpark B, C
+//!  caller B, C: reader taken ─▶ park until done, or until A hands the reader role over
 //! ```
 //!
-//! A worker submits its command itself (libnbd writes it to the socket at once when it can)
-//! and parks. The dispatcher is the only thread that reads replies: it polls the socket in
-//! the direction libnbd asks for, plus an eventfd that a worker signals when its command
-//! could not be written in full (libnbd then wants the socket writable, and a dispatcher
-//! asleep on readability alone would not notice). Completion runs the callback pair on the
-//! dispatcher: `callback` records the error, `free` (always called exactly once, also when
-//! the submitting call fails) wakes the worker. So a worker returns only after libnbd has
-//! let go of its buffer, which is the guest's page.
+//! Callers block (the plugin API is synchronous), so every command has a thread waiting for
+//! it. Rather than a dispatcher thread that reads replies and wakes callers (two thread
+//! wake-ups per command: the dispatcher's, then the caller's), one of the waiting callers is
+//! the *reader*: it polls the socket and runs libnbd's state machine, which completes the
+//! commands whose replies arrive and wakes their callers; when its own command is done it
+//! returns and hands the role to another waiting caller. A caller alone on its connection
+//! (the usual case with `connections` ≥ workers) is woken by its reply and nothing else.
+//!
+//! Completion runs the callback pair under libnbd's lock: `callback` records the error,
+//! `free` (called exactly once, also when the submitting call fails) marks the command done
+//! and unparks its caller. A caller returns only after libnbd has let go of its buffer,
+//! which is the guest's page.
 //!
 //! Nothing waits forever: if commands are outstanding and none has completed for `timeout`,
-//! the dispatcher shuts the socket down; libnbd sees end-of-file, marks the connection dead
-//! and fails every outstanding command, whose workers then return an error.
+//! the reader shuts the socket down; libnbd sees end-of-file, marks the connection dead and
+//! fails every outstanding command, whose callers then return an error.
 
 use crate::ffi::*;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{JoinHandle, Thread};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{Error, Result};
 
@@ -34,7 +37,7 @@ use xen_disk_plugin_api::{Error, Result};
 pub struct Handle(pub *mut NbdHandle);
 
 // SAFETY: libnbd handles are thread-safe (every API call takes the handle's own lock), and
-// the handle is closed only after every thread using it is done (see Conn's Drop).
+// the handle is closed only in Conn's Drop, when no caller is left.
 unsafe impl Send for Handle {}
 // SAFETY: as above.
 unsafe impl Sync for Handle {}
@@ -53,11 +56,23 @@ pub struct Caps {
     pub preferred_block: u64,
 }
 
-/// State shared with the dispatcher thread.
-struct Shared {
-    /// An eventfd: a worker's nudge, or the request to stop.
+/// One connection to the server.
+pub struct Conn {
+    h: Handle,
+    pub caps: Caps,
+    uri: String,
+    timeout: Duration,
+    /// Our own descriptor of the socket. libnbd closes its descriptor when the connection
+    /// dies, on whichever thread notices, and that number could then name another file; the
+    /// duplicate keeps naming this socket, for poll and for cutting it off.
+    fd: c_int,
+    /// An eventfd: a caller whose command is not fully written nudges the reader, which may
+    /// be asleep waiting for the socket to become readable only.
     wake: c_int,
-    stop: AtomicBool,
+    /// Held by the caller that is the reader.
+    reader: Mutex<()>,
+    /// Callers waiting without the reader role, for the reader to hand it to.
+    waiting: Mutex<Vec<Arc<Waiter>>>,
     /// Commands submitted and not yet completed.
     pending: AtomicUsize,
     /// Nanoseconds since `base` of the last completion (or of the first submission after an
@@ -68,32 +83,8 @@ struct Shared {
     broken: Mutex<Option<String>>,
 }
 
-impl Shared {
-    fn now_ns(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64
-    }
-
-    fn nudge(&self) {
-        let one: u64 = 1;
-        // SAFETY: wake is an eventfd owned by this Shared; 8 bytes from a live u64.
-        unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // SAFETY: the eventfd is owned here and closed once.
-        unsafe { libc::close(self.wake) };
-    }
-}
-
-/// One connection to the server.
-pub struct Conn {
-    h: Handle,
-    shared: Arc<Shared>,
-    dispatcher: Option<JoinHandle<()>>,
-    pub caps: Caps,
-    uri: String,
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The last libnbd error of this thread, with its errno (EIO when libnbd names none).
@@ -125,16 +116,22 @@ impl Conn {
             return Err(Error::io(errno, format!("{uri}: nbd_create: {msg}")));
         }
         let h = Handle(raw);
-        // From here on the handle is closed by Conn's Drop, or by `close` on failure.
-        let close = |e: Error| {
-            // SAFETY: h is live, no other thread has it yet, and it is not used again.
-            unsafe { nbd_close(h.0) };
+        // Until Conn owns them, the handle and descriptors are closed here on failure.
+        let close = |e: Error, fds: &[c_int]| {
+            // SAFETY: h is live, no other thread has it, and it is not used again; the
+            // descriptors are ours and closed once.
+            unsafe {
+                nbd_close(h.0);
+                for &fd in fds {
+                    libc::close(fd);
+                }
+            }
             e
         };
         // SAFETY: h is live; c_uri is a NUL-terminated string that outlives the call.
         if unsafe { nbd_aio_connect_uri(h.0, c_uri.as_ptr()) } == -1 {
             let (errno, msg) = last_error();
-            return Err(close(Error::io(errno, format!("{uri}: {msg}"))));
+            return Err(close(Error::io(errno, format!("{uri}: {msg}")), &[]));
         }
         let deadline = Instant::now() + timeout;
         loop {
@@ -145,57 +142,63 @@ impl Conn {
             // SAFETY: h is live.
             if unsafe { nbd_aio_is_dead(h.0) == 1 || nbd_aio_is_closed(h.0) == 1 } {
                 let (errno, msg) = last_error();
-                return Err(close(Error::io(errno, format!("{uri}: handshake: {msg}"))));
+                let e = Error::io(errno, format!("{uri}: handshake: {msg}"));
+                return Err(close(e, &[]));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(close(Error::io(
+                let e = Error::io(
                     libc::ETIMEDOUT,
                     format!(
                         "{uri}: no NBD handshake within {} s (is it an NBD server?)",
                         timeout.as_secs_f64()
                     ),
-                )));
+                );
+                return Err(close(e, &[]));
             }
             let ms = left.as_millis().clamp(1, 1000) as c_int;
             // SAFETY: h is live; only this thread uses it during the handshake.
             if unsafe { nbd_poll(h.0, ms) } == -1 {
                 let (errno, msg) = last_error();
-                return Err(close(Error::io(errno, format!("{uri}: {msg}"))));
+                return Err(close(Error::io(errno, format!("{uri}: {msg}")), &[]));
             }
         }
-        let caps = read_caps(h, uri).map_err(close)?;
-        // SAFETY: no preconditions; the fd is owned by Shared from here.
+        let caps = read_caps(h, uri).map_err(|e| close(e, &[]))?;
+        // SAFETY: h is live and connected; F_DUPFD_CLOEXEC duplicates its socket.
+        let fd = unsafe { libc::fcntl(nbd_aio_get_fd(h.0), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            let e = Error::from(std::io::Error::last_os_error()).context(format!("{uri}: dup"));
+            return Err(close(e, &[]));
+        }
+        // SAFETY: no preconditions.
         let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if wake < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(close(Error::from(e).context(format!("{uri}: eventfd"))));
+            let e = Error::from(std::io::Error::last_os_error());
+            return Err(close(e.context(format!("{uri}: eventfd")), &[fd]));
         }
-        let shared = Arc::new(Shared {
+        Ok(Conn {
+            h,
+            caps,
+            uri: uri.to_string(),
+            timeout,
+            fd,
             wake,
-            stop: AtomicBool::new(false),
+            reader: Mutex::new(()),
+            waiting: Mutex::new(Vec::new()),
             pending: AtomicUsize::new(0),
             progress_ns: AtomicU64::new(0),
             base: Instant::now(),
             broken: Mutex::new(None),
-        });
-        let s2 = shared.clone();
-        let dispatcher = std::thread::Builder::new()
-            .name("nbd-dispatch".into())
-            .spawn(move || dispatch(h, &s2, timeout))
-            .map_err(|e| close(Error::from(e).context(format!("{uri}: dispatcher thread"))))?;
-        Ok(Conn {
-            h,
-            shared,
-            dispatcher: Some(dispatcher),
-            caps,
-            uri: uri.to_string(),
         })
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
     }
 
     /// Commands submitted here and not yet completed.
     pub fn pending(&self) -> usize {
-        self.shared.pending.load(Ordering::Relaxed)
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// Submits one command: `submit` calls an `nbd_aio_*` function with the callback it is
@@ -203,12 +206,13 @@ impl Conn {
     /// and untouched until [`Pending::wait`] returns.
     pub fn start(
         &self,
-        what: &str,
+        what: &'static str,
         submit: impl FnOnce(Handle, CompletionCallback) -> i64,
     ) -> Result<Pending<'_>> {
         let waiter = Arc::new(Waiter {
             thread: std::thread::current(),
             done: AtomicBool::new(false),
+            listed: AtomicBool::new(false),
             error: AtomicI32::new(0),
         });
         let cb = CompletionCallback {
@@ -216,36 +220,125 @@ impl Conn {
             user_data: Arc::into_raw(waiter.clone()) as *mut c_void,
             free: Some(on_free),
         };
-        if self.shared.pending.fetch_add(1, Ordering::AcqRel) == 0 {
+        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
             // Idle until now: the no-progress clock starts with this command.
-            self.shared
-                .progress_ns
-                .store(self.shared.now_ns(), Ordering::Relaxed);
+            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
         }
         let cookie = submit(self.h, cb);
         if cookie == -1 {
             // libnbd has already called `free` (it does so when the call fails).
             let (errno, msg) = last_error();
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+            self.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(self.error(errno, what, &msg));
         }
         // SAFETY: h is live for &self.
         if unsafe { nbd_aio_get_direction(self.h.0) } & AIO_DIRECTION_WRITE != 0 {
-            // Part of the command is still to be written: the dispatcher must poll for it.
-            self.shared.nudge();
+            // Part of the command is still to be written: the reader must poll for it.
+            let one: u64 = 1;
+            // SAFETY: wake is our eventfd; 8 bytes from a live u64.
+            unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
         }
         Ok(Pending {
             conn: self,
             waiter,
-            what: what.to_string(),
+            what,
+            waited: false,
         })
     }
 
     fn error(&self, errno: i32, what: &str, detail: &str) -> Error {
-        let broken = self.shared.broken.lock().unwrap_or_else(|e| e.into_inner());
-        match broken.as_deref() {
+        match lock(&self.broken).as_deref() {
             Some(why) => Error::io(errno, format!("{}: {what}: {why}", self.uri)),
             None => Error::io(errno, format!("{}: {what}: {detail}", self.uri)),
+        }
+    }
+
+    /// As the reader: moves libnbd's state machine along until `mine` is done.
+    fn read_until(&self, mine: &Waiter) {
+        let h = self.h.0;
+        let mut cut = false;
+        while !mine.done.load(Ordering::Acquire) {
+            // SAFETY: h is live for &self.
+            let dir = unsafe { nbd_aio_get_direction(h) };
+            let mut events = 0;
+            if dir & AIO_DIRECTION_READ != 0 {
+                events |= libc::POLLIN;
+            }
+            if dir & AIO_DIRECTION_WRITE != 0 {
+                events |= libc::POLLOUT;
+            }
+            // No direction: the connection is dead (libnbd then has failed every command,
+            // so `mine` is done) or between states; the socket is not watched then, as a
+            // dead one would report HUP forever.
+            let mut fds = [
+                libc::pollfd {
+                    fd: if dir == 0 { -1 } else { self.fd },
+                    events,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a live array of two pollfd.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+            if r > 0 {
+                if fds[1].revents & libc::POLLIN != 0 {
+                    let mut n: u64 = 0;
+                    // SAFETY: reading 8 bytes into a live u64 from our eventfd.
+                    unsafe { libc::read(self.wake, (&mut n as *mut u64).cast(), 8) };
+                }
+                let re = fds[0].revents;
+                let hup = re & (libc::POLLHUP | libc::POLLERR) != 0;
+                // An error from a notify means the connection died: libnbd has failed the
+                // commands outstanding and run their callbacks.
+                if dir & AIO_DIRECTION_READ != 0 && (re & libc::POLLIN != 0 || hup) {
+                    // SAFETY: h is live.
+                    unsafe { nbd_aio_notify_read(h) };
+                } else if dir & AIO_DIRECTION_WRITE != 0 && (re & libc::POLLOUT != 0 || hup) {
+                    // SAFETY: h is live.
+                    unsafe { nbd_aio_notify_write(h) };
+                }
+            }
+            let since = self
+                .now_ns()
+                .saturating_sub(self.progress_ns.load(Ordering::Relaxed));
+            if !cut && since > self.timeout.as_nanos() as u64 {
+                *lock(&self.broken) = Some(format!(
+                    "no reply from the server for {} s: connection cut",
+                    self.timeout.as_secs_f64()
+                ));
+                // Shutting the socket down (our duplicate; libnbd's descriptor stays open)
+                // makes the next read see end-of-file, which fails every command.
+                // SAFETY: fd is our descriptor of the socket, open until Drop.
+                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+                cut = true;
+            }
+        }
+    }
+
+    /// The reader role, if free. (A reader that panicked left nothing half done in our
+    /// state: the role is free again.)
+    fn try_reader(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.reader.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Called by a reader leaving: wakes a waiting caller whose command is not done, to
+    /// read in its turn.
+    fn hand_off(&self) {
+        let mut waiting = lock(&self.waiting);
+        while let Some(w) = waiting.pop() {
+            w.listed.store(false, Ordering::Release);
+            if !w.done.load(Ordering::Acquire) {
+                w.thread.unpark();
+                break;
+            }
         }
     }
 }
@@ -254,24 +347,62 @@ impl Conn {
 pub struct Pending<'a> {
     conn: &'a Conn,
     waiter: Arc<Waiter>,
-    what: String,
+    what: &'static str,
+    waited: bool,
 }
 
 impl Pending<'_> {
-    /// Blocks until the command completed (the dispatcher's timeout bounds the wait).
-    pub fn wait(self) -> Result<()> {
-        while !self.waiter.done.load(Ordering::Acquire) {
-            std::thread::park();
+    /// Blocks until the command completed (the connection's timeout bounds the wait).
+    pub fn wait(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.waited = true;
+        let c = self.conn;
+        let w = &self.waiter;
+        while !w.done.load(Ordering::Acquire) {
+            if let Some(guard) = c.try_reader() {
+                c.read_until(w);
+                drop(guard);
+                c.hand_off();
+                break;
+            }
+            // Listed before trying again: a reader that leaves after our second failed try
+            // then finds us in the list and wakes us; one that left before lets us in.
+            if !w.listed.swap(true, Ordering::AcqRel) {
+                let mut waiting = lock(&c.waiting);
+                waiting.retain(|x| !x.done.load(Ordering::Relaxed));
+                waiting.push(w.clone());
+            }
+            match c.try_reader() {
+                Some(guard) => {
+                    c.read_until(w);
+                    drop(guard);
+                    c.hand_off();
+                }
+                // Woken when done, or handed the reader role.
+                None => std::thread::park(),
+            }
         }
-        let s = &self.conn.shared;
-        s.progress_ns.store(s.now_ns(), Ordering::Relaxed);
-        s.pending.fetch_sub(1, Ordering::AcqRel);
-        match self.waiter.error.load(Ordering::Acquire) {
+        c.progress_ns.store(c.now_ns(), Ordering::Relaxed);
+        c.pending.fetch_sub(1, Ordering::AcqRel);
+        match w.error.load(Ordering::Acquire) {
             0 => Ok(()),
             errno => {
                 let text = std::io::Error::from_raw_os_error(errno).to_string();
-                Err(self.conn.error(errno, &self.what, &text))
+                Err(c.error(errno, self.what, &text))
             }
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    /// A command dropped unwaited (a panic on the way) is still waited for: its buffer may
+    /// be a caller's stack or the guest's page, which libnbd must be done with first.
+    fn drop(&mut self) {
+        if !self.waited {
+            let _ = self.finish();
         }
     }
 }
@@ -280,11 +411,13 @@ impl Pending<'_> {
 struct Waiter {
     thread: Thread,
     done: AtomicBool,
+    /// In the connection's `waiting` list.
+    listed: AtomicBool,
     error: AtomicI32,
 }
 
-/// Records the command's result. Runs on the dispatcher with the handle locked, so it calls
-/// no libnbd function.
+/// Records the command's result. Runs with the handle locked, so it calls no libnbd
+/// function.
 unsafe extern "C" fn on_complete(user_data: *mut c_void, error: *mut c_int) -> c_int {
     // SAFETY: user_data is the Arc<Waiter> lent in `start`, still owned by libnbd until
     // on_free; error points to libnbd's int for this call.
@@ -336,98 +469,17 @@ fn read_caps(h: Handle, uri: &str) -> Result<Caps> {
     })
 }
 
-/// The dispatcher: reads replies (running the completion callbacks) and finishes writes the
-/// submitting workers left half done, until told to stop.
-fn dispatch(h: Handle, s: &Shared, timeout: Duration) {
-    let timeout_ns = timeout.as_nanos() as u64;
-    let mut cut = false;
-    // SAFETY: h is live until this thread is joined.
-    let fd = unsafe { nbd_aio_get_fd(h.0) };
-    while !s.stop.load(Ordering::Acquire) {
-        // SAFETY: h is live.
-        let alive = unsafe { nbd_aio_is_dead(h.0) == 0 && nbd_aio_is_closed(h.0) == 0 };
-        // SAFETY: h is live.
-        let dir = if alive {
-            unsafe { nbd_aio_get_direction(h.0) }
-        } else {
-            0
-        };
-        let mut events = 0;
-        if dir & AIO_DIRECTION_READ != 0 {
-            events |= libc::POLLIN;
-        }
-        if dir & AIO_DIRECTION_WRITE != 0 {
-            events |= libc::POLLOUT;
-        }
-        let mut fds = [
-            libc::pollfd {
-                // A dead connection's socket would report HUP forever: stop watching it.
-                fd: if alive && fd >= 0 { fd } else { -1 },
-                events,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: s.wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: fds is a live array of two pollfd.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 200) };
-        if r > 0 {
-            if fds[1].revents & libc::POLLIN != 0 {
-                let mut n: u64 = 0;
-                // SAFETY: reading 8 bytes into a live u64 from our eventfd.
-                unsafe { libc::read(s.wake, (&mut n as *mut u64).cast(), 8) };
-            }
-            let re = fds[0].revents;
-            // Direction read again: a worker may have moved the state machine meanwhile.
-            // SAFETY: h is live.
-            let dir = unsafe { nbd_aio_get_direction(h.0) };
-            let hup = re & (libc::POLLHUP | libc::POLLERR) != 0;
-            if dir & AIO_DIRECTION_READ != 0 && (re & libc::POLLIN != 0 || hup) {
-                // An error here means the connection died; libnbd has failed the commands
-                // in flight, and their callbacks have run.
-                // SAFETY: h is live.
-                unsafe { nbd_aio_notify_read(h.0) };
-            } else if dir & AIO_DIRECTION_WRITE != 0 && (re & libc::POLLOUT != 0 || hup) {
-                // SAFETY: h is live.
-                unsafe { nbd_aio_notify_write(h.0) };
-            }
-        }
-        if !cut && fd >= 0 && s.pending.load(Ordering::Acquire) > 0 {
-            let since = s
-                .now_ns()
-                .saturating_sub(s.progress_ns.load(Ordering::Relaxed));
-            if since > timeout_ns {
-                *s.broken.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
-                    "no reply from the server for {} s: connection cut",
-                    timeout.as_secs_f64()
-                ));
-                // The socket stays libnbd's (closed by nbd_close); shutting it down makes
-                // the next read see end-of-file, which fails every outstanding command.
-                // SAFETY: fd is the handle's socket, open until nbd_close after our join.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-                cut = true;
-            }
-        }
-    }
-}
-
 impl Drop for Conn {
     fn drop(&mut self) {
-        // The host drops a disk with no call in flight, so nothing is pending here.
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.nudge();
-        if let Some(t) = self.dispatcher.take() {
-            let _ = t.join();
-        }
-        // SAFETY: h is live; the dispatcher has exited and no caller holds &self.
+        // The host drops a disk with no call in flight, so no command is outstanding.
+        // SAFETY: h is live and no caller holds &self; our descriptors are closed once.
         unsafe {
             // A polite NBD_CMD_DISC (servers finish outstanding writes before closing);
             // failure means the connection is already gone.
             nbd_aio_disconnect(self.h.0, 0);
             nbd_close(self.h.0);
+            libc::close(self.fd);
+            libc::close(self.wake);
         }
     }
 }

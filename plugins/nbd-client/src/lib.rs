@@ -5,7 +5,7 @@
 //! |---|---|---|---|
 //! | `uri` | string | required | `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT` (also `nbds…` with TLS when libnbd has it) |
 //! | `readonly` | bool | `false` | serve the export read-only even if the server allows writes |
-//! | `connections` | integer | `1` | connections to open (more than one needs a server advertising multi-conn, or `readonly`) |
+//! | `connections` | integer | `0` | connections to open; `0`: 4 when the server advertises multi-conn, else 1. More than one needs multi-conn, or `readonly` |
 //! | `timeout` | integer | `30` | seconds to wait for the handshake, and for any progress while requests are outstanding; then the connection is cut and its requests fail |
 //!
 //! ```text
@@ -17,19 +17,24 @@
 //! server offers them. What the disk can do comes from what the server advertises: read-only,
 //! flush, FUA, trim (discard), write-zeroes, the size and minimum block size.
 //!
-//! ## Parallelism: one connection, many commands in flight
+//! ## Parallelism: asynchronous commands, shared connections
 //!
 //! The host calls `read`/`write` from several worker threads at once and each call blocks,
-//! so N workers must give N commands on the wire. libnbd's synchronous calls would serialize
-//! on the handle's lock for the whole round trip, so each worker uses the asynchronous API
-//! instead: it submits its command (`nbd_aio_pread`, …, which writes it to the socket
-//! straight away and returns) and parks; one dispatcher thread per connection reads the
-//! replies and wakes each worker from the command's completion callback (see [`conn`]).
-//! The lock is then held only while a request is written or a reply read, not across the
-//! server's work, and one connection carries as many commands as there are callers — as
-//! fio's nbd engine does with its iodepth. This works with every server (qemu-nbd serves one
-//! client by default), where a pool of connections needs multi-conn; `connections=N` adds
-//! such a pool on top, for servers that advertise it, when one socket is the limit.
+//! so N workers must give N commands on the wire. libnbd's synchronous calls hold the
+//! handle's lock for the whole round trip, which would allow one command per connection, so
+//! every caller uses the asynchronous API instead: it submits its command (`nbd_aio_pread`,
+//! …, which writes it to the socket at once and returns) and then waits. Of the callers
+//! waiting on a connection, one reads the replies for all of them and wakes the others (see
+//! [`conn`]); there is no dispatcher thread, whose wake-up would come on top of the
+//! caller's for every command. One connection thus carries as many commands as there are
+//! callers, as fio's nbd engine does with its iodepth, and this works with every server
+//! (qemu-nbd serves a single client unless told otherwise).
+//!
+//! When the server advertises multi-conn, the disk also opens a few connections (4, or
+//! `connections`) and each call takes the one with the fewest commands outstanding: a
+//! caller alone on its connection is woken by its reply directly and never queues behind
+//! another caller's libnbd lock. Without multi-conn the NBD protocol does not promise that
+//! connections see each other's writes, so more than one is refused unless `readonly`.
 //!
 //! Guest buffers are handed to libnbd as they are when they are one contiguous run (a
 //! single page, or pages mapped side by side); scattered pages go through a per-thread
@@ -53,6 +58,11 @@ use xen_disk_plugin_api::*;
 
 /// The longest trim or write-zeroes sent as one command: NBD lengths are 32-bit.
 const MAX_RANGE: u64 = 1 << 30;
+
+/// Connections opened when the server advertises multi-conn and the user did not say: one
+/// per host worker (the default is 2; more cost an idle socket each), so each caller
+/// usually has a connection to itself.
+const AUTO_CONNECTIONS: u64 = 4;
 
 /// An open export.
 pub struct NbdDisk {
@@ -134,7 +144,7 @@ impl NbdDisk {
     /// Sends `op` over the range in pieces of at most [`MAX_RANGE`], all in flight at once.
     fn ranged(
         &self,
-        what: &str,
+        what: &'static str,
         offset: u64,
         len: u64,
         op: unsafe extern "C" fn(*mut NbdHandle, u64, u64, CompletionCallback, u32) -> i64,
@@ -314,8 +324,8 @@ impl Plugin for NbdClientPlugin {
         ConfigKey::optional(
             "connections",
             KeyType::Integer,
-            "1",
-            "Connections (more than 1 needs multi-conn from the server, or readonly)",
+            "0",
+            "Connections; 0: 4 if the server advertises multi-conn, else 1 (more than 1 needs multi-conn, or readonly)",
         ),
         ConfigKey::optional(
             "timeout",
@@ -330,10 +340,10 @@ impl Plugin for NbdClientPlugin {
         check_uri(&uri)?;
         let readonly = config.bool("readonly")?;
         let connections = config.u64("connections")?;
-        if !(1..=16).contains(&connections) {
+        if connections > 16 {
             return Err(Error::config(
                 "connections",
-                format!("{connections}: must be 1 to 16"),
+                format!("{connections}: must be 0 (automatic) to 16"),
             ));
         }
         let timeout = config.u64("timeout")?;
@@ -346,6 +356,11 @@ impl Plugin for NbdClientPlugin {
         let timeout = Duration::from_secs(timeout);
         let first = Conn::open(&uri, timeout)?;
         let info = disk_info(&first.caps, readonly, &uri)?;
+        let connections = match connections {
+            0 if first.caps.multi_conn => AUTO_CONNECTIONS,
+            0 => 1,
+            n => n,
+        };
         if connections > 1 && !first.caps.multi_conn && !info.read_only {
             return Err(Error::config(
                 "connections",
