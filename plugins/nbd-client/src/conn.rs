@@ -25,6 +25,7 @@
 //! fails every outstanding command, whose callers then return an error.
 
 use crate::ffi::*;
+use std::cell::RefCell;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -296,10 +297,10 @@ impl Conn {
                 // commands outstanding and run their callbacks.
                 if dir & AIO_DIRECTION_READ != 0 && (re & libc::POLLIN != 0 || hup) {
                     // SAFETY: h is live.
-                    unsafe { nbd_aio_notify_read(h) };
+                    notify_then_wake(|| unsafe { nbd_aio_notify_read(h) });
                 } else if dir & AIO_DIRECTION_WRITE != 0 && (re & libc::POLLOUT != 0 || hup) {
                     // SAFETY: h is live.
-                    unsafe { nbd_aio_notify_write(h) };
+                    notify_then_wake(|| unsafe { nbd_aio_notify_write(h) });
                 }
             }
             let since = self
@@ -429,12 +430,53 @@ unsafe extern "C" fn on_complete(user_data: *mut c_void, error: *mut c_int) -> c
     1
 }
 
-/// Wakes the waiting caller and gives back the reference lent to libnbd.
+thread_local! {
+    /// Set while this thread runs libnbd's state machine as a reader: callers to wake once
+    /// libnbd's lock is released, rather than under it (a woken caller that submits its
+    /// next command would otherwise block on that lock at once).
+    static TO_WAKE: RefCell<Option<Vec<Arc<Waiter>>>> = const { RefCell::new(None) };
+}
+
+/// Marks the command done, wakes its caller (now or after the reader's notify call) and
+/// gives back the reference lent to libnbd. Never panics: it is called from C.
 unsafe extern "C" fn on_free(user_data: *mut c_void) {
     // SAFETY: libnbd calls free exactly once with the pointer from Arc::into_raw in `start`.
     let w = unsafe { Arc::from_raw(user_data as *const Waiter) };
     w.done.store(true, Ordering::Release);
-    w.thread.unpark();
+    let deferred = TO_WAKE
+        .try_with(|cell| match cell.try_borrow_mut() {
+            Ok(mut list) => match list.as_mut() {
+                Some(list) => {
+                    list.push(w.clone());
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        })
+        .unwrap_or(false);
+    if !deferred {
+        w.thread.unpark();
+    }
+}
+
+/// Runs a libnbd notify call, then wakes the callers whose commands it completed.
+fn notify_then_wake(notify: impl FnOnce() -> c_int) {
+    let started = TO_WAKE.with(|cell| {
+        let mut list = cell.borrow_mut();
+        let was = list.is_some();
+        list.get_or_insert_with(Vec::new);
+        !was
+    });
+    let _ = notify();
+    if started {
+        let woken = TO_WAKE
+            .with(|cell| cell.borrow_mut().take())
+            .unwrap_or_default();
+        for w in woken {
+            w.thread.unpark();
+        }
+    }
 }
 
 fn read_caps(h: Handle, uri: &str) -> Result<Caps> {

@@ -254,13 +254,12 @@ fn check_uri(uri: &str) -> Result<()> {
             ),
         ));
     }
-    if uri.starts_with("nbd+unix://") || uri.starts_with("nbds+unix://") {
-        if !uri.contains("socket=") {
-            return Err(Error::config(
-                "uri",
-                format!("{uri}: a unix URI needs ?socket=PATH"),
-            ));
-        }
+    let unix = uri.starts_with("nbd+unix://") || uri.starts_with("nbds+unix://");
+    if unix && !uri.contains("socket=") {
+        return Err(Error::config(
+            "uri",
+            format!("{uri}: a unix URI needs ?socket=PATH"),
+        ));
     }
     Ok(())
 }
