@@ -435,3 +435,53 @@ fn a_server_killed_or_hung_during_io_gives_errors_not_a_hang() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn bench_measures_fio_nbd_on_the_same_server() {
+    need("fio", "fio");
+    let t = TempDir::new("nbd-bench");
+    let server = Server::nbdkit(&t, "64M", &[], &[]);
+    let cfg = server.config();
+    let o = host(&[
+        "bench",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "--rw",
+        "randread",
+        "--seconds",
+        "0.5",
+        "--fio-nbd",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let field = |k: &str| -> f64 {
+        let at = out
+            .find(&format!("\"{k}\":"))
+            .unwrap_or_else(|| panic!("{k}: {out}"))
+            + k.len()
+            + 3;
+        out[at..].split([',', '}']).next().unwrap().parse().unwrap()
+    };
+    assert!(field("iops") > 0.0, "{out}");
+    assert!(field("fio_nbd_iops") > 0.0, "{out}");
+    // A URI given outright, in text mode.
+    let uri = server.uri();
+    let o = host(&[
+        "bench",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "--seconds",
+        "0.3",
+        "--fio-nbd",
+        &uri,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("of fio-nbd"), "{}", stdout(&o));
+    // A plugin without a `uri` key needs one on the command line.
+    let o = host(&["bench", "discard", "--seconds", "0.2", "--fio-nbd"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--fio-nbd"), "{}", stderr(&o));
+}

@@ -1,7 +1,7 @@
 //! The few libnbd (>= 1.14) functions this plugin calls, declared by hand from `libnbd.h`.
 //!
 //! libnbd handles are thread-safe: every call takes the handle's lock, so one handle may be
-//! used from the dispatcher thread and from every worker thread at once.
+//! used by every worker thread at once.
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
