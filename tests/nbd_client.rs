@@ -73,10 +73,17 @@ impl Server {
 
     /// `qemu-nbd` serving a qcow2, persistent (several clients one after another).
     fn qemu_nbd(dir: &TempDir, qcow2: &Path) -> Server {
+        Server::qemu_nbd_shared(dir, qcow2, 16)
+    }
+
+    /// `qemu-nbd` admitting at most `clients` at once.
+    fn qemu_nbd_shared(dir: &TempDir, qcow2: &Path, clients: u32) -> Server {
         need("qemu-nbd", "qemu-utils");
         let socket = dir.join("qemu-nbd.sock");
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["--format=qcow2", "--persistent", "--shared=16", "--socket"])
+        cmd.args(["--format=qcow2", "--persistent"])
+            .arg(format!("--shared={clients}"))
+            .arg("--socket")
             .arg(&socket)
             .arg(qcow2);
         Server::start(cmd, &socket)
@@ -196,6 +203,41 @@ fn qemu_nbd_qcow2_round_trips_both_ways_and_passes_check() {
         "qemu-img convert of the qcow2 after sim write",
     );
     run_ok(Command::new("qemu-img").args(["check", "-q"]).arg(&qcow2));
+}
+
+#[test]
+fn automatic_connections_settle_for_what_the_server_admits() {
+    need("qemu-img", "qemu-utils");
+    let t = TempDir::new("nbd-shared");
+    let qcow2 = t.join("disk.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow2)
+            .arg("8M"),
+    );
+    // Two clients at most: the third automatic connection is never answered.
+    let server = Server::qemu_nbd_shared(&t, &qcow2, 2);
+    let start = Instant::now();
+    check_passes(&server);
+    assert!(
+        start.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        start.elapsed()
+    );
+    // Asked for outright, the connections are required.
+    let cfg = server.config();
+    let o = host(&[
+        "check",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "-c",
+        "connections=3",
+        "-c",
+        "timeout=1",
+    ]);
+    assert_bad_input(&o, &["qemu-nbd.sock"]);
 }
 
 #[test]

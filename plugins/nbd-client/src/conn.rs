@@ -151,7 +151,7 @@ impl Conn {
                 let e = Error::io(
                     libc::ETIMEDOUT,
                     format!(
-                        "{uri}: no NBD handshake within {} s (is it an NBD server?)",
+                        "{uri}: no connection and NBD handshake within {} s (is an NBD server listening there?)",
                         timeout.as_secs_f64()
                     ),
                 );

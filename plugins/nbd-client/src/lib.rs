@@ -35,6 +35,9 @@
 //! caller alone on its connection is woken by its reply directly and never queues behind
 //! another caller's libnbd lock. Without multi-conn the NBD protocol does not promise that
 //! connections see each other's writes, so more than one is refused unless `readonly`.
+//! Automatic extra connections are optional: a server that admits fewer clients
+//! (`qemu-nbd --shared=2`) leaves the next one unanswered, which costs 2 s at open, and the
+//! disk then uses the connections it has.
 //!
 //! Guest buffers are handed to libnbd as they are when they are one contiguous run (a
 //! single page, or pages mapped side by side); scattered pages go through a per-thread
@@ -63,6 +66,9 @@ const MAX_RANGE: u64 = 1 << 30;
 /// per host worker (the default is 2; more cost an idle socket each), so each caller
 /// usually has a connection to itself.
 const AUTO_CONNECTIONS: u64 = 4;
+
+/// How long an automatic extra connection may take to open before the disk does without.
+const AUTO_EXTRA_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An open export.
 pub struct NbdDisk {
@@ -355,6 +361,7 @@ impl Plugin for NbdClientPlugin {
         let timeout = Duration::from_secs(timeout);
         let first = Conn::open(&uri, timeout)?;
         let info = disk_info(&first.caps, readonly, &uri)?;
+        let auto = connections == 0;
         let connections = match connections {
             0 if first.caps.multi_conn => AUTO_CONNECTIONS,
             0 => 1,
@@ -370,7 +377,17 @@ impl Plugin for NbdClientPlugin {
         }
         let mut conns = vec![first];
         for _ in 1..connections {
-            conns.push(Conn::open(&uri, timeout)?);
+            if !auto {
+                conns.push(Conn::open(&uri, timeout)?);
+                continue;
+            }
+            // Extra connections the user did not ask for are a bonus: a server that admits
+            // fewer clients (qemu-nbd --shared=2) leaves the next one waiting unanswered, so
+            // give it little time and carry on with the connections there are.
+            match Conn::open(&uri, timeout.min(AUTO_EXTRA_TIMEOUT)) {
+                Ok(c) => conns.push(c),
+                Err(_) => break,
+            }
         }
         Ok(NbdDisk { conns, info })
     }
