@@ -316,6 +316,15 @@ fn scattered_buffers_and_fua_writes_round_trip() {
     with_read_bufs(&mut [&mut b[..4096], &mut a[..]], |r| disk.read(8192, r)).unwrap();
     assert!(b[..4096].iter().all(|&x| x == 1));
     assert!(a[..].iter().all(|&x| x == 2));
+    // Two large buffers apart in memory: one command each, straight into them.
+    let (mut c, mut d) = (vec![3u8; 64 << 10], vec![4u8; 128 << 10]);
+    with_write_bufs(&[&c, &d], |w| disk.write(1 << 20, w, false)).unwrap();
+    c.fill(0);
+    d.fill(0);
+    with_read_bufs(&mut [&mut d[..], &mut c[..]], |r| disk.read(1 << 20, r)).unwrap();
+    assert!(d[..64 << 10].iter().all(|&x| x == 3));
+    assert!(d[64 << 10..].iter().all(|&x| x == 4));
+    assert!(c.iter().all(|&x| x == 4));
     disk.flush().unwrap();
     disk.write_zeroes(8192, 4096).unwrap();
     let mut c = vec![9u8; 4096];

@@ -39,9 +39,11 @@
 //! (`qemu-nbd --shared=2`) leaves the next one unanswered, which costs 2 s at open, and the
 //! disk then uses the connections it has.
 //!
-//! Guest buffers are handed to libnbd as they are when they are one contiguous run (a
-//! single page, or pages mapped side by side); scattered pages go through a per-thread
-//! bounce buffer, as an NBD command reads or writes one contiguous range.
+//! An NBD command reads or writes one contiguous range of memory, and the guest's buffers are
+//! pages that may lie anywhere. Pages mapped side by side are merged into runs; a request in
+//! one run, or in a few runs of 32 KiB or more, goes straight into the guest's pages with one
+//! command per run, all in flight together; scattered small pages go through a per-thread
+//! bounce buffer and one command (a 4 KiB copy costs less than a command).
 //!
 //! ## Failures
 //!
@@ -81,17 +83,32 @@ thread_local! {
     static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The buffers as one range when each starts where the previous ended.
-fn contiguous(bufs: &[RawBuf]) -> Option<(*mut u8, usize)> {
-    let first = bufs.first()?;
-    let mut end = first.base as usize + first.len;
-    for b in &bufs[1..] {
-        if b.base as usize != end {
-            return None;
+/// At most this many NBD commands serve one request whose buffers lie in separate runs...
+const MAX_RUNS: usize = 8;
+/// ...when each run is at least this long; otherwise one command and a bounce buffer.
+const MIN_RUN: usize = 32 << 10;
+
+/// The buffers merged into runs of adjacent memory: `None` when there are more than
+/// [`MAX_RUNS`] or a run shorter than [`MIN_RUN`] (a copy is then cheaper than commands).
+/// A single run may be of any length.
+fn runs(bufs: &[RawBuf]) -> Option<([(*mut u8, usize); MAX_RUNS], usize)> {
+    let mut out = [(std::ptr::null_mut(), 0); MAX_RUNS];
+    let mut n = 0;
+    for b in bufs {
+        if n > 0 && out[n - 1].0 as usize + out[n - 1].1 == b.base as usize {
+            out[n - 1].1 += b.len;
+        } else {
+            if n == MAX_RUNS {
+                return None;
+            }
+            out[n] = (b.base, b.len);
+            n += 1;
         }
-        end += b.len;
     }
-    Some((first.base, end - first.base as usize))
+    if n > 1 && out[..n].iter().any(|r| r.1 < MIN_RUN) {
+        return None;
+    }
+    Some((out, n))
 }
 
 fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
@@ -113,36 +130,54 @@ impl NbdDisk {
             .expect("at least one connection")
     }
 
-    fn pread(&self, offset: u64, buf: *mut u8, len: usize) -> Result<()> {
-        self.conn()
-            .start("read", |h, cb| {
-                // SAFETY: h is live; buf is valid for writes of len bytes until the caller's
-                // wait() returns, which is after libnbd lets go of it.
-                unsafe { nbd_aio_pread(h.0, buf.cast(), len, offset, cb, 0) }
-            })?
-            .wait()
-            .map_err(|e| e.context(format!("offset {offset}, {len} bytes")))
-    }
-
-    fn pwrite(&self, offset: u64, buf: *const u8, len: usize, flags: u32) -> Result<()> {
-        self.conn()
-            .start("write", |h, cb| {
-                // SAFETY: h is live; buf is valid for reads of len bytes until wait() returns.
-                unsafe { nbd_aio_pwrite(h.0, buf.cast(), len, offset, cb, flags) }
-            })?
-            .wait()
-            .map_err(|e| e.context(format!("offset {offset}, {len} bytes")))
+    /// Reads (or with `write`, writes) the runs, which hold consecutive bytes from
+    /// `offset`, with one command each, all in flight together.
+    fn transfer(&self, offset: u64, runs: &[(*mut u8, usize)], write: Option<u32>) -> Result<()> {
+        let conn = self.conn();
+        let what = if write.is_some() { "write" } else { "read" };
+        let mut pending = Vec::with_capacity(runs.len());
+        let mut first_err = None;
+        let mut at = offset;
+        for &(buf, len) in runs {
+            let started = conn.start(what, |h, cb| match write {
+                // SAFETY: h is live; buf is valid for reads of len bytes until wait()
+                // returns (the caller's WriteBufs or bounce buffer).
+                Some(flags) => unsafe { nbd_aio_pwrite(h.0, buf.cast(), len, at, cb, flags) },
+                // SAFETY: h is live; buf is valid for writes of len bytes until wait()
+                // returns, which is after libnbd lets go of it.
+                None => unsafe { nbd_aio_pread(h.0, buf.cast(), len, at, cb, 0) },
+            });
+            match started {
+                Ok(p) => pending.push(p),
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+            at += len as u64;
+        }
+        for p in pending {
+            if let Err(e) = p.wait() {
+                first_err.get_or_insert(e);
+            }
+        }
+        let len = at - offset;
+        match first_err {
+            Some(e) => Err(e.context(format!("offset {offset}, {len} bytes"))),
+            None => Ok(()),
+        }
     }
 
     fn write_flags(&self, offset: u64, bufs: &WriteBufs<'_>, flags: u32) -> Result<()> {
         if bufs.is_empty() {
             return Ok(());
         }
-        match contiguous(bufs.raw()) {
-            Some((p, len)) => self.pwrite(offset, p, len, flags),
+        match runs(bufs.raw()) {
+            // libnbd only reads from the runs, though the pointers are `*mut`.
+            Some((r, n)) => self.transfer(offset, &r[..n], Some(flags)),
             None => with_bounce(bufs.len(), |b| {
                 bufs.copy_to(b);
-                self.pwrite(offset, b.as_ptr(), b.len(), flags)
+                self.transfer(offset, &[(b.as_mut_ptr(), b.len())], Some(flags))
             }),
         }
     }
@@ -192,11 +227,11 @@ impl Disk for NbdDisk {
         if bufs.is_empty() {
             return Ok(());
         }
-        match contiguous(bufs.raw()) {
+        match runs(bufs.raw()) {
             // Adjacent buffers, each valid for writes per ReadBufs' contract, make one range.
-            Some((p, len)) => self.pread(offset, p, len),
+            Some((r, n)) => self.transfer(offset, &r[..n], None),
             None => with_bounce(bufs.len(), |b| {
-                self.pread(offset, b.as_mut_ptr(), b.len())?;
+                self.transfer(offset, &[(b.as_mut_ptr(), b.len())], None)?;
                 bufs.copy_from(b);
                 Ok(())
             }),
@@ -411,13 +446,27 @@ mod tests {
     }
 
     #[test]
-    fn adjacent_buffers_make_one_range() {
-        let mut a = [0u8; 8192];
-        let (x, y) = a.split_at_mut(4096);
+    fn adjacent_buffers_make_runs_and_small_scattered_ones_none() {
+        let mut a = vec![0u8; 4 * MIN_RUN];
+        let (x, rest) = a.split_at_mut(MIN_RUN);
+        let (y, rest) = rest.split_at_mut(MIN_RUN);
+        let (_, z) = rest.split_at_mut(MIN_RUN);
+        let lens = |bufs: &[RawBuf]| {
+            runs(bufs).map(|(r, n)| r[..n].iter().map(|r| r.1).collect::<Vec<_>>())
+        };
         let bufs = [RawBuf::from_mut(x), RawBuf::from_mut(y)];
-        assert_eq!(contiguous(&bufs).map(|(_, n)| n), Some(8192));
-        let bufs = [RawBuf::from_mut(y), RawBuf::from_mut(x)];
-        assert_eq!(contiguous(&bufs), None);
+        assert_eq!(lens(&bufs), Some(vec![2 * MIN_RUN]));
+        let bufs = [RawBuf::from_mut(x), RawBuf::from_mut(z)];
+        assert_eq!(lens(&bufs), Some(vec![MIN_RUN, MIN_RUN]));
+        let bufs = [RawBuf::from_mut(&mut x[..512]), RawBuf::from_mut(z)];
+        assert_eq!(lens(&bufs), None);
+        let mut pages = vec![0u8; 2 * 4096 * (MAX_RUNS + 1)];
+        let bufs: Vec<RawBuf> = pages
+            .chunks_mut(8192)
+            .map(|c| RawBuf::from_mut(&mut c[..4096]))
+            .collect();
+        assert_eq!(lens(&bufs), None);
+        assert_eq!(lens(&bufs[..1]), Some(vec![4096]));
     }
 
     #[test]
