@@ -5,9 +5,11 @@
 //! - [`ring`]: the full ring path through the simulator, a Rust frontend driving a device queue.
 //! - [`nbdkit`]: the same pattern through nbdkit's null plugin and fio's nbd engine.
 //! - [`qemu_img`]: `qemu-img bench` on the same image file, for the image-format plugins.
+//! - [`fio_nbd`]: fio's nbd engine against any NBD server, the reference for NBD clients.
 //! - [`histogram`]: latency percentiles in fixed memory.
 
 pub mod direct;
+pub mod fio_nbd;
 pub mod histogram;
 pub mod nbdkit;
 pub mod qemu_img;

@@ -7,14 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// What fio measured.
-#[derive(Debug, Clone, Copy)]
-pub struct NbdFigures {
-    /// Operations per second.
-    pub iops: f64,
-    /// Megabytes (10^6) per second.
-    pub mbps: f64,
-}
+pub use super::fio_nbd::NbdFigures;
 
 /// Kills nbdkit when the measurement ends, however it ends.
 struct Server(Child);
@@ -65,57 +58,13 @@ fn measure(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let rw = match pattern {
-        Pattern::Read => "read",
-        Pattern::Write => "write",
-        Pattern::Randread => "randread",
-        Pattern::Randwrite => "randwrite",
-    };
-    let out = Command::new("fio")
-        .args([
-            "--name=nbdkit-null",
-            "--ioengine=nbd",
-            &format!("--uri=nbd+unix:///?socket={}", socket.display()),
-            &format!("--rw={rw}"),
-            &format!("--bs={bs}"),
-            &format!("--iodepth={iodepth}"),
-            &format!("--runtime={}ms", duration.as_millis().max(1)),
-            "--time_based",
-            "--output-format=terse",
-            "--terse-version=3",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("fio: {e} (install fio for the NBD reference)"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "fio failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    parse_terse(
-        &text,
-        matches!(pattern, Pattern::Read | Pattern::Randread),
-        bs,
-    )
-    .ok_or_else(|| format!("fio printed no terse result line: {}", text.trim()))
-}
-
-/// Terse version 3: field 8 is read IOPS, field 49 write IOPS (1-based).
-fn parse_terse(text: &str, reading: bool, bs: usize) -> Option<NbdFigures> {
-    let line = text.lines().find(|l| l.starts_with("3;"))?;
-    let fields: Vec<&str> = line.split(';').collect();
-    let iops: f64 = fields.get(if reading { 7 } else { 48 })?.parse().ok()?;
-    Some(NbdFigures {
-        iops,
-        mbps: iops * bs as f64 / 1e6,
-    })
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    super::fio_nbd::run(&uri, pattern, bs, iodepth, size, duration)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::super::fio_nbd::parse_terse;
 
     #[test]
     fn reads_the_iops_fields_of_a_terse_line() {

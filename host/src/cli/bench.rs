@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// made one pass over the region (`--direct`, `--rw read|write`; needs qemu-img).
     #[arg(long, value_name = "FORMAT")]
     qemu_img: Option<String>,
+    /// Also measure fio's nbd engine against this NBD server URI (default: the plugin's
+    /// `uri` key) with the same pattern, block size, depth, region and duration (needs fio).
+    #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "")]
+    fio_nbd: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -163,6 +167,11 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         }
         _ => None,
     };
+    let fio_nbd = crate::bench::fio_nbd::from_cli(
+        args.fio_nbd.as_deref(),
+        &config,
+        (args.rw, bs, args.iodepth, region, opts.duration),
+    )?;
     let pattern = format!("{:?}", args.rw).to_lowercase();
     if args.json {
         let qemu_fields = qemu
@@ -180,7 +189,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                     n.iops, n.mbps
                 )
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + &crate::bench::fio_nbd::json_fields(fio_nbd);
         println!(
             "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{qemu_fields}}}",
             name, args.threads, f.ops, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
@@ -226,6 +236,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             );
             println!("  ratio:  {:.2}x qemu-img", f.mbps / q.mbps.max(1e-9));
         }
+        crate::bench::fio_nbd::print_text(fio_nbd, f.iops);
     }
     Ok(0)
 }

@@ -1,0 +1,527 @@
+//! One NBD connection: a libnbd handle shared by every caller, and the way a blocked caller
+//! learns that its command completed.
+//!
+//! ```text
+//!  caller A ──nbd_aio_pread(cb)──▶ socket        (each caller sends its own command)
+//!  caller A: reader? yes ─▶ poll(socket) ─▶ nbd_aio_notify_read ─▶ callbacks ─▶ unpark B, C
+//!  caller B, C: reader taken ─▶ park until done, or until A hands the reader role over
+//! ```
+//!
+//! Callers block (the plugin API is synchronous), so every command has a thread waiting for
+//! it. Rather than a dispatcher thread that reads replies and wakes callers (two thread
+//! wake-ups per command: the dispatcher's, then the caller's), one of the waiting callers is
+//! the *reader*: it polls the socket and runs libnbd's state machine, which completes the
+//! commands whose replies arrive and wakes their callers; when its own command is done it
+//! returns and hands the role to another waiting caller. A caller alone on its connection
+//! (the usual case with `connections` ≥ workers) is woken by its reply and nothing else.
+//!
+//! Completion runs the callback pair under libnbd's lock: `callback` records the error,
+//! `free` (called exactly once, also when the submitting call fails) marks the command done
+//! and unparks its caller. A caller returns only after libnbd has let go of its buffer,
+//! which is the guest's page.
+//!
+//! Nothing waits forever: if commands are outstanding and none has completed for `timeout`,
+//! the reader shuts the socket down; libnbd sees end-of-file, marks the connection dead and
+//! fails every outstanding command, whose callers then return an error.
+
+use crate::ffi::*;
+use std::cell::RefCell;
+use std::ffi::{c_int, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+use xen_disk_plugin_api::{Error, Result};
+
+/// A libnbd handle pointer that may cross threads.
+#[derive(Clone, Copy)]
+pub struct Handle(pub *mut NbdHandle);
+
+// SAFETY: libnbd handles are thread-safe (every API call takes the handle's own lock), and
+// the handle is closed only in Conn's Drop, when no caller is left.
+unsafe impl Send for Handle {}
+// SAFETY: as above.
+unsafe impl Sync for Handle {}
+
+/// What the server said it can do, read once after the handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub size: u64,
+    pub read_only: bool,
+    pub flush: bool,
+    pub fua: bool,
+    pub trim: bool,
+    pub zero: bool,
+    pub multi_conn: bool,
+    pub min_block: u64,
+    pub preferred_block: u64,
+}
+
+/// One connection to the server.
+pub struct Conn {
+    h: Handle,
+    pub caps: Caps,
+    uri: String,
+    timeout: Duration,
+    /// Our own descriptor of the socket. libnbd closes its descriptor when the connection
+    /// dies, on whichever thread notices, and that number could then name another file; the
+    /// duplicate keeps naming this socket, for poll and for cutting it off.
+    fd: c_int,
+    /// An eventfd: a caller whose command is not fully written nudges the reader, which may
+    /// be asleep waiting for the socket to become readable only.
+    wake: c_int,
+    /// Held by the caller that is the reader.
+    reader: Mutex<()>,
+    /// Callers waiting without the reader role, for the reader to hand it to.
+    waiting: Mutex<Vec<Arc<Waiter>>>,
+    /// Commands submitted and not yet completed.
+    pending: AtomicUsize,
+    /// Nanoseconds since `base` of the last completion (or of the first submission after an
+    /// idle spell): the no-progress clock for the timeout.
+    progress_ns: AtomicU64,
+    base: Instant,
+    /// Why the connection was cut on our side, for the error messages that follow.
+    broken: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The last libnbd error of this thread, with its errno (EIO when libnbd names none).
+fn last_error() -> (i32, String) {
+    // SAFETY: nbd_get_error returns a thread-local string (or NULL) valid until the next
+    // libnbd call on this thread; it is copied at once.
+    let msg = unsafe {
+        let p = nbd_get_error();
+        if p.is_null() {
+            "unknown libnbd error".to_string()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    // SAFETY: no preconditions; thread-local.
+    let errno = unsafe { nbd_get_errno() };
+    (if errno > 0 { errno } else { libc::EIO }, msg)
+}
+
+impl Conn {
+    /// Connects to `uri` and completes the handshake within `timeout`.
+    pub fn open(uri: &str, timeout: Duration) -> Result<Conn> {
+        let c_uri = CString::new(uri)
+            .map_err(|_| Error::config("uri", format!("{uri:?} contains a NUL byte")))?;
+        // SAFETY: no preconditions.
+        let raw = unsafe { nbd_create() };
+        if raw.is_null() {
+            let (errno, msg) = last_error();
+            return Err(Error::io(errno, format!("{uri}: nbd_create: {msg}")));
+        }
+        let h = Handle(raw);
+        // Until Conn owns them, the handle and descriptors are closed here on failure.
+        let close = |e: Error, fds: &[c_int]| {
+            // SAFETY: h is live, no other thread has it, and it is not used again; the
+            // descriptors are ours and closed once.
+            unsafe {
+                nbd_close(h.0);
+                for &fd in fds {
+                    libc::close(fd);
+                }
+            }
+            e
+        };
+        // SAFETY: h is live; c_uri is a NUL-terminated string that outlives the call.
+        if unsafe { nbd_aio_connect_uri(h.0, c_uri.as_ptr()) } == -1 {
+            let (errno, msg) = last_error();
+            return Err(close(Error::io(errno, format!("{uri}: {msg}")), &[]));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            // SAFETY: h is live.
+            if unsafe { nbd_aio_is_ready(h.0) } == 1 {
+                break;
+            }
+            // SAFETY: h is live.
+            if unsafe { nbd_aio_is_dead(h.0) == 1 || nbd_aio_is_closed(h.0) == 1 } {
+                let (errno, msg) = last_error();
+                let e = Error::io(errno, format!("{uri}: handshake: {msg}"));
+                return Err(close(e, &[]));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let e = Error::io(
+                    libc::ETIMEDOUT,
+                    format!(
+                        "{uri}: no connection and NBD handshake within {} s (is an NBD server listening there?)",
+                        timeout.as_secs_f64()
+                    ),
+                );
+                return Err(close(e, &[]));
+            }
+            let ms = left.as_millis().clamp(1, 1000) as c_int;
+            // SAFETY: h is live; only this thread uses it during the handshake.
+            if unsafe { nbd_poll(h.0, ms) } == -1 {
+                let (errno, msg) = last_error();
+                return Err(close(Error::io(errno, format!("{uri}: {msg}")), &[]));
+            }
+        }
+        let caps = read_caps(h, uri).map_err(|e| close(e, &[]))?;
+        // SAFETY: h is live and connected; F_DUPFD_CLOEXEC duplicates its socket.
+        let fd = unsafe { libc::fcntl(nbd_aio_get_fd(h.0), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            let e = Error::from(std::io::Error::last_os_error()).context(format!("{uri}: dup"));
+            return Err(close(e, &[]));
+        }
+        // SAFETY: no preconditions.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            let e = Error::from(std::io::Error::last_os_error());
+            return Err(close(e.context(format!("{uri}: eventfd")), &[fd]));
+        }
+        Ok(Conn {
+            h,
+            caps,
+            uri: uri.to_string(),
+            timeout,
+            fd,
+            wake,
+            reader: Mutex::new(()),
+            waiting: Mutex::new(Vec::new()),
+            pending: AtomicUsize::new(0),
+            progress_ns: AtomicU64::new(0),
+            base: Instant::now(),
+            broken: Mutex::new(None),
+        })
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    /// Commands submitted here and not yet completed.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Submits one command: `submit` calls an `nbd_aio_*` function with the callback it is
+    /// given and returns its result. The caller keeps every buffer the command uses alive
+    /// and untouched until [`Pending::wait`] returns.
+    pub fn start(
+        &self,
+        what: &'static str,
+        submit: impl FnOnce(Handle, CompletionCallback) -> i64,
+    ) -> Result<Pending<'_>> {
+        let waiter = Arc::new(Waiter {
+            thread: std::thread::current(),
+            done: AtomicBool::new(false),
+            listed: AtomicBool::new(false),
+            error: AtomicI32::new(0),
+        });
+        let cb = CompletionCallback {
+            callback: Some(on_complete),
+            user_data: Arc::into_raw(waiter.clone()) as *mut c_void,
+            free: Some(on_free),
+        };
+        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
+            // Idle until now: the no-progress clock starts with this command.
+            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
+        }
+        let cookie = submit(self.h, cb);
+        if cookie == -1 {
+            // libnbd has already called `free` (it does so when the call fails).
+            let (errno, msg) = last_error();
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.error(errno, what, &msg));
+        }
+        // SAFETY: h is live for &self.
+        if unsafe { nbd_aio_get_direction(self.h.0) } & AIO_DIRECTION_WRITE != 0 {
+            // Part of the command is still to be written: the reader must poll for it.
+            let one: u64 = 1;
+            // SAFETY: wake is our eventfd; 8 bytes from a live u64.
+            unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
+        }
+        Ok(Pending {
+            conn: self,
+            waiter,
+            what,
+            waited: false,
+        })
+    }
+
+    fn error(&self, errno: i32, what: &str, detail: &str) -> Error {
+        match lock(&self.broken).as_deref() {
+            Some(why) => Error::io(errno, format!("{}: {what}: {why}", self.uri)),
+            None => Error::io(errno, format!("{}: {what}: {detail}", self.uri)),
+        }
+    }
+
+    /// As the reader: moves libnbd's state machine along until `mine` is done.
+    fn read_until(&self, mine: &Waiter) {
+        let h = self.h.0;
+        let mut cut = false;
+        while !mine.done.load(Ordering::Acquire) {
+            // SAFETY: h is live for &self.
+            let dir = unsafe { nbd_aio_get_direction(h) };
+            let mut events = 0;
+            if dir & AIO_DIRECTION_READ != 0 {
+                events |= libc::POLLIN;
+            }
+            if dir & AIO_DIRECTION_WRITE != 0 {
+                events |= libc::POLLOUT;
+            }
+            // No direction: the connection is dead (libnbd then has failed every command,
+            // so `mine` is done) or between states; the socket is not watched then, as a
+            // dead one would report HUP forever.
+            let mut fds = [
+                libc::pollfd {
+                    fd: if dir == 0 { -1 } else { self.fd },
+                    events,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a live array of two pollfd.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+            if r > 0 {
+                if fds[1].revents & libc::POLLIN != 0 {
+                    let mut n: u64 = 0;
+                    // SAFETY: reading 8 bytes into a live u64 from our eventfd.
+                    unsafe { libc::read(self.wake, (&mut n as *mut u64).cast(), 8) };
+                }
+                let re = fds[0].revents;
+                let hup = re & (libc::POLLHUP | libc::POLLERR) != 0;
+                // An error from a notify means the connection died: libnbd has failed the
+                // commands outstanding and run their callbacks.
+                if dir & AIO_DIRECTION_READ != 0 && (re & libc::POLLIN != 0 || hup) {
+                    // SAFETY: h is live.
+                    notify_then_wake(|| unsafe { nbd_aio_notify_read(h) });
+                } else if dir & AIO_DIRECTION_WRITE != 0 && (re & libc::POLLOUT != 0 || hup) {
+                    // SAFETY: h is live.
+                    notify_then_wake(|| unsafe { nbd_aio_notify_write(h) });
+                }
+            }
+            let since = self
+                .now_ns()
+                .saturating_sub(self.progress_ns.load(Ordering::Relaxed));
+            if !cut && since > self.timeout.as_nanos() as u64 {
+                *lock(&self.broken) = Some(format!(
+                    "no reply from the server for {} s: connection cut",
+                    self.timeout.as_secs_f64()
+                ));
+                // Shutting the socket down (our duplicate; libnbd's descriptor stays open)
+                // makes the next read see end-of-file, which fails every command.
+                // SAFETY: fd is our descriptor of the socket, open until Drop.
+                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+                cut = true;
+            }
+        }
+    }
+
+    /// The reader role, if free. (A reader that panicked left nothing half done in our
+    /// state: the role is free again.)
+    fn try_reader(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.reader.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Called by a reader leaving: wakes a waiting caller whose command is not done, to
+    /// read in its turn.
+    fn hand_off(&self) {
+        let mut waiting = lock(&self.waiting);
+        while let Some(w) = waiting.pop() {
+            w.listed.store(false, Ordering::Release);
+            if !w.done.load(Ordering::Acquire) {
+                w.thread.unpark();
+                break;
+            }
+        }
+    }
+}
+
+/// A submitted command.
+pub struct Pending<'a> {
+    conn: &'a Conn,
+    waiter: Arc<Waiter>,
+    what: &'static str,
+    waited: bool,
+}
+
+impl Pending<'_> {
+    /// Blocks until the command completed (the connection's timeout bounds the wait).
+    pub fn wait(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.waited = true;
+        let c = self.conn;
+        let w = &self.waiter;
+        while !w.done.load(Ordering::Acquire) {
+            if let Some(guard) = c.try_reader() {
+                c.read_until(w);
+                drop(guard);
+                c.hand_off();
+                break;
+            }
+            // Listed before trying again: a reader that leaves after our second failed try
+            // then finds us in the list and wakes us; one that left before lets us in.
+            if !w.listed.swap(true, Ordering::AcqRel) {
+                let mut waiting = lock(&c.waiting);
+                waiting.retain(|x| !x.done.load(Ordering::Relaxed));
+                waiting.push(w.clone());
+            }
+            match c.try_reader() {
+                Some(guard) => {
+                    c.read_until(w);
+                    drop(guard);
+                    c.hand_off();
+                }
+                // Woken when done, or handed the reader role.
+                None => std::thread::park(),
+            }
+        }
+        c.progress_ns.store(c.now_ns(), Ordering::Relaxed);
+        c.pending.fetch_sub(1, Ordering::AcqRel);
+        match w.error.load(Ordering::Acquire) {
+            0 => Ok(()),
+            errno => {
+                let text = std::io::Error::from_raw_os_error(errno).to_string();
+                Err(c.error(errno, self.what, &text))
+            }
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    /// A command dropped unwaited (a panic on the way) is still waited for: its buffer may
+    /// be a caller's stack or the guest's page, which libnbd must be done with first.
+    fn drop(&mut self) {
+        if !self.waited {
+            let _ = self.finish();
+        }
+    }
+}
+
+/// Where a completion is reported; one strong reference is lent to libnbd per command.
+struct Waiter {
+    thread: Thread,
+    done: AtomicBool,
+    /// In the connection's `waiting` list.
+    listed: AtomicBool,
+    error: AtomicI32,
+}
+
+/// Records the command's result. Runs with the handle locked, so it calls no libnbd
+/// function.
+unsafe extern "C" fn on_complete(user_data: *mut c_void, error: *mut c_int) -> c_int {
+    // SAFETY: user_data is the Arc<Waiter> lent in `start`, still owned by libnbd until
+    // on_free; error points to libnbd's int for this call.
+    unsafe {
+        let w = &*(user_data as *const Waiter);
+        w.error.store(*error, Ordering::Release);
+    }
+    // Retire the command automatically: nobody calls nbd_aio_command_completed.
+    1
+}
+
+thread_local! {
+    /// Set while this thread runs libnbd's state machine as a reader: callers to wake once
+    /// libnbd's lock is released, rather than under it (a woken caller that submits its
+    /// next command would otherwise block on that lock at once).
+    static TO_WAKE: RefCell<Option<Vec<Arc<Waiter>>>> = const { RefCell::new(None) };
+}
+
+/// Marks the command done, wakes its caller (now or after the reader's notify call) and
+/// gives back the reference lent to libnbd. Never panics: it is called from C.
+unsafe extern "C" fn on_free(user_data: *mut c_void) {
+    // SAFETY: libnbd calls free exactly once with the pointer from Arc::into_raw in `start`.
+    let w = unsafe { Arc::from_raw(user_data as *const Waiter) };
+    w.done.store(true, Ordering::Release);
+    let deferred = TO_WAKE
+        .try_with(|cell| match cell.try_borrow_mut() {
+            Ok(mut list) => match list.as_mut() {
+                Some(list) => {
+                    list.push(w.clone());
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        })
+        .unwrap_or(false);
+    if !deferred {
+        w.thread.unpark();
+    }
+}
+
+/// Runs a libnbd notify call, then wakes the callers whose commands it completed.
+fn notify_then_wake(notify: impl FnOnce() -> c_int) {
+    let started = TO_WAKE.with(|cell| {
+        let mut list = cell.borrow_mut();
+        let was = list.is_some();
+        list.get_or_insert_with(Vec::new);
+        !was
+    });
+    let _ = notify();
+    if started {
+        let woken = TO_WAKE
+            .with(|cell| cell.borrow_mut().take())
+            .unwrap_or_default();
+        for w in woken {
+            w.thread.unpark();
+        }
+    }
+}
+
+fn read_caps(h: Handle, uri: &str) -> Result<Caps> {
+    let flag = |f: unsafe extern "C" fn(*mut NbdHandle) -> c_int, what: &str| -> Result<bool> {
+        // SAFETY: h is live and connected; f is one of the nbd_can_*/nbd_is_* queries.
+        match unsafe { f(h.0) } {
+            -1 => {
+                let (errno, msg) = last_error();
+                Err(Error::io(errno, format!("{uri}: {what}: {msg}")))
+            }
+            v => Ok(v == 1),
+        }
+    };
+    // SAFETY: h is live and connected.
+    let size = unsafe { nbd_get_size(h.0) };
+    if size < 0 {
+        let (errno, msg) = last_error();
+        return Err(Error::io(errno, format!("{uri}: size: {msg}")));
+    }
+    // SAFETY: h is live and connected; 0 means the server gave no block sizes.
+    let block = |t| unsafe { nbd_get_block_size(h.0, t) }.max(0) as u64;
+    Ok(Caps {
+        size: size as u64,
+        read_only: flag(nbd_is_read_only, "read-only flag")?,
+        flush: flag(nbd_can_flush, "flush flag")?,
+        fua: flag(nbd_can_fua, "FUA flag")?,
+        trim: flag(nbd_can_trim, "trim flag")?,
+        zero: flag(nbd_can_zero, "write-zeroes flag")?,
+        multi_conn: flag(nbd_can_multi_conn, "multi-conn flag")?,
+        min_block: block(SIZE_MINIMUM),
+        preferred_block: block(SIZE_PREFERRED),
+    })
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The host drops a disk with no call in flight, so no command is outstanding.
+        // SAFETY: h is live and no caller holds &self; our descriptors are closed once.
+        unsafe {
+            // A polite NBD_CMD_DISC (servers finish outstanding writes before closing);
+            // failure means the connection is already gone.
+            nbd_aio_disconnect(self.h.0, 0);
+            nbd_close(self.h.0);
+            libc::close(self.fd);
+            libc::close(self.wake);
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! `nbd-client`: a disk served by an NBD server, over a Unix socket or TCP
+//! (`libnbd_client.so`; `libnbd.so` is the system library it links with).
+//!
+//! | key | type | default | meaning |
+//! |---|---|---|---|
+//! | `uri` | string | required | `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT` (also `nbds…` with TLS when libnbd has it) |
+//! | `readonly` | bool | `false` | serve the export read-only even if the server allows writes |
+//! | `connections` | integer | `0` | connections to open; `0`: 4 when the server advertises multi-conn, else 1. More than one needs multi-conn, or `readonly` |
+//! | `timeout` | integer | `30` | seconds to wait for the handshake, and for any progress while requests are outstanding; then the connection is cut and its requests fail |
+//!
+//! ```text
+//! xen-disk-host connect guest1 --plugin nbd-client -c 'uri=nbd+unix:///?socket=/run/nbd.sock'
+//! ```
+//!
+//! The protocol is spoken by libnbd (Debian's `libnbd0`, 1.14 or later) through a few
+//! hand-written declarations ([`ffi`]): fixed newstyle handshake, structured replies when the
+//! server offers them. What the disk can do comes from what the server advertises: read-only,
+//! flush, FUA, trim (discard), write-zeroes, the size and minimum block size.
+//!
+//! ## Parallelism: asynchronous commands, shared connections
+//!
+//! The host calls `read`/`write` from several worker threads at once and each call blocks,
+//! so N workers must give N commands on the wire. libnbd's synchronous calls hold the
+//! handle's lock for the whole round trip, which would allow one command per connection, so
+//! every caller uses the asynchronous API instead: it submits its command (`nbd_aio_pread`,
+//! …, which writes it to the socket at once and returns) and then waits. Of the callers
+//! waiting on a connection, one reads the replies for all of them and wakes the others (see
+//! [`conn`]); there is no dispatcher thread, whose wake-up would come on top of the
+//! caller's for every command. One connection thus carries as many commands as there are
+//! callers, as fio's nbd engine does with its iodepth, and this works with every server
+//! (qemu-nbd serves a single client unless told otherwise).
+//!
+//! When the server advertises multi-conn, the disk also opens a few connections (4, or
+//! `connections`) and each call takes the one with the fewest commands outstanding: a
+//! caller alone on its connection is woken by its reply directly and never queues behind
+//! another caller's libnbd lock. Without multi-conn the NBD protocol does not promise that
+//! connections see each other's writes, so more than one is refused unless `readonly`.
+//! Automatic extra connections are optional: a server that admits fewer clients
+//! (`qemu-nbd --shared=2`) leaves the next one unanswered, which costs 2 s at open, and the
+//! disk then uses the connections it has.
+//!
+//! An NBD command reads or writes one contiguous range of memory, and the guest's buffers are
+//! pages that may lie anywhere. Pages mapped side by side are merged into runs; a request in
+//! one run, or in a few runs of 32 KiB or more, goes straight into the guest's pages with one
+//! command per run, all in flight together; scattered small pages go through a per-thread
+//! bounce buffer and one command (a 4 KiB copy costs less than a command).
+//!
+//! ## Failures
+//!
+//! A server that is not there fails `open` with one line naming the URI. A server that dies
+//! fails every outstanding and later request with an I/O error (the guest sees EIO); one
+//! that stops answering is cut off after `timeout` seconds without progress, with the same
+//! effect. The plugin does not reconnect: detach and attach again (or `ctl swap`).
+
+pub mod conn;
+pub mod ffi;
+
+use conn::{Caps, Conn, Pending};
+use ffi::*;
+use std::cell::RefCell;
+use std::time::Duration;
+use xen_disk_plugin_api::*;
+
+/// The longest trim or write-zeroes sent as one command: NBD lengths are 32-bit.
+const MAX_RANGE: u64 = 1 << 30;
+
+/// Connections opened when the server advertises multi-conn and the user did not say: one
+/// per host worker (the default is 2; more cost an idle socket each), so each caller
+/// usually has a connection to itself.
+const AUTO_CONNECTIONS: u64 = 4;
+
+/// How long an automatic extra connection may take to open before the disk does without.
+const AUTO_EXTRA_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An open export.
+pub struct NbdDisk {
+    conns: Vec<Conn>,
+    info: DiskInfo,
+}
+
+thread_local! {
+    /// Per worker thread: where scattered guest pages are gathered for one command.
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// At most this many NBD commands serve one request whose buffers lie in separate runs...
+const MAX_RUNS: usize = 8;
+/// ...when each run is at least this long; otherwise one command and a bounce buffer.
+const MIN_RUN: usize = 32 << 10;
+
+/// The buffers merged into runs of adjacent memory: `None` when there are more than
+/// [`MAX_RUNS`] or a run shorter than [`MIN_RUN`] (a copy is then cheaper than commands).
+/// A single run may be of any length.
+fn runs(bufs: &[RawBuf]) -> Option<([(*mut u8, usize); MAX_RUNS], usize)> {
+    let mut out = [(std::ptr::null_mut(), 0); MAX_RUNS];
+    let mut n = 0;
+    for b in bufs {
+        if n > 0 && out[n - 1].0 as usize + out[n - 1].1 == b.base as usize {
+            out[n - 1].1 += b.len;
+        } else {
+            if n == MAX_RUNS {
+                return None;
+            }
+            out[n] = (b.base, b.len);
+            n += 1;
+        }
+    }
+    if n > 1 && out[..n].iter().any(|r| r.1 < MIN_RUN) {
+        return None;
+    }
+    Some((out, n))
+}
+
+fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BOUNCE.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        f(&mut b[..len])
+    })
+}
+
+impl NbdDisk {
+    /// The connection with the fewest commands outstanding.
+    fn conn(&self) -> &Conn {
+        self.conns
+            .iter()
+            .min_by_key(|c| c.pending())
+            .expect("at least one connection")
+    }
+
+    /// Reads (or with `write`, writes) the runs, which hold consecutive bytes from
+    /// `offset`, with one command each, all in flight together.
+    fn transfer(&self, offset: u64, runs: &[(*mut u8, usize)], write: Option<u32>) -> Result<()> {
+        let conn = self.conn();
+        let what = if write.is_some() { "write" } else { "read" };
+        let mut pending = Vec::with_capacity(runs.len());
+        let mut first_err = None;
+        let mut at = offset;
+        for &(buf, len) in runs {
+            let started = conn.start(what, |h, cb| match write {
+                // SAFETY: h is live; buf is valid for reads of len bytes until wait()
+                // returns (the caller's WriteBufs or bounce buffer).
+                Some(flags) => unsafe { nbd_aio_pwrite(h.0, buf.cast(), len, at, cb, flags) },
+                // SAFETY: h is live; buf is valid for writes of len bytes until wait()
+                // returns, which is after libnbd lets go of it.
+                None => unsafe { nbd_aio_pread(h.0, buf.cast(), len, at, cb, 0) },
+            });
+            match started {
+                Ok(p) => pending.push(p),
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+            at += len as u64;
+        }
+        for p in pending {
+            if let Err(e) = p.wait() {
+                first_err.get_or_insert(e);
+            }
+        }
+        let len = at - offset;
+        match first_err {
+            Some(e) => Err(e.context(format!("offset {offset}, {len} bytes"))),
+            None => Ok(()),
+        }
+    }
+
+    fn write_flags(&self, offset: u64, bufs: &WriteBufs<'_>, flags: u32) -> Result<()> {
+        if bufs.is_empty() {
+            return Ok(());
+        }
+        match runs(bufs.raw()) {
+            // libnbd only reads from the runs, though the pointers are `*mut`.
+            Some((r, n)) => self.transfer(offset, &r[..n], Some(flags)),
+            None => with_bounce(bufs.len(), |b| {
+                bufs.copy_to(b);
+                self.transfer(offset, &[(b.as_mut_ptr(), b.len())], Some(flags))
+            }),
+        }
+    }
+
+    /// Sends `op` over the range in pieces of at most [`MAX_RANGE`], all in flight at once.
+    fn ranged(
+        &self,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        op: unsafe extern "C" fn(*mut NbdHandle, u64, u64, CompletionCallback, u32) -> i64,
+    ) -> Result<()> {
+        let conn = self.conn();
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        let mut first_err = None;
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(MAX_RANGE);
+            // SAFETY: h is live; the command uses no buffer.
+            match conn.start(what, |h, cb| unsafe { op(h.0, n, offset + at, cb, 0) }) {
+                Ok(p) => pending.push(p),
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+            at += n;
+        }
+        for p in pending {
+            if let Err(e) = p.wait() {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e.context(format!("offset {offset}, {len} bytes"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Disk for NbdDisk {
+    fn info(&self) -> DiskInfo {
+        self.info
+    }
+
+    fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+        if bufs.is_empty() {
+            return Ok(());
+        }
+        match runs(bufs.raw()) {
+            // Adjacent buffers, each valid for writes per ReadBufs' contract, make one range.
+            Some((r, n)) => self.transfer(offset, &r[..n], None),
+            None => with_bounce(bufs.len(), |b| {
+                self.transfer(offset, &[(b.as_mut_ptr(), b.len())], None)?;
+                bufs.copy_from(b);
+                Ok(())
+            }),
+        }
+    }
+
+    fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.write_flags(offset, bufs, 0)
+    }
+
+    fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.write_flags(offset, bufs, CMD_FLAG_FUA)
+    }
+
+    /// With several connections every one is flushed: the multi-conn promise covers writes
+    /// completed on any connection, and flushing all costs little and relies on nothing.
+    fn flush(&self) -> Result<()> {
+        let mut pending = Vec::with_capacity(self.conns.len());
+        let mut first_err = None;
+        for c in &self.conns {
+            // SAFETY: h is live; flush uses no buffer.
+            match c.start("flush", |h, cb| unsafe { nbd_aio_flush(h.0, cb, 0) }) {
+                Ok(p) => pending.push(p),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for p in pending {
+            if let Err(e) = p.wait() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.ranged("trim", offset, len, nbd_aio_trim)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.ranged("write-zeroes", offset, len, nbd_aio_zero)
+    }
+}
+
+/// Refuses what is clearly not an NBD URI before libnbd sees it.
+fn check_uri(uri: &str) -> Result<()> {
+    const SCHEMES: &[&str] = &[
+        "nbd://",
+        "nbds://",
+        "nbd+unix://",
+        "nbds+unix://",
+        "nbd+vsock://",
+        "nbds+vsock://",
+    ];
+    if !SCHEMES.iter().any(|s| uri.starts_with(s)) {
+        return Err(Error::config(
+            "uri",
+            format!(
+                "{uri:?} is not an NBD URI (nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT)"
+            ),
+        ));
+    }
+    let unix = uri.starts_with("nbd+unix://") || uri.starts_with("nbds+unix://");
+    if unix && !uri.contains("socket=") {
+        return Err(Error::config(
+            "uri",
+            format!("{uri}: a unix URI needs ?socket=PATH"),
+        ));
+    }
+    Ok(())
+}
+
+fn disk_info(caps: &Caps, readonly: bool, uri: &str) -> Result<DiskInfo> {
+    let sector: u32 = match caps.min_block {
+        0..=512 => 512,
+        4096 => 4096,
+        n => {
+            return Err(Error::io(
+                libc::EINVAL,
+                format!("{uri}: the server's minimum block size {n} is neither 512 nor 4096"),
+            ))
+        }
+    };
+    let size = caps.size / u64::from(sector) * u64::from(sector);
+    if size == 0 {
+        return Err(Error::io(
+            libc::EINVAL,
+            format!(
+                "{uri}: the export is {} bytes, less than one {sector}-byte sector",
+                caps.size
+            ),
+        ));
+    }
+    let physical = match caps.preferred_block {
+        4096 => 4096,
+        _ => sector,
+    };
+    Ok(DiskInfo::new(size)
+        .sector_size(sector)
+        .physical_sector_size(physical.max(sector))
+        .read_only(readonly || caps.read_only)
+        .flush(caps.flush)
+        .fua(caps.flush && caps.fua)
+        .discard(caps.trim)
+        .write_zeroes(caps.zero))
+}
+
+/// The plugin.
+pub struct NbdClientPlugin;
+
+impl Plugin for NbdClientPlugin {
+    type Disk = NbdDisk;
+    const NAME: &'static str = "nbd-client";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str =
+        "An NBD server's export (unix socket or TCP, libnbd), many requests in flight";
+    const CONFIG_KEYS: &'static [ConfigKey] = &[
+        ConfigKey::required(
+            "uri",
+            KeyType::String,
+            "nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT",
+        ),
+        ConfigKey::optional(
+            "readonly",
+            KeyType::Bool,
+            "false",
+            "Serve read-only even if the server allows writes",
+        ),
+        ConfigKey::optional(
+            "connections",
+            KeyType::Integer,
+            "0",
+            "Connections; 0: 4 if the server advertises multi-conn, else 1 (more than 1 needs multi-conn, or readonly)",
+        ),
+        ConfigKey::optional(
+            "timeout",
+            KeyType::Integer,
+            "30",
+            "Seconds without progress before the connection is cut and its requests fail",
+        ),
+    ];
+
+    fn open(config: &Config) -> Result<NbdDisk> {
+        let uri = config.str("uri")?.to_string();
+        check_uri(&uri)?;
+        let readonly = config.bool("readonly")?;
+        let connections = config.u64("connections")?;
+        if connections > 16 {
+            return Err(Error::config(
+                "connections",
+                format!("{connections}: must be 0 (automatic) to 16"),
+            ));
+        }
+        let timeout = config.u64("timeout")?;
+        if !(1..=3600).contains(&timeout) {
+            return Err(Error::config(
+                "timeout",
+                format!("{timeout}: must be 1 to 3600 seconds"),
+            ));
+        }
+        let timeout = Duration::from_secs(timeout);
+        let first = Conn::open(&uri, timeout)?;
+        let info = disk_info(&first.caps, readonly, &uri)?;
+        let auto = connections == 0;
+        let connections = match connections {
+            0 if first.caps.multi_conn => AUTO_CONNECTIONS,
+            0 => 1,
+            n => n,
+        };
+        if connections > 1 && !first.caps.multi_conn && !info.read_only {
+            return Err(Error::config(
+                "connections",
+                format!(
+                    "{uri}: the server does not advertise multi-conn, so writes on {connections} connections could be seen inconsistently; use connections=1 or readonly=true"
+                ),
+            ));
+        }
+        let mut conns = vec![first];
+        for _ in 1..connections {
+            if !auto {
+                conns.push(Conn::open(&uri, timeout)?);
+                continue;
+            }
+            // Extra connections the user did not ask for are a bonus: a server that admits
+            // fewer clients (qemu-nbd --shared=2) leaves the next one waiting unanswered, so
+            // give it little time and carry on with the connections there are.
+            match Conn::open(&uri, timeout.min(AUTO_EXTRA_TIMEOUT)) {
+                Ok(c) => conns.push(c),
+                Err(_) => break,
+            }
+        }
+        Ok(NbdDisk { conns, info })
+    }
+}
+
+export_plugin!(NbdClientPlugin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_that_are_not_nbd_are_refused_naming_the_key() {
+        for bad in ["/tmp/x.sock", "http://x/", "nbd+unix:///export"] {
+            let e = check_uri(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config, "{bad}");
+            assert!(e.message().contains("`uri`"), "{}", e.message());
+        }
+        check_uri("nbd+unix:///?socket=/tmp/s").unwrap();
+        check_uri("nbd://localhost:10809/disk").unwrap();
+    }
+
+    #[test]
+    fn adjacent_buffers_make_runs_and_small_scattered_ones_none() {
+        let mut a = vec![0u8; 4 * MIN_RUN];
+        let (x, rest) = a.split_at_mut(MIN_RUN);
+        let (y, rest) = rest.split_at_mut(MIN_RUN);
+        let (_, z) = rest.split_at_mut(MIN_RUN);
+        let lens = |bufs: &[RawBuf]| {
+            runs(bufs).map(|(r, n)| r[..n].iter().map(|r| r.1).collect::<Vec<_>>())
+        };
+        let bufs = [RawBuf::from_mut(x), RawBuf::from_mut(y)];
+        assert_eq!(lens(&bufs), Some(vec![2 * MIN_RUN]));
+        let bufs = [RawBuf::from_mut(x), RawBuf::from_mut(z)];
+        assert_eq!(lens(&bufs), Some(vec![MIN_RUN, MIN_RUN]));
+        let bufs = [RawBuf::from_mut(&mut x[..512]), RawBuf::from_mut(z)];
+        assert_eq!(lens(&bufs), None);
+        let mut pages = vec![0u8; 2 * 4096 * (MAX_RUNS + 1)];
+        let bufs: Vec<RawBuf> = pages
+            .chunks_mut(8192)
+            .map(|c| RawBuf::from_mut(&mut c[..4096]))
+            .collect();
+        assert_eq!(lens(&bufs), None);
+        assert_eq!(lens(&bufs[..1]), Some(vec![4096]));
+    }
+
+    #[test]
+    fn capabilities_follow_the_server() {
+        let caps = Caps {
+            size: 10 * 4096 + 100,
+            read_only: false,
+            flush: true,
+            fua: true,
+            trim: false,
+            zero: true,
+            multi_conn: false,
+            min_block: 4096,
+            preferred_block: 4096,
+        };
+        let i = disk_info(&caps, false, "u").unwrap();
+        assert_eq!((i.size, i.logical_sector_size), (10 * 4096, 4096));
+        assert!(i.can_flush && i.can_fua && !i.can_discard && i.can_write_zeroes);
+        assert!(!i.read_only);
+        assert!(disk_info(&caps, true, "u").unwrap().read_only);
+        let no_flush = Caps {
+            flush: false,
+            ..caps
+        };
+        assert!(!disk_info(&no_flush, false, "u").unwrap().can_fua);
+        let odd = Caps {
+            min_block: 1024,
+            ..caps
+        };
+        assert!(disk_info(&odd, false, "u").is_err());
+    }
+}

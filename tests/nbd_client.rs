@@ -1,0 +1,538 @@
+//! The `nbd-client` plugin against real NBD servers on Unix sockets in temporary
+//! directories: `qemu-nbd` serving a qcow2 and `nbdkit memory`. Bytes go both ways through
+//! the full simulated path (`sim write` / `sim read`) and are compared with what QEMU's own
+//! tools see; the conformance suite passes; requests really overlap on one connection; and a
+//! server that is missing, dies or hangs gives errors, never a hang.
+//!
+//! The servers are required: a missing tool fails the test with the package to install.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use xen_disk_host::plugin::{load, GuardedDisk};
+use xen_disk_plugin_api::{with_read_bufs, with_write_bufs, Config};
+
+/// Fails the test, naming the package, when `tool` is not on PATH.
+fn need(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed: the nbd-client tests need it (apt-get install {package}; .ci/run installs it)"
+    );
+}
+
+/// An NBD server on a Unix socket, killed when dropped.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(mut cmd: Command, socket: &Path) -> Server {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+        let mut s = Server {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let start = Instant::now();
+        while !socket.exists() {
+            if let Some(status) = s.child.try_wait().unwrap() {
+                panic!("{cmd:?} exited before creating its socket: {status}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{cmd:?} did not create {} within 20 s",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// `nbdkit memory SIZE` with extra arguments before the plugin name (filters).
+    fn nbdkit(dir: &TempDir, size: &str, filters: &[&str], params: &[&str]) -> Server {
+        need("nbdkit", "nbdkit");
+        let socket = dir.join("nbdkit.sock");
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["--foreground", "--exit-with-parent", "-U"])
+            .arg(&socket)
+            .args(filters)
+            .args(["memory", size])
+            .args(params);
+        Server::start(cmd, &socket)
+    }
+
+    /// `qemu-nbd` serving a qcow2, persistent (several clients one after another).
+    fn qemu_nbd(dir: &TempDir, qcow2: &Path) -> Server {
+        Server::qemu_nbd_shared(dir, qcow2, 16)
+    }
+
+    /// `qemu-nbd` admitting at most `clients` at once.
+    fn qemu_nbd_shared(dir: &TempDir, qcow2: &Path, clients: u32) -> Server {
+        need("qemu-nbd", "qemu-utils");
+        let socket = dir.join("qemu-nbd.sock");
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["--format=qcow2", "--persistent"])
+            .arg(format!("--shared={clients}"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg(qcow2);
+        Server::start(cmd, &socket)
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    fn config(&self) -> String {
+        format!("uri={}", self.uri())
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A stopped (SIGSTOP) server still dies on SIGKILL.
+        self.stop();
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn sim(dir: &str, server: &Server, file: &Path) {
+    let flag = if dir == "write" { "--in" } else { "--out" };
+    let cfg = server.config();
+    let o = host(&[
+        "sim",
+        dir,
+        "nbd-client",
+        "-c",
+        &cfg,
+        flag,
+        file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "sim {dir}: {}", stderr(&o));
+}
+
+fn same(a: &Path, b: &Path, what: &str) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(x.len(), y.len(), "{what}: sizes differ");
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!("{what}: first difference at byte {i}");
+    }
+}
+
+fn open(pairs: &[String]) -> GuardedDisk {
+    let p = load(&plugin_path("nbd-client")).unwrap();
+    let disk = p.open(&Config::from_pairs(pairs).unwrap()).unwrap();
+    GuardedDisk::new(Box::new(disk), false).unwrap()
+}
+
+fn check_passes(server: &Server) -> String {
+    let cfg = server.config();
+    let o = host(&["check", "nbd-client", "-c", &cfg]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "check failed:\n{out}{}", stderr(&o));
+    assert!(out.contains(" 0 failed"), "{out}");
+    out
+}
+
+#[test]
+fn qemu_nbd_qcow2_round_trips_both_ways_and_passes_check() {
+    need("qemu-img", "qemu-utils");
+    let t = TempDir::new("nbd-qemu");
+    let (raw_in, qcow2) = (t.join("in.raw"), t.join("disk.qcow2"));
+    random_file(&raw_in, 24 << 20, 7);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .args([&raw_in, &qcow2]),
+    );
+    // Server → guest: the disk read through the plugin is the qcow2's content.
+    let mut server = Server::qemu_nbd(&t, &qcow2);
+    let got = t.join("read.raw");
+    sim("read", &server, &got);
+    same(&got, &raw_in, "sim read of the qcow2 served by qemu-nbd");
+    // Guest → server: what sim write wrote is what the qcow2 holds afterwards.
+    let data = t.join("write.raw");
+    random_file(&data, 24 << 20, 8);
+    sim("write", &server, &data);
+    let back = t.join("back.raw");
+    sim("read", &server, &back);
+    same(&back, &data, "sim read after sim write (qemu-nbd)");
+    let out = check_passes(&server);
+    assert!(out.contains("flush"), "{out}");
+    server.stop();
+    // check wrote its own patterns; write the data again for QEMU's view of the image.
+    let mut server = Server::qemu_nbd(&t, &qcow2);
+    sim("write", &server, &data);
+    server.stop();
+    let converted = t.join("converted.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .args([&qcow2, &converted]),
+    );
+    same(
+        &converted,
+        &data,
+        "qemu-img convert of the qcow2 after sim write",
+    );
+    run_ok(Command::new("qemu-img").args(["check", "-q"]).arg(&qcow2));
+}
+
+#[test]
+fn automatic_connections_settle_for_what_the_server_admits() {
+    need("qemu-img", "qemu-utils");
+    let t = TempDir::new("nbd-shared");
+    let qcow2 = t.join("disk.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow2)
+            .arg("8M"),
+    );
+    // Two clients at most: the third automatic connection is never answered.
+    let server = Server::qemu_nbd_shared(&t, &qcow2, 2);
+    let start = Instant::now();
+    check_passes(&server);
+    assert!(
+        start.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        start.elapsed()
+    );
+    // Asked for outright, the connections are required.
+    let cfg = server.config();
+    let o = host(&[
+        "check",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "-c",
+        "connections=3",
+        "-c",
+        "timeout=1",
+    ]);
+    assert_bad_input(&o, &["qemu-nbd.sock"]);
+}
+
+#[test]
+fn nbdkit_memory_round_trips_both_ways_and_passes_check() {
+    need("qemu-img", "qemu-utils");
+    let t = TempDir::new("nbd-kit");
+    let server = Server::nbdkit(&t, "16M", &[], &[]);
+    // Guest → server, read back by QEMU's NBD client.
+    let data = t.join("in.raw");
+    random_file(&data, 16 << 20, 9);
+    sim("write", &server, &data);
+    let by_qemu = t.join("qemu.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &server.uri()])
+            .arg(&by_qemu),
+    );
+    same(&by_qemu, &data, "qemu-img's read of what sim write wrote");
+    // Server → guest: QEMU writes, the plugin reads.
+    let other = t.join("other.raw");
+    random_file(&other, 16 << 20, 10);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&other)
+            .arg(server.uri()),
+    );
+    let got = t.join("got.raw");
+    sim("read", &server, &got);
+    same(&got, &other, "sim read of what qemu-img wrote");
+    let out = check_passes(&server);
+    for cap in ["discard", "write-zeroes"] {
+        assert!(out.contains(&format!("ok    {cap}")), "{cap}: {out}");
+    }
+}
+
+#[test]
+fn requests_from_many_threads_overlap_on_one_connection() {
+    let t = TempDir::new("nbd-par");
+    // Every read takes half a second in the server; nbdkit serves a connection's requests
+    // with several threads, so only requests sent together finish together.
+    let server = Server::nbdkit(&t, "16M", &["--filter=delay"], &["rdelay=500ms"]);
+    let disk = Arc::new(open(&[server.config(), "connections=1".into()]));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..8u64)
+        .map(|i| {
+            let d = disk.clone();
+            std::thread::spawn(move || {
+                let mut b = vec![0u8; 4096];
+                with_read_bufs(&mut [&mut b], |r| d.read(i * 4096, r)).unwrap();
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(2000),
+        "8 reads of 0.5 s each took {took:?}: they were not in flight together"
+    );
+}
+
+#[test]
+fn scattered_buffers_and_fua_writes_round_trip() {
+    let t = TempDir::new("nbd-sg");
+    let server = Server::nbdkit(&t, "4M", &[], &[]);
+    let disk = open(&[server.config()]);
+    let info = disk.info();
+    assert!(info.can_flush && info.can_fua && info.can_discard && info.can_write_zeroes);
+    // Two buffers that are not adjacent in memory: the bounce path.
+    let (mut a, mut b) = (vec![1u8; 4096], vec![2u8; 8192]);
+    with_write_bufs(&[&a, &b], |w| disk.write(8192, w, true)).unwrap();
+    a.fill(0);
+    b.fill(0);
+    with_read_bufs(&mut [&mut b[..4096], &mut a[..]], |r| disk.read(8192, r)).unwrap();
+    assert!(b[..4096].iter().all(|&x| x == 1));
+    assert!(a[..].iter().all(|&x| x == 2));
+    // Two large buffers apart in memory: one command each, straight into them.
+    let (mut c, mut d) = (vec![3u8; 64 << 10], vec![4u8; 128 << 10]);
+    with_write_bufs(&[&c, &d], |w| disk.write(1 << 20, w, false)).unwrap();
+    c.fill(0);
+    d.fill(0);
+    with_read_bufs(&mut [&mut d[..], &mut c[..]], |r| disk.read(1 << 20, r)).unwrap();
+    assert!(d[..64 << 10].iter().all(|&x| x == 3));
+    assert!(d[64 << 10..].iter().all(|&x| x == 4));
+    assert!(c.iter().all(|&x| x == 4));
+    disk.flush().unwrap();
+    disk.write_zeroes(8192, 4096).unwrap();
+    let mut c = vec![9u8; 4096];
+    with_read_bufs(&mut [&mut c], |r| disk.read(8192, r)).unwrap();
+    assert!(c.iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_missing_server_and_bad_keys_are_one_line() {
+    let t = TempDir::new("nbd-bad");
+    let sock = t.join("nobody.sock");
+    let uri = format!("uri=nbd+unix:///?socket={}", sock.display());
+    let o = host(&["check", "nbd-client", "-c", &uri]);
+    assert_bad_input(&o, &["nobody.sock"]);
+    let o = host(&[
+        "sim",
+        "read",
+        "nbd-client",
+        "-c",
+        &uri,
+        "--out",
+        "/dev/null",
+    ]);
+    assert_bad_input(&o, &["nobody.sock"]);
+    let o = host(&["check", "nbd-client", "-c", "uri=/tmp/x.sock"]);
+    assert_bad_input(&o, &["uri", "not an NBD URI"]);
+    let o = host(&[
+        "check",
+        "nbd-client",
+        "-c",
+        "uri=nbd+unix:///?socket=/x",
+        "-c",
+        "connections=17",
+    ]);
+    assert_bad_input(&o, &["connections"]);
+    // A socket that accepts but never speaks NBD: the handshake times out.
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let start = Instant::now();
+    let o = host(&["check", "nbd-client", "-c", &uri, "-c", "timeout=1"]);
+    assert_bad_input(&o, &["nobody.sock", "handshake"]);
+    assert!(start.elapsed() < Duration::from_secs(20));
+    drop(listener);
+}
+
+#[test]
+fn several_connections_only_with_multi_conn_or_readonly() {
+    let t = TempDir::new("nbd-mc");
+    let server = Server::nbdkit(
+        &t,
+        "4M",
+        &["--filter=multi-conn"],
+        &["multi-conn-mode=disable"],
+    );
+    let cfg = server.config();
+    let o = host(&["check", "nbd-client", "-c", &cfg, "-c", "connections=2"]);
+    assert_bad_input(&o, &["connections", "multi-conn"]);
+    // Automatic: one connection, and the disk works.
+    check_passes(&server);
+    let o = host(&[
+        "check",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "-c",
+        "connections=2",
+        "-c",
+        "readonly=true",
+    ]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}
+
+/// Runs reads from four threads until each has seen an error; panics if that takes longer
+/// than `limit`.
+fn reads_fail_within(disk: &Arc<GuardedDisk>, limit: Duration, what: &str) {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..4u64)
+        .map(|i| {
+            let d = disk.clone();
+            std::thread::spawn(move || loop {
+                let mut b = vec![0u8; 65536];
+                let r = with_read_bufs(&mut [&mut b], |r| d.read(i * 65536, r));
+                if let Err(e) = r {
+                    return e;
+                }
+            })
+        })
+        .collect();
+    let deadline = start + limit;
+    for th in threads {
+        while !th.is_finished() {
+            assert!(Instant::now() < deadline, "{what}: reads still blocked");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let e = th.join().unwrap();
+        assert!(e.errno() != 0, "{what}: {e:?}");
+    }
+}
+
+#[test]
+fn a_server_killed_or_hung_during_io_gives_errors_not_a_hang() {
+    let t = TempDir::new("nbd-kill");
+    // Killed: every caller gets an error, and later calls fail at once.
+    let mut server = Server::nbdkit(&t, "16M", &[], &[]);
+    let disk = Arc::new(open(&[server.config()]));
+    let pid = server.pid();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: pid is our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    reads_fail_within(&disk, Duration::from_secs(10), "killed server");
+    killer.join().unwrap();
+    server.stop();
+    let mut b = vec![0u8; 4096];
+    let e = with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
+    assert!(e.message().contains("nbdkit.sock"), "{}", e.message());
+    drop(disk);
+
+    // Hung (stopped, socket open): the timeout cuts the connection.
+    let _ = std::fs::remove_file(t.join("nbdkit.sock"));
+    let server = Server::nbdkit(&t, "16M", &[], &[]);
+    let disk = Arc::new(open(&[server.config(), "timeout=1".into()]));
+    let pid = server.pid();
+    // SAFETY: pid is our own child, alive.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    reads_fail_within(&disk, Duration::from_secs(10), "stopped server");
+    let e = with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
+    assert!(e.message().contains("no reply"), "{}", e.message());
+    drop(disk);
+    drop(server);
+
+    // The host binary too: a server killed under `sim read` makes it fail, not hang.
+    let _ = std::fs::remove_file(t.join("nbdkit.sock"));
+    let server = Server::nbdkit(&t, "2G", &[], &[]);
+    let cfg = server.config();
+    let mut child = Command::new(target_dir().join("xen-disk-host"))
+        .args(["sim", "read", "nbd-client", "-c", &cfg, "--out"])
+        .arg(t.join("out.raw"))
+        .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(server);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("sim read hangs after its NBD server was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let o = child.wait_with_output().unwrap();
+    assert!(!status.success(), "sim read succeeded without its server");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bench_measures_fio_nbd_on_the_same_server() {
+    need("fio", "fio");
+    let t = TempDir::new("nbd-bench");
+    let server = Server::nbdkit(&t, "64M", &[], &[]);
+    let cfg = server.config();
+    let o = host(&[
+        "bench",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "--rw",
+        "randread",
+        "--seconds",
+        "0.5",
+        "--fio-nbd",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let field = |k: &str| -> f64 {
+        let at = out
+            .find(&format!("\"{k}\":"))
+            .unwrap_or_else(|| panic!("{k}: {out}"))
+            + k.len()
+            + 3;
+        out[at..].split([',', '}']).next().unwrap().parse().unwrap()
+    };
+    assert!(field("iops") > 0.0, "{out}");
+    assert!(field("fio_nbd_iops") > 0.0, "{out}");
+    // A URI given outright, in text mode.
+    let uri = server.uri();
+    let o = host(&[
+        "bench",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "--seconds",
+        "0.3",
+        "--fio-nbd",
+        &uri,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("of fio-nbd"), "{}", stdout(&o));
+    // A plugin without a `uri` key needs one on the command line.
+    let o = host(&["bench", "discard", "--seconds", "0.2", "--fio-nbd"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--fio-nbd"), "{}", stderr(&o));
+}
