@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// block size, depth and duration (needs nbdkit and fio).
     #[arg(long)]
     nbdkit: bool,
+    /// Also run `rbd bench` on the same image of the same cluster (a `ceph-rbd` disk) with the
+    /// same pattern and block size, `--io-threads` = `--workers`, and as many bytes.
+    #[arg(long)]
+    rbd_bench: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -118,6 +122,21 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     } else {
         None
     };
+    let rbd = if args.rbd_bench {
+        let total = f.ops * bs as u64;
+        let threads = if args.direct {
+            args.threads
+        } else {
+            args.workers
+        };
+        Some(
+            crate::bench::rbd::run(&config, args.rw, bs, threads, total)
+                .map_err(anyhow::Error::msg)
+                .context("--rbd-bench")?,
+        )
+    } else {
+        None
+    };
     let pattern = format!("{:?}", args.rw).to_lowercase();
     if args.json {
         let nbd_fields = nbd
@@ -128,8 +147,16 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                 )
             })
             .unwrap_or_default();
+        let rbd_fields = rbd
+            .map(|r| {
+                format!(
+                    ",\"rbd_bench_iops\":{:.0},\"rbd_bench_mbps\":{:.1}",
+                    r.iops, r.mbps
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}}}",
+            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{rbd_fields}}}",
             name, args.threads, f.ops, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
         );
     } else {
@@ -163,6 +190,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                 n.iops, n.mbps
             );
             println!("  ratio:  {:.1}x nbdkit", f.iops / n.iops.max(1e-9));
+        }
+        if let Some(r) = rbd {
+            println!(
+                "  rbd:    {:>12.0} IOPS {:>10.1} MB/s  (rbd bench, same image, same run)",
+                r.iops, r.mbps
+            );
+            println!("  ratio:  {:.3} of rbd bench", f.iops / r.iops.max(1e-9));
         }
     }
     Ok(0)
