@@ -192,30 +192,17 @@ impl RbdDisk {
         }
         c.wait().map_err(|e| self.io_err(what, offset, len, e))
     }
-
-    fn read_size(&self) -> std::result::Result<u64, i32> {
-        let mut size = 0u64;
-        // SAFETY: the image handle is live; size is a valid out pointer.
-        let r = unsafe { sys::rbd_get_size(self.h.image, &mut size) };
-        if r < 0 {
-            Err(-r)
-        } else {
-            Ok(size / SECTOR * SECTOR)
-        }
-    }
 }
 
 impl Disk for RbdDisk {
     fn info(&self) -> DiskInfo {
         let mut info = self.info;
-        let Ok(mut cache) = self.size.lock() else {
-            return info;
-        };
+        let mut cache = self.size.lock().unwrap_or_else(|e| e.into_inner());
         if !self.fixed_size {
             let changed = self.h.header_changed.swap(false, Ordering::AcqRel);
             if changed || cache.checked.elapsed() >= SIZE_POLL {
                 // A size that cannot be read (cluster gone) keeps the last one known.
-                if let Ok(size) = self.read_size() {
+                if let Ok(size) = image_size(self.h.image) {
                     cache.size = size;
                 }
                 cache.checked = Instant::now();
@@ -483,6 +470,14 @@ impl Plugin for CephRbd {
             }
         };
         h.image = image_handle;
+        let size = image_size(h.image)
+            .map_err(|e| Error::io(e, format!("rbd {name}: size: {}", strerror(e))))?;
+        if size == 0 {
+            return Err(Error::io(
+                libc::EINVAL,
+                format!("rbd {name}: the image is empty (size 0)"),
+            ));
+        }
 
         let mut disk = RbdDisk {
             h,
@@ -498,21 +493,11 @@ impl Plugin for CephRbd {
                 .discard_granularity(64 << 10),
             fixed_size: snapshot.is_some(),
             size: Mutex::new(SizeCache {
-                size: 0,
+                size,
                 checked: Instant::now(),
             }),
             io_timeout,
         };
-        let size = disk
-            .read_size()
-            .map_err(|e| Error::io(e, format!("rbd {}: size: {}", disk.name, strerror(e))))?;
-        if size == 0 {
-            return Err(Error::io(
-                libc::EINVAL,
-                format!("rbd {}: the image is empty (size 0)", disk.name),
-            ));
-        }
-        disk.size.get_mut().map(|c| c.size = size).ok();
         if !read_only {
             let mut handle = 0u64;
             let arg = &*disk.h.header_changed as *const AtomicBool as *mut c_void;
@@ -550,6 +535,18 @@ fn open_image(
         Err(-r)
     } else {
         Ok(out)
+    }
+}
+
+/// The image's size in whole sectors, or an errno.
+fn image_size(image: sys::rbd_image_t) -> std::result::Result<u64, i32> {
+    let mut size = 0u64;
+    // SAFETY: a live image handle; size is a valid out pointer.
+    let r = unsafe { sys::rbd_get_size(image, &mut size) };
+    if r < 0 {
+        Err(-r)
+    } else {
+        Ok(size / SECTOR * SECTOR)
     }
 }
 
