@@ -167,10 +167,15 @@ impl RbdDisk {
         } else {
             String::new()
         };
+        let range = if what == "flush" {
+            String::new()
+        } else {
+            format!(" at {offset}+{len}")
+        };
         Error::io(
             errno,
             format!(
-                "rbd {}: {what} at {offset}+{len}: {}{hint}",
+                "rbd {}: {what}{range}: {}{hint}",
                 self.name,
                 strerror(errno)
             ),
