@@ -103,11 +103,16 @@ impl Cluster {
         o
     }
 
-    fn kill_osd(&self) {
+    /// Sends `signal` to osd.0 (SIGSTOP pauses it, SIGCONT resumes it, SIGKILL ends it).
+    fn signal_osd(&self, signal: i32) {
         let pid = std::fs::read_to_string(self.dir.join("c/osd.0.pid")).expect("osd pid file");
         let pid: i32 = pid.trim().parse().expect("osd pid");
         // SAFETY: sending a signal to the OSD process this test's cluster started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill osd.0");
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "signal {signal} to osd.0"
+        );
     }
 }
 
@@ -272,6 +277,59 @@ fn ceph_rbd_against_a_one_node_cluster() {
         guest.shutdown().unwrap();
     }
 
+    // A paused OSD (SIGSTOP): with io-timeout=0 a read stalls and completes when the OSD
+    // resumes; with io-timeout=3 it fails, and the same disk reads again once the OSD is back.
+    {
+        let want = std::fs::read(&b).unwrap();
+        let ro = |timeout: &str| {
+            Arc::new(open(&[
+                "image=disk".into(),
+                conf.clone(),
+                "readonly=true".into(),
+                format!("io-timeout={timeout}"),
+            ]))
+        };
+        let (patient, quick) = (ro("0"), ro("3"));
+        let read = |d: &GuardedDisk, at: usize| {
+            let mut buf = vec![0u8; 64 << 10];
+            with_read_bufs(&mut [&mut buf], |bb| d.read(at as u64, bb)).map(|_| buf)
+        };
+        c.signal_osd(libc::SIGSTOP);
+        let (tx, rx) = mpsc::channel();
+        let d = patient.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            let r = with_read_bufs(&mut [&mut buf], |bb| d.read(1 << 20, bb));
+            let _ = tx.send(r.map(|_| buf).map_err(|e| e.to_string()));
+        });
+        let paused = Instant::now();
+        let e = read(&quick, 2 << 20).expect_err("a read from a paused OSD succeeded");
+        let waited = paused.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited < Duration::from_secs(20),
+            "io-timeout=3 gave up after {waited:?}: {e}"
+        );
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert!(
+            rx.try_recv().is_err(),
+            "io-timeout=0 should wait for the OSD, not answer"
+        );
+        c.signal_osd(libc::SIGCONT);
+        let got = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the stalled read did not resume with the OSD")
+            .expect("the stalled read failed");
+        assert!(
+            got == want[1 << 20..][..64 << 10],
+            "resumed read: wrong bytes"
+        );
+        let again = read(&quick, 2 << 20).expect("no I/O after the OSD came back");
+        assert!(
+            again == want[2 << 20..][..64 << 10],
+            "read after recovery: wrong bytes"
+        );
+    }
+
     // Killing the OSD during I/O: the guest gets BLKIF_RSP_ERROR once io-timeout passes, and
     // nothing hangs or crashes. (Last: memstore loses everything with the OSD.)
     let io_timeout = 5u64;
@@ -316,7 +374,7 @@ fn ceph_rbd_against_a_one_node_cluster() {
     }
     drop(tx);
     std::thread::sleep(Duration::from_secs(1));
-    c.kill_osd();
+    c.signal_osd(libc::SIGKILL);
     let killed = Instant::now();
     let deadline = Duration::from_secs(io_timeout * 3 + 20);
     for _ in 0..3 {

@@ -25,7 +25,8 @@
 //! after `io-timeout` seconds with `ETIMEDOUT` and the guest gets `BLKIF_RSP_ERROR`; the
 //! host never hangs, and I/O works again once the cluster serves the objects again. With
 //! `io-timeout=0` librbd instead keeps resending: the guest's I/O stalls and resumes when the
-//! OSD is back. An operation is never abandoned before librbd completes it: the guest's pages
+//! OSD is back (`tests/ceph_rbd.rs` checks both, pausing the OSD with SIGSTOP, and kills it
+//! under I/O). An operation is never abandoned before librbd completes it: the guest's pages
 //! are librbd's until then. An unreachable cluster fails `open` after `timeout` seconds.
 //!
 //! `info` re-reads the image size when librbd reports a header change (a watch on the image)
