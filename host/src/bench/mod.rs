@@ -6,6 +6,7 @@
 //! - [`nbdkit`]: the same pattern through nbdkit's null plugin and fio's nbd engine.
 //! - [`qemu_img`]: `qemu-img bench` on the same image file, for the image-format plugins.
 //! - [`fio_nbd`]: fio's nbd engine against any NBD server, the reference for NBD clients.
+//! - [`rbd`]: `rbd bench` on the same Ceph image, for the `ceph-rbd` plugin.
 //! - [`histogram`]: latency percentiles in fixed memory.
 
 pub mod direct;
@@ -13,4 +14,5 @@ pub mod fio_nbd;
 pub mod histogram;
 pub mod nbdkit;
 pub mod qemu_img;
+pub mod rbd;
 pub mod ring;

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// `uri` key) with the same pattern, block size, depth, region and duration (needs fio).
     #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "")]
     fio_nbd: Option<String>,
+    /// Also run `rbd bench` on the same image of the same cluster (a `ceph-rbd` disk) with the
+    /// same pattern and block size, `--io-threads` = `--workers`, and as many bytes.
+    #[arg(long)]
+    rbd_bench: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -172,6 +176,21 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         &config,
         (args.rw, bs, args.iodepth, region, opts.duration),
     )?;
+    let rbd = if args.rbd_bench {
+        let total = f.ops * bs as u64;
+        let threads = if args.direct {
+            args.threads
+        } else {
+            args.workers
+        };
+        Some(
+            crate::bench::rbd::run(&config, args.rw, bs, threads, total)
+                .map_err(anyhow::Error::msg)
+                .context("--rbd-bench")?,
+        )
+    } else {
+        None
+    };
     let pattern = format!("{:?}", args.rw).to_lowercase();
     if args.json {
         let qemu_fields = qemu
@@ -191,8 +210,16 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             })
             .unwrap_or_default()
             + &crate::bench::fio_nbd::json_fields(fio_nbd);
+        let rbd_fields = rbd
+            .map(|r| {
+                format!(
+                    ",\"rbd_bench_iops\":{:.0},\"rbd_bench_mbps\":{:.1}",
+                    r.iops, r.mbps
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{qemu_fields}}}",
+            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{qemu_fields}{rbd_fields}}}",
             name, args.threads, f.ops, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
         );
     } else {
@@ -237,6 +264,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             println!("  ratio:  {:.2}x qemu-img", f.mbps / q.mbps.max(1e-9));
         }
         crate::bench::fio_nbd::print_text(fio_nbd, f.iops);
+        if let Some(r) = rbd {
+            println!(
+                "  rbd:    {:>12.0} IOPS {:>10.1} MB/s  (rbd bench, same image, same run)",
+                r.iops, r.mbps
+            );
+            println!("  ratio:  {:.3} of rbd bench", f.iops / r.iops.max(1e-9));
+        }
     }
     Ok(0)
 }
