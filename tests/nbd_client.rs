@@ -507,14 +507,7 @@ fn bench_measures_fio_nbd_on_the_same_server() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let field = |k: &str| -> f64 {
-        let at = out
-            .find(&format!("\"{k}\":"))
-            .unwrap_or_else(|| panic!("{k}: {out}"))
-            + k.len()
-            + 3;
-        out[at..].split([',', '}']).next().unwrap().parse().unwrap()
-    };
+    let field = |k: &str| json_number(&out, k);
     assert!(field("iops") > 0.0, "{out}");
     assert!(field("fio_nbd_iops") > 0.0, "{out}");
     // A URI given outright, in text mode.

@@ -185,10 +185,7 @@ fn bench_direct_reports_figures_beside_memcpy() {
     ] {
         assert!(out.contains(key), "{key} missing: {out}");
     }
-    let field = |k: &str| -> f64 {
-        let at = out.find(&format!("\"{k}\":")).unwrap() + k.len() + 3;
-        out[at..].split([',', '}']).next().unwrap().parse().unwrap()
-    };
+    let field = |k: &str| json_number(&out, k);
     assert!(field("ops") > 1000.0 && field("memcpy_mbps") > 0.0, "{out}");
     assert_bad_input(
         &host(&["bench", "--direct", "discard", "--bs", "1000"]),
@@ -231,14 +228,7 @@ fn bench_direct_runs_qemu_img_on_the_same_image() {
         ]);
         assert!(o.status.success(), "{rw}: {}", stderr(&o));
         let out = stdout(&o);
-        let field = |k: &str| -> f64 {
-            let at = out
-                .find(&format!("\"{k}\":"))
-                .unwrap_or_else(|| panic!("{k}: {out}"))
-                + k.len()
-                + 3;
-            out[at..].split([',', '}']).next().unwrap().parse().unwrap()
-        };
+        let field = |k: &str| json_number(&out, k);
         // One pass over the 32 MiB disk, and qemu-img repeats exactly that many requests.
         assert_eq!(field("ops"), 512.0, "{out}");
         assert_eq!(field("qemu_img_ops"), 512.0, "{out}");
@@ -328,14 +318,7 @@ fn bench_measures_nbdkit_null_beside_the_plugin() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let field = |k: &str| -> f64 {
-        let at = out
-            .find(&format!("\"{k}\":"))
-            .unwrap_or_else(|| panic!("{k}: {out}"))
-            + k.len()
-            + 3;
-        out[at..].split([',', '}']).next().unwrap().parse().unwrap()
-    };
+    let field = |k: &str| json_number(&out, k);
     assert!(field("iops") > 0.0, "{out}");
     assert!(field("nbdkit_iops") > 0.0, "{out}");
     assert!(

@@ -116,3 +116,18 @@ pub fn random_file(path: &Path, len: usize, seed: u64) {
     }
     std::fs::write(path, data).unwrap();
 }
+
+/// The number under `"key":` in a one-line JSON object (the `--json` output of `bench`,
+/// `ctl stats`); panics naming the key and the text when it is missing.
+pub fn json_number(out: &str, key: &str) -> f64 {
+    let at = out
+        .find(&format!("\"{key}\":"))
+        .unwrap_or_else(|| panic!("{key} missing: {out}"))
+        + key.len()
+        + 3;
+    out[at..]
+        .split([',', '}'])
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key} is not a number: {out}"))
+}
