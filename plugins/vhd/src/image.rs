@@ -50,6 +50,39 @@ impl<'a> Src<'a> {
     }
 }
 
+/// One block's part of a request: `done` bytes into it, at disk offset `pos`, in block `blk`
+/// at `in_blk` bytes from the block's start, `n` bytes long.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    done: u64,
+    pos: u64,
+    blk: usize,
+    in_blk: u64,
+    n: u64,
+}
+
+/// `[off, off + len)` cut at `bs`-byte block boundaries.
+fn pieces(off: u64, len: u64, bs: u64) -> impl Iterator<Item = Piece> {
+    let mut done = 0u64;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = off + done;
+        let in_blk = pos % bs;
+        let n = (bs - in_blk).min(len - done);
+        let p = Piece {
+            done,
+            pos,
+            blk: (pos / bs) as usize,
+            in_blk,
+            n,
+        };
+        done += n;
+        Some(p)
+    })
+}
+
 /// Frees `[at, at + len)` of `file` and makes it read as zeroes, keeping the file's size.
 /// Partial file-system blocks at either end are zeroed by the kernel.
 fn punch_hole(file: &File, at: u64, len: u64) -> std::io::Result<()> {
@@ -350,22 +383,15 @@ impl Image {
         let Some(sp) = &self.sparse else {
             return self.write_in_place(off, len, src);
         };
-        let bs = u64::from(sp.header.block_size);
-        let mut done = 0u64;
-        while done < len {
-            let pos = off + done;
-            let in_blk = pos % bs;
-            let n = (bs - in_blk).min(len - done);
-            let piece = src.slice(done, n);
-            let allocated = self.is_allocated(pos, n);
-            let sp = self.sparse.as_ref().expect("sparse image");
-            if allocated {
-                self.write_in_place(pos, n, piece)?;
-            } else if !(matches!(piece, Src::Zeroes) && sp.parent.is_none()) {
+        let has_parent = sp.parent.is_some();
+        for p in pieces(off, len, u64::from(sp.header.block_size)) {
+            let piece = src.slice(p.done, p.n);
+            if self.is_allocated(p.pos, p.n) {
+                self.write_in_place(p.pos, p.n, piece)?;
+            } else if has_parent || !matches!(piece, Src::Zeroes) {
                 // An unallocated block of a disk without parent already reads as zeroes.
-                self.allocate(pos, n, piece)?;
+                self.allocate(p.pos, p.n, piece)?;
             }
-            done += n;
         }
         Ok(())
     }
@@ -377,26 +403,25 @@ impl Image {
         let Some(sp) = &self.sparse else {
             return self.put(off, len, src);
         };
-        let bs = u64::from(sp.header.block_size);
-        let mut done = 0u64;
-        while done < len {
-            let pos = off + done;
-            let blk = (pos / bs) as usize;
-            let in_blk = pos % bs;
-            let n = (bs - in_blk).min(len - done);
-            let entry = sp.bat.get(blk).copied().unwrap_or(UNALLOCATED);
+        for p in pieces(off, len, u64::from(sp.header.block_size)) {
+            let entry = sp.bat.get(p.blk).copied().unwrap_or(UNALLOCATED);
             if entry == UNALLOCATED {
                 return Err(Error::msg(format!(
-                    "{}: block {blk} is not allocated for an in-place write",
-                    self.path.display()
+                    "{}: block {} is not allocated for an in-place write",
+                    self.path.display(),
+                    p.blk
                 )));
             }
             let base = u64::from(entry) * 512;
-            self.put(base + sp.bitmap_size + in_blk, n, src.slice(done, n))?;
+            self.put(
+                base + sp.bitmap_size + p.in_blk,
+                p.n,
+                src.slice(p.done, p.n),
+            )?;
             if sp.parent.is_some() {
-                self.mark_present(sp, base, (in_blk / 512) as usize, n.div_ceil(512) as usize)?;
+                let (first, nsec) = ((p.in_blk / 512) as usize, p.n.div_ceil(512) as usize);
+                self.mark_present(sp, base, first, nsec)?;
             }
-            done += n;
         }
         Ok(())
     }
@@ -490,22 +515,12 @@ impl Image {
         let Some(sp) = &self.sparse else {
             return self.put(off, len, Src::Zeroes);
         };
-        let bs = u64::from(sp.header.block_size);
-        let mut done = 0u64;
-        while done < len {
-            let pos = off + done;
-            let in_blk = pos % bs;
-            let n = (bs - in_blk).min(len - done);
-            let entry = sp
-                .bat
-                .get((pos / bs) as usize)
-                .copied()
-                .unwrap_or(UNALLOCATED);
+        for p in pieces(off, len, u64::from(sp.header.block_size)) {
+            let entry = sp.bat.get(p.blk).copied().unwrap_or(UNALLOCATED);
             if entry != UNALLOCATED {
-                let data = u64::from(entry) * 512 + sp.bitmap_size + in_blk;
-                self.put(data, n, Src::Zeroes)?;
+                let data = u64::from(entry) * 512 + sp.bitmap_size + p.in_blk;
+                self.put(data, p.n, Src::Zeroes)?;
             }
-            done += n;
         }
         Ok(())
     }
