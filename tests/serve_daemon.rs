@@ -200,6 +200,22 @@ path = "{}"
         );
     }
     assert!(json.contains("\"queues\":[{"), "{json}");
+    // ctl --watch: a new snapshot every second until interrupted.
+    let mut watch = std::process::Command::new(target_dir().join("xen-disk-host"))
+        .args(["ctl", "--socket", control.to_str().unwrap(), "--watch"])
+        .args(["stats", "7/xvdb", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    watch.kill().unwrap();
+    let watched = watch.wait_with_output().unwrap();
+    let frames = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .filter(|l| l.starts_with("{\"device\":\"7/xvdb\"") && l.contains("\"reads\":1,"))
+        .count();
+    assert!((2..=4).contains(&frames), "{frames} snapshots in 2.5 s");
+    assert_bad_input(&ctl(&["--watch", "list"]), &["--watch"]);
     // ctl swap: mmap out, file in, over the same image; a plugin that cannot open changes
     // nothing.
     let o = ctl(&["swap", "1/xvdb", "file", &format!("path={}", a.display())]);
