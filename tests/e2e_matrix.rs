@@ -303,3 +303,20 @@ fn a_guest_reboot_mid_workload_loses_nothing() {
         sim.shutdown().unwrap();
     }
 }
+
+/// An asynchronous plugin (a test fixture completing requests late, on its own threads and
+/// out of order): submitted from the ring thread, answered through the completion channel,
+/// in every negotiation; a swap to it and away from it under the same guest drains what
+/// it holds.
+#[test]
+fn an_async_plugin_round_trips_data_in_every_negotiation() {
+    let config = Config::from_pairs(&["size=32M".to_string()]).unwrap();
+    for (what, opts) in matrix() {
+        let disk = open("test-async-ram", &config, false, None);
+        assert!(disk.is_async(), "the fixture declares ThreadModel::Async");
+        let mut sim = SimulatedDisk::start_with(disk, &opts)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        workload(&mut sim, 3, 512);
+        sim.shutdown().unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+}

@@ -26,6 +26,11 @@ pub enum ThreadModel {
     /// thread itself and skips the hand-off to a worker, which costs more than such a call.
     /// A call that blocks anyway stalls every request behind it on that ring.
     NonBlocking = 2,
+    /// Reads and writes arrive as [`Submission`](crate::Submission)s through
+    /// [`Disk::submit`], which starts the I/O and returns; the disk completes each later,
+    /// from any thread. For storage reached over a network, where a blocked thread per
+    /// request in flight would cost more than the I/O. Other calls block, on host workers.
+    Async = 3,
 }
 
 /// What an open disk is and can do. Build it with [`DiskInfo::new`] and the setters.
@@ -182,6 +187,14 @@ pub trait Disk: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
         Err(Error::unsupported("write-zeroes"))
+    }
+
+    /// Starts a read or write and returns; completes it later with
+    /// [`Submission::complete`](crate::Submission::complete), from any thread. Called
+    /// instead of `read`/`write` when `info().thread_model` is
+    /// [`ThreadModel::Async`]; the default serves it with the blocking calls.
+    fn submit(&self, submission: crate::Submission) {
+        submission.run_blocking(self);
     }
 }
 

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::disk::{Disk, DiskInfo, Filter, Plugin};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ffi::*;
+use crate::submit::{SubmitOp, Submission};
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString};
@@ -99,6 +100,14 @@ impl<D: Disk> FfiDisk for Exported<D> {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> RResult<(), FfiError> {
         guarded("write_zeroes", || self.0.write_zeroes(offset, len))
+    }
+
+    fn submit(&self, op: SubmitOp, offset: u64, bufs: RSlice<'_, RawBuf>, done: FfiCompletion) {
+        // SAFETY: the host's FfiDisk::submit contract: the buffers stay valid until `done`.
+        let sub = unsafe { Submission::from_raw(op, offset, bufs.to_vec(), done) };
+        // A panic drops the submission while unwinding (or the plugin already dropped it),
+        // which answers the request with an error; it never unwinds into the host.
+        let _ = catch_unwind(AssertUnwindSafe(|| self.0.submit(sub)));
     }
 }
 
@@ -293,6 +302,11 @@ impl Disk for ForeignDisk {
             .discard(offset, len)
             .into_result()
             .map_err(Error::from)
+    }
+
+    fn submit(&self, submission: Submission) {
+        let (op, offset, bufs, done) = submission.into_parts();
+        self.inner.submit(op, offset, RSlice::from_slice(&bufs), done);
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

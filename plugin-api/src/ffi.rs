@@ -88,6 +88,21 @@ pub struct FfiDescriptor {
 /// Write flag: the write must be durable on return.
 pub const WRITE_FUA: u32 = 1;
 
+/// How a plugin completes a [`Submission`](crate::Submission): `complete(ctx, result)`,
+/// exactly once, from any thread.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiCompletion {
+    /// The host's context for this request.
+    pub ctx: *mut (),
+    /// Called once with the request's result.
+    pub complete: extern "C" fn(ctx: *mut (), result: RResult<(), FfiError>),
+}
+
+// SAFETY: a completion is called once, from whichever thread finishes the request; the host
+// builds `ctx` for exactly that.
+unsafe impl Send for FfiCompletion {}
+
 /// The open-disk interface as a stable trait object.
 #[sabi_trait]
 pub trait FfiDisk: Send + Sync {
@@ -104,6 +119,15 @@ pub trait FfiDisk: Send + Sync {
     /// See [`Disk::write_zeroes`](crate::Disk::write_zeroes).
     #[sabi(last_prefix_field)]
     fn write_zeroes(&self, offset: u64, len: u64) -> RResult<(), FfiError>;
+    /// See [`Disk::submit`](crate::Disk::submit); since ABI 3. The buffers stay valid until
+    /// `done` is called.
+    fn submit(
+        &self,
+        op: crate::submit::SubmitOp,
+        offset: u64,
+        bufs: RSlice<'_, RawBuf>,
+        done: FfiCompletion,
+    );
 }
 
 /// An owned open disk from a plugin (dropping it closes the disk inside the plugin).

@@ -148,12 +148,14 @@ mod error;
 mod export;
 #[allow(non_local_definitions)] // emitted by #[sabi_trait]
 pub mod ffi;
+pub mod submit;
 
 pub use buffers::{with_read_bufs, with_write_bufs, RawBuf, ReadBufs, WriteBufs};
 pub use config::{parse_size, value_from_cli, Config, ConfigKey, KeyType};
 pub use disk::{Disk, DiskInfo, Filter, Plugin, ThreadModel};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{export_disk, ForeignDisk};
+pub use submit::{SubmitOp, Submission};
 
 #[doc(hidden)]
 pub use export::{filter_root_module as __filter_root_module, root_module as __root_module};
@@ -161,7 +163,8 @@ pub use export::{filter_root_module as __filter_root_module, root_module as __ro
 /// The plugin interface version. A host loads only plugins built for the same version.
 ///
 /// 2: `ThreadModel::NonBlocking` and the root module's `read_only_base` (filters).
-pub const ABI_VERSION: u32 = 2;
+/// 3: `ThreadModel::Async` and `Disk::submit` (asynchronous reads and writes).
+pub const ABI_VERSION: u32 = 3;
 
 /// The name of the plain C symbol, exported by every plugin, that returns its
 /// [`ABI_VERSION`]. The host reads it before anything else.

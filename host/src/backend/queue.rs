@@ -27,7 +27,7 @@ use crate::xen::grant::{GrantMapper, GrantMapping, PersistentGrants};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use xen_disk_plugin_api::{RawBuf, ThreadModel};
+use xen_disk_plugin_api::{RawBuf, SubmitOp, ThreadModel};
 
 /// What the ring thread needs.
 pub struct QueueParts {
@@ -352,10 +352,17 @@ pub fn serve(
     let mut entry = [0u8; MAX_ENTRY_SIZE];
     let mut scratch = Vec::new();
     let mut held: Option<Request> = None;
+    // Slots an asynchronous plugin holds, and how many.
+    let mut submitted = vec![false; size];
+    let mut pending_async = 0usize;
+    let async_done = workers.completions_sender(0);
     let result = loop {
         let mut progress = false;
         // Completions first: they free slots and unmap before answering.
         while let Ok(index) = completions[0].try_recv() {
+            if std::mem::take(&mut submitted[usize::from(index)]) {
+                pending_async -= 1;
+            }
             // SAFETY: the worker handed the index back; this thread owns the slot again.
             let slot = unsafe { slots.slot(index) };
             stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -441,7 +448,36 @@ pub fn serve(
                         continue;
                     }
                 }
-                if inline {
+                if matches!(slot.op, IoOp::Read | IoOp::Write) && disk.is_async() {
+                    // An asynchronous plugin: submitted from here, completed on its threads
+                    // through the same channel the workers use.
+                    stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                    submitted[usize::from(index)] = true;
+                    pending_async += 1;
+                    let op = if slot.op == IoOp::Read {
+                        SubmitOp::Read
+                    } else {
+                        SubmitOp::Write
+                    };
+                    let (offset, bufs) = (slot.offset, slot.bufs.clone());
+                    let (table, done, waker) = (slots.clone(), async_done.clone(), wake.clone());
+                    let complete = move |r: Result<(), xen_disk_plugin_api::Error>| {
+                        if let Err(e) = &r {
+                            tracing::debug!(offset, "request failed: {e}");
+                        }
+                        // SAFETY: the ring thread gave the slot away at submission and takes
+                        // it back only when its index arrives on `done`, sent just below.
+                        let slot = unsafe { table.slot(index) };
+                        slot.status = status_of(&r);
+                        let _ = done.send(index);
+                        waker.wake();
+                    };
+                    // SAFETY: the buffers point into mappings the slot holds (and the slot
+                    // table, kept alive by the completion, keeps) until the completion runs;
+                    // persistent mappings outlive it because the ring waits for every
+                    // submission before it drops them.
+                    unsafe { disk.submit(op, offset, bufs, complete) };
+                } else if inline {
                     // SAFETY: the buffers point into mappings this slot holds until it is
                     // answered just below.
                     let result = unsafe { execute(&disk, slot.op, slot.offset, &slot.bufs) };
@@ -507,9 +543,17 @@ pub fn serve(
         wake.awake();
         let _ = evtchn.ack();
     };
-    // Workers finish first; persistent pages and the ring pages stay mapped until then (the ring view itself
-    // touches no memory when dropped).
+    // Workers finish first, and an asynchronous plugin completes every submission; persistent
+    // pages and the ring pages stay mapped until then (the ring view itself touches no memory
+    // when dropped). Plugins bound their I/O with timeouts, so this ends.
     drop(workers);
+    while pending_async > 0 {
+        if let Ok(index) = completions[0].recv_timeout(Duration::from_millis(100)) {
+            if std::mem::take(&mut submitted[usize::from(index)]) {
+                pending_async -= 1;
+            }
+        }
+    }
     drop(cache);
     drop(ring_mapping);
     result

@@ -36,6 +36,7 @@ pub struct RingShare<M> {
 pub struct Workers {
     submit: Option<Sender<(u8, u16)>>,
     threads: Vec<JoinHandle<()>>,
+    done: Vec<Sender<u16>>,
 }
 
 /// A ring's end of the pool: where its completions arrive.
@@ -62,6 +63,7 @@ impl Workers {
             shares.push(RingShare { slots, done, wake });
             receivers.push(completions);
         }
+        let done: Vec<Sender<u16>> = shares.iter().map(|s| s.done.clone()).collect();
         let shares = Arc::new(shares);
         let threads = (0..threads)
             .map(|i| {
@@ -97,9 +99,16 @@ impl Workers {
             Workers {
                 submit: Some(submit),
                 threads,
+                done,
             },
             receivers,
         )
+    }
+
+    /// Where ring `ring`'s completions go: for requests completed elsewhere than on a worker
+    /// (an asynchronous plugin's own threads).
+    pub fn completions_sender(&self, ring: usize) -> Sender<u16> {
+        self.done[ring].clone()
     }
 
     /// Hands slot `index` of ring `ring` to a worker. The caller gives up the slot until it

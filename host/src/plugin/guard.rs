@@ -7,11 +7,12 @@
 //! plugin lacks: write-zeroes by writing zero buffers, FUA by write + flush, and serializes
 //! calls for plugins that asked for it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{
-    Disk, DiskInfo, Error, ErrorKind, RawBuf, ReadBufs, Result, ThreadModel, WriteBufs,
+    Disk, DiskInfo, Error, ErrorKind, RawBuf, ReadBufs, Result, SubmitOp, Submission,
+    ThreadModel, WriteBufs,
 };
 
 /// Largest run of zeroes written per call when emulating write-zeroes.
@@ -64,6 +65,8 @@ impl Plugged {
 /// duration, so a swap (the write lock) waits for the calls in flight and holds back new ones.
 pub struct GuardedDisk {
     plugged: RwLock<Plugged>,
+    /// Submissions an asynchronous plugin has not completed yet: a swap waits for none.
+    submitted: Arc<AtomicUsize>,
     /// What the guest was told at first (sector sizes, capabilities advertised).
     info: DiskInfo,
     size: AtomicU64,
@@ -89,6 +92,7 @@ impl GuardedDisk {
             read_only: read_only || info.read_only,
             info,
             plugged: RwLock::new(plugged),
+            submitted: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -183,6 +187,10 @@ impl GuardedDisk {
         }
         let started = Instant::now();
         let mut plugged = self.plugged.write().unwrap_or_else(|p| p.into_inner());
+        // Submissions hold no lock while in flight: wait for the old plugin to complete them.
+        while self.submitted.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
         if plugged.info.can_flush {
             plugged
                 .disk
@@ -247,6 +255,59 @@ impl GuardedDisk {
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
         f(&*plugged.disk, &plugged.info)
+    }
+
+    /// True when reads and writes go to the plugin as submissions ([`Self::submit`]).
+    pub fn is_async(&self) -> bool {
+        self.plugged().info.thread_model == ThreadModel::Async
+    }
+
+    /// Starts a read or write and returns; `done` runs once with the result, on whichever
+    /// thread completes it (at once when the request is refused, or when the plugin is not
+    /// asynchronous and serves it here).
+    ///
+    /// # Safety
+    /// The buffers must stay valid (and untouched by the caller) until `done` has run.
+    pub unsafe fn submit(
+        &self,
+        op: SubmitOp,
+        offset: u64,
+        bufs: Vec<RawBuf>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        let len: u64 = bufs.iter().map(|b| b.len as u64).sum();
+        let checked = if len == 0 {
+            Err(Error::new(ErrorKind::OutOfRange, "zero-length request"))
+        } else if op == SubmitOp::Read {
+            self.check_range(offset, len)
+        } else {
+            self.check_writable().and_then(|()| self.check_range(offset, len))
+        };
+        if let Err(e) = checked {
+            return done(Err(e));
+        }
+        let plugged = self.plugged();
+        if op == SubmitOp::WriteFua && !plugged.info.can_fua {
+            // Emulated FUA needs a flush after the write: served here, blocking.
+            drop(plugged);
+            // SAFETY: the caller's contract covers the buffers for this call.
+            let b = unsafe { WriteBufs::from_raw(&bufs) };
+            return done(self.write(offset, &b, true));
+        }
+        let submitted = self.submitted.clone();
+        submitted.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: the caller's contract: valid until `done`, which the submission calls.
+        let sub = unsafe {
+            Submission::with_closure(op, offset, bufs, move |r| {
+                submitted.fetch_sub(1, Ordering::AcqRel);
+                done(r)
+            })
+        };
+        let _serial = plugged
+            .serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+        plugged.disk.submit(sub);
     }
 
     /// Reads into `bufs` from `offset`.
