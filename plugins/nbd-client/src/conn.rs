@@ -247,6 +247,39 @@ impl Conn {
         })
     }
 
+    /// Submits one command and returns; `done` runs once with its result, after libnbd has
+    /// let go of every buffer the command uses (on the reader's thread, or here when the
+    /// command cannot be sent). The caller keeps those buffers alive until then, and `self`
+    /// outlives every command (the disk is dropped with none outstanding).
+    pub fn start_async(
+        &self,
+        what: &'static str,
+        submit: impl FnOnce(Handle, CompletionCallback) -> i64,
+        done: Box<dyn FnOnce(Result<()>) + Send>,
+    ) {
+        let ctx = Box::new(AsyncCommand {
+            conn: self as *const Conn,
+            what,
+            error: AtomicI32::new(NOT_COMPLETED),
+            done: Some(done),
+        });
+        let cb = CompletionCallback {
+            callback: Some(on_complete_async),
+            user_data: Box::into_raw(ctx) as *mut c_void,
+            free: Some(on_free_async),
+        };
+        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
+        }
+        // On failure libnbd has already called `free`, which answered the command.
+        if submit(self.h, cb) != -1 {
+            // SAFETY: h is live for &self.
+            if unsafe { nbd_aio_get_direction(self.h.0) } & AIO_DIRECTION_WRITE != 0 {
+                self.nudge();
+            }
+        }
+    }
+
     fn error(&self, errno: i32, what: &str, detail: &str) -> Error {
         match lock(&self.broken).as_deref() {
             Some(why) => Error::io(errno, format!("{}: {what}: {why}", self.uri)),
@@ -256,9 +289,28 @@ impl Conn {
 
     /// As the reader: moves libnbd's state machine along until `mine` is done.
     fn read_until(&self, mine: &Waiter) {
+        self.drive(|| mine.done.load(Ordering::Acquire));
+    }
+
+    /// The connection's own reader thread (asynchronous submissions): holds the reader role
+    /// until `stop`, so replies are read with no caller waiting. Callers of blocking calls
+    /// then park until their command's completion wakes them.
+    pub fn run_reader(&self, stop: &AtomicBool) {
+        let _role = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        self.drive(|| stop.load(Ordering::Acquire));
+    }
+
+    /// Wakes the reader (to notice `stop`, or a command still to be written).
+    pub fn nudge(&self) {
+        let one: u64 = 1;
+        // SAFETY: wake is our eventfd; 8 bytes from a live u64.
+        unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
+    }
+
+    fn drive(&self, done: impl Fn() -> bool) {
         let h = self.h.0;
         let mut cut = false;
-        while !mine.done.load(Ordering::Acquire) {
+        while !done() {
             // SAFETY: h is live for &self.
             let dir = unsafe { nbd_aio_get_direction(h) };
             let mut events = 0;
@@ -306,7 +358,7 @@ impl Conn {
             let since = self
                 .now_ns()
                 .saturating_sub(self.progress_ns.load(Ordering::Relaxed));
-            if !cut && since > self.timeout.as_nanos() as u64 {
+            if !cut && self.pending() > 0 && since > self.timeout.as_nanos() as u64 {
                 *lock(&self.broken) = Some(format!(
                     "no reply from the server for {} s: connection cut",
                     self.timeout.as_secs_f64()
@@ -405,6 +457,53 @@ impl Drop for Pending<'_> {
         if !self.waited {
             let _ = self.finish();
         }
+    }
+}
+
+/// `error` of a command libnbd freed without completing (it could not be sent).
+const NOT_COMPLETED: i32 = -1;
+
+/// An asynchronous command's context, owned by libnbd from submission to `free`.
+struct AsyncCommand {
+    conn: *const Conn,
+    what: &'static str,
+    error: AtomicI32,
+    done: Option<Box<dyn FnOnce(Result<()>) + Send>>,
+}
+
+/// Records an asynchronous command's result (under libnbd's lock: no libnbd call).
+unsafe extern "C" fn on_complete_async(user_data: *mut c_void, error: *mut c_int) -> c_int {
+    // SAFETY: user_data is the Box<AsyncCommand> given in start_async, owned by libnbd until
+    // on_free_async; error points to libnbd's int for this call.
+    unsafe {
+        let c = &*(user_data as *const AsyncCommand);
+        c.error.store(*error, Ordering::Release);
+    }
+    1
+}
+
+/// Answers an asynchronous command once libnbd is done with its buffers. Never panics into
+/// C: the answer runs under catch_unwind.
+unsafe extern "C" fn on_free_async(user_data: *mut c_void) {
+    // SAFETY: libnbd calls free exactly once with the pointer from Box::into_raw.
+    let mut c = unsafe { Box::from_raw(user_data as *mut AsyncCommand) };
+    // SAFETY: the connection outlives its commands (see start_async).
+    let conn = unsafe { &*c.conn };
+    conn.progress_ns.store(conn.now_ns(), Ordering::Relaxed);
+    conn.pending.fetch_sub(1, Ordering::AcqRel);
+    let result = match c.error.load(Ordering::Acquire) {
+        0 => Ok(()),
+        NOT_COMPLETED => {
+            let (errno, msg) = last_error();
+            Err(conn.error(errno, c.what, &msg))
+        }
+        errno => {
+            let text = std::io::Error::from_raw_os_error(errno).to_string();
+            Err(conn.error(errno, c.what, &text))
+        }
+    };
+    if let Some(done) = c.done.take() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result)));
     }
 }
 

@@ -74,9 +74,39 @@ const AUTO_EXTRA_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An open export.
 pub struct NbdDisk {
-    conns: Vec<Conn>,
+    conns: Vec<std::sync::Arc<Conn>>,
     info: DiskInfo,
+    /// Each connection's reader thread (asynchronous submissions), stopped on drop.
+    readers: Vec<std::thread::JoinHandle<()>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bounce buffers for scattered submissions, reused: a fresh 1 MiB buffer per request
+    /// costs page faults on every use.
+    spare: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 }
+
+impl Drop for NbdDisk {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        for c in &self.conns {
+            c.nudge();
+        }
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+/// A read's or write's buffers as libnbd takes them: the guest's pages when they form one
+/// run, else a buffer of ours (copied back into the pages after a read).
+struct Target {
+    ptr: *mut u8,
+    len: usize,
+    bounce: Option<Vec<u8>>,
+}
+
+// SAFETY: the pointer is the guest's pages or our own bounce buffer, valid until the command
+// completes, whichever thread completes it.
+unsafe impl Send for Target {}
 
 thread_local! {
     /// Per worker thread: where scattered guest pages are gathered for one command.
@@ -128,6 +158,72 @@ impl NbdDisk {
             .iter()
             .min_by_key(|c| c.pending())
             .expect("at least one connection")
+    }
+
+    /// Sends a submission as one command and returns; the reader thread answers it.
+    fn submit_async(&self, mut sub: Submission) {
+        let offset = sub.offset();
+        let len = sub.len();
+        let target = match runs(sub.raw()) {
+            Some((r, 1)) => Target {
+                ptr: r[0].0,
+                len: r[0].1,
+                bounce: None,
+            },
+            _ => {
+                let mut b = self
+                    .spare
+                    .lock()
+                    .ok()
+                    .and_then(|mut s| s.pop())
+                    .unwrap_or_default();
+                b.resize(len, 0);
+                if let Some(w) = sub.write_bufs() {
+                    w.copy_to(&mut b);
+                }
+                Target {
+                    ptr: b.as_mut_ptr(),
+                    len,
+                    bounce: Some(b),
+                }
+            }
+        };
+        let (ptr, n) = (target.ptr, target.len);
+        let op = sub.op();
+        let spare = self.spare.clone();
+        let done = Box::new(move |r: Result<()>| {
+            let target = target;
+            if let (Ok(()), Some(b), SubmitOp::Read) = (&r, &target.bounce, op) {
+                if let Some(mut bufs) = sub.read_bufs() {
+                    bufs.copy_from(b);
+                }
+            }
+            sub.complete(r.map_err(|e| e.context(format!("offset {offset}, {len} bytes"))));
+            if let (Some(b), Ok(mut s)) = (target.bounce, spare.lock()) {
+                if s.len() < 64 {
+                    s.push(b);
+                }
+            }
+        });
+        let conn = self.conn();
+        match op {
+            // SAFETY: h is live; ptr is valid for writes of n bytes (the guest's pages or the
+            // bounce buffer the completion owns) until libnbd frees the command.
+            SubmitOp::Read => conn.start_async(
+                "read",
+                |h, cb| unsafe { nbd_aio_pread(h.0, ptr.cast(), n, offset, cb, 0) },
+                done,
+            ),
+            SubmitOp::Write | SubmitOp::WriteFua => {
+                let flags = if op == SubmitOp::WriteFua { CMD_FLAG_FUA } else { 0 };
+                conn.start_async(
+                    "write",
+                    // SAFETY: as for the read; libnbd only reads the buffer.
+                    |h, cb| unsafe { nbd_aio_pwrite(h.0, ptr.cast(), n, offset, cb, flags) },
+                    done,
+                )
+            }
+        }
     }
 
     /// Reads (or with `write`, writes) the runs, which hold consecutive bytes from
@@ -242,6 +338,10 @@ impl Disk for NbdDisk {
         self.write_flags(offset, bufs, 0)
     }
 
+    fn submit(&self, submission: Submission) {
+        self.submit_async(submission);
+    }
+
     fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
         self.write_flags(offset, bufs, CMD_FLAG_FUA)
     }
@@ -337,7 +437,8 @@ fn disk_info(caps: &Caps, readonly: bool, uri: &str) -> Result<DiskInfo> {
         .flush(caps.flush)
         .fua(caps.flush && caps.fua)
         .discard(caps.trim)
-        .write_zeroes(caps.zero))
+        .write_zeroes(caps.zero)
+        .thread_model(ThreadModel::Async))
 }
 
 /// The plugin.
@@ -424,7 +525,26 @@ impl Plugin for NbdClientPlugin {
                 Err(_) => break,
             }
         }
-        Ok(NbdDisk { conns, info })
+        let conns: Vec<std::sync::Arc<Conn>> = conns.into_iter().map(std::sync::Arc::new).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers = conns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let (c, stop) = (c.clone(), stop.clone());
+                std::thread::Builder::new()
+                    .name(format!("nbd-reader-{i}"))
+                    .spawn(move || c.run_reader(&stop))
+                    .map_err(|e| Error::from(e).context("nbd-client: reader thread"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(NbdDisk {
+            conns,
+            info,
+            readers,
+            stop,
+            spare: Default::default(),
+        })
     }
 }
 
