@@ -314,8 +314,8 @@ fn an_async_plugin_round_trips_data_in_every_negotiation() {
     for (what, opts) in matrix() {
         let disk = open("test-async-ram", &config, false, None);
         assert!(disk.is_async(), "the fixture declares ThreadModel::Async");
-        let mut sim = SimulatedDisk::start_with(disk, &opts)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut sim =
+            SimulatedDisk::start_with(disk, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
         workload(&mut sim, 3, 512);
         sim.shutdown().unwrap_or_else(|e| panic!("{what}: {e}"));
     }

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::disk::{Disk, DiskInfo, Filter, Plugin};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ffi::*;
-use crate::submit::{SubmitOp, Submission};
+use crate::submit::{Submission, SubmitOp};
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString};
@@ -306,7 +306,8 @@ impl Disk for ForeignDisk {
 
     fn submit(&self, submission: Submission) {
         let (op, offset, bufs, done) = submission.into_parts();
-        self.inner.submit(op, offset, RSlice::from_slice(&bufs), done);
+        self.inner
+            .submit(op, offset, RSlice::from_slice(&bufs), done);
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

@@ -155,7 +155,7 @@ pub use config::{parse_size, value_from_cli, Config, ConfigKey, KeyType};
 pub use disk::{Disk, DiskInfo, Filter, Plugin, ThreadModel};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{export_disk, ForeignDisk};
-pub use submit::{SubmitOp, Submission};
+pub use submit::{Submission, SubmitOp};
 
 #[doc(hidden)]
 pub use export::{filter_root_module as __filter_root_module, root_module as __root_module};

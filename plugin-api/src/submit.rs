@@ -48,7 +48,12 @@ impl Submission {
     /// # Safety
     /// The buffers must stay valid (for writes when `op` is `Read`, for reads otherwise), and
     /// untouched by anyone else, until `done` has been called.
-    pub unsafe fn from_raw(op: SubmitOp, offset: u64, bufs: Vec<RawBuf>, done: FfiCompletion) -> Self {
+    pub unsafe fn from_raw(
+        op: SubmitOp,
+        offset: u64,
+        bufs: Vec<RawBuf>,
+        done: FfiCompletion,
+    ) -> Self {
         Submission {
             op,
             offset,
@@ -126,7 +131,9 @@ impl Submission {
                 disk.read(offset, &mut b)
             }
             SubmitOp::Write => disk.write(offset, &self.write_bufs().expect("write buffers")),
-            SubmitOp::WriteFua => disk.write_fua(offset, &self.write_bufs().expect("write buffers")),
+            SubmitOp::WriteFua => {
+                disk.write_fua(offset, &self.write_bufs().expect("write buffers"))
+            }
         };
         self.complete(result);
     }
@@ -200,7 +207,9 @@ mod tests {
         let (mut s, rx) = submission(SubmitOp::Read, &mut buf);
         s.read_bufs().unwrap().fill(7);
         assert!(s.write_bufs().is_none());
-        std::thread::spawn(move || s.complete(Ok(()))).join().unwrap();
+        std::thread::spawn(move || s.complete(Ok(())))
+            .join()
+            .unwrap();
         assert!(rx.recv().unwrap().is_ok());
         assert!(rx.try_recv().is_err(), "completed twice");
         assert_eq!(buf, [7; 8]);

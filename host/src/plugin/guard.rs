@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{
-    Disk, DiskInfo, Error, ErrorKind, RawBuf, ReadBufs, Result, SubmitOp, Submission,
-    ThreadModel, WriteBufs,
+    Disk, DiskInfo, Error, ErrorKind, RawBuf, ReadBufs, Result, Submission, SubmitOp, ThreadModel,
+    WriteBufs,
 };
 
 /// Largest run of zeroes written per call when emulating write-zeroes.
@@ -281,7 +281,8 @@ impl GuardedDisk {
         } else if op == SubmitOp::Read {
             self.check_range(offset, len)
         } else {
-            self.check_writable().and_then(|()| self.check_range(offset, len))
+            self.check_writable()
+                .and_then(|()| self.check_range(offset, len))
         };
         if let Err(e) = checked {
             return done(Err(e));

@@ -140,6 +140,54 @@ impl Drop for Completion {
     }
 }
 
+/// A submission in flight: owned by librbd's callback from submission to completion.
+struct InFlight {
+    sub: Submission,
+    /// What the guest gets if it fails: "rbd pool/image: read at OFF+LEN".
+    what: String,
+    len: usize,
+    io_timeout: u64,
+}
+
+/// librbd's completion thread: answers the submission and releases the completion.
+unsafe extern "C" fn submission_done(c: sys::rbd_completion_t, arg: *mut c_void) {
+    // SAFETY: arg is the Box<InFlight> leaked in `submit`, completed exactly once; c is the
+    // completion librbd finished, released here and never used again.
+    let op = unsafe { Box::from_raw(arg as *mut InFlight) };
+    // SAFETY: as above.
+    let r = unsafe {
+        let r = sys::rbd_aio_get_return_value(c);
+        sys::rbd_aio_release(c);
+        r
+    };
+    let result = if r < 0 {
+        let errno = -(r as i32);
+        let hint = if errno == libc::ETIMEDOUT && op.io_timeout > 0 {
+            format!(
+                " (no answer from the OSDs within io-timeout={} s)",
+                op.io_timeout
+            )
+        } else {
+            String::new()
+        };
+        Err(Error::io(
+            errno,
+            format!("{}: {}{hint}", op.what, strerror(errno)),
+        ))
+    } else if op.sub.op() == SubmitOp::Read && r as usize != op.len {
+        Err(Error::io(
+            libc::EIO,
+            format!("{}: librbd returned {r} bytes", op.what),
+        ))
+    } else {
+        Ok(())
+    };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let InFlight { sub, .. } = *op;
+        sub.complete(result)
+    }));
+}
+
 /// The last size librbd reported and when.
 struct SizeCache {
     size: u64,
@@ -249,6 +297,58 @@ impl Disk for RbdDisk {
             unsafe { sys::rbd_aio_writev(image, iov_ptr, iov_cnt, offset, c) }
         })?;
         Ok(())
+    }
+
+    /// Reads and writes go to librbd and return; librbd's completion thread answers them.
+    fn submit(&self, submission: Submission) {
+        let (offset, len) = (submission.offset(), submission.len());
+        let verb = if submission.op() == SubmitOp::Read {
+            "read"
+        } else {
+            "write"
+        };
+        let mut c = ptr::null_mut();
+        let op = Box::new(InFlight {
+            what: format!("rbd {}: {verb} at {offset}+{len}", self.name),
+            len,
+            io_timeout: self.io_timeout,
+            sub: submission,
+        });
+        // The submission's buffer list lives in the box, which stays put until completion;
+        // RawBuf has iovec's layout.
+        let (iov, cnt) = (
+            op.sub.raw().as_ptr() as *const libc::iovec,
+            op.sub.raw().len() as c_int,
+        );
+        let is_read = op.sub.op() == SubmitOp::Read;
+        let arg = Box::into_raw(op) as *mut c_void;
+        // SAFETY: arg is handed to the callback, which frees it exactly once.
+        let r = unsafe { sys::rbd_aio_create_completion(arg, Some(submission_done), &mut c) };
+        if r < 0 {
+            // SAFETY: not handed to librbd: reclaimed here.
+            let op = unsafe { Box::from_raw(arg as *mut InFlight) };
+            let e = self.io_err(verb, offset, len as u64, -r);
+            return op.sub.complete(Err(e));
+        }
+        // SAFETY: live image and completion; the buffers are the guest's pages, valid until
+        // the submission is completed, which the callback does after librbd is done.
+        let r = unsafe {
+            if is_read {
+                sys::rbd_aio_readv(self.h.image, iov, cnt, offset, c)
+            } else {
+                sys::rbd_aio_writev(self.h.image, iov, cnt, offset, c)
+            }
+        };
+        if r < 0 {
+            // librbd did not take the operation: its callback will not run.
+            // SAFETY: as above; the completion is unused and released once.
+            let op = unsafe {
+                sys::rbd_aio_release(c);
+                Box::from_raw(arg as *mut InFlight)
+            };
+            let e = self.io_err(verb, offset, len as u64, -r);
+            op.sub.complete(Err(e));
+        }
     }
 
     fn flush(&self) -> Result<()> {
@@ -496,7 +596,8 @@ impl Plugin for CephRbd {
                 .write_zeroes(!read_only)
                 // librbd's rbd_discard_granularity_bytes default; smaller discards may only
                 // zero part of an object.
-                .discard_granularity(64 << 10),
+                .discard_granularity(64 << 10)
+                .thread_model(ThreadModel::Async),
             fixed_size: snapshot.is_some(),
             size: Mutex::new(SizeCache {
                 size,

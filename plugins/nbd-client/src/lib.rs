@@ -215,7 +215,11 @@ impl NbdDisk {
                 done,
             ),
             SubmitOp::Write | SubmitOp::WriteFua => {
-                let flags = if op == SubmitOp::WriteFua { CMD_FLAG_FUA } else { 0 };
+                let flags = if op == SubmitOp::WriteFua {
+                    CMD_FLAG_FUA
+                } else {
+                    0
+                };
                 conn.start_async(
                     "write",
                     // SAFETY: as for the read; libnbd only reads the buffer.
