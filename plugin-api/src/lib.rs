@@ -124,6 +124,33 @@
 //! then serializes calls with a lock. [`ThreadModel::NonBlocking`] is for disks that never
 //! wait (memory only): the host calls them on the ring thread, without a worker hand-off.
 //!
+//! [`ThreadModel::Async`] is for storage behind a network, whose client library already
+//! works asynchronously (libnbd, librbd): reads and writes arrive through [`Disk::submit`]
+//! as a [`Submission`]; start the I/O, return, and call [`Submission::complete`] from
+//! whatever thread learns the result. The ring thread then keeps every request the guest
+//! sends in flight, and no host thread sleeps per request. The buffers are yours until you
+//! complete; a submission you drop answers the guest with an error. Flush, discard and
+//! write-zeroes still arrive as blocking calls on host workers, and `read`/`write` must
+//! still work (the host uses them for emulated FUA, `check` and `bench --direct`).
+//!
+//! ```no_run
+//! # use xen_disk_plugin_api::*;
+//! # struct Net;
+//! # impl Net { fn start(&self, _: Submission) {} }
+//! # struct NetDisk(Net);
+//! impl Disk for NetDisk {
+//!     fn info(&self) -> DiskInfo {
+//!         DiskInfo::new(1 << 30).thread_model(ThreadModel::Async)
+//!     }
+//!     # fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> { Ok(()) }
+//!     # fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> { Ok(()) }
+//!     fn submit(&self, submission: Submission) {
+//!         // Hand it to the library; its callback later calls submission.complete(result).
+//!         self.0.start(submission);
+//!     }
+//! }
+//! ```
+//!
 //! ## Errors and panics
 //!
 //! Return [`Error`] values: [`Error::io`] with an errno, [`Error::config`] naming the key,

@@ -62,7 +62,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "")]
     fio_nbd: Option<String>,
     /// Also run `rbd bench` on the same image of the same cluster (a `ceph-rbd` disk) with the
-    /// same pattern and block size, `--io-threads` = `--workers`, and as many bytes.
+    /// same pattern and block size, `--io-threads` = the requests in flight (`--iodepth` for an asynchronous plugin, else `--workers`), and as many bytes.
     #[arg(long)]
     rbd_bench: bool,
     /// Print one JSON object instead of text.
@@ -103,6 +103,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     let stack = open_stack(&args.plugin.plugin, &config)?;
     let name = stack.describe();
     let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(anyhow::Error::msg)?;
+    // An asynchronous plugin has every request the guest sends in flight, not one per worker.
+    let is_async = disk.is_async();
     let region = match &args.region {
         Some(r) => parse_size(r)
             .map_err(anyhow::Error::msg)
@@ -180,6 +182,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         let total = f.ops * bs as u64;
         let threads = if args.direct {
             args.threads
+        } else if is_async {
+            args.iodepth
         } else {
             args.workers
         };
