@@ -570,4 +570,71 @@ mod tests {
             assert!(GuardedDisk::new(Box::new(Spy(n.clone(), info)), false).is_err());
         }
     }
+
+    /// An asynchronous disk that parks its submissions until told to complete them.
+    struct Parked(Arc<Mutex<Vec<Submission>>>);
+    impl Disk for Parked {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(1 << 20).thread_model(ThreadModel::Async)
+        }
+        fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn submit(&self, s: Submission) {
+            self.0.lock().unwrap().push(s);
+        }
+    }
+
+    #[test]
+    fn a_swap_waits_for_submissions_in_flight_and_refused_ones_answer_at_once() {
+        let parked = Arc::new(Mutex::new(Vec::new()));
+        let disk = Arc::new(GuardedDisk::new(Box::new(Parked(parked.clone())), false).unwrap());
+        assert!(disk.is_async());
+        let mut buf = vec![0u8; 4096];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx2 = tx.clone();
+        // SAFETY: `buf` outlives the submission: the test waits for its completion below.
+        unsafe {
+            disk.submit(
+                SubmitOp::Read,
+                0,
+                vec![RawBuf::from_mut(&mut buf)],
+                move |r| tx2.send(("read", r.is_ok())).unwrap(),
+            )
+        };
+        // Out of range: answered at once, never reaching the plugin.
+        // SAFETY: as above.
+        unsafe {
+            disk.submit(
+                SubmitOp::Read,
+                1 << 20,
+                vec![RawBuf::from_mut(&mut buf)],
+                move |r| tx.send(("out of range", r.is_ok())).unwrap(),
+            )
+        };
+        assert_eq!(rx.recv().unwrap(), ("out of range", false));
+        assert_eq!(parked.lock().unwrap().len(), 1);
+        let swapper = {
+            let disk = disk.clone();
+            std::thread::spawn(move || {
+                disk.swap(
+                    Box::new(Spy(Arc::new(AtomicUsize::new(0)), DiskInfo::new(1 << 20))),
+                    false,
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !swapper.is_finished(),
+            "the swap did not wait for the submission"
+        );
+        let s = parked.lock().unwrap().pop().unwrap();
+        s.complete(Ok(()));
+        assert_eq!(rx.recv().unwrap(), ("read", true));
+        swapper.join().unwrap().unwrap();
+        assert!(!disk.is_async(), "the new plugin serves");
+    }
 }
