@@ -7,7 +7,7 @@
 //! plugin lacks: write-zeroes by writing zero buffers, FUA by write + flush, and serializes
 //! calls for plugins that asked for it.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{
@@ -67,6 +67,9 @@ pub struct GuardedDisk {
     plugged: RwLock<Plugged>,
     /// Submissions an asynchronous plugin has not completed yet: a swap waits for none.
     submitted: Arc<AtomicUsize>,
+    /// The plugged disk's thread model is `Async`: read on every request, so kept here
+    /// rather than behind the lock (set at creation and by each swap).
+    is_async: AtomicBool,
     /// What the guest was told at first (sector sizes, capabilities advertised).
     info: DiskInfo,
     size: AtomicU64,
@@ -91,6 +94,7 @@ impl GuardedDisk {
             size: AtomicU64::new(info.size),
             read_only: read_only || info.read_only,
             info,
+            is_async: AtomicBool::new(info.thread_model == ThreadModel::Async),
             plugged: RwLock::new(plugged),
             submitted: Arc::new(AtomicUsize::new(0)),
         })
@@ -197,6 +201,10 @@ impl GuardedDisk {
                 .flush()
                 .map_err(|e| format!("flushing the old plugin: {e}; it keeps serving"))?;
         }
+        self.is_async.store(
+            new.info.thread_model == ThreadModel::Async,
+            Ordering::Relaxed,
+        );
         let old = std::mem::replace(&mut *plugged, new);
         let previous = self.size.swap(new_size, Ordering::Relaxed);
         drop(plugged);
@@ -259,7 +267,7 @@ impl GuardedDisk {
 
     /// True when reads and writes go to the plugin as submissions ([`Self::submit`]).
     pub fn is_async(&self) -> bool {
-        self.plugged().info.thread_model == ThreadModel::Async
+        self.is_async.load(Ordering::Relaxed)
     }
 
     /// Starts a read or write and returns; `done` runs once with the result, on whichever

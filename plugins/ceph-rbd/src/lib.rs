@@ -17,9 +17,12 @@
 //! ```
 //!
 //! Every request is one librbd asynchronous operation (`rbd_aio_readv`/`writev` straight on
-//! the guest's pages, `rbd_aio_flush`, `rbd_aio_discard`, `rbd_aio_write_zeroes`) that the
-//! calling host worker waits for. There is no lock around librbd: an image handle takes
-//! asynchronous operations from any thread, so `--workers N` keeps N operations in flight.
+//! the guest's pages, `rbd_aio_flush`, `rbd_aio_discard`, `rbd_aio_write_zeroes`). The disk
+//! declares `ThreadModel::Async`: reads and writes arrive as submissions from the host's
+//! ring thread and librbd's completion callback answers them, so every request the guest
+//! sends is in flight at once (`--iodepth` in `bench`). Flush, discard and write-zeroes come
+//! from host workers, each waiting for its operation. There is no lock around librbd: an
+//! image handle takes asynchronous operations from any thread.
 //!
 //! **When the cluster stops answering** (an OSD dies, the network splits), an operation fails
 //! after `io-timeout` seconds with `ETIMEDOUT` and the guest gets `BLKIF_RSP_ERROR`; the

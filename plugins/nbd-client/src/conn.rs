@@ -2,18 +2,13 @@
 //! learns that its command completed.
 //!
 //! ```text
-//!  caller A ──nbd_aio_pread(cb)──▶ socket        (each caller sends its own command)
-//!  caller A: reader? yes ─▶ poll(socket) ─▶ nbd_aio_notify_read ─▶ callbacks ─▶ unpark B, C
-//!  caller B, C: reader taken ─▶ park until done, or until A hands the reader role over
+//!  caller ──nbd_aio_pread(cb)──▶ socket            (each caller sends its own command)
+//!  reader thread: poll(socket) ─▶ nbd_aio_notify_read ─▶ callbacks ─▶ answer or unpark
 //! ```
 //!
-//! Callers block (the plugin API is synchronous), so every command has a thread waiting for
-//! it. Rather than a dispatcher thread that reads replies and wakes callers (two thread
-//! wake-ups per command: the dispatcher's, then the caller's), one of the waiting callers is
-//! the *reader*: it polls the socket and runs libnbd's state machine, which completes the
-//! commands whose replies arrive and wakes their callers; when its own command is done it
-//! returns and hands the role to another waiting caller. A caller alone on its connection
-//! (the usual case with `connections` ≥ workers) is woken by its reply and nothing else.
+//! Each connection has one reader thread ([`Conn::run_reader`]) that polls the socket and
+//! runs libnbd's state machine. An asynchronous submission is answered from its callback; a
+//! blocking caller (flush, trim, a direct `read`) parks until its callback wakes it.
 //!
 //! Completion runs the callback pair under libnbd's lock: `callback` records the error,
 //! `free` (called exactly once, also when the submitting call fails) marks the command done
@@ -28,7 +23,7 @@ use crate::ffi::*;
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{Error, Result};
@@ -70,10 +65,6 @@ pub struct Conn {
     /// An eventfd: a caller whose command is not fully written nudges the reader, which may
     /// be asleep waiting for the socket to become readable only.
     wake: c_int,
-    /// Held by the caller that is the reader.
-    reader: Mutex<()>,
-    /// Callers waiting without the reader role, for the reader to hand it to.
-    waiting: Mutex<Vec<Arc<Waiter>>>,
     /// Commands submitted and not yet completed.
     pending: AtomicUsize,
     /// Nanoseconds since `base` of the last completion (or of the first submission after an
@@ -184,8 +175,6 @@ impl Conn {
             timeout,
             fd,
             wake,
-            reader: Mutex::new(()),
-            waiting: Mutex::new(Vec::new()),
             pending: AtomicUsize::new(0),
             progress_ns: AtomicU64::new(0),
             base: Instant::now(),
@@ -213,7 +202,6 @@ impl Conn {
         let waiter = Arc::new(Waiter {
             thread: std::thread::current(),
             done: AtomicBool::new(false),
-            listed: AtomicBool::new(false),
             error: AtomicI32::new(0),
         });
         let cb = CompletionCallback {
@@ -287,16 +275,9 @@ impl Conn {
         }
     }
 
-    /// As the reader: moves libnbd's state machine along until `mine` is done.
-    fn read_until(&self, mine: &Waiter) {
-        self.drive(|| mine.done.load(Ordering::Acquire));
-    }
-
-    /// The connection's own reader thread (asynchronous submissions): holds the reader role
-    /// until `stop`, so replies are read with no caller waiting. Callers of blocking calls
-    /// then park until their command's completion wakes them.
+    /// The connection's reader thread: reads replies until `stop`, so no caller waits on the
+    /// socket itself. Exactly one per connection.
     pub fn run_reader(&self, stop: &AtomicBool) {
-        let _role = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         self.drive(|| stop.load(Ordering::Acquire));
     }
 
@@ -371,29 +352,6 @@ impl Conn {
             }
         }
     }
-
-    /// The reader role, if free. (A reader that panicked left nothing half done in our
-    /// state: the role is free again.)
-    fn try_reader(&self) -> Option<MutexGuard<'_, ()>> {
-        match self.reader.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        }
-    }
-
-    /// Called by a reader leaving: wakes a waiting caller whose command is not done, to
-    /// read in its turn.
-    fn hand_off(&self) {
-        let mut waiting = lock(&self.waiting);
-        while let Some(w) = waiting.pop() {
-            w.listed.store(false, Ordering::Release);
-            if !w.done.load(Ordering::Acquire) {
-                w.thread.unpark();
-                break;
-            }
-        }
-    }
 }
 
 /// A submitted command.
@@ -414,29 +372,10 @@ impl Pending<'_> {
         self.waited = true;
         let c = self.conn;
         let w = &self.waiter;
+        // The reader thread's callback sets `done`, then unparks us (an unpark that comes
+        // first makes the next park return at once).
         while !w.done.load(Ordering::Acquire) {
-            if let Some(guard) = c.try_reader() {
-                c.read_until(w);
-                drop(guard);
-                c.hand_off();
-                break;
-            }
-            // Listed before trying again: a reader that leaves after our second failed try
-            // then finds us in the list and wakes us; one that left before lets us in.
-            if !w.listed.swap(true, Ordering::AcqRel) {
-                let mut waiting = lock(&c.waiting);
-                waiting.retain(|x| !x.done.load(Ordering::Relaxed));
-                waiting.push(w.clone());
-            }
-            match c.try_reader() {
-                Some(guard) => {
-                    c.read_until(w);
-                    drop(guard);
-                    c.hand_off();
-                }
-                // Woken when done, or handed the reader role.
-                None => std::thread::park(),
-            }
+            std::thread::park();
         }
         c.progress_ns.store(c.now_ns(), Ordering::Relaxed);
         c.pending.fetch_sub(1, Ordering::AcqRel);
@@ -511,8 +450,6 @@ unsafe extern "C" fn on_free_async(user_data: *mut c_void) {
 struct Waiter {
     thread: Thread,
     done: AtomicBool,
-    /// In the connection's `waiting` list.
-    listed: AtomicBool,
     error: AtomicI32,
 }
 

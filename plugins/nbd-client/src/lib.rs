@@ -19,21 +19,20 @@
 //!
 //! ## Parallelism: asynchronous commands, shared connections
 //!
-//! The host calls `read`/`write` from several worker threads at once and each call blocks,
-//! so N workers must give N commands on the wire. libnbd's synchronous calls hold the
-//! handle's lock for the whole round trip, which would allow one command per connection, so
-//! every caller uses the asynchronous API instead: it submits its command (`nbd_aio_pread`,
-//! …, which writes it to the socket at once and returns) and then waits. Of the callers
-//! waiting on a connection, one reads the replies for all of them and wakes the others (see
-//! [`conn`]); there is no dispatcher thread, whose wake-up would come on top of the
-//! caller's for every command. One connection thus carries as many commands as there are
-//! callers, as fio's nbd engine does with its iodepth, and this works with every server
-//! (qemu-nbd serves a single client unless told otherwise).
+//! The disk declares `ThreadModel::Async`: the host's ring thread hands it every read and
+//! write as a submission, which is sent at once with libnbd's asynchronous API
+//! (`nbd_aio_pread`/`pwrite`, written to the socket before the call returns). Each
+//! connection has a reader thread of its own that runs libnbd's state machine; the
+//! command's completion callback answers the guest. One connection thus carries every
+//! request the guest has in flight, as fio's nbd engine does with its iodepth, and this
+//! works with every server (qemu-nbd serves a single client unless told otherwise).
+//!
+//! Flush, trim and write-zeroes, and `read`/`write` called directly (`check`, `bench
+//! --direct`), block the calling thread: it submits the same way and parks until the reader
+//! thread's callback wakes it (see [`conn`]).
 //!
 //! When the server advertises multi-conn, the disk also opens a few connections (4, or
-//! `connections`) and each call takes the one with the fewest commands outstanding: a
-//! caller alone on its connection is woken by its reply directly and never queues behind
-//! another caller's libnbd lock. Without multi-conn the NBD protocol does not promise that
+//! `connections`) and each request takes the one with the fewest commands outstanding. Without multi-conn the NBD protocol does not promise that
 //! connections see each other's writes, so more than one is refused unless `readonly`.
 //! Automatic extra connections are optional: a server that admits fewer clients
 //! (`qemu-nbd --shared=2`) leaves the next one unanswered, which costs 2 s at open, and the

@@ -4,8 +4,8 @@
 //! pending; after a crash its refcounts may be too low, and the spec requires a scan of the
 //! L1/L2 tables before the image is written again (what `qemu-img check -r all` does). The
 //! scan here counts every cluster the image references (the header, the L1 table, each L2
-//! table, data and compressed clusters), writes a complete new refcount table and blocks past
-//! the end of the file, syncs them, and only then points the header at them and clears the
+//! table, data and compressed clusters), writes a complete new refcount table and the blocks
+//! that count something past the end of the file, syncs them, and only then points the header at them and clears the
 //! dirty bit. A crash before the header write leaves the dirty image as it was; after it, the
 //! new table is already complete. The old refcount structures are simply no longer referenced
 //! (free space, not leaks).
@@ -131,6 +131,8 @@ pub fn rebuild_refcounts(
     }
 
     // Lay the new table out past everything: the file's end and every referenced cluster.
+    // Only refcount blocks that count something are written (a sparse file may be huge and
+    // mostly unreferenced); the table covers up to the last of them.
     let bits = 1u32 << hdr.refcount_order;
     let per_block = cs * 8 / u64::from(bits);
     let start = c
@@ -139,11 +141,17 @@ pub fn rebuild_refcounts(
         .max()
         .map_or(0, |&m| m + 1)
         .max(file_len.div_ceil(cs));
-    let (mut blocks, mut table) = (1u64, 1u64);
+    let used: std::collections::BTreeSet<u64> = c.counts.keys().map(|k| k / per_block).collect();
+    let (mut blocks, mut table) = (0u64, 1u64);
+    let mut indices;
     loop {
-        let total = start + blocks + table;
-        let need_blocks = total.div_ceil(per_block);
-        let need_table = (need_blocks * 8).div_ceil(cs);
+        // The new blocks and table are clusters start .. start + blocks + table.
+        let end = start + blocks + table;
+        indices = used.clone();
+        indices.extend(start / per_block..=(end - 1) / per_block);
+        let need_blocks = indices.len() as u64;
+        let last = indices.last().copied().unwrap_or(0);
+        let need_table = ((last + 1) * 8).div_ceil(cs);
         if need_blocks == blocks && need_table == table {
             break;
         }
@@ -159,6 +167,12 @@ pub fn rebuild_refcounts(
         c.counts.insert(k, 1);
     }
     let max = refcount::max(bits);
+    // Block index -> where it goes and its bytes.
+    let slot: HashMap<u64, u64> = indices
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| (b, i as u64))
+        .collect();
     let mut rb = vec![0u8; (blocks * cs) as usize];
     for (&k, &n) in &c.counts {
         if n > max {
@@ -167,13 +181,17 @@ pub fn rebuild_refcounts(
                 k * cs
             )));
         }
-        let (b, i) = ((k / per_block) as usize, (k % per_block) as usize);
-        let block = &mut rb[b * cs as usize..(b + 1) * cs as usize];
-        refcount::set(block, bits, i, n);
+        let at = slot[&(k / per_block)] as usize * cs as usize;
+        refcount::set(
+            &mut rb[at..at + cs as usize],
+            bits,
+            (k % per_block) as usize,
+            n,
+        );
     }
     let mut rt = vec![0u8; (table * cs) as usize];
-    for b in 0..blocks {
-        let at = (start + b) * cs;
+    for (&b, &i) in &slot {
+        let at = (start + i) * cs;
         rt[b as usize * 8..b as usize * 8 + 8].copy_from_slice(&at.to_be_bytes());
     }
     file.write_all_at(&rb, start * cs)

@@ -16,8 +16,9 @@
 //!
 //! # Behaviour
 //! - Thread model: parallel. Reads, and writes into blocks already allocated, share an
-//!   `RwLock` read guard and use `pread`/`pwrite` straight from the guest's pages, so they run
-//!   concurrently; only a write that allocates a block takes the write guard.
+//!   `RwLock` read guard, so they run concurrently; only a write that allocates a block
+//!   takes the write guard. A one-page request goes straight to or from the guest's page; a
+//!   longer one through one buffer, so the BAT and bitmaps are walked once per request.
 //! - `flush` is fdatasync of the image file (parents are read-only).
 //! - Writes never touch parents: blocks are allocated in the child in the order data, bitmap,
 //!   BAT entry, footer.
@@ -100,14 +101,16 @@ impl Disk for VhdDisk {
     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
         self.check(offset, bufs.len())?;
         let image = self.image.read().map_err(poisoned)?;
-        // Straight into the guest's pages, one segment at a time.
-        let mut res = Ok(());
-        bufs.for_each_mut(|at, seg| {
-            if res.is_ok() {
-                res = image.read(offset + at as u64, seg);
-            }
-        });
-        res
+        if bufs.count() == 1 {
+            // Straight into the guest's page.
+            return image.read(offset, bufs.get_mut(0));
+        }
+        // Several pages: one pass over the BAT and bitmaps and one `pread` per run, then a
+        // copy, which costs less than a lookup and a system call per page.
+        let mut tmp = vec![0u8; bufs.len()];
+        image.read(offset, &mut tmp)?;
+        bufs.copy_from(&tmp);
+        Ok(())
     }
 
     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
@@ -118,14 +121,14 @@ impl Disk for VhdDisk {
             // the image with reads and each other.
             let image = self.image.read().map_err(poisoned)?;
             if image.is_allocated(offset, len) {
-                for (at, seg) in bufs.iter() {
-                    image.write_in_place(
-                        offset + at as u64,
-                        seg.len() as u64,
-                        image::Src::Data(seg),
-                    )?;
+                if bufs.count() == 1 {
+                    return image.write_in_place(offset, len, image::Src::Data(bufs.get(0)));
                 }
-                return Ok(());
+                // Several pages: one write, so a differencing disk's bitmap is updated
+                // once, not once per page.
+                let mut tmp = vec![0u8; bufs.len()];
+                bufs.copy_to(&mut tmp);
+                return image.write_in_place(offset, len, image::Src::Data(&tmp));
             }
         }
         let mut image = self.image.write().map_err(poisoned)?;
