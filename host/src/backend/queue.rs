@@ -23,7 +23,7 @@ use crate::blkif::request::{
 use crate::blkif::ring::{BackRing, Response, RingError};
 use crate::plugin::GuardedDisk;
 use crate::xen::evtchn::EventChannel;
-use crate::xen::grant::{GrantMapper, GrantMapping, PersistentGrants};
+use crate::xen::grant::{copy_from_guest, GrantMapper, GrantMapping, PersistentGrants};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,6 +152,7 @@ fn prepare(
     guest: &Guest<'_>,
     cache: &mut Option<PersistentGrants>,
     scratch: &mut Vec<Segment>,
+    list_bytes: &mut [u8; INDIRECT_LIST_BYTES],
     bufs: &mut Vec<RawBuf>,
 ) -> Result<(IoOp, u64, Option<GrantMapping>), String> {
     bufs.clear();
@@ -174,22 +175,52 @@ fn prepare(
             grefs,
             pages,
         } => {
-            let lists = guest
-                .grants
-                .map(guest.domid, &grefs[..pages], false)
-                .map_err(|e| e.to_string())?;
-            let mut bytes = [0u8; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * XEN_PAGE_SIZE];
-            let bytes = &mut bytes[..pages * XEN_PAGE_SIZE];
-            if !lists.copy_out(0, bytes) {
-                return Err("indirect pages".into());
+            // Only the segments' bytes are read, once, into private memory.
+            let need = usize::from(nr_segments) * SEGMENT_SIZE;
+            if need > pages * XEN_PAGE_SIZE {
+                return Err("indirect pages too short for their segments".into());
             }
-            drop(lists);
+            let bytes = &mut list_bytes[..need];
+            read_indirect_pages(guest, cache, &grefs[..pages], bytes)?;
             validate_indirect_segments(bytes, nr_segments, sector_number, guest.limits, scratch)
                 .map_err(|r| r.reason)?;
             let m = map_segments(guest, cache, op, scratch, bufs)?;
             Ok((io_op(op), sector_number * 512, m))
         }
     }
+}
+
+/// The most bytes of segment lists one indirect request carries.
+const INDIRECT_LIST_BYTES: usize = BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * XEN_PAGE_SIZE;
+
+/// Copies the first `out.len()` bytes of an indirect request's segment-list pages. With
+/// persistent grants the pages come from the cache (a frontend grants its list pages from
+/// the same pool as its data pages, as Linux blkfront does): no mapping per request. A page
+/// the cache cannot hold (full, or granted read-only) is mapped read-only for this request.
+fn read_indirect_pages(
+    guest: &Guest<'_>,
+    cache: &mut Option<PersistentGrants>,
+    grefs: &[u32],
+    out: &mut [u8],
+) -> Result<(), String> {
+    for (gref, chunk) in grefs.iter().zip(out.chunks_mut(XEN_PAGE_SIZE)) {
+        let cached = cache.as_mut().and_then(|c| c.page(*gref).ok().flatten());
+        match cached {
+            // SAFETY: a cached page stays mapped (4096 bytes) while the cache lives, and
+            // chunk is at most a page.
+            Some(page) => unsafe { copy_from_guest(page, chunk) },
+            None => {
+                let m = guest
+                    .grants
+                    .map(guest.domid, std::slice::from_ref(gref), false)
+                    .map_err(|e| e.to_string())?;
+                if !m.copy_out(0, chunk) {
+                    return Err("indirect pages".into());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Lists each segment's bytes in `bufs`: from pages kept mapped (persistent grants), or from
@@ -204,38 +235,33 @@ fn map_segments(
     if segments.len() > MAX_SEGMENTS {
         return Err(format!("{} segments", segments.len()));
     }
-    if let Some(cache) = cache.as_mut() {
-        let mut all = true;
-        for s in segments {
-            match cache.page(s.gref).map_err(|e| e.to_string())? {
-                Some(page) => {
-                    // SAFETY: validated: first..=last ≤ 7, so inside the 4096-byte page.
-                    let base = unsafe { page.add(usize::from(s.first_sect) * 512) };
-                    bufs.push(RawBuf {
-                        base,
-                        len: usize::from(s.last_sect - s.first_sect + 1) * 512,
-                    });
-                }
-                None => {
-                    all = false;
-                    break;
-                }
-            }
-        }
-        if all {
-            return Ok(None);
-        }
-        // The cache is full: this request's pages are mapped for it alone.
-        bufs.clear();
-    }
     let mut grefs = [0u32; MAX_SEGMENTS];
     for (g, s) in grefs.iter_mut().zip(segments) {
         *g = s.gref;
     }
+    let grefs = &grefs[..segments.len()];
+    if let Some(cache) = cache.as_mut() {
+        let mut pages = [std::ptr::null_mut(); MAX_SEGMENTS];
+        if cache
+            .pages_of(grefs, &mut pages)
+            .map_err(|e| e.to_string())?
+        {
+            for (s, page) in segments.iter().zip(pages) {
+                // SAFETY: validated: first..=last ≤ 7, so inside the 4096-byte page.
+                let base = unsafe { page.add(usize::from(s.first_sect) * 512) };
+                bufs.push(RawBuf {
+                    base,
+                    len: usize::from(s.last_sect - s.first_sect + 1) * 512,
+                });
+            }
+            return Ok(None);
+        }
+        // The cache is full: this request's pages are mapped for it alone.
+    }
     // The backend writes into the guest's pages only for reads.
     let m = guest
         .grants
-        .map(guest.domid, &grefs[..segments.len()], op == BLKIF_OP_READ)
+        .map(guest.domid, grefs, op == BLKIF_OP_READ)
         .map_err(|e| e.to_string())?;
     for (i, s) in segments.iter().enumerate() {
         let start = i * XEN_PAGE_SIZE + usize::from(s.first_sect) * 512;
@@ -351,6 +377,7 @@ pub fn serve(
     let mut started = vec![Instant::now(); size];
     let mut entry = [0u8; MAX_ENTRY_SIZE];
     let mut scratch = Vec::new();
+    let mut list_bytes = Box::new([0u8; INDIRECT_LIST_BYTES]);
     let mut held: Option<Request> = None;
     // Slots an asynchronous plugin holds, and how many.
     let mut submitted = vec![false; size];
@@ -428,7 +455,14 @@ pub fn serve(
                 // SAFETY: taken from the free list: this thread owns the slot.
                 let slot = unsafe { slots.slot(index) };
                 started[usize::from(index)] = Instant::now();
-                match prepare(valid, &guest, &mut cache, &mut scratch, &mut slot.bufs) {
+                match prepare(
+                    valid,
+                    &guest,
+                    &mut cache,
+                    &mut scratch,
+                    &mut list_bytes,
+                    &mut slot.bufs,
+                ) {
                     Ok((op, offset, mapping)) => {
                         (slot.id, slot.operation, slot.op, slot.offset) =
                             (id, operation, op, offset);
@@ -517,7 +551,7 @@ pub fn serve(
             && held.is_none()
             && matches!(ring.final_check(), Ok(true));
         if more || !completions[0].is_empty() {
-            wake.awake();
+            wake.awake(true);
             continue;
         }
         let mut fds = [
@@ -540,8 +574,12 @@ pub fn serve(
                 Duration::from_millis(100).as_millis() as i32,
             )
         };
-        wake.awake();
-        let _ = evtchn.ack();
+        // Only what rang is read: each read is a system call, and a ring thread under load
+        // wakes tens of thousands of times a second.
+        wake.awake(fds[1].revents != 0);
+        if fds[0].revents != 0 {
+            let _ = evtchn.ack();
+        }
     };
     // Workers finish first, and an asynchronous plugin completes every submission; persistent
     // pages and the ring pages stay mapped until then (the ring view itself touches no memory
@@ -557,4 +595,94 @@ pub fn serve(
     drop(cache);
     drop(ring_mapping);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xen::sim::hypervisor::SimDomain;
+
+    /// A guest page of distinct bytes, granted to the backend (dom0).
+    fn granted_page(dom: &SimDomain, page: usize, readonly: bool) -> (u32, Vec<u8>) {
+        let bytes: Vec<u8> = (0..XEN_PAGE_SIZE).map(|i| (i * 7 + page) as u8).collect();
+        assert!(dom.memory.write(page * XEN_PAGE_SIZE, &bytes));
+        let gref = dom.grants.grant(page as u64, 0, readonly).unwrap();
+        (gref, bytes)
+    }
+
+    #[test]
+    fn indirect_lists_come_from_the_cache_or_a_read_only_mapping() {
+        let dom = SimDomain::new(5, 4, 1).unwrap();
+        let back: Arc<dyn GrantMapper> = Arc::new(dom.backend(0));
+        let limits = limits_for_test();
+        let guest = Guest {
+            grants: &*back,
+            domid: 5,
+            limits: &limits,
+        };
+        let (a, a_bytes) = granted_page(&dom, 0, false);
+        // A list page granted read-only cannot join the (read-write) cache: mapped per request.
+        let (b, b_bytes) = granted_page(&dom, 1, true);
+        let mut cache = Some(PersistentGrants::new(back.clone(), 5, 16));
+        let mut out = vec![0u8; XEN_PAGE_SIZE + 100];
+        read_indirect_pages(&guest, &mut cache, &[a, b], &mut out).unwrap();
+        assert_eq!(&out[..XEN_PAGE_SIZE], &a_bytes[..]);
+        assert_eq!(&out[XEN_PAGE_SIZE..], &b_bytes[..100]);
+        assert_eq!(
+            cache.as_ref().unwrap().len(),
+            1,
+            "only the writable page is kept"
+        );
+        // Without persistent grants every page is mapped for the request.
+        let mut out2 = vec![0u8; XEN_PAGE_SIZE + 100];
+        read_indirect_pages(&guest, &mut None, &[a, b], &mut out2).unwrap();
+        assert_eq!(out, out2);
+        // A reference the guest never granted fails the request.
+        assert!(read_indirect_pages(&guest, &mut cache, &[999], &mut out2[..8]).is_err());
+    }
+
+    #[test]
+    fn a_requests_new_pages_are_mapped_together_and_kept() {
+        let dom = SimDomain::new(6, 8, 1).unwrap();
+        let back: Arc<dyn GrantMapper> = Arc::new(dom.backend(0));
+        let grefs: Vec<u32> = (0..4).map(|p| granted_page(&dom, p, false).0).collect();
+        let mut cache = PersistentGrants::new(back.clone(), 6, 5);
+        let mut pages = [std::ptr::null_mut(); 4];
+        assert!(cache.pages_of(&grefs, &mut pages).unwrap());
+        // One mapping, in the request's order: one contiguous buffer.
+        for i in 1..4 {
+            assert_eq!(pages[i] as usize, pages[0] as usize + i * XEN_PAGE_SIZE);
+        }
+        // SAFETY: page 2 is mapped (4096 bytes) while the cache lives.
+        assert_eq!(unsafe { *pages[2].add(1) }, (7 + 2) as u8);
+        // Known pages come back as they are; a repeated reference is mapped once.
+        let (e, _) = granted_page(&dom, 4, false);
+        let mut again = [std::ptr::null_mut(); 4];
+        assert!(cache
+            .pages_of(&[grefs[3], e, e, grefs[0]], &mut again)
+            .unwrap());
+        assert_eq!((again[0], again[3]), (pages[3], pages[0]));
+        assert_eq!(again[1], again[2]);
+        assert_eq!(cache.len(), 5);
+        // Full: a request with a page it cannot hold is refused whole (mapped per request).
+        let (f, _) = granted_page(&dom, 5, false);
+        assert!(!cache.pages_of(&[grefs[1], f], &mut again[..2]).unwrap());
+        assert_eq!(cache.len(), 5);
+        // A reference never granted fails, and leaves the cache as it was.
+        let mut c2 = PersistentGrants::new(back, 6, 16);
+        assert!(c2.pages_of(&[grefs[0], 999], &mut again[..2]).is_err());
+        assert!(c2.is_empty());
+    }
+
+    fn limits_for_test() -> Limits {
+        Limits {
+            sectors: 1 << 20,
+            logical_sector_size: 512,
+            read_only: false,
+            flush: true,
+            discard: false,
+            discard_secure: false,
+            max_indirect_segments: 256,
+        }
+    }
 }

@@ -40,12 +40,16 @@ impl EventFdWake {
         self.sleeping.store(true, Ordering::SeqCst);
     }
 
-    /// Called by the ring thread when it wakes: clears the flag and drains the counter.
-    pub fn awake(&self) {
+    /// Called by the ring thread when it wakes: clears the flag and, when `rung` (poll saw
+    /// the descriptor readable, or the thread did not poll), drains the counter. A ring left
+    /// undrained only makes the next poll return at once.
+    pub fn awake(&self, rung: bool) {
         self.sleeping.store(false, Ordering::SeqCst);
-        let mut value = 0u64;
-        // SAFETY: reads 8 bytes into a local u64; EAGAIN (nothing pending) is fine.
-        unsafe { libc::read(self.fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+        if rung {
+            let mut value = 0u64;
+            // SAFETY: reads 8 bytes into a local u64; EAGAIN (nothing pending) is fine.
+            unsafe { libc::read(self.fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+        }
     }
 }
 
@@ -81,7 +85,7 @@ mod tests {
         w.about_to_sleep();
         w.wake();
         assert!(readable(w.raw_fd()));
-        w.awake();
+        w.awake(true);
         assert!(!readable(w.raw_fd()));
         w.wake();
         assert!(!readable(w.raw_fd()));

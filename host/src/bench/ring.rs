@@ -1,6 +1,12 @@
 //! The full ring path, measured: a simulated guest (the Rust frontend) keeps `iodepth`
 //! requests in flight against a device queue serving the plugin — grants, the shared ring,
 //! event channels, validation, worker threads — all in this process.
+//!
+//! The guest negotiates persistent grants and gives each request in flight a page set of
+//! its own, reused by the request that takes its place (a frontend with per-request
+//! buffers). The backend maps a request's new pages together, so each set is one contiguous
+//! buffer, as a plugin that needs contiguous memory (`nbd-client`) prefers; a guest that
+//! shuffles its grants between requests costs such a plugin a copy per large request.
 
 use super::direct::{Figures, Pattern};
 use super::histogram::Histogram;
@@ -42,11 +48,16 @@ pub struct RingOptions {
 
 const GUEST: u32 = 1;
 
-/// A request in flight: its data pages, its indirect list page, when it was sent.
+/// A request in flight: the page set it uses, when it was sent.
 struct Lent {
+    set: usize,
+    sent: Instant,
+}
+
+/// The pages one request uses: its data pages and its indirect list page.
+struct PageSet {
     data: Vec<DataPage>,
     list: Option<DataPage>,
-    sent: Instant,
 }
 
 /// Looks for responses for a few microseconds before the driver sleeps, as a polling guest
@@ -210,6 +221,22 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
     };
     let mut done = Vec::new();
     let mut segs = Vec::with_capacity(pages_per_req);
+    // Each request in flight has a page set of its own, reused by the next request in its
+    // place, as a frontend with per-request buffers (and persistent grants) does: the
+    // backend sees the same grants, in the same order, request after request.
+    let mut sets = Vec::with_capacity(opts.iodepth);
+    for _ in 0..opts.iodepth {
+        let data: Vec<DataPage> = (0..pages_per_req)
+            .map(|_| pages.take(false).ok_or("data pages"))
+            .collect::<Result<_, _>>()?;
+        let list = if indirect {
+            Some(pages.take(false).ok_or("indirect page")?)
+        } else {
+            None
+        };
+        sets.push(PageSet { data, list });
+    }
+    let mut free_sets: Vec<usize> = (0..opts.iodepth).rev().collect();
     loop {
         let now = Instant::now();
         while now < job.deadline && q.in_flight() < opts.iodepth && q.free() > 0 {
@@ -221,29 +248,24 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
                 }
                 _ => rng.below(blocks) * bs,
             };
-            let data: Vec<DataPage> = (0..pages_per_req)
-                .filter_map(|_| pages.take(false))
-                .collect();
+            let Some(set) = free_sets.pop() else { break };
+            let PageSet { data, list } = &sets[set];
             segs.clear();
             segs.extend(data.iter().map(|p| Segment {
                 gref: p.gref,
                 first_sect: 0,
                 last_sect: 7,
             }));
-            let (id, list) = if indirect {
-                let list = pages.take(false).ok_or("indirect page")?;
-                pages.write_segments(list, &segs);
-                (
-                    q.submit_indirect(op, offset / 512, segs.len() as u16, &[list.gref]),
-                    Some(list),
-                )
-            } else {
-                (q.submit_rw(op, offset / 512, &segs), None)
+            let id = match list {
+                Some(list) => {
+                    pages.write_segments(*list, &segs);
+                    q.submit_indirect(op, offset / 512, segs.len() as u16, &[list.gref])
+                }
+                None => q.submit_rw(op, offset / 512, &segs),
             };
             let id = id.ok_or("ring full")?;
             lent[id as usize] = Some(Lent {
-                data,
-                list,
+                set,
                 sent: Instant::now(),
             });
         }
@@ -251,17 +273,9 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
         done.clear();
         q.reap(|c| done.push(c)).map_err(|e| e.to_string())?;
         for c in &done {
-            if let Some(Lent {
-                data,
-                list,
-                sent: t0,
-            }) = lent[c.id as usize].take()
-            {
+            if let Some(Lent { set, sent: t0 }) = lent[c.id as usize].take() {
                 hist.record(t0.elapsed().as_nanos() as u64);
-                data.into_iter().for_each(|p| pages.release(p));
-                if let Some(l) = list {
-                    pages.release(l);
-                }
+                free_sets.push(set);
             }
             ops += 1;
             failed += u64::from(c.status != BLKIF_RSP_OKAY);

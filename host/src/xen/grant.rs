@@ -93,14 +93,35 @@ impl GrantMapping {
     pub fn copy_out(&self, offset: usize, out: &mut [u8]) -> bool {
         match offset.checked_add(out.len()) {
             Some(end) if end <= self.len => {
-                for (i, b) in out.iter_mut().enumerate() {
-                    // SAFETY: inside the live mapping; volatile because the guest may write it.
-                    *b = unsafe { std::ptr::read_volatile(self.base.add(offset + i)) };
-                }
+                // SAFETY: offset..end is inside the live mapping.
+                unsafe { copy_from_guest(self.base.add(offset), out) };
                 true
             }
             _ => false,
         }
+    }
+}
+
+/// Copies `out.len()` bytes from guest memory at `src` into private memory, with volatile
+/// reads (the guest may write the page meanwhile; what was read is what gets checked), a
+/// word at a time where `src` is aligned (an indirect segment list is read per request).
+///
+/// # Safety
+/// `src..src + out.len()` must be mapped and readable.
+pub unsafe fn copy_from_guest(src: *const u8, out: &mut [u8]) {
+    let mut i = 0;
+    if (src as usize).is_multiple_of(8) {
+        while i + 8 <= out.len() {
+            // SAFETY: aligned and inside the caller's range.
+            let w = unsafe { std::ptr::read_volatile(src.add(i).cast::<u64>()) };
+            out[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+            i += 8;
+        }
+    }
+    while i < out.len() {
+        // SAFETY: inside the caller's range.
+        out[i] = unsafe { std::ptr::read_volatile(src.add(i)) };
+        i += 1;
     }
 }
 
@@ -184,8 +205,17 @@ pub struct PersistentGrants {
     mapper: Arc<dyn GrantMapper>,
     domid: u32,
     max: usize,
-    pages: std::collections::HashMap<u32, GrantMapping, GrefHasher>,
+    /// Each page kept, by reference, inside one of `mappings`.
+    pages: std::collections::HashMap<u32, *mut u8, GrefHasher>,
+    /// Pages are mapped a request's worth at a time, so a request whose pages were first
+    /// seen together (a frontend that reuses each slot's pages) finds them side by side:
+    /// one contiguous buffer, which a plugin can hand to one system call.
+    mappings: Vec<GrantMapping>,
 }
+
+// SAFETY: the page pointers point into `mappings`, owned alongside them and only unmapped
+// when the cache is cleared or dropped; the cache is used by one thread at a time.
+unsafe impl Send for PersistentGrants {}
 
 /// A hash for grant references, looked up once per segment (256 per 1 MiB request), where
 /// SipHash costs several percent of a large read. The key comes from the guest, so the
@@ -250,22 +280,54 @@ impl PersistentGrants {
             domid,
             max,
             pages: std::collections::HashMap::with_hasher(GrefHasher::random()),
+            mappings: Vec::new(),
         }
     }
 
     /// The page of `gref`, mapped read-write on first use and kept; `Ok(None)` when the cache
     /// is full and `gref` is not in it.
     pub fn page(&mut self, gref: u32) -> Result<Option<*mut u8>, GrantError> {
-        if let Some(m) = self.pages.get(&gref) {
-            return Ok(Some(m.as_ptr()));
+        let mut out = [std::ptr::null_mut()];
+        Ok(self.pages_of(&[gref], &mut out)?.then_some(out[0]))
+    }
+
+    /// The pages of `grefs` into `out` (same length), those not yet held mapped read-write
+    /// together in one mapping and kept; `Ok(false)` when they do not all fit in the cache.
+    pub fn pages_of(&mut self, grefs: &[u32], out: &mut [*mut u8]) -> Result<bool, GrantError> {
+        let mut missing = [0u32; 256];
+        let mut n = 0;
+        for (gref, slot) in grefs.iter().zip(out.iter_mut()) {
+            match self.pages.get(gref) {
+                Some(&p) => *slot = p,
+                None => {
+                    *slot = std::ptr::null_mut();
+                    // A reference listed twice in one request is mapped once.
+                    if !missing[..n].contains(gref) {
+                        if n == missing.len() || self.pages.len() + n >= self.max {
+                            return Ok(false);
+                        }
+                        missing[n] = *gref;
+                        n += 1;
+                    }
+                }
+            }
         }
-        if self.pages.len() >= self.max {
-            return Ok(None);
+        if n == 0 {
+            return Ok(true);
         }
-        let m = self.mapper.map(self.domid, &[gref], true)?;
-        let p = m.as_ptr();
-        self.pages.insert(gref, m);
-        Ok(Some(p))
+        let m = self.mapper.map(self.domid, &missing[..n], true)?;
+        for (i, gref) in missing[..n].iter().enumerate() {
+            // SAFETY: page i of an n-page mapping.
+            self.pages
+                .insert(*gref, unsafe { m.as_ptr().add(i * 4096) });
+        }
+        self.mappings.push(m);
+        for (gref, slot) in grefs.iter().zip(out.iter_mut()) {
+            if slot.is_null() {
+                *slot = self.pages[gref];
+            }
+        }
+        Ok(true)
     }
 
     /// Pages held.
@@ -281,5 +343,26 @@ impl PersistentGrants {
     /// Unmaps everything (at disconnect).
     pub fn clear(&mut self) {
         self.pages.clear();
+        self.mappings.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_copies_are_exact_at_any_alignment_and_length() {
+        let src: Vec<u64> = (0..13u64).map(|i| i * 0x0101_0101_0101_0101).collect();
+        let base = src.as_ptr().cast::<u8>();
+        let all: Vec<u8> = src.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        for start in 0..9 {
+            for len in [0, 1, 7, 8, 9, 31, 64] {
+                let mut out = vec![0xaa; len];
+                // SAFETY: start + len <= 104 bytes, inside `src`.
+                unsafe { copy_from_guest(base.add(start), &mut out) };
+                assert_eq!(out, &all[start..start + len], "start {start}, len {len}");
+            }
+        }
     }
 }

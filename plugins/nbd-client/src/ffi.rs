@@ -42,6 +42,8 @@ extern "C" {
     pub fn nbd_close(h: *mut NbdHandle);
     pub fn nbd_get_error() -> *const c_char;
     pub fn nbd_get_errno() -> c_int;
+    pub fn nbd_set_request_structured_replies(h: *mut NbdHandle, request: bool) -> c_int;
+    pub fn nbd_set_pread_initialize(h: *mut NbdHandle, request: bool) -> c_int;
     pub fn nbd_aio_connect_uri(h: *mut NbdHandle, uri: *const c_char) -> c_int;
     pub fn nbd_poll(h: *mut NbdHandle, timeout_ms: c_int) -> c_int;
     pub fn nbd_aio_is_connecting(h: *mut NbdHandle) -> c_int;
