@@ -41,7 +41,7 @@ mod sys;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::*;
 
@@ -149,10 +149,23 @@ struct InFlight {
     /// The submission's buffers with adjacent ones merged: librbd copies between its
     /// buffers and each iovec, and pays per iovec.
     iov: Vec<libc::iovec>,
-    /// What the guest gets if it fails: "rbd pool/image: read at OFF+LEN".
-    what: String,
+    /// For the message if it fails ("rbd pool/image: read at OFF+LEN"), put together only
+    /// then: a string per request would be built on the ring thread for nothing.
+    name: Arc<str>,
+    verb: &'static str,
+    offset: u64,
     len: usize,
     io_timeout: u64,
+}
+
+impl InFlight {
+    /// "rbd pool/image: read at OFF+LEN".
+    fn what(&self) -> String {
+        format!(
+            "rbd {}: {} at {}+{}",
+            self.name, self.verb, self.offset, self.len
+        )
+    }
 }
 
 /// The buffers as iovecs, adjacent ones merged into one.
@@ -197,12 +210,12 @@ unsafe extern "C" fn submission_done(c: sys::rbd_completion_t, arg: *mut c_void)
         };
         Err(Error::io(
             errno,
-            format!("{}: {}{hint}", op.what, strerror(errno)),
+            format!("{}: {}{hint}", op.what(), strerror(errno)),
         ))
     } else if op.sub.op() == SubmitOp::Read && r as usize != op.len {
         Err(Error::io(
             libc::EIO,
-            format!("{}: librbd returned {r} bytes", op.what),
+            format!("{}: librbd returned {r} bytes", op.what(),),
         ))
     } else {
         Ok(())
@@ -223,7 +236,7 @@ struct SizeCache {
 pub struct RbdDisk {
     h: Handles,
     /// `pool/image[@snapshot]`, for messages.
-    name: String,
+    name: Arc<str>,
     info: DiskInfo,
     /// A snapshot's size never changes: no refresh.
     fixed_size: bool,
@@ -335,7 +348,9 @@ impl Disk for RbdDisk {
         let mut c = ptr::null_mut();
         let iov = merged_iovecs(submission.raw());
         let op = Box::new(InFlight {
-            what: format!("rbd {}: {verb} at {offset}+{len}", self.name),
+            name: self.name.clone(),
+            verb,
+            offset,
             len,
             io_timeout: self.io_timeout,
             iov,
@@ -611,7 +626,7 @@ impl Plugin for CephRbd {
 
         let mut disk = RbdDisk {
             h,
-            name,
+            name: name.into(),
             info: DiskInfo::new(0)
                 .physical_sector_size(4096)
                 .read_only(read_only)

@@ -562,17 +562,25 @@ impl Plugin for NbdClientPlugin {
         }
         let conns: Vec<std::sync::Arc<Conn>> = conns.into_iter().map(std::sync::Arc::new).collect();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let readers = conns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let (c, stop) = (c.clone(), stop.clone());
-                std::thread::Builder::new()
-                    .name(format!("nbd-reader-{i}"))
-                    .spawn(move || c.run_reader(&stop))
-                    .map_err(|e| Error::from(e).context("nbd-client: reader thread"))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut readers = Vec::with_capacity(conns.len());
+        for (i, c) in conns.iter().enumerate() {
+            let (c2, stop2) = (c.clone(), stop.clone());
+            match std::thread::Builder::new()
+                .name(format!("nbd-reader-{i}"))
+                .spawn(move || c2.run_reader(&stop2))
+            {
+                Ok(r) => readers.push(r),
+                Err(e) => {
+                    // The readers already running stop before the connections close.
+                    stop.store(true, std::sync::atomic::Ordering::Release);
+                    conns.iter().for_each(|c| c.nudge());
+                    readers.into_iter().for_each(|r| {
+                        let _ = r.join();
+                    });
+                    return Err(Error::from(e).context("nbd-client: reader thread"));
+                }
+            }
+        }
         Ok(NbdDisk {
             conns,
             info,
