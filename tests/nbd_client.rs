@@ -124,17 +124,19 @@ fn run_ok(cmd: &mut Command) {
 }
 
 fn sim(dir: &str, server: &Server, file: &Path) {
+    sim_with(dir, server, &[], file);
+}
+
+/// `sim` with more plugin configuration (`key=value` pairs).
+fn sim_with(dir: &str, server: &Server, config: &[&str], file: &Path) {
     let flag = if dir == "write" { "--in" } else { "--out" };
     let cfg = server.config();
-    let o = host(&[
-        "sim",
-        dir,
-        "nbd-client",
-        "-c",
-        &cfg,
-        flag,
-        file.to_str().unwrap(),
-    ]);
+    let mut args = vec!["sim", dir, "nbd-client", "-c", &cfg];
+    for c in config {
+        args.extend(["-c", c]);
+    }
+    args.extend([flag, file.to_str().unwrap()]);
+    let o = host(&args);
     assert!(o.status.success(), "sim {dir}: {}", stderr(&o));
 }
 
@@ -230,18 +232,8 @@ fn sparse_reads_are_exact_with_and_without_structured_replies() {
     let server = Server::qemu_nbd(&t, &qcow2);
     for structured in ["true", "false"] {
         let got = t.join(&format!("read-{structured}.raw"));
-        let o = host(&[
-            "sim",
-            "read",
-            "nbd-client",
-            "-c",
-            &server.config(),
-            "-c",
-            &format!("structured-replies={structured}"),
-            "--out",
-            got.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "sim read: {}", stderr(&o));
+        let key = format!("structured-replies={structured}");
+        sim_with("read", &server, &[&key], &got);
         same(&got, &raw, &format!("structured-replies={structured}"));
     }
 }

@@ -181,7 +181,7 @@ fn prepare(
                 return Err("indirect pages too short for their segments".into());
             }
             let bytes = &mut list_bytes[..need];
-            read_indirect_pages(guest, cache, &grefs[..pages], bytes)?;
+            read_indirect_pages(guest.grants, guest.domid, cache, &grefs[..pages], bytes)?;
             validate_indirect_segments(bytes, nr_segments, sector_number, guest.limits, scratch)
                 .map_err(|r| r.reason)?;
             let m = map_segments(guest, cache, op, scratch, bufs)?;
@@ -198,7 +198,8 @@ const INDIRECT_LIST_BYTES: usize = BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * XEN_PA
 /// the same pool as its data pages, as Linux blkfront does): no mapping per request. A page
 /// the cache cannot hold (full, or granted read-only) is mapped read-only for this request.
 fn read_indirect_pages(
-    guest: &Guest<'_>,
+    grants: &dyn GrantMapper,
+    domid: u32,
     cache: &mut Option<PersistentGrants>,
     grefs: &[u32],
     out: &mut [u8],
@@ -210,9 +211,8 @@ fn read_indirect_pages(
             // chunk is at most a page.
             Some(page) => unsafe { copy_from_guest(page, chunk) },
             None => {
-                let m = guest
-                    .grants
-                    .map(guest.domid, std::slice::from_ref(gref), false)
+                let m = grants
+                    .map(domid, std::slice::from_ref(gref), false)
                     .map_err(|e| e.to_string())?;
                 if !m.copy_out(0, chunk) {
                     return Err("indirect pages".into());
@@ -614,18 +614,15 @@ mod tests {
     fn indirect_lists_come_from_the_cache_or_a_read_only_mapping() {
         let dom = SimDomain::new(5, 4, 1).unwrap();
         let back: Arc<dyn GrantMapper> = Arc::new(dom.backend(0));
-        let limits = limits_for_test();
-        let guest = Guest {
-            grants: &*back,
-            domid: 5,
-            limits: &limits,
+        let read = |cache: &mut Option<PersistentGrants>, grefs: &[u32], out: &mut [u8]| {
+            read_indirect_pages(&*back, 5, cache, grefs, out)
         };
         let (a, a_bytes) = granted_page(&dom, 0, false);
         // A list page granted read-only cannot join the (read-write) cache: mapped per request.
         let (b, b_bytes) = granted_page(&dom, 1, true);
         let mut cache = Some(PersistentGrants::new(back.clone(), 5, 16));
         let mut out = vec![0u8; XEN_PAGE_SIZE + 100];
-        read_indirect_pages(&guest, &mut cache, &[a, b], &mut out).unwrap();
+        read(&mut cache, &[a, b], &mut out).unwrap();
         assert_eq!(&out[..XEN_PAGE_SIZE], &a_bytes[..]);
         assert_eq!(&out[XEN_PAGE_SIZE..], &b_bytes[..100]);
         assert_eq!(
@@ -635,10 +632,10 @@ mod tests {
         );
         // Without persistent grants every page is mapped for the request.
         let mut out2 = vec![0u8; XEN_PAGE_SIZE + 100];
-        read_indirect_pages(&guest, &mut None, &[a, b], &mut out2).unwrap();
+        read(&mut None, &[a, b], &mut out2).unwrap();
         assert_eq!(out, out2);
         // A reference the guest never granted fails the request.
-        assert!(read_indirect_pages(&guest, &mut cache, &[999], &mut out2[..8]).is_err());
+        assert!(read(&mut cache, &[999], &mut out2[..8]).is_err());
     }
 
     #[test]
@@ -672,17 +669,5 @@ mod tests {
         let mut c2 = PersistentGrants::new(back, 6, 16);
         assert!(c2.pages_of(&[grefs[0], 999], &mut again[..2]).is_err());
         assert!(c2.is_empty());
-    }
-
-    fn limits_for_test() -> Limits {
-        Limits {
-            sectors: 1 << 20,
-            logical_sector_size: 512,
-            read_only: false,
-            flush: true,
-            discard: false,
-            discard_secure: false,
-            max_indirect_segments: 256,
-        }
     }
 }

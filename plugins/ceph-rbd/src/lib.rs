@@ -146,9 +146,6 @@ impl Drop for Completion {
 /// A submission in flight: owned by librbd's callback from submission to completion.
 struct InFlight {
     sub: Submission,
-    /// The submission's buffers with adjacent ones merged: librbd copies between its
-    /// buffers and each iovec, and pays per iovec.
-    iov: Vec<libc::iovec>,
     /// For the message if it fails ("rbd pool/image: read at OFF+LEN"), put together only
     /// then: a string per request would be built on the ring thread for nothing.
     name: Arc<str>,
@@ -166,25 +163,6 @@ impl InFlight {
             self.name, self.verb, self.offset, self.len
         )
     }
-}
-
-/// The buffers as iovecs, adjacent ones merged into one.
-fn merged_iovecs(bufs: &[RawBuf]) -> Vec<libc::iovec> {
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len());
-    for b in bufs {
-        match iov.last_mut() {
-            Some(last)
-                if (last.iov_base as usize).wrapping_add(last.iov_len) == b.base as usize =>
-            {
-                last.iov_len += b.len;
-            }
-            _ => iov.push(libc::iovec {
-                iov_base: b.base.cast(),
-                iov_len: b.len,
-            }),
-        }
-    }
-    iov
 }
 
 /// librbd's completion thread: answers the submission and releases the completion.
@@ -215,7 +193,7 @@ unsafe extern "C" fn submission_done(c: sys::rbd_completion_t, arg: *mut c_void)
     } else if op.sub.op() == SubmitOp::Read && r as usize != op.len {
         Err(Error::io(
             libc::EIO,
-            format!("{}: librbd returned {r} bytes", op.what(),),
+            format!("{}: librbd returned {r} bytes", op.what()),
         ))
     } else {
         Ok(())
@@ -346,19 +324,20 @@ impl Disk for RbdDisk {
             "write"
         };
         let mut c = ptr::null_mut();
-        let iov = merged_iovecs(submission.raw());
         let op = Box::new(InFlight {
             name: self.name.clone(),
             verb,
             offset,
             len,
             io_timeout: self.io_timeout,
-            iov,
             sub: submission,
         });
-        // The iovecs live in the box, which stays put until completion; they point into the
-        // submission's buffers.
-        let (iov, cnt) = (op.iov.as_ptr(), op.iov.len() as c_int);
+        // The submission's buffer list lives in the box, which stays put until completion;
+        // RawBuf has iovec's layout.
+        let (iov, cnt) = (
+            op.sub.raw().as_ptr() as *const libc::iovec,
+            op.sub.raw().len() as c_int,
+        );
         let is_read = op.sub.op() == SubmitOp::Read;
         let arg = Box::into_raw(op) as *mut c_void;
         // SAFETY: arg is handed to the callback, which frees it exactly once.
@@ -723,27 +702,3 @@ fn conf_get(cluster: sys::rados_t, option: &str) -> Option<String> {
 }
 
 export_plugin!(CephRbd);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adjacent_buffers_become_one_iovec() {
-        let mut mem = vec![0u8; 5 * 4096];
-        let (a, rest) = mem.split_at_mut(4096);
-        let (b, rest) = rest.split_at_mut(4096);
-        let (_, d) = rest.split_at_mut(4096);
-        let bufs = [
-            RawBuf::from_mut(a),
-            RawBuf::from_mut(b),
-            RawBuf::from_mut(d),
-        ];
-        let iov = merged_iovecs(&bufs);
-        let lens: Vec<usize> = iov.iter().map(|v| v.iov_len).collect();
-        assert_eq!(lens, [8192, 8192]);
-        assert_eq!(iov[0].iov_base as usize, bufs[0].base as usize);
-        assert_eq!(iov[1].iov_base as usize, bufs[2].base as usize);
-        assert!(merged_iovecs(&[]).is_empty());
-    }
-}

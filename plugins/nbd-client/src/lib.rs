@@ -70,9 +70,9 @@ use xen_disk_plugin_api::*;
 /// The longest trim or write-zeroes sent as one command: NBD lengths are 32-bit.
 const MAX_RANGE: u64 = 1 << 30;
 
-/// Connections opened when the server advertises multi-conn and the user did not say: one
-/// per host worker (the default is 2; more cost an idle socket each), so each caller
-/// usually has a connection to itself.
+/// Connections opened when the server advertises multi-conn and the user did not say: small
+/// requests share the first (see `NbdDisk::conn`), large transfers spread over all, whose
+/// readers then copy in parallel; more would cost an idle socket and thread each.
 const AUTO_CONNECTIONS: u64 = 4;
 
 /// Bytes in flight on a connection before the next request goes to another one.
