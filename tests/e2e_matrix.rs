@@ -24,6 +24,7 @@ fn matrix() -> Vec<(&'static str, SimOptions)> {
         persistent,
         indirect,
         workers,
+        answer_on_completion: false,
     };
     vec![
         (
@@ -294,6 +295,7 @@ fn a_guest_reboot_mid_workload_loses_nothing() {
             persistent: false,
             indirect: false,
             workers: 1,
+            answer_on_completion: false,
         };
         sim.reboot(&after).unwrap();
         assert_eq!(sim.guest_disk().unwrap().queues(), 2);
@@ -305,18 +307,26 @@ fn a_guest_reboot_mid_workload_loses_nothing() {
 }
 
 /// An asynchronous plugin (a test fixture completing requests late, on its own threads and
-/// out of order): submitted from the ring thread, answered through the completion channel,
-/// in every negotiation; a swap to it and away from it under the same guest drains what
-/// it holds.
+/// out of order): submitted from the ring thread, answered through the completion channel
+/// or, with `answer_on_completion`, by the fixture's threads themselves, in every
+/// negotiation (order 0 fills the ring, so requests wait for slots those threads free);
+/// a swap to it and away from it under the same guest drains what it holds.
 #[test]
 fn an_async_plugin_round_trips_data_in_every_negotiation() {
     let config = Config::from_pairs(&["size=32M".to_string()]).unwrap();
-    for (what, opts) in matrix() {
-        let disk = open("test-async-ram", &config, false, None);
-        assert!(disk.is_async(), "the fixture declares ThreadModel::Async");
-        let mut sim =
-            SimulatedDisk::start_with(disk, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
-        workload(&mut sim, 3, 512);
-        sim.shutdown().unwrap_or_else(|e| panic!("{what}: {e}"));
+    for answer_on_completion in [false, true] {
+        for (what, opts) in matrix() {
+            let what = format!("{what}, answer_on_completion {answer_on_completion}");
+            let opts = SimOptions {
+                answer_on_completion,
+                ..opts
+            };
+            let disk = open("test-async-ram", &config, false, None);
+            assert!(disk.is_async(), "the fixture declares ThreadModel::Async");
+            let mut sim =
+                SimulatedDisk::start_with(disk, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+            workload(&mut sim, 3, 512);
+            sim.shutdown().unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
     }
 }

@@ -54,6 +54,9 @@ pub struct SimOptions {
     pub indirect: bool,
     /// Worker threads per ring on the device (0: served on the ring thread).
     pub workers: usize,
+    /// An asynchronous plugin's completing threads answer the guest themselves (see
+    /// [`crate::backend::queue::QueueParts::answer_on_completion`]).
+    pub answer_on_completion: bool,
 }
 
 impl Default for SimOptions {
@@ -64,6 +67,7 @@ impl Default for SimOptions {
             persistent: true,
             indirect: true,
             workers: 2,
+            answer_on_completion: false,
         }
     }
 }
@@ -350,6 +354,7 @@ impl SimulatedDisk {
             workers: opts.workers,
             remove_entries: true,
             poll: Duration::ZERO,
+            answer_on_completion: opts.answer_on_completion,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();

@@ -83,6 +83,7 @@ impl Host {
             workers: 2,
             remove_entries: true,
             poll: Duration::ZERO,
+            answer_on_completion: false,
         };
         let platform = Platform {
             grants: self.machine.clone(),

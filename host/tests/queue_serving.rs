@@ -13,6 +13,7 @@ use xen_disk_host::blkif::request::{Limits, Request, Segment};
 use xen_disk_host::blkif::ring::BackRing;
 use xen_disk_host::frontend::pages::{DataPage, DataPages};
 use xen_disk_host::frontend::FrontQueue;
+use xen_disk_host::plugin::GuardedDisk;
 use xen_disk_host::xen::evtchn::EventChannels;
 use xen_disk_host::xen::grant::GrantMapper;
 use xen_disk_host::xen::sim::hypervisor::SimDomain;
@@ -33,6 +34,15 @@ fn start() -> Harness {
 }
 
 fn start_with(persistent: bool, workers: usize) -> Harness {
+    start_on(common::ram_disk(SIZE), persistent, workers, false)
+}
+
+fn start_on(
+    disk: Arc<GuardedDisk>,
+    persistent: bool,
+    workers: usize,
+    answer_on_completion: bool,
+) -> Harness {
     let dom = SimDomain::new(GUEST, 512, 2).unwrap();
     let q = FrontQueue::new(dom.clone(), 0, 0, 2, Protocol::X86_64, 0).unwrap();
     let pages = DataPages::new(dom.clone(), 0, 8, 400, persistent).unwrap();
@@ -52,7 +62,6 @@ fn start_with(persistent: bool, workers: usize) -> Harness {
         discard_secure: false,
         max_indirect_segments: 256,
     };
-    let disk = common::ram_disk(SIZE);
     let parts = QueueParts {
         ring,
         ring_mapping,
@@ -64,6 +73,7 @@ fn start_with(persistent: bool, workers: usize) -> Harness {
         persistent,
         // Polling exercises the spin path; the other tests sleep at once.
         poll: std::time::Duration::from_micros(if workers == 0 { 20 } else { 0 }),
+        answer_on_completion,
     };
     let (stop, stats) = (
         Arc::new(AtomicBool::new(false)),
@@ -100,8 +110,60 @@ fn data_goes_through_a_queue_serving_on_its_ring_thread() {
     data_round_trip(true, 0);
 }
 
+/// An asynchronous plugin's completions, answered by the ring thread or, when asked, by
+/// the completing threads themselves; a barrier behind them (held until they are all
+/// answered) still runs.
+#[test]
+fn async_completions_are_answered_by_the_ring_or_the_completing_thread() {
+    for answer_on_completion in [false, true] {
+        let h = start_on(common::async_ram_disk(SIZE), true, 2, answer_on_completion);
+        let h = round_trip_on(h);
+        let inline = h.stats.answered_on_completion.load(Ordering::Relaxed);
+        if answer_on_completion {
+            assert!(inline > 0, "no completion answered on its own thread");
+        } else {
+            assert_eq!(inline, 0);
+        }
+        finish_with_a_barrier(h);
+    }
+}
+
+/// Eight asynchronous writes, then a barrier write: the barrier waits for them all.
+fn finish_with_a_barrier(mut h: Harness) {
+    let mut lent = Vec::new();
+    for w in 0..9u64 {
+        let p = h.pages.take(true).unwrap();
+        assert!(h.pages.fill(p, 0, &[w as u8 + 1; 4096]));
+        let op = if w == 8 {
+            BLKIF_OP_WRITE_BARRIER
+        } else {
+            BLKIF_OP_WRITE
+        };
+        let seg = Segment {
+            gref: p.gref,
+            first_sect: 0,
+            last_sect: 7,
+        };
+        h.q.submit_rw(op, 4096 + w * 8, &[seg]).unwrap();
+        lent.push(p);
+    }
+    h.q.kick().unwrap();
+    let done = h.q.collect(9, Duration::from_secs(10)).unwrap();
+    assert_eq!(done.len(), 9);
+    assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY));
+    h.stop.store(true, Ordering::Relaxed);
+    h.thread.join().unwrap().unwrap();
+}
+
 fn data_round_trip(persistent: bool, workers: usize) {
-    let mut h = start_with(persistent, workers);
+    let h = round_trip_on(start_with(persistent, workers));
+    h.stop.store(true, Ordering::Relaxed);
+    h.thread.join().unwrap().unwrap();
+    assert_eq!(h.stats.ok.load(Ordering::Relaxed), 22);
+}
+
+/// 20 writes, an indirect read of everything they wrote, and a flush; the queue keeps running.
+fn round_trip_on(mut h: Harness) -> Harness {
     // 20 writes of 8 pages each, all in flight at once.
     let mut lent = Vec::new();
     for w in 0..20usize {
@@ -167,9 +229,7 @@ fn data_round_trip(persistent: bool, workers: usize) {
             "page {i}"
         );
     }
-    h.stop.store(true, Ordering::Relaxed);
-    h.thread.join().unwrap().unwrap();
-    assert_eq!(h.stats.ok.load(Ordering::Relaxed), 22);
+    h
 }
 
 #[test]

@@ -115,6 +115,8 @@ impl Submission {
     }
 
     /// Answers the request. The buffers must not be touched afterwards (they are unmapped).
+    /// Returns within microseconds; with the host's `--answer-on-completion` it answers the
+    /// guest on this thread, so call it outside locks that `submit` takes.
     pub fn complete(mut self, result: Result<()>) {
         if let Some(done) = self.done.take() {
             done.call(result);

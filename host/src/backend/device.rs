@@ -46,6 +46,8 @@ pub struct DeviceConfig {
     pub remove_entries: bool,
     /// How long each ring thread polls before sleeping (see [`QueueParts::poll`]).
     pub poll: Duration,
+    /// See [`QueueParts::answer_on_completion`].
+    pub answer_on_completion: bool,
 }
 
 /// The platform the device maps and signals through (real or simulated).
@@ -300,6 +302,7 @@ fn connect(
                 workers: cfg.workers,
                 persistent: rings.persistent,
                 poll: cfg.poll,
+                answer_on_completion: cfg.answer_on_completion,
             })
         })();
         let parts = match started {

@@ -47,6 +47,8 @@ pub struct ServeOptions {
     pub workers: usize,
     /// Ring threads' polling before sleep (see [`crate::backend::queue::QueueParts::poll`]).
     pub poll: Duration,
+    /// See [`crate::backend::queue::QueueParts::answer_on_completion`].
+    pub answer_on_completion: bool,
 }
 
 /// A static disk, opened.
@@ -435,6 +437,7 @@ fn attach_static(
         workers: opts.workers,
         remove_entries: true,
         poll: opts.poll,
+        answer_on_completion: opts.answer_on_completion,
     };
     let dev = spawn(
         connect,
@@ -520,6 +523,7 @@ fn start_toolstack(
         workers: opts.workers,
         remove_entries: false,
         poll: opts.poll,
+        answer_on_completion: opts.answer_on_completion,
     };
     spawn(
         connect,

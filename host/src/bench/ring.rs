@@ -44,6 +44,8 @@ pub struct RingOptions {
     pub queues: usize,
     /// Ring threads' polling before sleep.
     pub poll: Duration,
+    /// See [`QueueParts::answer_on_completion`].
+    pub answer_on_completion: bool,
 }
 
 const GUEST: u32 = 1;
@@ -136,6 +138,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             workers: opts.workers,
             persistent: true,
             poll: opts.poll,
+            answer_on_completion: opts.answer_on_completion,
         };
         let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());
         servers.push(std::thread::spawn(move || serve(parts, d, s, st)));

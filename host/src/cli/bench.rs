@@ -33,6 +33,12 @@ pub struct BenchArgs {
     /// 0 sleeps at once, as `connect` and `serve` do by default (ring path).
     #[arg(long, default_value_t = 30)]
     poll_us: u64,
+    /// Let an asynchronous plugin's completing thread answer the simulated guest itself while the ring
+    /// thread sleeps, instead of waking the ring thread for it: one wake-up less per request
+    /// when completions come one at a time (ceph-rbd); worse when one busy thread completes
+    /// them in bursts (nbd-client).
+    #[arg(long)]
+    answer_on_completion: bool,
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Pattern::Randread)]
     rw: Pattern,
@@ -138,6 +144,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             workers: args.workers,
             queues: args.queues,
             poll: Duration::from_micros(args.poll_us.min(10_000)),
+            answer_on_completion: args.answer_on_completion,
         };
         run_ring(std::sync::Arc::new(disk), &ring).map_err(anyhow::Error::msg)?
     };

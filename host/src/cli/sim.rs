@@ -2,7 +2,7 @@
 
 use super::PluginArgs;
 use crate::plugin::{open_stack, GuardedDisk};
-use crate::simulation::SimulatedDisk;
+use crate::simulation::{SimOptions, SimulatedDisk};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::io::{Read, Write};
@@ -31,6 +31,10 @@ enum SimCommand {
         /// Where to put the disk's bytes.
         #[arg(long)]
         out: PathBuf,
+        /// Let an asynchronous plugin's completing threads answer the guest themselves
+        /// (as `connect --answer-on-completion`).
+        #[arg(long)]
+        answer_on_completion: bool,
     },
     /// A simulated guest copies FILE onto the disk from its start, through the full path.
     Write {
@@ -39,17 +43,25 @@ enum SimCommand {
         /// The bytes to write (at most the disk's size; a partial last sector is padded with zeroes).
         #[arg(long = "in")]
         input: PathBuf,
+        /// Let an asynchronous plugin's completing threads answer the guest themselves
+        /// (as `connect --answer-on-completion`).
+        #[arg(long)]
+        answer_on_completion: bool,
     },
 }
 
 /// Bytes moved per step (the guest keeps 4 requests of 1 MiB in flight within it).
 const STEP: usize = 16 << 20;
 
-fn start(plugin: &PluginArgs) -> Result<SimulatedDisk> {
+fn start(plugin: &PluginArgs, answer_on_completion: bool) -> Result<SimulatedDisk> {
     let config = plugin.config()?;
     let stack = open_stack(&plugin.plugin, &config)?;
     let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(anyhow::Error::msg)?;
-    SimulatedDisk::start(Arc::new(disk))
+    let opts = SimOptions {
+        answer_on_completion,
+        ..SimOptions::default()
+    };
+    SimulatedDisk::start_with(Arc::new(disk), &opts)
         .map_err(anyhow::Error::msg)
         .context("simulated guest")
 }
@@ -62,8 +74,8 @@ fn report(what: &str, bytes: u64, started: Instant) {
     );
 }
 
-fn read(plugin: PluginArgs, out: PathBuf) -> Result<i32> {
-    let mut sim = start(&plugin)?;
+fn read(plugin: PluginArgs, out: PathBuf, answer_on_completion: bool) -> Result<i32> {
+    let mut sim = start(&plugin, answer_on_completion)?;
     let mut file = std::fs::File::create(&out).with_context(|| out.display().to_string())?;
     let size = sim.size();
     let mut buf = vec![0u8; STEP];
@@ -81,13 +93,13 @@ fn read(plugin: PluginArgs, out: PathBuf) -> Result<i32> {
     Ok(0)
 }
 
-fn write(plugin: PluginArgs, input: PathBuf) -> Result<i32> {
+fn write(plugin: PluginArgs, input: PathBuf, answer_on_completion: bool) -> Result<i32> {
     let mut file = std::fs::File::open(&input).with_context(|| input.display().to_string())?;
     let len = file
         .metadata()
         .with_context(|| input.display().to_string())?
         .len();
-    let mut sim = start(&plugin)?;
+    let mut sim = start(&plugin, answer_on_completion)?;
     if len > sim.size() {
         bail!(
             "{}: {len} bytes do not fit the {}-byte disk",
@@ -119,7 +131,15 @@ pub fn run(args: SimArgs) -> Result<i32> {
             crate::xen::sim::xenstored::run_xenstored(&socket)?;
             Ok(0)
         }
-        SimCommand::Read { plugin, out } => read(plugin, out),
-        SimCommand::Write { plugin, input } => write(plugin, input),
+        SimCommand::Read {
+            plugin,
+            out,
+            answer_on_completion,
+        } => read(plugin, out, answer_on_completion),
+        SimCommand::Write {
+            plugin,
+            input,
+            answer_on_completion,
+        } => write(plugin, input, answer_on_completion),
     }
 }

@@ -19,8 +19,11 @@
 //! Every request is one librbd asynchronous operation (`rbd_aio_readv`/`writev` straight on
 //! the guest's pages, `rbd_aio_flush`, `rbd_aio_discard`, `rbd_aio_write_zeroes`). The disk
 //! declares `ThreadModel::Async`: reads and writes arrive as submissions from the host's
-//! ring thread and librbd's completion callback answers them, so every request the guest
-//! sends is in flight at once (`--iodepth` in `bench`). Flush, discard and write-zeroes come
+//! ring thread and librbd's completion callback completes them, so every request the guest
+//! sends is in flight at once (`--iodepth` in `bench`). Run the host with
+//! `--answer-on-completion`: librbd completes requests one at a time on threads with time to
+//! spare, and answering the guest there saves the ring thread a wake-up per request (4 KiB
+//! random reads in `bench`: 0.83 → 0.92 of `rbd bench`, medians of 7 runs on 2 cores). Flush, discard and write-zeroes come
 //! from host workers, each waiting for its operation. There is no lock around librbd: an
 //! image handle takes asynchronous operations from any thread.
 //!

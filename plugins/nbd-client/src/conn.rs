@@ -7,8 +7,9 @@
 //! ```
 //!
 //! Each connection has one reader thread ([`Conn::run_reader`]) that polls the socket and
-//! runs libnbd's state machine. An asynchronous submission is answered from its callback; a
-//! blocking caller (flush, trim, a direct `read`) parks until its callback wakes it.
+//! runs libnbd's state machine. An asynchronous submission is answered once the reader's
+//! notify call returns (outside libnbd's lock); a blocking caller (flush, trim, a direct
+//! `read`) parks until its callback wakes it.
 //!
 //! Completion runs the callback pair under libnbd's lock: `callback` records the error,
 //! `free` (called exactly once, also when the submitting call fails) marks the command done
@@ -478,8 +479,26 @@ unsafe extern "C" fn on_free_async(user_data: *mut c_void) {
         }
     };
     if let Some(done) = c.done.take() {
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result)));
+        // On the reader, the answer waits until libnbd's lock is released (see TO_ANSWER).
+        let mut answer = Some((done, result));
+        let _ = TO_ANSWER.try_with(|cell| {
+            if let Ok(mut list) = cell.try_borrow_mut() {
+                if let Some(list) = list.as_mut() {
+                    list.extend(answer.take());
+                }
+            }
+        });
+        if let Some(answer) = answer {
+            run_answer(answer);
+        }
     }
+}
+
+/// An asynchronous command's completion and its result.
+type Answer = (Box<dyn FnOnce(Result<()>) + Send>, Result<()>);
+
+fn run_answer((done, result): Answer) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result)));
 }
 
 /// Where a completion is reported; one strong reference is lent to libnbd per command.
@@ -507,6 +526,11 @@ thread_local! {
     /// libnbd's lock is released, rather than under it (a woken caller that submits its
     /// next command would otherwise block on that lock at once).
     static TO_WAKE: RefCell<Option<Vec<Arc<Waiter>>>> = const { RefCell::new(None) };
+    /// Likewise, asynchronous commands to answer once libnbd's lock is released: answering
+    /// may put the response on the guest's ring right here (the host's
+    /// `--answer-on-completion`), and the ring thread's next submission must not wait for
+    /// libnbd's lock meanwhile.
+    static TO_ANSWER: RefCell<Option<Vec<Answer>>> = const { RefCell::new(None) };
 }
 
 /// Marks the command done, wakes its caller (now or after the reader's notify call) and
@@ -532,7 +556,8 @@ unsafe extern "C" fn on_free(user_data: *mut c_void) {
     }
 }
 
-/// Runs a libnbd notify call, then wakes the callers whose commands it completed.
+/// Runs a libnbd notify call, then wakes the callers and answers the submissions whose
+/// commands it completed.
 fn notify_then_wake(notify: impl FnOnce() -> c_int) {
     let started = TO_WAKE.with(|cell| {
         let mut list = cell.borrow_mut();
@@ -540,6 +565,9 @@ fn notify_then_wake(notify: impl FnOnce() -> c_int) {
         list.get_or_insert_with(Vec::new);
         !was
     });
+    if started {
+        TO_ANSWER.with(|cell| *cell.borrow_mut() = Some(Vec::new()));
+    }
     let _ = notify();
     if started {
         let woken = TO_WAKE
@@ -548,6 +576,10 @@ fn notify_then_wake(notify: impl FnOnce() -> c_int) {
         for w in woken {
             w.thread.unpark();
         }
+        let answers = TO_ANSWER
+            .with(|cell| cell.borrow_mut().take())
+            .unwrap_or_default();
+        answers.into_iter().for_each(run_answer);
     }
 }
 
