@@ -104,7 +104,7 @@ impl<D: Disk> FfiDisk for Exported<D> {
 
     fn submit(&self, op: SubmitOp, offset: u64, bufs: RSlice<'_, RawBuf>, done: FfiCompletion) {
         // SAFETY: the host's FfiDisk::submit contract: the buffers stay valid until `done`.
-        let sub = unsafe { Submission::from_raw(op, offset, bufs.to_vec(), done) };
+        let sub = unsafe { Submission::from_raw_slice(op, offset, bufs.as_slice(), done) };
         // A panic drops the submission while unwinding (or the plugin already dropped it),
         // which answers the request with an error; it never unwinds into the host.
         let _ = catch_unwind(AssertUnwindSafe(|| self.0.submit(sub)));

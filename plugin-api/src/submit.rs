@@ -34,8 +34,48 @@ pub enum SubmitOp {
 pub struct Submission {
     op: SubmitOp,
     offset: u64,
-    bufs: Vec<RawBuf>,
+    bufs: BufList,
     done: Option<FfiCompletion>,
+}
+
+/// Buffer entries kept inside the submission; longer lists go to the heap.
+const INLINE_BUFS: usize = 4;
+
+/// A submission's buffer list. Small requests (a 4 KiB read is one entry) carry theirs
+/// inline: a list allocated on the host's ring thread and freed on the plugin's completing
+/// thread costs more than the copy, for every request.
+enum BufList {
+    Inline([RawBuf; INLINE_BUFS], usize),
+    Heap(Vec<RawBuf>),
+}
+
+impl BufList {
+    fn from_slice(bufs: &[RawBuf]) -> Self {
+        if bufs.len() <= INLINE_BUFS {
+            let mut inline = [RawBuf {
+                base: std::ptr::null_mut(),
+                len: 0,
+            }; INLINE_BUFS];
+            inline[..bufs.len()].copy_from_slice(bufs);
+            BufList::Inline(inline, bufs.len())
+        } else {
+            BufList::Heap(bufs.to_vec())
+        }
+    }
+
+    fn as_slice(&self) -> &[RawBuf] {
+        match self {
+            BufList::Inline(b, n) => &b[..*n],
+            BufList::Heap(v) => v,
+        }
+    }
+
+    fn take_vec(&mut self) -> Vec<RawBuf> {
+        match std::mem::replace(self, BufList::Heap(Vec::new())) {
+            BufList::Inline(b, n) => b[..n].to_vec(),
+            BufList::Heap(v) => v,
+        }
+    }
 }
 
 // SAFETY: the buffers are guest pages the host keeps mapped until completion, whichever
@@ -57,7 +97,25 @@ impl Submission {
         Submission {
             op,
             offset,
-            bufs,
+            bufs: BufList::Heap(bufs),
+            done: Some(done),
+        }
+    }
+
+    /// As [`Submission::from_raw`], copying the buffer list (kept inline when short).
+    ///
+    /// # Safety
+    /// As [`Submission::from_raw`].
+    pub unsafe fn from_raw_slice(
+        op: SubmitOp,
+        offset: u64,
+        bufs: &[RawBuf],
+        done: FfiCompletion,
+    ) -> Self {
+        Submission {
+            op,
+            offset,
+            bufs: BufList::from_slice(bufs),
             done: Some(done),
         }
     }
@@ -88,7 +146,7 @@ impl Submission {
 
     /// Total bytes.
     pub fn len(&self) -> usize {
-        self.bufs.iter().map(|b| b.len).sum()
+        self.bufs.as_slice().iter().map(|b| b.len).sum()
     }
 
     /// True for an empty request (the host sends none).
@@ -98,20 +156,20 @@ impl Submission {
 
     /// The buffers as `struct iovec`s, for a C library that fills or sends them itself.
     pub fn raw(&self) -> &[RawBuf] {
-        &self.bufs
+        self.bufs.as_slice()
     }
 
     /// The buffers to fill, for a read.
     pub fn read_bufs(&mut self) -> Option<ReadBufs<'_>> {
         // SAFETY: the host's from_raw contract keeps them valid and ours until completion,
         // and `&mut self` makes this the only view.
-        (self.op == SubmitOp::Read).then(|| unsafe { ReadBufs::from_raw(&self.bufs) })
+        (self.op == SubmitOp::Read).then(|| unsafe { ReadBufs::from_raw(self.bufs.as_slice()) })
     }
 
     /// The buffers to store, for a write.
     pub fn write_bufs(&self) -> Option<WriteBufs<'_>> {
         // SAFETY: as in read_bufs; a write's buffers are only read.
-        (self.op != SubmitOp::Read).then(|| unsafe { WriteBufs::from_raw(&self.bufs) })
+        (self.op != SubmitOp::Read).then(|| unsafe { WriteBufs::from_raw(self.bufs.as_slice()) })
     }
 
     /// Answers the request. The buffers must not be touched afterwards (they are unmapped).
@@ -143,7 +201,7 @@ impl Submission {
     /// Takes the submission apart (the host passes it across the plugin boundary this way).
     pub fn into_parts(mut self) -> (SubmitOp, u64, Vec<RawBuf>, FfiCompletion) {
         let done = self.done.take().expect("a submission completes once");
-        (self.op, self.offset, std::mem::take(&mut self.bufs), done)
+        (self.op, self.offset, self.bufs.take_vec(), done)
     }
 }
 
@@ -159,21 +217,23 @@ impl Drop for Submission {
 }
 
 impl FfiCompletion {
-    /// A completion that runs `f` (once).
-    pub fn from_closure(f: impl FnOnce(Result<()>) + Send + 'static) -> Self {
-        type Boxed = Box<dyn FnOnce(Result<()>) + Send>;
-        extern "C" fn trampoline(ctx: *mut (), result: RResult<(), FfiError>) {
-            // SAFETY: ctx is the Box<Boxed> leaked below, and a completion is called once
+    /// A completion that runs `f` (once). One allocation: the closure, behind a trampoline
+    /// made for its type.
+    pub fn from_closure<F: FnOnce(Result<()>) + Send + 'static>(f: F) -> Self {
+        extern "C" fn trampoline<F: FnOnce(Result<()>) + Send + 'static>(
+            ctx: *mut (),
+            result: RResult<(), FfiError>,
+        ) {
+            // SAFETY: ctx is the Box<F> leaked below, and a completion is called once
             // (FfiCompletion::call consumes it).
-            let f = unsafe { Box::from_raw(ctx as *mut Boxed) };
+            let f = unsafe { Box::from_raw(ctx as *mut F) };
             let result = result.into_result().map_err(Error::from);
             // A panic must not unwind through extern "C": it is caught and dropped.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || f(result)));
         }
-        let boxed: Box<Boxed> = Box::new(Box::new(f));
         FfiCompletion {
-            ctx: Box::into_raw(boxed) as *mut (),
-            complete: trampoline,
+            ctx: Box::into_raw(Box::new(f)) as *mut (),
+            complete: trampoline::<F>,
         }
     }
 
@@ -215,6 +275,35 @@ mod tests {
         assert!(rx.recv().unwrap().is_ok());
         assert!(rx.try_recv().is_err(), "completed twice");
         assert_eq!(buf, [7; 8]);
+    }
+
+    #[test]
+    fn short_and_long_buffer_lists_read_and_take_apart_alike() {
+        for n in [1usize, INLINE_BUFS, INLINE_BUFS + 3] {
+            let mut mem = vec![0u8; n * 8];
+            let list: Vec<RawBuf> = mem.chunks_mut(8).map(RawBuf::from_mut).collect();
+            let (tx, rx) = mpsc::channel();
+            // SAFETY: `mem` outlives the submission, completed below.
+            let mut s = unsafe {
+                Submission::from_raw_slice(
+                    SubmitOp::Read,
+                    0,
+                    &list,
+                    FfiCompletion::from_closure(move |r| {
+                        let _ = tx.send(r);
+                    }),
+                )
+            };
+            assert_eq!(s.len(), n * 8);
+            assert_eq!(s.raw().len(), n);
+            assert!(s.raw().iter().zip(&list).all(|(a, b)| a.base == b.base));
+            s.read_bufs().unwrap().fill(3);
+            let (_, _, back, done) = s.into_parts();
+            assert_eq!(back.len(), n);
+            done.call(Ok(()));
+            assert!(rx.recv().unwrap().is_ok());
+            assert!(mem.iter().all(|&b| b == 3), "{n} buffers");
+        }
     }
 
     #[test]

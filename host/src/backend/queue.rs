@@ -24,6 +24,7 @@ use crate::blkif::ring::{BackRing, Response, RingError};
 use crate::plugin::GuardedDisk;
 use crate::xen::evtchn::EventChannel;
 use crate::xen::grant::{copy_from_guest, GrantMapper, GrantMapping, PersistentGrants};
+use crossbeam_channel::Sender;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -353,6 +354,62 @@ impl Answering {
     }
 }
 
+/// What an asynchronous plugin's completions need of their queue, behind one reference
+/// per request in flight (each reference is an atomic add on the ring thread and a subtract
+/// on the completing thread, on a cache line both touch).
+struct Completer {
+    slots: Arc<SlotTable<GrantMapping>>,
+    done: Sender<u16>,
+    wake: Arc<EventFdWake>,
+    /// With [`QueueParts::answer_on_completion`]: what answering on the completing thread
+    /// needs.
+    answering: Option<InlineAnswer>,
+}
+
+/// The ring state, the event channel and the counters, for a completing thread to answer.
+struct InlineAnswer {
+    shared: Arc<Mutex<Answering>>,
+    evtchn: Arc<dyn EventChannel>,
+    stats: Arc<QueueStats>,
+}
+
+impl Completer {
+    /// Takes back slot `index`, whose submission completed with `r`: answers it here when
+    /// allowed and the ring thread sleeps, else hands it to the ring thread.
+    fn complete(&self, index: u16, r: Result<(), xen_disk_plugin_api::Error>) {
+        // SAFETY: the ring thread gave the slot away at submission and takes it back only
+        // when this completion hands it back (below).
+        let slot = unsafe { self.slots.slot(index) };
+        slot.status = status_of(&r);
+        if let Some(InlineAnswer {
+            shared,
+            evtchn,
+            stats,
+        }) = &self.answering
+        {
+            // The ring thread sleeps (it holds the lock while awake): answer here rather than
+            // wake it for one response.
+            if let Ok(mut st) = shared.try_lock() {
+                // SAFETY: this completion owns the slot until it is answered.
+                unsafe { st.finish(&self.slots, index, stats) };
+                stats.answered_on_completion.fetch_add(1, Ordering::Relaxed);
+                let notify = st.ring.push_responses();
+                let wake_ring = st.waiting_for_slot;
+                drop(st);
+                if notify {
+                    let _ = evtchn.notify();
+                }
+                if wake_ring {
+                    self.wake.wake();
+                }
+                return;
+            }
+        }
+        let _ = self.done.send(index);
+        self.wake.wake();
+    }
+}
+
 fn lock_answering(m: &Mutex<Answering>) -> MutexGuard<'_, Answering> {
     // A completing thread that panicked under the lock left the ring as consistent as any
     // other moment: nothing in it is half-written between two statements that matter.
@@ -436,7 +493,16 @@ pub fn serve(
     let mut scratch = Vec::new();
     let mut list_bytes = Box::new([0u8; INDIRECT_LIST_BYTES]);
     let mut held: Option<Request> = None;
-    let async_done = workers.completions_sender(0);
+    let completer = Arc::new(Completer {
+        slots: slots.clone(),
+        done: workers.completions_sender(0),
+        wake: wake.clone(),
+        answering: answer_on_completion.then(|| InlineAnswer {
+            shared: shared.clone(),
+            evtchn: evtchn.clone(),
+            stats: stats.clone(),
+        }),
+    });
     let result = loop {
         // Held while awake: a completing thread answers only while this thread sleeps.
         let mut guard = lock_answering(&shared);
@@ -545,38 +611,12 @@ pub fn serve(
                         SubmitOp::Write
                     };
                     let (offset, bufs) = (slot.offset, slot.bufs.clone());
-                    let (table, done, waker) = (slots.clone(), async_done.clone(), wake.clone());
-                    let answering = answer_on_completion
-                        .then(|| (shared.clone(), evtchn.clone(), stats.clone()));
+                    let completer = completer.clone();
                     let complete = move |r: Result<(), xen_disk_plugin_api::Error>| {
                         if let Err(e) = &r {
                             tracing::debug!(offset, "request failed: {e}");
                         }
-                        // SAFETY: the ring thread gave the slot away at submission and takes
-                        // it back only when this completion hands it back (below).
-                        let slot = unsafe { table.slot(index) };
-                        slot.status = status_of(&r);
-                        if let Some((shared, evtchn, stats)) = &answering {
-                            // The ring thread sleeps (it holds the lock while awake): answer
-                            // here rather than wake it for one response.
-                            if let Ok(mut st) = shared.try_lock() {
-                                // SAFETY: this completion owns the slot until it is answered.
-                                unsafe { st.finish(&table, index, stats) };
-                                stats.answered_on_completion.fetch_add(1, Ordering::Relaxed);
-                                let notify = st.ring.push_responses();
-                                let wake_ring = st.waiting_for_slot;
-                                drop(st);
-                                if notify {
-                                    let _ = evtchn.notify();
-                                }
-                                if wake_ring {
-                                    waker.wake();
-                                }
-                                return;
-                            }
-                        }
-                        let _ = done.send(index);
-                        waker.wake();
+                        completer.complete(index, r);
                     };
                     // SAFETY: the buffers point into mappings the slot holds (and the slot
                     // table, kept alive by the completion, keeps) until the completion runs;

@@ -269,24 +269,25 @@ impl Conn {
     /// let go of every buffer the command uses (on the reader's thread, or here when the
     /// command cannot be sent). The caller keeps those buffers alive until then, and `self`
     /// outlives every command (the disk is dropped with none outstanding).
-    pub fn start_async(
+    pub fn start_async<F: FnOnce(Result<()>) + Send + 'static>(
         &self,
         what: &'static str,
         bytes: u64,
         submit: impl FnOnce(Handle, CompletionCallback) -> i64,
-        done: Box<dyn FnOnce(Result<()>) + Send>,
+        done: F,
     ) {
         let ctx = Box::new(AsyncCommand {
             conn: self as *const Conn,
             what,
             bytes,
             error: AtomicI32::new(NOT_COMPLETED),
+            result: Ok(()),
             done: Some(done),
         });
         let cb = CompletionCallback {
-            callback: Some(on_complete_async),
+            callback: Some(on_complete_async::<F>),
             user_data: Box::into_raw(ctx) as *mut c_void,
-            free: Some(on_free_async),
+            free: Some(on_free_async::<F>),
         };
         if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
             self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
@@ -437,37 +438,55 @@ impl Drop for Pending<'_> {
 /// `error` of a command libnbd freed without completing (it could not be sent).
 const NOT_COMPLETED: i32 = -1;
 
-/// An asynchronous command's context, owned by libnbd from submission to `free`.
-struct AsyncCommand {
+/// An asynchronous command's context, owned by libnbd from submission to `free`: the
+/// completion lives in it (one allocation per command).
+struct AsyncCommand<F> {
     conn: *const Conn,
     what: &'static str,
     bytes: u64,
     error: AtomicI32,
-    done: Option<Box<dyn FnOnce(Result<()>) + Send>>,
+    result: Result<()>,
+    done: Option<F>,
+}
+
+/// A freed command whose completion is still to run.
+trait Answer {
+    /// Runs the completion with the recorded result. Never panics.
+    fn answer(self: Box<Self>);
+}
+
+impl<F: FnOnce(Result<()>) + Send> Answer for AsyncCommand<F> {
+    fn answer(mut self: Box<Self>) {
+        if let Some(done) = self.done.take() {
+            let result = std::mem::replace(&mut self.result, Ok(()));
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result)));
+        }
+    }
 }
 
 /// Records an asynchronous command's result (under libnbd's lock: no libnbd call).
-unsafe extern "C" fn on_complete_async(user_data: *mut c_void, error: *mut c_int) -> c_int {
-    // SAFETY: user_data is the Box<AsyncCommand> given in start_async, owned by libnbd until
-    // on_free_async; error points to libnbd's int for this call.
+unsafe extern "C" fn on_complete_async<F>(user_data: *mut c_void, error: *mut c_int) -> c_int {
+    // SAFETY: user_data is the Box<AsyncCommand<F>> given in start_async, owned by libnbd
+    // until on_free_async; error points to libnbd's int for this call.
     unsafe {
-        let c = &*(user_data as *const AsyncCommand);
+        let c = &*(user_data as *const AsyncCommand<F>);
         c.error.store(*error, Ordering::Release);
     }
     1
 }
 
-/// Answers an asynchronous command once libnbd is done with its buffers. Never panics into
-/// C: the answer runs under catch_unwind.
-unsafe extern "C" fn on_free_async(user_data: *mut c_void) {
+/// Answers an asynchronous command once libnbd is done with its buffers: on the reader,
+/// after its notify call releases libnbd's lock (see TO_ANSWER); elsewhere at once. Never
+/// panics into C: the answer runs under catch_unwind.
+unsafe extern "C" fn on_free_async<F: FnOnce(Result<()>) + Send + 'static>(user_data: *mut c_void) {
     // SAFETY: libnbd calls free exactly once with the pointer from Box::into_raw.
-    let mut c = unsafe { Box::from_raw(user_data as *mut AsyncCommand) };
+    let mut c = unsafe { Box::from_raw(user_data as *mut AsyncCommand<F>) };
     // SAFETY: the connection outlives its commands (see start_async).
     let conn = unsafe { &*c.conn };
     conn.progress_ns.store(conn.now_ns(), Ordering::Relaxed);
     conn.pending.fetch_sub(1, Ordering::AcqRel);
     conn.pending_bytes.fetch_sub(c.bytes, Ordering::Relaxed);
-    let result = match c.error.load(Ordering::Acquire) {
+    c.result = match c.error.load(Ordering::Acquire) {
         0 => Ok(()),
         NOT_COMPLETED => {
             let (errno, msg) = last_error();
@@ -478,27 +497,17 @@ unsafe extern "C" fn on_free_async(user_data: *mut c_void) {
             Err(conn.error(errno, c.what, &text))
         }
     };
-    if let Some(done) = c.done.take() {
-        // On the reader, the answer waits until libnbd's lock is released (see TO_ANSWER).
-        let mut answer = Some((done, result));
-        let _ = TO_ANSWER.try_with(|cell| {
-            if let Ok(mut list) = cell.try_borrow_mut() {
-                if let Some(list) = list.as_mut() {
-                    list.extend(answer.take());
-                }
+    let mut answer: Option<Box<dyn Answer>> = Some(c);
+    let _ = TO_ANSWER.try_with(|cell| {
+        if let Ok(mut list) = cell.try_borrow_mut() {
+            if let Some(list) = list.as_mut() {
+                list.extend(answer.take());
             }
-        });
-        if let Some(answer) = answer {
-            run_answer(answer);
         }
+    });
+    if let Some(answer) = answer {
+        answer.answer();
     }
-}
-
-/// An asynchronous command's completion and its result.
-type Answer = (Box<dyn FnOnce(Result<()>) + Send>, Result<()>);
-
-fn run_answer((done, result): Answer) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result)));
 }
 
 /// Where a completion is reported; one strong reference is lent to libnbd per command.
@@ -530,7 +539,7 @@ thread_local! {
     /// may put the response on the guest's ring right here (the host's
     /// `--answer-on-completion`), and the ring thread's next submission must not wait for
     /// libnbd's lock meanwhile.
-    static TO_ANSWER: RefCell<Option<Vec<Answer>>> = const { RefCell::new(None) };
+    static TO_ANSWER: RefCell<Option<Vec<Box<dyn Answer>>>> = const { RefCell::new(None) };
 }
 
 /// Marks the command done, wakes its caller (now or after the reader's notify call) and
@@ -579,7 +588,7 @@ fn notify_then_wake(notify: impl FnOnce() -> c_int) {
         let answers = TO_ANSWER
             .with(|cell| cell.borrow_mut().take())
             .unwrap_or_default();
-        answers.into_iter().for_each(run_answer);
+        answers.into_iter().for_each(|a| a.answer());
     }
 }
 

@@ -209,8 +209,10 @@ impl NbdDisk {
         };
         let (ptr, n) = (target.ptr, target.len);
         let op = sub.op();
-        let spare = self.spare.clone();
-        let done = Box::new(move |r: Result<()>| {
+        // Only a bounced request returns its buffer to the pool (the common, direct one
+        // takes no reference: each is an atomic add here and a subtract on the reader).
+        let spare = target.bounce.as_ref().map(|_| self.spare.clone());
+        let done = move |r: Result<()>| {
             let target = target;
             if let (Ok(()), Some(b), SubmitOp::Read) = (&r, &target.bounce, op) {
                 if let Some(mut bufs) = sub.read_bufs() {
@@ -218,12 +220,14 @@ impl NbdDisk {
                 }
             }
             sub.complete(r.map_err(|e| e.context(format!("offset {offset}, {len} bytes"))));
-            if let (Some(b), Ok(mut s)) = (target.bounce, spare.lock()) {
-                if s.len() < 64 {
-                    s.push(b);
+            if let (Some(b), Some(spare)) = (target.bounce, spare) {
+                if let Ok(mut s) = spare.lock() {
+                    if s.len() < 64 {
+                        s.push(b);
+                    }
                 }
             }
-        });
+        };
         let conn = self.conn(n as u64);
         match op {
             // SAFETY: h is live; ptr is valid for writes of n bytes (the guest's pages or the
