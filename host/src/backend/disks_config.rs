@@ -8,6 +8,7 @@
 //! sector-size = 4096           # optional: present 4096-byte logical sectors
 //! queues = 2                   # optional: at most this many rings
 //! vbd = "xvdb"                 # optional: guest device (default: the next free one)
+//! answer-on-completion = true  # optional: as `serve --answer-on-completion`, for this disk
 //! [disk.plugin-config]         # the same table `-c key=value` builds
 //! path = "/images/gold.img"
 //! shared = false
@@ -73,6 +74,8 @@ pub struct DiskSpec {
     pub queues: Option<u32>,
     /// Guest device, if fixed.
     pub vbd: Option<Vbd>,
+    /// Whether completing threads answer the guest (`serve --answer-on-completion` if unset).
+    pub answer_on_completion: Option<bool>,
     /// The plugin's configuration.
     pub plugin_config: Config,
 }
@@ -84,6 +87,7 @@ const DISK_KEYS: &[&str] = &[
     "sector-size",
     "queues",
     "vbd",
+    "answer-on-completion",
     "plugin-config",
 ];
 
@@ -150,11 +154,15 @@ fn parse_disk(at: &str, value: &toml::Value) -> Result<DiskSpec, String> {
     let plugin = string("plugin")?
         .ok_or_else(|| format!("{at}: `plugin` is required"))?
         .to_string();
-    let readonly = match t.get("readonly") {
-        None => false,
-        Some(toml::Value::Boolean(b)) => *b,
-        Some(v) => return Err(format!("{at}: `readonly` must be true or false, not {v}")),
+    let boolean = |k: &str| -> Result<Option<bool>, String> {
+        match t.get(k) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(b)) => Ok(Some(*b)),
+            Some(v) => Err(format!("{at}: `{k}` must be true or false, not {v}")),
+        }
     };
+    let readonly = boolean("readonly")?.unwrap_or(false);
+    let answer_on_completion = boolean("answer-on-completion")?;
     let sector_size = number("sector-size")?;
     if let Some(s) = sector_size.filter(|s| *s != 512 && *s != 4096) {
         return Err(format!("{at}: `sector-size` = {s} (must be 512 or 4096)"));
@@ -180,6 +188,7 @@ fn parse_disk(at: &str, value: &toml::Value) -> Result<DiskSpec, String> {
         sector_size,
         queues,
         vbd,
+        answer_on_completion,
         plugin_config,
     })
 }
@@ -197,7 +206,7 @@ mod tests {
         let d = parse(
             "[[disk]]\ndomain = \"guest1\"\nplugin = \"mmap\"\nreadonly = true\nsector-size = 4096\nvbd = \"xvdc\"\n\
              [disk.plugin-config]\npath = \"/images/gold.img\"\nshared = false\n\
-             [[disk]]\ndomain = 7\nplugin = \"discard\"\n",
+             [[disk]]\ndomain = 7\nplugin = \"discard\"\nanswer-on-completion = true\n",
         )
         .unwrap();
         assert_eq!(d.len(), 2);
@@ -208,6 +217,10 @@ mod tests {
         );
         assert_eq!(d[0].plugin_config.str("path").unwrap(), "/images/gold.img");
         assert_eq!(d[1].domain, DomainRef::Id(7));
+        assert_eq!(
+            (d[0].answer_on_completion, d[1].answer_on_completion),
+            (None, Some(true))
+        );
         assert!(d[1].plugin_config.table().is_empty());
     }
 
@@ -234,6 +247,10 @@ mod tests {
             (
                 "[[disk]]\ndomain = 1\nplugin = \"m\"\nvbd = \"sdq\"\n",
                 "`vbd`",
+            ),
+            (
+                "[[disk]]\ndomain = 1\nplugin = \"m\"\nanswer-on-completion = 1\n",
+                "`answer-on-completion` must be true or false",
             ),
             (
                 "[[disk]]\ndomain = 1\nplugin = \"m\"\ncolour = 1\n",

@@ -437,7 +437,10 @@ fn attach_static(
         workers: opts.workers,
         remove_entries: true,
         poll: opts.poll,
-        answer_on_completion: opts.answer_on_completion,
+        answer_on_completion: disk
+            .spec
+            .answer_on_completion
+            .unwrap_or(opts.answer_on_completion),
     };
     let dev = spawn(
         connect,
