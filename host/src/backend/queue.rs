@@ -336,15 +336,20 @@ struct Answering {
 }
 
 impl Answering {
+    /// Forgets slot `index` as a submission in flight, if it was one.
+    fn returned(&mut self, index: u16) {
+        if std::mem::take(&mut self.submitted[usize::from(index)]) {
+            self.pending_async -= 1;
+        }
+    }
+
     /// Answers slot `index`, which a worker or the plugin handed back, and frees it.
     ///
     /// # Safety
     /// The caller owns the slot: it was handed back and nobody else touches it.
     unsafe fn finish(&mut self, slots: &SlotTable<GrantMapping>, index: u16, stats: &QueueStats) {
         let i = usize::from(index);
-        if std::mem::take(&mut self.submitted[i]) {
-            self.pending_async -= 1;
-        }
+        self.returned(index);
         // SAFETY: the caller's contract.
         let slot = unsafe { slots.slot(index) };
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -708,21 +713,14 @@ pub fn serve(
     loop {
         let mut st = lock_answering(&shared);
         while let Ok(index) = completions[0].try_recv() {
-            if std::mem::take(&mut st.submitted[usize::from(index)]) {
-                st.pending_async -= 1;
-            }
+            st.returned(index);
         }
         if st.pending_async == 0 {
             break;
         }
         drop(st);
         // Completions answered on the plugin's threads arrive on no channel: look again soon.
-        if let Ok(index) = completions[0].recv_timeout(Duration::from_millis(10)) {
-            let mut st = lock_answering(&shared);
-            if std::mem::take(&mut st.submitted[usize::from(index)]) {
-                st.pending_async -= 1;
-            }
-        }
+        std::thread::sleep(Duration::from_millis(1));
     }
     drop(cache);
     drop(ring_mapping);

@@ -5,9 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use xen_disk_host::plugin::GuardedDisk;
-use xen_disk_plugin_api::{
-    Disk, DiskInfo, ReadBufs, Result, Submission, SubmitOp, ThreadModel, WriteBufs,
-};
+use xen_disk_plugin_api::{Disk, DiskInfo, ReadBufs, Result, Submission, ThreadModel, WriteBufs};
 
 /// A disk held in memory, with a volatile "cache" to flush.
 pub struct Ram(Mutex<Vec<u8>>);
@@ -29,44 +27,30 @@ impl Disk for Ram {
 /// An in-memory disk declaring [`ThreadModel::Async`]: each read or write is served and
 /// completed a millisecond later on a thread of its own, when the ring thread that
 /// submitted it has long gone to sleep.
-pub struct AsyncRam(Arc<Mutex<Vec<u8>>>);
+pub struct AsyncRam(Arc<Ram>);
 
 impl Disk for AsyncRam {
     fn info(&self) -> DiskInfo {
-        DiskInfo::new(self.0.lock().unwrap().len() as u64)
-            .flush(true)
-            .thread_model(ThreadModel::Async)
+        self.0.info().thread_model(ThreadModel::Async)
     }
     fn read(&self, o: u64, b: &mut ReadBufs<'_>) -> Result<()> {
-        b.copy_from(&self.0.lock().unwrap()[o as usize..][..b.len()]);
-        Ok(())
+        self.0.read(o, b)
     }
     fn write(&self, o: u64, b: &WriteBufs<'_>) -> Result<()> {
-        b.copy_to(&mut self.0.lock().unwrap()[o as usize..][..b.len()]);
-        Ok(())
+        self.0.write(o, b)
     }
-    fn submit(&self, mut s: Submission) {
-        let data = self.0.clone();
+    fn submit(&self, s: Submission) {
+        let ram = self.0.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(1));
-            let at = s.offset() as usize;
-            if s.op() == SubmitOp::Read {
-                let mut b = s.read_bufs().unwrap();
-                let n = b.len();
-                b.copy_from(&data.lock().unwrap()[at..at + n]);
-            } else {
-                let b = s.write_bufs().unwrap();
-                let n = b.len();
-                b.copy_to(&mut data.lock().unwrap()[at..at + n]);
-            }
-            s.complete(Ok(()));
+            s.run_blocking(&*ram);
         });
     }
 }
 
 /// A guarded asynchronous in-memory disk of `size` bytes.
 pub fn async_ram_disk(size: u64) -> Arc<GuardedDisk> {
-    let ram = AsyncRam(Arc::new(Mutex::new(vec![0; size as usize])));
+    let ram = AsyncRam(Arc::new(Ram(Mutex::new(vec![0; size as usize]))));
     Arc::new(GuardedDisk::new(Box::new(ram), false).unwrap())
 }
 

@@ -17,8 +17,9 @@
 //! hand-written declarations ([`ffi`]): fixed newstyle handshake, simple replies (structured
 //! replies with `structured-replies=true`). libnbd's zeroing of every read buffer before the
 //! read is turned off: a failed read answers the guest ERROR, and the guest's page holds only
-//! its own data, so there is nothing to hide, and a 1 MiB memset per request is saved. What the disk can do comes from what the server advertises: read-only,
-//! flush, FUA, trim (discard), write-zeroes, the size and minimum block size.
+//! its own data, so there is nothing to hide, and a 1 MiB memset per request is saved. What
+//! the disk can do comes from what the server advertises: read-only, flush, FUA, trim
+//! (discard), write-zeroes, the size and minimum block size.
 //!
 //! ## Parallelism: asynchronous commands, shared connections
 //!
