@@ -223,8 +223,8 @@ fn ceph_rbd_against_a_one_node_cluster() {
     );
 
     // What sim write writes, rbd export gives back; the snapshot keeps the old bytes and
-    // refuses writes. These answer from librbd's completion threads (the ceph-rbd setting
-    // the README recommends), the read above from the ring thread.
+    // refuses writes. These answer from librbd's completion threads
+    // (--answer-on-completion), the read above from the ring thread.
     let o = sim("write", &b, &["--answer-on-completion"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let exported = t.join("exported.bin");
@@ -241,6 +241,35 @@ fn ceph_rbd_against_a_one_node_cluster() {
     );
     let o = sim("write", &b, &["snapshot=before"]);
     assert!(!o.status.success(), "a write to a snapshot succeeded");
+
+    // The benchmark's reference: rbd bench on the same image in the same run, its figure and
+    // the ratio printed beside the plugin's.
+    let o = host(&[
+        "bench",
+        "ceph-rbd",
+        "-c",
+        "image=disk",
+        "-c",
+        &conf,
+        "--rw",
+        "read",
+        "--bs",
+        "1M",
+        "--iodepth",
+        "4",
+        "--seconds",
+        "0.3",
+        "--rbd-bench",
+    ]);
+    let text = stdout(&o);
+    assert!(o.status.success(), "bench failed:\n{text}{}", stderr(&o));
+    let figure = |label: &str| -> f64 {
+        let line = text.lines().find(|l| l.trim_start().starts_with(label));
+        let line = line.unwrap_or_else(|| panic!("no {label} line:\n{text}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!(figure("plugin:") > 0.0 && figure("rbd:") > 0.0, "{text}");
+    assert!(text.contains("of rbd bench"), "{text}");
 
     // The conformance suite.
     c.rbd(&["create", "--size", "64M", "rbd/check"]);

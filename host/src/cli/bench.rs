@@ -68,7 +68,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "")]
     fio_nbd: Option<String>,
     /// Also run `rbd bench` on the same image of the same cluster (a `ceph-rbd` disk) with the
-    /// same pattern and block size, `--io-threads` = the requests in flight (`--iodepth` for an asynchronous plugin, else `--workers`), and as many bytes.
+    /// same pattern (`full-seq` for sequential ones) and block size, `--io-threads` = the
+    /// requests in flight (`--iodepth` for an asynchronous plugin, else `--workers`), and as
+    /// many bytes.
     #[arg(long)]
     rbd_bench: bool,
     /// Print one JSON object instead of text.

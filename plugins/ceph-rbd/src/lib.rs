@@ -20,12 +20,14 @@
 //! the guest's pages, `rbd_aio_flush`, `rbd_aio_discard`, `rbd_aio_write_zeroes`). The disk
 //! declares `ThreadModel::Async`: reads and writes arrive as submissions from the host's
 //! ring thread and librbd's completion callback completes them, so every request the guest
-//! sends is in flight at once (`--iodepth` in `bench`). Run the host with
-//! `--answer-on-completion`: librbd completes requests one at a time on threads with time to
-//! spare, and answering the guest there saves the ring thread a wake-up per request (4 KiB
-//! random reads in `bench`: +6% IOPS, 0.91 of `rbd bench` against 0.89 without, on 2 cores;
-//! figures in the README). Flush, discard and write-zeroes come from host workers, each waiting for its operation. There is no lock around librbd: an
-//! image handle takes asynchronous operations from any thread.
+//! sends is in flight at once (`--iodepth` in `bench`). With the host's
+//! `--answer-on-completion`, librbd's completion threads answer the guest themselves while the
+//! ring thread sleeps, saving it a wake-up per request; on a 2-core lab that shares its CPUs
+//! with the OSD the effect on 4 KiB random reads is within the run-to-run noise (+6% one day,
+//! ratios to `rbd bench` of 0.84 against 0.82 another; figures in the README), so try it on
+//! your hardware. Flush, discard and write-zeroes come from host workers, each waiting for its
+//! operation. There is no lock around librbd: an image handle takes asynchronous operations
+//! from any thread.
 //!
 //! **When the cluster stops answering** (an OSD dies, the network splits), an operation fails
 //! after `io-timeout` seconds with `ETIMEDOUT` and the guest gets `BLKIF_RSP_ERROR`; the
