@@ -147,6 +147,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             size: info.size,
             queue: qi,
             deadline,
+            flush_first: info.can_flush,
         };
         drivers.push(std::thread::spawn(move || drive(q, pages, job)));
     }
@@ -194,6 +195,10 @@ struct Job {
     size: u64,
     queue: usize,
     deadline: Instant,
+    /// Writes start with a flush when the disk has a volatile cache, as a guest's first
+    /// journal commit or `fsync` does: a cache that stays write-through until it sees one
+    /// (librbd's default) then caches as it will for the guest's whole life.
+    flush_first: bool,
 }
 
 /// What one driver thread measured.
@@ -240,6 +245,17 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
         sets.push(PageSet { data, list });
     }
     let mut free_sets: Vec<usize> = (0..opts.iodepth).rev().collect();
+    if !reading && job.flush_first {
+        q.submit_rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[])
+            .ok_or("ring full")?;
+        q.kick().map_err(|e| e.to_string())?;
+        let done = q
+            .collect(1, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        if done[0].status != BLKIF_RSP_OKAY {
+            return Err(format!("the first flush failed: status {}", done[0].status));
+        }
+    }
     loop {
         let now = Instant::now();
         while now < job.deadline && q.in_flight() < opts.iodepth && q.free() > 0 {
@@ -292,4 +308,65 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
         }
     }
     Ok(Driven { ops, failed, hist })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use xen_disk_plugin_api::{Disk, DiskInfo, ReadBufs, Result, WriteBufs};
+
+    /// Logs whether each call was a flush, in order; keeps no data.
+    struct Calls(Arc<Mutex<Vec<&'static str>>>, bool);
+    impl Disk for Calls {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(8 << 20).flush(self.1)
+        }
+        fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            self.0.lock().unwrap().push("read");
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            self.0.lock().unwrap().push("write");
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            self.0.lock().unwrap().push("flush");
+            Ok(())
+        }
+    }
+
+    fn calls_of(pattern: Pattern, can_flush: bool, queues: usize) -> Vec<&'static str> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let disk = GuardedDisk::new(Box::new(Calls(log.clone(), can_flush)), false).unwrap();
+        let opts = RingOptions {
+            pattern,
+            bs: 4096,
+            iodepth: 4,
+            region: 8 << 20,
+            duration: Duration::from_millis(50),
+            workers: 1,
+            queues,
+            poll: Duration::ZERO,
+            answer_on_completion: false,
+        };
+        let f = run(Arc::new(disk), &opts).unwrap();
+        assert!(f.ops > 0);
+        let calls = log.lock().unwrap().clone();
+        calls
+    }
+
+    #[test]
+    fn writes_start_with_one_flush_per_queue_when_the_disk_caches() {
+        // The queue flushes before its first write, as a guest's first journal commit does.
+        let calls = calls_of(Pattern::Randwrite, true, 1);
+        assert_eq!(calls[0], "flush", "{:?}", &calls[..calls.len().min(4)]);
+        assert!(calls.len() > 1 && calls[1..].iter().all(|c| *c == "write"));
+        // Each queue does, whatever the order between queues.
+        let calls = calls_of(Pattern::Write, true, 2);
+        assert_eq!(calls.iter().filter(|c| **c == "flush").count(), 2);
+        // No flush where the disk has no cache, nor before reads.
+        assert!(!calls_of(Pattern::Write, false, 1).contains(&"flush"));
+        assert!(!calls_of(Pattern::Read, true, 1).contains(&"flush"));
+    }
 }
