@@ -177,6 +177,10 @@ fn ceph_rbd_against_a_one_node_cluster() {
         &["snapshot `s9` does not exist"],
     );
     run(
+        &["image=small", "non-blocking-aio=maybe", &conf],
+        &["non-blocking-aio", "true or false"],
+    );
+    run(
         &[
             "image=small",
             &format!("conf={}", t.join("none.conf").display()),
@@ -233,7 +237,17 @@ fn ceph_rbd_against_a_one_node_cluster() {
         std::fs::read(&exported).unwrap() == std::fs::read(&b).unwrap(),
         "rbd export differs from what sim write wrote"
     );
-    let o = sim("read", &out, &["snapshot=before", "--answer-on-completion"]);
+    // This one through librbd's own dispatch thread; everything else starts requests on the
+    // ring thread (the default).
+    let o = sim(
+        "read",
+        &out,
+        &[
+            "snapshot=before",
+            "non-blocking-aio=true",
+            "--answer-on-completion",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap(),

@@ -34,6 +34,9 @@ struct Server {
 
 impl Server {
     fn start(mut cmd: Command, socket: &Path) -> Server {
+        // A server killed before leaves its socket file behind: waiting for the file would
+        // then not wait for the new server.
+        let _ = std::fs::remove_file(socket);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

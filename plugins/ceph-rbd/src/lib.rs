@@ -11,6 +11,7 @@
 //! | `readonly` | bool | `false` | open read-only; the guest sees a read-only disk |
 //! | `timeout` | integer | `30` | seconds to reach the monitors (connect, monitor commands) |
 //! | `io-timeout` | integer | `60` | seconds an OSD operation may take before it fails; `0` waits for ever |
+//! | `non-blocking-aio` | bool | `false` | `true`: librbd hands each request to its own dispatch thread (`rbd_non_blocking_aio`, librbd's default) instead of starting it on the host's thread; overrides `ceph.conf` |
 //!
 //! ```text
 //! xen-disk-host connect guest1 --plugin ceph-rbd -c pool=rbd -c image=vm1 -c conf=/etc/ceph/ceph.conf
@@ -28,6 +29,15 @@
 //! your hardware. Flush, discard and write-zeroes come from host workers, each waiting for its
 //! operation. There is no lock around librbd: an image handle takes asynchronous operations
 //! from any thread.
+//!
+//! librbd starts each request on the thread that submits it (`rbd_non_blocking_aio` off)
+//! instead of handing it to its dispatch thread: that thread is the guest's ring thread,
+//! which may wait for the guest's own I/O, and the hand-off saved is a thread wake-up per
+//! request (4 KiB random reads in `bench`: 0.92 of `rbd bench` against 0.79 with the
+//! hand-off; 1 MiB reads 0.89 against 0.83). The ring thread then waits inside librbd when
+//! the client's in-flight limits (`objecter_inflight_ops`, `objecter_inflight_op_bytes`)
+//! are reached, until operations complete or time out: that guest's next requests wait,
+//! nothing else does. `non-blocking-aio=true` restores librbd's default.
 //!
 //! **When the cluster stops answering** (an OSD dies, the network splits), an operation fails
 //! after `io-timeout` seconds with `ETIMEDOUT` and the guest gets `BLKIF_RSP_ERROR`; the
@@ -440,6 +450,12 @@ impl Plugin for CephRbd {
             "60",
             "Seconds an OSD operation may take before the guest gets an error (0: wait for ever)",
         ),
+        ConfigKey::optional(
+            "non-blocking-aio",
+            KeyType::Bool,
+            "false",
+            "librbd hands each request to its own dispatch thread (rbd_non_blocking_aio) instead of starting it on the host's thread",
+        ),
     ];
 
     fn open(config: &Config) -> Result<RbdDisk> {
@@ -449,6 +465,7 @@ impl Plugin for CephRbd {
         let read_only = config.bool("readonly")? || snapshot.is_some();
         let timeout = config.u64("timeout")?.max(1);
         let io_timeout = config.u64("io-timeout")?;
+        let non_blocking_aio = config.bool("non-blocking-aio")?;
         let name = match &snapshot {
             Some(s) => format!("{pool}/{image}@{s}"),
             None => format!("{pool}/{image}"),
@@ -541,6 +558,16 @@ impl Plugin for CephRbd {
         set(&h, "client_mount_timeout", &timeout.to_string())?;
         set(&h, "rados_mon_op_timeout", &timeout.to_string())?;
         set(&h, "rados_osd_op_timeout", &io_timeout.to_string())?;
+        // librbd's default hands every request from the calling thread to its dispatch thread,
+        // so a caller that must not wait never waits on librbd's locks or in-flight limits.
+        // The host calls from a thread of the guest's own (its ring thread, or a worker), which
+        // may wait for that guest's I/O; starting the request right there saves a thread
+        // wake-up per request.
+        set(
+            &h,
+            "rbd_non_blocking_aio",
+            if non_blocking_aio { "true" } else { "false" },
+        )?;
         // The host reports errors itself, one line each; librados' stderr lines would be noise
         // in a daemon's log (its log file, if ceph.conf names one, still gets them).
         set(&h, "log_to_stderr", "false")?;
