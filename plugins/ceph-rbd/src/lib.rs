@@ -25,7 +25,7 @@
 //! `--answer-on-completion`, librbd's completion threads answer the guest themselves while the
 //! ring thread sleeps, saving it a wake-up per request; on a 2-core lab that shares its CPUs
 //! with the OSD the effect on 4 KiB random reads is within the run-to-run noise (+6% one day,
-//! ratios to `rbd bench` of 0.84 against 0.82 another; figures in the README), so try it on
+//! ratios to `rbd bench` of 0.98 against 0.99 another; figures in the README), so try it on
 //! your hardware. Flush, discard and write-zeroes come from host workers, each waiting for its
 //! operation. There is no lock around librbd: an image handle takes asynchronous operations
 //! from any thread.
@@ -33,8 +33,8 @@
 //! librbd starts each request on the thread that submits it (`rbd_non_blocking_aio` off)
 //! instead of handing it to its dispatch thread: that thread is the guest's ring thread,
 //! which may wait for the guest's own I/O, and the hand-off saved is a thread wake-up per
-//! request (4 KiB random reads in `bench`: 0.92 of `rbd bench` against 0.79 with the
-//! hand-off; 1 MiB reads 0.89 against 0.83). The ring thread then waits inside librbd when
+//! request (on 2 cores, `bench` against `rbd bench`: 4 KiB random reads 0.99 against 0.85
+//! with the hand-off, 1 MiB reads 0.96 against 0.83). The ring thread then waits inside librbd when
 //! the client's in-flight limits (`objecter_inflight_ops`, `objecter_inflight_op_bytes`)
 //! are reached, until operations complete or time out: that guest's next requests wait,
 //! nothing else does. `non-blocking-aio=true` restores librbd's default.
