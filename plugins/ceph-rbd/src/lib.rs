@@ -34,10 +34,11 @@
 //! instead of handing it to its dispatch thread: that thread is the guest's ring thread,
 //! which may wait for the guest's own I/O, and the hand-off saved is a thread wake-up per
 //! request (on 2 cores, `bench` against `rbd bench`: 4 KiB random reads 0.99 against 0.85
-//! with the hand-off, 1 MiB reads 0.96 against 0.83). The ring thread then waits inside librbd when
-//! the client's in-flight limits (`objecter_inflight_ops`, `objecter_inflight_op_bytes`)
-//! are reached, until operations complete or time out: that guest's next requests wait,
-//! nothing else does. `non-blocking-aio=true` restores librbd's default.
+//! with the hand-off, 1 MiB reads 0.96 against 0.83). The ring thread then waits inside
+//! librbd when the client's in-flight limits (`objecter_inflight_ops`,
+//! `objecter_inflight_op_bytes`) are reached, until operations complete or time out: that
+//! guest's next requests wait, nothing else does. `non-blocking-aio=true` restores librbd's
+//! default.
 //!
 //! **When the cluster stops answering** (an OSD dies, the network splits), an operation fails
 //! after `io-timeout` seconds with `ETIMEDOUT` and the guest gets `BLKIF_RSP_ERROR`; the
