@@ -2,7 +2,9 @@
 //! directories: `qemu-nbd` serving a qcow2 and `nbdkit memory`. Bytes go both ways through
 //! the full simulated path (`sim write` / `sim read`) and are compared with what QEMU's own
 //! tools see; the conformance suite passes; requests really overlap on one connection; and a
-//! server that is missing, dies or hangs gives errors, never a hang.
+//! server that is missing, dies or hangs gives errors, never a hang. Both ways of exchanging
+//! commands are covered: on the socket directly (the default) and through libnbd
+//! (`libnbd-commands=true`); a fake server breaks the protocol on purpose.
 //!
 //! The servers are required: a missing tool fails the test with the package to install.
 
@@ -158,8 +160,16 @@ fn open(pairs: &[String]) -> GuardedDisk {
 }
 
 fn check_passes(server: &Server) -> String {
+    check_passes_with(server, &[])
+}
+
+fn check_passes_with(server: &Server, config: &[&str]) -> String {
     let cfg = server.config();
-    let o = host(&["check", "nbd-client", "-c", &cfg]);
+    let mut args = vec!["check", "nbd-client", "-c", &cfg];
+    for c in config {
+        args.extend(["-c", c]);
+    }
+    let o = host(&args);
     let out = stdout(&o);
     assert!(o.status.success(), "check failed:\n{out}{}", stderr(&o));
     assert!(out.contains(" 0 failed"), "{out}");
@@ -462,35 +472,52 @@ fn reads_fail_within(disk: &Arc<GuardedDisk>, limit: Duration, what: &str) {
 #[test]
 fn a_server_killed_or_hung_during_io_gives_errors_not_a_hang() {
     let t = TempDir::new("nbd-kill");
-    // Killed: every caller gets an error, and later calls fail at once.
-    let mut server = Server::nbdkit(&t, "16M", &[], &[]);
-    let disk = Arc::new(open(&[server.config()]));
-    let pid = server.pid();
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        // SAFETY: pid is our own child, not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    });
-    reads_fail_within(&disk, Duration::from_secs(10), "killed server");
-    killer.join().unwrap();
-    server.stop();
-    let mut b = vec![0u8; 4096];
-    let e = with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
-    assert!(e.message().contains("nbdkit.sock"), "{}", e.message());
-    drop(disk);
+    for mode in [None, Some("libnbd-commands=true")] {
+        let config = |server: &Server, more: &[&str]| {
+            let mut c = vec![server.config()];
+            c.extend(mode.map(String::from));
+            c.extend(more.iter().map(|s| s.to_string()));
+            c
+        };
+        // Killed: every caller gets an error, and later calls fail at once.
+        let _ = std::fs::remove_file(t.join("nbdkit.sock"));
+        let mut server = Server::nbdkit(&t, "16M", &[], &[]);
+        let disk = Arc::new(open(&config(&server, &[])));
+        let pid = server.pid();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: pid is our own child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        reads_fail_within(&disk, Duration::from_secs(10), "killed server");
+        killer.join().unwrap();
+        server.stop();
+        let mut b = vec![0u8; 4096];
+        let e = with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
+        assert!(
+            e.message().contains("nbdkit.sock"),
+            "{mode:?}: {}",
+            e.message()
+        );
+        drop(disk);
 
-    // Hung (stopped, socket open): the timeout cuts the connection.
-    let _ = std::fs::remove_file(t.join("nbdkit.sock"));
-    let server = Server::nbdkit(&t, "16M", &[], &[]);
-    let disk = Arc::new(open(&[server.config(), "timeout=1".into()]));
-    let pid = server.pid();
-    // SAFETY: pid is our own child, alive.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    reads_fail_within(&disk, Duration::from_secs(10), "stopped server");
-    let e = with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
-    assert!(e.message().contains("no reply"), "{}", e.message());
-    drop(disk);
-    drop(server);
+        // Hung (stopped, socket open): the timeout cuts the connection.
+        let _ = std::fs::remove_file(t.join("nbdkit.sock"));
+        let server = Server::nbdkit(&t, "16M", &[], &[]);
+        let disk = Arc::new(open(&config(&server, &["timeout=1"])));
+        let pid = server.pid();
+        // SAFETY: pid is our own child, alive.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        reads_fail_within(&disk, Duration::from_secs(10), "stopped server");
+        let e = with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
+        assert!(
+            e.message().contains("no reply"),
+            "{mode:?}: {}",
+            e.message()
+        );
+        drop(disk);
+        drop(server);
+    }
 
     // The host binary too: a server killed under `sim read` makes it fail, not hang.
     let _ = std::fs::remove_file(t.join("nbdkit.sock"));
@@ -564,4 +591,186 @@ fn bench_measures_fio_nbd_on_the_same_server() {
     let o = host(&["bench", "discard", "--seconds", "0.2", "--fio-nbd"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--fio-nbd"), "{}", stderr(&o));
+}
+
+#[test]
+fn through_libnbd_too_bytes_round_trip_and_check_passes() {
+    need("qemu-img", "qemu-utils");
+    let t = TempDir::new("nbd-libnbd");
+    let server = Server::nbdkit(&t, "16M", &[], &[]);
+    let data = t.join("in.raw");
+    random_file(&data, 16 << 20, 11);
+    sim_with("write", &server, &["libnbd-commands=true"], &data);
+    let by_qemu = t.join("qemu.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &server.uri()])
+            .arg(&by_qemu),
+    );
+    same(
+        &by_qemu,
+        &data,
+        "qemu-img's read of what libnbd's commands wrote",
+    );
+    let got = t.join("got.raw");
+    sim_with("read", &server, &["libnbd-commands=true"], &got);
+    same(&got, &data, "sim read through libnbd's commands");
+    check_passes_with(&server, &["libnbd-commands=true"]);
+}
+
+#[test]
+fn a_server_error_fails_that_request_only_with_its_errno() {
+    let t = TempDir::new("nbd-errno");
+    // Every write fails with ENOSPC in the server; reads work.
+    let server = Server::nbdkit(
+        &t,
+        "4M",
+        &["--filter=error"],
+        &["error-pwrite=ENOSPC", "error-pwrite-rate=100%"],
+    );
+    for mode in [None, Some("libnbd-commands=true")] {
+        let mut config = vec![server.config()];
+        config.extend(mode.map(String::from));
+        let disk = open(&config);
+        let data = vec![7u8; 8192];
+        let e = with_write_bufs(&[&data], |w| disk.write(4096, w, false)).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC, "{mode:?}: {}", e.message());
+        assert!(e.message().contains("write"), "{mode:?}: {}", e.message());
+        // The connection is still good: the error was that request's alone.
+        let mut b = vec![1u8; 8192];
+        with_read_bufs(&mut [&mut b], |r| disk.read(4096, r)).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "{mode:?}");
+    }
+}
+
+/// A fake NBD server on a Unix socket: it completes the fixed newstyle handshake for a
+/// 1 MiB export, then answers the first command with `reply` (bytes of its choosing, with
+/// the command's cookie at offset 8 when `cookie_at_8`), and then closes the connection
+/// (`close`) or stays silent with it open until the client leaves.
+fn fake_server(
+    socket: &Path,
+    reply: Vec<u8>,
+    cookie_at_8: bool,
+    close: bool,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut w = Vec::new();
+        w.extend(b"NBDMAGIC");
+        w.extend(b"IHAVEOPT");
+        w.extend(3u16.to_be_bytes()); // fixed newstyle, no zeroes
+        c.write_all(&w).unwrap();
+        let mut flags = [0u8; 4];
+        c.read_exact(&mut flags).unwrap();
+        let option_reply =
+            |c: &mut std::os::unix::net::UnixStream, opt: u32, kind: u32, data: &[u8]| {
+                let mut r = Vec::new();
+                r.extend(0x0003_e889_0455_65a9u64.to_be_bytes());
+                r.extend(opt.to_be_bytes());
+                r.extend(kind.to_be_bytes());
+                r.extend((data.len() as u32).to_be_bytes());
+                r.extend(data);
+                c.write_all(&r).unwrap();
+            };
+        loop {
+            let mut head = [0u8; 16];
+            c.read_exact(&mut head).unwrap();
+            let opt = u32::from_be_bytes(head[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            c.read_exact(&mut data).unwrap();
+            if opt == 7 || opt == 6 {
+                // NBD_OPT_GO / INFO: NBD_INFO_EXPORT (size, flags: has flags, flush), ACK.
+                let mut info = Vec::new();
+                info.extend(0u16.to_be_bytes());
+                info.extend((1u64 << 20).to_be_bytes());
+                info.extend((1u16 | 4).to_be_bytes());
+                option_reply(&mut c, opt, 3, &info);
+                option_reply(&mut c, opt, 1, &[]);
+                if opt == 7 {
+                    break;
+                }
+            } else {
+                option_reply(&mut c, opt, (1 << 31) | 1, &[]); // NBD_REP_ERR_UNSUP
+            }
+        }
+        let mut req = [0u8; 28];
+        c.read_exact(&mut req).unwrap();
+        let mut reply = reply;
+        if cookie_at_8 {
+            reply[8..16].copy_from_slice(&req[8..16]);
+        }
+        c.write_all(&reply).unwrap();
+        if close {
+            return;
+        }
+        // Silent until the client closes.
+        let mut sink = [0u8; 4096];
+        while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+    })
+}
+
+#[test]
+fn a_server_breaking_the_protocol_fails_the_connection_not_the_host() {
+    let t = TempDir::new("nbd-fake");
+    let magic = 0x6744_6698u32.to_be_bytes();
+    let simple = |error: u32, cookie: u64| {
+        let mut r = Vec::new();
+        r.extend(magic);
+        r.extend(error.to_be_bytes());
+        r.extend(cookie.to_be_bytes());
+        r
+    };
+    let mut bad_magic = simple(0, 0);
+    bad_magic[0] ^= 0xff;
+    let mut short_data = simple(0, 0);
+    short_data.extend([5u8; 100]);
+    // (what, reply, echo the cookie, close after, the error expected)
+    let cases: [(&str, Vec<u8>, bool, bool, &str); 4] = [
+        ("bad magic", bad_magic, true, false, "protocol error"),
+        (
+            "unknown cookie",
+            simple(0, 0xdead_beef),
+            false,
+            false,
+            "protocol error",
+        ),
+        (
+            "closed mid-data",
+            short_data.clone(),
+            true,
+            true,
+            "closed the connection",
+        ),
+        ("silent mid-data", short_data, true, false, "no reply"),
+    ];
+    for (what, reply, cookie_at_8, close, expect) in cases {
+        let socket = t.join(&format!("{}.sock", what.replace(' ', "-")));
+        let server = fake_server(&socket, reply, cookie_at_8, close);
+        let uri = format!("uri=nbd+unix:///?socket={}", socket.display());
+        let disk = open(&[uri, "timeout=1".into()]);
+        let start = Instant::now();
+        // A read that got 100 of its 4096 bytes fails rather than returning them.
+        let mut b = vec![0u8; 4096];
+        let e = with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
+        assert!(e.message().contains(expect), "{what}: {}", e.message());
+        let limit = Duration::from_secs(if expect == "no reply" { 5 } else { 1 });
+        assert!(
+            start.elapsed() < limit,
+            "{what}: took {:?}",
+            start.elapsed()
+        );
+        // Later requests fail at once.
+        let again = Instant::now();
+        let e = with_read_bufs(&mut [&mut b], |r| disk.read(4096, r)).unwrap_err();
+        assert!(e.errno() != 0, "{what}");
+        assert!(
+            again.elapsed() < Duration::from_secs(1),
+            "{what}: a later read waited"
+        );
+        drop(disk);
+        server.join().unwrap();
+    }
 }

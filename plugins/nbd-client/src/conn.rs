@@ -1,26 +1,29 @@
-//! One NBD connection: a libnbd handle shared by every caller, and the way a blocked caller
-//! learns that its command completed.
+//! One NBD connection: a libnbd handle that connected and negotiated, the commands sent on
+//! it, and the way a blocked caller learns that its command completed.
 //!
 //! ```text
-//!  caller ──nbd_aio_pread(cb)──▶ socket            (each caller sends its own command)
-//!  reader thread: poll(socket) ─▶ nbd_aio_notify_read ─▶ callbacks ─▶ answer or unpark
+//!  caller ──send command──▶ socket              (each caller sends its own command)
+//!  reader thread: poll(socket) ─▶ replies ─▶ completions ─▶ answer or unpark
 //! ```
 //!
-//! Each connection has one reader thread ([`Conn::run_reader`]) that polls the socket and
-//! runs libnbd's state machine. An asynchronous submission is answered once the reader's
-//! notify call returns (outside libnbd's lock); a blocking caller (flush, trim, a direct
-//! `read`) parks until its callback wakes it.
+//! Commands go on the socket directly ([`crate::wire`]) or, with TLS, structured replies or
+//! `libnbd-commands`, through libnbd's asynchronous API. Either way each connection has one
+//! reader thread ([`Conn::run_reader`]) that polls the socket and takes the replies (or runs
+//! libnbd's state machine); an asynchronous submission is answered on it, a blocking caller
+//! (flush, trim, a direct `read`) parks until its completion wakes it. A caller returns only
+//! after its buffer, which may be the guest's page, is let go.
 //!
-//! Completion runs the callback pair under libnbd's lock: `callback` records the error,
-//! `free` (called exactly once, also when the submitting call fails) marks the command done
-//! and unparks its caller. A caller returns only after libnbd has let go of its buffer,
-//! which is the guest's page.
+//! Through libnbd, completion runs the callback pair under libnbd's lock: `callback` records
+//! the error, `free` (called exactly once, also when the submitting call fails) marks the
+//! command done; waking and answering wait until the reader's notify call has released that
+//! lock.
 //!
 //! Nothing waits forever: if commands are outstanding and none has completed for `timeout`,
-//! the reader shuts the socket down; libnbd sees end-of-file, marks the connection dead and
-//! fails every outstanding command, whose callers then return an error.
+//! the reader shuts the socket down; the reader then sees end-of-file, marks the connection
+//! dead and fails every outstanding command, whose callers then return an error.
 
 use crate::ffi::*;
+use crate::wire::{Reader, Stop, Wire};
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
@@ -58,6 +61,42 @@ pub struct Caps {
 pub struct Options {
     /// Ask the server for structured replies (NBD_OPT_STRUCTURED_REPLY).
     pub structured_replies: bool,
+    /// Exchange commands through libnbd even where [`crate::wire`] could.
+    pub libnbd_commands: bool,
+}
+
+/// A libnbd function newer than the oldest libnbd we build against, if this one has it.
+fn optional_fn(name: &CStr) -> Option<*mut c_void> {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks the symbol up.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    (!p.is_null()).then_some(p)
+}
+
+/// Whether the handle negotiated extended headers (libnbd 1.18 and later may), whose
+/// framing [`crate::wire`] does not speak.
+fn extended_headers(h: Handle) -> bool {
+    optional_fn(c"nbd_get_extended_headers_negotiated").is_some_and(|f| {
+        // SAFETY: the symbol is libnbd's `int nbd_get_extended_headers_negotiated(nbd_handle *)`.
+        let f: unsafe extern "C" fn(*mut NbdHandle) -> c_int = unsafe { std::mem::transmute(f) };
+        // SAFETY: h is live.
+        unsafe { f(h.0) == 1 }
+    })
+}
+
+/// A connection pointer an asynchronous completion carries to the reader's thread.
+#[derive(Clone, Copy)]
+struct ConnRef(*const Conn);
+
+// SAFETY: Conn is Sync, and it outlives its commands (start_async's contract).
+unsafe impl Send for ConnRef {}
+
+impl ConnRef {
+    /// # Safety
+    /// The connection is still alive (it outlives its commands).
+    unsafe fn get<'a>(self) -> &'a Conn {
+        // SAFETY: the caller's contract.
+        unsafe { &*self.0 }
+    }
 }
 
 /// One connection to the server.
@@ -73,6 +112,9 @@ pub struct Conn {
     /// An eventfd: a caller whose command is not fully written nudges the reader, which may
     /// be asleep waiting for the socket to become readable only.
     wake: c_int,
+    /// The transmission phase on the socket directly (see [`crate::wire`]); `None`: through
+    /// libnbd (TLS, structured replies, or asked for).
+    wire: Option<Wire>,
     /// Commands submitted and not yet completed.
     pending: AtomicUsize,
     /// Their data bytes.
@@ -140,6 +182,14 @@ impl Conn {
         // header, then its offset, then the data), and buy only holes in sparse reads.
         // SAFETY: h is live.
         unsafe { nbd_set_request_structured_replies(h.0, options.structured_replies) };
+        if let Some(f) = optional_fn(c"nbd_set_request_extended_headers") {
+            // SAFETY: the symbol is libnbd's `int nbd_set_request_extended_headers(nbd_handle
+            // *, bool)`.
+            let f: unsafe extern "C" fn(*mut NbdHandle, bool) -> c_int =
+                unsafe { std::mem::transmute(f) };
+            // SAFETY: h is live. The simple framing is what crate::wire speaks.
+            unsafe { f(h.0, false) };
+        }
         // SAFETY: h is live; c_uri is a NUL-terminated string that outlives the call.
         if unsafe { nbd_aio_connect_uri(h.0, c_uri.as_ptr()) } == -1 {
             let (errno, msg) = last_error();
@@ -188,6 +238,14 @@ impl Conn {
             let e = Error::from(std::io::Error::last_os_error());
             return Err(close(e.context(format!("{uri}: eventfd")), &[fd]));
         }
+        // The socket is ours from here when nothing needs libnbd in the middle: no TLS (libnbd
+        // encrypts), simple replies only.
+        // SAFETY: h is live and connected.
+        let plain = unsafe {
+            nbd_get_tls_negotiated(h.0) != 1 && nbd_get_structured_replies_negotiated(h.0) != 1
+        };
+        let wire = (plain && !options.libnbd_commands && !extended_headers(h))
+            .then(|| Wire::new(fd, timeout));
         Ok(Conn {
             h,
             caps,
@@ -195,6 +253,7 @@ impl Conn {
             timeout,
             fd,
             wake,
+            wire,
             pending: AtomicUsize::new(0),
             pending_bytes: AtomicU64::new(0),
             progress_ns: AtomicU64::new(0),
@@ -217,34 +276,47 @@ impl Conn {
         self.pending_bytes.load(Ordering::Relaxed)
     }
 
-    /// Submits one command: `submit` calls an `nbd_aio_*` function with the callback it is
-    /// given and returns its result. The caller keeps every buffer the command uses alive
-    /// and untouched until [`Pending::wait`] returns.
-    pub fn start(
-        &self,
-        what: &'static str,
-        bytes: u64,
-        submit: impl FnOnce(Handle, CompletionCallback) -> i64,
-    ) -> Result<Pending<'_>> {
+    /// Submits one command; [`Pending::wait`] waits for it.
+    ///
+    /// # Safety
+    /// The command's buffer stays valid (a read's also untouched) until `wait` returns (or
+    /// the Pending is dropped, which waits too).
+    pub unsafe fn start(&self, what: &'static str, cmd: Command) -> Result<Pending<'_>> {
+        let bytes = cmd.bytes();
         let waiter = Arc::new(Waiter {
             thread: std::thread::current(),
             done: AtomicBool::new(false),
             error: AtomicI32::new(0),
         });
-        let cb = CompletionCallback {
-            callback: Some(on_complete),
-            user_data: Arc::into_raw(waiter.clone()) as *mut c_void,
-            free: Some(on_free),
-        };
         if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
             // Idle until now: the no-progress clock starts with this command.
             self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
         }
         self.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let cookie = submit(self.h, cb);
-        if cookie == -1 {
+        let pending = Pending {
+            conn: self,
+            waiter: waiter.clone(),
+            what,
+            bytes,
+            waited: false,
+        };
+        if let Some(wire) = &self.wire {
+            let done: crate::wire::Done = Box::new(move |errno| waiter.finish(errno));
+            // SAFETY: the caller's contract; the Pending waits for `done`.
+            unsafe { wire.submit(cmd, done, |why| self.cut(why)) };
+            return Ok(pending);
+        }
+        let cb = CompletionCallback {
+            callback: Some(on_complete),
+            user_data: Arc::into_raw(waiter) as *mut c_void,
+            free: Some(on_free),
+        };
+        // SAFETY: the caller's contract; h is live for &self.
+        if unsafe { cmd.issue(self.h, cb) } == -1 {
             // libnbd has already called `free` (it does so when the call fails).
             let (errno, msg) = last_error();
+            let mut pending = pending;
+            pending.waited = true;
             self.pending.fetch_sub(1, Ordering::AcqRel);
             self.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err(self.error(errno, what, &msg));
@@ -252,30 +324,57 @@ impl Conn {
         // SAFETY: h is live for &self.
         if unsafe { nbd_aio_get_direction(self.h.0) } & AIO_DIRECTION_WRITE != 0 {
             // Part of the command is still to be written: the reader must poll for it.
-            let one: u64 = 1;
-            // SAFETY: wake is our eventfd; 8 bytes from a live u64.
-            unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
+            self.nudge();
         }
-        Ok(Pending {
-            conn: self,
-            waiter,
-            what,
-            bytes,
-            waited: false,
-        })
+        Ok(pending)
     }
 
-    /// Submits one command and returns; `done` runs once with its result, after libnbd has
-    /// let go of every buffer the command uses (on the reader's thread, or here when the
-    /// command cannot be sent). The caller keeps those buffers alive until then, and `self`
-    /// outlives every command (the disk is dropped with none outstanding).
-    pub fn start_async<F: FnOnce(Result<()>) + Send + 'static>(
+    /// Records why the connection is being cut, for the error messages that follow (the
+    /// first reason stays).
+    fn cut(&self, why: String) {
+        lock(&self.broken).get_or_insert(why);
+    }
+
+    /// Submits one command and returns; `done` runs once with its result, after the
+    /// command's buffer is let go (on the reader's thread, or here when the command cannot
+    /// be sent).
+    ///
+    /// # Safety
+    /// The command's buffer stays valid (a read's also untouched) until `done` runs, and
+    /// `self` outlives every command (the disk is dropped with none outstanding).
+    pub unsafe fn start_async<F: FnOnce(Result<()>) + Send + 'static>(
         &self,
         what: &'static str,
-        bytes: u64,
-        submit: impl FnOnce(Handle, CompletionCallback) -> i64,
+        cmd: Command,
         done: F,
     ) {
+        let bytes = cmd.bytes();
+        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
+        }
+        self.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(wire) = &self.wire {
+            let conn = ConnRef(self);
+            let done: crate::wire::Done = Box::new(move |errno| {
+                // SAFETY: the connection outlives its commands (this function's contract).
+                let conn = unsafe { conn.get() };
+                conn.progress_ns.store(conn.now_ns(), Ordering::Relaxed);
+                conn.pending.fetch_sub(1, Ordering::AcqRel);
+                conn.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                let result = match errno {
+                    0 => Ok(()),
+                    e => {
+                        let text = std::io::Error::from_raw_os_error(e).to_string();
+                        Err(conn.error(e, what, &text))
+                    }
+                };
+                let _ =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result)));
+            });
+            // SAFETY: the caller's contract.
+            unsafe { wire.submit(cmd, done, |why| self.cut(why)) };
+            return;
+        }
         let ctx = Box::new(AsyncCommand {
             conn: self as *const Conn,
             what,
@@ -289,12 +388,9 @@ impl Conn {
             user_data: Box::into_raw(ctx) as *mut c_void,
             free: Some(on_free_async::<F>),
         };
-        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
-        }
-        self.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
         // On failure libnbd has already called `free`, which answered the command.
-        if submit(self.h, cb) != -1 {
+        // SAFETY: the caller's contract; h is live for &self.
+        if unsafe { cmd.issue(self.h, cb) } != -1 {
             // SAFETY: h is live for &self.
             if unsafe { nbd_aio_get_direction(self.h.0) } & AIO_DIRECTION_WRITE != 0 {
                 self.nudge();
@@ -312,7 +408,68 @@ impl Conn {
     /// The connection's reader thread: reads replies until `stop`, so no caller waits on the
     /// socket itself. Exactly one per connection.
     pub fn run_reader(&self, stop: &AtomicBool) {
-        self.drive(|| stop.load(Ordering::Acquire));
+        match &self.wire {
+            Some(wire) => self.drive_wire(wire, stop),
+            None => self.drive(|| stop.load(Ordering::Acquire)),
+        }
+    }
+
+    /// Whether commands go on the socket directly ([`crate::wire`]) rather than through
+    /// libnbd.
+    pub fn speaks_wire(&self) -> bool {
+        self.wire.is_some()
+    }
+
+    /// The reader of a [`Wire`] connection: takes replies off the socket until `stop`; a
+    /// connection that dies fails every command in flight, and the no-progress clock cuts
+    /// one whose server stopped answering.
+    fn drive_wire(&self, wire: &Wire, stop: &AtomicBool) {
+        let mut reader = Reader::default();
+        let (mut cut, mut dead) = (false, false);
+        while !stop.load(Ordering::Acquire) {
+            let mut fds = [
+                libc::pollfd {
+                    fd: if dead { -1 } else { self.fd },
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.wake,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a live array of two pollfd.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+            if r > 0 {
+                if fds[1].revents & libc::POLLIN != 0 {
+                    let mut n: u64 = 0;
+                    // SAFETY: reading 8 bytes into a live u64 from our eventfd.
+                    unsafe { libc::read(self.wake, (&mut n as *mut u64).cast(), 8) };
+                }
+                if fds[0].revents != 0 {
+                    if let Stop::Dead(why) = reader.read(wire) {
+                        self.cut(why);
+                        wire.kill(libc::EIO);
+                        reader.fail_current(libc::EIO);
+                        dead = true;
+                    }
+                }
+            }
+            let since = self
+                .now_ns()
+                .saturating_sub(self.progress_ns.load(Ordering::Relaxed));
+            if !cut && !dead && self.pending() > 0 && since > self.timeout.as_nanos() as u64 {
+                self.cut(format!(
+                    "no reply from the server for {} s: connection cut",
+                    self.timeout.as_secs_f64()
+                ));
+                // The reader then sees end of file, and fails every command.
+                // SAFETY: fd is our descriptor of the socket, open until Drop.
+                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+                cut = true;
+            }
+        }
     }
 
     /// Wakes the reader (to notice `stop`, or a command still to be written).
@@ -383,6 +540,69 @@ impl Conn {
                 // SAFETY: fd is our descriptor of the socket, open until Drop.
                 unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
                 cut = true;
+            }
+        }
+    }
+}
+
+/// An NBD command. A read's or write's buffer belongs to the command until it completes.
+#[derive(Debug, Clone, Copy)]
+pub enum Command {
+    Read {
+        buf: *mut u8,
+        len: usize,
+        offset: u64,
+    },
+    Write {
+        buf: *const u8,
+        len: usize,
+        offset: u64,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Command {
+    /// Data bytes the command moves.
+    fn bytes(&self) -> u64 {
+        match *self {
+            Command::Read { len, .. } | Command::Write { len, .. } => len as u64,
+            _ => 0,
+        }
+    }
+
+    /// Sends the command through libnbd; -1 when libnbd refused it (it has then called
+    /// `cb.free`).
+    ///
+    /// # Safety
+    /// `h` is live; the buffer is valid for the command's length until `cb.free` runs.
+    unsafe fn issue(self, h: Handle, cb: CompletionCallback) -> i64 {
+        // SAFETY: the caller's contract, for every arm.
+        unsafe {
+            match self {
+                Command::Read { buf, len, offset } => {
+                    nbd_aio_pread(h.0, buf.cast(), len, offset, cb, 0)
+                }
+                Command::Write {
+                    buf,
+                    len,
+                    offset,
+                    fua,
+                } => {
+                    let flags = if fua { CMD_FLAG_FUA } else { 0 };
+                    nbd_aio_pwrite(h.0, buf.cast(), len, offset, cb, flags)
+                }
+                Command::Flush => nbd_aio_flush(h.0, cb, 0),
+                Command::Trim { offset, len } => nbd_aio_trim(h.0, len, offset, cb, 0),
+                Command::Zero { offset, len } => nbd_aio_zero(h.0, len, offset, cb, 0),
             }
         }
     }
@@ -515,6 +735,15 @@ struct Waiter {
     thread: Thread,
     done: AtomicBool,
     error: AtomicI32,
+}
+
+impl Waiter {
+    /// Records the command's errno (0: success) and wakes its caller.
+    fn finish(&self, errno: i32) {
+        self.error.store(errno, Ordering::Release);
+        self.done.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
 }
 
 /// Records the command's result. Runs with the handle locked, so it calls no libnbd

@@ -74,6 +74,8 @@ extern "C" {
         cb: CompletionCallback,
         flags: u32,
     ) -> i64;
+    pub fn nbd_get_tls_negotiated(h: *mut NbdHandle) -> c_int;
+    pub fn nbd_get_structured_replies_negotiated(h: *mut NbdHandle) -> c_int;
     pub fn nbd_aio_flush(h: *mut NbdHandle, cb: CompletionCallback, flags: u32) -> i64;
     pub fn nbd_aio_trim(
         h: *mut NbdHandle,

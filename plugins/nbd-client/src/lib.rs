@@ -8,28 +8,36 @@
 //! | `connections` | integer | `0` | connections to open; `0`: 4 when the server advertises multi-conn, else 1. More than one needs multi-conn, or `readonly` |
 //! | `timeout` | integer | `30` | seconds to wait for the handshake, and for any progress while requests are outstanding; then the connection is cut and its requests fail |
 //! | `structured-replies` | bool | `false` | ask the server for structured replies: it may then answer sparse reads with holes (less data on a slow link), at one more system call per read |
+//! | `libnbd-commands` | bool | `false` | exchange commands through libnbd's API rather than on the socket directly (see below); TLS and structured replies always do |
 //!
 //! ```text
 //! xen-disk-host connect guest1 --plugin nbd-client -c 'uri=nbd+unix:///?socket=/run/nbd.sock'
 //! ```
 //!
-//! The protocol is spoken by libnbd (Debian's `libnbd0`, 1.14 or later) through a few
-//! hand-written declarations ([`ffi`]): fixed newstyle handshake, simple replies (structured
-//! replies with `structured-replies=true`). libnbd's zeroing of every read buffer before the
-//! read is turned off: a failed read answers the guest ERROR, and the guest's page holds only
-//! its own data, so there is nothing to hide, and a 1 MiB memset per request is saved. What
-//! the disk can do comes from what the server advertises: read-only, flush, FUA, trim
-//! (discard), write-zeroes, the size and minimum block size.
+//! libnbd (Debian's `libnbd0`, 1.14 or later, through a few hand-written declarations in
+//! [`ffi`]) parses the URI, connects and negotiates: fixed newstyle handshake, the export,
+//! its size and what the server can do (read-only, flush, FUA, trim, write-zeroes,
+//! multi-conn, block sizes), TLS for `nbds://`. After that, on a plain connection with simple
+//! replies (the default), the plugin speaks the transmission phase on the socket itself
+//! ([`wire`]): each command is one `sendmsg`, and the reader takes a burst of replies per
+//! `recvmsg`, a read's data landing in the guest's pages. libnbd's own commands cost a
+//! system call more per reply (it reads header and data separately) and a lock the reader
+//! holds while it reads: the reader's CPU time per 4 KiB random read was 4.0 µs that way,
+//! 2.7 µs here, and `bench` against fio's nbd engine went from 0.85 to 0.94 of it (medians of
+//! 14 interleaved same-run pairs on 2 cores). With TLS, structured replies or
+//! `libnbd-commands=true`, every command goes through libnbd's asynchronous API instead
+//! (`nbd_aio_pread`/`pwrite`…), whose zeroing of read buffers is turned off: a failed read
+//! answers the guest ERROR, and the guest's page holds only its own data, so there is
+//! nothing to hide.
 //!
 //! ## Parallelism: asynchronous commands, shared connections
 //!
 //! The disk declares `ThreadModel::Async`: the host's ring thread hands it every read and
-//! write as a submission, which is sent at once with libnbd's asynchronous API
-//! (`nbd_aio_pread`/`pwrite`, written to the socket before the call returns). Each
-//! connection has a reader thread of its own that runs libnbd's state machine; the
-//! command's completion callback answers the guest. One connection thus carries every
-//! request the guest has in flight, as fio's nbd engine does with its iodepth, and this
-//! works with every server (qemu-nbd serves a single client unless told otherwise).
+//! write as a submission, which is sent at once, before `submit` returns. Each connection
+//! has a reader thread of its own that takes the replies (or runs libnbd's state machine);
+//! the command's completion answers the guest. One connection thus carries every request the
+//! guest has in flight, as fio's nbd engine does with its iodepth, and this works with every
+//! server (qemu-nbd serves a single client unless told otherwise).
 //!
 //! Flush, trim and write-zeroes, and `read`/`write` called directly (`check`, `bench
 //! --direct`), block the calling thread: it submits the same way and parks until the reader
@@ -57,12 +65,16 @@
 //! A server that is not there fails `open` with one line naming the URI. A server that dies
 //! fails every outstanding and later request with an I/O error (the guest sees EIO); one
 //! that stops answering is cut off after `timeout` seconds without progress, with the same
-//! effect. The plugin does not reconnect: detach and attach again (or `ctl swap`).
+//! effect. So does a server that breaks the protocol (a reply with a bad magic, or for a
+//! command not in flight): nothing it sends is trusted beyond the bytes a command asked for.
+//! An error the server reports for one command (ENOSPC, EIO…) fails that request alone, with
+//! that errno. The plugin does not reconnect: detach and attach again (or `ctl swap`).
 
 pub mod conn;
 pub mod ffi;
+pub mod wire;
 
-use conn::{Caps, Conn, Pending};
+use conn::{Caps, Command, Conn, Pending};
 use ffi::*;
 use std::cell::RefCell;
 use std::time::Duration;
@@ -230,30 +242,29 @@ impl NbdDisk {
             }
         };
         let conn = self.conn(n as u64);
-        match op {
-            // SAFETY: h is live; ptr is valid for writes of n bytes (the guest's pages or the
-            // bounce buffer the completion owns) until libnbd frees the command.
-            SubmitOp::Read => conn.start_async(
-                "read",
-                n as u64,
-                |h, cb| unsafe { nbd_aio_pread(h.0, ptr.cast(), n, offset, cb, 0) },
-                done,
-            ),
-            SubmitOp::Write | SubmitOp::WriteFua => {
-                let flags = if op == SubmitOp::WriteFua {
-                    CMD_FLAG_FUA
-                } else {
-                    0
-                };
-                conn.start_async(
-                    "write",
-                    n as u64,
-                    // SAFETY: as for the read; libnbd only reads the buffer.
-                    |h, cb| unsafe { nbd_aio_pwrite(h.0, ptr.cast(), n, offset, cb, flags) },
-                    done,
-                )
-            }
-        }
+        let cmd = match op {
+            SubmitOp::Read => Command::Read {
+                buf: ptr,
+                len: n,
+                offset,
+            },
+            SubmitOp::Write | SubmitOp::WriteFua => Command::Write {
+                buf: ptr,
+                len: n,
+                offset,
+                fua: op == SubmitOp::WriteFua,
+            },
+        };
+        let what = if op == SubmitOp::Read {
+            "read"
+        } else {
+            "write"
+        };
+        // SAFETY: ptr is valid for n bytes (the guest's pages, which the submission keeps
+        // mapped, or the bounce buffer `done` owns) until `done` runs, after libnbd frees
+        // the command; the connection outlives its commands (the host drops the disk with
+        // none in flight).
+        unsafe { conn.start_async(what, cmd, done) };
     }
 
     /// Reads (or with `write`, writes) the runs, which hold consecutive bytes from
@@ -266,14 +277,22 @@ impl NbdDisk {
         let mut first_err = None;
         let mut at = offset;
         for &(buf, len) in runs {
-            let started = conn.start(what, len as u64, |h, cb| match write {
-                // SAFETY: h is live; buf is valid for reads of len bytes until wait()
-                // returns (the caller's WriteBufs or bounce buffer).
-                Some(flags) => unsafe { nbd_aio_pwrite(h.0, buf.cast(), len, at, cb, flags) },
-                // SAFETY: h is live; buf is valid for writes of len bytes until wait()
-                // returns, which is after libnbd lets go of it.
-                None => unsafe { nbd_aio_pread(h.0, buf.cast(), len, at, cb, 0) },
-            });
+            let cmd = match write {
+                Some(flags) => Command::Write {
+                    buf,
+                    len,
+                    offset: at,
+                    fua: flags & CMD_FLAG_FUA != 0,
+                },
+                None => Command::Read {
+                    buf,
+                    len,
+                    offset: at,
+                },
+            };
+            // SAFETY: buf is valid for len bytes (the caller's buffers or bounce buffer, only
+            // read for a write) until wait() returns below.
+            let started = unsafe { conn.start(what, cmd) };
             match started {
                 Ok(p) => pending.push(p),
                 Err(e) => {
@@ -315,7 +334,7 @@ impl NbdDisk {
         what: &'static str,
         offset: u64,
         len: u64,
-        op: unsafe extern "C" fn(*mut NbdHandle, u64, u64, CompletionCallback, u32) -> i64,
+        op: fn(u64, u64) -> Command,
     ) -> Result<()> {
         let conn = self.conn(0);
         let mut pending: Vec<Pending<'_>> = Vec::new();
@@ -323,8 +342,8 @@ impl NbdDisk {
         let mut at = 0;
         while at < len {
             let n = (len - at).min(MAX_RANGE);
-            // SAFETY: h is live; the command uses no buffer.
-            match conn.start(what, 0, |h, cb| unsafe { op(h.0, n, offset + at, cb, 0) }) {
+            // SAFETY: the command uses no buffer.
+            match unsafe { conn.start(what, op(offset + at, n)) } {
                 Ok(p) => pending.push(p),
                 Err(e) => {
                     first_err = Some(e);
@@ -383,8 +402,8 @@ impl Disk for NbdDisk {
         let mut pending = Vec::with_capacity(self.conns.len());
         let mut first_err = None;
         for c in &self.conns {
-            // SAFETY: h is live; flush uses no buffer.
-            match c.start("flush", 0, |h, cb| unsafe { nbd_aio_flush(h.0, cb, 0) }) {
+            // SAFETY: flush uses no buffer.
+            match unsafe { c.start("flush", Command::Flush) } {
                 Ok(p) => pending.push(p),
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -400,11 +419,17 @@ impl Disk for NbdDisk {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.ranged("trim", offset, len, nbd_aio_trim)
+        self.ranged("trim", offset, len, |offset, len| Command::Trim {
+            offset,
+            len,
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.ranged("write-zeroes", offset, len, nbd_aio_zero)
+        self.ranged("write-zeroes", offset, len, |offset, len| Command::Zero {
+            offset,
+            len,
+        })
     }
 }
 
@@ -511,6 +536,12 @@ impl Plugin for NbdClientPlugin {
             "false",
             "Ask for structured replies (lets a server send holes in sparse reads; costs a system call per read)",
         ),
+        ConfigKey::optional(
+            "libnbd-commands",
+            KeyType::Bool,
+            "false",
+            "Send commands and read replies through libnbd instead of on the socket directly (TLS and structured replies always do)",
+        ),
     ];
 
     fn open(config: &Config) -> Result<NbdDisk> {
@@ -534,6 +565,7 @@ impl Plugin for NbdClientPlugin {
         let timeout = Duration::from_secs(timeout);
         let options = conn::Options {
             structured_replies: config.bool("structured-replies")?,
+            libnbd_commands: config.bool("libnbd-commands")?,
         };
         let first = Conn::open(&uri, timeout, options)?;
         let info = disk_info(&first.caps, readonly, &uri)?;

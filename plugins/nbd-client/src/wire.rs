@@ -1,0 +1,511 @@
+//! The NBD transmission phase spoken on the socket directly, once libnbd has connected and
+//! negotiated (plain connections with simple replies: the default).
+//!
+//! Why not libnbd's own commands here: it reads each reply in two system calls (the 16-byte
+//! header, then the data straight into the caller's buffer) and sends each command on the
+//! calling thread under the handle's lock, which the reader holds while it reads. At 4 KiB
+//! that is three system calls and often a lock hand-off per request. Here the reader takes
+//! whatever the socket holds in one `recvmsg` (a burst of replies, the first one's data
+//! landing straight in the guest's page, the rest in a staging buffer it then copies from), and
+//! a command is one `sendmsg` of header and data under a lock only senders take.
+//!
+//! ```text
+//!  request (28 bytes, big-endian): magic 0x25609513 | flags u16 | type u16 | cookie u64 | offset u64 | length u32
+//!  simple reply (16 bytes):        magic 0x67446698 | error u32 | cookie u64   [+ length bytes of data for a read]
+//! ```
+//!
+//! Commands in flight live in a table indexed by the low half of their cookie (the high half
+//! is a generation, so a stray cookie is caught). A reply the table does not know, a bad
+//! magic, or end of file kills the connection: every command in flight fails, and so does
+//! every later one.
+
+use crate::conn::Command;
+use std::ffi::c_int;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const REQUEST_LEN: usize = 28;
+const REPLY_LEN: usize = 16;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const FLAG_FUA: u16 = 1;
+
+/// Bytes of replies taken from the socket per system call (beyond the first reply's data,
+/// which goes straight to its buffer): 64 replies of 4 KiB.
+const STAGE: usize = 256 << 10;
+
+/// Who learns that a command completed, with its errno (0: success).
+pub type Done = Box<dyn FnOnce(i32) + Send>;
+
+/// A command in flight.
+struct Entry {
+    cookie: u64,
+    cmd: Command,
+    done: Done,
+}
+
+// SAFETY: the command's buffer is promised valid until `done` runs (Conn::start and
+// start_async), on whichever thread completes it.
+unsafe impl Send for Entry {}
+
+struct Table {
+    entries: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    generation: u32,
+    /// Set when the connection died: the errno every later command gets.
+    dead: Option<i32>,
+}
+
+/// The connection's transmission state.
+pub struct Wire {
+    fd: c_int,
+    timeout: Duration,
+    send: Mutex<()>,
+    table: Mutex<Table>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// An NBD error value as an errno (the protocol's values are Linux's; unknown ones are
+/// EINVAL, as the protocol says).
+pub fn nbd_errno(e: u32) -> i32 {
+    match e {
+        1 => libc::EPERM,
+        5 => libc::EIO,
+        12 => libc::ENOMEM,
+        22 => libc::EINVAL,
+        28 => libc::ENOSPC,
+        75 => libc::EOVERFLOW,
+        95 => libc::EOPNOTSUPP,
+        108 => libc::ESHUTDOWN,
+        _ => libc::EINVAL,
+    }
+}
+
+/// The 28-byte request header.
+pub fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_LEN] {
+    let mut h = [0u8; REQUEST_LEN];
+    h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&kind.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    h[24..28].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
+/// What a command puts on the wire: type, flags, offset, length, and the data sent after
+/// the header (a write's).
+fn encode(cmd: &Command) -> (u16, u16, u64, u64, Option<(*const u8, usize)>) {
+    match *cmd {
+        Command::Read { len, offset, .. } => (CMD_READ, 0, offset, len as u64, None),
+        Command::Write {
+            buf,
+            len,
+            offset,
+            fua,
+        } => (
+            CMD_WRITE,
+            if fua { FLAG_FUA } else { 0 },
+            offset,
+            len as u64,
+            Some((buf, len)),
+        ),
+        Command::Flush => (CMD_FLUSH, 0, 0, 0, None),
+        Command::Trim { offset, len } => (CMD_TRIM, 0, offset, len, None),
+        Command::Zero { offset, len } => (CMD_WRITE_ZEROES, 0, offset, len, None),
+    }
+}
+
+/// One parsed reply header.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub error: u32,
+    pub cookie: u64,
+}
+
+/// Parses a simple reply header; `None` for a bad magic.
+pub fn parse_reply(b: &[u8; REPLY_LEN]) -> Option<Reply> {
+    let word = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    (word(0) == SIMPLE_REPLY_MAGIC).then(|| Reply {
+        error: word(4),
+        cookie: u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")),
+    })
+}
+
+impl Wire {
+    /// Takes over `fd` (a connected socket in the transmission phase, non-blocking; the
+    /// caller keeps it open for as long as the Wire lives).
+    pub fn new(fd: c_int, timeout: Duration) -> Wire {
+        Wire {
+            fd,
+            timeout,
+            send: Mutex::new(()),
+            table: Mutex::new(Table {
+                entries: Vec::new(),
+                free: Vec::new(),
+                generation: 0,
+                dead: None,
+            }),
+        }
+    }
+
+    /// Sends `cmd`; `done` runs once with its errno when the reply comes (on the reader),
+    /// or at once here when the connection is dead or the send fails (then `on_death` first
+    /// learns why).
+    ///
+    /// # Safety
+    /// The command's buffer stays valid (a read's also untouched) until `done` runs.
+    pub unsafe fn submit(&self, cmd: Command, done: Done, on_death: impl FnOnce(String)) {
+        let cookie = {
+            let mut t = lock(&self.table);
+            if let Some(e) = t.dead {
+                drop(t);
+                done(e);
+                return;
+            }
+            let index = match t.free.pop() {
+                Some(i) => i,
+                None => {
+                    t.entries.push(None);
+                    (t.entries.len() - 1) as u32
+                }
+            };
+            t.generation = t.generation.wrapping_add(1);
+            let cookie = (u64::from(t.generation) << 32) | u64::from(index);
+            t.entries[index as usize] = Some(Entry { cookie, cmd, done });
+            cookie
+        };
+        let (kind, flags, offset, len, data) = encode(&cmd);
+        let header = request(kind, flags, cookie, offset, len as u32);
+        if let Err(why) = self.send_all(&header, data) {
+            on_death(why);
+            self.kill(libc::EIO);
+        }
+    }
+
+    /// Writes the header and data as one message, waiting (up to the timeout) while the
+    /// socket is full. Senders take turns: a command's bytes are never interleaved.
+    fn send_all(&self, header: &[u8], data: Option<(*const u8, usize)>) -> Result<(), String> {
+        let _turn = lock(&self.send);
+        let mut iov = vec![libc::iovec {
+            iov_base: header.as_ptr() as *mut _,
+            iov_len: header.len(),
+        }];
+        if let Some((p, n)) = data.filter(|d| d.1 > 0) {
+            iov.push(libc::iovec {
+                iov_base: p as *mut _,
+                iov_len: n,
+            });
+        }
+        let mut first = 0;
+        while first < iov.len() {
+            // SAFETY: a zeroed msghdr is valid; the iovecs point to the header and the
+            // caller's buffer, live for this call.
+            let n = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = iov[first..].as_mut_ptr();
+                msg.msg_iovlen = iov.len() - first;
+                libc::sendmsg(self.fd, &msg, libc::MSG_NOSIGNAL)
+            };
+            if n < 0 {
+                match errno() {
+                    libc::EINTR => continue,
+                    libc::EAGAIN => {
+                        self.wait_writable()?;
+                        continue;
+                    }
+                    e => {
+                        return Err(format!(
+                            "sending a command: {}",
+                            std::io::Error::from_raw_os_error(e)
+                        ))
+                    }
+                }
+            }
+            let mut n = n as usize;
+            while first < iov.len() && n >= iov[first].iov_len {
+                n -= iov[first].iov_len;
+                first += 1;
+            }
+            if first < iov.len() {
+                // SAFETY: n < iov_len: what is left of this piece.
+                iov[first].iov_base = unsafe { (iov[first].iov_base as *mut u8).add(n) }.cast();
+                iov[first].iov_len -= n;
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_writable(&self) -> Result<(), String> {
+        let mut p = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = self.timeout.as_millis().min(i32::MAX as u128) as c_int;
+        loop {
+            // SAFETY: one live pollfd.
+            let r = unsafe { libc::poll(&mut p, 1, ms) };
+            match r {
+                0 => {
+                    return Err(format!(
+                        "the server took no data for {} s: connection cut",
+                        self.timeout.as_secs_f64()
+                    ))
+                }
+                r if r > 0 => return Ok(()),
+                _ if errno() == libc::EINTR => continue,
+                _ => return Err(format!("poll: {}", std::io::Error::last_os_error())),
+            }
+        }
+    }
+
+    /// Marks the connection dead and fails every command in flight with `errno` (those
+    /// the reader holds it fails itself). The socket is shut down, so the reader wakes.
+    pub fn kill(&self, errno: i32) {
+        let entries = {
+            let mut t = lock(&self.table);
+            if t.dead.is_some() {
+                return;
+            }
+            t.dead = Some(errno);
+            t.free.clear();
+            std::mem::take(&mut t.entries)
+        };
+        // SAFETY: fd is the caller's socket, open while the Wire lives.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        for e in entries.into_iter().flatten() {
+            (e.done)(errno);
+        }
+    }
+
+    fn take(&self, cookie: u64) -> Option<Entry> {
+        let mut t = lock(&self.table);
+        let index = (cookie & u64::from(u32::MAX)) as usize;
+        let slot = t.entries.get_mut(index)?;
+        if slot.as_ref().map(|e| e.cookie) != Some(cookie) {
+            return None;
+        }
+        let e = slot.take();
+        t.free.push(index as u32);
+        e
+    }
+}
+
+/// The reader's side: replies parsed out of what the socket gave.
+pub struct Reader {
+    stage: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The read whose data is arriving: its entry, and the bytes still to come.
+    current: Option<(Entry, usize)>,
+}
+
+/// Why the reader stopped reading.
+pub enum Stop {
+    /// Nothing more to read now.
+    Drained,
+    /// The connection is finished: end of file, an error, or a protocol violation.
+    Dead(String),
+}
+
+impl Default for Reader {
+    fn default() -> Self {
+        Reader {
+            stage: vec![0; STAGE],
+            start: 0,
+            end: 0,
+            current: None,
+        }
+    }
+}
+
+impl Reader {
+    /// Reads what the socket holds and completes the commands whose replies are whole.
+    pub fn read(&mut self, wire: &Wire) -> Stop {
+        loop {
+            let (dest, want_dest) = match &self.current {
+                Some((e, rest)) => match e.cmd {
+                    Command::Read { buf, len, .. } => {
+                        // SAFETY: rest <= len: the unwritten tail of the read's buffer.
+                        (unsafe { buf.add(len - rest) }, *rest)
+                    }
+                    _ => unreachable!("only reads carry data"),
+                },
+                None => (std::ptr::null_mut(), 0),
+            };
+            let mut iov = [
+                libc::iovec {
+                    iov_base: dest.cast(),
+                    iov_len: want_dest,
+                },
+                libc::iovec {
+                    // SAFETY: end <= STAGE.
+                    iov_base: unsafe { self.stage.as_mut_ptr().add(self.end) }.cast(),
+                    iov_len: STAGE - self.end,
+                },
+            ];
+            let skip = usize::from(want_dest == 0);
+            let asked = want_dest + (STAGE - self.end);
+            // SAFETY: a zeroed msghdr is valid; the iovecs point to the read's buffer (valid
+            // until it completes) and our staging buffer.
+            let n = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = iov[skip..].as_mut_ptr();
+                msg.msg_iovlen = 2 - skip;
+                libc::recvmsg(wire.fd, &mut msg, libc::MSG_DONTWAIT)
+            };
+            if n == 0 {
+                return Stop::Dead("the server closed the connection".into());
+            }
+            if n < 0 {
+                return match errno() {
+                    libc::EAGAIN => Stop::Drained,
+                    libc::EINTR => continue,
+                    e => Stop::Dead(format!(
+                        "reading replies: {}",
+                        std::io::Error::from_raw_os_error(e)
+                    )),
+                };
+            }
+            let got = n as usize;
+            let mut n = got;
+            if let Some((_, rest)) = &mut self.current {
+                let direct = n.min(*rest);
+                *rest -= direct;
+                n -= direct;
+            }
+            self.end += n;
+            if let Err(why) = self.parse(wire) {
+                return Stop::Dead(why);
+            }
+            if got < asked {
+                // The socket gave less than there was room for: it is empty now.
+                return Stop::Drained;
+            }
+        }
+    }
+
+    fn parse(&mut self, wire: &Wire) -> Result<(), String> {
+        loop {
+            if let Some((e, rest)) = &mut self.current {
+                if *rest > 0 {
+                    let avail = self.end - self.start;
+                    if avail == 0 {
+                        break;
+                    }
+                    let n = avail.min(*rest);
+                    if let Command::Read { buf, len, .. } = e.cmd {
+                        // SAFETY: the read's buffer is valid for len bytes until it completes;
+                        // rest <= len, n <= rest; the staging range is initialized.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.stage.as_ptr().add(self.start),
+                                buf.add(len - *rest),
+                                n,
+                            )
+                        };
+                    }
+                    *rest -= n;
+                    self.start += n;
+                }
+                if *rest == 0 {
+                    let (e, _) = self.current.take().expect("checked above");
+                    (e.done)(0);
+                }
+                continue;
+            }
+            if self.end - self.start < REPLY_LEN {
+                break;
+            }
+            let header: &[u8; REPLY_LEN] = self.stage[self.start..self.start + REPLY_LEN]
+                .try_into()
+                .expect("16 bytes");
+            let Some(reply) = parse_reply(header) else {
+                return Err(format!(
+                    "protocol error: a reply starts {:02x?}, not the simple reply magic (structured replies were not asked for)",
+                    &header[..4]
+                ));
+            };
+            self.start += REPLY_LEN;
+            let Some(entry) = wire.take(reply.cookie) else {
+                return Err(format!(
+                    "protocol error: a reply for cookie {:#x}, which no command in flight has",
+                    reply.cookie
+                ));
+            };
+            match (reply.error, entry.cmd) {
+                (0, Command::Read { len, .. }) => self.current = Some((entry, len)),
+                (0, _) => (entry.done)(0),
+                (e, _) => (entry.done)(nbd_errno(e)),
+            }
+        }
+        // Keep the partial header at the front for the next read.
+        self.stage.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        Ok(())
+    }
+
+    /// Fails the read whose data was arriving (the connection died under it).
+    pub fn fail_current(&mut self, errno: i32) {
+        if let Some((e, _)) = self.current.take() {
+            (e.done)(errno);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_headers_are_big_endian_in_the_protocol_layout() {
+        let h = request(CMD_WRITE, FLAG_FUA, 0x0102_0304_0506_0708, 0x1122, 4096);
+        assert_eq!(&h[0..4], &[0x25, 0x60, 0x95, 0x13]);
+        assert_eq!(&h[4..6], &[0, 1]);
+        assert_eq!(&h[6..8], &[0, 1]);
+        assert_eq!(&h[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&h[16..24], &[0, 0, 0, 0, 0, 0, 0x11, 0x22]);
+        assert_eq!(&h[24..28], &[0, 0, 0x10, 0]);
+    }
+
+    #[test]
+    fn replies_parse_and_a_bad_magic_is_refused() {
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&5u32.to_be_bytes());
+        b[8..16].copy_from_slice(&7u64.to_be_bytes());
+        assert_eq!(
+            parse_reply(&b),
+            Some(Reply {
+                error: 5,
+                cookie: 7
+            })
+        );
+        b[0] = 0x66;
+        assert_eq!(parse_reply(&b), None);
+    }
+
+    #[test]
+    fn nbd_errors_map_to_errno_and_unknown_ones_to_einval() {
+        assert_eq!(nbd_errno(28), libc::ENOSPC);
+        assert_eq!(nbd_errno(95), libc::EOPNOTSUPP);
+        assert_eq!(nbd_errno(4242), libc::EINVAL);
+    }
+}
