@@ -227,9 +227,9 @@ fn ceph_rbd_against_a_one_node_cluster() {
     );
 
     // What sim write writes, rbd export gives back; the snapshot keeps the old bytes and
-    // refuses writes. These answer from librbd's completion threads
-    // (--answer-on-completion), the read above from the ring thread.
-    let o = sim("write", &b, &["--answer-on-completion"]);
+    // refuses writes. This one hands librbd's completions to the ring thread to answer
+    // (--answer-on-completion=false); the others answer on librbd's threads (the default).
+    let o = sim("write", &b, &["--answer-on-completion=false"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let exported = t.join("exported.bin");
     c.rbd(&["export", "rbd/disk", exported.to_str().unwrap()]);
@@ -239,15 +239,7 @@ fn ceph_rbd_against_a_one_node_cluster() {
     );
     // This one through librbd's own dispatch thread; everything else starts requests on the
     // ring thread (the default).
-    let o = sim(
-        "read",
-        &out,
-        &[
-            "snapshot=before",
-            "non-blocking-aio=true",
-            "--answer-on-completion",
-        ],
-    );
+    let o = sim("read", &out, &["snapshot=before", "non-blocking-aio=true"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(&a).unwrap(),

@@ -67,7 +67,7 @@ impl Default for SimOptions {
             persistent: true,
             indirect: true,
             workers: 2,
-            answer_on_completion: false,
+            answer_on_completion: true,
         }
     }
 }

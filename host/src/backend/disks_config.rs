@@ -8,7 +8,7 @@
 //! sector-size = 4096           # optional: present 4096-byte logical sectors
 //! queues = 2                   # optional: at most this many rings
 //! vbd = "xvdb"                 # optional: guest device (default: the next free one)
-//! answer-on-completion = true  # optional: as `serve --answer-on-completion`, for this disk
+//! answer-on-completion = false # optional: as `serve --answer-on-completion=false`, for this disk
 //! [disk.plugin-config]         # the same table `-c key=value` builds
 //! path = "/images/gold.img"
 //! shared = false
@@ -74,7 +74,8 @@ pub struct DiskSpec {
     pub queues: Option<u32>,
     /// Guest device, if fixed.
     pub vbd: Option<Vbd>,
-    /// Whether completing threads answer the guest (`serve --answer-on-completion` if unset).
+    /// Whether completing threads answer the guest (`serve --answer-on-completion`, on by
+    /// default, if unset).
     pub answer_on_completion: Option<bool>,
     /// The plugin's configuration.
     pub plugin_config: Config,

@@ -55,9 +55,9 @@ pub struct QueueParts {
     pub poll: Duration,
     /// An asynchronous plugin's completing thread answers the request itself when the ring
     /// thread is not busy, instead of waking the ring thread to do it (see
-    /// [`serve`]). Saves a wake-up per request when completions come one at a time
-    /// (`ceph-rbd`); costs when they come in bursts on one busy thread (`nbd-client`, whose
-    /// reader would notify the guest once per reply instead of once per burst).
+    /// [`serve`]). Saves a wake-up per request (the command line's default); costs where one
+    /// busy thread completes replies one by one (`nbd-client` through libnbd's commands, whose
+    /// reader would then notify the guest once per reply instead of once per burst).
     pub answer_on_completion: bool,
 }
 

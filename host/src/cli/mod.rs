@@ -108,3 +108,52 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+#[cfg(test)]
+mod answer_on_completion_tests {
+    use super::*;
+
+    fn parsed(args: &[&str]) -> Result<bool, clap::Error> {
+        let cli = Cli::try_parse_from(args)?;
+        Ok(match cli.command {
+            Command::Bench(b) => b.answer_on_completion(),
+            Command::Connect(c) => c.answer_on_completion(),
+            Command::Serve(s) => s.answer_on_completion(),
+            _ => unreachable!("only these are asked"),
+        })
+    }
+
+    #[test]
+    fn on_by_default_bare_flag_means_on_and_false_turns_it_off() {
+        for (cmd, rest) in [
+            ("bench", &["mmap"][..]),
+            ("connect", &["7", "--plugin", "mmap"][..]),
+            ("serve", &[][..]),
+        ] {
+            let with = |extra: &[&str]| {
+                let mut a = vec!["xen-disk-host", cmd];
+                a.extend(extra);
+                a.extend(rest);
+                parsed(&a)
+            };
+            assert!(with(&[]).unwrap(), "{cmd}: default");
+            assert!(
+                with(&["--answer-on-completion"]).unwrap(),
+                "{cmd}: bare flag"
+            );
+            assert!(
+                !with(&["--answer-on-completion=false"]).unwrap(),
+                "{cmd}: =false"
+            );
+            // A bare flag never swallows the next word (the plugin name, for one).
+            assert!(
+                with(&["--answer-on-completion", "--poll-us", "0"]).unwrap(),
+                "{cmd}"
+            );
+            let e = with(&["--answer-on-completion=maybe"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("maybe"), "{cmd}: {e}");
+        }
+    }
+}

@@ -31,9 +31,9 @@ enum SimCommand {
         /// Where to put the disk's bytes.
         #[arg(long)]
         out: PathBuf,
-        /// Let an asynchronous plugin's completing threads answer the guest themselves
-        /// (as `connect --answer-on-completion`).
-        #[arg(long)]
+        /// Whether an asynchronous plugin's completing threads answer the guest themselves
+        /// (as `connect --answer-on-completion`; on by default).
+        #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
         answer_on_completion: bool,
     },
     /// A simulated guest copies FILE onto the disk from its start, through the full path.
@@ -43,9 +43,9 @@ enum SimCommand {
         /// The bytes to write (at most the disk's size; a partial last sector is padded with zeroes).
         #[arg(long = "in")]
         input: PathBuf,
-        /// Let an asynchronous plugin's completing threads answer the guest themselves
-        /// (as `connect --answer-on-completion`).
-        #[arg(long)]
+        /// Whether an asynchronous plugin's completing threads answer the guest themselves
+        /// (as `connect --answer-on-completion`; on by default).
+        #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
         answer_on_completion: bool,
     },
 }
