@@ -130,11 +130,11 @@
 //! whatever thread learns the result. The ring thread then keeps every request the guest
 //! sends in flight, and no host thread sleeps per request. The buffers are yours until you
 //! complete; a submission you drop answers the guest with an error. `complete` returns
-//! within microseconds and never blocks on I/O, but when the host runs with
-//! `--answer-on-completion` it answers the guest right there (the response on the ring,
-//! an event-channel notification): call it outside locks your `submit` path takes, or the
-//! ring thread waits on them. Flush, discard and
-//! write-zeroes still arrive as blocking calls on host workers, and `read`/`write` must
+//! within microseconds and never blocks on I/O, but the host (`--answer-on-completion`, its
+//! default) answers the guest right there when its ring thread sleeps (the response on the
+//! ring, an event-channel notification): call it outside locks your `submit` path takes, or
+//! the ring thread waits on them. Flush, discard and write-zeroes still arrive as blocking
+//! calls on host workers, and `read`/`write` must
 //! still work (the host uses them for emulated FUA, `check` and `bench --direct`).
 //!
 //! ```no_run

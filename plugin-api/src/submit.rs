@@ -173,8 +173,8 @@ impl Submission {
     }
 
     /// Answers the request. The buffers must not be touched afterwards (they are unmapped).
-    /// Returns within microseconds; with the host's `--answer-on-completion` it answers the
-    /// guest on this thread, so call it outside locks that `submit` takes.
+    /// Returns within microseconds; by default (the host's `--answer-on-completion`) it may
+    /// answer the guest on this thread, so call it outside locks that `submit` takes.
     pub fn complete(mut self, result: Result<()>) {
         if let Some(done) = self.done.take() {
             done.call(result);

@@ -21,12 +21,13 @@
 //! the guest's pages, `rbd_aio_flush`, `rbd_aio_discard`, `rbd_aio_write_zeroes`). The disk
 //! declares `ThreadModel::Async`: reads and writes arrive as submissions from the host's
 //! ring thread and librbd's completion callback completes them, so every request the guest
-//! sends is in flight at once (`--iodepth` in `bench`). With the host's
-//! `--answer-on-completion`, librbd's completion threads answer the guest themselves while the
-//! ring thread sleeps, saving it a wake-up per request; on a 2-core lab that shares its CPUs
-//! with the OSD the effect on 4 KiB random reads is within the run-to-run noise (+6% one day,
-//! ratios to `rbd bench` of 0.98 against 0.99 another; figures in the README), so try it on
-//! your hardware. Flush, discard and write-zeroes come from host workers, each waiting for its
+//! sends is in flight at once (`--iodepth` in `bench`). By default (the host's
+//! `--answer-on-completion`) librbd's completion threads answer the guest themselves while
+//! the ring thread sleeps, saving it a wake-up per request; on a 2-core lab that shares its
+//! CPUs with the OSD the effect on 4 KiB random reads is within the run-to-run noise (+6% one
+//! day, ratios to `rbd bench` of 0.98 against 0.99 without another; figures in the README),
+//! so compare with `--answer-on-completion=false` on your hardware. Flush, discard and
+//! write-zeroes come from host workers, each waiting for its
 //! operation. There is no lock around librbd: an image handle takes asynchronous operations
 //! from any thread.
 //!
