@@ -643,10 +643,55 @@ fn a_server_error_fails_that_request_only_with_its_errno() {
     }
 }
 
-/// A fake NBD server on a Unix socket: it completes the fixed newstyle handshake for a
-/// 1 MiB export, then answers the first command with `reply` (bytes of its choosing, with
-/// the command's cookie at offset 8 when `cookie_at_8`), and then closes the connection
-/// (`close`) or stays silent with it open until the client leaves.
+/// The server's side of the fixed newstyle handshake for a writable 1 MiB export (flush
+/// advertised), up to the transmission phase.
+fn fake_handshake(c: &mut std::os::unix::net::UnixStream) {
+    use std::io::{Read, Write};
+    let mut w = Vec::new();
+    w.extend(b"NBDMAGIC");
+    w.extend(b"IHAVEOPT");
+    w.extend(3u16.to_be_bytes()); // fixed newstyle, no zeroes
+    c.write_all(&w).unwrap();
+    let mut flags = [0u8; 4];
+    c.read_exact(&mut flags).unwrap();
+    let option_reply =
+        |c: &mut std::os::unix::net::UnixStream, opt: u32, kind: u32, data: &[u8]| {
+            let mut r = Vec::new();
+            r.extend(0x0003_e889_0455_65a9u64.to_be_bytes());
+            r.extend(opt.to_be_bytes());
+            r.extend(kind.to_be_bytes());
+            r.extend((data.len() as u32).to_be_bytes());
+            r.extend(data);
+            c.write_all(&r).unwrap();
+        };
+    loop {
+        let mut head = [0u8; 16];
+        c.read_exact(&mut head).unwrap();
+        let opt = u32::from_be_bytes(head[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
+        let mut data = vec![0u8; len as usize];
+        c.read_exact(&mut data).unwrap();
+        if opt == 7 || opt == 6 {
+            // NBD_OPT_GO / INFO: NBD_INFO_EXPORT (size, flags: has flags, flush), ACK.
+            let mut info = Vec::new();
+            info.extend(0u16.to_be_bytes());
+            info.extend((1u64 << 20).to_be_bytes());
+            info.extend((1u16 | 4).to_be_bytes());
+            option_reply(c, opt, 3, &info);
+            option_reply(c, opt, 1, &[]);
+            if opt == 7 {
+                return;
+            }
+        } else {
+            option_reply(c, opt, (1 << 31) | 1, &[]); // NBD_REP_ERR_UNSUP
+        }
+    }
+}
+
+/// A fake NBD server on a Unix socket: after the handshake it answers the first command
+/// with `reply` (bytes of its choosing, with the command's cookie at offset 8 when
+/// `cookie_at_8`), and then closes the connection (`close`) or stays silent with it open
+/// until the client leaves.
 fn fake_server(
     socket: &Path,
     reply: Vec<u8>,
@@ -657,45 +702,7 @@ fn fake_server(
     let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
     std::thread::spawn(move || {
         let (mut c, _) = listener.accept().unwrap();
-        let mut w = Vec::new();
-        w.extend(b"NBDMAGIC");
-        w.extend(b"IHAVEOPT");
-        w.extend(3u16.to_be_bytes()); // fixed newstyle, no zeroes
-        c.write_all(&w).unwrap();
-        let mut flags = [0u8; 4];
-        c.read_exact(&mut flags).unwrap();
-        let option_reply =
-            |c: &mut std::os::unix::net::UnixStream, opt: u32, kind: u32, data: &[u8]| {
-                let mut r = Vec::new();
-                r.extend(0x0003_e889_0455_65a9u64.to_be_bytes());
-                r.extend(opt.to_be_bytes());
-                r.extend(kind.to_be_bytes());
-                r.extend((data.len() as u32).to_be_bytes());
-                r.extend(data);
-                c.write_all(&r).unwrap();
-            };
-        loop {
-            let mut head = [0u8; 16];
-            c.read_exact(&mut head).unwrap();
-            let opt = u32::from_be_bytes(head[8..12].try_into().unwrap());
-            let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
-            let mut data = vec![0u8; len as usize];
-            c.read_exact(&mut data).unwrap();
-            if opt == 7 || opt == 6 {
-                // NBD_OPT_GO / INFO: NBD_INFO_EXPORT (size, flags: has flags, flush), ACK.
-                let mut info = Vec::new();
-                info.extend(0u16.to_be_bytes());
-                info.extend((1u64 << 20).to_be_bytes());
-                info.extend((1u16 | 4).to_be_bytes());
-                option_reply(&mut c, opt, 3, &info);
-                option_reply(&mut c, opt, 1, &[]);
-                if opt == 7 {
-                    break;
-                }
-            } else {
-                option_reply(&mut c, opt, (1 << 31) | 1, &[]); // NBD_REP_ERR_UNSUP
-            }
-        }
+        fake_handshake(&mut c);
         let mut req = [0u8; 28];
         c.read_exact(&mut req).unwrap();
         let mut reply = reply;
@@ -710,6 +717,42 @@ fn fake_server(
         let mut sink = [0u8; 4096];
         while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
     })
+}
+
+#[test]
+fn a_server_that_stops_reading_cuts_a_blocked_write_after_the_timeout() {
+    let t = TempDir::new("nbd-deaf");
+    let socket = t.join("deaf.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let (done, until) = std::sync::mpsc::channel::<()>();
+    // Handshakes, then reads nothing more until the test is over.
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        fake_handshake(&mut c);
+        let _ = until.recv();
+    });
+    let uri = format!("uri=nbd+unix:///?socket={}", socket.display());
+    let disk = open(&[uri, "timeout=1".into()]);
+    // More than the socket holds: the send waits for room that never comes.
+    let data = vec![5u8; 1 << 20];
+    let start = Instant::now();
+    let e = with_write_bufs(&[&data], |w| disk.write(0, w, false)).unwrap_err();
+    assert!(e.message().contains("took no data"), "{}", e.message());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    let mut b = vec![0u8; 4096];
+    let again = Instant::now();
+    with_read_bufs(&mut [&mut b], |r| disk.read(0, r)).unwrap_err();
+    assert!(
+        again.elapsed() < Duration::from_secs(1),
+        "a later read waited"
+    );
+    drop(disk);
+    done.send(()).unwrap();
+    server.join().unwrap();
 }
 
 #[test]
