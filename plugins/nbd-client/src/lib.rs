@@ -64,8 +64,8 @@
 //!
 //! A server that is not there fails `open` with one line naming the URI. A server that dies
 //! fails every outstanding and later request with an I/O error (the guest sees EIO); one
-//! that stops answering is cut off after `timeout` seconds without progress, with the same
-//! effect. So does a server that breaks the protocol (a reply with a bad magic, or for a
+//! that stops answering, or stops reading while a command waits to be sent, is cut off after
+//! `timeout` seconds without progress, with the same effect. So does a server that breaks the protocol (a reply with a bad magic, or for a
 //! command not in flight): nothing it sends is trusted beyond the bytes a command asked for.
 //! An error the server reports for one command (ENOSPC, EIO…) fails that request alone, with
 //! that errno. The plugin does not reconnect: detach and attach again (or `ctl swap`).
