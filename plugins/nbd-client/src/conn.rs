@@ -427,48 +427,63 @@ impl Conn {
         let mut reader = Reader::default();
         let (mut cut, mut dead) = (false, false);
         while !stop.load(Ordering::Acquire) {
-            let mut fds = [
-                libc::pollfd {
-                    fd: if dead { -1 } else { self.fd },
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.wake,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: fds is a live array of two pollfd.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
-            if r > 0 {
-                if fds[1].revents & libc::POLLIN != 0 {
-                    let mut n: u64 = 0;
-                    // SAFETY: reading 8 bytes into a live u64 from our eventfd.
-                    unsafe { libc::read(self.wake, (&mut n as *mut u64).cast(), 8) };
-                }
-                if fds[0].revents != 0 {
-                    if let Stop::Dead(why) = reader.read(wire) {
-                        self.cut(why);
-                        wire.kill(libc::EIO);
-                        reader.fail_current(libc::EIO);
-                        dead = true;
-                    }
+            let events = if dead { 0 } else { libc::POLLIN };
+            if self.wait(events) != 0 {
+                if let Stop::Dead(why) = reader.read(wire) {
+                    self.cut(why);
+                    wire.kill(libc::EIO);
+                    reader.fail_current(libc::EIO);
+                    dead = true;
                 }
             }
-            let since = self
-                .now_ns()
-                .saturating_sub(self.progress_ns.load(Ordering::Relaxed));
-            if !cut && !dead && self.pending() > 0 && since > self.timeout.as_nanos() as u64 {
-                self.cut(format!(
-                    "no reply from the server for {} s: connection cut",
-                    self.timeout.as_secs_f64()
-                ));
-                // The reader then sees end of file, and fails every command.
-                // SAFETY: fd is our descriptor of the socket, open until Drop.
-                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
-                cut = true;
+            if !dead {
+                self.cut_if_stalled(&mut cut);
             }
+        }
+    }
+
+    /// Sleeps up to 100 ms until the socket shows one of `events` (0: the socket is not
+    /// watched) or the reader is nudged; returns the socket's poll events.
+    fn wait(&self, events: i16) -> i16 {
+        let mut fds = [
+            libc::pollfd {
+                fd: if events == 0 { -1 } else { self.fd },
+                events,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a live array of two pollfd.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) } <= 0 {
+            return 0;
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            let mut n: u64 = 0;
+            // SAFETY: reading 8 bytes into a live u64 from our eventfd.
+            unsafe { libc::read(self.wake, (&mut n as *mut u64).cast(), 8) };
+        }
+        fds[0].revents
+    }
+
+    /// Cuts the connection (once: `cut`) when commands are outstanding and none has
+    /// completed for `timeout`. Shutting the socket down (our duplicate; libnbd's descriptor
+    /// stays open) makes the next read see end-of-file, which fails every command.
+    fn cut_if_stalled(&self, cut: &mut bool) {
+        let since = self
+            .now_ns()
+            .saturating_sub(self.progress_ns.load(Ordering::Relaxed));
+        if !*cut && self.pending() > 0 && since > self.timeout.as_nanos() as u64 {
+            self.cut(format!(
+                "no reply from the server for {} s: connection cut",
+                self.timeout.as_secs_f64()
+            ));
+            // SAFETY: fd is our descriptor of the socket, open until Drop.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+            *cut = true;
         }
     }
 
@@ -495,52 +510,18 @@ impl Conn {
             // No direction: the connection is dead (libnbd then has failed every command,
             // so `mine` is done) or between states; the socket is not watched then, as a
             // dead one would report HUP forever.
-            let mut fds = [
-                libc::pollfd {
-                    fd: if dir == 0 { -1 } else { self.fd },
-                    events,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.wake,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: fds is a live array of two pollfd.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
-            if r > 0 {
-                if fds[1].revents & libc::POLLIN != 0 {
-                    let mut n: u64 = 0;
-                    // SAFETY: reading 8 bytes into a live u64 from our eventfd.
-                    unsafe { libc::read(self.wake, (&mut n as *mut u64).cast(), 8) };
-                }
-                let re = fds[0].revents;
-                let hup = re & (libc::POLLHUP | libc::POLLERR) != 0;
-                // An error from a notify means the connection died: libnbd has failed the
-                // commands outstanding and run their callbacks.
-                if dir & AIO_DIRECTION_READ != 0 && (re & libc::POLLIN != 0 || hup) {
-                    // SAFETY: h is live.
-                    notify_then_wake(|| unsafe { nbd_aio_notify_read(h) });
-                } else if dir & AIO_DIRECTION_WRITE != 0 && (re & libc::POLLOUT != 0 || hup) {
-                    // SAFETY: h is live.
-                    notify_then_wake(|| unsafe { nbd_aio_notify_write(h) });
-                }
+            let re = self.wait(events);
+            let hup = re & (libc::POLLHUP | libc::POLLERR) != 0;
+            // An error from a notify means the connection died: libnbd has failed the
+            // commands outstanding and run their callbacks.
+            if dir & AIO_DIRECTION_READ != 0 && (re & libc::POLLIN != 0 || hup) {
+                // SAFETY: h is live.
+                notify_then_wake(|| unsafe { nbd_aio_notify_read(h) });
+            } else if dir & AIO_DIRECTION_WRITE != 0 && (re & libc::POLLOUT != 0 || hup) {
+                // SAFETY: h is live.
+                notify_then_wake(|| unsafe { nbd_aio_notify_write(h) });
             }
-            let since = self
-                .now_ns()
-                .saturating_sub(self.progress_ns.load(Ordering::Relaxed));
-            if !cut && self.pending() > 0 && since > self.timeout.as_nanos() as u64 {
-                *lock(&self.broken) = Some(format!(
-                    "no reply from the server for {} s: connection cut",
-                    self.timeout.as_secs_f64()
-                ));
-                // Shutting the socket down (our duplicate; libnbd's descriptor stays open)
-                // makes the next read see end-of-file, which fails every command.
-                // SAFETY: fd is our descriptor of the socket, open until Drop.
-                unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
-                cut = true;
-            }
+            self.cut_if_stalled(&mut cut);
         }
     }
 }
