@@ -134,8 +134,8 @@
 //! default) answers the guest right there when its ring thread sleeps (the response on the
 //! ring, an event-channel notification): call it outside locks your `submit` path takes, or
 //! the ring thread waits on them. Flush, discard and write-zeroes still arrive as blocking
-//! calls on host workers, and `read`/`write` must
-//! still work (the host uses them for emulated FUA, `check` and `bench --direct`).
+//! calls on host workers, and `read`/`write` must still work (the host uses them for
+//! emulated FUA, `check` and `bench --direct`).
 //!
 //! ```no_run
 //! # use xen_disk_plugin_api::*;

@@ -33,14 +33,8 @@ pub struct BenchArgs {
     /// 0 sleeps at once, as `connect` and `serve` do by default (ring path).
     #[arg(long, default_value_t = 30)]
     poll_us: u64,
-    /// Whether an asynchronous plugin's completing thread answers the simulated guest itself
-    /// while the ring thread sleeps (as Linux blkback answers from the I/O's completion)
-    /// rather than waking the ring thread for it: one wake-up less per request. On by default;
-    /// `--answer-on-completion=false` hands every completion to the ring thread, which
-    /// answers a burst with one notification (better for nbd-client with
-    /// `libnbd-commands=true`, whose reader completes one reply at a time: +10%).
-    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
-    answer_on_completion: bool,
+    #[command(flatten)]
+    pub(super) completion: super::CompletionArgs,
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Pattern::Randread)]
     rw: Pattern,
@@ -148,7 +142,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             workers: args.workers,
             queues: args.queues,
             poll: Duration::from_micros(args.poll_us.min(10_000)),
-            answer_on_completion: args.answer_on_completion,
+            answer_on_completion: args.completion.answer_on_completion,
         };
         run_ring(std::sync::Arc::new(disk), &ring).map_err(anyhow::Error::msg)?
     };
@@ -288,11 +282,4 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-impl BenchArgs {
-    pub(super) fn answer_on_completion(&self) -> bool {
-        self.answer_on_completion
-    }
 }

@@ -52,14 +52,8 @@ pub struct ConnectArgs {
     /// dom0 has CPUs to spare; it takes them from guests when it has not.
     #[arg(long, default_value_t = 0)]
     poll_us: u64,
-    /// Whether an asynchronous plugin's completing thread answers the guest itself while the
-    /// ring thread sleeps (as Linux blkback answers from the I/O's completion) rather than
-    /// waking the ring thread for it: one wake-up less per request. On by default;
-    /// `--answer-on-completion=false` hands every completion to the ring thread, which
-    /// answers a burst with one notification (better for nbd-client with
-    /// `libnbd-commands=true`, whose reader completes one reply at a time: +10%).
-    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
-    answer_on_completion: bool,
+    #[command(flatten)]
+    pub(super) completion: super::CompletionArgs,
     /// The guest device (default: the next free one, e.g. xvdb).
     #[arg(long)]
     vbd: Option<String>,
@@ -178,7 +172,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         workers: args.workers,
         remove_entries: true,
         poll: std::time::Duration::from_micros(args.poll_us.min(10_000)),
-        answer_on_completion: args.answer_on_completion,
+        answer_on_completion: args.completion.answer_on_completion,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::default());
@@ -239,11 +233,4 @@ fn run_sim(disk: Arc<GuardedDisk>, layers: &str) -> Result<i32> {
     sim.shutdown().map_err(anyhow::Error::msg)?;
     println!("detached");
     Ok(0)
-}
-
-#[cfg(test)]
-impl ConnectArgs {
-    pub(super) fn answer_on_completion(&self) -> bool {
-        self.answer_on_completion
-    }
 }

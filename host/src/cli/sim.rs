@@ -31,10 +31,8 @@ enum SimCommand {
         /// Where to put the disk's bytes.
         #[arg(long)]
         out: PathBuf,
-        /// Whether an asynchronous plugin's completing threads answer the guest themselves
-        /// (as `connect --answer-on-completion`; on by default).
-        #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
-        answer_on_completion: bool,
+        #[command(flatten)]
+        completion: super::CompletionArgs,
     },
     /// A simulated guest copies FILE onto the disk from its start, through the full path.
     Write {
@@ -43,10 +41,8 @@ enum SimCommand {
         /// The bytes to write (at most the disk's size; a partial last sector is padded with zeroes).
         #[arg(long = "in")]
         input: PathBuf,
-        /// Whether an asynchronous plugin's completing threads answer the guest themselves
-        /// (as `connect --answer-on-completion`; on by default).
-        #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set)]
-        answer_on_completion: bool,
+        #[command(flatten)]
+        completion: super::CompletionArgs,
     },
 }
 
@@ -134,12 +130,12 @@ pub fn run(args: SimArgs) -> Result<i32> {
         SimCommand::Read {
             plugin,
             out,
-            answer_on_completion,
-        } => read(plugin, out, answer_on_completion),
+            completion,
+        } => read(plugin, out, completion.answer_on_completion),
         SimCommand::Write {
             plugin,
             input,
-            answer_on_completion,
-        } => write(plugin, input, answer_on_completion),
+            completion,
+        } => write(plugin, input, completion.answer_on_completion),
     }
 }

@@ -27,9 +27,8 @@
 //! CPUs with the OSD the effect on 4 KiB random reads is within the run-to-run noise (+6% one
 //! day, ratios to `rbd bench` of 0.98 against 0.99 without another; figures in the README),
 //! so compare with `--answer-on-completion=false` on your hardware. Flush, discard and
-//! write-zeroes come from host workers, each waiting for its
-//! operation. There is no lock around librbd: an image handle takes asynchronous operations
-//! from any thread.
+//! write-zeroes come from host workers, each waiting for its operation. There is no lock
+//! around librbd: an image handle takes asynchronous operations from any thread.
 //!
 //! librbd starts each request on the thread that submits it (`rbd_non_blocking_aio` off)
 //! instead of handing it to its dispatch thread: that thread is the guest's ring thread,

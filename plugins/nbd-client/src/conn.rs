@@ -288,11 +288,7 @@ impl Conn {
             done: AtomicBool::new(false),
             error: AtomicI32::new(0),
         });
-        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
-            // Idle until now: the no-progress clock starts with this command.
-            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
-        }
-        self.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.begun(bytes);
         let pending = Pending {
             conn: self,
             waiter: waiter.clone(),
@@ -317,8 +313,7 @@ impl Conn {
             let (errno, msg) = last_error();
             let mut pending = pending;
             pending.waited = true;
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            self.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.ended(bytes, false);
             return Err(self.error(errno, what, &msg));
         }
         // SAFETY: h is live for &self.
@@ -349,25 +344,14 @@ impl Conn {
         done: F,
     ) {
         let bytes = cmd.bytes();
-        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
-        }
-        self.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.begun(bytes);
         if let Some(wire) = &self.wire {
             let conn = ConnRef(self);
             let done: crate::wire::Done = Box::new(move |errno| {
                 // SAFETY: the connection outlives its commands (this function's contract).
                 let conn = unsafe { conn.get() };
-                conn.progress_ns.store(conn.now_ns(), Ordering::Relaxed);
-                conn.pending.fetch_sub(1, Ordering::AcqRel);
-                conn.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                let result = match errno {
-                    0 => Ok(()),
-                    e => {
-                        let text = std::io::Error::from_raw_os_error(e).to_string();
-                        Err(conn.error(e, what, &text))
-                    }
-                };
+                conn.ended(bytes, true);
+                let result = conn.outcome(errno, what);
                 let _ =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result)));
             });
@@ -405,6 +389,36 @@ impl Conn {
         }
     }
 
+    /// A completed command's result from its errno (0: success).
+    fn outcome(&self, errno: i32, what: &str) -> Result<()> {
+        match errno {
+            0 => Ok(()),
+            e => {
+                let text = std::io::Error::from_raw_os_error(e).to_string();
+                Err(self.error(e, what, &text))
+            }
+        }
+    }
+
+    /// Counts a command of `bytes` as in flight; the first after an idle spell starts the
+    /// no-progress clock.
+    fn begun(&self, bytes: u64) {
+        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
+        }
+        self.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts a command of `bytes` as done (`completed`: it made progress, which restarts
+    /// the no-progress clock).
+    fn ended(&self, bytes: u64, completed: bool) {
+        if completed {
+            self.progress_ns.store(self.now_ns(), Ordering::Relaxed);
+        }
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
     /// The connection's reader thread: reads replies until `stop`, so no caller waits on the
     /// socket itself. Exactly one per connection.
     pub fn run_reader(&self, stop: &AtomicBool) {
@@ -412,12 +426,6 @@ impl Conn {
             Some(wire) => self.drive_wire(wire, stop),
             None => self.drive(|| stop.load(Ordering::Acquire)),
         }
-    }
-
-    /// Whether commands go on the socket directly ([`crate::wire`]) rather than through
-    /// libnbd.
-    pub fn speaks_wire(&self) -> bool {
-        self.wire.is_some()
     }
 
     /// The reader of a [`Wire`] connection: takes replies off the socket until `stop`; a
@@ -613,16 +621,8 @@ impl Pending<'_> {
         while !w.done.load(Ordering::Acquire) {
             std::thread::park();
         }
-        c.progress_ns.store(c.now_ns(), Ordering::Relaxed);
-        c.pending.fetch_sub(1, Ordering::AcqRel);
-        c.pending_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
-        match w.error.load(Ordering::Acquire) {
-            0 => Ok(()),
-            errno => {
-                let text = std::io::Error::from_raw_os_error(errno).to_string();
-                Err(c.error(errno, self.what, &text))
-            }
-        }
+        c.ended(self.bytes, true);
+        c.outcome(w.error.load(Ordering::Acquire), self.what)
     }
 }
 
@@ -684,19 +684,13 @@ unsafe extern "C" fn on_free_async<F: FnOnce(Result<()>) + Send + 'static>(user_
     let mut c = unsafe { Box::from_raw(user_data as *mut AsyncCommand<F>) };
     // SAFETY: the connection outlives its commands (see start_async).
     let conn = unsafe { &*c.conn };
-    conn.progress_ns.store(conn.now_ns(), Ordering::Relaxed);
-    conn.pending.fetch_sub(1, Ordering::AcqRel);
-    conn.pending_bytes.fetch_sub(c.bytes, Ordering::Relaxed);
+    conn.ended(c.bytes, true);
     c.result = match c.error.load(Ordering::Acquire) {
-        0 => Ok(()),
         NOT_COMPLETED => {
             let (errno, msg) = last_error();
             Err(conn.error(errno, c.what, &msg))
         }
-        errno => {
-            let text = std::io::Error::from_raw_os_error(errno).to_string();
-            Err(conn.error(errno, c.what, &text))
-        }
+        errno => conn.outcome(errno, c.what),
     };
     let mut answer: Option<Box<dyn Answer>> = Some(c);
     let _ = TO_ANSWER.try_with(|cell| {

@@ -65,8 +65,9 @@
 //! A server that is not there fails `open` with one line naming the URI. A server that dies
 //! fails every outstanding and later request with an I/O error (the guest sees EIO); one
 //! that stops answering, or stops reading while a command waits to be sent, is cut off after
-//! `timeout` seconds without progress, with the same effect. So does a server that breaks the protocol (a reply with a bad magic, or for a
-//! command not in flight): nothing it sends is trusted beyond the bytes a command asked for.
+//! `timeout` seconds without progress, with the same effect. So does a server that breaks
+//! the protocol (a reply with a bad magic, or for a command not in flight): nothing it sends
+//! is trusted beyond the bytes a command asked for.
 //! An error the server reports for one command (ENOSPC, EIO…) fails that request alone, with
 //! that errno. The plugin does not reconnect: detach and attach again (or `ctl swap`).
 
@@ -75,7 +76,6 @@ pub mod ffi;
 pub mod wire;
 
 use conn::{Caps, Command, Conn, Pending};
-use ffi::*;
 use std::cell::RefCell;
 use std::time::Duration;
 use xen_disk_plugin_api::*;
@@ -261,15 +261,15 @@ impl NbdDisk {
             "write"
         };
         // SAFETY: ptr is valid for n bytes (the guest's pages, which the submission keeps
-        // mapped, or the bounce buffer `done` owns) until `done` runs, after libnbd frees
-        // the command; the connection outlives its commands (the host drops the disk with
-        // none in flight).
+        // mapped, or the bounce buffer `done` owns) until `done` runs, which is after the
+        // command lets go of it; the connection outlives its commands (the host drops the
+        // disk with none in flight).
         unsafe { conn.start_async(what, cmd, done) };
     }
 
-    /// Reads (or with `write`, writes) the runs, which hold consecutive bytes from
+    /// Reads (or with `write: Some(fua)`, writes) the runs, which hold consecutive bytes from
     /// `offset`, with one command each, all in flight together.
-    fn transfer(&self, offset: u64, runs: &[(*mut u8, usize)], write: Option<u32>) -> Result<()> {
+    fn transfer(&self, offset: u64, runs: &[(*mut u8, usize)], write: Option<bool>) -> Result<()> {
         let total: usize = runs.iter().map(|r| r.1).sum();
         let conn = self.conn(total as u64);
         let what = if write.is_some() { "write" } else { "read" };
@@ -278,11 +278,11 @@ impl NbdDisk {
         let mut at = offset;
         for &(buf, len) in runs {
             let cmd = match write {
-                Some(flags) => Command::Write {
+                Some(fua) => Command::Write {
                     buf,
                     len,
                     offset: at,
-                    fua: flags & CMD_FLAG_FUA != 0,
+                    fua,
                 },
                 None => Command::Read {
                     buf,
@@ -314,16 +314,16 @@ impl NbdDisk {
         }
     }
 
-    fn write_flags(&self, offset: u64, bufs: &WriteBufs<'_>, flags: u32) -> Result<()> {
+    fn write_with(&self, offset: u64, bufs: &WriteBufs<'_>, fua: bool) -> Result<()> {
         if bufs.is_empty() {
             return Ok(());
         }
         match runs(bufs.raw()) {
             // libnbd only reads from the runs, though the pointers are `*mut`.
-            Some((r, n)) => self.transfer(offset, &r[..n], Some(flags)),
+            Some((r, n)) => self.transfer(offset, &r[..n], Some(fua)),
             None => with_bounce(bufs.len(), |b| {
                 bufs.copy_to(b);
-                self.transfer(offset, &[(b.as_mut_ptr(), b.len())], Some(flags))
+                self.transfer(offset, &[(b.as_mut_ptr(), b.len())], Some(fua))
             }),
         }
     }
@@ -385,7 +385,7 @@ impl Disk for NbdDisk {
     }
 
     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
-        self.write_flags(offset, bufs, 0)
+        self.write_with(offset, bufs, false)
     }
 
     fn submit(&self, submission: Submission) {
@@ -393,7 +393,7 @@ impl Disk for NbdDisk {
     }
 
     fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
-        self.write_flags(offset, bufs, CMD_FLAG_FUA)
+        self.write_with(offset, bufs, true)
     }
 
     /// With several connections every one is flushed: the multi-conn promise covers writes

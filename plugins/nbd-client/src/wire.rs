@@ -82,7 +82,7 @@ fn errno() -> i32 {
 
 /// An NBD error value as an errno (the protocol's values are Linux's; unknown ones are
 /// EINVAL, as the protocol says).
-pub fn nbd_errno(e: u32) -> i32 {
+fn nbd_errno(e: u32) -> i32 {
     match e {
         1 => libc::EPERM,
         5 => libc::EIO,
@@ -97,7 +97,7 @@ pub fn nbd_errno(e: u32) -> i32 {
 }
 
 /// The 28-byte request header.
-pub fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_LEN] {
+fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_LEN] {
     let mut h = [0u8; REQUEST_LEN];
     h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     h[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -133,13 +133,13 @@ fn encode(cmd: &Command) -> (u16, u16, u64, u64, Option<(*const u8, usize)>) {
 
 /// One parsed reply header.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub error: u32,
-    pub cookie: u64,
+struct Reply {
+    error: u32,
+    cookie: u64,
 }
 
 /// Parses a simple reply header; `None` for a bad magic.
-pub fn parse_reply(b: &[u8; REPLY_LEN]) -> Option<Reply> {
+fn parse_reply(b: &[u8; REPLY_LEN]) -> Option<Reply> {
     let word = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     (word(0) == SIMPLE_REPLY_MAGIC).then(|| Reply {
         error: word(4),
@@ -171,6 +171,13 @@ impl Wire {
     /// # Safety
     /// The command's buffer stays valid (a read's also untouched) until `done` runs.
     pub unsafe fn submit(&self, cmd: Command, done: Done, on_death: impl FnOnce(String)) {
+        let (kind, flags, offset, len, data) = encode(&cmd);
+        // NBD lengths are 32-bit; callers split larger ranges, so this is a bug caught here
+        // rather than a length sent truncated.
+        let Ok(len) = u32::try_from(len) else {
+            done(libc::EINVAL);
+            return;
+        };
         let cookie = {
             let mut t = lock(&self.table);
             if let Some(e) = t.dead {
@@ -190,8 +197,7 @@ impl Wire {
             t.entries[index as usize] = Some(Entry { cookie, cmd, done });
             cookie
         };
-        let (kind, flags, offset, len, data) = encode(&cmd);
-        let header = request(kind, flags, cookie, offset, len as u32);
+        let header = request(kind, flags, cookie, offset, len);
         if let Err(why) = self.send_all(&header, data) {
             on_death(why);
             self.kill(libc::EIO);
@@ -202,16 +208,18 @@ impl Wire {
     /// socket is full. Senders take turns: a command's bytes are never interleaved.
     fn send_all(&self, header: &[u8], data: Option<(*const u8, usize)>) -> Result<(), String> {
         let _turn = lock(&self.send);
-        let mut iov = vec![libc::iovec {
-            iov_base: header.as_ptr() as *mut _,
-            iov_len: header.len(),
-        }];
-        if let Some((p, n)) = data.filter(|d| d.1 > 0) {
-            iov.push(libc::iovec {
+        let (p, n) = data.unwrap_or((std::ptr::null(), 0));
+        let mut iov = [
+            libc::iovec {
+                iov_base: header.as_ptr() as *mut _,
+                iov_len: header.len(),
+            },
+            libc::iovec {
                 iov_base: p as *mut _,
                 iov_len: n,
-            });
-        }
+            },
+        ];
+        let iov = &mut iov[..if n == 0 { 1 } else { 2 }];
         let mut first = 0;
         while first < iov.len() {
             // SAFETY: a zeroed msghdr is valid; the iovecs point to the header and the
@@ -312,8 +320,26 @@ pub struct Reader {
     stage: Vec<u8>,
     start: usize,
     end: usize,
-    /// The read whose data is arriving: its entry, and the bytes still to come.
-    current: Option<(Entry, usize)>,
+    /// The read whose data is arriving.
+    current: Option<Arriving>,
+}
+
+/// A read whose reply header came and whose data is still arriving.
+struct Arriving {
+    entry: Entry,
+    /// Where its next byte goes, and how many are still to come.
+    next: *mut u8,
+    rest: usize,
+}
+
+impl Arriving {
+    /// Counts `n` more bytes as written at `next`.
+    fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.rest);
+        // SAFETY: n <= rest: still within the read's buffer.
+        self.next = unsafe { self.next.add(n) };
+        self.rest -= n;
+    }
 }
 
 /// Why the reader stopped reading.
@@ -339,16 +365,10 @@ impl Reader {
     /// Reads what the socket holds and completes the commands whose replies are whole.
     pub fn read(&mut self, wire: &Wire) -> Stop {
         loop {
-            let (dest, want_dest) = match &self.current {
-                Some((e, rest)) => match e.cmd {
-                    Command::Read { buf, len, .. } => {
-                        // SAFETY: rest <= len: the unwritten tail of the read's buffer.
-                        (unsafe { buf.add(len - rest) }, *rest)
-                    }
-                    _ => unreachable!("only reads carry data"),
-                },
-                None => (std::ptr::null_mut(), 0),
-            };
+            let (dest, want_dest) = self
+                .current
+                .as_ref()
+                .map_or((std::ptr::null_mut(), 0), |a| (a.next, a.rest));
             let mut iov = [
                 libc::iovec {
                     iov_base: dest.cast(),
@@ -384,13 +404,11 @@ impl Reader {
                 };
             }
             let got = n as usize;
-            let mut n = got;
-            if let Some((_, rest)) = &mut self.current {
-                let direct = n.min(*rest);
-                *rest -= direct;
-                n -= direct;
+            let direct = got.min(want_dest);
+            if let Some(a) = &mut self.current {
+                a.advance(direct);
             }
-            self.end += n;
+            self.end += got - direct;
             if let Err(why) = self.parse(wire) {
                 return Stop::Dead(why);
             }
@@ -403,30 +421,20 @@ impl Reader {
 
     fn parse(&mut self, wire: &Wire) -> Result<(), String> {
         loop {
-            if let Some((e, rest)) = &mut self.current {
-                if *rest > 0 {
-                    let avail = self.end - self.start;
-                    if avail == 0 {
-                        break;
-                    }
-                    let n = avail.min(*rest);
-                    if let Command::Read { buf, len, .. } = e.cmd {
-                        // SAFETY: the read's buffer is valid for len bytes until it completes;
-                        // rest <= len, n <= rest; the staging range is initialized.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                self.stage.as_ptr().add(self.start),
-                                buf.add(len - *rest),
-                                n,
-                            )
-                        };
-                    }
-                    *rest -= n;
-                    self.start += n;
+            if let Some(a) = &mut self.current {
+                let n = (self.end - self.start).min(a.rest);
+                // SAFETY: the read's buffer has `rest` bytes left from `next`, valid until it
+                // completes; n <= rest, and the staging range is initialized.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.stage.as_ptr().add(self.start), a.next, n)
+                };
+                a.advance(n);
+                self.start += n;
+                if a.rest > 0 {
+                    break;
                 }
-                if *rest == 0 {
-                    let (e, _) = self.current.take().expect("checked above");
-                    (e.done)(0);
+                if let Some(a) = self.current.take() {
+                    (a.entry.done)(0);
                 }
                 continue;
             }
@@ -450,7 +458,13 @@ impl Reader {
                 ));
             };
             match (reply.error, entry.cmd) {
-                (0, Command::Read { len, .. }) => self.current = Some((entry, len)),
+                (0, Command::Read { buf, len, .. }) => {
+                    self.current = Some(Arriving {
+                        entry,
+                        next: buf,
+                        rest: len,
+                    })
+                }
                 (0, _) => (entry.done)(0),
                 (e, _) => (entry.done)(nbd_errno(e)),
             }
@@ -464,8 +478,8 @@ impl Reader {
 
     /// Fails the read whose data was arriving (the connection died under it).
     pub fn fail_current(&mut self, errno: i32) {
-        if let Some((e, _)) = self.current.take() {
-            (e.done)(errno);
+        if let Some(a) = self.current.take() {
+            (a.entry.done)(errno);
         }
     }
 }
