@@ -301,15 +301,15 @@ path = "{}"
     )
     .unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: disk 3: now mmap"]);
+    d.expect(&["reload: 7/xvdb: now mmap"]);
     assert!(stdout(&ctl(&["list"])).contains(
         "7/xvdb domain=7 guest=sim-guest-7 vbd=xvdb state=Connected size=33554432 stack=mmap"
     ));
     std::fs::write(&config, "[[disk]]\nplugin = 3\n").unwrap();
     d.signal("-HUP");
     d.expect(&["reload:", "keeping the running configuration"]);
-    // Two new disks, the first of which cannot open: disks are known by position, so the
-    // second is not added either (and nothing is attached to the wrong index).
+    // Two new disks, the first of which cannot open: the second is added all the same (disks
+    // are known by identity, not position).
     let mmap_text = format!("{}plugin = \"mmap\"{}", &text[..i], &text[i + 15..]);
     std::fs::write(
         &config,
@@ -319,18 +319,22 @@ path = "{}"
     )
     .unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: disk 4:", "nosuch"]);
-    d.expect(&["reload: disk 5: not added"]);
-    // Disk 3 left out: detached. Listed again: attached again, as the entry now says.
+    d.expect(&["reload: disk 4", "nosuch"]);
+    d.expect(&["reload: disk 5 added"]);
+    d.expect(&["disk 5: discard attached to domain 7 as xvdc"]);
+    // Disks 3 and 5 left out: detached. Disk 3 listed again: attached again, as the entry
+    // now says.
     let third = mmap_text.rfind("[[disk]]").unwrap();
     std::fs::write(&config, &mmap_text[..third]).unwrap();
     d.signal("-HUP");
     d.expect(&["reload: 7/xvdb no longer listed; detaching"]);
+    d.expect(&["reload: 7/xvdc no longer listed; detaching"]);
     d.expect(&["/local/domain/0/backend/vbd3/7/51728: removed"]);
+    d.expect(&["/local/domain/0/backend/vbd3/7/51744: removed"]);
     assert!(!stdout(&ctl(&["list"])).contains("7/xvdb"));
     std::fs::write(&config, &mmap_text).unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: disk 3 listed again"]);
+    d.expect(&["reload: disk 3 added"]);
     d.expect(&["disk 3: mmap attached to domain 7 as xvdb"]);
     d.expect(&["guest 7 connected", "/51728: 33554432 bytes"]);
 
@@ -375,4 +379,217 @@ fn serve_mistakes_are_one_line() {
     if !std::path::Path::new("/dev/xen").exists() {
         assert_bad_input(&host(&["serve"]), &["not a Xen domain", "--sim"]);
     }
+}
+
+/// A `[[disk]]` entry serving `path` with the file plugin.
+fn file_entry(domain: &str, path: &std::path::Path) -> String {
+    format!(
+        "[[disk]]\ndomain = \"{domain}\"\nplugin = \"file\"\n[disk.plugin-config]\npath = \"{}\"\n\n",
+        path.display()
+    )
+}
+
+/// `serve --sim` with `config`, its control socket in `t`; and a `ctl` runner for it.
+fn serve_sim(t: &TempDir, config: &std::path::Path) -> (Daemon, impl Fn(&[&str]) -> String) {
+    let control = t.join("control.sock");
+    let d = Daemon::start(&[
+        "serve",
+        "--sim",
+        "--config",
+        config.to_str().unwrap(),
+        "--xenstore-socket",
+        t.join("xs.sock").to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ]);
+    let ctl = move |args: &[&str]| {
+        let mut a = vec!["ctl", "--socket", control.to_str().unwrap()];
+        a.extend_from_slice(args);
+        let o = host(&a);
+        assert!(o.status.success(), "ctl {args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    (d, ctl)
+}
+
+#[test]
+fn reload_matches_disks_by_domain_and_vbd_not_by_position() {
+    let t = TempDir::new("serve-reload-identity");
+    let img = |name: &str, len: u64| {
+        let p = t.join(name);
+        std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+        p
+    };
+    let (a64, b, c, a512) = (
+        img("a64.img", 64 << 20),
+        img("b.img", 16 << 20),
+        img("c.img", 16 << 20),
+        img("a512.img", 512 << 20),
+    );
+    let config = t.join("disks.toml");
+    let entries = [
+        file_entry("g1", &a64),
+        file_entry("g2", &b),
+        file_entry("g3", &c),
+        file_entry("g1", &a512),
+    ];
+    std::fs::write(&config, entries.concat()).unwrap();
+    let (mut d, ctl) = serve_sim(&t, &config);
+    d.expect(&["disk 4: file attached to domain 1 as xvdc"]);
+    d.expect(&["guest 1 connected", "/51744: 536870912 bytes"]);
+    d.expect(&["guest 2 connected", "/51728: 16777216 bytes"]);
+
+    // g2's entry deleted: g2's disk goes, g1's second disk stays.
+    std::fs::write(
+        &config,
+        [&entries[0], &entries[2], &entries[3]]
+            .map(String::as_str)
+            .concat(),
+    )
+    .unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload: 2/xvdb no longer listed; detaching"]);
+    d.expect(&["/local/domain/0/backend/vbd3/2/51728: removed"]);
+    let list = ctl(&["list"]);
+    assert!(!list.contains("2/xvdb"), "{list}");
+    assert!(
+        list.contains("1/xvdb domain=1 guest=g1 vbd=xvdb state=Connected size=67108864 stack=file"),
+        "{list}"
+    );
+    assert!(
+        list.contains(
+            "1/xvdc domain=1 guest=g1 vbd=xvdc state=Connected size=536870912 stack=file"
+        ),
+        "{list}"
+    );
+    assert!(list.contains("3/xvdb domain=3 guest=g3"), "{list}");
+
+    // g1's first entry deleted: its xvdb goes; xvdc keeps serving the 512 MiB image, never
+    // swapped onto another image.
+    std::fs::write(
+        &config,
+        [&entries[2], &entries[3]].map(String::as_str).concat(),
+    )
+    .unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload: 1/xvdb no longer listed; detaching"]);
+    d.expect(&["/local/domain/0/backend/vbd3/1/51728: removed"]);
+    let list = ctl(&["list"]);
+    assert!(!list.contains("1/xvdb"), "{list}");
+    assert!(
+        list.contains(
+            "1/xvdc domain=1 guest=g1 vbd=xvdc state=Connected size=536870912 stack=file"
+        ),
+        "{list}"
+    );
+    let lines = d.terminate();
+    assert!(
+        !lines.iter().any(|l| l.contains(": now ")),
+        "a reload swapped a plugin:\n{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn two_disks_at_one_vbd_are_one_error() {
+    let t = TempDir::new("serve-dup-vbd");
+    let (a, b) = (t.join("a.img"), t.join("b.img"));
+    for p in [&a, &b] {
+        std::fs::File::create(p).unwrap().set_len(1 << 20).unwrap();
+    }
+    let config = t.join("disks.toml");
+    let at_xvdb = |p: &std::path::Path| {
+        file_entry("guest1", p).replace("plugin = ", "vbd = \"xvdb\"\nplugin = ")
+    };
+    std::fs::write(&config, at_xvdb(&a) + &at_xvdb(&b)).unwrap();
+    assert_bad_input(
+        &host(&["serve", "--sim", "--config", config.to_str().unwrap()]),
+        &["disks.toml", "disks 1 and 2", "xvdb"],
+    );
+
+    // Brought in by a reload: one warning, and the running disk serves on.
+    std::fs::write(&config, at_xvdb(&a)).unwrap();
+    let (mut d, ctl) = serve_sim(&t, &config);
+    d.expect(&["guest 1 connected", "/51728: 1048576 bytes"]);
+    std::fs::write(&config, at_xvdb(&a) + &at_xvdb(&b)).unwrap();
+    d.signal("-HUP");
+    d.expect(&[
+        "reload:",
+        "disks 1 and 2",
+        "keeping the running configuration",
+    ]);
+    assert!(ctl(&["list"]).contains("1/xvdb domain=1 guest=guest1 vbd=xvdb state=Connected"));
+    // A disk that cannot attach (its vbd taken by another backend's device) says so once.
+    let text = file_entry("guest1", &b).replace("plugin = ", "vbd = \"xvdb\"\nplugin = ");
+    std::fs::write(&config, at_xvdb(&a).replace("guest1", "1") + &text).unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload: disk 1 added"]);
+    d.expect(&["disk 1: domain 1 already has a disk at xvdb"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = d.terminate();
+    let repeats = lines
+        .iter()
+        .filter(|l| l.contains("already has a disk at xvdb"))
+        .count();
+    assert_eq!(repeats, 1, "{}", lines.join("\n"));
+}
+
+#[test]
+fn serve_sim_second_sigterm_forces_a_device_stuck_in_closing() {
+    let t = TempDir::new("serve-force");
+    let a = t.join("a.img");
+    std::fs::File::create(&a).unwrap().set_len(1 << 20).unwrap();
+    let config = t.join("disks.toml");
+    std::fs::write(&config, file_entry("guest1", &a)).unwrap();
+    let (mut d, _ctl) = serve_sim(&t, &config);
+    d.expect(&["guest 1 connected"]);
+    // A toolstack device for a guest that says it published its rings but never did: the
+    // backend fails to connect, goes Closing and waits for a frontend that never closes.
+    let xs = XsClient::connect_unix(&t.join("xs.sock")).unwrap();
+    let (be, fe) = (
+        "/local/domain/0/backend/vbd3/9/51728",
+        "/local/domain/9/device/vbd/51728",
+    );
+    transaction(&xs, |tx| {
+        for (k, v) in [
+            ("frontend", fe),
+            ("frontend-id", "9"),
+            ("online", "1"),
+            ("state", "1"),
+            ("params", &format!("file:{}", a.display())),
+        ] {
+            xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+        }
+        for (k, v) in [("backend", be), ("backend-id", "0"), ("state", "3")] {
+            xs.write(tx, &format!("{fe}/{k}"), v.as_bytes())?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    d.expect(&[&format!("{be}: serving for domain 9")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while xs.read(NO_TX, &format!("{be}/state")).ok().as_deref() != Some(b"5") {
+        assert!(Instant::now() < deadline, "the device never went Closing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.signal("-TERM");
+    d.expect(&["stopping: closing"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "serve stopped without waiting for the device in Closing"
+    );
+    d.signal("-TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a second SIGTERM did not force serve --sim to stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
 }

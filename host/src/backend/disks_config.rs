@@ -59,6 +59,15 @@ impl DomainRef {
     }
 }
 
+impl std::fmt::Display for DomainRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DomainRef::Id(id) => write!(f, "{id}"),
+            DomainRef::Uuid(u) | DomainRef::Name(u) => f.write_str(u),
+        }
+    }
+}
+
 /// One configured disk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskSpec {
@@ -95,9 +104,7 @@ const DISK_KEYS: &[&str] = &[
 /// Parses a disks file's text; `file` names it in errors.
 pub fn parse_disks(file: &Path, text: &str) -> Result<Vec<DiskSpec>, String> {
     let f = file.display();
-    let doc: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| format!("{f}: not valid TOML: {}", e.message().trim()))?;
+    let doc = parse_toml(file, text)?;
     for key in doc.keys() {
         if key != "disk" {
             return Err(format!(
@@ -110,11 +117,48 @@ pub fn parse_disks(file: &Path, text: &str) -> Result<Vec<DiskSpec>, String> {
         Some(toml::Value::Array(a)) => a,
         Some(_) => return Err(format!("{f}: `disk` must be an array of tables ([[disk]])")),
     };
-    disks
+    let specs = disks
         .iter()
         .enumerate()
         .map(|(i, d)| parse_disk(&format!("{f}: disk {}", i + 1), d))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    // Two entries for one guest device can never both be served: refused here, once, rather
+    // than the second failing to attach round after round.
+    for (j, b) in specs.iter().enumerate() {
+        if let Some(i) = specs[..j]
+            .iter()
+            .position(|a| a.vbd.is_some() && a.vbd == b.vbd && a.domain == b.domain)
+        {
+            return Err(format!(
+                "{f}: disks {} and {} both give domain {} the device {}",
+                i + 1,
+                j + 1,
+                b.domain,
+                b.vbd.map(Vbd::linux_name).unwrap_or_default()
+            ));
+        }
+    }
+    Ok(specs)
+}
+
+/// Parses TOML text; a syntax error names the file, line and column.
+pub fn parse_toml(file: &Path, text: &str) -> Result<toml::Table, String> {
+    text.parse().map_err(|e: toml::de::Error| {
+        let at = e
+            .span()
+            .map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+                format!(":{line}:{column}")
+            })
+            .unwrap_or_default();
+        format!(
+            "{}{at}: not valid TOML: {}",
+            file.display(),
+            e.message().trim()
+        )
+    })
 }
 
 fn parse_disk(at: &str, value: &toml::Value) -> Result<DiskSpec, String> {
@@ -228,7 +272,17 @@ mod tests {
     #[test]
     fn mistakes_name_file_disk_and_key() {
         let cases = [
-            ("[[disk]\n", "not valid TOML"),
+            ("[[disk]\n", "disks.toml:1:7: not valid TOML"),
+            (
+                "[[disk]]\ndomain = 1\nplugin = \"m\"\nreadonly = yes\n",
+                "disks.toml:4:12: not valid TOML",
+            ),
+            (
+                "[[disk]]\ndomain = \"g\"\nplugin = \"m\"\nvbd = \"xvdb\"\n\
+                 [[disk]]\ndomain = 2\nplugin = \"m\"\nvbd = \"xvdb\"\n\
+                 [[disk]]\ndomain = \"g\"\nplugin = \"m\"\nvbd = \"51728\"\n",
+                "disks 1 and 3 both give domain g the device xvdb",
+            ),
             ("x = 1\n", "unknown top-level key `x`"),
             ("", "no [[disk]]"),
             ("[[disk]]\nplugin = \"m\"\n", "disk 1: `domain` is required"),

@@ -22,6 +22,7 @@ use super::disks_config::DiskSpec;
 use super::domains::{find_domain, XsView};
 use super::features::HostOffer;
 use super::params::parse_params;
+use super::reload::{plan, Change, Running};
 use super::vbd::{next_free, Vbd};
 use crate::control::{Entry, Registry};
 use crate::plugin::{open_stack, GuardedDisk};
@@ -53,15 +54,21 @@ pub struct ServeOptions {
 
 /// A static disk, opened.
 pub struct StaticDisk {
+    /// The server's handle for it: stable across reloads, never reused.
+    pub key: u64,
+    /// Its entry's position in `disks.toml` (1-based) when last read, for messages.
+    pub number: usize,
     /// As configured.
     pub spec: DiskSpec,
     /// Its plugin stack behind the guard.
     pub disk: Arc<GuardedDisk>,
     /// "cow over vhd" style, for messages.
     pub layers: String,
-    /// Still in `disks.toml`: false once a reload left it out (it is detached and never
-    /// attached again unless a later reload lists it once more).
-    pub listed: bool,
+    /// The guest device it was last attached as: with the domain, its identity on reload
+    /// when the entry names no `vbd`.
+    pub attached: Option<Vbd>,
+    /// The last reason it could not be attached, said once rather than every round.
+    last_error: Option<String>,
 }
 
 /// Opens every configured disk's plugin; the first failure names the disk.
@@ -69,22 +76,28 @@ pub fn open_static(specs: Vec<DiskSpec>) -> Result<Vec<StaticDisk>, String> {
     specs
         .into_iter()
         .enumerate()
-        .map(|(i, spec)| {
-            let (disk, layers) = open_disk(
-                &spec.plugin,
-                &spec.plugin_config,
-                spec.readonly,
-                spec.sector_size,
-            )
-            .map_err(|e| format!("disk {} (plugin {}): {e}", i + 1, spec.plugin))?;
-            Ok(StaticDisk {
-                spec,
-                disk,
-                layers,
-                listed: true,
-            })
-        })
+        .map(|(i, spec)| open_one(i as u64, i + 1, spec))
         .collect()
+}
+
+/// Opens one configured disk (`number` its position in the file).
+fn open_one(key: u64, number: usize, spec: DiskSpec) -> Result<StaticDisk, String> {
+    let (disk, layers) = open_disk(
+        &spec.plugin,
+        &spec.plugin_config,
+        spec.readonly,
+        spec.sector_size,
+    )
+    .map_err(|e| format!("disk {number} (plugin {}): {e}", spec.plugin))?;
+    Ok(StaticDisk {
+        key,
+        number,
+        spec,
+        disk,
+        layers,
+        attached: None,
+        last_error: None,
+    })
 }
 
 fn open_disk(
@@ -109,8 +122,8 @@ struct Device {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<Result<Ended, String>>,
     frontend: String,
-    /// Index into the static disks, or None for a toolstack device.
-    static_index: Option<usize>,
+    /// The static disk's key, or None for a toolstack device.
+    static_key: Option<u64>,
     guest: u32,
     /// The guest's device name, for messages.
     name: String,
@@ -160,7 +173,8 @@ pub fn serve(
     let events = xs.events();
     let mut devices: HashMap<String, Device> = HashMap::new();
     // Static disks not attached: waiting for their domain.
-    let mut pending: Vec<usize> = (0..disks.len()).collect();
+    let mut pending: Vec<u64> = disks.iter().map(|d| d.key).collect();
+    let mut next_key = disks.iter().map(|d| d.key + 1).max().unwrap_or(0);
     // Toolstack devices that failed to open: not retried until their directory goes away.
     let mut failed: HashSet<String> = HashSet::new();
     let mut forced = false;
@@ -169,26 +183,40 @@ pub fn serve(
         while events.try_recv().is_ok() {}
         reap(&*xs, &mut devices, &mut pending, &disks, &log, reg);
         match reload() {
-            Some(Ok(specs)) => apply_reload(&mut disks, specs, &mut pending, &devices, &log, reg),
+            Some(Ok(specs)) => {
+                let mut state = Served {
+                    disks: &mut disks,
+                    pending: &mut pending,
+                    devices: &devices,
+                    next_key: &mut next_key,
+                };
+                apply_reload(&mut state, specs, &log, reg)
+            }
             Some(Err(e)) => log(&format!("reload: {e}; keeping the running configuration")),
             None => {}
         }
-        pending.retain(|&i| {
-            match attach_static(&*xs, &connect, &platform, &opts, &disks[i], i, reg) {
+        pending.retain(|&key| {
+            let Some(i) = disks.iter().position(|d| d.key == key) else {
+                return false;
+            };
+            let reserved = reserved_vbds(&disks, i);
+            let disk = &mut disks[i];
+            match attach_static(&*xs, &connect, &platform, &opts, disk, &reserved, reg) {
                 Ok(Some((path, dev))) => {
                     log(&format!(
                         "disk {}: {} attached to domain {} as {} ({path})",
-                        i + 1,
-                        disks[i].layers,
-                        dev.guest,
-                        dev.name
+                        disk.number, disk.layers, dev.guest, dev.name
                     ));
+                    disk.last_error = None;
                     devices.insert(path, dev);
                     false
                 }
                 Ok(None) => true,
                 Err(e) => {
-                    log(&format!("disk {}: {e}", i + 1));
+                    if disk.last_error.as_ref() != Some(&e) {
+                        log(&format!("disk {}: {e}", disk.number));
+                        disk.last_error = Some(e);
+                    }
                     true
                 }
             }
@@ -231,122 +259,158 @@ pub fn serve(
     Ok(())
 }
 
-/// A changed `disks.toml` (SIGHUP): a disk whose plugin or plugin configuration changed gets
-/// the new plugin swapped in under the running guest; new disks are attached; disks no longer
-/// listed are detached. Changes to the domain, `readonly`, `sector-size`, `queues` or `vbd`
-/// of a listed disk need a detach and are reported, not applied.
-fn apply_reload(
-    disks: &mut Vec<StaticDisk>,
-    specs: Vec<DiskSpec>,
-    pending: &mut Vec<usize>,
-    devices: &HashMap<String, Device>,
-    log: &Log,
-    registry: &Registry,
-) {
-    let listed = specs.len();
-    for (i, spec) in specs.into_iter().enumerate() {
-        let Some(current) = disks.get_mut(i) else {
-            // Disks are known by position: one that failed to open leaves a gap that later
-            // ones cannot fill without renumbering.
-            if i != disks.len() {
-                log(&format!(
-                    "reload: disk {}: not added (an earlier new disk failed to open)",
-                    i + 1
-                ));
-                continue;
-            }
-            match open_static(vec![spec]) {
-                Ok(mut d) => {
-                    log(&format!("reload: disk {} added", i + 1));
-                    disks.push(d.remove(0));
-                    pending.push(i);
-                }
-                Err(e) => log(&format!("reload: disk {}: {e}", i + 1)),
-            }
-            continue;
-        };
-        if !current.listed {
-            // Left out by an earlier reload and listed again: detached, so opened afresh
-            // with whatever the entry now says, and attached when its domain exists.
-            match open_static(vec![spec]) {
-                Ok(mut d) => {
-                    log(&format!("reload: disk {} listed again", i + 1));
-                    *current = d.remove(0);
-                    if !pending.contains(&i) {
-                        pending.push(i);
-                    }
-                }
-                Err(e) => log(&format!("reload: disk {}: {e}", i + 1)),
-            }
-            continue;
+/// The static disks and their devices, as a reload changes them.
+struct Served<'a> {
+    disks: &'a mut Vec<StaticDisk>,
+    pending: &'a mut Vec<u64>,
+    devices: &'a HashMap<String, Device>,
+    next_key: &'a mut u64,
+}
+
+impl Served<'_> {
+    /// The device ids a static disk is served as (one while attached).
+    fn ids(&self, key: u64) -> Vec<&str> {
+        self.devices
+            .values()
+            .filter(|d| d.static_key == Some(key))
+            .map(|d| d.id.as_str())
+            .collect()
+    }
+
+    /// How messages name a disk: its device when attached, else its entry.
+    fn label(&self, key: u64) -> String {
+        let ids = self.ids(key);
+        match (ids.first(), self.disks.iter().find(|d| d.key == key)) {
+            (Some(id), _) => id.to_string(),
+            (None, Some(d)) => format!("disk {}", d.number),
+            (None, None) => format!("disk #{key}"),
         }
-        let old = &current.spec;
-        if (
-            &old.domain,
-            old.readonly,
-            old.sector_size,
-            old.queues,
-            old.vbd,
-        ) != (
-            &spec.domain,
-            spec.readonly,
-            spec.sector_size,
-            spec.queues,
-            spec.vbd,
-        ) {
+    }
+}
+
+/// A changed `disks.toml` (SIGHUP), matched to the running disks by identity (see
+/// [`super::reload`]): a disk whose plugin or plugin configuration changed gets the new
+/// plugin swapped in under the running guest; new disks are attached; disks no longer listed
+/// are detached. Changes to `readonly`, `sector-size`, `queues` or `answer-on-completion` of
+/// a listed disk need a detach and are reported, not applied.
+fn apply_reload(served: &mut Served<'_>, specs: Vec<DiskSpec>, log: &Log, registry: &Registry) {
+    let running: Vec<Running<'_>> = served
+        .disks
+        .iter()
+        .map(|d| Running {
+            key: d.key,
+            spec: &d.spec,
+            attached: d.attached,
+        })
+        .collect();
+    let changes = plan(&running, specs);
+    for change in changes {
+        match change {
+            Change::Keep { key, entry } => renumber(served, key, entry),
+            Change::NeedsDetach { key, entry, .. } => {
+                renumber(served, key, entry);
+                log(&format!(
+                    "reload: {}: only the plugin and its configuration change live; detach it to change the rest",
+                    served.label(key)
+                ));
+            }
+            Change::Swap { key, entry, spec } => {
+                renumber(served, key, entry);
+                swap_static(served, key, spec, log, registry);
+            }
+            Change::Add { entry, spec } => match open_one(*served.next_key, entry + 1, spec) {
+                Ok(d) => {
+                    log(&format!("reload: disk {} added", entry + 1));
+                    *served.next_key += 1;
+                    served.pending.push(d.key);
+                    served.disks.push(d);
+                }
+                Err(e) => log(&format!("reload: {e}")),
+            },
+            Change::Remove { key } => {
+                let label = served.label(key);
+                for d in served
+                    .devices
+                    .values()
+                    .filter(|d| d.static_key == Some(key))
+                {
+                    d.stop.store(true, Ordering::SeqCst);
+                }
+                served.pending.retain(|&k| k != key);
+                served.disks.retain(|d| d.key != key);
+                log(&format!("reload: {label} no longer listed; detaching"));
+            }
+            Change::Ambiguous {
+                domain,
+                keys,
+                entries,
+            } => {
+                let labels: Vec<String> = keys.iter().map(|&k| served.label(k)).collect();
+                log(&format!(
+                    "reload: domain {domain}: {} running disk(s) ({}) and {entries} changed entr{} without `vbd` cannot be told apart; \
+                     nothing changed for them (give each entry its `vbd`)",
+                    keys.len(),
+                    labels.join(", "),
+                    if entries == 1 { "y" } else { "ies" },
+                ));
+            }
+        }
+    }
+}
+
+fn renumber(served: &mut Served<'_>, key: u64, entry: usize) {
+    if let Some(d) = served.disks.iter_mut().find(|d| d.key == key) {
+        d.number = entry + 1;
+    }
+}
+
+/// Puts `spec`'s plugin behind static disk `key`, under its running guest.
+fn swap_static(served: &mut Served<'_>, key: u64, spec: DiskSpec, log: &Log, registry: &Registry) {
+    let label = served.label(key);
+    let ids: Vec<String> = served.ids(key).into_iter().map(str::to_string).collect();
+    let Some(current) = served.disks.iter_mut().find(|d| d.key == key) else {
+        return;
+    };
+    let swapped = open_stack(&spec.plugin, &spec.plugin_config)
+        .map_err(|e| e.to_string())
+        .and_then(|stack| {
+            let layers = stack.describe();
+            current
+                .disk
+                .swap(Box::new(stack.disk), false)
+                .map(|s| (s, layers))
+        });
+    match swapped {
+        Ok((s, layers)) => {
             log(&format!(
-                "reload: disk {}: only the plugin and its configuration change live; detach it to change the rest",
-                i + 1
+                "reload: {label}: now {layers} (paused {} us)",
+                s.pause.as_micros()
             ));
-            continue;
-        }
-        if old.plugin == spec.plugin && old.plugin_config == spec.plugin_config {
-            continue;
-        }
-        let swapped = open_stack(&spec.plugin, &spec.plugin_config)
-            .map_err(|e| e.to_string())
-            .and_then(|stack| {
-                let layers = stack.describe();
-                current
-                    .disk
-                    .swap(Box::new(stack.disk), false)
-                    .map(|s| (s, layers))
-            });
-        match swapped {
-            Ok((s, layers)) => {
-                log(&format!(
-                    "reload: disk {}: now {layers} (paused {} us)",
-                    i + 1,
-                    s.pause.as_micros()
-                ));
-                for d in devices.values().filter(|d| d.static_index == Some(i)) {
-                    registry.set_stack(&d.id, &layers);
-                }
-                current.layers = layers;
-                current.spec = spec;
+            for id in &ids {
+                registry.set_stack(id, &layers);
             }
-            Err(e) => log(&format!("reload: disk {}: not swapped: {e}", i + 1)),
+            current.layers = layers;
+            current.spec = spec;
         }
+        Err(e) => log(&format!("reload: {label}: not swapped: {e}")),
     }
-    // Disks no longer listed: detached (their entries stay in `disks`, unused, so the
-    // indices of the others hold).
-    pending.retain(|&i| i < listed);
-    for d in disks.iter_mut().skip(listed) {
-        d.listed = false;
-    }
-    for d in devices.values() {
-        if d.static_index.is_some_and(|i| i >= listed) {
-            log(&format!("reload: {} no longer listed; detaching", d.id));
-            d.stop.store(true, Ordering::SeqCst);
-        }
-    }
+}
+
+/// The vbds other static disks of disk `i`'s domain are configured at: not free for it.
+fn reserved_vbds(disks: &[StaticDisk], i: usize) -> Vec<Vbd> {
+    disks
+        .iter()
+        .enumerate()
+        .filter(|&(j, d)| j != i && d.spec.domain == disks[i].spec.domain)
+        .filter_map(|(_, d)| d.spec.vbd)
+        .collect()
 }
 
 /// Joins devices that ended; a static disk whose domain is gone waits for it again.
 fn reap(
     xs: &dyn Xenstore,
     devices: &mut HashMap<String, Device>,
-    pending: &mut Vec<usize>,
+    pending: &mut Vec<u64>,
     disks: &[StaticDisk],
     log: &Log,
     registry: &Registry,
@@ -367,39 +431,36 @@ fn reap(
             Err(_) => "device thread panicked".to_string(),
         };
         log(&format!("{path}: {how}"));
-        if let Some(i) = d
-            .static_index
-            .filter(|&i| disks.get(i).is_some_and(|s| s.listed))
-        {
+        // A disk a reload removed is gone from `disks`: never attached again.
+        if let Some(disk) = d.static_key.and_then(|k| disks.iter().find(|s| s.key == k)) {
             let domain_alive = xs
                 .read(NO_TX, &format!("/local/domain/{}/domid", d.guest))
                 .is_ok();
             if domain_alive {
                 log(&format!(
                     "disk {}: detached while domain {} runs; not attaching again",
-                    i + 1,
-                    d.guest
+                    disk.number, d.guest
                 ));
             } else {
                 log(&format!(
                     "disk {}: domain {} is gone; waiting for it to return",
-                    i + 1,
-                    d.guest
+                    disk.number, d.guest
                 ));
-                pending.push(i);
+                pending.push(disk.key);
             }
         }
     }
 }
 
-/// Attaches static disk `index` if its domain exists: the device path and its thread.
+/// Attaches a static disk if its domain exists: the device path and its thread. Without a
+/// configured vbd it takes the guest's first free one that no other disk is configured at.
 fn attach_static(
     xs: &dyn Xenstore,
     connect: &XsConnect,
     platform: &Platform,
     opts: &ServeOptions,
-    disk: &StaticDisk,
-    index: usize,
+    disk: &mut StaticDisk,
+    reserved: &[Vbd],
     registry: &Registry,
 ) -> Result<Option<(String, Device)>, String> {
     let Ok(domid) = find_domain(&XsView(xs), &disk.spec.domain) else {
@@ -408,9 +469,10 @@ fn attach_static(
     let vbd = match disk.spec.vbd {
         Some(v) => v,
         None => {
-            let used = xs
+            let mut used = xs
                 .directory(NO_TX, &format!("/local/domain/{domid}/device/vbd"))
                 .unwrap_or_default();
+            used.extend(reserved.iter().map(|v| v.number().to_string()));
             next_free(used.iter().map(String::as_str))
                 .ok_or_else(|| format!("domain {domid} has no free disk slot"))?
         }
@@ -447,9 +509,10 @@ fn attach_static(
         platform,
         cfg,
         disk.disk.clone(),
-        Some(index),
+        Some(disk.key),
         (xs, registry, vbd, &disk.layers),
     )?;
+    disk.attached = Some(vbd);
     Ok(Some((paths.backend, dev)))
 }
 
@@ -548,7 +611,7 @@ fn spawn(
     platform: &Platform,
     cfg: DeviceConfig,
     disk: Arc<GuardedDisk>,
-    static_index: Option<usize>,
+    static_key: Option<u64>,
     (xs, registry, vbd, layers): Registration<'_>,
 ) -> Result<Device, String> {
     let dev_xs = connect()?;
@@ -567,7 +630,7 @@ fn spawn(
         stop,
         thread,
         frontend,
-        static_index,
+        static_key,
         guest,
         name: vbd.linux_name(),
         id,

@@ -95,9 +95,7 @@ pub struct CompletionArgs {
 /// Reads the `[plugin-config]` table of a TOML file.
 pub fn read_plugin_config(path: &std::path::Path) -> Result<Config> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        anyhow::anyhow!("{}: not valid TOML: {}", path.display(), e.message())
-    })?;
+    let doc = crate::backend::disks_config::parse_toml(path, &text).map_err(anyhow::Error::msg)?;
     match doc.get("plugin-config") {
         Some(toml::Value::Table(t)) => Ok(Config::from_table(t.clone())),
         Some(_) => anyhow::bail!("{}: `plugin-config` must be a table", path.display()),

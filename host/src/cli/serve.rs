@@ -363,7 +363,12 @@ fn run_sim(
             let _ = g.xs.write(NO_TX, &format!("{fe}/state"), b"6");
         }
     }
-    server_stop.store(stop.load(Ordering::SeqCst), Ordering::SeqCst);
+    // Every signal from here on reaches the server too: a second SIGTERM forces devices
+    // stuck in Closing (a guest that never lets go) closed.
+    while !server.is_finished() {
+        server_stop.store(stop.load(Ordering::SeqCst).max(1), Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let result = server
         .join()
         .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
