@@ -23,6 +23,7 @@ pub mod check;
 pub mod cli;
 pub mod control;
 pub mod frontend;
+pub mod histogram;
 pub mod plugin;
 pub mod simulation;
 pub mod xen;

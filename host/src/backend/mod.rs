@@ -17,6 +17,7 @@ pub mod queue;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod stats;
 pub mod vbd;
 pub mod wake;
 pub mod workers;

@@ -4,8 +4,8 @@
 //! uniformly. Read modes first read the region once untimed, so page-cache and mapping faults
 //! are not what is measured.
 
-use super::histogram::Histogram;
 use crate::check::model::Rng;
+use crate::histogram::Histogram;
 use crate::plugin::GuardedDisk;
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{with_read_bufs, with_write_bufs};

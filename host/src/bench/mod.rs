@@ -7,11 +7,9 @@
 //! - [`qemu_img`]: `qemu-img bench` on the same image file, for the image-format plugins.
 //! - [`fio_nbd`]: fio's nbd engine against any NBD server, the reference for NBD clients.
 //! - [`rbd`]: `rbd bench` on the same Ceph image, for the `ceph-rbd` plugin.
-//! - [`histogram`]: latency percentiles in fixed memory.
 
 pub mod direct;
 pub mod fio_nbd;
-pub mod histogram;
 pub mod nbdkit;
 pub mod qemu_img;
 pub mod rbd;

@@ -9,7 +9,6 @@
 //! shuffles its grants between requests costs such a plugin a copy per large request.
 
 use super::direct::{Figures, Pattern};
-use super::histogram::Histogram;
 use crate::backend::queue::{limits_for, serve, QueueParts, QueueStats};
 use crate::blkif::abi::*;
 use crate::blkif::request::Segment;
@@ -17,6 +16,7 @@ use crate::blkif::ring::BackRing;
 use crate::check::model::Rng;
 use crate::frontend::pages::{DataPage, DataPages};
 use crate::frontend::FrontQueue;
+use crate::histogram::Histogram;
 use crate::plugin::GuardedDisk;
 use crate::xen::evtchn::EventChannels;
 use crate::xen::grant::GrantMapper;

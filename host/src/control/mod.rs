@@ -18,7 +18,7 @@ pub mod socket;
 
 use crate::backend::device::DeviceStats;
 use crate::backend::queue::QueueStats;
-use crate::bench::histogram::Histogram;
+use crate::histogram::Histogram;
 use crate::plugin::{open_stack, GuardedDisk};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

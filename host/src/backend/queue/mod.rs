@@ -1,0 +1,491 @@
+//! One ring of a device: the ring thread's loop, in four stages a reader can hold one at a
+//! time (as Linux blkback's schedule / do_block_io_op / __do_block_io_op):
+//!
+//! ```text
+//!  serve ─ schedule: sleep on the event channel and the doorbell, poll, final check
+//!          └▶ take: read req_prod, copy each request out once, barriers, ring full
+//!               └▶ dispatch: validate ─▶ refused? answer at once
+//!                    └▶ segments (grants mapped, indirect lists copied once) ─▶ slot
+//!                         ─▶ inline call │ worker pool │ asynchronous submission
+//!          └▶ answer: completion ─▶ unmap ─▶ response ─▶ notify
+//! ```
+//!
+//! - [`segments`]: a request's guest memory (grant mapping, indirect pages).
+//! - [`answer`]: responses, from the ring thread or an asynchronous plugin's thread.
+//! - counters live in [`super::stats`].
+//!
+//! A barrier waits for everything before it, and holds everything after it, as the protocol
+//! asks. Responses go out as workers finish, in any order.
+
+mod answer;
+mod segments;
+
+use super::inflight::SlotTable;
+use super::io::{execute, status_of};
+use super::io::{IoOp, IoStatus};
+pub use super::stats::QueueStats;
+use super::wake::EventFdWake;
+use super::workers::{Completions, Wake, Workers};
+use crate::blkif::abi::*;
+use crate::blkif::request::{validate, Limits, Request};
+use crate::blkif::ring::{BackRing, Response, RingError};
+use crate::plugin::GuardedDisk;
+use crate::xen::evtchn::EventChannel;
+use crate::xen::grant::{GrantMapper, GrantMapping, PersistentGrants};
+use answer::{answer, lock_answering, Answering, Completer, InlineAnswer};
+use segments::{prepare, Guest, INDIRECT_LIST_BYTES};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use xen_disk_plugin_api::{SubmitOp, ThreadModel};
+
+/// What the ring thread needs.
+pub struct QueueParts {
+    /// The attached ring.
+    pub ring: BackRing,
+    /// The ring pages' mapping (kept alive while the ring is used).
+    pub ring_mapping: GrantMapping,
+    /// The bound event channel.
+    pub evtchn: Box<dyn EventChannel>,
+    /// Maps the guest's data pages.
+    pub grants: Arc<dyn GrantMapper>,
+    /// The guest's domain id.
+    pub guest: u32,
+    /// What was advertised.
+    pub limits: Limits,
+    /// Worker threads for this ring; 0 runs every request on the ring thread itself (see
+    /// [`runs_inline`]).
+    pub workers: usize,
+    /// Persistent grants were negotiated: keep data pages mapped and reuse them.
+    pub persistent: bool,
+    /// How long the ring thread polls for work before it sleeps (0: never polls). Polling
+    /// saves two wake-ups per burst when CPUs are free, and steals them when they are not
+    /// (dom0 sharing its CPUs with guests): off unless asked for.
+    pub poll: Duration,
+    /// An asynchronous plugin's completing thread answers the request itself when the ring
+    /// thread is not busy, instead of waking the ring thread to do it (see
+    /// [`serve`]). Saves a wake-up per request (the command line's default); costs where one
+    /// busy thread completes replies one by one (`nbd-client` through libnbd's commands, whose
+    /// reader would then notify the guest once per reply instead of once per burst).
+    pub answer_on_completion: bool,
+}
+
+/// Pages a ring keeps mapped with persistent grants (64 MiB of address space, no memory:
+/// the pages are the guest's). Beyond it, requests are mapped one by one.
+pub const PERSISTENT_PAGES: usize = 16384;
+
+/// Why a queue stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The guest broke the ring: the device disconnects it.
+    #[error("{0}")]
+    Ring(#[from] RingError),
+    /// The host could not set the queue up.
+    #[error("queue setup: {0}")]
+    Setup(String),
+}
+
+/// Polls the ring (when it may take requests) and the completions for up to `poll`; true
+/// when there is work. A broken ring counts as work, for the main loop to report.
+fn spin_for_work(
+    ring: &mut BackRing,
+    completions: &Completions,
+    taking: bool,
+    poll: Duration,
+) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if !completions.is_empty() || (taking && !matches!(ring.poll(), Ok(0))) {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= poll {
+            return false;
+        }
+    }
+}
+
+/// What the guest may ask of `disk`: its size and sectors, and the features advertised.
+pub fn limits_for(disk: &GuardedDisk, max_indirect_segments: u16) -> Limits {
+    let info = disk.info();
+    Limits {
+        sectors: info.size / 512,
+        logical_sector_size: info.logical_sector_size,
+        read_only: info.read_only,
+        flush: info.can_flush,
+        discard: disk.can_discard(),
+        discard_secure: false,
+        max_indirect_segments,
+    }
+}
+
+/// Whether a ring serves requests on its own thread instead of handing them to workers:
+/// when asked (`workers == 0`) or when the plugin promises its calls never block
+/// ([`ThreadModel::NonBlocking`]). The hand-off costs two thread wake-ups per request, more
+/// than a memory-only plugin's whole call; a blocking call inline would stall the ring.
+pub fn runs_inline(workers: usize, disk: &GuardedDisk) -> bool {
+    workers == 0 || disk.info().thread_model == ThreadModel::NonBlocking
+}
+
+/// Serves the ring until `stop` is set (then finishes what is in flight) or the guest breaks
+/// the ring. Requests are served from `disk` on `parts.workers` threads.
+pub fn serve(
+    parts: QueueParts,
+    disk: Arc<GuardedDisk>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<QueueStats>,
+) -> Result<(), QueueError> {
+    let QueueParts {
+        ring,
+        ring_mapping,
+        evtchn,
+        grants,
+        guest,
+        limits,
+        workers: threads,
+        persistent,
+        poll,
+        answer_on_completion,
+    } = parts;
+    let size = ring.size() as usize;
+    let evtchn: Arc<dyn EventChannel> = Arc::from(evtchn);
+    let slots = Arc::new(SlotTable::<GrantMapping>::new(
+        size,
+        BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    ));
+    let wake = Arc::new(EventFdWake::new().map_err(|e| QueueError::Setup(e.to_string()))?);
+    let inline = runs_inline(threads, &disk);
+    let (workers, mut completions) = Workers::start(
+        if inline { 0 } else { threads },
+        disk.clone(),
+        vec![(slots.clone(), wake.clone() as Arc<dyn Wake>)],
+    );
+    let shared = Arc::new(Mutex::new(Answering::new(ring)));
+    let completer = Arc::new(Completer {
+        slots: slots.clone(),
+        done: workers.completions_sender(0),
+        wake: wake.clone(),
+        answering: answer_on_completion.then(|| InlineAnswer {
+            shared: shared.clone(),
+            evtchn: evtchn.clone(),
+            stats: stats.clone(),
+        }),
+    });
+    let completions = completions.remove(0);
+    let ring_thread = RingThread {
+        disk: &disk,
+        stop: &stop,
+        stats: &stats,
+        slots: &slots,
+        completions: &completions,
+        workers: &workers,
+        completer: &completer,
+        wake: &wake,
+        evtchn: &*evtchn,
+        inline,
+        poll,
+        size,
+        grants: &*grants,
+        guest,
+    };
+    let mut intake = Intake {
+        cache: persistent.then(|| PersistentGrants::new(grants.clone(), guest, PERSISTENT_PAGES)),
+        limits,
+        entry: [0u8; MAX_ENTRY_SIZE],
+        scratch: Vec::new(),
+        list_bytes: Box::new([0u8; INDIRECT_LIST_BYTES]),
+        held: None,
+    };
+    let result = ring_thread.schedule(&shared, &mut intake);
+    // Workers finish first, and an asynchronous plugin completes every submission; persistent
+    // pages and the ring pages stay mapped until then (the ring view itself touches no memory
+    // when dropped). Plugins bound their I/O with timeouts, so this ends.
+    drop(workers);
+    wait_for_submissions(&shared, &completions);
+    drop(intake);
+    drop(ring_mapping);
+    result
+}
+
+/// What the ring thread works with, unchanged while it runs.
+struct RingThread<'a> {
+    disk: &'a Arc<GuardedDisk>,
+    stop: &'a AtomicBool,
+    stats: &'a QueueStats,
+    slots: &'a SlotTable<GrantMapping>,
+    completions: &'a Completions,
+    workers: &'a Workers,
+    completer: &'a Arc<Completer>,
+    wake: &'a EventFdWake,
+    evtchn: &'a dyn EventChannel,
+    /// Requests run on this thread (see [`runs_inline`]).
+    inline: bool,
+    poll: Duration,
+    /// Slots: the ring's size.
+    size: usize,
+    grants: &'a dyn GrantMapper,
+    guest: u32,
+}
+
+/// What taking requests changes as it goes: owned by the ring thread alone.
+struct Intake {
+    /// Pages kept mapped (persistent grants).
+    cache: Option<PersistentGrants>,
+    /// What the guest may ask; its size follows the disk's.
+    limits: Limits,
+    /// One ring entry, copied out of the shared page.
+    entry: [u8; MAX_ENTRY_SIZE],
+    /// An indirect request's segments.
+    scratch: Vec<crate::blkif::request::Segment>,
+    /// An indirect request's segment-list bytes.
+    list_bytes: Box<[u8; INDIRECT_LIST_BYTES]>,
+    /// A request that cannot start yet (a barrier behind others, or the ring's slots full).
+    held: Option<Request>,
+}
+
+impl RingThread<'_> {
+    /// Schedule: answer completions, take new requests, and sleep when there is nothing to
+    /// do, until stopped (and drained) or the guest breaks the ring.
+    fn schedule(&self, shared: &Mutex<Answering>, intake: &mut Intake) -> Result<(), QueueError> {
+        loop {
+            // Held while awake: a completing thread answers only while this thread sleeps.
+            let mut guard = lock_answering(shared);
+            let st = &mut *guard;
+            let mut progress = self.finish_completed(st);
+            if self.stop.load(Ordering::Relaxed) {
+                if st.free.in_use(self.size) == 0 {
+                    st.ring.push_responses();
+                    return Ok(());
+                }
+            } else {
+                progress |= self.take(st, intake)?;
+            }
+            if st.ring.push_responses() {
+                let _ = self.evtchn.notify();
+            }
+            if progress {
+                continue;
+            }
+            // Nothing to do: with polling on, look again for a moment before sleeping. Under
+            // load the next request or completion comes within microseconds, and a sleep
+            // costs two context switches and an event channel notification each way.
+            if !self.stop.load(Ordering::Relaxed)
+                && !self.poll.is_zero()
+                && spin_for_work(
+                    &mut st.ring,
+                    self.completions,
+                    intake.held.is_none(),
+                    self.poll,
+                )
+            {
+                continue;
+            }
+            // Re-arm, look once more, then sleep on the guest and the workers.
+            self.wake.about_to_sleep();
+            let more = !self.stop.load(Ordering::Relaxed)
+                && intake.held.is_none()
+                && matches!(st.ring.final_check(), Ok(true));
+            if more || !self.completions.is_empty() {
+                self.wake.awake(true);
+                continue;
+            }
+            st.waiting_for_slot = intake.held.is_some();
+            drop(guard);
+            self.sleep();
+        }
+    }
+
+    /// Answers what the workers handed back; true if there was any.
+    fn finish_completed(&self, st: &mut Answering) -> bool {
+        let mut any = false;
+        while let Ok(index) = self.completions.try_recv() {
+            // SAFETY: the worker handed the index back; this thread owns the slot again.
+            unsafe { st.finish(self.slots, index, self.stats) };
+            any = true;
+        }
+        any
+    }
+
+    /// Sleeps until the guest or a worker rings (or 100 ms, so `stop` is noticed).
+    fn sleep(&self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.evtchn.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+        // Only what rang is read: each read is a system call, and a ring thread under load
+        // wakes tens of thousands of times a second.
+        self.wake.awake(fds[1].revents != 0);
+        if fds[0].revents != 0 {
+            let _ = self.evtchn.ack();
+        }
+    }
+
+    /// Take: every request the guest has produced, each copied out once and dispatched,
+    /// until the ring is empty, a barrier must wait, or every slot is busy. True if any
+    /// request was taken.
+    fn take(&self, st: &mut Answering, intake: &mut Intake) -> Result<bool, QueueError> {
+        // The disk can grow or shrink while connected (online resize): bounds follow it.
+        intake.limits.sectors = self.disk.size() / 512;
+        st.ring.poll()?;
+        let mut progress = false;
+        loop {
+            // A barrier waits for everything before it, then runs alone.
+            let req = match intake.held.take() {
+                Some(r) => r,
+                None => match st.ring.take(&mut intake.entry) {
+                    Some(r) => r,
+                    None => return Ok(progress),
+                },
+            };
+            let is_barrier = matches!(
+                req,
+                Request::ReadWrite {
+                    op: BLKIF_OP_WRITE_BARRIER,
+                    ..
+                }
+            );
+            let in_use = st.free.in_use(self.size);
+            if (is_barrier && in_use > 0) || in_use == self.size {
+                intake.held = Some(req);
+                return Ok(progress);
+            }
+            progress = true;
+            self.dispatch(st, intake, &req);
+            if is_barrier {
+                return Ok(progress);
+            }
+        }
+    }
+
+    /// Dispatch: validates one request, maps its memory into a free slot and starts it on
+    /// this thread, a worker or the asynchronous plugin; a refused one is answered at once.
+    fn dispatch(&self, st: &mut Answering, intake: &mut Intake, req: &Request) {
+        let (id, operation) = (req.id(), req.echo_op());
+        let refuse = |st: &mut Answering, status: i16| {
+            self.stats.count(status);
+            st.ring.put_response(&Response {
+                id,
+                operation,
+                status,
+            });
+        };
+        let valid = match validate(req, &intake.limits) {
+            Ok(v) => v,
+            Err(refused) => {
+                tracing::debug!(id, "refused: {}", refused.reason);
+                return refuse(st, refused.status);
+            }
+        };
+        let Some(index) = st.free.take() else {
+            unreachable!("take() holds a request while every slot is in use")
+        };
+        // SAFETY: taken from the free list: this thread owns the slot.
+        let slot = unsafe { self.slots.slot(index) };
+        st.started[usize::from(index)] = Instant::now();
+        let guest = Guest {
+            grants: self.grants,
+            domid: self.guest,
+            limits: &intake.limits,
+        };
+        match prepare(
+            valid,
+            &guest,
+            &mut intake.cache,
+            &mut intake.scratch,
+            &mut intake.list_bytes,
+            &mut slot.bufs,
+        ) {
+            Ok((op, offset, mapping)) => {
+                (slot.id, slot.operation, slot.op, slot.offset) = (id, operation, op, offset);
+                slot.status = IoStatus::Okay;
+                slot.mappings = mapping;
+            }
+            Err(why) => {
+                tracing::debug!(id, "refused: {why}");
+                slot.bufs.clear();
+                st.free.give(index);
+                return refuse(st, BLKIF_RSP_ERROR);
+            }
+        }
+        if matches!(slot.op, IoOp::Read | IoOp::Write) && self.disk.is_async() {
+            self.submit(st, index);
+        } else if self.inline {
+            // SAFETY: the buffers point into mappings this slot holds until it is answered
+            // just below.
+            let result = unsafe { execute(self.disk, slot.op, slot.offset, &slot.bufs) };
+            if let Err(e) = &result {
+                tracing::debug!(id, offset = slot.offset, "request failed: {e}");
+            }
+            let started = st.started[usize::from(index)];
+            answer(
+                slot,
+                status_of(&result).code(),
+                started,
+                self.stats,
+                &mut st.ring,
+            );
+            st.free.give(index);
+        } else {
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.workers.submit(0, index);
+        }
+    }
+
+    /// Hands slot `index`'s read or write to an asynchronous plugin: completed on its
+    /// threads through the same channel the workers use, or answered right there
+    /// ([`QueueParts::answer_on_completion`]) when this thread sleeps.
+    fn submit(&self, st: &mut Answering, index: u16) {
+        // SAFETY: this thread owns the slot until the submission below.
+        let slot = unsafe { self.slots.slot(index) };
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        st.submitted[usize::from(index)] = true;
+        st.pending_async += 1;
+        let op = if slot.op == IoOp::Read {
+            SubmitOp::Read
+        } else {
+            SubmitOp::Write
+        };
+        let (offset, bufs) = (slot.offset, slot.bufs.clone());
+        let completer = self.completer.clone();
+        let complete = move |r: Result<(), xen_disk_plugin_api::Error>| {
+            if let Err(e) = &r {
+                tracing::debug!(offset, "request failed: {e}");
+            }
+            completer.complete(index, r);
+        };
+        // SAFETY: the buffers point into mappings the slot holds (and the slot table, kept
+        // alive by the completion, keeps) until the completion runs; persistent mappings
+        // outlive it because the ring waits for every submission before it drops them.
+        unsafe { self.disk.submit(op, offset, bufs, complete) };
+    }
+}
+
+/// After the workers stopped: waits until an asynchronous plugin has completed every
+/// submission, so the pages they point into stay mapped until then.
+fn wait_for_submissions(shared: &Mutex<Answering>, completions: &Completions) {
+    loop {
+        let mut st = lock_answering(shared);
+        while let Ok(index) = completions.try_recv() {
+            st.returned(index);
+        }
+        if st.pending_async == 0 {
+            return;
+        }
+        drop(st);
+        // Completions answered on the plugin's threads arrive on no channel: look again
+        // soon.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

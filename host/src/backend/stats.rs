@@ -1,0 +1,67 @@
+//! A ring's counters, readable while it runs (`ctl stats`, the bench): what was served,
+//! how it ended, how long it took. Written with relaxed atomics by whichever thread answers.
+
+use super::io::IoOp;
+use crate::blkif::abi::*;
+use crate::histogram::AtomicHistogram;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Counters, readable while the queue runs (`ctl stats`).
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Requests answered OKAY.
+    pub ok: AtomicU64,
+    /// Requests answered ERROR.
+    pub errors: AtomicU64,
+    /// Requests answered EOPNOTSUPP.
+    pub unsupported: AtomicU64,
+    /// Reads served (answered, whatever the status).
+    pub reads: AtomicU64,
+    /// Writes served.
+    pub writes: AtomicU64,
+    /// Flushes and barriers served.
+    pub flushes: AtomicU64,
+    /// Discards served.
+    pub discards: AtomicU64,
+    /// Bytes read by successful reads.
+    pub read_bytes: AtomicU64,
+    /// Bytes written by successful writes.
+    pub write_bytes: AtomicU64,
+    /// Requests handed to the plugin and not yet answered.
+    pub in_flight: AtomicU64,
+    /// Requests an asynchronous plugin's completing thread answered itself (see
+    /// [`super::queue::QueueParts::answer_on_completion`]).
+    pub answered_on_completion: AtomicU64,
+    /// Time from taking a request off the ring to answering it.
+    pub latency: AtomicHistogram,
+}
+
+impl QueueStats {
+    pub(crate) fn count(&self, status: i16) {
+        let c = match status {
+            BLKIF_RSP_OKAY => &self.ok,
+            BLKIF_RSP_EOPNOTSUPP => &self.unsupported,
+            _ => &self.errors,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request the plugin served: its kind, its bytes if it succeeded, its latency.
+    pub(crate) fn served(&self, op: IoOp, bytes: u64, status: i16, started: Instant) {
+        self.count(status);
+        let ok = status == BLKIF_RSP_OKAY;
+        let (n, b) = match op {
+            IoOp::Read => (&self.reads, Some(&self.read_bytes)),
+            IoOp::Write => (&self.writes, Some(&self.write_bytes)),
+            IoOp::Flush | IoOp::Barrier if bytes > 0 => (&self.writes, Some(&self.write_bytes)),
+            IoOp::Flush | IoOp::Barrier => (&self.flushes, None),
+            IoOp::Discard { .. } => (&self.discards, None),
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        if let (Some(b), true) = (b, ok) {
+            b.fetch_add(bytes, Ordering::Relaxed);
+        }
+        self.latency.record(started.elapsed().as_nanos() as u64);
+    }
+}
