@@ -18,6 +18,7 @@ use crate::frontend::pages::{DataPage, DataPages};
 use crate::plugin::GuardedDisk;
 use crate::xen::sim::hypervisor::SimDomain;
 use crate::xen::sim::xenstored::SimXenstored;
+use crate::xen::xenbus::{read_state, write_state, XenbusState};
 use crate::xen::xenstore::client::XsClient;
 use crate::xen::xenstore::{Xenstore, NO_TX};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -186,7 +187,7 @@ impl GuestDisk {
         } else {
             BLKIF_MAX_SEGMENTS_PER_REQUEST
         } * XEN_PAGE_SIZE;
-        let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
+        let op = if write { RwOp::Write } else { RwOp::Read };
         // Each call uses the next queue, as a guest's CPUs take turns.
         self.next_queue = (self.next_queue + 1) % conn.queues.len();
         let q = &mut conn.queues[self.next_queue];
@@ -285,8 +286,7 @@ impl GuestDisk {
             return Ok(());
         }
         let q = &mut conn.queues[0];
-        q.submit_rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[])
-            .ok_or("ring full")?;
+        q.submit_rw(RwOp::Flush, 0, &[]).ok_or("ring full")?;
         q.kick().map_err(|e| e.to_string())?;
         loop {
             let mut status = None;
@@ -345,12 +345,7 @@ impl SimulatedDisk {
             backend_path: paths.backend.clone(),
             frontend_path: paths.frontend.clone(),
             frontend_domid: GUEST,
-            offer: HostOffer {
-                max_ring_page_order: MAX_RING_PAGE_ORDER,
-                max_queues: 4,
-                max_indirect_segments: 256,
-                persistent: true,
-            },
+            offer: HostOffer::standard(4, 4),
             workers: opts.workers,
             remove_entries: true,
             poll: Duration::ZERO,
@@ -423,14 +418,10 @@ impl SimulatedDisk {
         self.guest = None;
         let fe = &self.paths.frontend;
         let be = &self.paths.backend;
-        self.guest_xs
-            .write(NO_TX, &format!("{fe}/state"), b"6")
-            .map_err(|e| e.to_string())?;
-        self.wait_backend(&["6"])?;
-        self.guest_xs
-            .write(NO_TX, &format!("{fe}/state"), b"1")
-            .map_err(|e| e.to_string())?;
-        self.wait_backend(&["2"])?;
+        write_state(&self.guest_xs, fe, XenbusState::Closed).map_err(|e| e.to_string())?;
+        self.wait_backend(XenbusState::Closed)?;
+        write_state(&self.guest_xs, fe, XenbusState::Initialising).map_err(|e| e.to_string())?;
+        self.wait_backend(XenbusState::InitWait)?;
         self.guest = Some(GuestDisk::attach(
             &self.guest_xs,
             &self.domain,
@@ -459,17 +450,15 @@ impl SimulatedDisk {
         std::str::from_utf8(&v).ok()?.trim().parse().ok()
     }
 
-    fn wait_backend(&self, states: &[&str]) -> Result<(), String> {
-        let path = format!("{}/state", self.paths.backend);
+    fn wait_backend(&self, state: XenbusState) -> Result<(), String> {
+        let be = &self.paths.backend;
         let deadline = std::time::Instant::now() + HANDSHAKE;
         loop {
-            if let Ok(v) = self.guest_xs.read(NO_TX, &path) {
-                if states.iter().any(|s| s.as_bytes() == v.as_slice()) {
-                    return Ok(());
-                }
+            if read_state(&self.guest_xs, be) == Some(state) {
+                return Ok(());
             }
             if std::time::Instant::now() > deadline {
-                return Err(format!("{path} never became {states:?}"));
+                return Err(format!("{be}/state never became {state:?}"));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -479,9 +468,7 @@ impl SimulatedDisk {
     pub fn shutdown(mut self) -> Result<(), String> {
         self.stop.store(true, Ordering::Relaxed);
         self.guest = None;
-        let _ = self
-            .guest_xs
-            .write(NO_TX, &format!("{}/state", self.paths.frontend), b"6");
+        let _ = write_state(&self.guest_xs, &self.paths.frontend, XenbusState::Closed);
         match self.device.take().map(|d| d.join()) {
             Some(Ok(Ok(Ended::Removed))) | None => Ok(()),
             Some(Ok(Err(e))) => Err(e),

@@ -111,7 +111,7 @@ fn io(c: &mut Connected, pages: &mut DataPages, write: bool) {
                 last_sect: 7,
             })
             .collect();
-        let op = if write { BLKIF_OP_WRITE } else { BLKIF_OP_READ };
+        let op = if write { RwOp::Write } else { RwOp::Read };
         q.submit_rw(op, 800 + (n * 64) as u64, &segs).unwrap();
     }
     q.kick().unwrap();

@@ -38,7 +38,7 @@ fn ramdisk_backend(back: &SimBackend, ring_grefs: &[u32], port: u32, count: usiz
     while served < count {
         ring.poll().unwrap();
         while let Some(req) = ring.take(&mut entry) {
-            let (op, offset, segments): (u8, u64, Vec<Segment>) =
+            let (op, offset, segments): (RwOp, u64, Vec<Segment>) =
                 match validate(&req, &LIMITS).unwrap() {
                     Valid::Data {
                         op,
@@ -69,14 +69,14 @@ fn ramdisk_backend(back: &SimBackend, ring_grefs: &[u32], port: u32, count: usiz
                     other => panic!("unexpected {other:?}"),
                 };
             let grefs: Vec<u32> = segments.iter().map(|s| s.gref).collect();
-            let m = back.map(GUEST, &grefs, op == BLKIF_OP_READ).unwrap();
+            let m = back.map(GUEST, &grefs, op == RwOp::Read).unwrap();
             let mut at = offset as usize;
             for (i, s) in segments.iter().enumerate() {
                 let start = i * XEN_PAGE_SIZE + usize::from(s.first_sect) * 512;
                 let len = usize::from(s.last_sect - s.first_sect + 1) * 512;
                 // SAFETY: inside the mapping of segment i's page; inside the RAM disk (validated).
                 unsafe {
-                    if op == BLKIF_OP_READ {
+                    if op == RwOp::Read {
                         std::ptr::copy_nonoverlapping(
                             disk.as_ptr().add(at),
                             m.as_ptr().add(start),
@@ -141,7 +141,7 @@ fn exchange(persistent: bool) {
                 last_sect: 7,
             })
             .collect();
-        q.submit_rw(BLKIF_OP_WRITE, (w * 10 * 8) as u64, &segs)
+        q.submit_rw(RwOp::Write, (w * 10 * 8) as u64, &segs)
             .unwrap();
         q.kick().unwrap();
         wait_one(&mut q);
@@ -158,8 +158,7 @@ fn exchange(persistent: bool) {
         })
         .collect();
     assert!(pages.write_segments(list, &segs));
-    q.submit_indirect(BLKIF_OP_READ, 0, 40, &[list.gref])
-        .unwrap();
+    q.submit_indirect(RwOp::Read, 0, 40, &[list.gref]).unwrap();
     q.kick().unwrap();
     wait_one(&mut q);
     for (i, p) in used.iter().enumerate() {

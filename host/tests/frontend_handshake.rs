@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 use xen_disk_host::backend::attach::create_device;
-use xen_disk_host::backend::features::{connect_keys, initwait_keys, HostOffer};
-use xen_disk_host::backend::frontend_keys::{read_frontend, Advertised, FrontendRings, QueueRing};
+use xen_disk_host::backend::features::{initwait_keys, Advertisement, HostOffer};
+use xen_disk_host::backend::frontend_keys::{read_frontend, FrontendRings, QueueRing};
 use xen_disk_host::backend::vbd::Vbd;
 use xen_disk_host::blkif::abi::Protocol;
 use xen_disk_host::frontend::handshake::{connect, Device, Wishes};
@@ -83,18 +83,12 @@ fn run(
         Err(e) if e.is_enoent() => Ok(None),
         Err(e) => Err(e.to_string()),
     };
-    let ad = Advertised {
-        max_ring_page_order: offer.max_ring_page_order,
-        max_queues: offer.max_queues,
-        persistent: offer.persistent,
-    };
-    let rings = read_frontend(&read, &ad).unwrap();
-    for (k, v) in connect_keys(
-        &DiskInfo::new(1 << 30)
-            .sector_size(4096)
-            .flush(true)
-            .discard(true),
-    ) {
+    let rings = read_frontend(&read, &offer).unwrap();
+    let info = DiskInfo::new(1 << 30)
+        .sector_size(4096)
+        .flush(true)
+        .discard(true);
+    for (k, v) in Advertisement::new(&offer, &info).connect_keys() {
         dom0.write(NO_TX, &format!("{BE}/{k}"), v.as_bytes())
             .unwrap();
     }

@@ -134,7 +134,7 @@ fn seg(gref: u32, first_sect: u8, last_sect: u8) -> Segment {
     }
 }
 
-fn rw(op: u8, sector_number: u64, nr_segments: u8, segs: &[Segment]) -> Request {
+fn rw(op: RwOp, sector_number: u64, nr_segments: u8, segs: &[Segment]) -> Request {
     let mut segments = [Segment::default(); 11];
     segments[..segs.len()].copy_from_slice(segs);
     Request::ReadWrite {
@@ -203,52 +203,48 @@ fn an_attacker_gets_errors_and_disconnects_while_a_second_disk_keeps_serving() {
         ),
         (
             "sector past the end",
-            rw(BLKIF_OP_READ, sectors, 1, &[seg(rw_page, 0, 7)]),
+            rw(RwOp::Read, sectors, 1, &[seg(rw_page, 0, 7)]),
             BLKIF_RSP_ERROR,
         ),
         (
             "last sector past the end",
-            rw(BLKIF_OP_WRITE, sectors - 4, 1, &[seg(rw_page, 0, 7)]),
+            rw(RwOp::Write, sectors - 4, 1, &[seg(rw_page, 0, 7)]),
             BLKIF_RSP_ERROR,
         ),
         (
             "sector overflowing u64",
-            rw(BLKIF_OP_READ, u64::MAX - 2, 1, &[seg(rw_page, 0, 7)]),
+            rw(RwOp::Read, u64::MAX - 2, 1, &[seg(rw_page, 0, 7)]),
             BLKIF_RSP_ERROR,
         ),
         (
             "first_sect > last_sect",
-            rw(BLKIF_OP_READ, 0, 1, &[seg(rw_page, 5, 2)]),
+            rw(RwOp::Read, 0, 1, &[seg(rw_page, 5, 2)]),
             BLKIF_RSP_ERROR,
         ),
         (
             "last_sect > 7",
-            rw(BLKIF_OP_READ, 0, 1, &[seg(rw_page, 0, 8)]),
+            rw(RwOp::Read, 0, 1, &[seg(rw_page, 0, 8)]),
             BLKIF_RSP_ERROR,
         ),
         (
             "first_sect > 7",
-            rw(BLKIF_OP_READ, 0, 1, &[seg(rw_page, 200, 255)]),
+            rw(RwOp::Read, 0, 1, &[seg(rw_page, 200, 255)]),
             BLKIF_RSP_ERROR,
         ),
-        (
-            "zero segments",
-            rw(BLKIF_OP_READ, 0, 0, &[]),
-            BLKIF_RSP_ERROR,
-        ),
+        ("zero segments", rw(RwOp::Read, 0, 0, &[]), BLKIF_RSP_ERROR),
         (
             "12 segments in a direct request",
-            rw(BLKIF_OP_READ, 0, 12, &[seg(rw_page, 0, 7); 11]),
+            rw(RwOp::Read, 0, 12, &[seg(rw_page, 0, 7); 11]),
             BLKIF_RSP_ERROR,
         ),
         (
             "a grant never made",
-            rw(BLKIF_OP_READ, 0, 1, &[seg(4000, 0, 7)]),
+            rw(RwOp::Read, 0, 1, &[seg(4000, 0, 7)]),
             BLKIF_RSP_ERROR,
         ),
         (
             "a read into a read-only grant",
-            rw(BLKIF_OP_READ, 0, 1, &[seg(ro_page, 0, 7)]),
+            rw(RwOp::Read, 0, 1, &[seg(ro_page, 0, 7)]),
             BLKIF_RSP_ERROR,
         ),
         (

@@ -134,11 +134,7 @@ fn finish_with_a_barrier(mut h: Harness) {
     for w in 0..9u64 {
         let p = h.pages.take(true).unwrap();
         assert!(h.pages.fill(p, 0, &[w as u8 + 1; 4096]));
-        let op = if w == 8 {
-            BLKIF_OP_WRITE_BARRIER
-        } else {
-            BLKIF_OP_WRITE
-        };
+        let op = if w == 8 { RwOp::Barrier } else { RwOp::Write };
         let seg = Segment {
             gref: p.gref,
             first_sect: 0,
@@ -184,8 +180,7 @@ fn round_trip_on(mut h: Harness) -> Harness {
                 last_sect: 7,
             })
             .collect();
-        h.q.submit_rw(BLKIF_OP_WRITE, (w * 64) as u64, &segs)
-            .unwrap();
+        h.q.submit_rw(RwOp::Write, (w * 64) as u64, &segs).unwrap();
         lent.extend(used);
     }
     h.q.kick().unwrap();
@@ -208,10 +203,10 @@ fn round_trip_on(mut h: Harness) -> Harness {
         })
         .collect();
     assert!(h.pages.write_segments(list, &segs));
-    h.q.submit_indirect(BLKIF_OP_READ, 0, 160, &[list.gref])
+    h.q.submit_indirect(RwOp::Read, 0, 160, &[list.gref])
         .unwrap();
     // And a flush without data.
-    h.q.submit_rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[]).unwrap();
+    h.q.submit_rw(RwOp::Flush, 0, &[]).unwrap();
     h.q.kick().unwrap();
     assert!(h
         .q
@@ -244,16 +239,16 @@ fn hostile_requests_are_answered_and_the_queue_keeps_serving() {
     let cases: Vec<(Request, i16)> = vec![
         (Request::Unknown { op: 77, id: 0 }, BLKIF_RSP_EOPNOTSUPP),
         // A grant that was never made.
-        (rw(BLKIF_OP_READ, 0, &[seg(3000)]), BLKIF_RSP_ERROR),
+        (rw(RwOp::Read, 0, &[seg(3000)]), BLKIF_RSP_ERROR),
         // Past the end of the disk.
         (
-            rw(BLKIF_OP_READ, SIZE / 512, &[seg(good.gref)]),
+            rw(RwOp::Read, SIZE / 512, &[seg(good.gref)]),
             BLKIF_RSP_ERROR,
         ),
         // last_sect beyond the page.
         (
             rw(
-                BLKIF_OP_READ,
+                RwOp::Read,
                 0,
                 &[Segment {
                     gref: good.gref,
@@ -296,7 +291,7 @@ fn hostile_requests_are_answered_and_the_queue_keeps_serving() {
             BLKIF_RSP_ERROR,
         ),
         // And a good one after all that.
-        (rw(BLKIF_OP_READ, 8, &[seg(good.gref)]), BLKIF_RSP_OKAY),
+        (rw(RwOp::Read, 8, &[seg(good.gref)]), BLKIF_RSP_OKAY),
     ];
     let mut want = std::collections::HashMap::new();
     for (req, status) in cases {
@@ -312,7 +307,7 @@ fn hostile_requests_are_answered_and_the_queue_keeps_serving() {
     assert_eq!(h.stats.errors.load(Ordering::Relaxed), 5);
 }
 
-fn rw(op: u8, sector_number: u64, segs: &[Segment]) -> Request {
+fn rw(op: RwOp, sector_number: u64, segs: &[Segment]) -> Request {
     let mut segments = [Segment::default(); 11];
     segments[..segs.len()].copy_from_slice(segs);
     Request::ReadWrite {

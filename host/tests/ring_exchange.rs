@@ -41,7 +41,7 @@ fn backend(back: &SimBackend, ring_grefs: &[u32], port: u32) -> u64 {
         while let Some(req) = ring.take(&mut entry) {
             let status = match validate(&req, &LIMITS) {
                 Ok(_) => BLKIF_RSP_OKAY,
-                Err(r) => r.status,
+                Err(r) => r.status.code(),
             };
             assert!(ring.put_response(&Response {
                 id: req.id(),
@@ -76,7 +76,7 @@ fn frontend(mut q: FrontQueue) {
                 // Out of range: the backend must refuse it with ERROR.
                 7 => (
                     q.submit_rw(
-                        BLKIF_OP_READ,
+                        RwOp::Read,
                         LIMITS.sectors,
                         &[Segment {
                             gref: 1,
@@ -88,16 +88,9 @@ fn frontend(mut q: FrontQueue) {
                 ),
                 // Unknown to a backend without secure discard.
                 8 => (q.submit_discard(0, 8, true), BLKIF_RSP_EOPNOTSUPP),
-                9 => (
-                    q.submit_rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[]),
-                    BLKIF_RSP_OKAY,
-                ),
+                9 => (q.submit_rw(RwOp::Flush, 0, &[]), BLKIF_RSP_OKAY),
                 _ => {
-                    let op = if k % 2 == 0 {
-                        BLKIF_OP_READ
-                    } else {
-                        BLKIF_OP_WRITE
-                    };
+                    let op = if k % 2 == 0 { RwOp::Read } else { RwOp::Write };
                     let segs = [Segment {
                         gref: 1,
                         first_sect: 0,

@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
                             assert!((sector_number * 512).checked_add(len).unwrap() <= limits.sectors * 512);
                             BLKIF_RSP_OKAY
                         }
-                        Err(r) => r.status,
+                        Err(r) => r.status.code(),
                     }
                 }
                 Ok(Valid::Data { offset, len, .. }) => {
@@ -67,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
                     BLKIF_RSP_OKAY
                 }
                 Ok(_) => BLKIF_RSP_OKAY,
-                Err(r) => r.status,
+                Err(r) => r.status.code(),
             };
             assert!(back.put_response(&Response { id: req.id(), operation: req.echo_op(), status }));
         }

@@ -12,9 +12,9 @@
 //! Every decision re-reads the nodes ([`super::state::next_action`]); watch events only
 //! say "look again".
 
-use super::features::{connect_keys, initwait_keys, HostOffer};
-use super::frontend_keys::{read_frontend, Advertised};
-use super::queue::{limits_for, serve, QueueError, QueueParts, QueueStats};
+use super::features::{initwait_keys, Advertisement, HostOffer};
+use super::frontend_keys::read_frontend;
+use super::queue::{serve, QueueError, QueueParts, QueueStats};
 use super::state::{next_action, Action, XenbusState};
 use crate::blkif::abi::Protocol;
 use crate::blkif::ring::BackRing;
@@ -266,15 +266,10 @@ fn connect(
         Err(e) if e.is_enoent() => Ok(None),
         Err(e) => Err(e.to_string()),
     };
-    let ad = Advertised {
-        max_ring_page_order: cfg.offer.max_ring_page_order,
-        max_queues: cfg.offer.max_queues,
-        persistent: cfg.offer.persistent,
-    };
-    let rings = read_frontend(&read, &ad)?;
+    let rings = read_frontend(&read, &cfg.offer)?;
     let protocol = Protocol::from_xenstore(rings.protocol.as_deref())?;
-    let info = disk.info();
-    let limits = limits_for(disk, cfg.offer.max_indirect_segments as u16);
+    let advertisement = Advertisement::new(&cfg.offer, &disk.info());
+    let limits = advertisement.limits();
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let mut all_stats = Vec::new();
@@ -324,7 +319,7 @@ fn connect(
     *stats.queues.lock().unwrap_or_else(|e| e.into_inner()) = all_stats;
     let be = &cfg.backend_path;
     let published = transaction(xs, |tx| {
-        for (k, v) in connect_keys(&info) {
+        for (k, v) in advertisement.connect_keys() {
             xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
         }
         xs.write(

@@ -2,16 +2,8 @@
 //! order, queues, event channels, protocol, persistent grants. All of it is guest-written
 //! and hostile: every value is bounded and parsed strictly, and an error names the key.
 
-/// Limits the backend advertised before InitWait; the frontend must stay within them.
-#[derive(Debug, Clone, Copy)]
-pub struct Advertised {
-    /// `max-ring-page-order`.
-    pub max_ring_page_order: u32,
-    /// `multi-queue-max-queues`.
-    pub max_queues: u32,
-    /// We offered `feature-persistent`.
-    pub persistent: bool,
-}
+use super::features::HostOffer;
+use crate::blkif::keys::FEATURE_PERSISTENT;
 
 /// One queue's ring pages and event channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +88,8 @@ fn queue_ring(
 }
 
 /// Reads and checks the frontend's ring description.
-pub fn read_frontend(read: &Reader<'_>, ad: &Advertised) -> Result<FrontendRings, String> {
+/// `ad` is what the backend offered before InitWait: the frontend must stay within it.
+pub fn read_frontend(read: &Reader<'_>, ad: &HostOffer) -> Result<FrontendRings, String> {
     let order = match (
         optional(read, "ring-page-order")?,
         optional(read, "num-ring-pages")?,
@@ -139,9 +132,9 @@ pub fn read_frontend(read: &Reader<'_>, ad: &Advertised) -> Result<FrontendRings
     let protocol = read("protocol")?
         .map(|v| text("protocol", &v))
         .transpose()?;
-    let persistent = match read("feature-persistent")? {
+    let persistent = match read(FEATURE_PERSISTENT)? {
         None => false,
-        Some(v) => match text("feature-persistent", &v)?.as_str() {
+        Some(v) => match text(FEATURE_PERSISTENT, &v)?.as_str() {
             "0" => false,
             "1" => true,
             other => {
@@ -165,9 +158,10 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    const AD: Advertised = Advertised {
+    const AD: HostOffer = HostOffer {
         max_ring_page_order: 4,
         max_queues: 2,
+        max_indirect_segments: 256,
         persistent: true,
     };
 
@@ -296,7 +290,7 @@ mod tests {
         ]
         .into();
         let read = |k: &str| Ok(map.get(k).map(|v| v.as_bytes().to_vec()));
-        let ad = Advertised {
+        let ad = HostOffer {
             persistent: false,
             ..AD
         };

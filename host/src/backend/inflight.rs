@@ -6,7 +6,8 @@
 //! accesses, so slots need no lock; the buffers' capacity is reserved up front, so a request
 //! allocates nothing.
 
-use super::io::{IoOp, IoStatus};
+use super::io::IoOp;
+use crate::blkif::abi::Status;
 use std::cell::UnsafeCell;
 use xen_disk_plugin_api::RawBuf;
 
@@ -26,7 +27,7 @@ pub struct Slot<M> {
     /// The mappings behind `bufs`.
     pub mappings: Option<M>,
     /// Set by the worker.
-    pub status: IoStatus,
+    pub status: Status,
 }
 
 /// A ring's slots.
@@ -53,7 +54,7 @@ impl<M> SlotTable<M> {
                     offset: 0,
                     bufs: Vec::with_capacity(max_segments),
                     mappings: None,
-                    status: IoStatus::Okay,
+                    status: Status::Okay,
                 })
             })
             .collect();

@@ -8,6 +8,7 @@
 //!   durably (Linux treats barrier as flush + FUA).
 //! - DISCARD: the byte range.
 
+use crate::blkif::abi::{RwOp, Status};
 use crate::plugin::GuardedDisk;
 use xen_disk_plugin_api::{ErrorKind, RawBuf, ReadBufs, WriteBufs};
 
@@ -29,24 +30,13 @@ pub enum IoOp {
     },
 }
 
-/// The answer the guest gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoStatus {
-    /// BLKIF_RSP_OKAY.
-    Okay,
-    /// BLKIF_RSP_ERROR.
-    Error,
-    /// BLKIF_RSP_EOPNOTSUPP.
-    NotSupported,
-}
-
-impl IoStatus {
-    /// The protocol's status value.
-    pub fn code(self) -> i16 {
-        match self {
-            IoStatus::Okay => 0,
-            IoStatus::Error => -1,
-            IoStatus::NotSupported => -2,
+impl From<RwOp> for IoOp {
+    fn from(op: RwOp) -> IoOp {
+        match op {
+            RwOp::Read => IoOp::Read,
+            RwOp::Write => IoOp::Write,
+            RwOp::Barrier => IoOp::Barrier,
+            RwOp::Flush => IoOp::Flush,
         }
     }
 }
@@ -95,11 +85,11 @@ pub unsafe fn execute(
 }
 
 /// The protocol status for a result.
-pub fn status_of(result: &Result<(), xen_disk_plugin_api::Error>) -> IoStatus {
+pub fn status_of(result: &Result<(), xen_disk_plugin_api::Error>) -> Status {
     match result {
-        Ok(()) => IoStatus::Okay,
-        Err(e) if e.kind() == ErrorKind::Unsupported => IoStatus::NotSupported,
-        Err(_) => IoStatus::Error,
+        Ok(()) => Status::Okay,
+        Err(e) if e.kind() == ErrorKind::Unsupported => Status::NotSupported,
+        Err(_) => Status::Error,
     }
 }
 
@@ -147,27 +137,27 @@ mod tests {
         unsafe {
             assert_eq!(
                 status_of(&execute(&disk, IoOp::Write, 4096, &bufs)),
-                IoStatus::Okay
+                Status::Okay
             );
             assert_eq!(
                 status_of(&execute(&disk, IoOp::Flush, 0, &[])),
-                IoStatus::Okay
+                Status::Okay
             );
             assert_eq!(
                 status_of(&execute(&disk, IoOp::Flush, 8192, &bufs)),
-                IoStatus::Okay
+                Status::Okay
             );
             assert_eq!(
                 status_of(&execute(&disk, IoOp::Barrier, 0, &bufs)),
-                IoStatus::Okay
+                Status::Okay
             );
             assert_eq!(
                 status_of(&execute(&disk, IoOp::Discard { len: 512 }, 0, &[])),
-                IoStatus::NotSupported
+                Status::NotSupported
             );
             assert_eq!(
                 status_of(&execute(&disk, IoOp::Read, 1 << 20, &bufs)),
-                IoStatus::Error
+                Status::Error
             );
         }
         let got = log.lock().unwrap().clone();
@@ -189,6 +179,6 @@ mod tests {
             &data.lock().unwrap()[4096 + 512..4096 + 1536],
             &[2u8; 1024][..]
         );
-        assert_eq!(IoStatus::NotSupported.code(), -2);
+        assert_eq!(Status::NotSupported.code(), -2);
     }
 }

@@ -26,6 +26,7 @@ use super::reload::{plan, Change, Running};
 use super::vbd::{next_free, Vbd};
 use crate::control::{Entry, Registry};
 use crate::plugin::{open_stack, GuardedDisk};
+use crate::xen::xenbus::{write_state, XenbusState};
 use crate::xen::xenstore::{Xenstore, NO_TX};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -236,7 +237,7 @@ pub fn serve(
                 Err(e) => {
                     log(&format!("{path}: {e}"));
                     let _ = xs.write(NO_TX, &format!("{path}/error"), e.as_bytes());
-                    let _ = xs.write(NO_TX, &format!("{path}/state"), b"5");
+                    let _ = write_state(&*xs, &path, XenbusState::Closing);
                     failed.insert(path);
                 }
             }
@@ -250,7 +251,7 @@ pub fn serve(
         if stop.load(Ordering::SeqCst) >= 2 && !forced {
             forced = true;
             for d in devices.values() {
-                let _ = xs.write(NO_TX, &format!("{}/state", d.frontend), b"6");
+                let _ = write_state(&*xs, &d.frontend, XenbusState::Closed);
             }
         }
         devices.retain(|_, d| !d.thread.is_finished());

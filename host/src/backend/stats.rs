@@ -2,7 +2,7 @@
 //! how it ended, how long it took. Written with relaxed atomics by whichever thread answers.
 
 use super::io::IoOp;
-use crate::blkif::abi::*;
+use crate::blkif::abi::Status;
 use crate::histogram::AtomicHistogram;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -38,19 +38,19 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
-    pub(crate) fn count(&self, status: i16) {
+    pub(crate) fn count(&self, status: Status) {
         let c = match status {
-            BLKIF_RSP_OKAY => &self.ok,
-            BLKIF_RSP_EOPNOTSUPP => &self.unsupported,
-            _ => &self.errors,
+            Status::Okay => &self.ok,
+            Status::NotSupported => &self.unsupported,
+            Status::Error => &self.errors,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a request the plugin served: its kind, its bytes if it succeeded, its latency.
-    pub(crate) fn served(&self, op: IoOp, bytes: u64, status: i16, started: Instant) {
+    pub(crate) fn served(&self, op: IoOp, bytes: u64, status: Status, started: Instant) {
         self.count(status);
-        let ok = status == BLKIF_RSP_OKAY;
+        let ok = status == Status::Okay;
         let (n, b) = match op {
             IoOp::Read => (&self.reads, Some(&self.read_bytes)),
             IoOp::Write => (&self.writes, Some(&self.write_bytes)),

@@ -134,8 +134,9 @@ impl Drop for Workers {
 #[cfg(test)]
 mod tests {
     use super::super::inflight::FreeList;
-    use super::super::io::{IoOp, IoStatus};
+    use super::super::io::IoOp;
     use super::*;
+    use crate::blkif::abi::Status;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
     use xen_disk_plugin_api::{Disk, DiskInfo, RawBuf, ReadBufs, Result, WriteBufs};
@@ -193,7 +194,7 @@ mod tests {
             let index = done[0].recv_timeout(Duration::from_secs(5)).unwrap();
             // SAFETY: the worker handed the index back: this thread owns it again.
             let slot = unsafe { table.slot(index) };
-            assert_eq!(slot.status, IoStatus::Okay);
+            assert_eq!(slot.status, Status::Okay);
             assert_eq!(
                 slot.mappings.as_ref().unwrap()[0],
                 (slot.offset as u8),
@@ -244,7 +245,7 @@ mod tests {
                 // SAFETY: handed back by the worker.
                 let slot = unsafe { table.slot(index) };
                 // A write with no buffers is a zero-length write: the guard refuses it.
-                assert_eq!(slot.status, IoStatus::Error);
+                assert_eq!(slot.status, Status::Error);
                 seen[usize::from(ring) * 20_000 + slot.id as usize] += 1;
                 free.give(index);
                 got += 1;

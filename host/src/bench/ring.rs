@@ -9,7 +9,8 @@
 //! shuffles its grants between requests costs such a plugin a copy per large request.
 
 use super::direct::{Figures, Pattern};
-use crate::backend::queue::{limits_for, serve, QueueParts, QueueStats};
+use crate::backend::features::{Advertisement, HostOffer};
+use crate::backend::queue::{serve, QueueParts, QueueStats};
 use crate::blkif::abi::*;
 use crate::blkif::request::Segment;
 use crate::blkif::ring::BackRing;
@@ -104,7 +105,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
     )
     .map_err(|e| e.to_string())?;
     let info = disk.info();
-    let limits = limits_for(&disk, 256);
+    let limits = Advertisement::new(&HostOffer::standard(1, 1), &info).limits();
     let stop = Arc::new(AtomicBool::new(false));
     let mut servers = Vec::new();
     let mut drivers = Vec::new();
@@ -222,11 +223,7 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
     let mut hist = Histogram::default();
     let (mut ops, mut failed) = (0u64, 0u64);
     let reading = matches!(opts.pattern, Pattern::Read | Pattern::Randread);
-    let op = if reading {
-        BLKIF_OP_READ
-    } else {
-        BLKIF_OP_WRITE
-    };
+    let op = if reading { RwOp::Read } else { RwOp::Write };
     let mut done = Vec::new();
     let mut segs = Vec::with_capacity(pages_per_req);
     // Each request in flight has a page set of its own, reused by the next request in its
@@ -246,8 +243,7 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
     }
     let mut free_sets: Vec<usize> = (0..opts.iodepth).rev().collect();
     if !reading && job.flush_first {
-        q.submit_rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[])
-            .ok_or("ring full")?;
+        q.submit_rw(RwOp::Flush, 0, &[]).ok_or("ring full")?;
         q.kick().map_err(|e| e.to_string())?;
         let done = q
             .collect(1, Duration::from_secs(60))

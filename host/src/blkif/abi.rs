@@ -26,6 +26,92 @@ pub const BLKIF_RSP_ERROR: i16 = -1;
 /// Response status: operation not supported.
 pub const BLKIF_RSP_EOPNOTSUPP: i16 = -2;
 
+/// What a response says, typed: the backend decides in these terms and writes the number
+/// only when it encodes the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// BLKIF_RSP_OKAY.
+    Okay,
+    /// BLKIF_RSP_ERROR: the request failed (an I/O error, or a request refused as invalid).
+    Error,
+    /// BLKIF_RSP_EOPNOTSUPP: the operation is not offered.
+    NotSupported,
+}
+
+impl Status {
+    /// The value on the ring.
+    pub const fn code(self) -> i16 {
+        match self {
+            Status::Okay => BLKIF_RSP_OKAY,
+            Status::Error => BLKIF_RSP_ERROR,
+            Status::NotSupported => BLKIF_RSP_EOPNOTSUPP,
+        }
+    }
+
+    /// A value read off the ring; `None` for one no backend should write.
+    pub const fn from_code(code: i16) -> Option<Status> {
+        match code {
+            BLKIF_RSP_OKAY => Some(Status::Okay),
+            BLKIF_RSP_ERROR => Some(Status::Error),
+            BLKIF_RSP_EOPNOTSUPP => Some(Status::NotSupported),
+            _ => None,
+        }
+    }
+
+    /// How a person reads a status value: its protocol name and what it means.
+    pub fn describe(code: i16) -> String {
+        match Status::from_code(code) {
+            Some(Status::Okay) => "BLKIF_RSP_OKAY (success)".into(),
+            Some(Status::Error) => "BLKIF_RSP_ERROR (an I/O error or an invalid request)".into(),
+            Some(Status::NotSupported) => {
+                "BLKIF_RSP_EOPNOTSUPP (the operation is not supported)".into()
+            }
+            None => format!("status {code} (not a blkif status)"),
+        }
+    }
+}
+
+/// The operations that carry segments (or order writes), decoded from a request's opcode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RwOp {
+    /// BLKIF_OP_READ.
+    Read,
+    /// BLKIF_OP_WRITE.
+    Write,
+    /// BLKIF_OP_WRITE_BARRIER.
+    Barrier,
+    /// BLKIF_OP_FLUSH_DISKCACHE.
+    Flush,
+}
+
+impl RwOp {
+    /// The opcode on the ring.
+    pub const fn code(self) -> u8 {
+        match self {
+            RwOp::Read => BLKIF_OP_READ,
+            RwOp::Write => BLKIF_OP_WRITE,
+            RwOp::Barrier => BLKIF_OP_WRITE_BARRIER,
+            RwOp::Flush => BLKIF_OP_FLUSH_DISKCACHE,
+        }
+    }
+
+    /// An opcode read off the ring, if it is one of these.
+    pub const fn from_code(code: u8) -> Option<RwOp> {
+        match code {
+            BLKIF_OP_READ => Some(RwOp::Read),
+            BLKIF_OP_WRITE => Some(RwOp::Write),
+            BLKIF_OP_WRITE_BARRIER => Some(RwOp::Barrier),
+            BLKIF_OP_FLUSH_DISKCACHE => Some(RwOp::Flush),
+            _ => None,
+        }
+    }
+
+    /// A flush or barrier: orders earlier writes, data or not.
+    pub const fn is_flush(self) -> bool {
+        matches!(self, RwOp::Barrier | RwOp::Flush)
+    }
+}
+
 /// Segments in a direct request.
 pub const BLKIF_MAX_SEGMENTS_PER_REQUEST: usize = 11;
 /// Indirect pages in one request.

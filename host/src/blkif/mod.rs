@@ -8,6 +8,7 @@
 //! ```
 
 pub mod abi;
+pub mod keys;
 pub mod request;
 pub mod ring;
 

@@ -43,7 +43,7 @@ pub enum Request {
     /// READ, WRITE, FLUSH_DISKCACHE or WRITE_BARRIER with up to 11 inline segments.
     ReadWrite {
         /// The operation.
-        op: u8,
+        op: RwOp,
         /// Segments the guest claims (not yet bounded).
         nr_segments: u8,
         /// Opaque id.
@@ -105,20 +105,20 @@ impl Request {
         let op = entry[common::OPERATION];
         let id = u64_at(entry, l.id);
         let sector_number = u64_at(entry, l.sector_number);
-        match op {
-            BLKIF_OP_READ | BLKIF_OP_WRITE | BLKIF_OP_WRITE_BARRIER | BLKIF_OP_FLUSH_DISKCACHE => {
-                let mut segments = [Segment::default(); BLKIF_MAX_SEGMENTS_PER_REQUEST];
-                for (i, s) in segments.iter_mut().enumerate() {
-                    *s = Segment::decode(&entry[l.segments + i * SEGMENT_SIZE..]);
-                }
-                Request::ReadWrite {
-                    op,
-                    nr_segments: entry[common::BYTE1],
-                    id,
-                    sector_number,
-                    segments,
-                }
+        if let Some(op) = RwOp::from_code(op) {
+            let mut segments = [Segment::default(); BLKIF_MAX_SEGMENTS_PER_REQUEST];
+            for (i, s) in segments.iter_mut().enumerate() {
+                *s = Segment::decode(&entry[l.segments + i * SEGMENT_SIZE..]);
             }
+            return Request::ReadWrite {
+                op,
+                nr_segments: entry[common::BYTE1],
+                id,
+                sector_number,
+                segments,
+            };
+        }
+        match op {
             BLKIF_OP_DISCARD => Request::Discard {
                 id,
                 sector_number,
@@ -156,7 +156,8 @@ impl Request {
     /// checks that it matches what it sent).
     pub fn echo_op(&self) -> u8 {
         match self {
-            Request::ReadWrite { op, .. } | Request::Unknown { op, .. } => *op,
+            Request::ReadWrite { op, .. } => op.code(),
+            Request::Unknown { op, .. } => *op,
             Request::Discard { .. } => BLKIF_OP_DISCARD,
             Request::Indirect { indirect_op, .. } => *indirect_op,
         }
@@ -181,7 +182,7 @@ impl Request {
                 sector_number,
                 segments,
             } => {
-                put_head(*op, *nr_segments, *id, *sector_number);
+                put_head(op.code(), *nr_segments, *id, *sector_number);
                 out[common::WORD2..common::WORD2 + 2].copy_from_slice(&handle.to_le_bytes());
                 for (i, s) in segments.iter().enumerate() {
                     s.encode(&mut out[l.segments + i * SEGMENT_SIZE..]);
@@ -245,7 +246,7 @@ pub enum Valid {
     /// Read, write, flush-with-data or barrier over direct segments.
     Data {
         /// The operation.
-        op: u8,
+        op: RwOp,
         /// Byte offset on the disk.
         offset: u64,
         /// Bytes in all segments.
@@ -255,8 +256,8 @@ pub enum Valid {
     },
     /// A flush or barrier without data.
     Flush {
-        /// FLUSH_DISKCACHE or WRITE_BARRIER.
-        op: u8,
+        /// Flush or Barrier.
+        op: RwOp,
     },
     /// Discard `len` bytes at `offset`.
     Discard {
@@ -267,8 +268,8 @@ pub enum Valid {
     },
     /// An indirect read or write whose segment pages must be mapped next.
     Indirect {
-        /// READ or WRITE.
-        op: u8,
+        /// Read or Write.
+        op: RwOp,
         /// Start, in 512-byte sectors (checked again with the segments).
         sector_number: u64,
         /// Segments to read from the pages.
@@ -310,22 +311,22 @@ pub mod heapless_segments {
 /// Why a request is refused, and what to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
-    /// BLKIF_RSP_ERROR or BLKIF_RSP_EOPNOTSUPP.
-    pub status: i16,
+    /// Error or NotSupported.
+    pub status: Status,
     /// For the log (rate-limited by the caller).
     pub reason: String,
 }
 
 fn error(reason: String) -> Refused {
     Refused {
-        status: BLKIF_RSP_ERROR,
+        status: Status::Error,
         reason,
     }
 }
 
 fn not_supported(reason: String) -> Refused {
     Refused {
-        status: BLKIF_RSP_EOPNOTSUPP,
+        status: Status::NotSupported,
         reason,
     }
 }
@@ -375,7 +376,7 @@ pub fn validate(req: &Request, limits: &Limits) -> Result<Valid, Refused> {
             ..
         } => {
             let n = usize::from(nr_segments);
-            let is_flush = op == BLKIF_OP_FLUSH_DISKCACHE || op == BLKIF_OP_WRITE_BARRIER;
+            let is_flush = op.is_flush();
             if is_flush && !limits.flush {
                 return Err(not_supported("flush was not offered".into()));
             }
@@ -391,7 +392,7 @@ pub fn validate(req: &Request, limits: &Limits) -> Result<Valid, Refused> {
                     Err(error("a read or write with no segments".into()))
                 };
             }
-            if op != BLKIF_OP_READ && limits.read_only {
+            if op != RwOp::Read && limits.read_only {
                 return Err(error("write to a read-only disk".into()));
             }
             let len = check_data(&segments[..n], sector_number, limits)?;
@@ -441,18 +442,21 @@ pub fn validate(req: &Request, limits: &Limits) -> Result<Valid, Refused> {
             if limits.max_indirect_segments == 0 {
                 return Err(error("indirect requests were not offered".into()));
             }
-            if indirect_op != BLKIF_OP_READ && indirect_op != BLKIF_OP_WRITE {
-                return Err(error(format!(
-                    "indirect operation {indirect_op} (only read and write)"
-                )));
-            }
+            let op = match RwOp::from_code(indirect_op) {
+                Some(op @ (RwOp::Read | RwOp::Write)) => op,
+                _ => {
+                    return Err(error(format!(
+                        "indirect operation {indirect_op} (only read and write)"
+                    )))
+                }
+            };
             if nr_segments == 0 || nr_segments > limits.max_indirect_segments {
                 return Err(error(format!(
                     "{nr_segments} indirect segments (1 to {})",
                     limits.max_indirect_segments
                 )));
             }
-            if indirect_op == BLKIF_OP_WRITE && limits.read_only {
+            if op == RwOp::Write && limits.read_only {
                 return Err(error("write to a read-only disk".into()));
             }
             let pages = usize::from(nr_segments).div_ceil(SEGMENTS_PER_INDIRECT_PAGE);
@@ -460,7 +464,7 @@ pub fn validate(req: &Request, limits: &Limits) -> Result<Valid, Refused> {
                 return Err(error(format!("{pages} indirect pages")));
             }
             Ok(Valid::Indirect {
-                op: indirect_op,
+                op,
                 sector_number,
                 nr_segments,
                 grefs: indirect_grefs,
@@ -511,7 +515,7 @@ mod tests {
         }
     }
 
-    fn rw(op: u8, n: u8, sector: u64, segs: &[Segment]) -> Request {
+    fn rw(op: RwOp, n: u8, sector: u64, segs: &[Segment]) -> Request {
         let mut segments = [Segment::default(); 11];
         segments[..segs.len()].copy_from_slice(segs);
         Request::ReadWrite {
@@ -526,7 +530,7 @@ mod tests {
     #[test]
     fn both_layouts_round_trip_every_kind() {
         let reqs = [
-            rw(BLKIF_OP_WRITE, 2, 40, &[seg(5, 0, 7), seg(9, 2, 3)]),
+            rw(RwOp::Write, 2, 40, &[seg(5, 0, 7), seg(9, 2, 3)]),
             Request::Discard {
                 id: u64::MAX,
                 sector_number: 8,
@@ -566,7 +570,7 @@ mod tests {
     #[test]
     fn valid_requests_become_byte_ranges() {
         let v = validate(
-            &rw(BLKIF_OP_READ, 2, 8, &[seg(1, 0, 7), seg(2, 0, 3)]),
+            &rw(RwOp::Read, 2, 8, &[seg(1, 0, 7), seg(2, 0, 3)]),
             &LIMITS,
         )
         .unwrap();
@@ -582,8 +586,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            validate(&rw(BLKIF_OP_FLUSH_DISKCACHE, 0, 0, &[]), &LIMITS),
-            Ok(Valid::Flush { op: 3 })
+            validate(&rw(RwOp::Flush, 0, 0, &[]), &LIMITS),
+            Ok(Valid::Flush { op: RwOp::Flush })
         );
         assert_eq!(
             validate(
@@ -601,14 +605,14 @@ mod tests {
             })
         );
         // The last sector of the disk is fine.
-        assert!(validate(&rw(BLKIF_OP_WRITE, 1, 2047, &[seg(1, 7, 7)]), &LIMITS).is_ok());
+        assert!(validate(&rw(RwOp::Write, 1, 2047, &[seg(1, 7, 7)]), &LIMITS).is_ok());
     }
 
     /// One case per reason a request is refused, with the status it must get.
     #[test]
     fn every_reject_reason_gets_its_status() {
-        let e = BLKIF_RSP_ERROR;
-        let u = BLKIF_RSP_EOPNOTSUPP;
+        let e = Status::Error;
+        let u = Status::NotSupported;
         let ro = Limits {
             read_only: true,
             ..LIMITS
@@ -636,83 +640,68 @@ mod tests {
             sector_number: 0,
             indirect_grefs: [0; 8],
         };
-        let cases: Vec<(&str, Request, Limits, i16)> = vec![
-            (
-                "zero segments read",
-                rw(BLKIF_OP_READ, 0, 0, &[]),
-                LIMITS,
-                e,
-            ),
-            (
-                "too many segments",
-                rw(BLKIF_OP_READ, 12, 0, &[]),
-                LIMITS,
-                e,
-            ),
-            ("255 segments", rw(BLKIF_OP_WRITE, 255, 0, &[]), LIMITS, e),
+        let cases: Vec<(&str, Request, Limits, Status)> = vec![
+            ("zero segments read", rw(RwOp::Read, 0, 0, &[]), LIMITS, e),
+            ("too many segments", rw(RwOp::Read, 12, 0, &[]), LIMITS, e),
+            ("255 segments", rw(RwOp::Write, 255, 0, &[]), LIMITS, e),
             (
                 "last_sect > 7",
-                rw(BLKIF_OP_READ, 1, 0, &[seg(1, 0, 8)]),
+                rw(RwOp::Read, 1, 0, &[seg(1, 0, 8)]),
                 LIMITS,
                 e,
             ),
             (
                 "first > last",
-                rw(BLKIF_OP_READ, 1, 0, &[seg(1, 5, 4)]),
+                rw(RwOp::Read, 1, 0, &[seg(1, 5, 4)]),
                 LIMITS,
                 e,
             ),
             (
                 "past the end",
-                rw(BLKIF_OP_READ, 1, 2047, &[seg(1, 0, 1)]),
+                rw(RwOp::Read, 1, 2047, &[seg(1, 0, 1)]),
                 LIMITS,
                 e,
             ),
             (
                 "sector overflow",
-                rw(BLKIF_OP_READ, 1, u64::MAX, &[seg(1, 0, 0)]),
+                rw(RwOp::Read, 1, u64::MAX, &[seg(1, 0, 0)]),
                 LIMITS,
                 e,
             ),
             (
                 "write read-only",
-                rw(BLKIF_OP_WRITE, 1, 0, &[seg(1, 0, 0)]),
+                rw(RwOp::Write, 1, 0, &[seg(1, 0, 0)]),
                 ro,
                 e,
             ),
             (
                 "flush with data read-only",
-                rw(BLKIF_OP_FLUSH_DISKCACHE, 1, 0, &[seg(1, 0, 0)]),
+                rw(RwOp::Flush, 1, 0, &[seg(1, 0, 0)]),
                 ro,
                 e,
             ),
-            (
-                "flush not offered",
-                rw(BLKIF_OP_FLUSH_DISKCACHE, 0, 0, &[]),
-                no_flush,
-                u,
-            ),
+            ("flush not offered", rw(RwOp::Flush, 0, 0, &[]), no_flush, u),
             (
                 "barrier not offered",
-                rw(BLKIF_OP_WRITE_BARRIER, 0, 0, &[]),
+                rw(RwOp::Barrier, 0, 0, &[]),
                 no_flush,
                 u,
             ),
             (
                 "4k: misaligned sector",
-                rw(BLKIF_OP_READ, 1, 1, &[seg(1, 0, 7)]),
+                rw(RwOp::Read, 1, 1, &[seg(1, 0, 7)]),
                 four_k,
                 e,
             ),
             (
                 "4k: partial page",
-                rw(BLKIF_OP_READ, 1, 0, &[seg(1, 0, 3)]),
+                rw(RwOp::Read, 1, 0, &[seg(1, 0, 3)]),
                 four_k,
                 e,
             ),
             (
                 "4k: offset in page",
-                rw(BLKIF_OP_READ, 1, 0, &[seg(1, 4, 7)]),
+                rw(RwOp::Read, 1, 0, &[seg(1, 4, 7)]),
                 four_k,
                 e,
             ),

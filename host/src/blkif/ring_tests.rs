@@ -32,7 +32,7 @@ fn read_req(id: u64) -> Request {
         last_sect: 7,
     };
     Request::ReadWrite {
-        op: BLKIF_OP_READ,
+        op: RwOp::Read,
         nr_segments: 1,
         id,
         sector_number: id * 8,

@@ -14,6 +14,7 @@ use crate::plugin::{open_stack, GuardedDisk};
 use crate::simulation::SimulatedDisk;
 use crate::xen::linux::evtchn::LinuxEventChannels;
 use crate::xen::linux::gntdev::{Gntdev, LinuxGrants};
+use crate::xen::xenbus::{write_state, XenbusState};
 use crate::xen::xenstore::client::XsClient;
 use crate::xen::xenstore::{Xenstore, NO_TX};
 use anyhow::{anyhow, bail, Context, Result};
@@ -161,14 +162,10 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         backend_path: paths.backend.clone(),
         frontend_path: paths.frontend.clone(),
         frontend_domid: domid,
-        offer: HostOffer {
-            max_ring_page_order: 4,
-            max_queues: args
-                .queues
-                .min(std::thread::available_parallelism().map_or(1, |n| n.get() as u32)),
-            max_indirect_segments: 256,
-            persistent: true,
-        },
+        offer: HostOffer::standard(
+            args.queues,
+            std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        ),
         workers: args.workers,
         remove_entries: true,
         poll: std::time::Duration::from_micros(args.poll_us.min(10_000)),
@@ -208,7 +205,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
                 eprintln!("detaching (Ctrl-C again to force)");
             }
             if n >= 2 {
-                let _ = xs.write(NO_TX, &format!("{fe}/state"), b"6");
+                let _ = write_state(&xs, &fe, XenbusState::Closed);
                 return;
             }
         }

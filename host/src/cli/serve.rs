@@ -11,7 +11,6 @@ use crate::backend::device::Platform;
 use crate::backend::disks_config::{parse_disks, DomainRef};
 use crate::backend::features::HostOffer;
 use crate::backend::server::{open_static, serve, Hooks, Log, ServeOptions, StaticDisk, XsConnect};
-use crate::blkif::abi::MAX_RING_PAGE_ORDER;
 use crate::control::socket::{listen, DEFAULT_SERVE};
 use crate::control::Registry;
 use crate::simulation::{GuestDisk, SimOptions};
@@ -20,6 +19,7 @@ use crate::xen::linux::gntdev::{Gntdev, LinuxGrants};
 use crate::xen::sim::hypervisor::SimDomain;
 use crate::xen::sim::machine::SimMachine;
 use crate::xen::sim::xenstored::SimXenstored;
+use crate::xen::xenbus::{read_state, write_state, XenbusState};
 use crate::xen::xenstore::client::XsClient;
 use crate::xen::xenstore::{Xenstore, NO_TX};
 use anyhow::{bail, Context, Result};
@@ -82,12 +82,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     let disks = open_static(specs).map_err(anyhow::Error::msg)?;
     let opts = ServeOptions {
         backend_domid: 0,
-        offer: HostOffer {
-            max_ring_page_order: MAX_RING_PAGE_ORDER,
-            max_queues: queues.min(cpus),
-            max_indirect_segments: 256,
-            persistent: true,
-        },
+        offer: HostOffer::standard(queues, cpus),
         workers: args.workers,
         poll: Duration::from_micros(args.poll_us.min(10_000)),
         answer_on_completion: args.completion.answer_on_completion,
@@ -295,17 +290,18 @@ fn run_sim(
                 let be_state =
                     g.xs.read(NO_TX, &format!("{fe}/backend"))
                         .ok()
-                        .and_then(|be| {
-                            let be = String::from_utf8_lossy(&be).into_owned();
-                            g.xs.read(NO_TX, &format!("{be}/state")).ok()
-                        });
-                if matches!(be_state.as_deref(), Some(b"1" | b"2" | b"3" | b"4")) {
+                        .and_then(|be| read_state(&g.xs, &String::from_utf8_lossy(&be)));
+                use XenbusState::*;
+                if matches!(
+                    be_state,
+                    Some(Initialising | InitWait | Initialised | Connected)
+                ) {
                     i += 1;
                     continue;
                 }
                 let (fe, conn) = g.disks.remove(i);
                 drop(conn);
-                let _ = g.xs.write(NO_TX, &format!("{fe}/state"), b"6");
+                let _ = write_state(&g.xs, &fe, XenbusState::Closed);
                 println!("simulated guest {}: {fe}: detached by the backend", g.domid);
             }
             let base = format!("/local/domain/{}/device/vbd", g.domid);
@@ -319,9 +315,9 @@ fn run_sim(
                 };
                 let be = String::from_utf8_lossy(&be).to_string();
                 // Only once the backend is waiting for us (a failed one says Closing).
-                match g.xs.read(NO_TX, &format!("{be}/state")).as_deref() {
-                    Ok(b"2") => {}
-                    Ok(b"5") | Ok(b"6") => {
+                match read_state(&g.xs, &be) {
+                    Some(XenbusState::InitWait) => {}
+                    Some(XenbusState::Closing | XenbusState::Closed) => {
                         println!("simulated guest {}: {fe}: the backend closed it", g.domid);
                         g.failed.push(fe);
                         continue;
@@ -360,7 +356,7 @@ fn run_sim(
     for g in &mut guests {
         for (fe, conn) in g.disks.drain(..) {
             drop(conn);
-            let _ = g.xs.write(NO_TX, &format!("{fe}/state"), b"6");
+            let _ = write_state(&g.xs, &fe, XenbusState::Closed);
         }
     }
     // Every signal from here on reaches the server too: a second SIGTERM forces devices

@@ -9,7 +9,9 @@
 
 use super::queue::{FrontQueue, FrontendError};
 use crate::blkif::abi::{Protocol, MAX_RING_PAGE_ORDER};
+use crate::blkif::keys::FEATURE_PERSISTENT;
 use crate::xen::sim::hypervisor::SimDomain;
+use crate::xen::xenbus::{read_state, write_state, XenbusState};
 use crate::xen::xenstore::{read_string, read_u32, transaction, Xenstore, NO_TX};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,21 +60,24 @@ pub struct Connected {
     pub disk: DiskDescription,
 }
 
+/// Waits until the backend directory `dir` is in state `want`.
 fn wait_state(
     xs: &dyn Xenstore,
-    path: &str,
-    want: &[&str],
+    dir: &str,
+    want: XenbusState,
     timeout: Duration,
-) -> Result<String, FrontendError> {
+) -> Result<(), FrontendError> {
     let started = Instant::now();
     let events = xs.events();
     loop {
-        let state = read_string(xs, NO_TX, path).map_err(FrontendError::Setup)?;
-        if let Some(s) = state.as_deref().filter(|s| want.contains(s)) {
-            return Ok(s.to_string());
+        let state = read_state(xs, dir);
+        if state == Some(want) {
+            return Ok(());
         }
         let left = timeout.checked_sub(started.elapsed()).ok_or_else(|| {
-            FrontendError::Setup(format!("{path} stayed {state:?}, waiting for {want:?}"))
+            FrontendError::Setup(format!(
+                "{dir}/state stayed {state:?}, waiting for {want:?}"
+            ))
         })?;
         let _ = events.recv_timeout(left.min(Duration::from_millis(200)));
     }
@@ -106,7 +111,7 @@ pub fn connect(
     let token = format!("blkfront:{frontend}");
     xs.watch(&format!("{backend}/state"), &token)
         .map_err(|e| FrontendError::Setup(e.to_string()))?;
-    wait_state(xs, &format!("{backend}/state"), &["2"], timeout)?;
+    wait_state(xs, backend, XenbusState::InitWait, timeout)?;
     let num =
         |key: &str| read_u32(xs, NO_TX, &format!("{backend}/{key}")).map_err(FrontendError::Setup);
     let order = wishes
@@ -117,7 +122,7 @@ pub fn connect(
         .queues
         .min(num("multi-queue-max-queues")?.unwrap_or(1))
         .max(1);
-    let persistent = wishes.persistent && num("feature-persistent")? == Some(1);
+    let persistent = wishes.persistent && num(FEATURE_PERSISTENT)? == Some(1);
 
     let mut qs = Vec::new();
     for q in 0..queues as usize {
@@ -173,12 +178,12 @@ pub fn connect(
             w("multi-queue-num-queues", queues.to_string())?;
         }
         w("protocol", wishes.protocol.as_str().to_string())?;
-        w("feature-persistent", u32::from(persistent).to_string())?;
-        w("state", "3".to_string())
+        w(FEATURE_PERSISTENT, u32::from(persistent).to_string())?;
+        w("state", XenbusState::Initialised.as_str().to_string())
     })
     .map_err(|e| FrontendError::Setup(e.to_string()))?;
 
-    wait_state(xs, &format!("{backend}/state"), &["4"], timeout)?;
+    wait_state(xs, backend, XenbusState::Connected, timeout)?;
     let flag = |key: &str| -> Result<bool, FrontendError> { Ok(num(key)? == Some(1)) };
     let sectors = read_string(xs, NO_TX, &format!("{backend}/sectors"))
         .map_err(FrontendError::Setup)?
@@ -197,7 +202,7 @@ pub fn connect(
         max_indirect_segments: num("feature-max-indirect-segments")?.unwrap_or(0),
         persistent,
     };
-    xs.write(NO_TX, &format!("{frontend}/state"), b"4")
+    write_state(xs, frontend, XenbusState::Connected)
         .map_err(|e| FrontendError::Setup(e.to_string()))?;
     let _ = xs.unwatch(&format!("{backend}/state"), &token);
     Ok(Connected { queues: qs, disk })

@@ -142,7 +142,7 @@ impl FrontQueue {
 
     /// Queues a read, write, flush or barrier over `segments`; returns its id, or `None` when
     /// the ring is full.
-    pub fn submit_rw(&mut self, op: u8, sector_number: u64, segments: &[Segment]) -> Option<u64> {
+    pub fn submit_rw(&mut self, op: RwOp, sector_number: u64, segments: &[Segment]) -> Option<u64> {
         let mut segs = [Segment::default(); BLKIF_MAX_SEGMENTS_PER_REQUEST];
         let n = segments.len().min(BLKIF_MAX_SEGMENTS_PER_REQUEST);
         segs[..n].copy_from_slice(&segments[..n]);
@@ -173,7 +173,7 @@ impl FrontQueue {
     /// Queues an indirect read or write whose segments are in the granted `pages`.
     pub fn submit_indirect(
         &mut self,
-        op: u8,
+        op: RwOp,
         sector_number: u64,
         nr_segments: u16,
         pages: &[u32],
@@ -182,7 +182,7 @@ impl FrontQueue {
         let n = pages.len().min(BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST);
         indirect_grefs[..n].copy_from_slice(&pages[..n]);
         self.submit(|id| Request::Indirect {
-            indirect_op: op,
+            indirect_op: op.code(),
             nr_segments,
             id,
             sector_number,

@@ -5,4 +5,5 @@ pub mod evtchn;
 pub mod grant;
 pub mod linux;
 pub mod sim;
+pub mod xenbus;
 pub mod xenstore;

@@ -15,6 +15,7 @@ use super::super::io::status_of;
 use super::super::stats::QueueStats;
 use super::super::wake::EventFdWake;
 use super::super::workers::Wake;
+use crate::blkif::abi::Status;
 use crate::blkif::ring::{BackRing, Response};
 use crate::xen::evtchn::EventChannel;
 use crate::xen::grant::GrantMapping;
@@ -75,7 +76,7 @@ impl Answering {
         // SAFETY: the caller's contract.
         let slot = unsafe { slots.slot(index) };
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let status = slot.status.code();
+        let status = slot.status;
         answer(slot, status, self.started[i], stats, &mut self.ring);
         self.free.give(index);
     }
@@ -147,7 +148,7 @@ pub(super) fn lock_answering(m: &Mutex<Answering>) -> MutexGuard<'_, Answering> 
 /// mappings and buffers, and puts the response on the ring. The caller frees the slot.
 pub(super) fn answer(
     slot: &mut Slot<GrantMapping>,
-    status: i16,
+    status: Status,
     started: Instant,
     stats: &QueueStats,
     ring: &mut BackRing,
@@ -159,6 +160,6 @@ pub(super) fn answer(
     ring.put_response(&Response {
         id: slot.id,
         operation: slot.operation,
-        status,
+        status: status.code(),
     });
 }

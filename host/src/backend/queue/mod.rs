@@ -21,8 +21,8 @@ mod answer;
 mod segments;
 
 use super::inflight::SlotTable;
+use super::io::IoOp;
 use super::io::{execute, status_of};
-use super::io::{IoOp, IoStatus};
 pub use super::stats::QueueStats;
 use super::wake::EventFdWake;
 use super::workers::{Completions, Wake, Workers};
@@ -104,20 +104,6 @@ fn spin_for_work(
         if start.elapsed() >= poll {
             return false;
         }
-    }
-}
-
-/// What the guest may ask of `disk`: its size and sectors, and the features advertised.
-pub fn limits_for(disk: &GuardedDisk, max_indirect_segments: u16) -> Limits {
-    let info = disk.info();
-    Limits {
-        sectors: info.size / 512,
-        logical_sector_size: info.logical_sector_size,
-        read_only: info.read_only,
-        flush: info.can_flush,
-        discard: disk.can_discard(),
-        discard_secure: false,
-        max_indirect_segments,
     }
 }
 
@@ -352,7 +338,7 @@ impl RingThread<'_> {
             let is_barrier = matches!(
                 req,
                 Request::ReadWrite {
-                    op: BLKIF_OP_WRITE_BARRIER,
+                    op: RwOp::Barrier,
                     ..
                 }
             );
@@ -373,12 +359,12 @@ impl RingThread<'_> {
     /// this thread, a worker or the asynchronous plugin; a refused one is answered at once.
     fn dispatch(&self, st: &mut Answering, intake: &mut Intake, req: &Request) {
         let (id, operation) = (req.id(), req.echo_op());
-        let refuse = |st: &mut Answering, status: i16| {
+        let refuse = |st: &mut Answering, status: Status| {
             self.stats.count(status);
             st.ring.put_response(&Response {
                 id,
                 operation,
-                status,
+                status: status.code(),
             });
         };
         let valid = match validate(req, &intake.limits) {
@@ -409,14 +395,14 @@ impl RingThread<'_> {
         ) {
             Ok((op, offset, mapping)) => {
                 (slot.id, slot.operation, slot.op, slot.offset) = (id, operation, op, offset);
-                slot.status = IoStatus::Okay;
+                slot.status = Status::Okay;
                 slot.mappings = mapping;
             }
             Err(why) => {
                 tracing::debug!(id, "refused: {why}");
                 slot.bufs.clear();
                 st.free.give(index);
-                return refuse(st, BLKIF_RSP_ERROR);
+                return refuse(st, Status::Error);
             }
         }
         if matches!(slot.op, IoOp::Read | IoOp::Write) && self.disk.is_async() {
@@ -429,13 +415,7 @@ impl RingThread<'_> {
                 tracing::debug!(id, offset = slot.offset, "request failed: {e}");
             }
             let started = st.started[usize::from(index)];
-            answer(
-                slot,
-                status_of(&result).code(),
-                started,
-                self.stats,
-                &mut st.ring,
-            );
+            answer(slot, status_of(&result), started, self.stats, &mut st.ring);
             st.free.give(index);
         } else {
             self.stats.in_flight.fetch_add(1, Ordering::Relaxed);

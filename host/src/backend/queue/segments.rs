@@ -38,7 +38,7 @@ pub(super) fn prepare(
 ) -> Result<(IoOp, u64, Option<GrantMapping>), String> {
     bufs.clear();
     match valid {
-        Valid::Flush { op } => Ok((io_op(op), 0, None)),
+        Valid::Flush { op } => Ok((op.into(), 0, None)),
         Valid::Discard { offset, len } => Ok((IoOp::Discard { len }, offset, None)),
         Valid::Data {
             op,
@@ -47,7 +47,7 @@ pub(super) fn prepare(
             ..
         } => {
             let m = map_segments(guest, cache, op, segments.as_slice(), bufs)?;
-            Ok((io_op(op), offset, m))
+            Ok((op.into(), offset, m))
         }
         Valid::Indirect {
             op,
@@ -66,7 +66,7 @@ pub(super) fn prepare(
             validate_indirect_segments(bytes, nr_segments, sector_number, guest.limits, scratch)
                 .map_err(|r| r.reason)?;
             let m = map_segments(guest, cache, op, scratch, bufs)?;
-            Ok((io_op(op), sector_number * 512, m))
+            Ok((op.into(), sector_number * 512, m))
         }
     }
 }
@@ -109,7 +109,7 @@ fn read_indirect_pages(
 fn map_segments(
     guest: &Guest<'_>,
     cache: &mut Option<PersistentGrants>,
-    op: u8,
+    op: RwOp,
     segments: &[Segment],
     bufs: &mut Vec<RawBuf>,
 ) -> Result<Option<GrantMapping>, String> {
@@ -142,7 +142,7 @@ fn map_segments(
     // The backend writes into the guest's pages only for reads.
     let m = guest
         .grants
-        .map(guest.domid, grefs, op == BLKIF_OP_READ)
+        .map(guest.domid, grefs, op == RwOp::Read)
         .map_err(|e| e.to_string())?;
     for (i, s) in segments.iter().enumerate() {
         let start = i * XEN_PAGE_SIZE + usize::from(s.first_sect) * 512;
@@ -152,15 +152,6 @@ fn map_segments(
         bufs.push(RawBuf { base, len });
     }
     Ok(Some(m))
-}
-
-fn io_op(op: u8) -> IoOp {
-    match op {
-        BLKIF_OP_READ => IoOp::Read,
-        BLKIF_OP_WRITE => IoOp::Write,
-        BLKIF_OP_WRITE_BARRIER => IoOp::Barrier,
-        _ => IoOp::Flush,
-    }
 }
 
 #[cfg(test)]
