@@ -56,13 +56,22 @@ fn check_passes_over_every_base_in_both_modes_and_the_base_never_changes() {
         let path_key = format!("base.path={}", img.display());
         let overlay = t.join(&format!("{base}.cow"));
         let overlay_key = format!("overlay={}", overlay.display());
-        let out = run_ok(&["check", "cow", "-c", &base_key, "-c", &path_key]);
+        let out = run_ok(&[
+            "check",
+            "--destructive",
+            "cow",
+            "-c",
+            &base_key,
+            "-c",
+            &path_key,
+        ]);
         assert!(out.contains(" 0 failed"), "{out}");
         assert!(out.contains(&format!("cow 0.1.0 over {base}")), "{out}");
         // Twice with a file: created, then reopened with the first run's writes in it.
         for _ in 0..2 {
             let out = run_ok(&[
                 "check",
+                "--destructive",
                 "cow",
                 "-c",
                 &overlay_key,
@@ -82,7 +91,15 @@ fn check_passes_over_every_base_in_both_modes_and_the_base_never_changes() {
         );
     }
     // A base with no read-only switch of its own is fenced by the host, and cow still works.
-    let out = run_ok(&["check", "cow", "-c", "base=discard", "-c", "base.size=8M"]);
+    let out = run_ok(&[
+        "check",
+        "--destructive",
+        "cow",
+        "-c",
+        "base=discard",
+        "-c",
+        "base.size=8M",
+    ]);
     assert!(
         out.contains(" 0 failed") && out.contains("cow 0.1.0 over discard"),
         "{out}"
@@ -267,6 +284,7 @@ fn damaged_or_mismatched_overlays_are_one_clear_line() {
     let base = |p: &Path| format!("base.path={}", p.display());
     run_ok(&[
         "check",
+        "--destructive",
         "cow",
         "-c",
         &ov(&good),
