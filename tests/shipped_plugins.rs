@@ -285,7 +285,7 @@ fn vhd_passes_check_on_qemu_and_plugin_made_images() {
         ];
         if name == "top.vhd" {
             let out = check_passes(&["vhd", "-c", &config[0], "-c", &config[1], "-c", &config[2]]);
-            assert!(out.contains("check: 10 passed, 0 failed"), "{out}");
+            assert!(out.contains("check: 11 passed, 0 failed"), "{out}");
         } else {
             let out = host(&[
                 "sim",
