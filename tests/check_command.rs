@@ -58,7 +58,9 @@ fn default_check_leaves_an_image_with_data_byte_identical() {
             image.display()
         );
         assert!(
-            out.contains(" 0 failed") && out.contains("ok    reads"),
+            out.contains(" 0 failed")
+                && out.contains("ok    reads")
+                && out.contains("check: read-only run"),
             "{out}"
         );
         // The write cases are reported, naming the flag that runs them.

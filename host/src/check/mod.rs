@@ -68,6 +68,8 @@ pub enum Outcome {
 pub struct CheckReport {
     /// In run order.
     pub results: Vec<(&'static str, Outcome)>,
+    /// The disk takes writes, but the cases that write were skipped (no `--destructive`).
+    pub writes_skipped: bool,
 }
 
 impl CheckReport {
@@ -253,6 +255,7 @@ pub fn run(
             return out;
         }
     };
+    out.writes_skipped = !opts.destructive && !i.read_only;
     let layers = layers
         .iter()
         .map(|p| format!("{} {}", p.name, p.version))

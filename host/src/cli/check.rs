@@ -63,7 +63,7 @@ pub fn run(args: CheckArgs) -> Result<i32> {
         report.failed(),
         report.skipped()
     );
-    if !args.destructive {
+    if report.writes_skipped {
         println!(
             "check: read-only run, the disk's data was not touched; --destructive runs the \
              write cases too, over the data"
