@@ -281,6 +281,7 @@ fn ceph_rbd_against_a_one_node_cluster() {
     c.rbd(&["create", "--size", "64M", "rbd/check"]);
     let o = host(&[
         "check",
+        "--destructive",
         "ceph-rbd",
         "-c",
         "pool=rbd",

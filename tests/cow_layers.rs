@@ -56,13 +56,22 @@ fn check_passes_over_every_base_in_both_modes_and_the_base_never_changes() {
         let path_key = format!("base.path={}", img.display());
         let overlay = t.join(&format!("{base}.cow"));
         let overlay_key = format!("overlay={}", overlay.display());
-        let out = run_ok(&["check", "cow", "-c", &base_key, "-c", &path_key]);
+        let out = run_ok(&[
+            "check",
+            "--destructive",
+            "cow",
+            "-c",
+            &base_key,
+            "-c",
+            &path_key,
+        ]);
         assert!(out.contains(" 0 failed"), "{out}");
         assert!(out.contains(&format!("cow 0.1.0 over {base}")), "{out}");
         // Twice with a file: created, then reopened with the first run's writes in it.
         for _ in 0..2 {
             let out = run_ok(&[
                 "check",
+                "--destructive",
                 "cow",
                 "-c",
                 &overlay_key,
@@ -82,7 +91,15 @@ fn check_passes_over_every_base_in_both_modes_and_the_base_never_changes() {
         );
     }
     // A base with no read-only switch of its own is fenced by the host, and cow still works.
-    let out = run_ok(&["check", "cow", "-c", "base=discard", "-c", "base.size=8M"]);
+    let out = run_ok(&[
+        "check",
+        "--destructive",
+        "cow",
+        "-c",
+        "base=discard",
+        "-c",
+        "base.size=8M",
+    ]);
     assert!(
         out.contains(" 0 failed") && out.contains("cow 0.1.0 over discard"),
         "{out}"
@@ -267,6 +284,7 @@ fn damaged_or_mismatched_overlays_are_one_clear_line() {
     let base = |p: &Path| format!("base.path={}", p.display());
     run_ok(&[
         "check",
+        "--destructive",
         "cow",
         "-c",
         &ov(&good),
@@ -367,6 +385,125 @@ fn damaged_or_mismatched_overlays_are_one_clear_line() {
             &base(&img),
         ]),
         &["granularity", "power of two"],
+    );
+}
+
+/// The overlay records which base it was made over: another image of the same size is
+/// refused (open and commit) unless trusted, and files made before the record still open.
+#[test]
+fn an_overlay_refuses_another_base_of_the_same_size_unless_trusted() {
+    let t = TempDir::new("cow-which");
+    let (gold, other, input, out) = (
+        t.join("gold.img"),
+        t.join("other.img"),
+        t.join("in"),
+        t.join("out"),
+    );
+    random_file(&gold, 4 * MIB, 51);
+    random_file(&other, 4 * MIB, 52);
+    random_file(&input, 128 << 10, 53);
+    let (gold_bytes, other_bytes) = (
+        std::fs::read(&gold).unwrap(),
+        std::fs::read(&other).unwrap(),
+    );
+    let new = std::fs::read(&input).unwrap();
+    let ov = t.join("g1.cow");
+    let sim = |verb: &str, overlay: &Path, base: &Path, extra: &[&str]| {
+        let (o, b) = (
+            format!("overlay={}", overlay.display()),
+            format!("base.path={}", base.display()),
+        );
+        let mut a = vec!["sim", verb, "cow", "-c", &o, "-c", "base=file", "-c", &b];
+        a.extend_from_slice(extra);
+        host(&a)
+    };
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    };
+    // Written over gold.img.
+    ok(sim("write", &ov, &gold, &["--in", s(&input)]));
+    // Over other.img of the same size: one line naming the file, what differs and the key.
+    assert_bad_input(
+        &sim("read", &ov, &other, &["--out", s(&out)]),
+        &["g1.cow", "another base", "the first MiB", "trust-base=true"],
+    );
+    // Over gold.img it still opens, with its write on top.
+    ok(sim("read", &ov, &gold, &["--out", s(&out)]));
+    let seen = std::fs::read(&out).unwrap();
+    assert!(seen[..new.len()] == new[..] && seen[new.len()..] == gold_bytes[new.len()..]);
+    // A base changed under the overlay only between its ends is caught too.
+    let edited = t.join("edited.img");
+    let mut e = gold_bytes.clone();
+    e[2 * MIB + (1 << 17) + 7] ^= 1;
+    std::fs::write(&edited, &e).unwrap();
+    assert_bad_input(
+        &sim("read", &ov, &edited, &["--out", s(&out)]),
+        &["g1.cow", "the 16 sampled blocks"],
+    );
+    // Trusted, it opens over other.img.
+    ok(sim(
+        "read",
+        &ov,
+        &other,
+        &["-c", "trust-base=true", "--out", s(&out)],
+    ));
+    let seen = std::fs::read(&out).unwrap();
+    assert!(seen[..new.len()] == new[..] && seen[new.len()..] == other_bytes[new.len()..]);
+    // Commit refuses other.img and leaves it alone.
+    let commit = |base: &Path, extra: &[&str]| {
+        let p = format!("path={}", base.display());
+        let mut a = vec!["cow", "commit", "--overlay", s(&ov)];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["file", "-c", &p]);
+        host(&a)
+    };
+    assert_bad_input(
+        &commit(&other, &[]),
+        &["g1.cow", "another base", "--trust-base"],
+    );
+    assert!(std::fs::read(&other).unwrap() == other_bytes);
+    // Into gold.img it commits, and the emptied overlay now belongs to the new gold.img.
+    ok(commit(&gold, &[]));
+    ok(sim("read", &ov, &gold, &["--out", s(&out)]));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&gold).unwrap());
+    assert_bad_input(&sim("read", &ov, &other, &["--out", s(&out)]), &["g1.cow"]);
+    // Trusted, commit writes into other.img, which the overlay then records.
+    ok(sim("write", &ov, &gold, &["--in", s(&input)]));
+    ok(commit(&other, &["--trust-base"]));
+    let now = std::fs::read(&other).unwrap();
+    assert!(now[..new.len()] == new[..] && now[new.len()..] == other_bytes[new.len()..]);
+    ok(sim("read", &ov, &other, &["--out", s(&out)]));
+    // A file made before the record (header version 1) opens over any base of its size.
+    let mut v1 = std::fs::read(&ov).unwrap();
+    v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+    v1[72..112].fill(0);
+    let sum = v1[..64].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    v1[64..72].copy_from_slice(&sum.to_le_bytes());
+    let old = t.join("old.cow");
+    std::fs::write(&old, &v1).unwrap();
+    ok(sim("read", &old, &gold, &["--out", s(&out)]));
+    ok(sim("read", &old, &other, &["--out", s(&out)]));
+    // ...and commit says it cannot check, then records the base it committed into.
+    let o = host(&[
+        "cow",
+        "commit",
+        "--overlay",
+        s(&old),
+        "file",
+        "-c",
+        &format!("path={}", gold.display()),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("old.cow was made before"),
+        "{}",
+        stderr(&o)
+    );
+    assert_bad_input(
+        &sim("read", &old, &other, &["--out", s(&out)]),
+        &["old.cow", "another base"],
     );
 }
 

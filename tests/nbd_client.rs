@@ -165,7 +165,7 @@ fn check_passes(server: &Server) -> String {
 
 fn check_passes_with(server: &Server, config: &[&str]) -> String {
     let cfg = server.config();
-    let mut args = vec!["check", "nbd-client", "-c", &cfg];
+    let mut args = vec!["check", "--destructive", "nbd-client", "-c", &cfg];
     for c in config {
         args.extend(["-c", c]);
     }

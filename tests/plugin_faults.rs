@@ -58,6 +58,7 @@ fn check_reports_a_panicking_plugin_as_failures_not_a_crash() {
     let p = plugin_path("test-faulty");
     let o = host(&[
         "check",
+        "--destructive",
         p.to_str().unwrap(),
         "-c",
         "fail-in=write",

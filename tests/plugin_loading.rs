@@ -98,18 +98,25 @@ fn unknown_and_ill_typed_config_keys_are_named() {
 
 #[test]
 fn discard_passes_check_and_the_check_catches_a_disk_that_stores_nothing() {
-    let o = host(&["check", "discard", "--no-data"]);
+    let o = host(&["check", "discard", "--no-data", "--destructive"]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(
-        stdout(&o).contains("check: 10 passed, 0 failed"),
+        stdout(&o).contains("check: 11 passed, 0 failed"),
         "{}",
         stdout(&o)
     );
     // Without --no-data the read-back comparisons must notice that nothing was stored.
-    let o = host(&["check", "discard"]);
+    let o = host(&["check", "discard", "--destructive"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("FAIL  pattern"), "{}", stdout(&o));
-    let o = host(&["check", "discard", "-c", "sector-size=4096", "--no-data"]);
+    let o = host(&[
+        "check",
+        "discard",
+        "-c",
+        "sector-size=4096",
+        "--no-data",
+        "--destructive",
+    ]);
     assert!(o.status.success(), "{}", stdout(&o));
 }
 

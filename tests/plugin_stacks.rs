@@ -15,6 +15,7 @@ fn a_filter_over_a_base_is_checked_as_one_disk() {
         "-c",
         "base.size=64M",
         "--no-data",
+        "--destructive",
     ]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let out = stdout(&o);
@@ -37,6 +38,7 @@ fn filters_stack_and_the_toml_form_matches() {
         "-c",
         "base.base.size=8M",
         "--no-data",
+        "--destructive",
     ]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(
@@ -52,6 +54,7 @@ fn filters_stack_and_the_toml_form_matches() {
         "check",
         "test-window",
         "--no-data",
+        "--destructive",
         "--config-file",
         f.to_str().unwrap(),
     ]);

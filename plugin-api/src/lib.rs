@@ -70,11 +70,12 @@
 //! ```text
 //! cargo build --release
 //! xen-disk-host plugins inspect ./target/release/libramdisk.so
-//! xen-disk-host check ./target/release/libramdisk.so -c size=16M
+//! xen-disk-host check --destructive ./target/release/libramdisk.so -c size=16M
 //! ```
 //!
 //! `check` is the conformance suite: it writes and reads back patterns, probes the edges,
-//! runs concurrent I/O and checks error handling. Pass it before you ship. Then serve a real
+//! runs concurrent I/O and checks error handling. Pass it before you ship. The cases that
+//! write run only with `--destructive`, as they overwrite the disk: point it at a scratch image. Then serve a real
 //! guest: `xen-disk-host connect guest1 --plugin ./target/release/libramdisk.so -c size=1G`.
 //!
 //! ## The promise

@@ -1,4 +1,5 @@
-//! The conformance cases, one function each, in the order they run.
+//! The conformance cases, one function each, in the order they run. The cases that write
+//! skip themselves without `--destructive` (see the module above for why).
 
 use super::model::{Model, Rng};
 use super::{Outcome, Subject};
@@ -11,6 +12,7 @@ pub type Case = fn(&Subject<'_>) -> Outcome;
 
 /// Every case, in run order.
 pub const ALL: &[(&str, Case)] = &[
+    ("reads", reads),
     ("pattern", pattern),
     ("first-last", first_last),
     ("host-bounds", host_bounds),
@@ -69,9 +71,15 @@ fn read_split(
     Ok(data)
 }
 
+/// The reason a case that writes does not run, if it does not.
 fn skip_if_no_writes(s: &Subject<'_>) -> Option<Outcome> {
-    if s.disk.info().read_only {
+    if s.plugin_read_only {
         return Some(Outcome::Skip("the disk is read-only".into()));
+    }
+    if !s.opts.destructive {
+        return Some(Outcome::Skip(
+            "writes over the disk's data: run with --destructive, on a scratch image".into(),
+        ));
     }
     None
 }
@@ -83,6 +91,52 @@ fn region(s: &Subject<'_>, rng: &mut Rng, max_sectors: u64) -> (u64, usize) {
     let n = 1 + rng.below(max_sectors.min(total));
     let start = rng.below(total - n + 1);
     (start * ls, (n * ls) as usize)
+}
+
+/// Reads only: random regions read split across buffers, as guest segments come, then again
+/// as one buffer, must agree; the first and last sectors are read too. It runs with or
+/// without `--destructive`, so a default run checks the read path with the disk's own data.
+fn reads(s: &Subject<'_>) -> Outcome {
+    let ls = u64::from(s.disk.info().logical_sector_size);
+    let mut rng = Rng::new(s.opts.seed ^ 4);
+    let count = s.opts.ops.clamp(1, 50);
+    let mut bytes = 0u64;
+    let edges = [(0, ls as usize), (s.disk.size() - ls, ls as usize)];
+    for i in 0..count + edges.len() {
+        let (offset, len) = match edges.get(i) {
+            Some(&e) => e,
+            None => region(s, &mut rng, if i % 10 == 0 { 2048 } else { 64 }),
+        };
+        let split = match read_split(&s.disk, offset, len, &mut rng) {
+            Ok(d) => d,
+            Err(e) => return Outcome::Fail(e),
+        };
+        // The same marker as `read_split`'s: a disk that stores nothing (`discard`, or a
+        // cow over it) may leave both untouched, and still agrees with itself.
+        let mut whole = vec![0xA5u8; len];
+        if let Err(e) = with_read_bufs(&mut [&mut whole[..]], |r| s.disk.read(offset, r)) {
+            return Outcome::Fail(format!("read of {len} bytes at {offset} failed: {e}"));
+        }
+        if !s.opts.no_data {
+            if let Some(at) = split.iter().zip(&whole).position(|(a, b)| a != b) {
+                return Outcome::Fail(format!(
+                    "byte {} reads differently split across buffers and as one buffer",
+                    offset + at as u64
+                ));
+            }
+        }
+        bytes += len as u64;
+    }
+    Outcome::Pass(format!(
+        "{} reads, {} KiB, split and whole agree{}",
+        count + edges.len(),
+        bytes / 1024,
+        if s.opts.no_data {
+            ", contents not compared (--no-data)"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// Random writes split across buffers, each read back at once with another split, then
@@ -208,8 +262,13 @@ fn host_bounds(s: &Subject<'_>) -> Outcome {
         ));
     }
     Outcome::Pass(format!(
-        "{} bad reads and writes refused before the plugin",
-        cases.len()
+        "{} bad reads{} refused before the plugin",
+        cases.len(),
+        if s.disk.info().read_only {
+            ""
+        } else {
+            " and writes"
+        }
     ))
 }
 
@@ -269,6 +328,9 @@ fn write_zeroes(s: &Subject<'_>) -> Outcome {
 
 /// A declared discard succeeds, leaves the neighbours intact, and the range stays readable.
 fn discard(s: &Subject<'_>) -> Outcome {
+    if let Some(o) = skip_if_no_writes(s) {
+        return o;
+    }
     if !s.disk.can_discard() {
         return Outcome::Skip("discard not declared (not advertised to guests)".into());
     }

@@ -5,6 +5,16 @@
 //! line per case and a closing `N passed, N failed` line. Data checks use a sparse model of
 //! what was written: each written sector's content is derived from a per-write seed, so the
 //! model costs 16 bytes a sector however large the disk.
+//!
+//! By default the suite only reads, like `qemu-img check` or `badblocks` without `-w`: the disk
+//! it is given may be a real image, and the host cannot tell which of an arbitrary plugin's
+//! keys names the data, so it can neither copy it aside nor promise to put back what a buggy
+//! plugin wrote in the wrong place. Saving and restoring the touched ranges through the plugin
+//! would rely on the very code under test, would still change a qcow2 or cow file's layout,
+//! and would lose the data if the process died mid-case. So the write cases run only with
+//! [`CheckOptions::destructive`] (`--destructive`), meant for a scratch image; without it they
+//! are reported as skipped, naming the flag, and the layer that counts the plugin's calls
+//! refuses every write, zeroing and discard, so no case can reach the plugin with one.
 
 mod cases;
 pub(crate) mod model;
@@ -13,7 +23,7 @@ use crate::plugin::{open_stack, GuardedDisk, Stack};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use xen_disk_plugin_api::{Config, Disk, DiskInfo, ReadBufs, Result, WriteBufs};
+use xen_disk_plugin_api::{Config, Disk, DiskInfo, Error, ErrorKind, ReadBufs, Result, WriteBufs};
 
 /// How to run the suite.
 #[derive(Debug, Clone)]
@@ -26,6 +36,8 @@ pub struct CheckOptions {
     pub seed: u64,
     /// The disk stores no data (a null disk): run every call, skip content comparisons.
     pub no_data: bool,
+    /// Run the cases that write: they overwrite the disk's data.
+    pub destructive: bool,
 }
 
 impl Default for CheckOptions {
@@ -35,6 +47,7 @@ impl Default for CheckOptions {
             ops: 200,
             seed: 0x5eed,
             no_data: false,
+            destructive: false,
         }
     }
 }
@@ -55,6 +68,8 @@ pub enum Outcome {
 pub struct CheckReport {
     /// In run order.
     pub results: Vec<(&'static str, Outcome)>,
+    /// The disk takes writes, but the cases that write were skipped (no `--destructive`).
+    pub writes_skipped: bool,
 }
 
 impl CheckReport {
@@ -84,15 +99,28 @@ impl CheckReport {
 }
 
 /// The plugin's disk with a count of the calls that reach it, so cases can prove that
-/// refused requests never did.
+/// refused requests never did. Without `--destructive` it is also the fence that keeps every
+/// change away from the plugin, whatever a case or a guard does.
 struct Counting {
     inner: Box<dyn Disk>,
     calls: Arc<AtomicUsize>,
+    writes_allowed: bool,
 }
 
 impl Counting {
     fn count(&self) {
         self.calls.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn fence(&self) -> Result<()> {
+        if self.writes_allowed {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::ReadOnly,
+                "check writes to the disk only with --destructive",
+            ))
+        }
     }
 }
 
@@ -105,10 +133,12 @@ impl Disk for Counting {
         self.inner.read(offset, bufs)
     }
     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.fence()?;
         self.count();
         self.inner.write(offset, bufs)
     }
     fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+        self.fence()?;
         self.count();
         self.inner.write_fua(offset, bufs)
     }
@@ -117,10 +147,12 @@ impl Disk for Counting {
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.fence()?;
         self.count();
         self.inner.discard(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.fence()?;
         self.count();
         self.inner.write_zeroes(offset, len)
     }
@@ -165,6 +197,9 @@ pub struct Subject<'a> {
     pub calls: Arc<AtomicUsize>,
     /// Options.
     pub opts: &'a CheckOptions,
+    /// The plugin itself declares a read-only disk (the cases' guard may be read-only
+    /// because of no `--destructive` alone).
+    pub plugin_read_only: bool,
 }
 
 impl Subject<'_> {
@@ -197,8 +232,20 @@ pub fn run(
     let raw: Arc<dyn Disk> = Arc::new(Counting {
         inner: Box::new(disk),
         calls: calls.clone(),
+        writes_allowed: opts.destructive,
     });
-    let disk = match GuardedDisk::new(Box::new(SharedDisk(raw.clone())), false) {
+    // The plugin's own view for the open line; without --destructive the cases get the
+    // host's read-only guard over it, as `serve` gives a read-only disk.
+    let guarded = GuardedDisk::new(Box::new(SharedDisk(raw.clone())), false).and_then(|full| {
+        let info = full.info();
+        let disk = if opts.destructive {
+            full
+        } else {
+            GuardedDisk::new(Box::new(SharedDisk(raw.clone())), true)?
+        };
+        Ok((info, disk))
+    });
+    let (i, disk) = match guarded {
         Ok(d) => d,
         Err(e) => {
             record(
@@ -208,7 +255,7 @@ pub fn run(
             return out;
         }
     };
-    let i = disk.info();
+    out.writes_skipped = !opts.destructive && !i.read_only;
     let layers = layers
         .iter()
         .map(|p| format!("{} {}", p.name, p.version))
@@ -239,6 +286,7 @@ pub fn run(
         raw,
         calls,
         opts,
+        plugin_read_only: i.read_only,
     };
     for (name, case) in cases::ALL {
         let started = Instant::now();

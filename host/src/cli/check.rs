@@ -1,4 +1,5 @@
-//! `xen-disk-host check <plugin> [-c k=v]...`: the conformance suite.
+//! `xen-disk-host check <plugin> [-c k=v]... [--destructive]`: the conformance suite, which
+//! only reads unless `--destructive` is given.
 
 use super::PluginArgs;
 use crate::check::{run as run_suite, CheckOptions, Outcome};
@@ -21,6 +22,10 @@ pub struct CheckArgs {
     /// The disk stores nothing (e.g. `discard`): make every call but compare no contents.
     #[arg(long)]
     no_data: bool,
+    /// Also run the cases that write, zero and discard. They overwrite the disk's data: give
+    /// it a scratch image. Without this flag check only reads, and the image is left as it was.
+    #[arg(long)]
+    destructive: bool,
 }
 
 pub fn run(args: CheckArgs) -> Result<i32> {
@@ -30,6 +35,7 @@ pub fn run(args: CheckArgs) -> Result<i32> {
         ops: args.ops,
         seed: args.seed,
         no_data: args.no_data,
+        destructive: args.destructive,
     };
     let report = run_suite(
         &args.plugin.plugin,
@@ -57,5 +63,11 @@ pub fn run(args: CheckArgs) -> Result<i32> {
         report.failed(),
         report.skipped()
     );
+    if report.writes_skipped {
+        println!(
+            "check: read-only run, the disk's data was not touched; --destructive runs the \
+             write cases too, over the data"
+        );
+    }
     Ok(if report.failed() == 0 { 0 } else { 1 })
 }

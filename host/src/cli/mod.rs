@@ -31,7 +31,7 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Talk to a running `serve` or `connect`: list devices, statistics, swap a plugin, detach.
     Ctl(ctl::CtlArgs),
-    /// Run the conformance suite against a plugin.
+    /// Run the conformance suite against a plugin (it only reads unless --destructive).
     Check(check::CheckArgs),
     /// Measure a plugin's I/O speed.
     Bench(bench::BenchArgs),

@@ -9,6 +9,7 @@
 //! |---|---|---|---|
 //! | `overlay` | path | none: in memory | the overlay file, created if absent, kept across reopen. Without it the overlay lives in memory (a sparse `memfd`) and is discarded on close, like `mmap shared=false` over any base |
 //! | `granularity` | size | `64K`, or an existing file's | the copy-up unit: a power of two from the base's sector size to `1G`. Must match an existing overlay file's |
+//! | `trust-base` | bool | `false` | open an overlay file over a base other than the one it records (see below) |
 //!
 //! ```text
 //! xen-disk-host connect guest1 --plugin cow -c overlay=/var/lib/lab/g1.cow \
@@ -22,6 +23,15 @@
 //!
 //! The overlay file records the base's size and the granularity; opening it over a base of
 //! another size, or with another `granularity`, is refused with a line naming the file.
+//! It also records which base it was made over: a fingerprint of the base's content (its
+//! first and last MiB and 16 blocks between them, see [`overlay::Fingerprint`]). Opening it
+//! over a base whose samples differ is refused with a line naming the file and the parts
+//! that differ: the overlay's granules only make sense over the bytes they were written
+//! over. `trust-base=true` opens it anyway (a base known to be the same disk, changed
+//! where it does not matter). Overlay files made before the fingerprint (header version 1)
+//! record no base and open over any base of their size, as they always did; `cow commit`
+//! warns about them and records the base it commits into, and deleting an empty one (after
+//! `cow reset`) lets the next open make a file that records its base.
 //! A truncated or damaged file (magic, checksum, layout) is refused as corrupt. See
 //! [`overlay`] for the file layout and why its bitmap is crash-safe.
 //!
@@ -37,7 +47,7 @@ mod disk;
 pub mod overlay;
 
 pub use disk::{CowDisk, ReadOnlyBase};
-use overlay::Overlay;
+use overlay::{BaseView, Overlay};
 use xen_disk_plugin_api::*;
 
 /// The filter.
@@ -60,6 +70,11 @@ impl Filter for CowFilter {
             KeyType::Size,
             "Copy-up unit, a power of two ≥ the sector size (default 64K, or the file's)",
         ),
+        ConfigKey::maybe(
+            "trust-base",
+            KeyType::Bool,
+            "Open the overlay file over this base even if it is not the base the file records (default false)",
+        ),
     ];
     const READ_ONLY_BASE: bool = true;
 
@@ -69,8 +84,17 @@ impl Filter for CowFilter {
         if let Some(g) = granularity {
             overlay::check_granularity(g, b.logical_sector_size)?;
         }
+        let trust_base = config.opt_bool("trust-base")?.unwrap_or(false);
+        let base = ReadOnlyBase::new(base);
         let overlay = match config.opt_path("overlay")? {
-            Some(path) => Overlay::open_or_create(&path, b.size, granularity)?,
+            Some(path) => {
+                let view = BaseView {
+                    size: b.size,
+                    sector: b.logical_sector_size,
+                    read: &|at, buf| base.read(at, buf),
+                };
+                Overlay::open_or_create(&path, &view, granularity, trust_base)?
+            }
             None => {
                 Overlay::in_memory(b.size, granularity.unwrap_or(overlay::DEFAULT_GRANULARITY))?
             }
@@ -79,7 +103,7 @@ impl Filter for CowFilter {
         // with; check it against this base's too.
         overlay::check_granularity(overlay.header().granularity, b.logical_sector_size)
             .map_err(|e| e.context(overlay.name()))?;
-        Ok(CowDisk::new(ReadOnlyBase::new(base), overlay))
+        Ok(CowDisk::new(base, overlay))
     }
 }
 

@@ -177,3 +177,69 @@ fn bad_granularity_is_a_config_error() {
         assert!(e.message().contains("granularity"), "{e}");
     }
 }
+
+/// The filter over a RAM base holding `data`.
+fn open_over_data(data: Vec<u8>, pairs: &[String]) -> Result<ForeignDisk> {
+    ForeignDisk::open_over(
+        __filter_root_module::<CowFilter>(),
+        &Config::from_pairs(pairs).unwrap(),
+        ForeignDisk::new(export_disk(Ram {
+            data: Mutex::new(data),
+            writes: Arc::default(),
+        })),
+    )
+}
+
+#[test]
+fn a_commit_stopped_midway_leaves_an_overlay_that_opens_over_the_half_written_base() {
+    use cow::overlay::{BaseRecord, BaseView, Fingerprint, Overlay};
+    let dir = std::env::temp_dir().join(format!("cow-commit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("o.cow");
+    let key = vec![format!("overlay={}", path.display())];
+    {
+        // One granule in the first MiB's sample, and (1 MiB base) in the last's.
+        let d = open_over_data(pattern(), &key).unwrap();
+        write(&d, 0, &[1; 65536]);
+        write(&d, 512 << 10, &[2; 4096]);
+    }
+    let shown = read(&open_over_data(pattern(), &key).unwrap(), 0, SIZE);
+    // What `cow commit` does, stopped after its first granule reached the base.
+    let base = Mutex::new(pattern());
+    let read_base = |at: u64, buf: &mut [u8]| {
+        buf.copy_from_slice(&base.lock().unwrap()[at as usize..][..buf.len()]);
+        Ok(())
+    };
+    let view = BaseView {
+        size: SIZE as u64,
+        sector: 512,
+        read: &read_base,
+    };
+    let mut o = Overlay::open_file(&path).unwrap();
+    assert_eq!(o.base_mismatch(&view).unwrap(), None);
+    let after = Fingerprint::of(SIZE as u64, 512, |at, buf| o.read_merged(at, buf, &view)).unwrap();
+    o.set_base_record(BaseRecord {
+        fingerprint: after,
+        committing: true,
+    })
+    .unwrap();
+    let mut granule = vec![0u8; 65536];
+    o.read_at(0, &mut granule).unwrap();
+    base.lock().unwrap()[..65536].copy_from_slice(&granule);
+    drop(o);
+    // The half-written base opens and the disk shows what it showed; so does the base
+    // before the commit began; another base of the same size is still refused.
+    let half = base.into_inner().unwrap();
+    assert_ne!(half, pattern());
+    assert_eq!(read(&open_over_data(half, &key).unwrap(), 0, SIZE), shown);
+    assert_eq!(
+        read(&open_over_data(pattern(), &key).unwrap(), 0, SIZE),
+        shown
+    );
+    let e = open_over_data(vec![7; SIZE], &key).err().unwrap();
+    assert!(
+        e.message().contains("o.cow") && e.message().contains("another base"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

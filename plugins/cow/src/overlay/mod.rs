@@ -23,12 +23,24 @@
 //! new, is still a valid set of durable granules. Flushes hold a lock so an older snapshot
 //! never lands after a newer one. New files are built under a temporary name and renamed
 //! into place, so a crash never leaves a half-made overlay under the real name.
+//!
+//! # Which base (file mode)
+//!
+//! A new file records its base's [`Fingerprint`]; opening it over a base whose fingerprint
+//! differs is refused unless the caller trusts the base. `cow commit` changes the base on
+//! purpose, so before it writes anything it records the fingerprint of the base with the
+//! overlay on top (what the base becomes) and marks the record "committing"; a record so
+//! marked is checked against the base seen through the overlay, which is the same whether
+//! the commit finished, stopped midway or never began writing. Once the base is flushed,
+//! the record becomes a plain one of the new base.
 
 mod bitmap;
+mod fingerprint;
 mod header;
 
 pub use bitmap::Bitmap;
-pub use header::Header;
+pub use fingerprint::Fingerprint;
+pub use header::{BaseRecord, Header};
 
 use header::BLOCK;
 use std::fs::{File, OpenOptions};
@@ -49,6 +61,20 @@ pub struct Overlay {
     persistent: bool,
     bitmap: Bitmap,
     flush_lock: Mutex<()>,
+}
+
+/// The base as an overlay checks it.
+pub struct BaseView<'a> {
+    pub size: u64,
+    pub sector: u32,
+    /// Reads base bytes (aligned to `sector`, in range).
+    pub read: &'a dyn Fn(u64, &mut [u8]) -> Result<()>,
+}
+
+impl BaseView<'_> {
+    pub fn fingerprint(&self) -> Result<Fingerprint> {
+        Fingerprint::of(self.size, self.sector, |at, buf| (self.read)(at, buf))
+    }
 }
 
 /// Checks a granularity against the base's sector size.
@@ -124,16 +150,29 @@ impl Overlay {
         })
     }
 
-    /// Opens `path` over a base of `base_size` bytes, creating it if absent. A given
-    /// `granularity` must match an existing file's.
+    /// Opens `path` over `base`, creating it if absent. A given `granularity` must match an
+    /// existing file's, and the base must be the one the file records unless `trust_base`.
     pub fn open_or_create(
         path: &Path,
-        base_size: u64,
+        base: &BaseView<'_>,
         granularity: Option<u64>,
+        trust_base: bool,
     ) -> Result<Overlay> {
         let name = path.display().to_string();
+        let base_size = base.size;
         if !path.exists() {
-            create(path, base_size, granularity.unwrap_or(DEFAULT_GRANULARITY))?;
+            let record = BaseRecord {
+                fingerprint: base
+                    .fingerprint()
+                    .map_err(|e| e.context(format!("{name}: fingerprint of the base")))?,
+                committing: false,
+            };
+            create(
+                path,
+                base_size,
+                granularity.unwrap_or(DEFAULT_GRANULARITY),
+                record,
+            )?;
         }
         let o = Overlay::open_file(path)?;
         if o.header.base_size != base_size {
@@ -154,7 +193,71 @@ impl Overlay {
                 ),
             ));
         }
+        if let Some(diff) = o.base_mismatch(base)? {
+            if !trust_base {
+                return Err(Error::config(
+                    "overlay",
+                    format!(
+                        "{name} was made over another base: this {base_size}-byte base \
+                         differs in {diff} (set trust-base=true to open it anyway)"
+                    ),
+                ));
+            }
+        }
         Ok(o)
+    }
+
+    /// What differs between `base` and the base this file records ("the first MiB"), or
+    /// None when they agree or the file (version 1) records none.
+    pub fn base_mismatch(&self, base: &BaseView<'_>) -> Result<Option<String>> {
+        let Some(record) = self.header.base else {
+            return Ok(None);
+        };
+        let now = if record.committing {
+            Fingerprint::of(base.size, base.sector, |at, buf| {
+                self.read_merged(at, buf, base)
+            })
+        } else {
+            base.fingerprint()
+        }
+        .map_err(|e| e.context(format!("{}: fingerprint of the base", self.name)))?;
+        Ok((now != record.fingerprint).then(|| now.differences(&record.fingerprint)))
+    }
+
+    /// Reads `buf` at `pos` as the disk shows it: the overlay's granules over `base`.
+    pub fn read_merged(&self, pos: u64, buf: &mut [u8], base: &BaseView<'_>) -> Result<()> {
+        let g = self.header.granularity;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = pos + done as u64;
+            let n = ((g - at % g) as usize).min(buf.len() - done);
+            let piece = &mut buf[done..done + n];
+            if self.bitmap.get(at / g) {
+                self.read_at(at, piece)?;
+            } else {
+                (base.read)(at, piece)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Replaces the base record in the file's header, durably (`cow commit`).
+    pub fn set_base_record(&mut self, record: BaseRecord) -> Result<()> {
+        if !self.persistent {
+            return Ok(());
+        }
+        let h = Header {
+            base: Some(record),
+            ..self.header
+        };
+        // Everything the header holds is in its first sector, which is written whole.
+        self.file
+            .write_all_at(&h.encode()[..512], 0)
+            .and_then(|()| self.file.sync_data())
+            .map_err(io_context(&self.name, "write header"))?;
+        self.header = h;
+        Ok(())
     }
 
     pub fn header(&self) -> &Header {
@@ -235,12 +338,15 @@ impl Overlay {
     }
 }
 
-fn create(path: &Path, base_size: u64, granularity: u64) -> Result<()> {
+fn create(path: &Path, base_size: u64, granularity: u64, record: BaseRecord) -> Result<()> {
     let name = path.display().to_string();
     let mut tmp = PathBuf::from(path).into_os_string();
     tmp.push(".new");
     let tmp = PathBuf::from(tmp);
-    let h = Header::new(base_size, granularity);
+    let h = Header {
+        base: Some(record),
+        ..Header::new(base_size, granularity)
+    };
     let made = (|| {
         let f = File::create(&tmp)?;
         f.write_all_at(&h.encode(), 0)?;
