@@ -1,9 +1,10 @@
 //! Loading a plugin `.so`: check it is one of ours and speaks our ABI, then describe it.
 //!
 //! Order of checks, each failure one line naming the file:
-//! 0. it is a regular file (after symlinks): `dlopen` opens what it is given with a blocking
-//!    `open(2)` while holding the dynamic loader's lock, so a FIFO named `libx.so` would hang
-//!    it, and with it every thread that starts, ends or loads a library, for good;
+//! 0. it is a regular file (after symlinks), read through once: `dlopen` opens what it is
+//!    given with a blocking `open(2)` while holding the dynamic loader's lock, so a FIFO
+//!    named `libx.so` would hang it, and with it every thread that starts, ends or loads a
+//!    library, for good;
 //! 1. the file loads at all (`dlopen`);
 //! 2. it exports `xen_disk_plugin_abi_version` (else: not a xen-disk plugin);
 //! 3. that version equals ours (else: both versions named);
@@ -109,20 +110,11 @@ fn layout_reason(text: &str) -> String {
     v
 }
 
-/// Refuses anything but a regular file, without opening it (`stat` follows symlinks; opening
-/// a FIFO would block). The file could still be swapped for a FIFO before `dlopen` opens it,
-/// but only by someone who may write the plugin directory, and so could make us load any code.
-fn regular_file(path: &Path) -> Result<(), PluginError> {
+/// What a file is, for a refusal: `None` for a regular file.
+fn not_regular(t: std::fs::FileType) -> Option<&'static str> {
     use std::os::unix::fs::FileTypeExt;
-    let refuse = |reason: String| PluginError::Load {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let t = std::fs::metadata(path)
-        .map_err(|e| refuse(e.to_string()))?
-        .file_type();
-    let kind = if t.is_file() {
-        return Ok(());
+    Some(if t.is_file() {
+        return None;
     } else if t.is_dir() {
         "a directory"
     } else if t.is_fifo() {
@@ -135,10 +127,45 @@ fn regular_file(path: &Path) -> Result<(), PluginError> {
         "a block device"
     } else {
         "not a file"
+    })
+}
+
+/// Refuses anything but a regular file, then reads it through once, before `dlopen` takes the
+/// loader's lock. `stat` (following symlinks) decides without opening: opening a FIFO blocks,
+/// opening a device may act. The open is non-blocking and checked again on the descriptor, in
+/// case the file changed in between. Reading it through moves what a slow or hung filesystem
+/// does to us out from under the lock, onto the caller's thread, and leaves the pages cached
+/// for `dlopen` (a mitigation: nothing can make `dlopen` itself return early).
+fn regular_file(path: &Path) -> Result<(), PluginError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refuse = |reason: String| PluginError::Load {
+        path: path.to_path_buf(),
+        reason,
     };
-    Err(refuse(format!(
-        "{kind}, not a regular file; a plugin is a shared library (.so) file"
-    )))
+    let what = |t| {
+        not_regular(t).map_or(Ok(()), |kind| {
+            Err(refuse(format!(
+                "{kind}, not a regular file; a plugin is a shared library (.so) file"
+            )))
+        })
+    };
+    what(
+        std::fs::metadata(path)
+            .map_err(|e| refuse(e.to_string()))?
+            .file_type(),
+    )?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| refuse(e.to_string()))?;
+    what(
+        file.metadata()
+            .map_err(|e| refuse(e.to_string()))?
+            .file_type(),
+    )?;
+    std::io::copy(&mut file, &mut std::io::sink()).map_err(|e| refuse(e.to_string()))?;
+    Ok(())
 }
 
 /// Loads the plugin at `path`.
