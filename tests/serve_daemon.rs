@@ -6,7 +6,8 @@
 mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 use xen_disk_host::xen::xenstore::client::XsClient;
@@ -32,10 +33,16 @@ impl Drop for Daemon {
 
 impl Daemon {
     fn start(args: &[&str]) -> Daemon {
+        Daemon::start_env(args, &[])
+    }
+
+    /// [`Daemon::start`] with more variables in its environment.
+    fn start_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         build_all();
         let mut child = Command::new(target_dir().join("xen-disk-host"))
             .args(args)
             .env("XEN_DISK_PLUGIN_PATH", target_dir())
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -351,6 +358,167 @@ path = "{}"
         "{lines:?}"
     );
     let _ = std::fs::remove_file(&socket);
+}
+
+/// Runs `ctl --socket CONTROL ARGS`; the test fails if it has not answered within `secs`.
+fn ctl_within(control: &Path, secs: u64, args: &[&str]) -> Output {
+    build_all();
+    let mut child = Command::new(target_dir().join("xen-disk-host"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(control)
+        .args(args)
+        .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run xen-disk-host ctl");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ctl {args:?} did not answer within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+#[test]
+fn ctl_swap_refuses_what_would_block_and_the_control_plane_keeps_answering() {
+    let t = TempDir::new("serve-block");
+    let (img, small) = (t.join("a.img"), t.join("small.img"));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let config = t.join("disks.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[disk]]\ndomain = \"1\"\nplugin = \"file\"\n[disk.plugin-config]\npath = \"{}\"\n",
+            img.display()
+        ),
+    )
+    .unwrap();
+    let (socket, control) = (t.join("xs.sock"), t.join("control.sock"));
+    let mut d = Daemon::start_env(
+        &[
+            "serve",
+            "--sim",
+            "--config",
+            config.to_str().unwrap(),
+            "--xenstore-socket",
+            socket.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        &[("XEN_DISK_OPEN_TIMEOUT", "2")],
+    );
+    d.expect(&["guest 1 connected", "8388608 bytes"]);
+    let path = format!("path={}", img.display());
+    let listed = |o: &Output| {
+        assert!(o.status.success(), "{}", stderr(o));
+        assert!(stdout(o).contains("1/xvdb domain=1"), "{}", stdout(o));
+        stdout(o)
+    };
+
+    // A FIFO named like a plugin: dlopen would block opening it, holding the dynamic
+    // loader's lock, and the whole daemon with it. Refused before loading.
+    let fifo_lib = t.join("libfifo.so");
+    mkfifo(&fifo_lib);
+    assert_bad_input(
+        &ctl_within(
+            &control,
+            10,
+            &["swap", "1/xvdb", fifo_lib.to_str().unwrap(), &path],
+        ),
+        &["libfifo.so", "a FIFO, not a regular file"],
+    );
+    assert!(listed(&ctl_within(&control, 5, &["list"])).contains("stack=file"));
+
+    // A plugin whose open blocks (`file` opening a FIFO read-only waits for a writer): the
+    // swap is answered at the daemon's 2 s limit; `list` and `stats` answer meanwhile.
+    let fifo_img = t.join("image.fifo");
+    mkfifo(&fifo_img);
+    let started = Instant::now();
+    let slow = {
+        let control = control.clone();
+        let fifo = format!("path={}", fifo_img.display());
+        std::thread::spawn(move || {
+            ctl_within(
+                &control,
+                20,
+                &["swap", "1/xvdb", "file", "-c", &fifo, "-c", "readonly=true"],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        listed(&ctl_within(&control, 3, &["list"]));
+        let o = ctl_within(&control, 3, &["stats", "1/xvdb"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_bad_input(
+        &slow.join().unwrap(),
+        &["1/xvdb: not swapped: file", "not opened within 2 s"],
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // `-c key=value` as everywhere else (bare pairs still work), a typo's suggestion, a
+    // refused shrink naming its flag, and a request over 64 KiB refused by `ctl` itself.
+    let o = ctl_within(&control, 10, &["swap", "1/xvdb", "mmap", "-c", &path]);
+    assert!(stdout(&o).contains("1/xvdb: now mmap"), "{}", stderr(&o));
+    assert_bad_input(
+        &ctl_within(&control, 10, &["swap", "1/xvdb", "fiel", "-c", &path]),
+        &["no libfiel.so", "; did you mean file?"],
+    );
+    let shrink = format!("path={}", small.display());
+    assert_bad_input(
+        &ctl_within(&control, 10, &["swap", "1/xvdb", "file", &shrink]),
+        &["smaller", "--allow-shrink"],
+    );
+    let long = format!("path=/{}", "x".repeat(70_000));
+    assert_bad_input(
+        &ctl_within(&control, 10, &["swap", "1/xvdb", "file", &long]),
+        &["at most 65536"],
+    );
+    // A client that hangs up before its (slow) answer: the daemon, which keeps SIGPIPE's
+    // default action for `| head`, must not die writing the answer.
+    {
+        use std::io::Write;
+        let mut c = std::os::unix::net::UnixStream::connect(&control).unwrap();
+        let req = format!(
+            "swap 1/xvdb file -c path={} -c readonly=true\n",
+            fifo_img.display()
+        );
+        c.write_all(req.as_bytes()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(listed(&ctl_within(&control, 5, &["list"])).contains("stack=mmap"));
+
+    // SIGTERM stops the daemon although the blocked open's thread never ends.
+    d.signal("-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the daemon");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -16,7 +16,8 @@ pub struct CtlArgs {
     #[arg(long)]
     watch: bool,
     /// The request: `list`, `stats <dev> [--json]`, `swap <dev> <plugin> [--allow-shrink]
-    /// [key=value]...`, `detach <dev>`, `resize <dev>`.
+    /// [-c key=value]...` (bare `key=value` works too), `detach <dev>`, `resize <dev>`.
+    /// At most 64 KiB in all.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     request: Vec<String>,
 }

@@ -1,18 +1,26 @@
 //! The control socket: what `xen-disk-host ctl` talks to in a running `connect` or `serve`.
 //!
-//! One request per connection, one line of words; the answer is text (or one JSON object
-//! with `--json`), and an answer starting `error: ` is a refusal:
+//! One request per connection, one line of words (at most
+//! [`socket::MAX_REQUEST`] bytes, sent within [`socket::REQUEST_DEADLINE`]; see [`socket`]
+//! for the limits); the answer is text (or one JSON object with `--json`), and an answer
+//! starting `error: ` is a refusal:
 //!
 //! ```text
 //! list                                   one line per device
 //! stats <dev> [--json]                   counters and latency, per queue and in total
-//! swap <dev> <plugin> [--allow-shrink] [key=value]...
+//! swap <dev> <plugin> [--allow-shrink] [-c key=value | key=value]...
 //! detach <dev>                           Closing, as Ctrl-C does for `connect`
 //! resize <dev>                           re-read the plugin's size and tell the guest
 //! ```
 //!
 //! `<dev>` is a device's id from `list` (`<domid>/<vbd>`, e.g. `3/xvdb`) or its guest's
 //! device name when only one guest has it.
+//!
+//! A swap opens the new plugin on a thread of its own and waits for it at most
+//! [`OPEN_TIMEOUT`] (`XEN_DISK_OPEN_TIMEOUT`, in seconds, sets another): a plugin that blocks
+//! while opening (an image on a hung network filesystem, a FIFO) gets the request answered
+//! with an error and holds up nothing else. Its thread cannot be stopped and is left to
+//! finish; at most [`MAX_OPENING`] such opens run at once.
 
 pub mod socket;
 
@@ -20,8 +28,9 @@ use crate::backend::device::DeviceStats;
 use crate::backend::queue::QueueStats;
 use crate::histogram::Histogram;
 use crate::plugin::{open_stack, GuardedDisk};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use xen_disk_plugin_api::Config;
 
 /// One device a control socket can act on.
@@ -289,22 +298,97 @@ fn stats(e: &Entry, json: bool) -> String {
     }
 }
 
-/// Opens `plugin` with the `key=value` words and swaps it in.
-fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
-    let allow_shrink = words.contains(&"--allow-shrink");
-    if let Some(bad) = words
-        .iter()
-        .find(|w| w.starts_with("--") && **w != "--allow-shrink")
-    {
-        return Err(format!("swap: unknown option {bad} (only --allow-shrink)"));
+/// How long a swap waits for the new plugin to open, unless `XEN_DISK_OPEN_TIMEOUT` says.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Plugin opens that may run at once, abandoned ones included.
+pub const MAX_OPENING: usize = 4;
+
+/// Plugin opens running now (see [`bounded`]).
+static OPENING: AtomicUsize = AtomicUsize::new(0);
+
+/// [`OPEN_TIMEOUT`], or `XEN_DISK_OPEN_TIMEOUT` seconds when set.
+fn open_timeout() -> Result<Duration, String> {
+    let Ok(v) = std::env::var("XEN_DISK_OPEN_TIMEOUT") else {
+        return Ok(OPEN_TIMEOUT);
+    };
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && *s <= 86400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("XEN_DISK_OPEN_TIMEOUT={v}: not a number of seconds (up to 86400)"))
+}
+
+/// Gives back a place under [`MAX_OPENING`] when the open ends, however it ends.
+struct Opening(&'static AtomicUsize);
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
-    let pairs: Vec<String> = words
-        .iter()
-        .filter(|w| !w.starts_with("--"))
-        .map(|w| w.to_string())
-        .collect();
+}
+
+/// Runs `open` on a thread of its own and waits at most `timeout` for it. Nothing can
+/// interrupt a thread blocked in `open(2)` or `dlopen`, so when the time is up the request
+/// is answered and the thread left to finish: what it opens then is dropped (closed) on it.
+/// `running` counts such threads; beyond `limit`, a new open is refused at once.
+fn bounded<T: Send + 'static>(
+    running: &'static AtomicUsize,
+    limit: usize,
+    timeout: Duration,
+    open: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    if running.fetch_add(1, Ordering::SeqCst) >= limit {
+        running.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!(
+            "{limit} plugin opens are still running (slow or hung); try again later"
+        ));
+    }
+    let place = Opening(running);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("xen-disk-open".into())
+        .spawn(move || {
+            let _place = place;
+            let _ = tx.send(open());
+        })
+        .map_err(|e| format!("cannot start a thread to open the plugin: {e}"))?;
+    rx.recv_timeout(timeout).map_err(|e| match e {
+        std::sync::mpsc::RecvTimeoutError::Timeout => format!(
+            "not opened within {} s (XEN_DISK_OPEN_TIMEOUT sets the limit)",
+            timeout.as_secs_f64()
+        ),
+        std::sync::mpsc::RecvTimeoutError::Disconnected => "the plugin's open panicked".into(),
+    })
+}
+
+/// Opens `plugin` with the `key=value` words (bare or after `-c`) and swaps it in.
+fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
+    let mut allow_shrink = false;
+    let mut pairs = Vec::new();
+    let mut words = words.iter();
+    while let Some(&w) = words.next() {
+        match w {
+            "--allow-shrink" => allow_shrink = true,
+            "-c" | "--config" => match words.next() {
+                Some(pair) => pairs.push(pair.to_string()),
+                None => return Err(format!("swap: {w} needs a key=value after it")),
+            },
+            _ if w.starts_with('-') => {
+                return Err(format!(
+                    "swap: unknown option {w} (--allow-shrink, -c key=value)"
+                ))
+            }
+            _ => pairs.push(w.to_string()),
+        }
+    }
     let config = Config::from_pairs(&pairs)?;
-    let stack = open_stack(plugin, &config).map_err(|e| e.to_string())?;
+    let spec = plugin.to_string();
+    let stack = bounded(&OPENING, MAX_OPENING, open_timeout()?, move || {
+        open_stack(&spec, &config).map_err(|e| e.to_string())
+    })
+    .map_err(|why| format!("{}: not swapped: {plugin}: {why}", e.id))??;
     let layers = stack.describe();
     let swapped = e
         .disk
@@ -320,4 +404,122 @@ fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
             .map(|s| format!("; size now {s} bytes"))
             .unwrap_or_default()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn an_open_that_does_not_return_is_answered_at_its_timeout() {
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let started = Instant::now();
+        let e = bounded(&RUNNING, 4, Duration::from_millis(300), move || {
+            let _ = wait.recv();
+            7
+        })
+        .unwrap_err();
+        assert!(e.contains("not opened within 0.3 s"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // The abandoned open still counts until it ends.
+        assert_eq!(RUNNING.load(Ordering::SeqCst), 1);
+        drop(release);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while RUNNING.load(Ordering::SeqCst) != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the open never gave its place back"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(bounded(&RUNNING, 4, Duration::from_secs(5), || 8), Ok(8));
+    }
+
+    #[test]
+    fn hung_opens_are_capped() {
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Arc::new(Mutex::new(wait));
+        for _ in 0..2 {
+            let w = wait.clone();
+            let e = bounded(&RUNNING, 2, Duration::from_millis(50), move || {
+                let _ = w.lock().map(|w| w.recv());
+            });
+            assert!(e.is_err());
+        }
+        let started = Instant::now();
+        let e = bounded(&RUNNING, 2, Duration::from_secs(10), || ()).unwrap_err();
+        assert!(e.contains("2 plugin opens are still running"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once"
+        );
+        drop(release);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bounded(&RUNNING, 2, Duration::from_secs(5), || ()).is_err() {
+            assert!(Instant::now() < deadline, "places never given back");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn swap_takes_pairs_bare_or_after_c() {
+        let registry = Registry::default();
+        registry.add(Entry {
+            id: "1/xvdb".into(),
+            domid: 1,
+            guest: String::new(),
+            vbd: "xvdb".into(),
+            stack: Mutex::new("x".into()),
+            disk: Arc::new(crate::plugin::GuardedDisk::new(Box::new(Blank), false).unwrap()),
+            stats: Arc::new(DeviceStats::default()),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        // Malformed pairs are refused before any plugin is looked for, naming the word.
+        for (req, want) in [
+            ("swap 1/xvdb p -c", "-c needs a key=value"),
+            ("swap 1/xvdb p --config", "--config needs a key=value"),
+            (
+                "swap 1/xvdb p -x",
+                "unknown option -x (--allow-shrink, -c key=value)",
+            ),
+            ("swap 1/xvdb p -c novalue", "novalue"),
+            ("swap 1/xvdb p novalue", "novalue"),
+        ] {
+            let out = registry.handle(req);
+            assert!(
+                out.starts_with("error: ") && out.contains(want),
+                "{req}: {out}"
+            );
+        }
+        // Both forms reach the plugin search with the same configuration.
+        let bare = registry.handle("swap 1/xvdb no-such-plugin-xyz a=1 b=2");
+        let with_c = registry.handle("swap 1/xvdb no-such-plugin-xyz -c a=1 --config b=2");
+        assert!(bare.contains("no-such-plugin-xyz"), "{bare}");
+        assert_eq!(bare, with_c);
+    }
+
+    /// A disk that stores nothing.
+    struct Blank;
+    impl xen_disk_plugin_api::Disk for Blank {
+        fn info(&self) -> xen_disk_plugin_api::DiskInfo {
+            xen_disk_plugin_api::DiskInfo::new(1 << 20)
+        }
+        fn read(
+            &self,
+            _: u64,
+            _: &mut xen_disk_plugin_api::ReadBufs<'_>,
+        ) -> xen_disk_plugin_api::Result<()> {
+            Ok(())
+        }
+        fn write(
+            &self,
+            _: u64,
+            _: &xen_disk_plugin_api::WriteBufs<'_>,
+        ) -> xen_disk_plugin_api::Result<()> {
+            Ok(())
+        }
+    }
 }

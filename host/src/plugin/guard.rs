@@ -182,7 +182,7 @@ impl GuardedDisk {
         let new_size = self.plugin_size(&new.info)?;
         if new_size < self.size() && !allow_shrink {
             return Err(format!(
-                "the new plugin's disk is {new_size} bytes, smaller than the guest's {} (allow a shrink explicitly)",
+                "the new plugin's disk is {new_size} bytes, smaller than the guest's {}; `ctl swap --allow-shrink` allows that",
                 self.size()
             ));
         }
@@ -594,6 +594,15 @@ mod tests {
         fn submit(&self, s: Submission) {
             self.0.lock().unwrap().push(s);
         }
+    }
+
+    #[test]
+    fn a_refused_shrink_names_the_flag_that_allows_it() {
+        let (g, _) = spy(DiskInfo::new(1 << 20), false);
+        let smaller = || Box::new(Spy(Arc::new(AtomicUsize::new(0)), DiskInfo::new(1 << 19)));
+        let e = g.swap(smaller(), false).unwrap_err();
+        assert!(e.contains("smaller") && e.contains("--allow-shrink"), "{e}");
+        assert_eq!(g.swap(smaller(), true).unwrap().new_size, Some(1 << 19));
     }
 
     #[test]

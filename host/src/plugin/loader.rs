@@ -1,6 +1,10 @@
 //! Loading a plugin `.so`: check it is one of ours and speaks our ABI, then describe it.
 //!
 //! Order of checks, each failure one line naming the file:
+//! 0. it is a regular file (after symlinks), read through once: `dlopen` opens what it is
+//!    given with a blocking `open(2)` while holding the dynamic loader's lock, so a FIFO
+//!    named `libx.so` would hang it, and with it every thread that starts, ends or loads a
+//!    library, for good;
 //! 1. the file loads at all (`dlopen`);
 //! 2. it exports `xen_disk_plugin_abi_version` (else: not a xen-disk plugin);
 //! 3. that version equals ours (else: both versions named);
@@ -106,6 +110,64 @@ fn layout_reason(text: &str) -> String {
     v
 }
 
+/// What a file is, for a refusal: `None` for a regular file.
+fn not_regular(t: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    Some(if t.is_file() {
+        return None;
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a file"
+    })
+}
+
+/// Refuses anything but a regular file, then reads it through once, before `dlopen` takes the
+/// loader's lock. `stat` (following symlinks) decides without opening: opening a FIFO blocks,
+/// opening a device may act. The open is non-blocking and checked again on the descriptor, in
+/// case the file changed in between. Reading it through moves what a slow or hung filesystem
+/// does to us out from under the lock, onto the caller's thread, and leaves the pages cached
+/// for `dlopen` (a mitigation: nothing can make `dlopen` itself return early).
+fn regular_file(path: &Path) -> Result<(), PluginError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refuse = |reason: String| PluginError::Load {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let what = |t| {
+        not_regular(t).map_or(Ok(()), |kind| {
+            Err(refuse(format!(
+                "{kind}, not a regular file; a plugin is a shared library (.so) file"
+            )))
+        })
+    };
+    what(
+        std::fs::metadata(path)
+            .map_err(|e| refuse(e.to_string()))?
+            .file_type(),
+    )?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| refuse(e.to_string()))?;
+    what(
+        file.metadata()
+            .map_err(|e| refuse(e.to_string()))?
+            .file_type(),
+    )?;
+    std::io::copy(&mut file, &mut std::io::sink()).map_err(|e| refuse(e.to_string()))?;
+    Ok(())
+}
+
 /// Loads the plugin at `path`.
 pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
     if !path.exists() {
@@ -114,6 +176,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
             path.display()
         )));
     }
+    regular_file(path)?;
     // dlopen needs a path with a slash to not search LD_LIBRARY_PATH.
     let path = if path.is_absolute() {
         path.to_path_buf()
@@ -213,7 +276,43 @@ impl LoadedPlugin {
 
 #[cfg(test)]
 mod tests {
-    use super::layout_reason;
+    use super::{layout_reason, load};
+    use std::time::Duration;
+
+    #[test]
+    fn what_is_not_a_regular_file_is_refused_without_opening_it() {
+        let dir = std::env::temp_dir().join(format!("xen-disk-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("libfifo.so");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let link = dir.join("liblink.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        let sub = dir.join("libdir.so");
+        std::fs::create_dir_all(&sub).unwrap();
+        // Opening the FIFO would block for good: the loads run on a thread, bounded.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = [fifo.clone(), link.clone(), sub.clone()];
+        std::thread::spawn(move || {
+            let _ = tx.send(paths.map(|p| load(&p).unwrap_err().to_string()));
+        });
+        let [f, l, d] = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("load blocked on a FIFO");
+        assert!(
+            f.contains("libfifo.so") && f.contains("a FIFO, not a regular file"),
+            "{f}"
+        );
+        assert!(
+            l.contains("liblink.so") && l.contains("a FIFO, not a regular file"),
+            "{l}"
+        );
+        assert!(d.contains("libdir.so") && d.contains("a directory"), "{d}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_layout_mismatch_is_reported_by_its_verdict() {

@@ -48,24 +48,94 @@ pub fn resolve(spec: &str) -> Result<PathBuf, String> {
             Err(format!("plugin {spec}: no such file"))
         };
     }
+    resolve_in(spec, &search_path())
+}
+
+/// [`resolve`] for a name, on the directories `dirs`.
+fn resolve_in(spec: &str, dirs: &[PathBuf]) -> Result<PathBuf, String> {
     let file = file_name(spec);
-    let dirs = search_path();
-    for dir in &dirs {
+    for dir in dirs {
         let candidate = dir.join(&file);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
     let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    Err(format!("plugin {spec}: no {file} in {}", looked.join(", ")))
+    let names: Vec<String> = plugins_in(dirs)
+        .iter()
+        .filter_map(|p| plugin_name(p))
+        .collect();
+    let hint = closest(spec, &names)
+        .map(|n| format!("; did you mean {n}?"))
+        .unwrap_or_default();
+    Err(format!(
+        "plugin {spec}: no {file} in {}{hint}",
+        looked.join(", ")
+    ))
+}
+
+/// The name a plugin file answers to: `libceph_rbd.so` → `ceph-rbd`.
+fn plugin_name(file: &Path) -> Option<String> {
+    let n = file.file_name()?.to_str()?;
+    Some(
+        n.strip_prefix("lib")?
+            .strip_suffix(".so")?
+            .replace('_', "-"),
+    )
+}
+
+/// The name in `names` nearest to `typed`, when it is near enough to be a typo: at most one
+/// edit in a short name, two in a longer one.
+fn closest<'a>(typed: &str, names: &'a [String]) -> Option<&'a str> {
+    let typed = typed.strip_prefix("lib").unwrap_or(typed);
+    let typed = typed.strip_suffix(".so").unwrap_or(typed).replace('_', "-");
+    let most = if typed.chars().count() <= 4 { 1 } else { 2 };
+    names
+        .iter()
+        .map(|n| (edit_distance(&typed, n), n))
+        .filter(|(d, _)| *d <= most)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n.as_str())
+}
+
+/// Insertions, deletions, substitutions and swaps of neighbours that turn `a` into `b`
+/// (optimal string alignment distance), by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    // d[i][j]: the distance between a[..i] and b[..j].
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// Every `lib*.so` on the search path (first occurrence of a file name wins).
 pub fn find_plugins() -> Vec<PathBuf> {
+    plugins_in(&search_path())
+}
+
+/// Every `lib*.so` in `dirs` (first occurrence of a file name wins).
+fn plugins_in(dirs: &[PathBuf]) -> Vec<PathBuf> {
     let mut seen = std::collections::HashSet::new();
     let mut found = Vec::new();
-    for dir in search_path() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
         let mut files: Vec<PathBuf> = entries
@@ -106,5 +176,48 @@ mod tests {
             e.contains("libno_such_plugin_xyz.so") && e.contains(SYSTEM_PLUGIN_DIR),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_typo_gets_the_nearest_plugin_on_the_path() {
+        let dir = std::env::temp_dir().join(format!("xen-disk-search-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["libfile.so", "libmmap.so", "libceph_rbd.so", "libqcow2.so"] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        let dirs = [dir.clone()];
+        let e = resolve_in("fiel", &dirs).unwrap_err();
+        assert!(
+            e.starts_with("plugin fiel: no libfiel.so in ") && e.ends_with("; did you mean file?"),
+            "{e}"
+        );
+        assert!(resolve_in("ceph-rdb", &dirs)
+            .unwrap_err()
+            .ends_with("did you mean ceph-rbd?"));
+        assert!(resolve_in("qcow", &dirs)
+            .unwrap_err()
+            .ends_with("did you mean qcow2?"));
+        assert!(resolve_in("libmap.so", &dirs)
+            .unwrap_err()
+            .ends_with("did you mean mmap?"));
+        // Nothing near: no guess.
+        assert!(!resolve_in("vhd", &dirs)
+            .unwrap_err()
+            .contains("did you mean"));
+        assert!(!resolve_in("nbd-client", &dirs)
+            .unwrap_err()
+            .contains("did you mean"));
+        assert_eq!(resolve_in("file", &dirs).unwrap(), dir.join("libfile.so"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("file", "file"), 0);
+        assert_eq!(edit_distance("fiel", "file"), 1);
+        assert_eq!(edit_distance("fle", "file"), 1);
+        assert_eq!(edit_distance("filee", "file"), 1);
+        assert_eq!(edit_distance("mmap", "qcow2"), 5);
+        assert_eq!(edit_distance("", "vhd"), 3);
     }
 }
