@@ -8,13 +8,29 @@
 //!    ─▶ blkif response on the ring ─▶ xen::evtchn kick
 //! ```
 //!
-//! - [`plugin`]: find, load and check plugin `.so` files.
-//! - [`blkif`]: the Xen block protocol's byte-exact structures and the shared ring.
+//! The modules, and which uses which (arrows point at what is used; there is no cycle, and
+//! `cli` at the top uses any of them):
+//!
+//! ```text
+//!  cli ─┬─▶ control ────▶ backend
+//!       ├─▶ simulation ─▶ backend, frontend
+//!       ├─▶ bench ──────▶ backend, frontend
+//!       └─▶ check ──────▶ plugin
+//!  backend ─▶ plugin, blkif, xen        frontend ─▶ blkif, xen
+//!  plugin ──▶ the plugin-api crate      leaves: blkif, xen, histogram, rng
+//! ```
+//!
+//! - [`plugin`]: find, load and check plugin `.so` files; the guard around an open disk.
+//! - [`blkif`]: the Xen block protocol's byte-exact structures, typed values, the shared ring.
+//! - [`xen`]: the platform (xenstore, xenbus states, grants, event channels), real
+//!   (`linux`) or simulated (`sim`), behind traits the rest cannot tell apart.
+//! - [`backend`]: one virtual disk's pieces (advertisement, frontend keys, the ring thread,
+//!   I/O workers), the device, the `serve` daemon and its registry of devices.
+//! - [`control`]: the control socket (`ctl`) over the registry: list, statistics, swap, detach.
 //! - [`frontend`]: a blkfront in Rust for simulated guests (`check`, `bench`, tests).
-//! - [`backend`]: one virtual disk's pieces: features, frontend keys, I/O workers.
-//! - [`control`]: the control socket (`ctl`): list, statistics, plugin swap, detach.
-//! - [`xen`]: the platform (xenstore, grants, event channels), real (`linux`) or simulated
-//!   (`sim`), behind traits the rest cannot tell apart.
+//! - [`simulation`]: a whole disk end to end in one process (`sim read/write`, tests).
+//! - [`check`]: the conformance suite for plugin authors; [`bench`]: measured figures.
+//! - [`histogram`], [`rng`]: latency percentiles and deterministic test data, used by several.
 
 pub mod backend;
 pub mod bench;
@@ -25,5 +41,6 @@ pub mod control;
 pub mod frontend;
 pub mod histogram;
 pub mod plugin;
+pub mod rng;
 pub mod simulation;
 pub mod xen;

@@ -14,6 +14,7 @@ pub mod inflight;
 pub mod io;
 pub mod params;
 pub mod queue;
+pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod state;

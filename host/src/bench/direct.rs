@@ -4,9 +4,9 @@
 //! uniformly. Read modes first read the region once untimed, so page-cache and mapping faults
 //! are not what is measured.
 
-use crate::check::model::Rng;
 use crate::histogram::Histogram;
 use crate::plugin::GuardedDisk;
+use crate::rng::Rng;
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{with_read_bufs, with_write_bufs};
 

@@ -5,29 +5,7 @@
 
 use std::collections::HashMap;
 
-/// A small, fast, deterministic generator (xorshift64*); not for anything but test data.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeds the generator (0 is mapped to a fixed non-zero state).
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
-    }
-
-    /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+pub use crate::rng::Rng;
 
 /// Fills `out` with the bytes sector `sector` holds after a write with `seed`.
 pub fn sector_bytes(seed: u64, sector: u64, out: &mut [u8]) {

@@ -24,111 +24,15 @@
 
 pub mod socket;
 
-use crate::backend::device::DeviceStats;
 use crate::backend::queue::QueueStats;
+use crate::backend::registry::{Entry, Registry};
 use crate::histogram::Histogram;
-use crate::plugin::{open_stack, GuardedDisk};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use crate::plugin::open_stack;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use xen_disk_plugin_api::Config;
 
-/// One device a control socket can act on.
-pub struct Entry {
-    /// `<domid>/<vbd>`, e.g. `3/xvdb`.
-    pub id: String,
-    /// The guest's domain id.
-    pub domid: u32,
-    /// The guest's name, when known.
-    pub guest: String,
-    /// The guest's device name.
-    pub vbd: String,
-    /// "cow over vhd" style.
-    pub stack: Mutex<String>,
-    /// The disk (swappable).
-    pub disk: Arc<GuardedDisk>,
-    /// Counters and state.
-    pub stats: Arc<DeviceStats>,
-    /// Asks the device to detach.
-    pub stop: Arc<AtomicBool>,
-}
-
-impl Entry {
-    /// The entry for the device serving `vbd` to guest `domid` (its name read from xenstore).
-    pub fn for_device(
-        xs: &dyn crate::xen::xenstore::Xenstore,
-        domid: u32,
-        vbd: crate::backend::vbd::Vbd,
-        stack: &str,
-        disk: Arc<GuardedDisk>,
-        stats: Arc<DeviceStats>,
-        stop: Arc<AtomicBool>,
-    ) -> Entry {
-        let guest = xs
-            .read(
-                crate::xen::xenstore::NO_TX,
-                &format!("/local/domain/{domid}/name"),
-            )
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default();
-        Entry {
-            id: format!("{domid}/{}", vbd.linux_name()),
-            domid,
-            guest,
-            vbd: vbd.linux_name(),
-            stack: Mutex::new(stack.to_string()),
-            disk,
-            stats,
-            stop,
-        }
-    }
-}
-
-/// The devices of this process.
-#[derive(Default)]
-pub struct Registry {
-    entries: Mutex<Vec<Arc<Entry>>>,
-}
-
 impl Registry {
-    /// Adds a device (replacing one with the same id).
-    pub fn add(&self, entry: Entry) {
-        let mut e = self.lock();
-        e.retain(|x| x.id != entry.id);
-        e.push(Arc::new(entry));
-    }
-
-    /// Forgets a device.
-    pub fn remove(&self, id: &str) {
-        self.lock().retain(|x| x.id != id);
-    }
-
-    /// Records that device `id` now runs `layers` (after a swap made elsewhere).
-    pub fn set_stack(&self, id: &str, layers: &str) {
-        if let Some(e) = self.lock().iter().find(|x| x.id == id) {
-            *e.stack.lock().unwrap_or_else(|p| p.into_inner()) = layers.to_string();
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Entry>>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn find(&self, name: &str) -> Result<Arc<Entry>, String> {
-        let e = self.lock();
-        if let Some(x) = e.iter().find(|x| x.id == name) {
-            return Ok(x.clone());
-        }
-        let by_vbd: Vec<_> = e.iter().filter(|x| x.vbd == name).collect();
-        match by_vbd.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(format!("no device {name} (see `ctl list`)")),
-            _ => Err(format!(
-                "{name} is ambiguous: several guests have it; use <domid>/{name}"
-            )),
-        }
-    }
-
     /// Answers one request line.
     pub fn handle(&self, line: &str) -> String {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -409,6 +313,9 @@ fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::device::DeviceStats;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
     #[test]

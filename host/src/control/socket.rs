@@ -344,7 +344,7 @@ pub fn request(path: &Path, line: &str) -> Result<String, String> {
 mod tests {
     use super::*;
     use crate::backend::device::DeviceStats;
-    use crate::control::Entry;
+    use crate::backend::registry::Entry;
     use crate::plugin::GuardedDisk;
     use std::io::Write;
     use std::sync::atomic::AtomicBool;

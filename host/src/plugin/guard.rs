@@ -527,7 +527,7 @@ mod tests {
 
     #[test]
     fn no_random_request_reaches_the_plugin_out_of_bounds() {
-        let mut rng = crate::check::model::Rng::new(42);
+        let mut rng = crate::rng::Rng::new(42);
         for sector in [512u32, 4096] {
             let size = 8 << 20;
             let info = DiskInfo::new(size)

@@ -1,0 +1,105 @@
+//! The devices a process serves, by id: what the daemon registers as devices come and go,
+//! and what the control socket (the `control` module, above this one) lists, inspects and
+//! acts on.
+
+use super::device::DeviceStats;
+use crate::plugin::GuardedDisk;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+/// One device being served, as the control socket and the daemon see it.
+pub struct Entry {
+    /// `<domid>/<vbd>`, e.g. `3/xvdb`.
+    pub id: String,
+    /// The guest's domain id.
+    pub domid: u32,
+    /// The guest's name, when known.
+    pub guest: String,
+    /// The guest's device name.
+    pub vbd: String,
+    /// "cow over vhd" style.
+    pub stack: Mutex<String>,
+    /// The disk (swappable).
+    pub disk: Arc<GuardedDisk>,
+    /// Counters and state.
+    pub stats: Arc<DeviceStats>,
+    /// Asks the device to detach.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Entry {
+    /// The entry for the device serving `vbd` to guest `domid` (its name read from xenstore).
+    pub fn for_device(
+        xs: &dyn crate::xen::xenstore::Xenstore,
+        domid: u32,
+        vbd: super::vbd::Vbd,
+        stack: &str,
+        disk: Arc<GuardedDisk>,
+        stats: Arc<DeviceStats>,
+        stop: Arc<AtomicBool>,
+    ) -> Entry {
+        let guest = xs
+            .read(
+                crate::xen::xenstore::NO_TX,
+                &format!("/local/domain/{domid}/name"),
+            )
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        Entry {
+            id: format!("{domid}/{}", vbd.linux_name()),
+            domid,
+            guest,
+            vbd: vbd.linux_name(),
+            stack: Mutex::new(stack.to_string()),
+            disk,
+            stats,
+            stop,
+        }
+    }
+}
+
+/// The devices of this process.
+#[derive(Default)]
+pub struct Registry {
+    entries: Mutex<Vec<Arc<Entry>>>,
+}
+
+impl Registry {
+    /// Adds a device (replacing one with the same id).
+    pub fn add(&self, entry: Entry) {
+        let mut e = self.lock();
+        e.retain(|x| x.id != entry.id);
+        e.push(Arc::new(entry));
+    }
+
+    /// Forgets a device.
+    pub fn remove(&self, id: &str) {
+        self.lock().retain(|x| x.id != id);
+    }
+
+    /// Records that device `id` now runs `layers` (after a swap made elsewhere).
+    pub fn set_stack(&self, id: &str, layers: &str) {
+        if let Some(e) = self.lock().iter().find(|x| x.id == id) {
+            *e.stack.lock().unwrap_or_else(|p| p.into_inner()) = layers.to_string();
+        }
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Entry>>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn find(&self, name: &str) -> Result<Arc<Entry>, String> {
+        let e = self.lock();
+        if let Some(x) = e.iter().find(|x| x.id == name) {
+            return Ok(x.clone());
+        }
+        let by_vbd: Vec<_> = e.iter().filter(|x| x.vbd == name).collect();
+        match by_vbd.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(format!("no device {name} (see `ctl list`)")),
+            _ => Err(format!(
+                "{name} is ambiguous: several guests have it; use <domid>/{name}"
+            )),
+        }
+    }
+}
