@@ -253,7 +253,10 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
             .collect(1, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
         if done[0].status != BLKIF_RSP_OKAY {
-            return Err(format!("the first flush failed: status {}", done[0].status));
+            return Err(format!(
+                "the first flush failed: {}",
+                status_name(done[0].status)
+            ));
         }
     }
     loop {

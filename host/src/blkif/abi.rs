@@ -26,6 +26,17 @@ pub const BLKIF_RSP_ERROR: i16 = -1;
 /// Response status: operation not supported.
 pub const BLKIF_RSP_EOPNOTSUPP: i16 = -2;
 
+/// A response status as a person reads it: its name, number and meaning, e.g.
+/// `BLKIF_RSP_ERROR (-1: the request failed)`.
+pub fn status_name(status: i16) -> String {
+    match status {
+        BLKIF_RSP_OKAY => "BLKIF_RSP_OKAY (0: done)".to_string(),
+        BLKIF_RSP_ERROR => "BLKIF_RSP_ERROR (-1: the request failed)".to_string(),
+        BLKIF_RSP_EOPNOTSUPP => "BLKIF_RSP_EOPNOTSUPP (-2: not supported)".to_string(),
+        other => format!("{other} (not a blkif status)"),
+    }
+}
+
 /// Segments in a direct request.
 pub const BLKIF_MAX_SEGMENTS_PER_REQUEST: usize = 11;
 /// Indirect pages in one request.
@@ -205,5 +216,13 @@ mod tests {
         assert_eq!(Protocol::from_xenstore(None), Ok(Protocol::X86_64));
         assert!(Protocol::from_xenstore(Some("native")).is_err());
         assert_eq!(SEGMENTS_PER_INDIRECT_PAGE, 512);
+    }
+
+    #[test]
+    fn statuses_are_named() {
+        assert_eq!(status_name(-1), "BLKIF_RSP_ERROR (-1: the request failed)");
+        assert_eq!(status_name(-2), "BLKIF_RSP_EOPNOTSUPP (-2: not supported)");
+        assert_eq!(status_name(0), "BLKIF_RSP_OKAY (0: done)");
+        assert_eq!(status_name(7), "7 (not a blkif status)");
     }
 }
