@@ -35,6 +35,36 @@ fn inspect_shows_keys_types_defaults_and_abi() {
 }
 
 #[test]
+fn inspect_says_what_is_a_filter_and_that_it_takes_a_base() {
+    let out = stdout(&host(&["plugins", "inspect", "discard"]));
+    assert!(out.contains("kind:        disk"), "{out}");
+    assert!(
+        !out.lines().any(|l| l.trim_start().starts_with("base ")),
+        "{out}"
+    );
+    let o = host(&["plugins", "inspect", "delay"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("kind:        filter, opened over a base disk\n"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.starts_with(&["base", "plugin", "required"]) && l.contains("base.KEY=VALUE")
+        }),
+        "{out}"
+    );
+    // cow never writes its base, and says so.
+    let out = stdout(&host(&["plugins", "inspect", "cow"]));
+    assert!(
+        out.contains("kind:        filter, opened over a base disk (which it never writes"),
+        "{out}"
+    );
+}
+
+#[test]
 fn a_library_that_is_not_a_plugin_is_refused() {
     let libz = "/lib/x86_64-linux-gnu/libz.so.1";
     assert!(
