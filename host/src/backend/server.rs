@@ -24,7 +24,7 @@ use super::features::HostOffer;
 use super::params::parse_params;
 use super::vbd::{next_free, Vbd};
 use crate::control::{Entry, Registry};
-use crate::plugin::{open_stack, GuardedDisk};
+use crate::plugin::{open_stack, open_stack_read_only, GuardedDisk};
 use crate::xen::xenstore::{Xenstore, NO_TX};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -93,7 +93,13 @@ fn open_disk(
     readonly: bool,
     sector_size: Option<u32>,
 ) -> Result<(Arc<GuardedDisk>, String), String> {
-    let stack = open_stack(plugin, config).map_err(|e| e.to_string())?;
+    // A disk served read-only is opened read-only: its image may be one the host cannot write.
+    let stack = if readonly {
+        open_stack_read_only(plugin, config)
+    } else {
+        open_stack(plugin, config)
+    }
+    .map_err(|e| e.to_string())?;
     let layers = stack.describe();
     let mut disk = GuardedDisk::new(Box::new(stack.disk), readonly)?;
     if let Some(n) = sector_size {
@@ -303,15 +309,19 @@ fn apply_reload(
         if old.plugin == spec.plugin && old.plugin_config == spec.plugin_config {
             continue;
         }
-        let swapped = open_stack(&spec.plugin, &spec.plugin_config)
-            .map_err(|e| e.to_string())
-            .and_then(|stack| {
-                let layers = stack.describe();
-                current
-                    .disk
-                    .swap(Box::new(stack.disk), false)
-                    .map(|s| (s, layers))
-            });
+        let swapped = if old.readonly {
+            open_stack_read_only(&spec.plugin, &spec.plugin_config)
+        } else {
+            open_stack(&spec.plugin, &spec.plugin_config)
+        }
+        .map_err(|e| e.to_string())
+        .and_then(|stack| {
+            let layers = stack.describe();
+            current
+                .disk
+                .swap(Box::new(stack.disk), false)
+                .map(|s| (s, layers))
+        });
         match swapped {
             Ok((s, layers)) => {
                 log(&format!(
