@@ -356,3 +356,49 @@ fn bench_measures_nbdkit_null_beside_the_plugin() {
         "{out}"
     );
 }
+
+#[test]
+fn bench_over_a_failing_disk_prints_its_figures_and_its_errors() {
+    for mode in ["--direct", "--queues=1"] {
+        let base = [
+            "bench",
+            mode,
+            "error",
+            "-c",
+            "read_rate=0.5",
+            "-c",
+            "base=discard",
+            "--seconds",
+            "0.3",
+        ];
+        let o = host(&base);
+        let (out, err) = (stdout(&o), stderr(&o));
+        // The run went through but not cleanly: exit 1 (bad input is 2), one line on stderr.
+        assert_eq!(o.status.code(), Some(1), "{mode}: {out}{err}");
+        assert_eq!(err.lines().count(), 1, "{mode}: {err}");
+        assert!(err.contains("requests failed (first: "), "{mode}: {err}");
+        let figures = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("plugin:"))
+            .unwrap_or_else(|| panic!("{mode}: no figures: {out}"));
+        assert!(figures.contains("IOPS") && figures.contains("p99"), "{out}");
+        let errors = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("errors:"))
+            .unwrap_or_else(|| panic!("{mode}: no error count: {out}"));
+        assert!(errors.contains("requests failed"), "{errors}");
+        assert!(out.contains("memcpy:"), "{out}");
+
+        let o = host(&[&base[..], &["--json"]].concat());
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(1), "{mode}: {out}{}", stderr(&o));
+        let (ops, failed) = (json_number(&out, "ops"), json_number(&out, "failed"));
+        // Half the reads fail: both counts are well away from zero.
+        assert!(ops > 10.0 && failed > 10.0, "{mode}: {out}");
+        assert!(json_number(&out, "iops") > 0.0, "{out}");
+    }
+    // A disk that does not fail says nothing about errors.
+    let o = host(&["bench", "discard", "--seconds", "0.2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("errors:"), "{}", stdout(&o));
+}
