@@ -118,43 +118,6 @@ fn sim_mistakes_are_one_line() {
     );
 }
 
-/// Makes a file immutable (`chattr +i`) for as long as it lives. Tests run as root, which
-/// ignores a 0444 mode; an immutable file refuses even root's writes (EPERM), as a read-only
-/// image refuses a user's.
-struct Immutable(std::path::PathBuf);
-
-impl Immutable {
-    fn new(path: &std::path::Path) -> Self {
-        let s = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(path)
-            .status()
-            .expect("run chattr");
-        assert!(
-            s.success(),
-            "chattr +i {}: this test needs a filesystem with immutable files (ext4, xfs, btrfs) \
-             and CAP_LINUX_IMMUTABLE",
-            path.display()
-        );
-        let refused = std::fs::OpenOptions::new().write(true).open(path);
-        assert!(
-            refused.is_err(),
-            "{} still opens for writing",
-            path.display()
-        );
-        Immutable(path.to_path_buf())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn an_image_the_host_cannot_write_is_read_by_sim_read_and_the_error_names_the_key() {
     let t = TempDir::new("simro");
