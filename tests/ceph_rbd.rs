@@ -425,7 +425,7 @@ fn ceph_rbd_against_a_one_node_cluster() {
             .unwrap_or_else(|_| panic!("I/O still hangs {deadline:?} after the OSD was killed"));
         eprintln!("{who}: error after {:?}: {e}", killed.elapsed());
         if who == "guest read" {
-            assert!(e.contains("answered -1"), "guest: {e}");
+            assert!(e.contains("answered BLKIF_RSP_ERROR (-1"), "guest: {e}");
         } else {
             assert!(e.contains("timed out"), "{who}: {e}");
         }

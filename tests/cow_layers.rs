@@ -696,6 +696,51 @@ fn delay_filter_waits_at_least_as_long_as_asked() {
 }
 
 #[test]
+fn delay_holds_every_request_in_flight_at_once_without_occupying_workers() {
+    // 32 requests in flight, 2 workers: sleeping on the workers made each request wait for
+    // 16 delays (a p50 near 80 ms); held on a timer, each waits about one. The bound is 3
+    // delays, generous for a loaded machine; the floor shows the delay is still honoured.
+    // Over an error filter too, which must pass the submissions on.
+    for stack in [
+        &["delay", "-c", "read_ms=5", "-c", "base=discard"][..],
+        &[
+            "error",
+            "-c",
+            "read_rate=0.0",
+            "-c",
+            "base=delay",
+            "-c",
+            "base.read_ms=5",
+            "-c",
+            "base.base=discard",
+        ][..],
+    ] {
+        let args = [
+            &["bench"][..],
+            stack,
+            &[
+                "--iodepth",
+                "32",
+                "--workers",
+                "2",
+                "--seconds",
+                "1",
+                "--json",
+            ],
+        ]
+        .concat();
+        let o = host(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let p50_ms = json_number(&stdout(&o), "lat_p50_us") / 1000.0;
+        assert!(
+            (5.0..15.0).contains(&p50_ms),
+            "{}: p50 {p50_ms:.1} ms with read_ms=5",
+            stack[0]
+        );
+    }
+}
+
+#[test]
 fn commit_writes_down_into_a_qcow2_base_that_qemu_then_reads() {
     let t = TempDir::new("cow-qcow2");
     let raw = t.join("gold.raw");

@@ -186,7 +186,7 @@ fn sectors_of_4096_bytes_round_trip_and_refuse_misaligned_io() {
         );
         workload(&mut sim, 2, 4096);
         let e = sim.write(512, &[1u8; 4096]).unwrap_err();
-        assert!(e.contains("answered -1"), "{plugin}: {e}");
+        assert!(e.contains("answered BLKIF_RSP_ERROR (-1"), "{plugin}: {e}");
         let mut b = vec![0u8; 512];
         assert!(sim.read(4096, &mut b).is_err(), "{plugin}: a 512-byte read");
         sim.shutdown().unwrap();
@@ -215,7 +215,7 @@ fn read_only_disks_read_and_refuse_writes() {
         sim.read(1 << 20, &mut back).unwrap();
         assert_eq!(back, data, "{plugin}");
         let e = sim.write(0, &[9u8; 4096]).unwrap_err();
-        assert!(e.contains("answered -1"), "{plugin}: {e}");
+        assert!(e.contains("answered BLKIF_RSP_ERROR (-1"), "{plugin}: {e}");
         let g = sim.guest_disk().unwrap();
         assert_eq!(
             g.discard(0, 4096).unwrap(),

@@ -35,6 +35,36 @@ fn inspect_shows_keys_types_defaults_and_abi() {
 }
 
 #[test]
+fn inspect_says_what_is_a_filter_and_that_it_takes_a_base() {
+    let out = stdout(&host(&["plugins", "inspect", "discard"]));
+    assert!(out.contains("kind:        disk"), "{out}");
+    assert!(
+        !out.lines().any(|l| l.trim_start().starts_with("base ")),
+        "{out}"
+    );
+    let o = host(&["plugins", "inspect", "delay"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("kind:        filter, opened over a base disk\n"),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.starts_with(&["base", "plugin", "required"]) && l.contains("base.KEY=VALUE")
+        }),
+        "{out}"
+    );
+    // cow never writes its base, and says so.
+    let out = stdout(&host(&["plugins", "inspect", "cow"]));
+    assert!(
+        out.contains("kind:        filter, opened over a base disk (which it never writes"),
+        "{out}"
+    );
+}
+
+#[test]
 fn a_library_that_is_not_a_plugin_is_refused() {
     let libz = "/lib/x86_64-linux-gnu/libz.so.1";
     assert!(
@@ -332,4 +362,50 @@ fn bench_measures_nbdkit_null_beside_the_plugin() {
         (field("nbdkit_mbps") - field("nbdkit_iops") * 4096.0 / 1e6).abs() < 1.0,
         "{out}"
     );
+}
+
+#[test]
+fn bench_over_a_failing_disk_prints_its_figures_and_its_errors() {
+    for mode in ["--direct", "--queues=1"] {
+        let base = [
+            "bench",
+            mode,
+            "error",
+            "-c",
+            "read_rate=0.5",
+            "-c",
+            "base=discard",
+            "--seconds",
+            "0.3",
+        ];
+        let o = host(&base);
+        let (out, err) = (stdout(&o), stderr(&o));
+        // The run went through but not cleanly: exit 1 (bad input is 2), one line on stderr.
+        assert_eq!(o.status.code(), Some(1), "{mode}: {out}{err}");
+        assert_eq!(err.lines().count(), 1, "{mode}: {err}");
+        assert!(err.contains("requests failed (first: "), "{mode}: {err}");
+        let figures = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("plugin:"))
+            .unwrap_or_else(|| panic!("{mode}: no figures: {out}"));
+        assert!(figures.contains("IOPS") && figures.contains("p99"), "{out}");
+        let errors = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("errors:"))
+            .unwrap_or_else(|| panic!("{mode}: no error count: {out}"));
+        assert!(errors.contains("requests failed"), "{errors}");
+        assert!(out.contains("memcpy:"), "{out}");
+
+        let o = host(&[&base[..], &["--json"]].concat());
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(1), "{mode}: {out}{}", stderr(&o));
+        let (ops, failed) = (json_number(&out, "ops"), json_number(&out, "failed"));
+        // Half the reads fail: both counts are well away from zero.
+        assert!(ops > 10.0 && failed > 10.0, "{mode}: {out}");
+        assert!(json_number(&out, "iops") > 0.0, "{out}");
+    }
+    // A disk that does not fail says nothing about errors.
+    let o = host(&["bench", "discard", "--seconds", "0.2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("errors:"), "{}", stdout(&o));
 }

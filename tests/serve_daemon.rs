@@ -522,6 +522,46 @@ fn ctl_swap_refuses_what_would_block_and_the_control_plane_keeps_answering() {
 }
 
 #[test]
+fn a_read_only_disk_is_opened_read_only_so_an_image_the_host_cannot_write_is_served() {
+    let t = TempDir::new("serve-ro");
+    let img = t.join("ro.img");
+    random_file(&img, 4 << 20, 12);
+    let config = t.join("disks.toml");
+    let disk = |readonly: bool| {
+        format!(
+            "[[disk]]\ndomain = \"alpha\"\nplugin = \"file\"\nreadonly = {readonly}\n\
+             [disk.plugin-config]\npath = \"{}\"\n",
+            img.display()
+        )
+    };
+    let (socket, control) = (t.join("xs.sock"), t.join("control.sock"));
+    let args = [
+        "serve",
+        "--sim",
+        "--config",
+        config.to_str().unwrap(),
+        "--xenstore-socket",
+        socket.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ];
+    let _locked = Immutable::new(&img);
+    std::fs::write(&config, disk(true)).unwrap();
+    let mut d = Daemon::start(&args);
+    d.expect(&["disk 1: file attached to domain 1 as xvdb"]);
+    d.expect(&["guest 1 connected", "4194304 bytes", "read-only"]);
+    d.terminate();
+    drop(d);
+    let _ = std::fs::remove_file(&socket);
+    // Served read-write, the same image is refused, naming the key.
+    std::fs::write(&config, disk(false)).unwrap();
+    assert_bad_input(
+        &host(&args),
+        &["ro.img", "(open it read-only with readonly=true)"],
+    );
+}
+
+#[test]
 fn serve_mistakes_are_one_line() {
     let t = TempDir::new("serve-bad");
     let config = t.join("disks.toml");

@@ -117,3 +117,108 @@ fn sim_mistakes_are_one_line() {
         &["libnope.so"],
     );
 }
+
+#[test]
+fn an_image_the_host_cannot_write_is_read_by_sim_read_and_the_error_names_the_key() {
+    let t = TempDir::new("simro");
+    let (raw, qcow2, vhd) = (t.join("ro.img"), t.join("ro.qcow2"), t.join("ro.vhd"));
+    let (input, output) = (t.join("in.bin"), t.join("out.bin"));
+    random_file(&raw, 1 << 20, 5);
+    random_file(&input, 64 << 10, 6);
+    let want = std::fs::read(&raw).unwrap();
+    let at = |p: &std::path::Path| format!("path={}", p.display());
+    for (plugin, path, create) in [
+        ("qcow2", &qcow2, ["create=true", "size=1M"]),
+        ("vhd", &vhd, ["create=dynamic", "size=1M"]),
+    ] {
+        let o = host(&[
+            "sim",
+            "write",
+            plugin,
+            "-c",
+            &at(path),
+            "-c",
+            create[0],
+            "-c",
+            create[1],
+            "--in",
+            input.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{plugin}: {}", stderr(&o));
+    }
+    std::fs::set_permissions(&raw, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+    // Dropped (attribute removed) before the TempDir, so that the directory can go.
+    let _locked: Vec<Immutable> = [&raw, &qcow2, &vhd].map(|p| Immutable::new(p)).into();
+
+    for (plugin, path, key) in [
+        ("file", &raw, "readonly=true"),
+        ("mmap", &raw, "shared=false"),
+        ("qcow2", &qcow2, "readonly=true"),
+        ("vhd", &vhd, "readonly=true"),
+    ] {
+        // sim read only reads: it opens the image read-only.
+        let o = host(&[
+            "sim",
+            "read",
+            plugin,
+            "-c",
+            &at(path),
+            "--out",
+            output.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "sim read {plugin}: {}", stderr(&o));
+        let got = std::fs::read(&output).unwrap();
+        if plugin == "file" || plugin == "mmap" {
+            assert!(got == want, "sim read {plugin} differs from the image");
+        } else {
+            assert!(
+                got[..64 << 10] == std::fs::read(&input).unwrap()[..],
+                "sim read {plugin} differs from what was written"
+            );
+        }
+        // sim write needs write access, and the refusal says which key opens it read-only.
+        let o = host(&[
+            "sim",
+            "write",
+            plugin,
+            "-c",
+            &at(path),
+            "--in",
+            input.to_str().unwrap(),
+        ]);
+        assert_bad_input(
+            &o,
+            &[
+                path.to_str().unwrap(),
+                "Operation not permitted",
+                &format!("(open it read-only with {key}"),
+            ],
+        );
+    }
+    // connect opens read-write unless it serves read-only.
+    let o = host(&["connect", "1", "--sim", "--plugin", "file", "-c", &at(&raw)]);
+    assert_bad_input(&o, &["ro.img", "(open it read-only with readonly=true)"]);
+    let mut served = std::process::Command::new(target_dir().join("xen-disk-host"))
+        .args(["connect", "1", "--sim", "--readonly", "--plugin", "file"])
+        .args(["-c", &at(&raw)])
+        .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(served.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(served.id() as i32, libc::SIGTERM) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let o = served.wait_with_output().unwrap();
+    assert!(
+        first.starts_with("attached file to a simulated guest") && rest == "detached\n",
+        "connect --readonly: {first}{rest}{}",
+        stderr(&o)
+    );
+    assert!(o.status.success(), "{:?} {}", o.status, stderr(&o));
+    assert!(std::fs::read(&raw).unwrap() == want, "the image changed");
+}

@@ -241,7 +241,7 @@ impl GuestDisk {
                 if c.status != BLKIF_RSP_OKAY {
                     return Err(format!(
                         "the device answered {} for bytes {}+",
-                        c.status,
+                        status_name(c.status),
                         offset + at as u64
                     ));
                 }
@@ -294,7 +294,7 @@ impl GuestDisk {
                 .map_err(|e| e.to_string())?;
             match status {
                 Some(BLKIF_RSP_OKAY) => return Ok(()),
-                Some(s) => return Err(format!("flush answered {s}")),
+                Some(s) => return Err(format!("flush answered {}", status_name(s))),
                 None => {
                     q.wait(Duration::from_secs(30)).map_err(|e| e.to_string())?;
                 }
@@ -474,5 +474,45 @@ impl SimulatedDisk {
             Some(Ok(Err(e))) => Err(e),
             Some(Err(_)) => Err("the device thread panicked".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xen_disk_plugin_api::{Disk, DiskInfo, Error, ReadBufs, Result, WriteBufs};
+
+    /// A disk whose reads fail with `Error::unsupported` at offset 0 and an I/O error elsewhere.
+    struct Failing;
+    impl Disk for Failing {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(1 << 20)
+        }
+        fn read(&self, offset: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            Err(match offset {
+                0 => Error::unsupported("reading here"),
+                _ => Error::io(libc::EIO, "the medium is gone"),
+            })
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_read_names_the_status() {
+        let disk = GuardedDisk::new(Box::new(Failing), false).unwrap();
+        let mut sim = SimulatedDisk::start(Arc::new(disk)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e = sim.read(8192, &mut buf).unwrap_err();
+        assert!(
+            e.contains("BLKIF_RSP_ERROR (-1: the request failed) for bytes 8192+"),
+            "{e}"
+        );
+        let e = sim.read(0, &mut buf).unwrap_err();
+        assert!(
+            e.contains("BLKIF_RSP_EOPNOTSUPP (-2: not supported)"),
+            "{e}"
+        );
     }
 }

@@ -103,19 +103,25 @@ impl ConfigKey {
     }
 }
 
-/// Parses a byte count: `4096`, `64K`, `1M`, `1G`, `2GiB`, `1T` (powers of 1024).
+/// Parses a byte count: `4096`, `64K`, `1M`, `1G`, `2GiB`, `1T` (powers of 1024). A decimal
+/// (`1.5G`) is taken when it comes to a whole number of bytes; `1.3K` (1331.2 bytes) is
+/// refused. Whether the count suits the key (a multiple of the sector size, say) is the
+/// reader's check.
 pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    if digits_end == 0 {
+    let number_end = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (whole, fraction) = match t[..number_end].split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (&t[..number_end], ""),
+    };
+    if whole.is_empty() || fraction.contains('.') || t[..number_end].ends_with('.') {
         return Err(format!(
-            "`{text}` is not a size (expected e.g. 4096, 64M, 1G)"
+            "`{text}` is not a size (expected e.g. 4096, 64M, 1.5G)"
         ));
     }
-    let n: u64 = t[..digits_end]
-        .parse()
-        .map_err(|_| format!("`{text}` is too large"))?;
-    let shift = match t[digits_end..].trim().to_ascii_lowercase().as_str() {
+    let shift = match t[number_end..].trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
@@ -124,8 +130,31 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         "p" | "pb" | "pib" => 50,
         other => return Err(format!("`{text}`: unknown size suffix `{other}`")),
     };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{text}` is too large"))
+    let too_large = || format!("`{text}` is too large");
+    // Exact arithmetic: (whole.fraction × 10^digits) × 2^shift, divided back by 10^digits,
+    // in u128 so that no step rounds.
+    let whole: u128 = whole.parse().map_err(|_| too_large())?;
+    let scale = 10u128
+        .checked_pow(fraction.len() as u32)
+        .filter(|_| fraction.len() <= 20)
+        .ok_or_else(too_large)?;
+    let fraction: u128 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse().map_err(|_| too_large())?
+    };
+    let scaled = whole
+        .checked_mul(scale)
+        .and_then(|w| w.checked_add(fraction))
+        .and_then(|n| n.checked_mul(1u128 << shift))
+        .ok_or_else(too_large)?;
+    if scaled % scale != 0 {
+        return Err(format!(
+            "`{text}` is not a whole number of bytes (about {:.1})",
+            scaled as f64 / scale as f64
+        ));
+    }
+    u64::try_from(scaled / scale).map_err(|_| too_large())
 }
 
 fn parse_bool(text: &str) -> Option<bool> {
@@ -440,6 +469,39 @@ mod tests {
         assert!(parse_size("G").is_err());
         assert!(parse_size("1X").is_err());
         assert!(parse_size("99999999999999T").is_err());
+    }
+
+    #[test]
+    fn decimal_sizes_parse_when_they_are_whole_bytes() {
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("0.5k"), Ok(512));
+        assert_eq!(parse_size("2.25M"), Ok(9 << 18));
+        assert_eq!(parse_size("1.0"), Ok(1));
+        assert_eq!(parse_size("1.500GiB"), Ok(3 << 29));
+        let e = parse_size("1.3K").unwrap_err();
+        assert!(e.contains("whole number of bytes"), "{e}");
+        assert!(parse_size("0.5").unwrap_err().contains("whole number"));
+        for bad in [".5G", "1.G", "1..5G", "1.5.5G", "."] {
+            assert!(parse_size(bad).unwrap_err().contains("not a size"), "{bad}");
+        }
+        assert!(parse_size("1.5X").unwrap_err().contains("suffix `x`"));
+        assert!(parse_size("16384.5P").unwrap_err().contains("too large"));
+        assert!(parse_size("1.000000000000000000000000001G").is_err());
+    }
+
+    #[test]
+    fn a_decimal_size_reaches_a_key_and_a_fraction_of_a_byte_names_it() {
+        let mut c = Config::from_pairs(&["path=/x", "size=1.5G"]).unwrap();
+        c.validate("t", KEYS, &[]).unwrap();
+        assert_eq!(c.size("size").unwrap(), 3 << 29);
+        let e = Config::from_pairs(&["path=/x", "size=1.1"])
+            .unwrap()
+            .validate("t", KEYS, &[])
+            .unwrap_err();
+        assert!(
+            e.message().contains("`size`") && e.message().contains("whole"),
+            "{e}"
+        );
     }
 
     #[test]

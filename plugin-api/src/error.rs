@@ -101,6 +101,23 @@ impl Error {
         self
     }
 
+    /// When the OS refused write access (`EACCES`, `EPERM`, `EROFS`: a file mode, an
+    /// immutable file, a read-only filesystem), adds which setting opens the disk read-only:
+    /// `a.img: Permission denied (os error 13) (open it read-only with readonly=true)`.
+    /// Other errors are returned unchanged. For a failed open for writing:
+    /// `Error::from(e).context(&name).read_only_hint("readonly=true")`.
+    pub fn read_only_hint(mut self, setting: &str) -> Self {
+        let refused = self.errno != 0
+            && matches!(
+                std::io::Error::from_raw_os_error(self.errno).kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            );
+        if refused {
+            self.message = format!("{} (open it read-only with {setting})", self.message);
+        }
+        self
+    }
+
     /// Rebuilds an error from its parts (used by the FFI glue).
     pub fn from_parts(kind: ErrorKind, errno: i32, message: String) -> Self {
         Error {
@@ -144,6 +161,37 @@ impl From<std::io::Error> for Error {
             kind,
             errno: e.raw_os_error().unwrap_or(0),
             message: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn write_access_refusals_name_the_read_only_setting() {
+        // EPERM (an immutable file), EACCES (a mode), EROFS (a read-only mount).
+        for errno in [1, 13, 30] {
+            let e = Error::from(io::Error::from_raw_os_error(errno))
+                .context("/i/a.img")
+                .read_only_hint("readonly=true");
+            assert!(
+                e.message().starts_with("/i/a.img: ")
+                    && e.message()
+                        .ends_with(" (open it read-only with readonly=true)"),
+                "{errno}: {e}"
+            );
+            assert_eq!((e.kind(), e.errno()), (ErrorKind::Io, errno));
+        }
+        // ENOENT, EIO and errors without an errno are left as they are.
+        for e in [
+            Error::from(io::Error::from_raw_os_error(2)),
+            Error::from(io::Error::from_raw_os_error(5)),
+            Error::msg("no errno"),
+        ] {
+            assert_eq!(e.clone().read_only_hint("shared=false"), e);
         }
     }
 }

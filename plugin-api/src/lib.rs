@@ -20,8 +20,18 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! xen-disk-plugin-api = "0.1"
+//! # Until the crate is on crates.io, point at a copy of the xen-disk sources, either a
+//! # checkout on disk:
+//! xen-disk-plugin-api = { path = "/src/xen-disk/plugin-api" }
+//! # or the repository, pinned to the revision of the host you serve with:
+//! # xen-disk-plugin-api = { git = "https://…/xen-disk.git", rev = "…" }
+//! # Once published: xen-disk-plugin-api = "0.1"
 //! ```
+//!
+//! Cargo finds the crate by its package name inside a git repository's workspace, so the
+//! `git` form needs no `package =` key. Build against the same interface version as the host
+//! that loads the plugin ([`ABI_VERSION`]; `xen-disk-host plugins inspect` shows both): a
+//! checkout of the host's own revision is the simplest way to be sure.
 //!
 //! `src/lib.rs`:
 //!
@@ -160,10 +170,110 @@
 //!
 //! Return [`Error`] values: [`Error::io`] with an errno, [`Error::config`] naming the key,
 //! [`Error::corrupt`] for a bad image, [`Error::unsupported`]. The guest sees
-//! `BLKIF_RSP_ERROR` (`EOPNOTSUPP` for unsupported) and the host logs your message. A panic
+//! `BLKIF_RSP_ERROR` (`EOPNOTSUPP` for unsupported) and the host logs your message.
+//!
+//! `Error` converts from [`std::io::Error`], keeping the errno (`ErrorKind::Unsupported`
+//! becomes [`ErrorKind::Unsupported`], everything else [`ErrorKind::Io`]), so `?` works on
+//! the standard library's I/O calls. Add the file name with [`Error::context`], and when an
+//! open for writing may be refused, [`Error::read_only_hint`] tells the user which key opens
+//! the image read-only:
+//!
+//! ```no_run
+//! # use xen_disk_plugin_api::*;
+//! use std::fs::{File, OpenOptions};
+//! use std::path::Path;
+//!
+//! fn open_image(path: &Path, readonly: bool) -> Result<File> {
+//!     let file = OpenOptions::new()
+//!         .read(true)
+//!         .write(!readonly)
+//!         .open(path)
+//!         .map_err(|e| Error::from(e).context(path.display()).read_only_hint("readonly=true"))?;
+//!     // A bare `?` converts too; the message is then the OS's alone ("No such file…").
+//!     let _len = file.metadata()?.len();
+//!     Ok(file)
+//! }
+//! ```
+//!
+//! A panic
 //! is caught on your side of the boundary and becomes an error carrying the panic message;
 //! it never unwinds into the host. (Keep `panic = "unwind"`, Rust's default: with
 //! `panic = "abort"` a panic would end the whole host process.)
+//!
+//! ## Filters
+//!
+//! A filter is a disk opened over another disk, its base: `cow` over `vhd`, `delay` over
+//! `file`. Implement [`Filter`] instead of [`Plugin`] and export it with [`export_filter!`];
+//! `open` gets the base already opened, as a [`ForeignDisk`] that is itself a [`Disk`]. The
+//! user names the base with the host's `base` key (`-c base=file -c base.path=disk.img`),
+//! which never reaches your `open`; `xen-disk-host plugins inspect` lists it for you.
+//!
+//! ```no_run
+//! use xen_disk_plugin_api::*;
+//!
+//! /// Serves its base unchanged, counting reads.
+//! struct Counting {
+//!     base: ForeignDisk,
+//!     reads: std::sync::atomic::AtomicU64,
+//! }
+//!
+//! impl Disk for Counting {
+//!     fn info(&self) -> DiskInfo {
+//!         // What this disk forwards below, and nothing more (see the warning that follows).
+//!         let b = self.base.info();
+//!         DiskInfo::new(b.size)
+//!             .sector_size(b.logical_sector_size)
+//!             .physical_sector_size(b.physical_sector_size)
+//!             .read_only(b.read_only)
+//!             .flush(b.can_flush)
+//!     }
+//!     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+//!         self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+//!         self.base.read(offset, bufs)
+//!     }
+//!     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+//!         self.base.write(offset, bufs)
+//!     }
+//!     fn flush(&self) -> Result<()> {
+//!         self.base.flush()
+//!     }
+//! }
+//!
+//! struct CountingFilter;
+//!
+//! impl Filter for CountingFilter {
+//!     type Disk = Counting;
+//!     const NAME: &'static str = "counting";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     const DESCRIPTION: &'static str = "Its base, counting reads";
+//!     const CONFIG_KEYS: &'static [ConfigKey] = &[];
+//!
+//!     fn open(_config: &Config, base: ForeignDisk) -> Result<Counting> {
+//!         Ok(Counting { base, reads: Default::default() })
+//!     }
+//! }
+//!
+//! export_filter!(CountingFilter);
+//! ```
+//!
+//! **Returning `base.info()` unchanged claims everything the base can do**, and the host
+//! then sends your filter those calls, which the trait's defaults do not forward:
+//!
+//! - `can_discard` / `can_write_zeroes`: the defaults of [`Disk::discard`] and
+//!   [`Disk::write_zeroes`] answer "not supported", so the guest's discards fail (`check`'s
+//!   discard and write-zeroes cases catch this, but better not to ship it).
+//! - `can_flush`: the default [`Disk::flush`] does nothing and succeeds, so the guest's
+//!   flushes would never reach the base: no check can see durability lost. Forward `flush`
+//!   whenever you forward `can_flush`, and `write_fua` with `can_fua`.
+//! - `thread_model`: over an asynchronous base (nbd-client, ceph-rbd, delay) it is
+//!   [`ThreadModel::Async`], and reads and writes then arrive through [`Disk::submit`], whose
+//!   default serves them with your blocking `read`/`write` on the host's ring thread,
+//!   one at a time. Forward `submit` (`self.base.submit(submission)`), or declare your own
+//!   thread model.
+//!
+//! Either build your [`DiskInfo`] from what you forward, as above, or forward every call
+//! whose capability you pass on. Then run `xen-disk-host check` over each kind of base you
+//! support.
 //!
 //! ## Naming and finding plugins
 //!

@@ -131,3 +131,37 @@ pub fn json_number(out: &str, key: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{key} is not a number: {out}"))
 }
+
+/// Makes a file immutable (`chattr +i`) for as long as it lives. Tests run as root, which
+/// ignores a 0444 mode; an immutable file refuses even root's writes (EPERM), as a read-only
+/// image refuses a user's.
+pub struct Immutable(pub PathBuf);
+
+impl Immutable {
+    pub fn new(path: &Path) -> Self {
+        let s = Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .expect("run chattr");
+        assert!(
+            s.success(),
+            "chattr +i {}: this test needs a filesystem with immutable files (ext4, xfs, btrfs) \
+             and CAP_LINUX_IMMUTABLE",
+            path.display()
+        );
+        let refused = std::fs::OpenOptions::new().write(true).open(path);
+        assert!(
+            refused.is_err(),
+            "{} still opens for writing",
+            path.display()
+        );
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}

@@ -25,7 +25,7 @@ use super::params::parse_params;
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
 use super::vbd::{next_free, Vbd};
-use crate::plugin::{open_stack, GuardedDisk};
+use crate::plugin::{open_stack, open_stack_read_only, GuardedDisk};
 use crate::xen::xenbus::{write_state, XenbusState};
 use crate::xen::xenstore::{Xenstore, NO_TX};
 use std::collections::{HashMap, HashSet};
@@ -107,7 +107,13 @@ fn open_disk(
     readonly: bool,
     sector_size: Option<u32>,
 ) -> Result<(Arc<GuardedDisk>, String), String> {
-    let stack = open_stack(plugin, config).map_err(|e| e.to_string())?;
+    // A disk served read-only is opened read-only: its image may be one the host cannot write.
+    let stack = if readonly {
+        open_stack_read_only(plugin, config)
+    } else {
+        open_stack(plugin, config)
+    }
+    .map_err(|e| e.to_string())?;
     let layers = stack.describe();
     let mut disk = GuardedDisk::new(Box::new(stack.disk), readonly)?;
     if let Some(n) = sector_size {
@@ -372,15 +378,19 @@ fn swap_static(served: &mut Served<'_>, key: u64, spec: DiskSpec, log: &Log, reg
     let Some(current) = served.disks.iter_mut().find(|d| d.key == key) else {
         return;
     };
-    let swapped = open_stack(&spec.plugin, &spec.plugin_config)
-        .map_err(|e| e.to_string())
-        .and_then(|stack| {
-            let layers = stack.describe();
-            current
-                .disk
-                .swap(Box::new(stack.disk), false)
-                .map(|s| (s, layers))
-        });
+    let swapped = if current.spec.readonly {
+        open_stack_read_only(&spec.plugin, &spec.plugin_config)
+    } else {
+        open_stack(&spec.plugin, &spec.plugin_config)
+    }
+    .map_err(|e| e.to_string())
+    .and_then(|stack| {
+        let layers = stack.describe();
+        current
+            .disk
+            .swap(Box::new(stack.disk), false)
+            .map(|s| (s, layers))
+    });
     match swapped {
         Ok((s, layers)) => {
             log(&format!(

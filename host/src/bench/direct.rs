@@ -2,7 +2,8 @@
 //!
 //! Sequential modes walk the region in `bs` steps and wrap; random modes pick aligned offsets
 //! uniformly. Read modes first read the region once untimed, so page-cache and mapping faults
-//! are not what is measured.
+//! are not what is measured. A failed request is counted and the run goes on: the figures are
+//! those of the requests that succeeded, beside the number that failed.
 
 use crate::histogram::Histogram;
 use crate::plugin::GuardedDisk;
@@ -44,8 +45,12 @@ pub struct DirectOptions {
 /// Figures from one run.
 #[derive(Debug, Clone)]
 pub struct Figures {
-    /// Operations completed.
+    /// Operations completed successfully.
     pub ops: u64,
+    /// Operations that failed (not in `ops` nor in the latencies).
+    pub failed: u64,
+    /// What the first failure said.
+    pub first_error: Option<String>,
     /// Seconds measured.
     pub seconds: f64,
     /// Operations per second.
@@ -70,6 +75,8 @@ fn figures(
     let s = elapsed.as_secs_f64().max(1e-9);
     Figures {
         ops,
+        failed: 0,
+        first_error: None,
         seconds: s,
         iops: ops as f64 / s,
         mbps: ops as f64 * bytes_per_op as f64 / s / 1e6,
@@ -91,15 +98,17 @@ pub fn run(disk: &GuardedDisk, opts: &DirectOptions) -> Result<Figures, String> 
         return Err("the disk is read-only".into());
     }
     if reading {
+        // Warming only: a block that fails here fails (and is counted) in the timed run.
         let mut buf = vec![0u8; opts.bs];
         let mut off = 0;
         while off < region {
-            with_read_bufs(&mut [&mut buf], |b| disk.read(off, b)).map_err(|e| e.to_string())?;
+            let _ = with_read_bufs(&mut [&mut buf], |b| disk.read(off, b));
             off += bs;
         }
     }
     let started = Instant::now();
-    let results: Vec<Result<(u64, Histogram), String>> = std::thread::scope(|scope| {
+    type Run = (u64, Histogram, u64, Option<String>);
+    let results: Vec<Result<Run, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..opts.threads.max(1))
             .map(|t| {
                 scope.spawn(move || {
@@ -108,15 +117,15 @@ pub fn run(disk: &GuardedDisk, opts: &DirectOptions) -> Result<Figures, String> 
                     let mut h = Histogram::default();
                     let blocks = region / bs;
                     let mut seq = (t as u64 * blocks / opts.threads.max(1) as u64) * bs;
-                    let mut ops = 0u64;
+                    let (mut ops, mut failed, mut first_error) = (0u64, 0u64, None);
                     let deadline = started + opts.duration;
                     let share = (blocks / opts.threads.max(1) as u64).max(1);
                     loop {
                         // Check the clock once per 64 ops; per-op timing is below.
-                        if ops.is_multiple_of(64) && Instant::now() >= deadline {
+                        if (ops + failed).is_multiple_of(64) && Instant::now() >= deadline {
                             break;
                         }
-                        if opts.one_pass && ops == share {
+                        if opts.one_pass && ops + failed == share {
                             break;
                         }
                         let off = match opts.pattern {
@@ -133,11 +142,19 @@ pub fn run(disk: &GuardedDisk, opts: &DirectOptions) -> Result<Figures, String> 
                         } else {
                             with_write_bufs(&[&buf], |b| disk.write(off, b, false))
                         };
-                        h.record(t0.elapsed().as_nanos() as u64);
-                        r.map_err(|e| e.to_string())?;
-                        ops += 1;
+                        let took = t0.elapsed().as_nanos() as u64;
+                        match r {
+                            Ok(()) => {
+                                h.record(took);
+                                ops += 1;
+                            }
+                            Err(e) => {
+                                failed += 1;
+                                first_error.get_or_insert_with(|| e.to_string());
+                            }
+                        }
                     }
-                    Ok((ops, h))
+                    Ok((ops, h, failed, first_error))
                 })
             })
             .collect();
@@ -150,14 +167,20 @@ pub fn run(disk: &GuardedDisk, opts: &DirectOptions) -> Result<Figures, String> 
             .collect()
     });
     let elapsed = started.elapsed();
-    let mut total = 0;
+    let (mut total, mut failed, mut first_error) = (0, 0, None);
     let mut hist = Histogram::default();
     for r in results {
-        let (ops, h) = r?;
+        let (ops, h, f, e) = r?;
         total += ops;
         hist.merge(&h);
+        failed += f;
+        first_error = first_error.or(e);
     }
-    Ok(figures(total, opts.bs, elapsed, opts.threads.max(1), &hist))
+    Ok(Figures {
+        failed,
+        first_error,
+        ..figures(total, opts.bs, elapsed, opts.threads.max(1), &hist)
+    })
 }
 
 /// The reference: `memcpy` of `bs`-byte blocks walking a `region`-byte buffer into

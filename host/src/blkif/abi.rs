@@ -57,18 +57,6 @@ impl Status {
             _ => None,
         }
     }
-
-    /// How a person reads a status value: its protocol name and what it means.
-    pub fn describe(code: i16) -> String {
-        match Status::from_code(code) {
-            Some(Status::Okay) => "BLKIF_RSP_OKAY (success)".into(),
-            Some(Status::Error) => "BLKIF_RSP_ERROR (an I/O error or an invalid request)".into(),
-            Some(Status::NotSupported) => {
-                "BLKIF_RSP_EOPNOTSUPP (the operation is not supported)".into()
-            }
-            None => format!("status {code} (not a blkif status)"),
-        }
-    }
 }
 
 /// The operations that carry segments (or order writes), decoded from a request's opcode.
@@ -109,6 +97,17 @@ impl RwOp {
     /// A flush or barrier: orders earlier writes, data or not.
     pub const fn is_flush(self) -> bool {
         matches!(self, RwOp::Barrier | RwOp::Flush)
+    }
+}
+
+/// A response status as a person reads it: its name, number and meaning, e.g.
+/// `BLKIF_RSP_ERROR (-1: the request failed)`.
+pub fn status_name(status: i16) -> String {
+    match status {
+        BLKIF_RSP_OKAY => "BLKIF_RSP_OKAY (0: done)".to_string(),
+        BLKIF_RSP_ERROR => "BLKIF_RSP_ERROR (-1: the request failed)".to_string(),
+        BLKIF_RSP_EOPNOTSUPP => "BLKIF_RSP_EOPNOTSUPP (-2: not supported)".to_string(),
+        other => format!("{other} (not a blkif status)"),
     }
 }
 
@@ -291,5 +290,13 @@ mod tests {
         assert_eq!(Protocol::from_xenstore(None), Ok(Protocol::X86_64));
         assert!(Protocol::from_xenstore(Some("native")).is_err());
         assert_eq!(SEGMENTS_PER_INDIRECT_PAGE, 512);
+    }
+
+    #[test]
+    fn statuses_are_named() {
+        assert_eq!(status_name(-1), "BLKIF_RSP_ERROR (-1: the request failed)");
+        assert_eq!(status_name(-2), "BLKIF_RSP_EOPNOTSUPP (-2: not supported)");
+        assert_eq!(status_name(0), "BLKIF_RSP_OKAY (0: done)");
+        assert_eq!(status_name(7), "7 (not a blkif status)");
     }
 }

@@ -10,7 +10,7 @@ use crate::backend::features::HostOffer;
 use crate::backend::registry::{Entry, Registry};
 use crate::backend::vbd::{next_free, Vbd};
 use crate::control::socket::{default_connect, listen};
-use crate::plugin::{open_stack, GuardedDisk};
+use crate::plugin::{open_stack, open_stack_read_only, GuardedDisk};
 use crate::simulation::SimulatedDisk;
 use crate::xen::linux::evtchn::LinuxEventChannels;
 use crate::xen::linux::gntdev::{Gntdev, LinuxGrants};
@@ -37,7 +37,8 @@ pub struct ConnectArgs {
     /// Shorthand for `-c path=PATH` (MirageOS xen-disk's spelling).
     #[arg(long)]
     path: Option<String>,
-    /// Serve the disk read-only.
+    /// Serve the disk read-only (its plugin opens it read-only: `readonly=true`, or
+    /// `shared=false` for mmap, unless `-c` sets that key).
     #[arg(long)]
     readonly: bool,
     /// Present 512- or 4096-byte logical sectors (default: the plugin's).
@@ -119,7 +120,13 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
     let domain = DomainRef::parse(&args.domain)
         .map_err(anyhow::Error::msg)
         .context("domain")?;
-    let stack = open_stack(&args.plugin, &config)?;
+    // A disk served read-only is opened read-only, so that an image the host may not write
+    // (mode 0444, immutable, a read-only mount) can be served.
+    let stack = if args.readonly {
+        open_stack_read_only(&args.plugin, &config)?
+    } else {
+        open_stack(&args.plugin, &config)?
+    };
     let layers = stack.describe();
     if args.workers > 64 {
         bail!("--workers {}: at most 64", args.workers);

@@ -3,6 +3,7 @@
 use crate::plugin::{find_plugins, load, loader::load_spec, search_path};
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use xen_disk_plugin_api::ffi::PluginKind;
 
 #[derive(Args, Debug)]
 pub struct PluginsArgs {
@@ -64,8 +65,25 @@ fn inspect(spec: &str) -> Result<i32> {
     println!("description: {}", p.description);
     println!("file:        {}", p.path.display());
     println!("abi version: {}", p.abi_version);
+    match p.kind {
+        PluginKind::Disk => println!("kind:        disk"),
+        PluginKind::Filter => println!(
+            "kind:        filter, opened over a base disk{}",
+            if p.read_only_base {
+                " (which it never writes: the base is opened read-only)"
+            } else {
+                ""
+            }
+        ),
+    }
     println!("config keys:");
-    if p.keys.is_empty() {
+    if p.kind == PluginKind::Filter {
+        // `base` is the host's key, not the plugin's: it names the layer below.
+        println!(
+            "  {:<16} {:<8} {:<18} The disk below: base=PLUGIN, and base.KEY=VALUE for its keys",
+            "base", "plugin", "required"
+        );
+    } else if p.keys.is_empty() {
         println!("  (none)");
     }
     for k in &p.keys {

@@ -1,7 +1,7 @@
 //! `xen-disk-host sim ...`: the simulated hypervisor's parts, run on their own.
 
 use super::PluginArgs;
-use crate::plugin::{open_stack, GuardedDisk};
+use crate::plugin::{open_stack, open_stack_read_only, GuardedDisk};
 use crate::simulation::{SimOptions, SimulatedDisk};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -24,7 +24,8 @@ enum SimCommand {
         #[arg(long)]
         socket: PathBuf,
     },
-    /// A simulated guest copies the whole disk into FILE, through the full path.
+    /// A simulated guest copies the whole disk into FILE, through the full path. The disk is
+    /// opened read-only (`readonly=true`, or `shared=false` for mmap) unless `-c` sets that key.
     Read {
         #[command(flatten)]
         plugin: PluginArgs,
@@ -49,10 +50,19 @@ enum SimCommand {
 /// Bytes moved per step (the guest keeps 4 requests of 1 MiB in flight within it).
 const STEP: usize = 16 << 20;
 
-fn start(plugin: &PluginArgs, answer_on_completion: bool) -> Result<SimulatedDisk> {
+/// Opens the disk (read-only when the guest only reads) and connects a simulated guest.
+fn start(
+    plugin: &PluginArgs,
+    answer_on_completion: bool,
+    read_only: bool,
+) -> Result<SimulatedDisk> {
     let config = plugin.config()?;
-    let stack = open_stack(&plugin.plugin, &config)?;
-    let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(anyhow::Error::msg)?;
+    let stack = if read_only {
+        open_stack_read_only(&plugin.plugin, &config)?
+    } else {
+        open_stack(&plugin.plugin, &config)?
+    };
+    let disk = GuardedDisk::new(Box::new(stack.disk), read_only).map_err(anyhow::Error::msg)?;
     let opts = SimOptions {
         answer_on_completion,
         ..SimOptions::default()
@@ -71,7 +81,7 @@ fn report(what: &str, bytes: u64, started: Instant) {
 }
 
 fn read(plugin: PluginArgs, out: PathBuf, answer_on_completion: bool) -> Result<i32> {
-    let mut sim = start(&plugin, answer_on_completion)?;
+    let mut sim = start(&plugin, answer_on_completion, true)?;
     let mut file = std::fs::File::create(&out).with_context(|| out.display().to_string())?;
     let size = sim.size();
     let mut buf = vec![0u8; STEP];
@@ -95,7 +105,7 @@ fn write(plugin: PluginArgs, input: PathBuf, answer_on_completion: bool) -> Resu
         .metadata()
         .with_context(|| input.display().to_string())?
         .len();
-    let mut sim = start(&plugin, answer_on_completion)?;
+    let mut sim = start(&plugin, answer_on_completion, false)?;
     if len > sim.size() {
         bail!(
             "{}: {len} bytes do not fit the {}-byte disk",

@@ -14,4 +14,4 @@ pub mod stack;
 pub use guard::GuardedDisk;
 pub use loader::{load, KeyInfo, LoadedPlugin, PluginError};
 pub use search::{find_plugins, resolve, search_path};
-pub use stack::{open_stack, Stack};
+pub use stack::{open_stack, open_stack_read_only, Stack};

@@ -9,6 +9,10 @@
 //! `shared=false` for a plugin whose only such key is `shared`, like mmap) so it opens its
 //! file read-only and cannot touch it on open; a plugin with neither key is wrapped so that
 //! writes fail before they reach it. A user's explicit `readonly=false` is refused.
+//!
+//! A command that only reads (`sim read`) opens its stack with [`open_stack_read_only`]: each
+//! plain plugin gets the same switch, unless the user set the key, so that an image the host
+//! may not write (mode 0444, immutable, a read-only mount) still opens.
 
 use super::loader::KeyInfo;
 use super::loader::{load_spec, LoadedPlugin, PluginError};
@@ -46,9 +50,27 @@ fn bad(plugin: &str, message: String) -> PluginError {
     }
 }
 
+/// How a layer is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Access {
+    /// As its configuration says.
+    AsConfigured,
+    /// Read-only unless the user set the plugin's switch: the caller only reads.
+    ReadOnlyUnlessSet,
+    /// Read-only, always: the base of a filter that never writes it.
+    ReadOnly,
+}
+
 /// Loads `spec` and opens it with `config`, building its base stack first if it is a filter.
 pub fn open_stack(spec: &str, config: &Config) -> Result<Stack, PluginError> {
-    open_layer(spec, config.clone(), 0, false)
+    open_layer(spec, config.clone(), 0, Access::AsConfigured)
+}
+
+/// As [`open_stack`], for a caller that never writes: each plain plugin that has a read-only
+/// switch (`readonly`, or `shared` for mmap) gets it set, unless the user set it. Writes are
+/// the caller's to refuse (a read-only [`GuardedDisk`](super::GuardedDisk)).
+pub fn open_stack_read_only(spec: &str, config: &Config) -> Result<Stack, PluginError> {
+    open_layer(spec, config.clone(), 0, Access::ReadOnlyUnlessSet)
 }
 
 fn has_bool_key(keys: &[KeyInfo], name: &str) -> bool {
@@ -56,11 +78,13 @@ fn has_bool_key(keys: &[KeyInfo], name: &str) -> bool {
         .any(|k| k.name == name && k.ty == xen_disk_plugin_api::KeyType::Bool)
 }
 
-/// Sets the plain plugin's own read-only switch, refusing a user's contrary choice.
-/// Returns false when the plugin has no such key.
+/// Sets the plain plugin's own read-only switch: refusing a user's contrary choice under
+/// [`Access::ReadOnly`], keeping it under [`Access::ReadOnlyUnlessSet`]. Returns false when
+/// the plugin has no such key.
 fn force_read_only(
     plugin: &LoadedPlugin,
     config: &mut Config,
+    access: Access,
 ) -> std::result::Result<bool, PluginError> {
     let (key, wanted) = if has_bool_key(&plugin.keys, "readonly") {
         ("readonly", true)
@@ -70,6 +94,9 @@ fn force_read_only(
         return Ok(false);
     };
     if let Some(v) = config.value(key) {
+        if access == Access::ReadOnlyUnlessSet {
+            return Ok(true);
+        }
         if v.as_bool() != Some(wanted) {
             return Err(bad(
                 &plugin.name,
@@ -118,7 +145,7 @@ fn open_layer(
     spec: &str,
     mut config: Config,
     depth: usize,
-    read_only: bool,
+    access: Access,
 ) -> Result<Stack, PluginError> {
     if depth >= MAX_LAYERS {
         return Err(bad(spec, format!("more than {MAX_LAYERS} layers")));
@@ -127,9 +154,10 @@ fn open_layer(
     let base = config.take("base");
     match (plugin.kind, base) {
         (PluginKind::Disk, None) => {
-            let switched = read_only && force_read_only(&plugin, &mut config)?;
+            let switched =
+                access != Access::AsConfigured && force_read_only(&plugin, &mut config, access)?;
             let mut disk = plugin.open(&config)?;
-            if read_only && !switched {
+            if access == Access::ReadOnly && !switched {
                 disk = ForeignDisk::new(export_disk(ReadOnlyBase(disk)));
             }
             Ok(Stack {
@@ -164,8 +192,12 @@ fn open_layer(
                     ))
                 }
             };
-            let below_read_only = read_only || plugin.read_only_base;
-            let below = open_layer(&base_spec, base_config, depth + 1, below_read_only)?;
+            let below_access = if plugin.read_only_base {
+                Access::ReadOnly
+            } else {
+                access
+            };
+            let below = open_layer(&base_spec, base_config, depth + 1, below_access)?;
             let disk = plugin.open_over(&config, below.disk)?;
             let mut layers = vec![plugin];
             layers.extend(below.layers);

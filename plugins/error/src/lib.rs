@@ -14,7 +14,8 @@
 //!
 //! A failed request returns an I/O error (`EIO`) without reaching the base; the guest sees
 //! `BLKIF_RSP_ERROR`. Flushes are always forwarded. Everything else is the base's: same
-//! size, capabilities and thread model.
+//! size, capabilities and thread model (over an asynchronous base, requests that pass go on
+//! as submissions).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use xen_disk_plugin_api::*;
@@ -100,6 +101,20 @@ impl Disk for ErrorDisk {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check("write-zeroes", offset, len, self.write_rate)?;
         self.base.write_zeroes(offset, len)
+    }
+    /// Over an asynchronous base (the thread model is the base's), a request that passes
+    /// goes on as a submission: served by the blocking calls, it would wait on the host's
+    /// ring thread.
+    fn submit(&self, submission: Submission) {
+        let (what, rate) = match submission.op() {
+            SubmitOp::Read => ("read", self.read_rate),
+            SubmitOp::Write | SubmitOp::WriteFua => ("write", self.write_rate),
+        };
+        let len = submission.len() as u64;
+        match self.check(what, submission.offset(), len, rate) {
+            Ok(()) => self.base.submit(submission),
+            Err(e) => submission.complete(Err(e)),
+        }
     }
 }
 

@@ -225,9 +225,14 @@ impl Plugin for FilePlugin {
         if direct {
             options.custom_flags(libc::O_DIRECT);
         }
-        let file = options
-            .open(&path)
-            .map_err(|e| Error::from(e).context(&name))?;
+        let file = options.open(&path).map_err(|e| {
+            let e = Error::from(e).context(&name);
+            if readonly {
+                e
+            } else {
+                e.read_only_hint("readonly=true")
+            }
+        })?;
         let fd = file.as_raw_fd();
         let is_block = meta.file_type().is_block_device();
         let (size, mut logical, physical) = if is_block {

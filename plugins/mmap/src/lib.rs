@@ -105,7 +105,14 @@ fn open_image(path: &Path, writable: bool) -> Result<File> {
         .read(true)
         .write(writable)
         .open(path)
-        .map_err(|e| Error::from(e).context(&shown))
+        .map_err(|e| {
+            let e = Error::from(e).context(&shown);
+            if writable {
+                e.read_only_hint("shared=false; the guest's writes then stay in memory")
+            } else {
+                e
+            }
+        })
 }
 
 /// The plugin.

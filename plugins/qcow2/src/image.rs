@@ -148,7 +148,14 @@ impl Image {
             .read(true)
             .write(!readonly)
             .open(path)
-            .map_err(|e| io_err(path, e))?;
+            .map_err(|e| {
+                let e = io_err(path, e);
+                if readonly {
+                    e
+                } else {
+                    e.read_only_hint("readonly=true")
+                }
+            })?;
         let file_len = file.metadata().map_err(|e| io_err(path, e))?.len();
         let mut first = vec![0u8; file_len.min(2 << 20) as usize];
         file.read_exact_at(&mut first, 0)

@@ -160,7 +160,14 @@ impl Image {
             .read(true)
             .write(writable)
             .open(path)
-            .map_err(|e| io(path, "open", e))?;
+            .map_err(|e| {
+                let e = io(path, "open", e);
+                if writable {
+                    e.read_only_hint("readonly=true")
+                } else {
+                    e
+                }
+            })?;
         let len = file.metadata().map_err(|e| io(path, "stat", e))?.len();
         if len < FOOTER_SIZE as u64 {
             return Err(Error::corrupt(format!(
