@@ -8,7 +8,7 @@
 //! ```
 
 use crate::backend::attach::{create_device, DevicePaths};
-use crate::backend::device::{run, DeviceConfig, DeviceStats, Ended, Platform};
+use crate::backend::device::{run, DeviceConfig, DeviceError, DeviceStats, Platform};
 use crate::backend::features::HostOffer;
 use crate::backend::vbd::Vbd;
 use crate::blkif::abi::*;
@@ -306,7 +306,7 @@ impl GuestDisk {
 /// One disk, its device and a connected guest.
 pub struct SimulatedDisk {
     stop: Arc<AtomicBool>,
-    device: Option<JoinHandle<Result<Ended, String>>>,
+    device: Option<JoinHandle<Result<(), DeviceError>>>,
     guest_xs: XsClient,
     paths: DevicePaths,
     guest: Option<GuestDisk>,
@@ -470,8 +470,8 @@ impl SimulatedDisk {
         self.guest = None;
         let _ = write_state(&self.guest_xs, &self.paths.frontend, XenbusState::Closed);
         match self.device.take().map(|d| d.join()) {
-            Some(Ok(Ok(Ended::Removed))) | None => Ok(()),
-            Some(Ok(Err(e))) => Err(e),
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(e.to_string()),
             Some(Err(_)) => Err("the device thread panicked".into()),
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 mod common;
 use std::time::{Duration, Instant};
 use xen_disk_host::backend::attach::create_device;
-use xen_disk_host::backend::device::{run, DeviceConfig, DeviceStats, Ended, Platform};
+use xen_disk_host::backend::device::{run, DeviceConfig, DeviceError, DeviceStats, Platform};
 use xen_disk_host::backend::features::HostOffer;
 use xen_disk_host::backend::vbd::Vbd;
 use xen_disk_host::blkif::abi::*;
@@ -37,7 +37,7 @@ fn start_device(
     domain: &Arc<SimDomain>,
     workers: usize,
     stop: &Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Result<Ended, String>> {
+) -> std::thread::JoinHandle<Result<(), DeviceError>> {
     let view = Arc::new(domain.backend(0));
     let platform = Platform {
         grants: view.clone(),
@@ -190,7 +190,7 @@ fn connect_serve_reboot_reconnect_and_stop() {
     wait_for(&dom0, &format!("{BE}/state"), b"5");
     drop(c);
     guest.write(NO_TX, &format!("{FE}/state"), b"6").unwrap();
-    assert_eq!(device.join().unwrap(), Ok(Ended::Removed));
+    assert_eq!(device.join().unwrap(), Ok(()));
     assert!(
         dom0.read(NO_TX, &format!("{BE}/state"))
             .unwrap_err()
@@ -227,5 +227,5 @@ fn garbage_from_the_frontend_closes_the_device_without_harm() {
     // The guest closes and the toolstack unplugs: the device goes away, nothing crashed.
     guest.write(NO_TX, &format!("{FE}/state"), b"6").unwrap();
     dom0.write(NO_TX, &format!("{BE}/online"), b"0").unwrap();
-    assert_eq!(device.join().unwrap(), Ok(Ended::Removed));
+    assert_eq!(device.join().unwrap(), Ok(()));
 }

@@ -81,7 +81,7 @@ fn run(
     let read = |k: &str| match dom0.read(NO_TX, &format!("{FE}/{k}")) {
         Ok(v) => Ok(Some(v)),
         Err(e) if e.is_enoent() => Ok(None),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     };
     let rings = read_frontend(&read, &offer).unwrap();
     let info = DiskInfo::new(1 << 30)

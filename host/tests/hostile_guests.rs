@@ -10,7 +10,7 @@ use std::sync::Arc;
 mod common;
 use std::time::{Duration, Instant};
 use xen_disk_host::backend::attach::create_device;
-use xen_disk_host::backend::device::{run, DeviceConfig, DeviceStats, Ended, Platform};
+use xen_disk_host::backend::device::{run, DeviceConfig, DeviceError, DeviceStats, Platform};
 use xen_disk_host::backend::features::HostOffer;
 use xen_disk_host::backend::vbd::Vbd;
 use xen_disk_host::blkif::abi::*;
@@ -44,7 +44,7 @@ struct Host {
     dom0: XsClient,
     machine: Arc<SimMachine>,
     stop: Arc<AtomicBool>,
-    devices: Vec<std::thread::JoinHandle<Result<Ended, String>>>,
+    devices: Vec<std::thread::JoinHandle<Result<(), DeviceError>>>,
 }
 
 impl Host {
@@ -411,7 +411,7 @@ fn an_attacker_gets_errors_and_disconnects_while_a_second_disk_keeps_serving() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(evil_device.join().unwrap(), Ok(Ended::Removed));
+    assert_eq!(evil_device.join().unwrap(), Ok(()));
     assert!(host.dom0.read(NO_TX, &format!("{ebe}/state")).is_err());
     honest_round_trip(&mut honest, 200);
 
@@ -422,6 +422,6 @@ fn an_attacker_gets_errors_and_disconnects_while_a_second_disk_keeps_serving() {
         .unwrap();
     host.stop.store(true, Ordering::SeqCst);
     for d in host.devices.drain(..) {
-        assert_eq!(d.join().unwrap(), Ok(Ended::Removed));
+        assert_eq!(d.join().unwrap(), Ok(()));
     }
 }

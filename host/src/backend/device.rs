@@ -13,15 +13,15 @@
 //! say "look again".
 
 use super::features::{initwait_keys, Advertisement, HostOffer};
-use super::frontend_keys::read_frontend;
+use super::frontend_keys::{read_frontend, FrontendKeyError};
 use super::queue::{serve, QueueError, QueueParts, QueueStats};
 use super::state::{next_action, Action, XenbusState};
 use crate::blkif::abi::Protocol;
-use crate::blkif::ring::BackRing;
+use crate::blkif::ring::{BackRing, RingError};
 use crate::plugin::GuardedDisk;
-use crate::xen::evtchn::EventChannels;
-use crate::xen::grant::GrantMapper;
-use crate::xen::xenstore::{read_u32, transaction, Xenstore, NO_TX};
+use crate::xen::evtchn::{EventChannels, EvtchnError};
+use crate::xen::grant::{GrantError, GrantMapper};
+use crate::xen::xenstore::{read_u32, transaction, Xenstore, XsError, NO_TX};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -79,11 +79,83 @@ impl Running {
     }
 }
 
-/// How the device ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ended {
-    /// The toolstack, the guest or a stop request removed it.
-    Removed,
+/// Why a device stopped before it was removed: xenstore failed at one of its steps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// Watching the backend directory or the frontend's state.
+    #[error("watching {path}: {source}")]
+    Watch {
+        /// The watched path.
+        path: String,
+        /// What xenstore said.
+        #[source]
+        source: XsError,
+    },
+    /// Publishing the features and InitWait.
+    #[error("publishing InitWait: {0}")]
+    InitWait(#[source] XsError),
+    /// Writing the backend's state.
+    #[error("writing state {state:?}: {source}")]
+    State {
+        /// The state it was moving to.
+        state: XenbusState,
+        /// What xenstore said.
+        #[source]
+        source: XsError,
+    },
+    /// Telling the guest the disk's new size.
+    #[error("publishing the new size: {0}")]
+    Resize(#[source] XsError),
+    /// Reading the frontend's state.
+    #[error("reading the frontend's state: {0}")]
+    FrontendState(#[source] XsError),
+}
+
+/// Why the device could not connect to the frontend: written to the backend's `error` node
+/// (as blkback's xenbus_dev_fatal does), and the device closes.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// What the frontend published is wrong (names the key).
+    #[error(transparent)]
+    Frontend(#[from] FrontendKeyError),
+    /// The frontend's `protocol` is not one we speak (names the key).
+    #[error("{0}")]
+    Protocol(String),
+    /// One ring could not be set up.
+    #[error("queue {index}: {source}")]
+    Queue {
+        /// The queue.
+        index: usize,
+        /// Which step failed.
+        #[source]
+        source: QueueStartError,
+    },
+    /// Publishing the disk and Connected.
+    #[error("publishing the disk: {0}")]
+    Publish(#[source] XsError),
+}
+
+/// Why one ring could not be set up, by step.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueStartError {
+    /// Mapping the ring pages the frontend granted.
+    #[error("mapping the ring: {0}")]
+    MapRing(#[source] GrantError),
+    /// The mapped pages are not a ring.
+    #[error("attaching the ring: {0}")]
+    Attach(#[source] RingError),
+    /// Binding the frontend's event channel.
+    #[error("binding port {port}: {source}")]
+    Bind {
+        /// The frontend's port.
+        port: u32,
+        /// What the platform said.
+        #[source]
+        source: EvtchnError,
+    },
+    /// Starting the ring's thread.
+    #[error("starting its thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// The device's counters, shared with whoever reports them.
@@ -95,8 +167,9 @@ pub struct DeviceStats {
     pub state: std::sync::atomic::AtomicU8,
 }
 
-/// Runs the device until it is removed. `stop` asks for a clean detach (Ctrl-C): Closing,
-/// wait for the frontend to close, then remove.
+/// Runs the device until it is removed (by the toolstack, the guest or a stop request): `Ok`.
+/// `stop` asks for a clean detach (Ctrl-C): Closing, wait for the frontend to close, then
+/// remove. An error is xenstore failing under the device.
 pub fn run(
     xs: &dyn Xenstore,
     platform: &Platform,
@@ -104,17 +177,18 @@ pub fn run(
     disk: Arc<GuardedDisk>,
     stop: &AtomicBool,
     stats: &DeviceStats,
-) -> Result<Ended, String> {
+) -> Result<(), DeviceError> {
     let be = cfg.backend_path.as_str();
     let fe = cfg.frontend_path.as_str();
-    let err = |e: crate::xen::xenstore::XsError| e.to_string();
     let token = format!("device:{be}");
-    xs.watch(be, &token).map_err(err)?;
-    xs.watch(&format!("{fe}/state"), &token).map_err(err)?;
+    for path in [be.to_string(), format!("{fe}/state")] {
+        xs.watch(&path, &token)
+            .map_err(|source| DeviceError::Watch { path, source })?;
+    }
     let events = xs.events();
-    let write_state = |s: XenbusState| {
-        xs.write(NO_TX, &format!("{be}/state"), s.as_str().as_bytes())
-            .map_err(err)
+    let write_state = |state: XenbusState| {
+        xs.write(NO_TX, &format!("{be}/state"), state.as_str().as_bytes())
+            .map_err(|source| DeviceError::State { state, source })
     };
     let initwait = || {
         transaction(xs, |tx| {
@@ -127,7 +201,7 @@ pub fn run(
                 XenbusState::InitWait.as_str().as_bytes(),
             )
         })
-        .map_err(err)
+        .map_err(DeviceError::InitWait)
     };
     initwait()?;
     let mut ours = XenbusState::InitWait;
@@ -161,7 +235,7 @@ pub fn run(
             // "not yet"; absent after it existed is "gone".
             Err(e) if e.is_enoent() && !seen_frontend && !closing_for_stop => continue,
             Err(e) if e.is_enoent() => None,
-            Err(e) => break Err(err(e)),
+            Err(e) => break Err(DeviceError::FrontendState(e)),
         };
         seen_frontend = true;
         let online = match read_u32(xs, NO_TX, &format!("{be}/online")) {
@@ -169,7 +243,7 @@ pub fn run(
             Err(_) => false,
         };
         if xs.read(NO_TX, &format!("{be}/state")).is_err() {
-            break Ok(Ended::Removed);
+            break Ok(());
         }
         match next_action(ours, frontend, online) {
             Action::Wait => {}
@@ -179,7 +253,8 @@ pub fn run(
                     ours = XenbusState::Connected;
                     published = disk.size();
                 }
-                Err(why) => {
+                Err(e) => {
+                    let why = e.to_string();
                     tracing::warn!("{be}: cannot connect: {why}");
                     let _ = xs.write(NO_TX, &format!("{be}/error"), why.as_bytes());
                     write_state(XenbusState::Closing)?;
@@ -201,7 +276,7 @@ pub fn run(
                 initwait()?;
                 ours = XenbusState::InitWait;
             }
-            Action::Remove => break Ok(Ended::Removed),
+            Action::Remove => break Ok(()),
         }
     };
     if let Some(r) = running.take() {
@@ -226,7 +301,7 @@ fn resize_if_changed(
     be: &str,
     disk: &GuardedDisk,
     published: &mut u64,
-) -> Result<(), String> {
+) -> Result<(), DeviceError> {
     if let Err(e) = disk.refresh_size() {
         tracing::warn!("{be}: size not refreshed: {e}");
     }
@@ -247,7 +322,7 @@ fn resize_if_changed(
             XenbusState::Connected.as_str().as_bytes(),
         )
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(DeviceError::Resize)?;
     *published = now;
     Ok(())
 }
@@ -259,34 +334,38 @@ fn connect(
     cfg: &DeviceConfig,
     disk: &Arc<GuardedDisk>,
     stats: &DeviceStats,
-) -> Result<Running, String> {
+) -> Result<Running, ConnectError> {
     let fe = &cfg.frontend_path;
     let read = |k: &str| match xs.read(NO_TX, &format!("{fe}/{k}")) {
         Ok(v) => Ok(Some(v)),
         Err(e) if e.is_enoent() => Ok(None),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     };
     let rings = read_frontend(&read, &cfg.offer)?;
-    let protocol = Protocol::from_xenstore(rings.protocol.as_deref())?;
+    let protocol =
+        Protocol::from_xenstore(rings.protocol.as_deref()).map_err(ConnectError::Protocol)?;
     let advertisement = Advertisement::new(&cfg.offer, &disk.info());
     let limits = advertisement.limits();
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let mut all_stats = Vec::new();
     for (i, q) in rings.queues.iter().enumerate() {
-        let started = (|| -> Result<QueueParts, String> {
+        let started = (|| -> Result<QueueParts, QueueStartError> {
             let ring_mapping = platform
                 .grants
                 .map(cfg.frontend_domid, &q.ring_refs, true)
-                .map_err(|e| e.to_string())?;
+                .map_err(QueueStartError::MapRing)?;
             // SAFETY: the mapping goes into QueueParts with the ring and outlives it.
             let ring =
                 unsafe { BackRing::attach(ring_mapping.as_ptr(), ring_mapping.len(), protocol) }
-                    .map_err(|e| e.to_string())?;
+                    .map_err(QueueStartError::Attach)?;
             let evtchn = platform
                 .evtchns
                 .bind_interdomain(cfg.frontend_domid, q.event_channel)
-                .map_err(|e| e.to_string())?;
+                .map_err(|source| QueueStartError::Bind {
+                    port: q.event_channel,
+                    source,
+                })?;
             Ok(QueueParts {
                 ring,
                 ring_mapping,
@@ -302,19 +381,26 @@ fn connect(
         })();
         let parts = match started {
             Ok(p) => p,
-            Err(e) => {
+            Err(source) => {
                 Running { stop, threads }.shut();
-                return Err(format!("queue {i}: {e}"));
+                return Err(ConnectError::Queue { index: i, source });
             }
         };
         let (d, s, st) = (disk.clone(), stop.clone(), Arc::new(QueueStats::default()));
         all_stats.push(st.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("xen-disk-ring-{i}"))
-                .spawn(move || serve(parts, d, s, st))
-                .map_err(|e| e.to_string())?,
-        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("xen-disk-ring-{i}"))
+            .spawn(move || serve(parts, d, s, st));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                Running { stop, threads }.shut();
+                return Err(ConnectError::Queue {
+                    index: i,
+                    source: QueueStartError::Thread(e),
+                });
+            }
+        }
     }
     *stats.queues.lock().unwrap_or_else(|e| e.into_inner()) = all_stats;
     let be = &cfg.backend_path;
@@ -330,7 +416,7 @@ fn connect(
     });
     if let Err(e) = published {
         Running { stop, threads }.shut();
-        return Err(e.to_string());
+        return Err(ConnectError::Publish(e));
     }
     Ok(Running { stop, threads })
 }

@@ -17,8 +17,130 @@
 //! Every mistake is one line naming the file, the disk (by position) and the key.
 
 use super::vbd::Vbd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use xen_disk_plugin_api::Config;
+
+/// Why a domain as written is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainRefError {
+    /// Blank.
+    #[error("empty domain")]
+    Empty,
+    /// Digits, but not a domain id (0 to 0x7fef).
+    #[error("domain id {0} is out of range")]
+    IdOutOfRange(String),
+}
+
+/// A TOML syntax error: the file, where, and the parser's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: not valid TOML: {message}", file.display(), at.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+pub struct TomlError {
+    /// The file.
+    pub file: PathBuf,
+    /// Line and column (1-based), when the parser knows them.
+    pub at: Option<(usize, usize)>,
+    /// What the parser said.
+    pub message: String,
+}
+
+/// What is wrong with a disks file: each case names the file, and the disk by position.
+#[derive(Debug, thiserror::Error)]
+pub enum DisksConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML.
+    #[error(transparent)]
+    Toml(#[from] TomlError),
+    /// A top-level key other than `disk`.
+    #[error("{}: unknown top-level key `{key}` (expected [[disk]] tables)", file.display())]
+    UnknownTopLevelKey {
+        /// The file.
+        file: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// No `[[disk]]`.
+    #[error("{}: no [[disk]] entries", file.display())]
+    NoDisks {
+        /// The file.
+        file: PathBuf,
+    },
+    /// `disk` is not an array of tables.
+    #[error("{}: `disk` must be an array of tables ([[disk]])", file.display())]
+    DiskNotArray {
+        /// The file.
+        file: PathBuf,
+    },
+    /// One entry is wrong.
+    #[error("{}: disk {number}: {source}", file.display())]
+    Disk {
+        /// The file.
+        file: PathBuf,
+        /// The entry's position (1-based).
+        number: usize,
+        /// What is wrong with it.
+        #[source]
+        source: DiskEntryError,
+    },
+    /// Two entries give one guest the same device.
+    #[error("{}: disks {first} and {second} both give domain {domain} the device {}", file.display(), vbd.linux_name())]
+    SameDevice {
+        /// The file.
+        file: PathBuf,
+        /// The earlier entry (1-based).
+        first: usize,
+        /// The later entry (1-based).
+        second: usize,
+        /// Their guest.
+        domain: DomainRef,
+        /// Their device.
+        vbd: Vbd,
+    },
+}
+
+/// What is wrong with one `[[disk]]` entry: each case names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiskEntryError {
+    /// The entry is not a table.
+    #[error("not a table")]
+    NotATable,
+    /// A key this file does not have.
+    #[error("unknown key `{0}` (known: {known})", known = DISK_KEYS.join(", "))]
+    UnknownKey(String),
+    /// A required key is absent.
+    #[error("`{0}` is required")]
+    Required(&'static str),
+    /// A value of the wrong TOML type.
+    #[error("`{key}` must be {expected}, not {found}")]
+    WrongType {
+        /// The key.
+        key: &'static str,
+        /// What it must be, in words.
+        expected: &'static str,
+        /// What it is.
+        found: String,
+    },
+    /// A value of the right type that the key does not allow.
+    #[error("`{key}` = {value} {rule}")]
+    Refused {
+        /// The key.
+        key: &'static str,
+        /// The value, as written.
+        value: String,
+        /// What is wrong, or what it must be.
+        rule: &'static str,
+    },
+    /// `domain` is not a domain.
+    #[error("`domain` {0}")]
+    Domain(#[source] DomainRefError),
+}
 
 /// How a disk names its guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,10 +155,10 @@ pub enum DomainRef {
 
 impl DomainRef {
     /// Reads a domain as users write it: digits are an id, 8-4-4-4-12 hex a UUID, else a name.
-    pub fn parse(text: &str) -> Result<DomainRef, String> {
+    pub fn parse(text: &str) -> Result<DomainRef, DomainRefError> {
         let t = text.trim();
         if t.is_empty() {
-            return Err("empty domain".into());
+            return Err(DomainRefError::Empty);
         }
         if t.bytes().all(|b| b.is_ascii_digit()) {
             return t
@@ -44,7 +166,7 @@ impl DomainRef {
                 .ok()
                 .filter(|&d| d < 0x7ff0)
                 .map(DomainRef::Id)
-                .ok_or_else(|| format!("domain id {t} is out of range"));
+                .ok_or_else(|| DomainRefError::IdOutOfRange(t.to_string()));
         }
         let groups: Vec<&str> = t.split('-').collect();
         let is_uuid = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
@@ -101,130 +223,160 @@ const DISK_KEYS: &[&str] = &[
     "plugin-config",
 ];
 
+/// Reads and parses a disks file.
+pub fn load_disks(file: &Path) -> Result<Vec<DiskSpec>, DisksConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| DisksConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse_disks(file, &text)
+}
+
 /// Parses a disks file's text; `file` names it in errors.
-pub fn parse_disks(file: &Path, text: &str) -> Result<Vec<DiskSpec>, String> {
-    let f = file.display();
+pub fn parse_disks(file: &Path, text: &str) -> Result<Vec<DiskSpec>, DisksConfigError> {
+    let f = || file.to_path_buf();
     let doc = parse_toml(file, text)?;
-    for key in doc.keys() {
-        if key != "disk" {
-            return Err(format!(
-                "{f}: unknown top-level key `{key}` (expected [[disk]] tables)"
-            ));
-        }
+    if let Some(key) = doc.keys().find(|k| *k != "disk") {
+        return Err(DisksConfigError::UnknownTopLevelKey {
+            file: f(),
+            key: key.clone(),
+        });
     }
     let disks = match doc.get("disk") {
-        None => return Err(format!("{f}: no [[disk]] entries")),
+        None => return Err(DisksConfigError::NoDisks { file: f() }),
         Some(toml::Value::Array(a)) => a,
-        Some(_) => return Err(format!("{f}: `disk` must be an array of tables ([[disk]])")),
+        Some(_) => return Err(DisksConfigError::DiskNotArray { file: f() }),
     };
     let specs = disks
         .iter()
         .enumerate()
-        .map(|(i, d)| parse_disk(&format!("{f}: disk {}", i + 1), d))
+        .map(|(i, d)| {
+            parse_disk(d).map_err(|source| DisksConfigError::Disk {
+                file: f(),
+                number: i + 1,
+                source,
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     // Two entries for one guest device can never both be served: refused here, once, rather
     // than the second failing to attach round after round.
     for (j, b) in specs.iter().enumerate() {
+        let Some(vbd) = b.vbd else { continue };
         if let Some(i) = specs[..j]
             .iter()
-            .position(|a| a.vbd.is_some() && a.vbd == b.vbd && a.domain == b.domain)
+            .position(|a| a.vbd == Some(vbd) && a.domain == b.domain)
         {
-            return Err(format!(
-                "{f}: disks {} and {} both give domain {} the device {}",
-                i + 1,
-                j + 1,
-                b.domain,
-                b.vbd.map(Vbd::linux_name).unwrap_or_default()
-            ));
+            return Err(DisksConfigError::SameDevice {
+                file: f(),
+                first: i + 1,
+                second: j + 1,
+                domain: b.domain.clone(),
+                vbd,
+            });
         }
     }
     Ok(specs)
 }
 
 /// Parses TOML text; a syntax error names the file, line and column.
-pub fn parse_toml(file: &Path, text: &str) -> Result<toml::Table, String> {
+pub fn parse_toml(file: &Path, text: &str) -> Result<toml::Table, TomlError> {
     text.parse().map_err(|e: toml::de::Error| {
-        let at = e
-            .span()
-            .map(|span| {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
-                format!(":{line}:{column}")
-            })
-            .unwrap_or_default();
-        format!(
-            "{}{at}: not valid TOML: {}",
-            file.display(),
-            e.message().trim()
-        )
+        let at = e.span().map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+            (line, column)
+        });
+        TomlError {
+            file: file.to_path_buf(),
+            at,
+            message: e.message().trim().to_string(),
+        }
     })
 }
 
-fn parse_disk(at: &str, value: &toml::Value) -> Result<DiskSpec, String> {
-    let t = value
-        .as_table()
-        .ok_or_else(|| format!("{at}: not a table"))?;
-    for key in t.keys() {
-        if !DISK_KEYS.contains(&key.as_str()) {
-            return Err(format!(
-                "{at}: unknown key `{key}` (known: {})",
-                DISK_KEYS.join(", ")
-            ));
-        }
+fn parse_disk(value: &toml::Value) -> Result<DiskSpec, DiskEntryError> {
+    let t = value.as_table().ok_or(DiskEntryError::NotATable)?;
+    if let Some(key) = t.keys().find(|k| !DISK_KEYS.contains(&k.as_str())) {
+        return Err(DiskEntryError::UnknownKey(key.clone()));
     }
-    let string = |k: &str| -> Result<Option<&str>, String> {
+    let wrong_type =
+        |key: &'static str, expected: &'static str, v: &toml::Value| DiskEntryError::WrongType {
+            key,
+            expected,
+            found: v.to_string(),
+        };
+    let string = |k: &'static str| -> Result<Option<&str>, DiskEntryError> {
         match t.get(k) {
             None => Ok(None),
             Some(toml::Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(format!("{at}: `{k}` must be a string, not {v}")),
+            Some(v) => Err(wrong_type(k, "a string", v)),
         }
     };
-    let number = |k: &str| -> Result<Option<u32>, String> {
+    let number = |k: &'static str| -> Result<Option<u32>, DiskEntryError> {
         match t.get(k) {
             None => Ok(None),
-            Some(toml::Value::Integer(n)) => u32::try_from(*n)
-                .map(Some)
-                .map_err(|_| format!("{at}: `{k}` = {n} is out of range")),
-            Some(v) => Err(format!("{at}: `{k}` must be a number, not {v}")),
+            Some(toml::Value::Integer(n)) => {
+                u32::try_from(*n)
+                    .map(Some)
+                    .map_err(|_| DiskEntryError::Refused {
+                        key: k,
+                        value: n.to_string(),
+                        rule: "is out of range",
+                    })
+            }
+            Some(v) => Err(wrong_type(k, "a number", v)),
         }
     };
-    let domain = match t.get("domain") {
-        Some(toml::Value::Integer(n)) => DomainRef::parse(&n.to_string()),
-        Some(toml::Value::String(s)) => DomainRef::parse(s),
-        Some(v) => Err(format!("must be a domid, name or UUID, not {v}")),
-        None => Err("is required".into()),
-    }
-    .map_err(|e| format!("{at}: `domain` {e}"))?;
-    let plugin = string("plugin")?
-        .ok_or_else(|| format!("{at}: `plugin` is required"))?
-        .to_string();
-    let boolean = |k: &str| -> Result<Option<bool>, String> {
+    let boolean = |k: &'static str| -> Result<Option<bool>, DiskEntryError> {
         match t.get(k) {
             None => Ok(None),
             Some(toml::Value::Boolean(b)) => Ok(Some(*b)),
-            Some(v) => Err(format!("{at}: `{k}` must be true or false, not {v}")),
+            Some(v) => Err(wrong_type(k, "true or false", v)),
         }
     };
+    let domain = match t.get("domain") {
+        Some(toml::Value::Integer(n)) => {
+            DomainRef::parse(&n.to_string()).map_err(DiskEntryError::Domain)?
+        }
+        Some(toml::Value::String(s)) => DomainRef::parse(s).map_err(DiskEntryError::Domain)?,
+        Some(v) => return Err(wrong_type("domain", "a domid, name or UUID", v)),
+        None => return Err(DiskEntryError::Required("domain")),
+    };
+    let plugin = string("plugin")?
+        .ok_or(DiskEntryError::Required("plugin"))?
+        .to_string();
     let readonly = boolean("readonly")?.unwrap_or(false);
     let answer_on_completion = boolean("answer-on-completion")?;
     let sector_size = number("sector-size")?;
     if let Some(s) = sector_size.filter(|s| *s != 512 && *s != 4096) {
-        return Err(format!("{at}: `sector-size` = {s} (must be 512 or 4096)"));
+        return Err(DiskEntryError::Refused {
+            key: "sector-size",
+            value: s.to_string(),
+            rule: "(must be 512 or 4096)",
+        });
     }
     let queues = number("queues")?;
     if let Some(q) = queues.filter(|q| *q == 0 || *q > 64) {
-        return Err(format!("{at}: `queues` = {q} (must be 1 to 64)"));
+        return Err(DiskEntryError::Refused {
+            key: "queues",
+            value: q.to_string(),
+            rule: "(must be 1 to 64)",
+        });
     }
     let vbd = string("vbd")?
         .map(|v| {
-            Vbd::parse(v).ok_or_else(|| format!("{at}: `vbd` = `{v}` is not a device like xvdb"))
+            Vbd::parse(v).ok_or_else(|| DiskEntryError::Refused {
+                key: "vbd",
+                value: format!("`{v}`"),
+                rule: "is not a device like xvdb",
+            })
         })
         .transpose()?;
     let plugin_config = match t.get("plugin-config") {
         None => Config::new(),
         Some(toml::Value::Table(c)) => Config::from_table(c.clone()),
-        Some(v) => return Err(format!("{at}: `plugin-config` must be a table, not {v}")),
+        Some(v) => return Err(wrong_type("plugin-config", "a table", v)),
     };
     Ok(DiskSpec {
         domain,
@@ -242,7 +394,7 @@ fn parse_disk(at: &str, value: &toml::Value) -> Result<DiskSpec, String> {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Vec<DiskSpec>, String> {
+    fn parse(text: &str) -> Result<Vec<DiskSpec>, DisksConfigError> {
         parse_disks(Path::new("disks.toml"), text)
     }
 
@@ -318,12 +470,43 @@ mod tests {
             ),
         ];
         for (text, needle) in cases {
-            let e = parse(text).unwrap_err();
+            let e = parse(text).unwrap_err().to_string();
             assert!(
                 e.starts_with("disks.toml") && e.contains(needle),
                 "{text:?}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn an_error_keeps_the_file_the_disk_and_the_key() {
+        let e = parse(
+            "[[disk]]\ndomain = 1\nplugin = \"m\"\n[[disk]]\ndomain = 1\nplugin = \"m\"\nqueues = 65\n",
+        )
+        .unwrap_err();
+        match &e {
+            DisksConfigError::Disk {
+                file,
+                number: 2,
+                source:
+                    DiskEntryError::Refused {
+                        key: "queues",
+                        value,
+                        ..
+                    },
+            } if file == Path::new("disks.toml") && value == "65" => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            e.to_string(),
+            "disks.toml: disk 2: `queues` = 65 (must be 1 to 64)"
+        );
+        let missing = load_disks(Path::new("/nonexistent/disks.toml")).unwrap_err();
+        assert!(
+            matches!(&missing, DisksConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{missing:?}"
+        );
+        assert!(missing.to_string().starts_with("/nonexistent/disks.toml: "));
     }
 
     #[test]

@@ -2,13 +2,37 @@
 //! `/local/domain/<id>/name` and `/local/domain/<id>/vm` = `/vm/<uuid>`.
 
 use super::disks_config::DomainRef;
+use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
 
 /// Read-only access to xenstore for lookups: `read` is `Ok(None)` for an absent node.
 pub trait XenstoreView {
     /// A node's value.
-    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String>;
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, XsError>;
     /// A node's children.
-    fn list(&self, path: &str) -> Result<Vec<String>, String>;
+    fn list(&self, path: &str) -> Result<Vec<String>, XsError>;
+}
+
+/// Why no single domain was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FindDomainError {
+    /// No domain has that id, name or UUID.
+    #[error("no domain {}", described(.0))]
+    NotFound(DomainRef),
+    /// Several domains have that name or UUID.
+    #[error("{} domains match: {:?}; use a domid", .0.len(), .0)]
+    Ambiguous(Vec<u32>),
+    /// xenstore failed (the message names the path).
+    #[error(transparent)]
+    Xenstore(#[from] XsError),
+}
+
+/// "with id 3", "named web", "with UUID …".
+fn described(domain: &DomainRef) -> String {
+    match domain {
+        DomainRef::Id(id) => format!("with id {id}"),
+        DomainRef::Name(n) => format!("named {n}"),
+        DomainRef::Uuid(u) => format!("with UUID {u}"),
+    }
 }
 
 fn text(v: Option<Vec<u8>>) -> Option<String> {
@@ -17,25 +41,23 @@ fn text(v: Option<Vec<u8>>) -> Option<String> {
 }
 
 /// A xenstore connection seen as a [`XenstoreView`].
-pub struct XsView<'a>(pub &'a dyn crate::xen::xenstore::Xenstore);
+pub struct XsView<'a>(pub &'a dyn Xenstore);
 
 impl XenstoreView for XsView<'_> {
-    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
-        match self.0.read(crate::xen::xenstore::NO_TX, path) {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, XsError> {
+        match self.0.read(NO_TX, path) {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.is_enoent() => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         }
     }
-    fn list(&self, path: &str) -> Result<Vec<String>, String> {
-        self.0
-            .directory(crate::xen::xenstore::NO_TX, path)
-            .map_err(|e| e.to_string())
+    fn list(&self, path: &str) -> Result<Vec<String>, XsError> {
+        self.0.directory(NO_TX, path)
     }
 }
 
 /// The domid of `domain`, or an error saying what was not found.
-pub fn find_domain(xs: &dyn XenstoreView, domain: &DomainRef) -> Result<u32, String> {
+pub fn find_domain(xs: &dyn XenstoreView, domain: &DomainRef) -> Result<u32, FindDomainError> {
     if let DomainRef::Id(id) = domain {
         return match xs.read(&format!("/local/domain/{id}/domid"))? {
             Some(_) => Ok(*id),
@@ -45,7 +67,7 @@ pub fn find_domain(xs: &dyn XenstoreView, domain: &DomainRef) -> Result<u32, Str
             {
                 Ok(*id)
             }
-            None => Err(format!("no domain with id {id}")),
+            None => Err(FindDomainError::NotFound(domain.clone())),
         };
     }
     let mut matches = Vec::new();
@@ -70,14 +92,10 @@ pub fn find_domain(xs: &dyn XenstoreView, domain: &DomainRef) -> Result<u32, Str
             matches.push(id);
         }
     }
-    match (matches.as_slice(), domain) {
-        ([id], _) => Ok(*id),
-        ([], DomainRef::Name(n)) => Err(format!("no domain named {n}")),
-        ([], DomainRef::Uuid(u)) => Err(format!("no domain with UUID {u}")),
-        (many, _) => Err(format!(
-            "{} domains match: {many:?}; use a domid",
-            many.len()
-        )),
+    match matches.as_slice() {
+        [id] => Ok(*id),
+        [] => Err(FindDomainError::NotFound(domain.clone())),
+        many => Err(FindDomainError::Ambiguous(many.to_vec())),
     }
 }
 
@@ -88,10 +106,10 @@ mod tests {
 
     struct Tree(BTreeMap<String, String>);
     impl XenstoreView for Tree {
-        fn read(&self, path: &str) -> Result<Option<Vec<u8>>, String> {
+        fn read(&self, path: &str) -> Result<Option<Vec<u8>>, XsError> {
             Ok(self.0.get(path).map(|v| v.as_bytes().to_vec()))
         }
-        fn list(&self, path: &str) -> Result<Vec<String>, String> {
+        fn list(&self, path: &str) -> Result<Vec<String>, XsError> {
             let prefix = format!("{path}/");
             let mut c: Vec<String> = self
                 .0
@@ -137,14 +155,25 @@ mod tests {
             ),
             Ok(3)
         );
-        assert!(find_domain(&t, &DomainRef::Id(9))
-            .unwrap_err()
-            .contains("no domain with id 9"));
-        assert!(find_domain(&t, &DomainRef::Name("nope".into()))
-            .unwrap_err()
-            .contains("no domain named nope"));
-        assert!(find_domain(&t, &DomainRef::Name("twin".into()))
-            .unwrap_err()
-            .contains("2 domains match"));
+        let message = |d: DomainRef| find_domain(&t, &d).unwrap_err().to_string();
+        assert_eq!(message(DomainRef::Id(9)), "no domain with id 9");
+        assert_eq!(
+            message(DomainRef::Name("nope".into())),
+            "no domain named nope"
+        );
+        assert_eq!(
+            message(DomainRef::Uuid(
+                "00000000-0000-0000-0000-000000000000".into()
+            )),
+            "no domain with UUID 00000000-0000-0000-0000-000000000000"
+        );
+        assert_eq!(
+            find_domain(&t, &DomainRef::Name("twin".into())),
+            Err(FindDomainError::Ambiguous(vec![5, 6]))
+        );
+        assert_eq!(
+            message(DomainRef::Name("twin".into())),
+            "2 domains match: [5, 6]; use a domid"
+        );
     }
 }

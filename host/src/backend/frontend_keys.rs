@@ -4,6 +4,7 @@
 
 use super::features::HostOffer;
 use crate::blkif::keys::FEATURE_PERSISTENT;
+use crate::xen::xenstore::XsError;
 
 /// One queue's ring pages and event channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,37 +29,100 @@ pub struct FrontendRings {
 }
 
 /// Reads one key under the frontend's directory: `Ok(None)` when absent.
-pub type Reader<'a> = dyn Fn(&str) -> Result<Option<Vec<u8>>, String> + 'a;
+pub type Reader<'a> = dyn Fn(&str) -> Result<Option<Vec<u8>>, XsError> + 'a;
+
+/// What is wrong with what the frontend published: each case names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrontendKeyError {
+    /// xenstore failed to read it.
+    #[error("frontend key {key}: {source}")]
+    Read {
+        /// The key.
+        key: String,
+        /// What xenstore said.
+        #[source]
+        source: XsError,
+    },
+    /// A required key is absent.
+    #[error("frontend key {key} is missing")]
+    Missing {
+        /// The key.
+        key: String,
+    },
+    /// Not UTF-8.
+    #[error("frontend key {key}: not text")]
+    NotText {
+        /// The key.
+        key: String,
+    },
+    /// Not a decimal number.
+    #[error("frontend key {key}: `{}` is not a number", value.escape_debug())]
+    NotNumber {
+        /// The key.
+        key: String,
+        /// What it holds.
+        value: String,
+    },
+    /// A number, but outside what the key allows (`rule` says what it must be).
+    #[error("frontend key {key}: {value} {rule}")]
+    Outside {
+        /// The key.
+        key: String,
+        /// What it holds, as written.
+        value: String,
+        /// What it must be, in words.
+        rule: String,
+    },
+}
 
 /// The longest value we accept for a number (u32 has 10 digits).
 const MAX_NUMBER_LEN: usize = 10;
 
-fn text(key: &str, v: &[u8]) -> Result<String, String> {
-    let s = std::str::from_utf8(v).map_err(|_| format!("frontend key {key}: not text"))?;
+fn read_key(read: &Reader<'_>, key: &str) -> Result<Option<Vec<u8>>, FrontendKeyError> {
+    read(key).map_err(|source| FrontendKeyError::Read {
+        key: key.to_string(),
+        source,
+    })
+}
+
+fn text(key: &str, v: &[u8]) -> Result<String, FrontendKeyError> {
+    let s = std::str::from_utf8(v).map_err(|_| FrontendKeyError::NotText {
+        key: key.to_string(),
+    })?;
     Ok(s.trim().to_string())
 }
 
-fn number(key: &str, v: &[u8]) -> Result<u32, String> {
+fn number(key: &str, v: &[u8]) -> Result<u32, FrontendKeyError> {
     let s = text(key, v)?;
     if s.is_empty() || s.len() > MAX_NUMBER_LEN || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "frontend key {key}: `{}` is not a number",
-            s.escape_debug()
-        ));
+        return Err(FrontendKeyError::NotNumber {
+            key: key.to_string(),
+            value: s,
+        });
     }
     s.parse::<u32>()
-        .map_err(|_| format!("frontend key {key}: {s} is out of range"))
+        .map_err(|_| outside(key, s, "is out of range"))
 }
 
-fn required(read: &Reader<'_>, key: &str) -> Result<u32, String> {
-    match read(key)? {
-        Some(v) => number(key, &v),
-        None => Err(format!("frontend key {key} is missing")),
+fn outside(key: &str, value: impl ToString, rule: impl Into<String>) -> FrontendKeyError {
+    FrontendKeyError::Outside {
+        key: key.to_string(),
+        value: value.to_string(),
+        rule: rule.into(),
     }
 }
 
-fn optional(read: &Reader<'_>, key: &str) -> Result<Option<u32>, String> {
-    read(key)?.map(|v| number(key, &v)).transpose()
+fn required(read: &Reader<'_>, key: &str) -> Result<u32, FrontendKeyError> {
+    match read_key(read, key)? {
+        Some(v) => number(key, &v),
+        None => Err(FrontendKeyError::Missing {
+            key: key.to_string(),
+        }),
+    }
+}
+
+fn optional(read: &Reader<'_>, key: &str) -> Result<Option<u32>, FrontendKeyError> {
+    read_key(read, key)?.map(|v| number(key, &v)).transpose()
 }
 
 fn queue_ring(
@@ -66,14 +130,18 @@ fn queue_ring(
     prefix: &str,
     order: u32,
     single_key: bool,
-) -> Result<QueueRing, String> {
+) -> Result<QueueRing, FrontendKeyError> {
     let ring_refs = if single_key {
         vec![required(read, &format!("{prefix}ring-ref"))?]
     } else if order == 0 {
         // Neither spelling of a one-page ring's reference: name the classic key.
         match optional(read, &format!("{prefix}ring-ref0"))? {
             Some(r) => vec![r],
-            None => return Err(format!("frontend key {prefix}ring-ref is missing")),
+            None => {
+                return Err(FrontendKeyError::Missing {
+                    key: format!("{prefix}ring-ref"),
+                })
+            }
         }
     } else {
         (0..1u32 << order)
@@ -89,7 +157,7 @@ fn queue_ring(
 
 /// Reads and checks the frontend's ring description.
 /// `ad` is what the backend offered before InitWait: the frontend must stay within it.
-pub fn read_frontend(read: &Reader<'_>, ad: &HostOffer) -> Result<FrontendRings, String> {
+pub fn read_frontend(read: &Reader<'_>, ad: &HostOffer) -> Result<FrontendRings, FrontendKeyError> {
     let order = match (
         optional(read, "ring-page-order")?,
         optional(read, "num-ring-pages")?,
@@ -97,29 +165,27 @@ pub fn read_frontend(read: &Reader<'_>, ad: &HostOffer) -> Result<FrontendRings,
         (Some(o), _) => o,
         // Legacy spelling: a page count, which must be a power of two.
         (None, Some(n)) if n.is_power_of_two() => n.trailing_zeros(),
-        (None, Some(n)) => {
-            return Err(format!(
-                "frontend key num-ring-pages: {n} is not a power of two"
-            ))
-        }
+        (None, Some(n)) => return Err(outside("num-ring-pages", n, "is not a power of two")),
         (None, None) => 0,
     };
     if order > ad.max_ring_page_order {
-        return Err(format!(
-            "frontend key ring-page-order: {order} is above the advertised maximum {}",
-            ad.max_ring_page_order
+        return Err(outside(
+            "ring-page-order",
+            order,
+            format!("is above the advertised maximum {}", ad.max_ring_page_order),
         ));
     }
     // A one-page ring may use `ring-ref` (the original key) or `ring-ref0`.
-    let single_key = |prefix: &str| -> Result<bool, String> {
-        Ok(order == 0 && read(&format!("{prefix}ring-ref"))?.is_some())
+    let single_key = |prefix: &str| -> Result<bool, FrontendKeyError> {
+        Ok(order == 0 && read_key(read, &format!("{prefix}ring-ref"))?.is_some())
     };
     let queues = match optional(read, "multi-queue-num-queues")? {
         None => vec![queue_ring(read, "", order, single_key("")?)?],
         Some(n) if n == 0 || n > ad.max_queues => {
-            return Err(format!(
-                "frontend key multi-queue-num-queues: {n} is outside 1..={}",
-                ad.max_queues
+            return Err(outside(
+                "multi-queue-num-queues",
+                n,
+                format!("is outside 1..={}", ad.max_queues),
             ))
         }
         Some(n) => (0..n)
@@ -129,18 +195,19 @@ pub fn read_frontend(read: &Reader<'_>, ad: &HostOffer) -> Result<FrontendRings,
             })
             .collect::<Result<_, _>>()?,
     };
-    let protocol = read("protocol")?
+    let protocol = read_key(read, "protocol")?
         .map(|v| text("protocol", &v))
         .transpose()?;
-    let persistent = match read(FEATURE_PERSISTENT)? {
+    let persistent = match read_key(read, FEATURE_PERSISTENT)? {
         None => false,
         Some(v) => match text(FEATURE_PERSISTENT, &v)?.as_str() {
             "0" => false,
             "1" => true,
             other => {
-                return Err(format!(
-                    "frontend key feature-persistent: `{}` is not 0 or 1",
-                    other.escape_debug()
+                return Err(outside(
+                    FEATURE_PERSISTENT,
+                    format!("`{}`", other.escape_debug()),
+                    "is not 0 or 1",
                 ))
             }
         },
@@ -165,7 +232,7 @@ mod tests {
         persistent: true,
     };
 
-    fn read_from(keys: &[(&str, &str)]) -> Result<FrontendRings, String> {
+    fn read_from(keys: &[(&str, &str)]) -> Result<FrontendRings, FrontendKeyError> {
         let map: HashMap<String, Vec<u8>> = keys
             .iter()
             .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
@@ -273,12 +340,33 @@ mod tests {
             ),
         ];
         for (keys, needle) in cases {
-            let e = read_from(keys).unwrap_err();
+            let e = read_from(keys).unwrap_err().to_string();
             assert!(e.contains(needle), "{keys:?}: {e}");
         }
         let bad_utf8 =
             read_frontend(&|k: &str| Ok((k == "ring-ref").then(|| vec![0xff])), &AD).unwrap_err();
-        assert!(bad_utf8.contains("ring-ref"), "{bad_utf8}");
+        assert_eq!(
+            bad_utf8,
+            FrontendKeyError::NotText {
+                key: "ring-ref".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_xenstore_failure_names_the_key_it_was_reading() {
+        let e = read_frontend(&|_: &str| Err(XsError::Io("gone".into())), &AD).unwrap_err();
+        assert_eq!(
+            e,
+            FrontendKeyError::Read {
+                key: "ring-page-order".into(),
+                source: XsError::Io("gone".into())
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "frontend key ring-page-order: xenstore connection: gone"
+        );
     }
 
     #[test]

@@ -14,11 +14,41 @@ pub struct PluginSpec {
     pub pairs: Vec<String>,
 }
 
+/// What is wrong with a `params` value (quoted in the message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    /// Nothing but blanks.
+    #[error("params is empty")]
+    Empty,
+    /// `format:` and nothing after it.
+    #[error("params `{params}` names no image path")]
+    NoPath {
+        /// The value.
+        params: String,
+    },
+    /// The format word has characters a plugin name cannot have.
+    #[error("params `{params}`: `{plugin}` is not a plugin name")]
+    BadPlugin {
+        /// The value.
+        params: String,
+        /// The format word, mapped.
+        plugin: String,
+    },
+    /// An extra after the path without `=`.
+    #[error("params `{params}`: `{extra}` is not key=value")]
+    NotKeyValue {
+        /// The value.
+        params: String,
+        /// The extra.
+        extra: String,
+    },
+}
+
 /// Parses a `params` value.
-pub fn parse_params(params: &str) -> Result<PluginSpec, String> {
+pub fn parse_params(params: &str) -> Result<PluginSpec, ParamsError> {
     let params = params.trim();
     if params.is_empty() {
-        return Err("params is empty".into());
+        return Err(ParamsError::Empty);
     }
     let (format, rest) = match params.split_once(':') {
         Some((f, r)) if !f.contains('/') && !f.is_empty() => (f, r),
@@ -27,7 +57,9 @@ pub fn parse_params(params: &str) -> Result<PluginSpec, String> {
     let mut parts = rest.split(',');
     let path = parts.next().unwrap_or_default();
     if path.is_empty() {
-        return Err(format!("params `{params}` names no image path"));
+        return Err(ParamsError::NoPath {
+            params: params.to_string(),
+        });
     }
     let plugin = match format {
         "aio" | "raw" => "file",
@@ -37,14 +69,18 @@ pub fn parse_params(params: &str) -> Result<PluginSpec, String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
-        return Err(format!(
-            "params `{params}`: `{plugin}` is not a plugin name"
-        ));
+        return Err(ParamsError::BadPlugin {
+            params: params.to_string(),
+            plugin: plugin.to_string(),
+        });
     }
     let mut pairs = vec![format!("path={path}")];
     for extra in parts {
         if !extra.contains('=') {
-            return Err(format!("params `{params}`: `{extra}` is not key=value"));
+            return Err(ParamsError::NotKeyValue {
+                params: params.to_string(),
+                extra: extra.to_string(),
+            });
         }
         pairs.push(extra.to_string());
     }
@@ -73,8 +109,16 @@ mod tests {
             p.pairs,
             vec!["path=/a.img".to_string(), "shared=false".to_string()]
         );
-        for bad in ["", "vhd:", "mmap:/a,oops", "a b:/x"] {
-            assert!(parse_params(bad).is_err(), "{bad}");
+        assert_eq!(parse_params(" "), Err(ParamsError::Empty));
+        for (bad, message) in [
+            ("vhd:", "params `vhd:` names no image path"),
+            (
+                "mmap:/a,oops",
+                "params `mmap:/a,oops`: `oops` is not key=value",
+            ),
+            ("a b:/x", "params `a b:/x`: `a b` is not a plugin name"),
+        ] {
+            assert_eq!(parse_params(bad).unwrap_err().to_string(), message, "{bad}");
         }
     }
 }

@@ -17,17 +17,17 @@
 //! forcing (a second signal) writes Closed into the guests' states so nothing waits.
 
 use super::attach::{create_device, device_paths, BACKEND_TYPE};
-use super::device::{run as run_device, DeviceConfig, DeviceStats, Ended, Platform};
-use super::disks_config::DiskSpec;
+use super::device::{run as run_device, DeviceConfig, DeviceError, DeviceStats, Platform};
+use super::disks_config::{DiskSpec, DisksConfigError};
 use super::domains::{find_domain, XsView};
 use super::features::HostOffer;
-use super::params::parse_params;
+use super::params::{parse_params, ParamsError};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
 use super::vbd::{next_free, Vbd};
-use crate::plugin::{open_stack, open_stack_read_only, GuardedDisk};
+use crate::plugin::{open_stack, open_stack_read_only, GuardedDisk, PluginError};
 use crate::xen::xenbus::{write_state, XenbusState};
-use crate::xen::xenstore::{Xenstore, NO_TX};
+use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,7 +36,115 @@ use std::time::Duration;
 use xen_disk_plugin_api::Config;
 
 /// Opens a new xenstore connection (each device needs its own).
-pub type XsConnect = Arc<dyn Fn() -> Result<Box<dyn Xenstore + Send>, String> + Send + Sync>;
+pub type XsConnect = Arc<dyn Fn() -> Result<Box<dyn Xenstore + Send>, XsError> + Send + Sync>;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A configured disk's plugin stack did not open.
+    #[error("disk {number} (plugin {plugin}): {source}")]
+    Open {
+        /// Its entry's position in `disks.toml` (1-based).
+        number: usize,
+        /// Its plugin, as configured.
+        plugin: String,
+        /// Why.
+        #[source]
+        source: OpenError,
+    },
+    /// No xenstore connection.
+    #[error(transparent)]
+    Connect(XsError),
+    /// Watching a path the server follows.
+    #[error("watch {path}: {source}")]
+    Watch {
+        /// The path.
+        path: String,
+        /// What xenstore said.
+        #[source]
+        source: XsError,
+    },
+}
+
+/// Why a plugin stack could not be opened and guarded.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Loading or opening a layer.
+    #[error(transparent)]
+    Stack(#[from] PluginError),
+    /// The guard refused the disk (its size or sectors; the plugin layer's message).
+    #[error("{0}")]
+    Guard(String),
+}
+
+/// Why one device could not start: logged, and for a toolstack device written to its
+/// `error` node.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Every disk slot of the guest is taken.
+    #[error("domain {domid} has no free disk slot")]
+    NoFreeSlot {
+        /// The guest.
+        domid: u32,
+    },
+    /// The configured device is in use.
+    #[error("domain {domid} already has a disk at {}", vbd.linux_name())]
+    Occupied {
+        /// The guest.
+        domid: u32,
+        /// The device.
+        vbd: Vbd,
+    },
+    /// Writing the device's xenstore directories.
+    #[error("creating the device for domain {domid}: {source}")]
+    Create {
+        /// The guest.
+        domid: u32,
+        /// What xenstore said.
+        #[source]
+        source: XsError,
+    },
+    /// A toolstack directory whose name is not `<domid>/<devid>`.
+    #[error("the directory is not <domid>/<devid>")]
+    NotADevice,
+    /// A toolstack directory without `frontend`.
+    #[error("no `frontend` key")]
+    NoFrontend,
+    /// A toolstack key that disagrees with the directory's place.
+    #[error("`{key}` is {found}, expected {expected}")]
+    Mismatch {
+        /// The key.
+        key: &'static str,
+        /// Its value.
+        found: String,
+        /// What the directory's place implies.
+        expected: String,
+    },
+    /// `params` does not parse.
+    #[error("`params`: {0}")]
+    Params(#[source] ParamsError),
+    /// The plugin configuration in `params` does not parse (the plugin API's message).
+    #[error("`params`: {0}")]
+    PluginConfig(String),
+    /// The plugin stack did not open.
+    #[error("plugin {plugin}: {source}")]
+    Open {
+        /// The plugin, from `params`.
+        plugin: String,
+        /// Why.
+        #[source]
+        source: OpenError,
+    },
+    /// The device id is not a disk's.
+    #[error("{0} is not a disk number")]
+    NotADiskNumber(u32),
+    /// No xenstore connection for the device.
+    #[error(transparent)]
+    Connect(XsError),
+    /// Starting the device's thread.
+    #[error("device thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
 
 /// What every device of this server offers.
 #[derive(Debug, Clone)]
@@ -68,12 +176,13 @@ pub struct StaticDisk {
     /// The guest device it was last attached as: with the domain, its identity on reload
     /// when the entry names no `vbd`.
     pub attached: Option<Vbd>,
-    /// The last reason it could not be attached, said once rather than every round.
+    /// The last reason it could not be attached (as said), said once rather than every
+    /// round.
     last_error: Option<String>,
 }
 
 /// Opens every configured disk's plugin; the first failure names the disk.
-pub fn open_static(specs: Vec<DiskSpec>) -> Result<Vec<StaticDisk>, String> {
+pub fn open_static(specs: Vec<DiskSpec>) -> Result<Vec<StaticDisk>, ServeError> {
     specs
         .into_iter()
         .enumerate()
@@ -82,14 +191,18 @@ pub fn open_static(specs: Vec<DiskSpec>) -> Result<Vec<StaticDisk>, String> {
 }
 
 /// Opens one configured disk (`number` its position in the file).
-fn open_one(key: u64, number: usize, spec: DiskSpec) -> Result<StaticDisk, String> {
+fn open_one(key: u64, number: usize, spec: DiskSpec) -> Result<StaticDisk, ServeError> {
     let (disk, layers) = open_disk(
         &spec.plugin,
         &spec.plugin_config,
         spec.readonly,
         spec.sector_size,
     )
-    .map_err(|e| format!("disk {number} (plugin {}): {e}", spec.plugin))?;
+    .map_err(|source| ServeError::Open {
+        number,
+        plugin: spec.plugin.clone(),
+        source,
+    })?;
     Ok(StaticDisk {
         key,
         number,
@@ -106,18 +219,17 @@ fn open_disk(
     config: &Config,
     readonly: bool,
     sector_size: Option<u32>,
-) -> Result<(Arc<GuardedDisk>, String), String> {
+) -> Result<(Arc<GuardedDisk>, String), OpenError> {
     // A disk served read-only is opened read-only: its image may be one the host cannot write.
     let stack = if readonly {
-        open_stack_read_only(plugin, config)
+        open_stack_read_only(plugin, config)?
     } else {
-        open_stack(plugin, config)
-    }
-    .map_err(|e| e.to_string())?;
+        open_stack(plugin, config)?
+    };
     let layers = stack.describe();
-    let mut disk = GuardedDisk::new(Box::new(stack.disk), readonly)?;
+    let mut disk = GuardedDisk::new(Box::new(stack.disk), readonly).map_err(OpenError::Guard)?;
     if let Some(n) = sector_size {
-        disk = disk.with_sector_size(n)?;
+        disk = disk.with_sector_size(n).map_err(OpenError::Guard)?;
     }
     Ok((Arc::new(disk), layers))
 }
@@ -127,7 +239,7 @@ pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
 struct Device {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Result<Ended, String>>,
+    thread: JoinHandle<Result<(), DeviceError>>,
     frontend: String,
     /// The static disk's key, or None for a toolstack device.
     static_key: Option<u64>,
@@ -145,7 +257,7 @@ pub struct Hooks<'a> {
     /// The devices, for the control socket.
     pub registry: Arc<Registry>,
     /// Polled each round: a new configuration after SIGHUP, or None.
-    pub reload: &'a dyn Fn() -> Option<Result<Vec<DiskSpec>, String>>,
+    pub reload: &'a dyn Fn() -> Option<Result<Vec<DiskSpec>, DisksConfigError>>,
 }
 
 /// Serves until `stop` is at least 1; at 2, forces guests' sides closed.
@@ -156,7 +268,7 @@ pub fn serve(
     disks: Vec<StaticDisk>,
     stop: &AtomicUsize,
     hooks: Hooks<'_>,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let Hooks {
         log,
         registry,
@@ -164,7 +276,7 @@ pub fn serve(
     } = hooks;
     let reg = &registry;
     let mut disks = disks;
-    let xs = connect()?;
+    let xs = connect().map_err(ServeError::Connect)?;
     let base = format!(
         "/local/domain/{}/backend/{BACKEND_TYPE}",
         opts.backend_domid
@@ -174,8 +286,10 @@ pub fn serve(
         ("@introduceDomain", "domains"),
         ("@releaseDomain", "domains"),
     ] {
-        xs.watch(path, token)
-            .map_err(|e| format!("watch {path}: {e}"))?;
+        xs.watch(path, token).map_err(|source| ServeError::Watch {
+            path: path.to_string(),
+            source,
+        })?;
     }
     let events = xs.events();
     let mut devices: HashMap<String, Device> = HashMap::new();
@@ -220,6 +334,7 @@ pub fn serve(
                 }
                 Ok(None) => true,
                 Err(e) => {
+                    let e = e.to_string();
                     if disk.last_error.as_ref() != Some(&e) {
                         log(&format!("disk {}: {e}", disk.number));
                         disk.last_error = Some(e);
@@ -241,6 +356,7 @@ pub fn serve(
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    let e = e.to_string();
                     log(&format!("{path}: {e}"));
                     let _ = xs.write(NO_TX, &format!("{path}/error"), e.as_bytes());
                     let _ = write_state(&*xs, &path, XenbusState::Closing);
@@ -383,13 +499,14 @@ fn swap_static(served: &mut Served<'_>, key: u64, spec: DiskSpec, log: &Log, reg
     } else {
         open_stack(&spec.plugin, &spec.plugin_config)
     }
-    .map_err(|e| e.to_string())
+    .map_err(OpenError::from)
     .and_then(|stack| {
         let layers = stack.describe();
         current
             .disk
             .swap(Box::new(stack.disk), false)
             .map(|s| (s, layers))
+            .map_err(OpenError::Guard)
     });
     match swapped {
         Ok((s, layers)) => {
@@ -437,7 +554,7 @@ fn reap(
         };
         registry.remove(&d.id);
         let how = match d.thread.join() {
-            Ok(Ok(Ended::Removed)) => "removed".to_string(),
+            Ok(Ok(())) => "removed".to_string(),
             Ok(Err(e)) => format!("failed: {e}"),
             Err(_) => "device thread panicked".to_string(),
         };
@@ -473,7 +590,7 @@ fn attach_static(
     disk: &mut StaticDisk,
     reserved: &[Vbd],
     registry: &Registry,
-) -> Result<Option<(String, Device)>, String> {
+) -> Result<Option<(String, Device)>, StartError> {
     let Ok(domid) = find_domain(&XsView(xs), &disk.spec.domain) else {
         return Ok(None);
     };
@@ -484,20 +601,16 @@ fn attach_static(
                 .directory(NO_TX, &format!("/local/domain/{domid}/device/vbd"))
                 .unwrap_or_default();
             used.extend(reserved.iter().map(|v| v.number().to_string()));
-            next_free(used.iter().map(String::as_str))
-                .ok_or_else(|| format!("domain {domid} has no free disk slot"))?
+            next_free(used.iter().map(String::as_str)).ok_or(StartError::NoFreeSlot { domid })?
         }
     };
     let paths = device_paths(opts.backend_domid, domid, vbd);
     if xs.read(NO_TX, &format!("{}/state", paths.frontend)).is_ok() {
-        return Err(format!(
-            "domain {domid} already has a disk at {}",
-            vbd.linux_name()
-        ));
+        return Err(StartError::Occupied { domid, vbd });
     }
     let read_only = disk.disk.info().read_only;
     let paths = create_device(xs, opts.backend_domid, domid, vbd, read_only)
-        .map_err(|e| format!("creating the device for domain {domid}: {e}"))?;
+        .map_err(|source| StartError::Create { domid, source })?;
     let mut offer = opts.offer;
     if let Some(q) = disk.spec.queues {
         offer.max_queues = offer.max_queues.min(q.max(1));
@@ -549,7 +662,7 @@ fn start_toolstack(
     opts: &ServeOptions,
     path: &str,
     registry: &Registry,
-) -> Result<Option<Device>, String> {
+) -> Result<Option<Device>, StartError> {
     let read = |k: &str| -> Option<String> {
         xs.read(NO_TX, &format!("{path}/{k}"))
             .ok()
@@ -563,18 +676,22 @@ fn start_toolstack(
     let (devid, domid) = (parts.next(), parts.next());
     let domid: u32 = domid
         .and_then(|d| d.parse().ok())
-        .ok_or("the directory is not <domid>/<devid>")?;
+        .ok_or(StartError::NotADevice)?;
     let devid: u32 = devid
         .and_then(|d| d.parse().ok())
-        .ok_or("the directory is not <domid>/<devid>")?;
+        .ok_or(StartError::NotADevice)?;
     // A device the toolstack is taking away (online=0) is not started again.
     if read("online").as_deref() == Some("0") {
         return Ok(None);
     }
-    let frontend = read("frontend").ok_or("no `frontend` key")?;
+    let frontend = read("frontend").ok_or(StartError::NoFrontend)?;
     let expected = format!("/local/domain/{domid}/device/vbd/{devid}");
     if frontend != expected {
-        return Err(format!("`frontend` is {frontend}, expected {expected}"));
+        return Err(StartError::Mismatch {
+            key: "frontend",
+            found: frontend,
+            expected,
+        });
     }
     // Not before the frontend exists: a toolstack writing without a transaction may not
     // have created it yet.
@@ -583,15 +700,22 @@ fn start_toolstack(
     }
     if let Some(id) = read("frontend-id") {
         if id != domid.to_string() {
-            return Err(format!("`frontend-id` is {id}, expected {domid}"));
+            return Err(StartError::Mismatch {
+                key: "frontend-id",
+                found: id,
+                expected: domid.to_string(),
+            });
         }
     }
-    let spec = parse_params(&params).map_err(|e| format!("`params`: {e}"))?;
-    let config = Config::from_pairs(&spec.pairs).map_err(|e| format!("`params`: {e}"))?;
+    let spec = parse_params(&params).map_err(StartError::Params)?;
+    let config = Config::from_pairs(&spec.pairs).map_err(StartError::PluginConfig)?;
     let readonly = matches!(read("mode").as_deref(), Some("r" | "ro"));
-    let (disk, layers) = open_disk(&spec.plugin, &config, readonly, None)
-        .map_err(|e| format!("plugin {}: {e}", spec.plugin))?;
-    let vbd = Vbd::from_number(devid).ok_or_else(|| format!("{devid} is not a disk number"))?;
+    let (disk, layers) =
+        open_disk(&spec.plugin, &config, readonly, None).map_err(|source| StartError::Open {
+            plugin: spec.plugin.clone(),
+            source,
+        })?;
+    let vbd = Vbd::from_number(devid).ok_or(StartError::NotADiskNumber(devid))?;
     let cfg = DeviceConfig {
         backend_path: path.to_string(),
         frontend_path: frontend,
@@ -624,8 +748,8 @@ fn spawn(
     disk: Arc<GuardedDisk>,
     static_key: Option<u64>,
     (xs, registry, vbd, layers): Registration<'_>,
-) -> Result<Device, String> {
-    let dev_xs = connect()?;
+) -> Result<Device, StartError> {
+    let dev_xs = connect().map_err(StartError::Connect)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::default());
     let (s, p, st) = (stop.clone(), platform.clone(), stats.clone());
@@ -635,7 +759,7 @@ fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("xen-disk-dev-{guest}"))
         .spawn(move || run_device(&*dev_xs, &p, &cfg, disk, &s, &st))
-        .map_err(|e| e.to_string())?;
+        .map_err(StartError::Thread)?;
     registry.add(entry);
     Ok(Device {
         stop,

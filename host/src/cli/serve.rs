@@ -8,7 +8,9 @@
 
 use super::connect::{catch_hangups, catch_signals, hangups, signals};
 use crate::backend::device::Platform;
-use crate::backend::disks_config::{parse_disks, DomainRef};
+use crate::backend::disks_config::{
+    load_disks, parse_disks, DiskSpec, DisksConfigError, DomainRef,
+};
 use crate::backend::features::HostOffer;
 use crate::backend::registry::Registry;
 use crate::backend::server::{open_static, serve, Hooks, Log, ServeOptions, StaticDisk, XsConnect};
@@ -21,7 +23,7 @@ use crate::xen::sim::machine::SimMachine;
 use crate::xen::sim::xenstored::SimXenstored;
 use crate::xen::xenbus::{read_state, write_state, XenbusState};
 use crate::xen::xenstore::client::XsClient;
-use crate::xen::xenstore::{Xenstore, NO_TX};
+use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -124,11 +126,8 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     if args.sim {
         return run_sim(args, disks, opts, log, &stop, registry);
     }
-    let connect: XsConnect = Arc::new(|| {
-        XsClient::open_default()
-            .map(|c| Box::new(c) as Box<dyn Xenstore + Send>)
-            .map_err(|e| e.to_string())
-    });
+    let connect: XsConnect =
+        Arc::new(|| XsClient::open_default().map(|c| Box::new(c) as Box<dyn Xenstore + Send>));
     let platform = Platform {
         grants: Arc::new(LinuxGrants(Gntdev::open()?)),
         evtchns: Arc::new(LinuxEventChannels),
@@ -151,19 +150,14 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
 /// On SIGHUP, the configuration file read and parsed again (None when no new SIGHUP).
 fn reloader(
     config: Option<PathBuf>,
-) -> impl Fn() -> Option<Result<Vec<crate::backend::disks_config::DiskSpec>, String>> {
+) -> impl Fn() -> Option<Result<Vec<DiskSpec>, DisksConfigError>> {
     let seen = AtomicUsize::new(hangups());
     move || {
         let now = hangups();
         if seen.swap(now, Ordering::SeqCst) == now {
             return None;
         }
-        let path = config.as_ref()?;
-        Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: {e}", path.display()))
-                .and_then(|text| parse_disks(path, &text)),
-        )
+        Some(load_disks(config.as_ref()?))
     }
 }
 
@@ -244,7 +238,7 @@ fn run_sim(
     let connect: XsConnect = Arc::new(move || {
         x.connect(0)
             .map(|c| Box::new(c) as Box<dyn Xenstore + Send>)
-            .map_err(|e| e.to_string())
+            .map_err(|e| XsError::Io(e.to_string()))
     });
     let platform = Platform {
         grants: machine.clone(),

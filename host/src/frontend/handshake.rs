@@ -112,8 +112,10 @@ pub fn connect(
     xs.watch(&format!("{backend}/state"), &token)
         .map_err(|e| FrontendError::Setup(e.to_string()))?;
     wait_state(xs, backend, XenbusState::InitWait, timeout)?;
-    let num =
-        |key: &str| read_u32(xs, NO_TX, &format!("{backend}/{key}")).map_err(FrontendError::Setup);
+    let num = |key: &str| {
+        read_u32(xs, NO_TX, &format!("{backend}/{key}"))
+            .map_err(|e| FrontendError::Setup(e.to_string()))
+    };
     let order = wishes
         .ring_page_order
         .min(num("max-ring-page-order")?.unwrap_or(0))
@@ -186,7 +188,7 @@ pub fn connect(
     wait_state(xs, backend, XenbusState::Connected, timeout)?;
     let flag = |key: &str| -> Result<bool, FrontendError> { Ok(num(key)? == Some(1)) };
     let sectors = read_string(xs, NO_TX, &format!("{backend}/sectors"))
-        .map_err(FrontendError::Setup)?
+        .map_err(|e| FrontendError::Setup(e.to_string()))?
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or_else(|| {
             FrontendError::Setup(format!("{backend}/sectors missing or not a number"))

@@ -80,9 +80,9 @@ pub enum QueueError {
     /// The guest broke the ring: the device disconnects it.
     #[error("{0}")]
     Ring(#[from] RingError),
-    /// The host could not set the queue up.
-    #[error("queue setup: {0}")]
-    Setup(String),
+    /// The host could not make the ring thread's doorbell.
+    #[error("queue setup: doorbell: {0}")]
+    Doorbell(#[source] std::io::Error),
 }
 
 /// Polls the ring (when it may take requests) and the completions for up to `poll`; true
@@ -141,7 +141,7 @@ pub fn serve(
         size,
         BLKIF_MAX_SEGMENTS_PER_REQUEST,
     ));
-    let wake = Arc::new(EventFdWake::new().map_err(|e| QueueError::Setup(e.to_string()))?);
+    let wake = Arc::new(EventFdWake::new().map_err(QueueError::Doorbell)?);
     let inline = runs_inline(threads, &disk);
     let (workers, mut completions) = Workers::start(
         if inline { 0 } else { threads },

@@ -11,9 +11,29 @@
 
 use super::super::io::IoOp;
 use crate::blkif::abi::*;
-use crate::blkif::request::{validate_indirect_segments, Limits, Segment, Valid};
-use crate::xen::grant::{copy_from_guest, GrantMapper, GrantMapping, PersistentGrants};
+use crate::blkif::request::{validate_indirect_segments, Limits, Refused, Segment, Valid};
+use crate::xen::grant::{copy_from_guest, GrantError, GrantMapper, GrantMapping, PersistentGrants};
 use xen_disk_plugin_api::RawBuf;
+
+/// Why a request's guest memory could not be reached: the request is answered ERROR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum SegmentError {
+    /// An indirect request's list pages cannot hold its segment count.
+    #[error("indirect pages too short for their segments")]
+    IndirectTooShort,
+    /// Copying a list page out of its mapping.
+    #[error("indirect pages")]
+    IndirectCopy,
+    /// A segment in an indirect list is invalid.
+    #[error("{}", .0.reason)]
+    IndirectSegment(Refused),
+    /// More segments than any request may carry.
+    #[error("{0} segments")]
+    TooMany(usize),
+    /// Mapping the guest's pages.
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+}
 
 /// The most segments one request can carry (indirect, as advertised).
 const MAX_SEGMENTS: usize = 256;
@@ -35,7 +55,7 @@ pub(super) fn prepare(
     scratch: &mut Vec<Segment>,
     list_bytes: &mut [u8; INDIRECT_LIST_BYTES],
     bufs: &mut Vec<RawBuf>,
-) -> Result<(IoOp, u64, Option<GrantMapping>), String> {
+) -> Result<(IoOp, u64, Option<GrantMapping>), SegmentError> {
     bufs.clear();
     match valid {
         Valid::Flush { op } => Ok((op.into(), 0, None)),
@@ -59,12 +79,12 @@ pub(super) fn prepare(
             // Only the segments' bytes are read, once, into private memory.
             let need = usize::from(nr_segments) * SEGMENT_SIZE;
             if need > pages * XEN_PAGE_SIZE {
-                return Err("indirect pages too short for their segments".into());
+                return Err(SegmentError::IndirectTooShort);
             }
             let bytes = &mut list_bytes[..need];
             read_indirect_pages(guest.grants, guest.domid, cache, &grefs[..pages], bytes)?;
             validate_indirect_segments(bytes, nr_segments, sector_number, guest.limits, scratch)
-                .map_err(|r| r.reason)?;
+                .map_err(SegmentError::IndirectSegment)?;
             let m = map_segments(guest, cache, op, scratch, bufs)?;
             Ok((op.into(), sector_number * 512, m))
         }
@@ -84,7 +104,7 @@ fn read_indirect_pages(
     cache: &mut Option<PersistentGrants>,
     grefs: &[u32],
     out: &mut [u8],
-) -> Result<(), String> {
+) -> Result<(), SegmentError> {
     for (gref, chunk) in grefs.iter().zip(out.chunks_mut(XEN_PAGE_SIZE)) {
         let cached = cache.as_mut().and_then(|c| c.page(*gref).ok().flatten());
         match cached {
@@ -92,11 +112,9 @@ fn read_indirect_pages(
             // chunk is at most a page.
             Some(page) => unsafe { copy_from_guest(page, chunk) },
             None => {
-                let m = grants
-                    .map(domid, std::slice::from_ref(gref), false)
-                    .map_err(|e| e.to_string())?;
+                let m = grants.map(domid, std::slice::from_ref(gref), false)?;
                 if !m.copy_out(0, chunk) {
-                    return Err("indirect pages".into());
+                    return Err(SegmentError::IndirectCopy);
                 }
             }
         }
@@ -112,9 +130,9 @@ fn map_segments(
     op: RwOp,
     segments: &[Segment],
     bufs: &mut Vec<RawBuf>,
-) -> Result<Option<GrantMapping>, String> {
+) -> Result<Option<GrantMapping>, SegmentError> {
     if segments.len() > MAX_SEGMENTS {
-        return Err(format!("{} segments", segments.len()));
+        return Err(SegmentError::TooMany(segments.len()));
     }
     let mut grefs = [0u32; MAX_SEGMENTS];
     for (g, s) in grefs.iter_mut().zip(segments) {
@@ -123,10 +141,7 @@ fn map_segments(
     let grefs = &grefs[..segments.len()];
     if let Some(cache) = cache.as_mut() {
         let mut pages = [std::ptr::null_mut(); MAX_SEGMENTS];
-        if cache
-            .pages_of(grefs, &mut pages)
-            .map_err(|e| e.to_string())?
-        {
+        if cache.pages_of(grefs, &mut pages)? {
             for (s, page) in segments.iter().zip(pages) {
                 // SAFETY: validated: first..=last ≤ 7, so inside the 4096-byte page.
                 let base = unsafe { page.add(usize::from(s.first_sect) * 512) };
@@ -140,10 +155,7 @@ fn map_segments(
         // The cache is full: this request's pages are mapped for it alone.
     }
     // The backend writes into the guest's pages only for reads.
-    let m = guest
-        .grants
-        .map(guest.domid, grefs, op == RwOp::Read)
-        .map_err(|e| e.to_string())?;
+    let m = guest.grants.map(guest.domid, grefs, op == RwOp::Read)?;
     for (i, s) in segments.iter().enumerate() {
         let start = i * XEN_PAGE_SIZE + usize::from(s.first_sect) * 512;
         let len = usize::from(s.last_sect - s.first_sect + 1) * 512;

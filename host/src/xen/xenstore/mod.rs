@@ -183,30 +183,76 @@ pub fn transaction<T>(
 /// Longest value accepted from a guest-writable node by the helpers below.
 pub const GUEST_VALUE_MAX: usize = 256;
 
+/// Why a guest-writable node could not be read as a value: each case names the path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// Longer than [`GUEST_VALUE_MAX`].
+    #[error("{path}: value of {len} bytes is too long")]
+    TooLong {
+        /// The node.
+        path: String,
+        /// Its length.
+        len: usize,
+    },
+    /// Not UTF-8.
+    #[error("{path}: value is not text")]
+    NotText {
+        /// The node.
+        path: String,
+    },
+    /// Not a decimal number.
+    #[error("{path}: `{}` is not a number", value.escape_debug())]
+    NotNumber {
+        /// The node.
+        path: String,
+        /// What it holds.
+        value: String,
+    },
+    /// Digits, but beyond a u32.
+    #[error("{path}: {value} is out of range")]
+    OutOfRange {
+        /// The node.
+        path: String,
+        /// What it holds.
+        value: String,
+    },
+    /// xenstore failed (the message names the path).
+    #[error(transparent)]
+    Xenstore(#[from] XsError),
+}
+
 /// A node's value as text: `Ok(None)` when absent; an error naming the path when it is not
 /// UTF-8 or longer than [`GUEST_VALUE_MAX`].
-pub fn read_string(xs: &dyn Xenstore, tx: TxId, path: &str) -> Result<Option<String>, String> {
+pub fn read_string(xs: &dyn Xenstore, tx: TxId, path: &str) -> Result<Option<String>, ReadError> {
     match xs.read(tx, path) {
-        Ok(v) if v.len() > GUEST_VALUE_MAX => {
-            Err(format!("{path}: value of {} bytes is too long", v.len()))
-        }
+        Ok(v) if v.len() > GUEST_VALUE_MAX => Err(ReadError::TooLong {
+            path: path.to_string(),
+            len: v.len(),
+        }),
         Ok(v) => String::from_utf8(v)
             .map(|s| Some(s.trim().to_string()))
-            .map_err(|_| format!("{path}: value is not text")),
+            .map_err(|_| ReadError::NotText {
+                path: path.to_string(),
+            }),
         Err(e) if e.is_enoent() => Ok(None),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// A node's value as a decimal u32: `Ok(None)` when absent.
-pub fn read_u32(xs: &dyn Xenstore, tx: TxId, path: &str) -> Result<Option<u32>, String> {
+pub fn read_u32(xs: &dyn Xenstore, tx: TxId, path: &str) -> Result<Option<u32>, ReadError> {
     match read_string(xs, tx, path)? {
         None => Ok(None),
-        Some(s) if !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("{path}: {s} is out of range")),
-        Some(s) => Err(format!("{path}: `{}` is not a number", s.escape_debug())),
+        Some(s) if !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().map(Some).map_err(|_| ReadError::OutOfRange {
+                path: path.to_string(),
+                value: s,
+            })
+        }
+        Some(s) => Err(ReadError::NotNumber {
+            path: path.to_string(),
+            value: s,
+        }),
     }
 }
 
