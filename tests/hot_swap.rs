@@ -107,13 +107,13 @@ fn a_swap_that_cannot_happen_leaves_the_old_plugin_serving() {
     );
     let mut sim = SimulatedDisk::start(disk.clone()).unwrap();
     let smaller = open("file", &[format!("path={}", small.display())]);
-    let e = disk.swap(smaller, false).unwrap_err();
+    let e = disk.swap(smaller, false).unwrap_err().to_string();
     assert!(e.contains("smaller"), "{e}");
     let read_only = open(
         "file",
         &[format!("path={}", img.display()), "readonly=true".into()],
     );
-    let e = disk.swap(read_only, false).unwrap_err();
+    let e = disk.swap(read_only, false).unwrap_err().to_string();
     assert!(e.contains("read-only"), "{e}");
     let data = vec![0x42u8; 65536];
     sim.write(4096, &data).unwrap();

@@ -11,7 +11,7 @@ fn open(fail_in: &str, panic: bool) -> Result<GuardedDisk, String> {
     let config =
         Config::from_pairs(&[format!("fail-in={fail_in}"), format!("panic={panic}")]).unwrap();
     let disk = plugin.open(&config).map_err(|e| e.to_string())?;
-    GuardedDisk::new(Box::new(disk), false)
+    GuardedDisk::new(Box::new(disk), false).map_err(|e| e.to_string())
 }
 
 #[test]

@@ -3,6 +3,17 @@
 //! acts on.
 
 use super::device::DeviceStats;
+
+/// Why a name finds no one device.
+#[derive(Debug, thiserror::Error)]
+pub enum FindError {
+    /// Neither an id nor a device name any guest has.
+    #[error("no device {0} (see `ctl list`)")]
+    NoDevice(String),
+    /// A device name several guests have.
+    #[error("{0} is ambiguous: several guests have it; use <domid>/{0}")]
+    Ambiguous(String),
+}
 use crate::plugin::GuardedDisk;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -88,7 +99,8 @@ impl Registry {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn find(&self, name: &str) -> Result<Arc<Entry>, String> {
+    /// The device `name` names: its id, or its guest device name when only one guest has it.
+    pub fn find(&self, name: &str) -> Result<Arc<Entry>, FindError> {
         let e = self.lock();
         if let Some(x) = e.iter().find(|x| x.id == name) {
             return Ok(x.clone());
@@ -96,10 +108,8 @@ impl Registry {
         let by_vbd: Vec<_> = e.iter().filter(|x| x.vbd == name).collect();
         match by_vbd.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(format!("no device {name} (see `ctl list`)")),
-            _ => Err(format!(
-                "{name} is ambiguous: several guests have it; use <domid>/{name}"
-            )),
+            [] => Err(FindError::NoDevice(name.to_string())),
+            _ => Err(FindError::Ambiguous(name.to_string())),
         }
     }
 }

@@ -25,7 +25,7 @@ use super::params::{parse_params, ParamsError};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
 use super::vbd::{next_free, Vbd};
-use crate::plugin::{open_stack, open_stack_read_only, GuardedDisk, PluginError};
+use crate::plugin::{open_stack, open_stack_read_only, GuardError, GuardedDisk, PluginError};
 use crate::xen::xenbus::{write_state, XenbusState};
 use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
 use std::collections::{HashMap, HashSet};
@@ -72,9 +72,9 @@ pub enum OpenError {
     /// Loading or opening a layer.
     #[error(transparent)]
     Stack(#[from] PluginError),
-    /// The guard refused the disk (its size or sectors; the plugin layer's message).
-    #[error("{0}")]
-    Guard(String),
+    /// The guard refused the disk (its size or sectors).
+    #[error(transparent)]
+    Guard(#[from] GuardError),
 }
 
 /// Why one device could not start: logged, and for a toolstack device written to its

@@ -374,7 +374,7 @@ fn discard(s: &Subject<'_>) -> Outcome {
 fn read_only(s: &Subject<'_>) -> Outcome {
     let ro = match GuardedDisk::new(Box::new(s.shared()), true) {
         Ok(d) => d,
-        Err(e) => return Outcome::Fail(e),
+        Err(e) => return Outcome::Fail(e.to_string()),
     };
     let before = s.calls.load(Ordering::SeqCst);
     let buf = vec![0u8; ro.info().logical_sector_size as usize];

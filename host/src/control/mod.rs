@@ -38,18 +38,23 @@ impl Registry {
         let words: Vec<&str> = line.split_whitespace().collect();
         let result = match words.as_slice() {
             ["list"] => Ok(self.list()),
-            ["stats", dev, rest @ ..] => {
-                self.find(dev).map(|e| stats(&e, rest.contains(&"--json")))
-            }
-            ["swap", dev, plugin, rest @ ..] => self.find(dev).and_then(|e| swap(&e, plugin, rest)),
-            ["detach", dev] => self.find(dev).map(|e| {
+            ["stats", dev, rest @ ..] => self
+                .find(dev)
+                .map_err(|e| e.to_string())
+                .map(|e| stats(&e, rest.contains(&"--json"))),
+            ["swap", dev, plugin, rest @ ..] => self
+                .find(dev)
+                .map_err(|e| e.to_string())
+                .and_then(|e| swap(&e, plugin, rest)),
+            ["detach", dev] => self.find(dev).map_err(|e| e.to_string()).map(|e| {
                 e.stop.store(true, Ordering::SeqCst);
                 format!("{}: detaching", e.id)
             }),
-            ["resize", dev] => self.find(dev).and_then(|e| {
+            ["resize", dev] => self.find(dev).map_err(|e| e.to_string()).and_then(|e| {
                 e.disk
                     .refresh_size()
                     .map(|_| format!("{}: {} bytes", e.id, e.disk.size()))
+                    .map_err(|why| why.to_string())
             }),
             _ => Err(format!(
                 "unknown request `{}` (list, stats, swap, detach, resize)",

@@ -19,23 +19,62 @@ use xen_disk_plugin_api::{
 const ZERO_CHUNK: usize = 256 * 1024;
 static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 
+/// Why the guard refuses a disk, a sector size or a swap. Each displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// The plugin's logical sector size.
+    #[error("logical sector size {0} (must be 512 or 4096)")]
+    LogicalSectorSize(u32),
+    /// The plugin's physical sector size.
+    #[error("physical sector size {physical} (must be a power of two from {logical} to 1 MiB)")]
+    PhysicalSectorSize { physical: u32, logical: u32 },
+    /// The plugin's size.
+    #[error("size {size} (must be a non-zero multiple of {sector})")]
+    Size { size: u64, sector: u32 },
+    /// A sector size to present that is not 512 or 4096.
+    #[error("sector size {0}: must be 512 or 4096")]
+    PresentedSectorSize(u32),
+    /// A sector size to present smaller than the plugin's.
+    #[error("sector size {presented}: the plugin's sectors are {plugin} bytes")]
+    SmallerThanPlugin { presented: u32, plugin: u32 },
+    /// A sector size to present that does not divide the disk.
+    #[error("sector size {presented}: the disk's {size} bytes are not a whole number of sectors")]
+    NotWholeSectors { presented: u32, size: u64 },
+    /// A new plugin with larger sectors than the guest's.
+    #[error("the plugin's sectors are {plugin} bytes, the guest's {guest}")]
+    LargerSectors { plugin: u32, guest: u32 },
+    /// A new plugin smaller than one sector.
+    #[error("the plugin's size {0} is less than a sector")]
+    LessThanASector(u64),
+    /// A swap to a smaller disk without leave.
+    #[error("the new plugin's disk is {new} bytes, smaller than the guest's {guest}; `ctl swap --allow-shrink` allows that")]
+    Shrink { new: u64, guest: u64 },
+    /// A swap to a read-only disk under a writable one.
+    #[error("the new plugin's disk is read-only; the guest's is writable")]
+    ReadOnly,
+    /// The old plugin's flush failed: it keeps serving.
+    #[error("flushing the old plugin: {0}; it keeps serving")]
+    Flush(Box<Error>),
+}
+
 /// Checks that a plugin's `info` describes a disk the host can serve.
-pub fn check_info(info: &DiskInfo) -> std::result::Result<(), String> {
+pub fn check_info(info: &DiskInfo) -> std::result::Result<(), GuardError> {
     let ls = info.logical_sector_size;
     if ls != 512 && ls != 4096 {
-        return Err(format!("logical sector size {ls} (must be 512 or 4096)"));
+        return Err(GuardError::LogicalSectorSize(ls));
     }
     let ps = info.physical_sector_size;
     if ps < ls || !ps.is_power_of_two() || ps > 1 << 20 {
-        return Err(format!(
-            "physical sector size {ps} (must be a power of two from {ls} to 1 MiB)"
-        ));
+        return Err(GuardError::PhysicalSectorSize {
+            physical: ps,
+            logical: ls,
+        });
     }
     if info.size == 0 || !info.size.is_multiple_of(u64::from(ls)) {
-        return Err(format!(
-            "size {} (must be a non-zero multiple of {ls})",
-            info.size
-        ));
+        return Err(GuardError::Size {
+            size: info.size,
+            sector: ls,
+        });
     }
     Ok(())
 }
@@ -49,7 +88,7 @@ struct Plugged {
 }
 
 impl Plugged {
-    fn new(disk: Box<dyn Disk>) -> std::result::Result<Plugged, String> {
+    fn new(disk: Box<dyn Disk>) -> std::result::Result<Plugged, GuardError> {
         let info = disk.info();
         check_info(&info)?;
         Ok(Plugged {
@@ -87,7 +126,7 @@ pub struct Swapped {
 
 impl GuardedDisk {
     /// Wraps `inner`; `read_only` forces a read-only disk whatever the plugin says.
-    pub fn new(inner: Box<dyn Disk>, read_only: bool) -> std::result::Result<Self, String> {
+    pub fn new(inner: Box<dyn Disk>, read_only: bool) -> std::result::Result<Self, GuardError> {
         let plugged = Plugged::new(inner)?;
         let info = plugged.info;
         Ok(GuardedDisk {
@@ -107,21 +146,21 @@ impl GuardedDisk {
     /// Presents `sector_size`-byte logical sectors (512 or 4096) whatever the plugin's are:
     /// `--sector-size 4096` over a 512-byte image gives a guest a 4Kn disk. The guard then
     /// refuses I/O not aligned to it. A plugin's 4096-byte sectors cannot be presented as 512.
-    pub fn with_sector_size(mut self, sector_size: u32) -> std::result::Result<Self, String> {
+    pub fn with_sector_size(mut self, sector_size: u32) -> std::result::Result<Self, GuardError> {
         if sector_size != 512 && sector_size != 4096 {
-            return Err(format!("sector size {sector_size}: must be 512 or 4096"));
+            return Err(GuardError::PresentedSectorSize(sector_size));
         }
         if sector_size < self.info.logical_sector_size {
-            return Err(format!(
-                "sector size {sector_size}: the plugin's sectors are {} bytes",
-                self.info.logical_sector_size
-            ));
+            return Err(GuardError::SmallerThanPlugin {
+                presented: sector_size,
+                plugin: self.info.logical_sector_size,
+            });
         }
         if !self.size().is_multiple_of(u64::from(sector_size)) {
-            return Err(format!(
-                "sector size {sector_size}: the disk's {} bytes are not a whole number of sectors",
-                self.size()
-            ));
+            return Err(GuardError::NotWholeSectors {
+                presented: sector_size,
+                size: self.size(),
+            });
         }
         self.info.logical_sector_size = sector_size;
         self.info.physical_sector_size = self.info.physical_sector_size.max(sector_size);
@@ -143,26 +182,23 @@ impl GuardedDisk {
     }
 
     /// The plugin's size rounded down to whole logical sectors, checked.
-    fn plugin_size(&self, info: &DiskInfo) -> std::result::Result<u64, String> {
+    fn plugin_size(&self, info: &DiskInfo) -> std::result::Result<u64, GuardError> {
         if info.logical_sector_size > self.info.logical_sector_size {
-            return Err(format!(
-                "the plugin's sectors are {} bytes, the guest's {}",
-                info.logical_sector_size, self.info.logical_sector_size
-            ));
+            return Err(GuardError::LargerSectors {
+                plugin: info.logical_sector_size,
+                guest: self.info.logical_sector_size,
+            });
         }
         let ls = u64::from(self.info.logical_sector_size);
         let size = info.size / ls * ls;
         if size == 0 {
-            return Err(format!(
-                "the plugin's size {} is less than a sector",
-                info.size
-            ));
+            return Err(GuardError::LessThanASector(info.size));
         }
         Ok(size)
     }
 
     /// Re-reads the plugin's size (online resize). Returns the new size if it changed.
-    pub fn refresh_size(&self) -> std::result::Result<Option<u64>, String> {
+    pub fn refresh_size(&self) -> std::result::Result<Option<u64>, GuardError> {
         let now = self.plugged().disk.info();
         let size = self.plugin_size(&now)?;
         let old = self.size.swap(size, Ordering::Relaxed);
@@ -177,17 +213,17 @@ impl GuardedDisk {
         &self,
         new: Box<dyn Disk>,
         allow_shrink: bool,
-    ) -> std::result::Result<Swapped, String> {
+    ) -> std::result::Result<Swapped, GuardError> {
         let new = Plugged::new(new)?;
         let new_size = self.plugin_size(&new.info)?;
         if new_size < self.size() && !allow_shrink {
-            return Err(format!(
-                "the new plugin's disk is {new_size} bytes, smaller than the guest's {}; `ctl swap --allow-shrink` allows that",
-                self.size()
-            ));
+            return Err(GuardError::Shrink {
+                new: new_size,
+                guest: self.size(),
+            });
         }
         if new.info.read_only && !self.read_only {
-            return Err("the new plugin's disk is read-only; the guest's is writable".into());
+            return Err(GuardError::ReadOnly);
         }
         let started = Instant::now();
         let mut plugged = self.plugged.write().unwrap_or_else(|p| p.into_inner());
@@ -199,7 +235,7 @@ impl GuardedDisk {
             plugged
                 .disk
                 .flush()
-                .map_err(|e| format!("flushing the old plugin: {e}; it keeps serving"))?;
+                .map_err(|e| GuardError::Flush(Box::new(e)))?;
         }
         self.is_async.store(
             new.info.thread_model == ThreadModel::Async,
@@ -469,12 +505,14 @@ mod tests {
             .with_sector_size(512)
             .err()
             .unwrap()
+            .to_string()
             .contains("4096 bytes"));
         let (g, _) = spy(DiskInfo::new(5 * 512), false);
         assert!(g
             .with_sector_size(4096)
             .err()
             .unwrap()
+            .to_string()
             .contains("whole number"));
         let (g, _) = spy(DiskInfo::new(1 << 20), false);
         assert!(g.with_sector_size(1024).is_err());
@@ -600,7 +638,7 @@ mod tests {
     fn a_refused_shrink_names_the_flag_that_allows_it() {
         let (g, _) = spy(DiskInfo::new(1 << 20), false);
         let smaller = || Box::new(Spy(Arc::new(AtomicUsize::new(0)), DiskInfo::new(1 << 19)));
-        let e = g.swap(smaller(), false).unwrap_err();
+        let e = g.swap(smaller(), false).unwrap_err().to_string();
         assert!(e.contains("smaller") && e.contains("--allow-shrink"), "{e}");
         assert_eq!(g.swap(smaller(), true).unwrap().new_size, Some(1 << 19));
     }

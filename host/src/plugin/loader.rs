@@ -21,8 +21,8 @@ use xen_disk_plugin_api::{Config, ForeignDisk, KeyType, ABI_VERSION, ABI_VERSION
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     /// Not found on the search path or at the given path.
-    #[error("{0}")]
-    NotFound(String),
+    #[error(transparent)]
+    NotFound(Box<super::search::SearchError>),
     /// `dlopen` failed.
     #[error("{path}: cannot load: {reason}")]
     Load { path: PathBuf, reason: String },
@@ -45,6 +45,12 @@ pub enum PluginError {
         plugin: String,
         error: xen_disk_plugin_api::Error,
     },
+}
+
+impl From<super::search::SearchError> for PluginError {
+    fn from(e: super::search::SearchError) -> Self {
+        PluginError::NotFound(Box::new(e))
+    }
 }
 
 /// A declared configuration key, owned.
@@ -171,10 +177,7 @@ fn regular_file(path: &Path) -> Result<(), PluginError> {
 /// Loads the plugin at `path`.
 pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
     if !path.exists() {
-        return Err(PluginError::NotFound(format!(
-            "plugin {}: no such file",
-            path.display()
-        )));
+        return Err(super::search::SearchError::NoSuchFile(path.display().to_string()).into());
     }
     regular_file(path)?;
     // dlopen needs a path with a slash to not search LD_LIBRARY_PATH.
@@ -243,7 +246,7 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
 
 /// Resolves a `--plugin` spec on the search path and loads it.
 pub fn load_spec(spec: &str) -> Result<LoadedPlugin, PluginError> {
-    let path = super::search::resolve(spec).map_err(PluginError::NotFound)?;
+    let path = super::search::resolve(spec)?;
     load(&path)
 }
 

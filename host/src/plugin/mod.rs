@@ -11,7 +11,7 @@ pub mod loader;
 pub mod search;
 pub mod stack;
 
-pub use guard::GuardedDisk;
+pub use guard::{GuardError, GuardedDisk};
 pub use loader::{load, KeyInfo, LoadedPlugin, PluginError};
 pub use search::{find_plugins, resolve, search_path};
 pub use stack::{open_stack, open_stack_read_only, Stack};

@@ -35,24 +35,43 @@ pub fn file_name(name: &str) -> String {
     }
 }
 
+/// Why a `--plugin` argument names no file.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// An empty argument.
+    #[error("empty plugin name")]
+    Empty,
+    /// A path that does not exist.
+    #[error("plugin {0}: no such file")]
+    NoSuchFile(String),
+    /// A name found in none of the directories: where it looked, and the nearest name there.
+    #[error("plugin {spec}: no {file} in {}{}", looked.join(", "), suggestion.as_ref().map(|n| format!("; did you mean {n}?")).unwrap_or_default())]
+    NotOnPath {
+        spec: String,
+        file: String,
+        looked: Vec<String>,
+        suggestion: Option<String>,
+    },
+}
+
 /// Resolves a `--plugin` argument to a file, or says where it looked.
-pub fn resolve(spec: &str) -> Result<PathBuf, String> {
+pub fn resolve(spec: &str) -> Result<PathBuf, SearchError> {
     if spec.is_empty() {
-        return Err("empty plugin name".into());
+        return Err(SearchError::Empty);
     }
     if spec.contains('/') {
         let p = PathBuf::from(spec);
         return if p.exists() {
             Ok(p)
         } else {
-            Err(format!("plugin {spec}: no such file"))
+            Err(SearchError::NoSuchFile(spec.to_string()))
         };
     }
     resolve_in(spec, &search_path())
 }
 
 /// [`resolve`] for a name, on the directories `dirs`.
-fn resolve_in(spec: &str, dirs: &[PathBuf]) -> Result<PathBuf, String> {
+fn resolve_in(spec: &str, dirs: &[PathBuf]) -> Result<PathBuf, SearchError> {
     let file = file_name(spec);
     for dir in dirs {
         let candidate = dir.join(&file);
@@ -65,13 +84,12 @@ fn resolve_in(spec: &str, dirs: &[PathBuf]) -> Result<PathBuf, String> {
         .iter()
         .filter_map(|p| plugin_name(p))
         .collect();
-    let hint = closest(spec, &names)
-        .map(|n| format!("; did you mean {n}?"))
-        .unwrap_or_default();
-    Err(format!(
-        "plugin {spec}: no {file} in {}{hint}",
-        looked.join(", ")
-    ))
+    Err(SearchError::NotOnPath {
+        spec: spec.to_string(),
+        suggestion: closest(spec, &names).map(str::to_string),
+        file,
+        looked,
+    })
 }
 
 /// The name a plugin file answers to: `libceph_rbd.so` → `ceph-rbd`.
@@ -170,8 +188,9 @@ mod tests {
     fn paths_must_exist_and_names_say_where_they_looked() {
         assert!(resolve("./definitely/not/here.so")
             .unwrap_err()
+            .to_string()
             .contains("no such file"));
-        let e = resolve("no-such-plugin-xyz").unwrap_err();
+        let e = resolve("no-such-plugin-xyz").unwrap_err().to_string();
         assert!(
             e.contains("libno_such_plugin_xyz.so") && e.contains(SYSTEM_PLUGIN_DIR),
             "{e}"
@@ -186,26 +205,31 @@ mod tests {
             std::fs::write(dir.join(f), b"").unwrap();
         }
         let dirs = [dir.clone()];
-        let e = resolve_in("fiel", &dirs).unwrap_err();
+        let e = resolve_in("fiel", &dirs).unwrap_err().to_string();
         assert!(
             e.starts_with("plugin fiel: no libfiel.so in ") && e.ends_with("; did you mean file?"),
             "{e}"
         );
         assert!(resolve_in("ceph-rdb", &dirs)
             .unwrap_err()
+            .to_string()
             .ends_with("did you mean ceph-rbd?"));
         assert!(resolve_in("qcow", &dirs)
             .unwrap_err()
+            .to_string()
             .ends_with("did you mean qcow2?"));
         assert!(resolve_in("libmap.so", &dirs)
             .unwrap_err()
+            .to_string()
             .ends_with("did you mean mmap?"));
         // Nothing near: no guess.
         assert!(!resolve_in("vhd", &dirs)
             .unwrap_err()
+            .to_string()
             .contains("did you mean"));
         assert!(!resolve_in("nbd-client", &dirs)
             .unwrap_err()
+            .to_string()
             .contains("did you mean"));
         assert_eq!(resolve_in("file", &dirs).unwrap(), dir.join("libfile.so"));
         let _ = std::fs::remove_dir_all(&dir);
