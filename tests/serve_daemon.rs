@@ -801,3 +801,43 @@ fn serve_sim_second_sigterm_forces_a_device_stuck_in_closing() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn a_reload_whose_plugin_never_opens_holds_up_nothing() {
+    let t = TempDir::new("serve-reload-hang");
+    let (a, fifo) = (t.join("a.img"), t.join("hang.img"));
+    std::fs::File::create(&a).unwrap().set_len(1 << 20).unwrap();
+    // The file plugin opening a FIFO read-only waits for a writer that never comes.
+    mkfifo(&fifo);
+    let config = t.join("disks.toml");
+    std::fs::write(&config, file_entry("guest1", &a)).unwrap();
+    let control = t.join("control.sock");
+    let mut d = Daemon::start_env(
+        &[
+            "serve",
+            "--sim",
+            "--config",
+            config.to_str().unwrap(),
+            "--xenstore-socket",
+            t.join("xs.sock").to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        &[("XEN_DISK_OPEN_TIMEOUT", "2")],
+    );
+    d.expect(&["guest 1 connected"]);
+    let hanging = file_entry("guest1", &fifo).replace("plugin = ", "readonly = true\nplugin = ");
+    std::fs::write(&config, file_entry("guest1", &a) + &hanging).unwrap();
+    d.signal("-HUP");
+    d.expect(&["reload: disk 2", "not opened within 2 s"]);
+    // The daemon's loop went on: a later reload is applied, and SIGTERM stops it.
+    std::fs::write(&config, file_entry("guest1", &a)).unwrap();
+    d.signal("-HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = d.terminate();
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("stopped"),
+        "{lines:?}"
+    );
+}

@@ -25,7 +25,8 @@ use super::params::{parse_params, ParamsError};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
 use super::vbd::{next_free, Vbd};
-use crate::plugin::{open_stack, open_stack_read_only, GuardError, GuardedDisk, PluginError};
+use crate::plugin::bounded::BoundedError;
+use crate::plugin::{open_bounded, GuardError, GuardedDisk};
 use crate::xen::xenbus::{write_state, XenbusState};
 use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
 use std::collections::{HashMap, HashSet};
@@ -69,9 +70,9 @@ pub enum ServeError {
 /// Why a plugin stack could not be opened and guarded.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// Loading or opening a layer.
+    /// Loading or opening a layer (on its own thread, bounded in time).
     #[error(transparent)]
-    Stack(#[from] PluginError),
+    Stack(#[from] BoundedError),
     /// The guard refused the disk (its size or sectors).
     #[error(transparent)]
     Guard(#[from] GuardError),
@@ -220,12 +221,10 @@ fn open_disk(
     readonly: bool,
     sector_size: Option<u32>,
 ) -> Result<(Arc<GuardedDisk>, String), OpenError> {
-    // A disk served read-only is opened read-only: its image may be one the host cannot write.
-    let stack = if readonly {
-        open_stack_read_only(plugin, config)?
-    } else {
-        open_stack(plugin, config)?
-    };
+    // A disk served read-only is opened read-only: its image may be one the host cannot
+    // write. The open runs on a thread of its own, bounded in time: a hung image path must
+    // not stop the daemon's loop (other devices, reloads, signals).
+    let stack = open_bounded(plugin, config, readonly)?;
     let layers = stack.describe();
     let mut disk = GuardedDisk::new(Box::new(stack.disk), readonly).map_err(OpenError::Guard)?;
     if let Some(n) = sector_size {
@@ -494,20 +493,16 @@ fn swap_static(served: &mut Served<'_>, key: u64, spec: DiskSpec, log: &Log, reg
     let Some(current) = served.disks.iter_mut().find(|d| d.key == key) else {
         return;
     };
-    let swapped = if current.spec.readonly {
-        open_stack_read_only(&spec.plugin, &spec.plugin_config)
-    } else {
-        open_stack(&spec.plugin, &spec.plugin_config)
-    }
-    .map_err(OpenError::from)
-    .and_then(|stack| {
-        let layers = stack.describe();
-        current
-            .disk
-            .swap(Box::new(stack.disk), false)
-            .map(|s| (s, layers))
-            .map_err(OpenError::Guard)
-    });
+    let swapped = open_bounded(&spec.plugin, &spec.plugin_config, current.spec.readonly)
+        .map_err(OpenError::from)
+        .and_then(|stack| {
+            let layers = stack.describe();
+            current
+                .disk
+                .swap(Box::new(stack.disk), false)
+                .map(|s| (s, layers))
+                .map_err(OpenError::Guard)
+        });
     match swapped {
         Ok((s, layers)) => {
             log(&format!(

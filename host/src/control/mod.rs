@@ -16,20 +16,18 @@
 //! `<dev>` is a device's id from `list` (`<domid>/<vbd>`, e.g. `3/xvdb`) or its guest's
 //! device name when only one guest has it.
 //!
-//! A swap opens the new plugin on a thread of its own and waits for it at most
-//! [`OPEN_TIMEOUT`] (`XEN_DISK_OPEN_TIMEOUT`, in seconds, sets another): a plugin that blocks
+//! A swap opens the new plugin with [`open_bounded`]: on a thread of its own, waiting at
+//! most 60 s (`XEN_DISK_OPEN_TIMEOUT`, in seconds, sets another), so a plugin that blocks
 //! while opening (an image on a hung network filesystem, a FIFO) gets the request answered
-//! with an error and holds up nothing else. Its thread cannot be stopped and is left to
-//! finish; at most [`MAX_OPENING`] such opens run at once.
+//! with an error and holds up nothing else.
 
 pub mod socket;
 
 use crate::backend::queue::QueueStats;
 use crate::backend::registry::{Entry, Registry};
 use crate::histogram::Histogram;
-use crate::plugin::open_stack;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use crate::plugin::open_bounded;
+use std::sync::atomic::Ordering;
 use xen_disk_plugin_api::Config;
 
 impl Registry {
@@ -207,71 +205,6 @@ fn stats(e: &Entry, json: bool) -> String {
     }
 }
 
-/// How long a swap waits for the new plugin to open, unless `XEN_DISK_OPEN_TIMEOUT` says.
-pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Plugin opens that may run at once, abandoned ones included.
-pub const MAX_OPENING: usize = 4;
-
-/// Plugin opens running now (see [`bounded`]).
-static OPENING: AtomicUsize = AtomicUsize::new(0);
-
-/// [`OPEN_TIMEOUT`], or `XEN_DISK_OPEN_TIMEOUT` seconds when set.
-fn open_timeout() -> Result<Duration, String> {
-    let Ok(v) = std::env::var("XEN_DISK_OPEN_TIMEOUT") else {
-        return Ok(OPEN_TIMEOUT);
-    };
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|s| *s > 0.0 && *s <= 86400.0)
-        .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("XEN_DISK_OPEN_TIMEOUT={v}: not a number of seconds (up to 86400)"))
-}
-
-/// Gives back a place under [`MAX_OPENING`] when the open ends, however it ends.
-struct Opening(&'static AtomicUsize);
-
-impl Drop for Opening {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Runs `open` on a thread of its own and waits at most `timeout` for it. Nothing can
-/// interrupt a thread blocked in `open(2)` or `dlopen`, so when the time is up the request
-/// is answered and the thread left to finish: what it opens then is dropped (closed) on it.
-/// `running` counts such threads; beyond `limit`, a new open is refused at once.
-fn bounded<T: Send + 'static>(
-    running: &'static AtomicUsize,
-    limit: usize,
-    timeout: Duration,
-    open: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
-    if running.fetch_add(1, Ordering::SeqCst) >= limit {
-        running.fetch_sub(1, Ordering::SeqCst);
-        return Err(format!(
-            "{limit} plugin opens are still running (slow or hung); try again later"
-        ));
-    }
-    let place = Opening(running);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("xen-disk-open".into())
-        .spawn(move || {
-            let _place = place;
-            let _ = tx.send(open());
-        })
-        .map_err(|e| format!("cannot start a thread to open the plugin: {e}"))?;
-    rx.recv_timeout(timeout).map_err(|e| match e {
-        std::sync::mpsc::RecvTimeoutError::Timeout => format!(
-            "not opened within {} s (XEN_DISK_OPEN_TIMEOUT sets the limit)",
-            timeout.as_secs_f64()
-        ),
-        std::sync::mpsc::RecvTimeoutError::Disconnected => "the plugin's open panicked".into(),
-    })
-}
-
 /// Opens `plugin` with the `key=value` words (bare or after `-c`) and swaps it in.
 fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
     let mut allow_shrink = false;
@@ -293,11 +226,11 @@ fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
         }
     }
     let config = Config::from_pairs(&pairs)?;
-    let spec = plugin.to_string();
-    let stack = bounded(&OPENING, MAX_OPENING, open_timeout()?, move || {
-        open_stack(&spec, &config).map_err(|e| e.to_string())
-    })
-    .map_err(|why| format!("{}: not swapped: {plugin}: {why}", e.id))??;
+    // A read-only device's new plugin is opened read-only too: its image may be one the
+    // host cannot write.
+    let read_only = e.disk.info().read_only;
+    let stack = open_bounded(plugin, &config, read_only)
+        .map_err(|why| format!("{}: not swapped: {plugin}: {why}", e.id))?;
     let layers = stack.describe();
     let swapped = e
         .disk
@@ -321,60 +254,6 @@ mod tests {
     use crate::backend::device::DeviceStats;
     use std::sync::atomic::AtomicBool;
     use std::sync::{Arc, Mutex};
-    use std::time::Instant;
-
-    #[test]
-    fn an_open_that_does_not_return_is_answered_at_its_timeout() {
-        static RUNNING: AtomicUsize = AtomicUsize::new(0);
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let started = Instant::now();
-        let e = bounded(&RUNNING, 4, Duration::from_millis(300), move || {
-            let _ = wait.recv();
-            7
-        })
-        .unwrap_err();
-        assert!(e.contains("not opened within 0.3 s"), "{e}");
-        assert!(started.elapsed() < Duration::from_secs(2));
-        // The abandoned open still counts until it ends.
-        assert_eq!(RUNNING.load(Ordering::SeqCst), 1);
-        drop(release);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while RUNNING.load(Ordering::SeqCst) != 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the open never gave its place back"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(bounded(&RUNNING, 4, Duration::from_secs(5), || 8), Ok(8));
-    }
-
-    #[test]
-    fn hung_opens_are_capped() {
-        static RUNNING: AtomicUsize = AtomicUsize::new(0);
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let wait = Arc::new(Mutex::new(wait));
-        for _ in 0..2 {
-            let w = wait.clone();
-            let e = bounded(&RUNNING, 2, Duration::from_millis(50), move || {
-                let _ = w.lock().map(|w| w.recv());
-            });
-            assert!(e.is_err());
-        }
-        let started = Instant::now();
-        let e = bounded(&RUNNING, 2, Duration::from_secs(10), || ()).unwrap_err();
-        assert!(e.contains("2 plugin opens are still running"), "{e}");
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "refused at once"
-        );
-        drop(release);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while bounded(&RUNNING, 2, Duration::from_secs(5), || ()).is_err() {
-            assert!(Instant::now() < deadline, "places never given back");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
 
     #[test]
     fn swap_takes_pairs_bare_or_after_c() {

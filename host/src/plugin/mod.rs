@@ -6,11 +6,13 @@
 //!        alignment, capability emulation) ─▶ the device's workers
 //! ```
 
+pub mod bounded;
 pub mod guard;
 pub mod loader;
 pub mod search;
 pub mod stack;
 
+pub use bounded::open_bounded;
 pub use guard::{GuardError, GuardedDisk};
 pub use loader::{load, KeyInfo, LoadedPlugin, PluginError};
 pub use search::{find_plugins, resolve, search_path};
