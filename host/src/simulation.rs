@@ -238,7 +238,7 @@ impl GuestDisk {
                 let Some(Lent { at, data, list }) = lent[c.id as usize].take() else {
                     continue;
                 };
-                if c.status != BLKIF_RSP_OKAY {
+                if !c.is_ok() {
                     return Err(format!(
                         "the device answered {} for bytes {}+",
                         status_name(c.status),
@@ -289,12 +289,11 @@ impl GuestDisk {
         q.submit_rw(RwOp::Flush, 0, &[]).ok_or("ring full")?;
         q.kick().map_err(|e| e.to_string())?;
         loop {
-            let mut status = None;
-            q.reap(|c| status = Some(c.status))
-                .map_err(|e| e.to_string())?;
-            match status {
-                Some(BLKIF_RSP_OKAY) => return Ok(()),
-                Some(s) => return Err(format!("flush answered {}", status_name(s))),
+            let mut done = None;
+            q.reap(|c| done = Some(c)).map_err(|e| e.to_string())?;
+            match done {
+                Some(c) if c.is_ok() => return Ok(()),
+                Some(c) => return Err(format!("flush answered {}", status_name(c.status))),
                 None => {
                     q.wait(Duration::from_secs(30)).map_err(|e| e.to_string())?;
                 }

@@ -251,7 +251,7 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
         let done = q
             .collect(1, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
-        if done[0].status != BLKIF_RSP_OKAY {
+        if !done[0].is_ok() {
             return Err(format!(
                 "the first flush failed: {}",
                 status_name(done[0].status)
@@ -295,12 +295,12 @@ fn drive(mut q: FrontQueue, mut pages: DataPages, job: Job) -> Result<Driven, St
         q.reap(|c| done.push(c)).map_err(|e| e.to_string())?;
         for c in &done {
             if let Some(Lent { set, sent: t0 }) = lent[c.id as usize].take() {
-                if c.status == BLKIF_RSP_OKAY {
+                if c.is_ok() {
                     hist.record(t0.elapsed().as_nanos() as u64);
                 }
                 free_sets.push(set);
             }
-            if c.status == BLKIF_RSP_OKAY {
+            if c.is_ok() {
                 ops += 1;
             } else {
                 failed += 1;

@@ -39,8 +39,15 @@ pub enum FrontendError {
 pub struct Completion {
     /// The id it was submitted with.
     pub id: u64,
-    /// BLKIF_RSP_*.
+    /// The status as the backend wrote it (any value: a backend may be wrong).
     pub status: i16,
+}
+
+impl Completion {
+    /// The backend answered OKAY.
+    pub fn is_ok(&self) -> bool {
+        Status::from_code(self.status) == Some(Status::Okay)
+    }
 }
 
 /// One ring of a simulated guest.
