@@ -6,7 +6,7 @@ waitdev() { i=0; while [ $i -lt 240 ]; do [ -b /dev/$1 ] && return 0; sleep 1; i
 gone() { i=0; while [ $i -lt 120 ]; do [ -b /dev/$1 ] || { echo "GUEST: $1 gone${2:+ $2}"; return 0; }; sleep 1; i=$((i + 1)); done; echo "GUEST: $1 still there${2:+ $2}"; }
 info() { echo "GUEST: $1 size=$(cat /sys/block/$1/size) lbs=$(cat /sys/block/$1/queue/logical_block_size) ro=$(cat /sys/block/$1/ro) queues=$(ls /sys/block/$1/mq | wc -l)"; }
 md5() { dd if=/dev/$1 bs=1M skip=$2 count=$3 2>/dev/null | md5sum | cut -c1-32; }
-# coldread NAME: a cold 256 MiB read, checked (dd's status and its count) and timed.
+# coldread NAME MIB: a cold read, checked (dd's status and its count) and timed.
 . /coldread.sh
 # ext2 for the filesystem scenario: the modules run.sh adds to this initramfs.
 for m in crc32c_generic crc16 mbcache jbd2 ext4; do insmod /$m.ko 2>/dev/null; done
@@ -18,7 +18,7 @@ case " $(cat /proc/cmdline) " in
     waitdev xvdh && {
       info xvdh
       echo "GUEST: xvdh md5=$(md5 xvdh 0 64)"
-      coldread xvdh
+      coldread xvdh 64
       p=$(pattern 4)
       dd if=/tmp/pat of=/dev/xvdh bs=1M seek=32 conv=fsync 2>/dev/null && echo "GUEST: xvdh wrote md5-pat=$p" || echo "GUEST: xvdh write failed"
       echo "GUEST: xvdh done"
@@ -33,7 +33,7 @@ esac
 waitdev xvdb && {
   info xvdb
   echo "GUEST: xvdb md5-head=$(md5 xvdb 0 16)"
-  coldread xvdb
+  coldread xvdb 256
   echo "GUEST: xvdb md5-pat=$(pattern 8)"
   dd if=/tmp/pat of=/dev/xvdb bs=1M seek=16 conv=fsync 2>/dev/null && echo "GUEST: xvdb wrote" || echo "GUEST: xvdb write failed"
   blkdiscard -o 134217728 -l 67108864 /dev/xvdb && echo "GUEST: xvdb discarded" || echo "GUEST: xvdb discard failed"
@@ -42,7 +42,7 @@ waitdev xvdb && {
 # 2. mmap shared=false
 waitdev xvdc && {
   info xvdc
-  coldread xvdc
+  coldread xvdc 256
   p=$(pattern 8)
   dd if=/tmp/pat of=/dev/xvdc bs=1M conv=fsync 2>/dev/null
   echo 3 > /proc/sys/vm/drop_caches
@@ -50,7 +50,7 @@ waitdev xvdc && {
   echo "GUEST: xvdc done"; gone xvdc
 }
 # 3. discard
-waitdev xvdd && { info xvdd; coldread xvdd; echo "GUEST: xvdd done"; gone xvdd; }
+waitdev xvdd && { info xvdd; coldread xvdd 256; echo "GUEST: xvdd done"; gone xvdd; }
 # 4. read-only
 waitdev xvde && {
   info xvde
