@@ -118,13 +118,47 @@ fn a_failed_step_fails_its_check_although_dom0_quotes_its_line() {
     }
 }
 
-/// `coldread NAME PATH` under `sh`, in a scratch directory.
+/// A real lab run's log (`testdata/broken-steps.log`) with three steps broken on purpose:
+/// dom0 never detached xvdg's first attach, `serve` was stopped before the second guest's
+/// reboot, and the discard disk sat under the `error` filter failing reads from 128 MiB.
+/// Before the checks matched whole lines, the three checks of those steps passed on it.
+#[test]
+fn a_real_run_with_three_steps_broken_fails_their_checks() {
+    let log = std::fs::read_to_string(lab_dir().join("testdata/broken-steps.log")).unwrap();
+    let (ok, out) = checks(&log);
+    assert!(!ok, "{out}");
+    let failed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("FAIL  "))
+        .map(|l| l.split(" (got").next().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "dom0: every wait saw its guest line",
+            "discard: guest reads 256 MiB",
+            "filesystem: guest lets go at detach",
+            "filesystem: intact after reattach",
+            "guest destroyed and created again: serve attaches the disk to the new domain",
+            "guest destroyed and created again: its write is there",
+            // serve was already gone when dom0 stopped it.
+            "second serve: SIGTERM exits 0",
+            // The first guest gave up waiting for xvdi while dom0 still waited for the
+            // rebooted second guest's disk.
+            "serve: configured disk's data",
+            "serve: toolstack device's data",
+        ],
+        "{out}"
+    );
+}
+
+/// `coldread xvdz 256 PATH` under `sh`, in a scratch directory.
 fn coldread(path: &Path) -> String {
     let dir = TempDir::new("coldread");
     let o = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            ". '{}'; coldread xvdz \"$1\"",
+            ". '{}'; coldread xvdz 256 \"$1\"",
             lab_dir().join("coldread.sh").display()
         ))
         .arg("sh")
