@@ -1,7 +1,8 @@
 #!/bin/sh
 # Guest side of the Xen-lab scenarios: handles each disk dom0 attaches, by its name (see
 # dom0-scenarios.sh), and prints GUEST: lines with what it saw.
-waitdev() { i=0; while [ $i -lt 240 ]; do [ -b /dev/$1 ] && return 0; sleep 1; i=$((i + 1)); done; echo "GUEST: $1 never appeared"; dmesg | tail -15 | sed 's/^/GUEST: dmesg /'; return 1; }
+# waitdev NAME [SECONDS]: waits for /dev/NAME (240 s unless told).
+waitdev() { i=0; while [ $i -lt "${2:-240}" ]; do [ -b /dev/$1 ] && return 0; sleep 1; i=$((i + 1)); done; echo "GUEST: $1 never appeared"; dmesg | tail -15 | sed 's/^/GUEST: dmesg /'; return 1; }
 # gone NAME [WHEN]: waits for /dev/NAME to go; prints `GUEST: NAME gone[ WHEN]` or `still there`.
 gone() { i=0; while [ $i -lt 120 ]; do [ -b /dev/$1 ] || { echo "GUEST: $1 gone${2:+ $2}"; return 0; }; sleep 1; i=$((i + 1)); done; echo "GUEST: $1 still there${2:+ $2}"; }
 info() { echo "GUEST: $1 size=$(cat /sys/block/$1/size) lbs=$(cat /sys/block/$1/queue/logical_block_size) ro=$(cat /sys/block/$1/ro) queues=$(ls /sys/block/$1/mq | wc -l)"; }
@@ -91,8 +92,10 @@ waitdev xvdg && {
     echo "GUEST: xvdg done"; gone xvdg
   }
 }
-# 8. serve: a configured disk, then a toolstack-made one; dom0 then destroys this guest
-waitdev xvdi && {
+# 8. serve: a configured disk, then a toolstack-made one; dom0 then destroys this guest.
+# dom0 first runs the whole second-guest scenario (7), which took over 8 minutes on a loaded
+# machine: wait for as long as dom0 may take.
+waitdev xvdi 1800 && {
   echo "GUEST: xvdi seen"
   echo "GUEST: xvdi md5=$(md5 xvdi 0 32)"
   waitdev xvdj && { echo "GUEST: xvdj md5=$(md5 xvdj 0 32)"; echo "GUEST: xvdj done"; }
