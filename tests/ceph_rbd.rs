@@ -314,8 +314,22 @@ fn ceph_rbd_against_a_one_node_cluster() {
             std::thread::sleep(Duration::from_millis(100));
         }
         guest.refresh_size();
-        let mut last = vec![0u8; 4096];
-        guest.read((96 << 20) - 4096, &mut last).unwrap();
+        assert_eq!(guest.size(), 96 << 20);
+        // The grown end reads as zeroes (rbd grows an image with unwritten space), and the
+        // guest can write there and read it back.
+        let end = (96 << 20) - 8192;
+        let mut back = vec![0xa5u8; 8192];
+        guest.read(end, &mut back).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "the grown end does not read as zeroes"
+        );
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8 + 1).collect();
+        guest.write(end, &data).unwrap();
+        guest.flush().unwrap();
+        back.fill(0);
+        guest.read(end, &mut back).unwrap();
+        assert!(back == data, "a write at the grown end does not read back");
         guest.shutdown().unwrap();
     }
 

@@ -141,13 +141,12 @@ fn every_plugin_round_trips_data_in_every_negotiation() {
             assert_eq!(queues, opts.queues as usize, "{plugin}, {what}");
             let d = sim.guest_disk().unwrap().description().clone();
             assert_eq!(d.persistent, opts.persistent, "{plugin}, {what}");
-            workload(&mut sim, 1, 512);
+            let written = workload(&mut sim, 1, 512);
             sim.shutdown()
                 .unwrap_or_else(|e| panic!("{plugin}, {what}: {e}"));
             // What reached the image survives a fresh attach with other settings.
             let mut again = SimulatedDisk::start(open(plugin, &config, true, None)).unwrap();
-            let mut sector0 = vec![0u8; 512];
-            again.read(0, &mut sector0).unwrap();
+            verify(&mut again, &written);
             again.shutdown().unwrap();
         }
     }

@@ -52,7 +52,7 @@ fn sim_write_then_sim_read_round_trips_256_mib_through_the_file_plugin() {
 }
 
 #[test]
-fn copy_on_write_mmap_keeps_the_image_and_4k_sectors_work() {
+fn copy_on_write_mmap_keeps_the_image_and_4k_sectors_store_data() {
     let t = TempDir::new("simcow");
     let (img, input, output) = (t.join("gold.img"), t.join("in.bin"), t.join("out.bin"));
     random_file(&img, 8 << 20, 1);
@@ -73,20 +73,62 @@ fn copy_on_write_mmap_keeps_the_image_and_4k_sectors_work() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&img).unwrap() == before);
-    // A 4096-byte-sector disk reads whole.
-    let o = host(&[
-        "sim",
-        "read",
-        "discard",
+    // 4096-byte sectors that store data: a cow overlay over a 4096-byte-sector base (cow
+    // takes its base's sector size). A pattern written through them reads back.
+    let overlay = format!("overlay={}", t.join("4k.cow").display());
+    let disk = [
+        "cow",
         "-c",
-        "size=8M",
+        &overlay,
         "-c",
-        "sector-size=4096",
-        "--out",
-        output.to_str().unwrap(),
-    ]);
+        "base=discard",
+        "-c",
+        "base.size=8M",
+        "-c",
+        "base.sector-size=4096",
+    ];
+    let o = host(
+        &[
+            &["sim", "write"],
+            &disk[..],
+            &["--in", input.to_str().unwrap()],
+        ]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(std::fs::metadata(&output).unwrap().len(), 8 << 20);
+    let o = host(
+        &[
+            &["sim", "read"],
+            &disk[..],
+            &["--out", output.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let back = std::fs::read(&output).unwrap();
+    assert_eq!(back.len(), 8 << 20);
+    assert!(
+        back[..3 << 20] == std::fs::read(&input).unwrap()[..],
+        "what was written through 4096-byte sectors does not read back"
+    );
+    // They are 4096 bytes: a write that ends 512 bytes into a sector is refused.
+    let odd = t.join("odd.bin");
+    random_file(&odd, (3 << 20) + 512, 3);
+    let overlay = format!("overlay={}", t.join("4k-odd.cow").display());
+    let mut odd_disk = disk;
+    odd_disk[2] = &overlay;
+    let o = host(
+        &[
+            &["sim", "write"],
+            &odd_disk[..],
+            &["--in", odd.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert!(
+        !o.status.success(),
+        "a write of 3 MiB + 512 bytes to 4096-byte sectors passed"
+    );
 }
 
 #[test]

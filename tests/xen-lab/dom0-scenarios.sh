@@ -5,14 +5,19 @@
 #   xvdf file --sector-size 4096              xvdg file: mkfs, detach, reattach
 #   xvdh file: blkfront reloaded with other parameters     xvdi/xvdj: `serve` (disks.toml and a
 #   toolstack-made device), then `xl destroy`.
-# Prints LAB: lines that run.sh checks. dom0's /tmp is a tmpfs of half its memory: each
-# scenario removes its image when done.
+# Prints LAB: lines that run.sh checks, and relays the guests' own GUEST: lines as they are
+# (each line starting with GUEST:), which is how run.sh tells them from dom0's messages that
+# quote them (a timeout names the line it waited for). dom0's /tmp is a tmpfs of half its
+# memory: each scenario removes its image when done.
 ln -sf /usr/lib/xen-4.17/bin/xl /bin/xl
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:/usr/lib/xen-4.17/lib
 export XEN_DISK_PLUGIN_PATH=/opt/xen-disk
 H=/opt/xen-disk/xen-disk-host
 L=/var/log/xen/console/guest-guest.log
 md5() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum | cut -c1-32; }
+# A guest's lines from its console log $1, from `GUEST: ` on (a kernel message may have
+# started the line).
+guestlines() { grep -o 'GUEST: .*' "$1"; }
 # Waits for a guest console line matching $1 (up to $2 seconds).
 waitg() {
   i=0; while [ $i -lt "${2:-240}" ]; do grep -q "$1" $L 2>/dev/null && return 0; sleep 1; i=$((i + 1)); done
@@ -85,7 +90,7 @@ rm -f /tmp/f.img
 dd if=/dev/zero of=/tmp/g.img bs=1M count=64 2>/dev/null
 attach g --plugin file -c path=/tmp/g.img --vbd xvdg
 waitg 'GUEST: xvdg fs written'; detach g
-waitg 'GUEST: xvdg gone' 60
+waitg 'GUEST: xvdg gone before-reattach' 60
 # Let the guest's xenbus finish with the old device before the same name comes back, as a
 # toolstack waits for a frontend's removal before reusing its id.
 sleep 5
@@ -123,7 +128,7 @@ waitg2 'GUEST: xvdh done'
 F=/local/domain/$D2/device/vbd/51824
 echo "LAB: h fe queues=$(xenstore-read $F/multi-queue-num-queues 2>/dev/null) order=$(xenstore-read $F/ring-page-order 2>/dev/null) persistent=$(xenstore-read $F/feature-persistent 2>/dev/null)"
 $H ctl --socket /tmp/serve2.sock stats $D2/xvdh | sed 's/^/LAB: h stats /'
-grep 'GUEST:' $L2 | sed 's/^/LAB: guest2 /'
+echo "LAB: guest2's console:"; guestlines $L2
 xl destroy guest2; sleep 3
 guest2 rebooted
 waitg2 'GUEST: xvdh after reboot'
@@ -131,7 +136,7 @@ echo "LAB: h reattached-to-new-domain=$(xl domid guest2)"
 kill -TERM $SP2; i=0; while kill -0 $SP2 2>/dev/null && [ $i -lt 20 ]; do sleep 1; i=$((i + 1)); done
 kill -TERM $SP2 2>/dev/null; wait $SP2; echo "LAB: h serve exit=$?"
 sed 's/^/LAB: h serve log /' /tmp/serve2.log
-grep 'GUEST:' $L2 | sed 's/^/LAB: guest2-again /'
+echo "LAB: guest2's console after its reboot:"; guestlines $L2
 xl destroy guest2 2>/dev/null
 rm -f /tmp/h.img
 
@@ -164,4 +169,4 @@ echo "LAB: serve alive-after-destroy=$(kill -0 $SP 2>/dev/null && echo yes || ec
 echo "LAB: serve static-entries-left=$(xenstore-ls /local/domain/0/backend/vbd3/$D/51840 >/dev/null 2>&1 && echo yes || echo no)"
 kill -TERM $SP; wait $SP; echo "LAB: serve exit=$?"
 sed 's/^/LAB: serve log /' /tmp/serve.log
-grep 'GUEST:' $L | sed 's/^/LAB: /'
+echo "LAB: guest's console:"; guestlines $L

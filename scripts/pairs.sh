@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Same-run pairs: runs `xen-disk-host bench ARGS --json` N times. Each run measures the
+# plugin and then its reference (the first of --fio-nbd, --nbdkit, --rbd-bench, --qemu-img
+# the arguments ask for, else memcpy), so plugin and reference alternate over the N runs
+# and each pair shares the machine's state of the moment. Prints every pair with its ratio,
+# then the median ratio, its range and the median figures. The README's medians are this.
+#
+# Usage: scripts/pairs.sh N BENCH-ARGS...
+#   e.g. scripts/pairs.sh 14 nbd-client -c uri=nbd+unix:///?socket=S --rw randread --bs 4k --fio-nbd
+# The binary is $XEN_DISK_HOST, else target/release/xen-disk-host beside this script.
+set -euo pipefail
+n=${1:-}
+case "$n" in '' | *[!0-9]* | 0)
+  echo "usage: $0 N BENCH-ARGS...   (N: how many runs, at least 1)" >&2
+  exit 2 ;;
+esac
+shift
+host=${XEN_DISK_HOST:-$(cd "$(dirname "$0")/.." && pwd)/target/release/xen-disk-host}
+[ -x "$host" ] || { echo "$host: no such program (build it or set XEN_DISK_HOST)" >&2; exit 2; }
+
+# The reference's JSON field (IOPS where it reports them, like the plugin's) and its name.
+field=memcpy_mbps unit=mbps name=memcpy
+for a in "$@"; do
+  case "$a" in
+    --fio-nbd | --fio-nbd=*) field=fio_nbd_iops unit=iops name=fio-nbd; break ;;
+    --nbdkit) field=nbdkit_iops unit=iops name=nbdkit; break ;;
+    --rbd-bench) field=rbd_bench_iops unit=iops name="rbd bench"; break ;;
+    --qemu-img | --qemu-img=*) field=qemu_img_mbps unit=mbps name=qemu-img; break ;;
+  esac
+done
+
+# The number after "KEY": in a flat JSON object.
+num() { sed -n "s/.*\"$1\":\(-\{0,1\}[0-9.]*\).*/\1/p" <<<"$2"; }
+
+ratios=() plugins=() refs=()
+for i in $(seq 1 "$n"); do
+  out=$("$host" bench "$@" --json) || { echo "pair $i: bench failed" >&2; exit 1; }
+  p=$(num "$unit" "$out") r=$(num "$field" "$out")
+  if [ -z "$p" ] || [ -z "$r" ]; then
+    echo "pair $i: no \"$unit\" or \"$field\" in the bench's output: $out" >&2
+    exit 1
+  fi
+  ratio=$(awk -v p="$p" -v r="$r" 'BEGIN { if (r > 0) printf "%.3f", p / r; else print "inf" }')
+  [ "$ratio" = inf ] && { echo "pair $i: the reference measured $r" >&2; exit 1; }
+  printf 'pair %d: plugin %s %s, %s %s %s, ratio %s\n' "$i" "$p" "$unit" "$name" "$r" "$unit" "$ratio"
+  ratios+=("$ratio") plugins+=("$p") refs+=("$r")
+done
+
+# median FORMAT VALUE...: the middle value, or the mean of the two middle ones.
+median() { local f=$1; shift; printf '%s\n' "$@" | sort -g | awk -v f="$f" '{ v[NR] = $1 } END {
+  if (NR % 2) printf f, v[(NR + 1) / 2]; else printf f, (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+fig=%.0f; [ "$unit" = mbps ] && fig=%.1f
+lo=$(printf '%s\n' "${ratios[@]}" | sort -g | head -1)
+hi=$(printf '%s\n' "${ratios[@]}" | sort -g | tail -1)
+echo "median ratio $(median %.3f "${ratios[@]}") of $name over $n pairs (range $lo-$hi);" \
+  "median plugin $(median "$fig" "${plugins[@]}") $unit, $name $(median "$fig" "${refs[@]}") $unit"
