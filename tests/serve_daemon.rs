@@ -329,6 +329,7 @@ path = "{}"
     d.expect(&["reload: disk 4", "nosuch"]);
     d.expect(&["reload: disk 5 added"]);
     d.expect(&["disk 5: discard attached to domain 7 as xvdc"]);
+    d.expect(&["guest 7 connected", "/51744: "]);
     // Disks 3 and 5 left out: detached. Disk 3 listed again: attached again, as the entry
     // now says.
     let third = mmap_text.rfind("[[disk]]").unwrap();

@@ -319,9 +319,23 @@ fn run_sim(
                     _ => continue,
                 }
                 let first_page = g.disks.len() * GuestDisk::pages_needed(1);
-                let mut disk =
-                    GuestDisk::attach(&g.xs, dom, &fe, &be, first_page, &SimOptions::default())
-                        .map_err(|e| anyhow::anyhow!("simulated guest {}: {fe}: {e}", g.domid))?;
+                // A disk that fails its handshake (the backend closed it meanwhile) is that
+                // disk's failure, not the daemon's.
+                let mut disk = match GuestDisk::attach(
+                    &g.xs,
+                    dom,
+                    &fe,
+                    &be,
+                    first_page,
+                    &SimOptions::default(),
+                ) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        println!("simulated guest {}: {fe}: {e}", g.domid);
+                        g.failed.push(fe);
+                        continue;
+                    }
+                };
                 let d = disk.description().clone();
                 // A first read, as a guest's partition scan does (and `ctl stats` shows).
                 let probe = (d.sectors * 512).min(1 << 20) as usize;

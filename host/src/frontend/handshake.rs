@@ -74,6 +74,13 @@ fn wait_state(
         if state == Some(want) {
             return Ok(());
         }
+        // A backend that closes during the handshake (a detach, a failed connect) will not
+        // come back to this handshake: give up now, as blkfront does, rather than time out.
+        if matches!(state, Some(XenbusState::Closing | XenbusState::Closed)) {
+            return Err(FrontendError::Setup(format!(
+                "{dir}/state went {state:?} while waiting for {want:?}"
+            )));
+        }
         let left = timeout.checked_sub(started.elapsed()).ok_or_else(|| {
             FrontendError::Setup(format!(
                 "{dir}/state stayed {state:?}, waiting for {want:?}"
