@@ -337,13 +337,18 @@ run() {
 install() {
   [ "$(id -u)" = 0 ] || die "install: run as root"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  # Debian 12's qemu-system-x86 wants the qemu-utils of its own version.
-  local q; q=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
-  local pkgs="qemu-system-x86 qemu-utils=$q qemu-block-extra- busybox-static cpio xz-utils zstd binutils debian-archive-keyring"
-  [ "$RELEASE" = 12 ] && pkgs="$pkgs xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils linux-image-amd64"
-  # shellcheck disable=SC2086
-  apt-get install -y -qq --allow-downgrades $pkgs >/dev/null
+  local want="qemu-system-x86 busybox-static cpio xz-utils zstd binutils debian-archive-keyring" p missing=
+  [ "$RELEASE" = 12 ] && want="$want xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils linux-image-amd64"
+  for p in $want; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    apt-get update -qq
+    # Debian 12's qemu-system-x86 wants the qemu-utils of its own version.
+    case "$missing " in *" qemu-system-x86 "*)
+      missing="$missing qemu-utils=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}') qemu-block-extra-" ;;
+    esac
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --allow-downgrades $missing >/dev/null
+  fi
   [ "$RELEASE" = 13 ] && fetch_trixie
   return 0
 }
