@@ -26,22 +26,26 @@ on_poweroff = "destroy"
 CFG
 xl create /tmp/ref.cfg >/dev/null 2>&1
 log=/var/log/xen/console/guest-guest.log
-n=0; until grep -q 'GUEST: up' $log 2>/dev/null || [ $n -ge 120 ]; do sleep 1; n=$((n + 1)); done
 dom=$(xl domid guest)
 
-# xvda (51712) as kernel blkback's `vbd` type: directories with their owners first, then the
-# keys, `state` last; blkback opens the device once `physical-device` (major:minor, hex) shows.
-be=/local/domain/0/backend/vbd/$dom/51712; fe=/local/domain/$dom/device/vbd/51712
-xenstore-write $be ""; xenstore-chmod $be n0 r$dom
-xenstore-write $be/frontend $fe $be/frontend-id $dom $be/online 1 $be/mode w $be/params "$dev" \
-  $be/type phy $be/dev xvda $be/device-type disk $be/state 1
+# xvda (51712) as kernel blkback's `vbd` type, made while the guest boots. Without a
+# transaction the order matters: each side drops a device whose peer directory is missing
+# or whose peer `state` it cannot read when it probes. So both directories first (owner set
+# before the keys, which inherit it), every key but `state` (`physical-device`, major:minor in
+# hex, is what a hotplug script would add), then the frontend's `state`, the backend's last.
+fe=/local/domain/$dom/device/vbd/51712; be=/local/domain/0/backend/vbd/$dom/51712
 xenstore-write $fe ""; xenstore-chmod $fe n$dom r0
-xenstore-write $fe/backend $be $fe/backend-id 0 $fe/virtual-device 51712 $fe/device-type disk $fe/state 1
-xenstore-write $be/physical-device "$(stat -L -c '%t:%T' "$dev")"
-xenstore-write $be/hotplug-status connected
+xenstore-write $be ""; xenstore-chmod $be n0 r$dom
+xenstore-write $fe/backend $be $fe/backend-id 0 $fe/virtual-device 51712 $fe/device-type disk
+xenstore-write $be/frontend $fe $be/frontend-id $dom $be/online 1 $be/mode w $be/params "$dev" \
+  $be/type phy $be/dev xvda $be/device-type disk $be/physical-device "$(stat -L -c '%t:%T' "$dev")" \
+  $be/hotplug-status connected
+xenstore-write $fe/state 1
+xenstore-write $be/state 1
 
 n=0; until grep -qE 'GUEST: (wrote|write failed|no disk)' $log 2>/dev/null || [ $n -ge 240 ]; do sleep 1; n=$((n + 1)); done
 xenstore-ls $be | grep -E 'state|feature|sectors|max' | sed 's/^/LAB: be /'
+xenstore-ls $fe | sed 's/^/LAB: fe /'
 # Unplug as a toolstack does: offline, then Closing; blkback and blkfront take it from there.
 xenstore-write $be/online 0; xenstore-write $be/state 5
 sleep 8
