@@ -3,9 +3,9 @@
 //! fixed, so this binary starts one cluster and runs every scenario in one test, in order;
 //! the OSD is killed last. The cluster is stopped however the test ends.
 //!
-//! The script is found through `CEPH_LAB` (the script or its folder), then
-//! `../shared/ceph-lab/` beside the repository, then `/work/shared/ceph-lab/`; a missing
-//! script or missing Ceph packages fail the test with a message saying so.
+//! The script is the repository's `tests/ceph-lab/ceph-one-node.sh`; `CEPH_LAB` (the script
+//! or its folder) names another. A missing script or missing Ceph packages fail the test
+//! with a message saying so.
 
 mod common;
 use common::*;
@@ -21,7 +21,6 @@ use xen_disk_plugin_api::{with_read_bufs, with_write_bufs, Config};
 const SCRIPT: &str = "ceph-one-node.sh";
 
 fn lab_script() -> PathBuf {
-    let mut tried = Vec::new();
     if let Some(v) = std::env::var_os("CEPH_LAB") {
         let p = PathBuf::from(v);
         let p = if p.is_dir() { p.join(SCRIPT) } else { p };
@@ -30,20 +29,15 @@ fn lab_script() -> PathBuf {
         }
         panic!("CEPH_LAB={} names no {SCRIPT}", p.display());
     }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for p in [
-        repo.join("../shared/ceph-lab").join(SCRIPT),
-        PathBuf::from("/work/shared/ceph-lab").join(SCRIPT),
-    ] {
-        if p.is_file() {
-            return p;
-        }
-        tried.push(p.display().to_string());
-    }
-    panic!(
-        "the Ceph lab script is missing (looked at {}); set CEPH_LAB to {SCRIPT}",
-        tried.join(", ")
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/ceph-lab")
+        .join(SCRIPT);
+    assert!(
+        p.is_file(),
+        "the Ceph lab script {} is missing; set CEPH_LAB to a {SCRIPT}",
+        p.display()
     );
+    p
 }
 
 /// A running one-node cluster, stopped on drop (also when an assertion fails).

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the Xen-lab scenarios against a real Xen 4.17 hypervisor and a Linux 6.1 PV guest's
-# xen-blkfront under QEMU (../shared/xen-lab), one boot, and checks what the guest saw against
-# what dom0 wrote. See dom0-scenarios.sh for the list.
-# Needs the lab's packages: KVER=none ../../../shared/xen-lab/xen-lab.sh install (as root).
+# xen-blkfront under QEMU (xen-lab.sh beside this file), one boot, and checks what the guest
+# saw against what dom0 wrote. See dom0-scenarios.sh for the list.
+# Needs the lab's packages: tests/xen-lab/xen-lab.sh install (as root).
 # Usage: tests/xen-lab/run.sh [--reference]   (from the repository root)
 #        tests/xen-lab/run.sh --checks-only LOG
 #   --reference    also boot Linux's in-kernel blkback serving the same guest (speed oracle)
@@ -93,8 +93,7 @@ if [ "${1:-}" = "--checks-only" ]; then
   exit
 fi
 
-lab=${XEN_LAB:-$root/../shared/xen-lab/xen-lab.sh}
-[ -f "$lab" ] || lab=/work/shared/xen-lab/xen-lab.sh
+lab=${XEN_LAB:-$here/xen-lab.sh}
 kmod=/lib/modules/$(ls /lib/modules | sort -V | tail -1)/kernel
 cargo build --release --manifest-path "$root/Cargo.toml" >/dev/null
 t="$root/target/release"

@@ -1,5 +1,5 @@
 //! One virtual disk: the xenbus state machine that connects a frontend's rings to a plugin
-//! disk, and takes them down again (PROTOCOL.md §3.3 and §4 items 1-2).
+//! disk, and takes them down again (`docs/protocol.md#handshake`, `#backend-rules`).
 //!
 //! ```text
 //!  features, InitWait ─▶ frontend Initialised/Connected ─▶ read its keys (hostile), map

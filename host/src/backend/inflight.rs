@@ -12,7 +12,7 @@ use std::cell::UnsafeCell;
 use xen_disk_plugin_api::RawBuf;
 
 /// One request in flight. `M` holds the grant mappings its buffers point into; dropping it
-/// unmaps them (which must happen before the response is pushed, PROTOCOL.md §4 item 7).
+/// unmaps them (which must happen before the response is pushed, `docs/protocol.md#requests`).
 pub struct Slot<M> {
     /// The request's `id`, echoed in the response.
     pub id: u64,

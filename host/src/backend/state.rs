@@ -2,7 +2,7 @@
 //!
 //! On every watch event the device re-reads the frontend's `state` and its own `online` and
 //! asks [`next_action`] what to do; nothing is inferred from the event itself, because watch
-//! events coalesce and fire spuriously (PROTOCOL.md §3.3, §4 items 1-2).
+//! events coalesce and fire spuriously (`docs/protocol.md#handshake`, `#backend-rules`).
 
 pub use crate::xen::xenbus::XenbusState;
 

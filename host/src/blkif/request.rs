@@ -2,8 +2,8 @@
 //! encoded (for the Rust frontend and tests).
 //!
 //! Decoding never fails: every field is read as the guest wrote it. [`validate`] then bounds
-//! every field before anything uses it (PROTOCOL.md §3.2 and §4 items 3, 5, 7, 8) and says
-//! which status to answer when the request is refused.
+//! every field before anything uses it (`docs/protocol.md#requests`) and says which status to
+//! answer when the request is refused.
 
 use super::abi::*;
 

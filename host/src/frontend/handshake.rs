@@ -1,4 +1,5 @@
-//! The guest's half of the xenbus handshake (PROTOCOL.md §3.3), as Linux blkfront does it:
+//! The guest's half of the xenbus handshake (`docs/protocol.md#handshake`), as Linux blkfront
+//! does it:
 //!
 //! ```text
 //!  backend InitWait ─▶ read max-ring-page-order, multi-queue-max-queues, feature-persistent

@@ -3,7 +3,7 @@
 //! Each bound channel gets its own open of the device, so its descriptor polls readable for
 //! that port alone. An event arrives masked: reading the pending port numbers and writing
 //! the port back unmasks it. A queue overflow (EFBIG) is cleared with RESET. Numbers and
-//! layouts from PROTOCOL.md §3.6, checked against the kernel's UAPI header.
+//! layouts from `docs/protocol.md#evtchn`, checked against the kernel's UAPI header.
 
 use crate::xen::evtchn::{EventChannel, EventChannels, EvtchnError};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

@@ -3,8 +3,8 @@
 //! Map: `IOCTL_GNTDEV_MAP_GRANT_REF` with the (domid, ref) pairs returns an offset into the
 //! device; `mmap` of the device at that offset maps the pages (a failing reference fails the
 //! whole batch). Unmap: `munmap`, then `IOCTL_GNTDEV_UNMAP_GRANT_REF` with the same offset.
-//! Numbers and layouts from PROTOCOL.md §3.5, checked against the kernel's UAPI header by
-//! `host/tests/linux_ioctls_vs_c.rs`.
+//! Numbers and layouts from `docs/protocol.md#gntdev`, checked against the kernel's UAPI header
+//! by `host/tests/linux_ioctls_vs_c.rs`.
 
 use crate::xen::grant::{GrantCopy, GrantError, GrantMapper, GrantMapping, Unmap};
 use std::os::fd::{AsRawFd, OwnedFd};
