@@ -600,17 +600,29 @@ fn file_entry(domain: &str, path: &std::path::Path) -> String {
 
 /// `serve --sim` with `config`, its control socket in `t`; and a `ctl` runner for it.
 fn serve_sim(t: &TempDir, config: &std::path::Path) -> (Daemon, impl Fn(&[&str]) -> String) {
+    serve_sim_env(t, config, &[])
+}
+
+/// [`serve_sim`] with extra environment for the daemon.
+fn serve_sim_env(
+    t: &TempDir,
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Daemon, impl Fn(&[&str]) -> String) {
     let control = t.join("control.sock");
-    let d = Daemon::start(&[
-        "serve",
-        "--sim",
-        "--config",
-        config.to_str().unwrap(),
-        "--xenstore-socket",
-        t.join("xs.sock").to_str().unwrap(),
-        "--control",
-        control.to_str().unwrap(),
-    ]);
+    let d = Daemon::start_env(
+        &[
+            "serve",
+            "--sim",
+            "--config",
+            config.to_str().unwrap(),
+            "--xenstore-socket",
+            t.join("xs.sock").to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        env,
+    );
     let ctl = move |args: &[&str]| {
         let mut a = vec!["ctl", "--socket", control.to_str().unwrap()];
         a.extend_from_slice(args);
@@ -812,20 +824,7 @@ fn a_reload_whose_plugin_never_opens_holds_up_nothing() {
     mkfifo(&fifo);
     let config = t.join("disks.toml");
     std::fs::write(&config, file_entry("guest1", &a)).unwrap();
-    let control = t.join("control.sock");
-    let mut d = Daemon::start_env(
-        &[
-            "serve",
-            "--sim",
-            "--config",
-            config.to_str().unwrap(),
-            "--xenstore-socket",
-            t.join("xs.sock").to_str().unwrap(),
-            "--control",
-            control.to_str().unwrap(),
-        ],
-        &[("XEN_DISK_OPEN_TIMEOUT", "2")],
-    );
+    let (mut d, _ctl) = serve_sim_env(&t, &config, &[("XEN_DISK_OPEN_TIMEOUT", "2")]);
     d.expect(&["guest 1 connected"]);
     let hanging = file_entry("guest1", &fifo).replace("plugin = ", "readonly = true\nplugin = ");
     std::fs::write(&config, file_entry("guest1", &a) + &hanging).unwrap();
