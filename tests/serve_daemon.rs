@@ -413,20 +413,8 @@ fn ctl_swap_refuses_what_would_block_and_the_control_plane_keeps_answering() {
         ),
     )
     .unwrap();
-    let (socket, control) = (t.join("xs.sock"), t.join("control.sock"));
-    let mut d = Daemon::start_env(
-        &[
-            "serve",
-            "--sim",
-            "--config",
-            config.to_str().unwrap(),
-            "--xenstore-socket",
-            socket.to_str().unwrap(),
-            "--control",
-            control.to_str().unwrap(),
-        ],
-        &[("XEN_DISK_OPEN_TIMEOUT", "2")],
-    );
+    let control = t.join("control.sock");
+    let (mut d, _ctl) = serve_sim_env(&t, &config, &[("XEN_DISK_OPEN_TIMEOUT", "2")]);
     d.expect(&["guest 1 connected", "8388608 bytes"]);
     let path = format!("path={}", img.display());
     let listed = |o: &Output| {
