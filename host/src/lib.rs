@@ -29,7 +29,7 @@
 //! - [`control`]: the control socket (`ctl`) over the registry: list, statistics, swap, detach.
 //! - [`frontend`]: a blkfront in Rust for simulated guests (`check`, `bench`, tests).
 //! - [`simulation`]: a whole disk end to end in one process (`sim read/write`, tests).
-//! - [`check`]: the conformance suite for plugin authors; [`bench`]: measured figures.
+//! - [`check`]: the conformance suite for plugin authors; [`bench`](mod@bench): measured figures.
 //! - [`histogram`], [`rng`]: latency percentiles and deterministic test data, used by several.
 
 pub mod backend;

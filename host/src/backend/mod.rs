@@ -1,8 +1,12 @@
 //! One virtual disk served to one guest: the xenbus handshake, the rings, the workers.
 //!
 //! The pure decision parts live here first, each testable alone: [`state`] (what to do on a
-//! watch event), [`features`] (what to publish), [`frontend_keys`] (what the guest
-//! published, hostile), [`params`] (the toolstack's `params`), [`vbd`] (device numbers).
+//! watch event), [`features`] (the advertisement: what to publish and what the ring then
+//! accepts), [`frontend_keys`] (what the guest published, hostile), [`params`] (the
+//! toolstack's `params`), [`vbd`] (device numbers), [`reload`] (what a changed
+//! `disks.toml` means for the disks served). Then the moving parts: [`queue`] (the ring
+//! thread), [`device`] (one disk), [`server`] (the `serve` daemon) and [`registry`] (the
+//! devices the control socket sees).
 
 pub mod attach;
 pub mod device;

@@ -1,7 +1,7 @@
 //! `xen-disk-host check`: the conformance suite for plugin authors.
 //!
 //! It opens the plugin's disk the way the host does (loaded `.so`, guarded by
-//! [`GuardedDisk`](crate::plugin::GuardedDisk)) and runs each case in [`cases`], printing one
+//! [`GuardedDisk`]) and runs each case in `cases`, printing one
 //! line per case and a closing `N passed, N failed` line. Data checks use a sparse model of
 //! what was written: each written sector's content is derived from a per-write seed, so the
 //! model costs 16 bytes a sector however large the disk.

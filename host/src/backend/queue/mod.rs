@@ -10,8 +10,8 @@
 //!          └▶ answer: completion ─▶ unmap ─▶ response ─▶ notify
 //! ```
 //!
-//! - [`segments`]: a request's guest memory (grant mapping, indirect pages).
-//! - [`answer`]: responses, from the ring thread or an asynchronous plugin's thread.
+//! - `segments`: a request's guest memory (grant mapping, indirect pages).
+//! - `answer`: responses, from the ring thread or an asynchronous plugin's thread.
 //! - counters live in [`super::stats`].
 //!
 //! A barrier waits for everything before it, and holds everything after it, as the protocol
