@@ -8,7 +8,12 @@
 #                                (DIR/osd.0.pid holds the OSD's pid)
 #   ceph-one-node.sh stop DIR    stop every daemon started in DIR (TERM, then KILL)
 #
-# Needs Ceph's packages: apt-get install ceph-mon ceph-osd ceph-mgr ceph-common
+# Needs Ceph's packages and ip: apt-get install ceph-mon ceph-osd ceph-mgr ceph-common iproute2
+#
+# Every daemon binds 127.0.0.1. A sandbox may run the tests in a network namespace whose
+# loopback is down (Ceph then fails at once, saying only in its log that it found no address
+# in 127.0.0.0/8); as root the script brings loopback up, otherwise it says so and stops.
+# A failed step is named on stderr with the last lines of the daemons' logs.
 set -euo pipefail
 PORT=40789
 
@@ -28,10 +33,33 @@ stop() {
   daemons_signal KILL
 }
 
-start() {
-  local t; for t in monmaptool ceph-mon ceph-osd ceph-mgr ceph rbd; do
-    command -v "$t" >/dev/null || { echo "ceph-one-node: $t is missing (apt-get install ceph-mon ceph-osd ceph-mgr ceph-common)" >&2; exit 1; }
+# Says which step failed and what the daemons logged last, stops what was started, exits 1.
+fail() {
+  echo "ceph-one-node: $1" >&2
+  local f; for f in "$dir"/log/*.log; do
+    [ -s "$f" ] || continue
+    echo "--- last lines of $f" >&2; tail -n 8 "$f" >&2
   done
+  stop; exit 1
+}
+
+loopback_up() { ip -o link show dev lo 2>/dev/null | grep -q '[<,]UP[,>]'; }
+
+ensure_loopback() {
+  loopback_up && return 0
+  if [ "$(id -u)" = 0 ] && ip link set dev lo up 2>/dev/null && loopback_up; then
+    echo "ceph-one-node: loopback was down in this network namespace; brought it up" >&2
+    return 0
+  fi
+  echo "ceph-one-node: the loopback interface is down and this user cannot bring it up (as root: ip link set dev lo up)" >&2
+  exit 1
+}
+
+start() {
+  local t; for t in monmaptool ceph-mon ceph-osd ceph-mgr ceph rbd ip; do
+    command -v "$t" >/dev/null || { echo "ceph-one-node: $t is missing (apt-get install ceph-mon ceph-osd ceph-mgr ceph-common iproute2)" >&2; exit 1; }
+  done
+  ensure_loopback
   rm -rf "$dir"; mkdir -p "$dir"/{mon,osd,mgr,run,log}
   local fsid; fsid=$(cat /proc/sys/kernel/random/uuid)
   # Every path, socket and pid file inside DIR, so two checkouts never share anything but
@@ -65,20 +93,23 @@ mgr data = $dir/mgr
 osd data = $dir/osd
 CONF
   local c=(-c "$dir/ceph.conf")
-  monmaptool --create --add a "127.0.0.1:$PORT" --fsid "$fsid" "$dir/monmap" >/dev/null
-  ceph-mon "${c[@]}" -i a --mkfs --monmap "$dir/monmap"
-  ceph-mon "${c[@]}" -i a
-  ceph "${c[@]}" osd create >/dev/null
-  ceph-osd "${c[@]}" -i 0 --mkfs >/dev/null 2>&1
-  ceph-osd "${c[@]}" -i 0
-  ceph-mgr "${c[@]}" -i x
+  # The ceph tool waits five minutes for a monitor by default; a dead one should fail fast.
+  local cli=(ceph "${c[@]}" --connect-timeout 30)
+  monmaptool --create --add a "127.0.0.1:$PORT" --fsid "$fsid" "$dir/monmap" >/dev/null \
+    || fail "monmaptool could not write $dir/monmap"
+  ceph-mon "${c[@]}" -i a --mkfs --monmap "$dir/monmap" || fail "ceph-mon --mkfs failed"
+  ceph-mon "${c[@]}" -i a || fail "ceph-mon did not start (is port $PORT taken?)"
+  "${cli[@]}" osd create >/dev/null || fail "ceph osd create failed (the monitor is not answering)"
+  local out; out=$(ceph-osd "${c[@]}" -i 0 --mkfs 2>&1) || fail "ceph-osd --mkfs failed: $out"
+  ceph-osd "${c[@]}" -i 0 2>/dev/null || fail "ceph-osd did not start"
+  ceph-mgr "${c[@]}" -i x || fail "ceph-mgr did not start"
   local i up=; for i in $(seq 60); do
-    if ceph "${c[@]}" osd stat 2>/dev/null | grep -q '1 up'; then up=1; break; fi
+    if "${cli[@]}" osd stat 2>/dev/null | grep -q '1 up'; then up=1; break; fi
     sleep 1
   done
-  [ -n "$up" ] || { echo "ceph-one-node: osd.0 did not come up in 60 s (logs in $dir/log)" >&2; stop; exit 1; }
-  ceph "${c[@]}" osd pool create rbd 8 >/dev/null 2>&1
-  rbd "${c[@]}" pool init rbd
+  [ -n "$up" ] || fail "osd.0 did not come up in 60 s"
+  out=$("${cli[@]}" osd pool create rbd 8 2>&1) || fail "ceph osd pool create rbd failed: $out"
+  rbd "${c[@]}" pool init rbd || fail "rbd pool init failed"
   echo "ceph-one-node: up; use -c $dir/ceph.conf"
 }
 
