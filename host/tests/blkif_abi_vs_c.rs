@@ -133,7 +133,11 @@ fn asserts(l: &Layout) -> String {
 }
 
 fn compile(source: &str, flags: &[&str], tag: &str) -> Result<(), String> {
-    let dir = std::env::temp_dir().join(format!("blkif-abi-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "blkif-abi-{}-{}",
+        std::process::id(),
+        next_scratch()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join(format!("{tag}.c"));
     std::fs::write(&file, source).unwrap();
@@ -143,6 +147,7 @@ fn compile(source: &str, flags: &[&str], tag: &str) -> Result<(), String> {
         .arg(&file)
         .output()
         .map_err(|e| format!("gcc: {e} (install gcc)"))?;
+    let _ = std::fs::remove_dir_all(&dir);
     if out.status.success() {
         Ok(())
     } else {
@@ -180,4 +185,10 @@ fn a_wrong_offset_would_be_caught() {
     };
     let e = compile(&asserts(&wrong), &["-m64"], "wrong").unwrap_err();
     assert!(e.contains("offsetof(struct blkif_request, id)"), "{e}");
+}
+
+/// A number no other compile of this process uses: tests run in parallel, each in its own folder.
+fn next_scratch() -> usize {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }

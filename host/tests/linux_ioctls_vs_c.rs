@@ -13,7 +13,8 @@ fn compile(asserts: &[(String, u64)]) -> Result<(), String> {
             "_Static_assert(({expr}) == {value}UL, \"{expr} should be {value}\");\n"
         ));
     }
-    let dir = std::env::temp_dir().join(format!("ioctls-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("ioctls-{}-{}", std::process::id(), next_scratch()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join(format!("check{}.c", asserts.len()));
     std::fs::write(&file, c).unwrap();
@@ -22,6 +23,7 @@ fn compile(asserts: &[(String, u64)]) -> Result<(), String> {
         .arg(&file)
         .output()
         .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
     if out.status.success() {
         Ok(())
     } else {
@@ -123,4 +125,10 @@ fn opening_the_devices_without_xen_is_one_clear_error() {
             .to_string();
         assert!(e.contains("/dev/xen/evtchn") && e.contains("--sim"), "{e}");
     }
+}
+
+/// A number no other compile of this process uses: tests run in parallel, each in its own folder.
+fn next_scratch() -> usize {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }

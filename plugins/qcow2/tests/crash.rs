@@ -118,4 +118,6 @@ fn kill_during_writes_leaves_a_consistent_image() {
             assert!(have == want || later_ok, "sector {s}: {have} != {want}");
         }
     }
+    drop(disk);
+    let _ = std::fs::remove_dir_all(&dir);
 }

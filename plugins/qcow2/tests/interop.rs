@@ -7,11 +7,27 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use xen_disk_plugin_api::{with_read_bufs, with_write_bufs, Config, Disk, ForeignDisk};
 
-fn tmpdir(tag: &str) -> PathBuf {
+/// A scratch folder, removed when the test ends (also when it fails).
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmpdir(tag: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("qcow2-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
@@ -573,7 +589,6 @@ fn dirty_lazy_refcount_image_is_repaired_before_writing() {
         raw_of(&img, &dir) == model,
         "qemu reads the repaired and written image"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -669,5 +684,4 @@ fn dirty_image_in_a_huge_sparse_file_is_repaired_cheaply() {
     let allocated = std::fs::metadata(&img).unwrap().blocks() * 512;
     assert!(allocated < 16 << 20, "the repair wrote {allocated} bytes");
     check_clean(&img);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,11 +16,27 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use xen_disk_plugin_api::ErrorKind;
 
-fn tmpdir(tag: &str) -> PathBuf {
+/// A scratch folder, removed when the test ends (also when it fails).
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmpdir(tag: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("qcow2-pl-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn run(cmd: &str, args: &[&str]) {
@@ -446,7 +462,6 @@ fn grow(refcount_bits: u32, coverage: u64) {
     let (code, text) = check(&img);
     assert_eq!(code, 0, "{text}");
     assert_eq!(head(&img)[56..60], after[56..60]);
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -526,7 +541,6 @@ fn power_loss_while_the_refcount_table_moves() {
     }
     let (code, text) = check(&img);
     assert_eq!(code, 0, "{text}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
