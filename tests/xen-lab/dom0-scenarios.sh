@@ -9,8 +9,7 @@
 # (each line starting with GUEST:), which is how run.sh tells them from dom0's messages that
 # quote them (a timeout names the line it waited for). dom0's /tmp is a tmpfs of half its
 # memory: each scenario removes its image when done.
-ln -sf /usr/lib/xen-4.17/bin/xl /bin/xl
-export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:/usr/lib/xen-4.17/lib
+# The lab puts the release's xl and xenstore tools on PATH (both releases).
 export XEN_DISK_PLUGIN_PATH=/opt/xen-disk
 H=/opt/xen-disk/xen-disk-host
 L=/var/log/xen/console/guest-guest.log

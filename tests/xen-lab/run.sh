@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the Xen-lab scenarios against a real Xen 4.17 hypervisor and a Linux 6.1 PV guest's
-# xen-blkfront under QEMU (xen-lab.sh beside this file), one boot, and checks what the guest
-# saw against what dom0 wrote. See dom0-scenarios.sh for the list.
+# Runs the Xen-lab scenarios against a real Xen hypervisor and a Linux PV guest's xen-blkfront
+# under QEMU (xen-lab.sh beside this file), one boot, and checks what the guest saw against
+# what dom0 wrote. See dom0-scenarios.sh for the list. LAB_RELEASE picks the release (12: Xen
+# 4.17 and Linux 6.1, the default; 13: Xen 4.20 and Linux 6.12), as for xen-lab.sh.
 # Needs the lab's packages: tests/xen-lab/xen-lab.sh install (as root).
 # Usage: tests/xen-lab/run.sh [--reference]   (from the repository root)
 #        tests/xen-lab/run.sh --checks-only LOG
@@ -94,13 +95,13 @@ if [ "${1:-}" = "--checks-only" ]; then
 fi
 
 lab=${XEN_LAB:-$here/xen-lab.sh}
-kmod=/lib/modules/$(ls /lib/modules | sort -V | tail -1)/kernel
 cargo build --release --manifest-path "$root/Cargo.toml" >/dev/null
 t="$root/target/release"
+# Kernel modules come from the release's own kernel (LAB_RELEASE), never from this machine's:
+# loop and xen-blkback for --reference in dom0, ext2 (the ext4 module) and the crc32c it asks
+# for at mount time in the guest (the lab ships blkfront only).
 OUT=$out bash "$lab" build "$t/xen-disk-host" "$t/libfile.so" "$t/libmmap.so" "$t/libdiscard.so" \
-  "$kmod/drivers/block/loop.ko" "$kmod/drivers/block/xen-blkback/xen-blkback.ko" >/dev/null
-# ext2 in the guest for the filesystem scenario (xen-lab ships blkfront only).
-cp "$kmod/crypto/crc32c_generic.ko" "$kmod/lib/crc16.ko" "$kmod/fs/mbcache.ko" "$kmod/fs/jbd2/jbd2.ko" "$kmod/fs/ext4/ext4.ko" "$out/domU/"
+  module:loop module:xen-blkback guest-module:crc32c_generic guest-module:ext4 >/dev/null
 # blkfront parameters from the guest's command line (the second guest asks for 2 queues...).
 cp "$here/blkfront-load.sh" "$out/domU/blkfront-load"
 # The checked cold read both guest scripts use.
@@ -114,7 +115,7 @@ boot=$(( $(date +%s) - start ))
 echo "$log"
 echo "$log" >"$out/lab.log"
 checks
-echo "xen-lab: boot with all scenarios took ${boot}s (log: $out/lab.log; run.sh --checks-only checks it again)"
+echo "xen-lab: release ${LAB_RELEASE:-12}: boot with all scenarios took ${boot}s (log: $out/lab.log; run.sh --checks-only checks it again)"
 echo "xen-lab: cold dd bs=1M read in the guest: file $(speed xvdb) MB/s, mmap $(speed xvdc) MB/s, discard $(speed xvdd) MB/s (256 MiB each), file to the second guest (2 queues, order 4, no persistent grants; 64 MiB) $(speed xvdh) MB/s"
 
 if [ "${1:-}" = "--reference" ]; then
