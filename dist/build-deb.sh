@@ -9,9 +9,10 @@
 #                                /etc/xen-disk/disks.toml (a conffile); the man page
 #                                xen-disk-host(8), written by the binary from its own command
 #                                line
-#   xen-disk-plugin-nbd-client   libnbd_client.so (needs libnbd)
-#   xen-disk-plugin-ceph-rbd     libceph_rbd.so (needs librbd and librados: about 40 MB of Ceph
-#                                libraries a dom0 without Ceph should not have to install)
+#   xen-disk-plugin-nbd-client   libnbd_client.so (needs libnbd, which brings GnuTLS, libxml2)
+#   xen-disk-plugin-ceph-rbd     libceph_rbd.so (needs librbd and librados: over 20 MB with
+#                                their Boost libraries, which a dom0 without Ceph should not
+#                                have to install)
 #
 # Each package's Depends come from dpkg-shlibdeps over its ELF files; xen-disk Suggests the
 # two plugin packages, which depend on xen-disk of the same version.
@@ -64,10 +65,11 @@ for dir in "$root"/plugins/*/; do
   crates+=(-p "$(pkg_of "$dir")"); plugin_libs+=("$lib")
 done
 
+# cargo's profile `dev` builds into target/debug.
+case "$profile" in dev | debug) profile=dev dir=debug ;; *) dir=$profile ;; esac
 if [ -n "$build" ]; then
   (cd "$root" && cargo build --profile "$profile" "${crates[@]}") || die "cargo build failed"
 fi
-case "$profile" in dev) dir=debug ;; *) dir=$profile ;; esac
 bin_dir=$root/target/$dir
 [ -x "$bin_dir/xen-disk-host" ] || die "$bin_dir/xen-disk-host is missing (build it, or leave out --no-build)"
 for lib in "${plugin_libs[@]}"; do
