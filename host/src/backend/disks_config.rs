@@ -447,7 +447,6 @@ mod tests {
                 "disks 1 and 3 both give domain g the device xvdb",
             ),
             ("x = 1\n", "unknown top-level key `x`"),
-            ("", "no [[disk]]"),
             ("[[disk]]\nplugin = \"m\"\n", "disk 1: `domain` is required"),
             ("[[disk]]\ndomain = 1\n", "`plugin` is required"),
             (
