@@ -11,7 +11,9 @@
 #                                   it needs (see "Files from this machine" below).
 #                                   module:NAME puts the release kernel's module NAME (and
 #                                   those it depends on, uncompressed) in /opt/xen-disk/ as
-#                                   NAME.ko; guest-module:NAME puts it at / in the guest
+#                                   NAME.ko; guest-module:NAME puts it at / in the guest;
+#                                   deb:FILE unpacks the package FILE into dom0's root (see
+#                                   "Packages" below)
 #   xen-lab.sh run DOM0 [GUEST]     boot. dom0 runs the shell file DOM0 once xenstored is up;
 #                                   the guest runs the shell file GUEST at boot (as /guest.sh).
 #                                   The whole serial console goes to $OUT/serial.log; its lines
@@ -34,6 +36,12 @@
 # through /opt/xen-disk/ld-linux-x86-64.so.2 --library-path /opt/xen-disk/lib, so neither side
 # ever loads the other's glibc. Shared objects (plugins) get their libraries in the same dir;
 # kernel modules and data files are copied as they are.
+#
+# Packages (deb:FILE): unpacked with dpkg-deb -x at their own paths in dom0 (/usr/bin,
+# /usr/lib/..., /etc/...), as an install would put them; their maintainer scripts do not run.
+# Their programs and libraries load dom0's libraries where dom0 has them (the release's: a
+# package built here needs glibc no newer than this machine's, which both releases have),
+# and this machine's, copied into dom0's /lib/<multiarch>, for those it lacks.
 #
 # Needs about 3 GiB of RAM and 2 cores. QEMU runs with -accel tcg -cpu qemu64 (KVM CPU models
 # fail on these machines).
@@ -188,6 +196,27 @@ EOF
   esac
 }
 
+# A package of ours (deb:FILE), into dom0's root (see the header).
+ship_deb() { local d=$1 deb=$2 f
+  dpkg-deb -x "$deb" "$d" || die "build: dpkg-deb -x $deb failed"
+  for f in $(dpkg-deb -c "$deb" | awk '{ print $6 }' | sed 's|^\./|/|'); do
+    [ -f "$d$f" ] && [ ! -L "$d$f" ] || continue
+    case "$(elf_type "$d$f")" in EXEC|DYN) copy_missing_libs "$d" "$d$f" ;; esac
+  done
+}
+# copy_missing_libs DOM0 FILE: the libraries FILE needs (recursively) that dom0 lacks, from
+# this machine into DOM0/lib/<multiarch>.
+copy_missing_libs() { local d=$1 queue=("$2") f so src
+  while [ ${#queue[@]} -gt 0 ]; do
+    f=${queue[0]}; queue=("${queue[@]:1}")
+    for so in $(needed "$f"); do
+      find_lib "$d" "$so" >/dev/null && continue
+      src=$(find_lib / "$so") || die "build: $so (needed by $(basename "$f")) is not on this machine"
+      cp -L "$src" "$d/lib/$MULTIARCH/$so"; queue+=("$d/lib/$MULTIARCH/$so")
+    done
+  done
+}
+
 # Kernel modules: NAME... and the modules they depend on (the `depends=` of their .modinfo,
 # since a tree unpacked from a package has no modules.dep), dependencies first. Built-in ones
 # are skipped. Prints paths relative to KDIR. Names compare with - and _ alike.
@@ -275,6 +304,7 @@ EOF
     case "$f" in
       module:*) mods=$(module_order "${f#module:}"); for m in $mods; do put_module "$m" "$d/opt/xen-disk/$(basename "${m%%.ko*}").ko"; done ;;
       guest-module:*) mods=$(module_order "${f#guest-module:}"); for m in $mods; do put_module "$m" "$g/$(basename "${m%%.ko*}").ko"; done ;;
+      deb:*) [ -f "${f#deb:}" ] || die "build: ${f#deb:} does not exist"; ship_deb "$d" "${f#deb:}" ;;
       *) [ -e "$f" ] || die "build: $f does not exist"; ship_ours "$d" "$f" ;;
     esac
   done

@@ -14,7 +14,8 @@
 //! shared = false
 //! ```
 //!
-//! Every mistake is one line naming the file, the disk (by position) and the key.
+//! Every mistake is one line naming the file, the disk (by position) and the key. A file
+//! without `[[disk]]` (comments only, or empty) lists no disks.
 
 use super::vbd::Vbd;
 use std::path::{Path, PathBuf};
@@ -65,12 +66,6 @@ pub enum DisksConfigError {
         file: PathBuf,
         /// The key.
         key: String,
-    },
-    /// No `[[disk]]`.
-    #[error("{}: no [[disk]] entries", file.display())]
-    NoDisks {
-        /// The file.
-        file: PathBuf,
     },
     /// `disk` is not an array of tables.
     #[error("{}: `disk` must be an array of tables ([[disk]])", file.display())]
@@ -243,7 +238,9 @@ pub fn parse_disks(file: &Path, text: &str) -> Result<Vec<DiskSpec>, DisksConfig
         });
     }
     let disks = match doc.get("disk") {
-        None => return Err(DisksConfigError::NoDisks { file: f() }),
+        // No disks (a file of comments, as the package installs): `serve` then serves the
+        // toolstack's devices alone, and a reload to such a file detaches every configured disk.
+        None => return Ok(Vec::new()),
         Some(toml::Value::Array(a)) => a,
         Some(_) => return Err(DisksConfigError::DiskNotArray { file: f() }),
     };
@@ -399,6 +396,20 @@ mod tests {
     }
 
     #[test]
+    fn a_file_of_comments_lists_no_disks_but_a_misspelt_table_is_refused() {
+        assert!(parse("").unwrap().is_empty());
+        assert!(parse("# [[disk]]\n# domain = \"a\"\n").unwrap().is_empty());
+        assert!(matches!(
+            parse("[[disks]]\ndomain = \"a\"\n"),
+            Err(DisksConfigError::UnknownTopLevelKey { .. })
+        ));
+        assert!(matches!(
+            parse("[disk]\ndomain = \"a\"\n"),
+            Err(DisksConfigError::DiskNotArray { .. })
+        ));
+    }
+
+    #[test]
     fn the_documented_example_parses() {
         let d = parse(
             "[[disk]]\ndomain = \"guest1\"\nplugin = \"mmap\"\nreadonly = true\nsector-size = 4096\nvbd = \"xvdc\"\n\
@@ -436,7 +447,6 @@ mod tests {
                 "disks 1 and 3 both give domain g the device xvdb",
             ),
             ("x = 1\n", "unknown top-level key `x`"),
-            ("", "no [[disk]]"),
             ("[[disk]]\nplugin = \"m\"\n", "disk 1: `domain` is required"),
             ("[[disk]]\ndomain = 1\n", "`plugin` is required"),
             (

@@ -5,12 +5,13 @@ mod check;
 mod connect;
 mod cow;
 mod ctl;
+mod manpage;
 mod plugins;
 mod serve;
 mod sim;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use xen_disk_plugin_api::Config;
 
 /// A userspace Xen virtual-disk backend whose disks are plugins.
@@ -39,6 +40,10 @@ enum Command {
     Sim(sim::SimArgs),
     /// Offline care of a cow overlay file: reset it, or commit it into its base.
     Cow(cow::CowArgs),
+    /// Print this program's manual page (roff), made from this command line; the package
+    /// build installs it.
+    #[command(hide = true)]
+    Manpage,
 }
 
 /// How a plugin is named and configured on the command line (shared by every subcommand).
@@ -116,6 +121,12 @@ pub fn main() -> Result<i32> {
         Command::Bench(a) => bench::run(a),
         Command::Sim(a) => sim::run(a),
         Command::Cow(a) => cow::run(a),
+        Command::Manpage => {
+            use std::io::Write;
+            let page = manpage::render(&Cli::command());
+            std::io::stdout().write_all(page.as_bytes())?;
+            Ok(0)
+        }
     }
 }
 

@@ -2,27 +2,49 @@
 //!
 //! A spec containing a `/` is a path. Anything else is a name: `mmap`, `ceph-rbd` (the file
 //! spells `-` as `_`), or a file name `libmmap.so`, looked up in order on
-//! `$XEN_DISK_PLUGIN_PATH` (colon-separated), the directory of the running binary, and
-//! `/usr/lib/xen-disk/plugins`.
+//! `$XEN_DISK_PLUGIN_PATH` (colon-separated), the directory of the running binary, the
+//! plugin directory of the binary's own prefix (`<prefix>/lib/xen-disk/plugins` beside
+//! `<prefix>/bin`, when it exists) and `/usr/lib/xen-disk/plugins`. The prefix's directory
+//! is where the package puts the plugins: `/usr/bin/xen-disk-host` finds them at
+//! `/usr/lib/xen-disk/plugins`, and so does a package unpacked anywhere else (`dpkg -x`,
+//! `/usr/local`) in its own tree.
 
 use std::path::{Path, PathBuf};
 
 /// The system-wide plugin directory.
 pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/xen-disk/plugins";
 
+/// The plugin directory below an installation prefix (`/usr` → `/usr/lib/xen-disk/plugins`).
+const PREFIX_PLUGIN_DIR: &str = "lib/xen-disk/plugins";
+
 /// The directories searched, in order.
 pub fn search_path() -> Vec<PathBuf> {
+    let env = std::env::var_os("XEN_DISK_PLUGIN_PATH");
+    let exe = std::env::current_exe().ok();
+    search_path_for(env.as_deref(), exe.as_deref())
+}
+
+/// [`search_path`] for a given `$XEN_DISK_PLUGIN_PATH` and binary. A directory listed twice
+/// is searched once, at its first place.
+fn search_path_for(env: Option<&std::ffi::OsStr>, exe: Option<&Path>) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if let Some(env) = std::env::var_os("XEN_DISK_PLUGIN_PATH") {
-        dirs.extend(std::env::split_paths(&env).filter(|p| !p.as_os_str().is_empty()));
+    if let Some(env) = env {
+        dirs.extend(std::env::split_paths(env).filter(|p| !p.as_os_str().is_empty()));
     }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
-        dirs.push(dir);
+    if let Some(bin) = exe.and_then(Path::parent) {
+        dirs.push(bin.to_path_buf());
+        // Only when it exists: a binary in target/debug has no such directory, and naming
+        // one in every "not found" message would mislead.
+        if let Some(prefix) = bin.parent() {
+            let dir = prefix.join(PREFIX_PLUGIN_DIR);
+            if dir.is_dir() {
+                dirs.push(dir);
+            }
+        }
     }
     dirs.push(PathBuf::from(SYSTEM_PLUGIN_DIR));
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| seen.insert(d.clone()));
     dirs
 }
 
@@ -233,6 +255,48 @@ mod tests {
             .contains("did you mean"));
         assert_eq!(resolve_in("file", &dirs).unwrap(), dir.join("libfile.so"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_system_directory_is_searched_by_default_and_the_prefix_one_when_it_exists() {
+        let bare = search_path_for(None, None);
+        assert_eq!(bare, [PathBuf::from(SYSTEM_PLUGIN_DIR)]);
+        // The package's layout: /usr/bin beside /usr/lib/xen-disk/plugins, which is then
+        // searched once, before any other directory the environment does not name.
+        let root = std::env::temp_dir().join(format!("xen-disk-prefix-{}", std::process::id()));
+        let plugins = root.join("usr/lib/xen-disk/plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        std::fs::write(plugins.join("libfile.so"), b"").unwrap();
+        let exe = root.join("usr/bin/xen-disk-host");
+        let dirs = search_path_for(Some("/a:/b".as_ref()), Some(&exe));
+        assert_eq!(
+            dirs,
+            [
+                PathBuf::from("/a"),
+                PathBuf::from("/b"),
+                root.join("usr/bin"),
+                plugins.clone(),
+                PathBuf::from(SYSTEM_PLUGIN_DIR)
+            ]
+        );
+        assert_eq!(
+            resolve_in("file", &dirs).unwrap(),
+            plugins.join("libfile.so")
+        );
+        // The installed binary's own prefix is the system one: listed once.
+        let usr = search_path_for(None, Some(Path::new("/usr/bin/xen-disk-host")));
+        let n = usr
+            .iter()
+            .filter(|d| *d == Path::new(SYSTEM_PLUGIN_DIR))
+            .count();
+        assert_eq!(n, 1, "{usr:?}");
+        // Without the directory, the prefix adds nothing.
+        std::fs::remove_dir_all(root.join("usr/lib")).unwrap();
+        assert!(!search_path_for(None, Some(&exe))
+            .iter()
+            .any(|d| d.starts_with(root.join("usr/lib"))));
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
