@@ -288,6 +288,7 @@ mod config;
 mod disk;
 mod error;
 mod export;
+mod extension;
 #[allow(non_local_definitions)] // emitted by #[sabi_trait]
 pub mod ffi;
 pub mod submit;
@@ -302,13 +303,38 @@ pub use submit::{Submission, SubmitOp};
 #[doc(hidden)]
 pub use export::{filter_root_module as __filter_root_module, root_module as __root_module};
 
-/// The plugin interface version. A host loads only plugins built for the same version.
-///
-/// 2: `ThreadModel::NonBlocking` and the root module's `read_only_base` (filters).
-/// 3: `ThreadModel::Async` and `Disk::submit` (asynchronous reads and writes).
-pub const ABI_VERSION: u32 = 3;
+/// The major version of the plugin interface this crate builds: a host loads plugins of its
+/// own major version only.
+pub const ABI_MAJOR: u16 = 1;
 
-/// The name of the plain C symbol, exported by every plugin, that returns its
+/// The minor version of the plugin interface this crate builds. A host that speaks 1.y
+/// loads every plugin built for 1.x with x <= y, and one built for a newer minor too,
+/// using only what it knows (see [the compatibility promise](crate#compatibility)).
+///
+/// 0: the frozen interface.
+/// 1: [`DiskInfo::discard_alignment`] (extension [`ffi::ext::DISCARD_LIMITS`]).
+pub const ABI_MINOR: u16 = 1;
+
+/// [`ABI_MAJOR`] and [`ABI_MINOR`] in one number, as the version symbol returns it.
+pub const ABI_VERSION: u32 = abi_version(ABI_MAJOR, ABI_MINOR);
+
+/// Packs a major and a minor version: the major in the high 16 bits. Interfaces before 1.0
+/// were numbered 1 to 3, which read as major 0.
+pub const fn abi_version(major: u16, minor: u16) -> u32 {
+    ((major as u32) << 16) | minor as u32
+}
+
+/// The major version of a packed [`abi_version`].
+pub const fn abi_major(version: u32) -> u16 {
+    (version >> 16) as u16
+}
+
+/// The minor version of a packed [`abi_version`].
+pub const fn abi_minor(version: u32) -> u16 {
+    version as u16
+}
+
+/// The name of the plain C symbol, exported by every Rust plugin, that returns its
 /// [`ABI_VERSION`]. The host reads it before anything else.
 pub const ABI_VERSION_SYMBOL: &str = "xen_disk_plugin_abi_version";
 
