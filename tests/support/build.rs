@@ -2,6 +2,8 @@
 //! fossil (a cargo workspace of its own). Both land in the target directory next to the
 //! Rust plugins, so the host finds them by name.
 
+#![allow(dead_code)] // each test binary uses part of it
+
 use crate::common::{build_all, target_dir};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -415,7 +415,8 @@ impl CDisk {
         if ret == count as i64 {
             return Ok(());
         }
-        if errno_of(ret).is_some() {
+        if ret < 0 {
+            // A negative errno, or a code outside errno's range (reported as unknown).
             return Err(self.fail(&format!("{what} at {offset}+{count}"), ret));
         }
         take_message();
