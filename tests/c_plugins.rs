@@ -295,3 +295,27 @@ fn a_c_plugin_struct_without_a_name_is_refused_at_load_in_one_line() {
         &["libcbad_noname.so", "C plugin refused", "`name` is NULL"],
     );
 }
+
+#[test]
+fn the_guides_one_page_plugin_compiles_and_passes_check() {
+    // The first C block of docs/c-plugins.md, exactly as a reader would copy it.
+    let guide = std::fs::read_to_string(support::repo().join("docs/c-plugins.md")).unwrap();
+    let code = guide
+        .split("```c\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("a ```c block in docs/c-plugins.md");
+    let dir = target_dir().join("c-guide");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cram.c"), code).unwrap();
+    let src = dir.join("cram.c");
+    let so = support::cc_plugin(src.to_str().unwrap(), "cram", &[]);
+    let out = run_ok(&[
+        "check",
+        "--destructive",
+        so.to_str().unwrap(),
+        "-c",
+        "size=16M",
+    ]);
+    assert!(out.contains(" 0 failed"), "{out}");
+}

@@ -7,17 +7,21 @@
 //!
 //! ```text
 //!  lib<name>.so exports
-//!   ├ xen_disk_plugin_abi_version() -> u32        checked first: a plain C symbol
-//!   └ abi_stable LibHeader ─▶ PluginMod (prefix type; layout checked by abi_stable)
+//!   ├ xen_disk_plugin_abi_version() -> u32        checked first: major << 16 | minor
+//!   └ abi_stable LibHeader ─▶ PluginMod (frozen at 1.0; layout checked by abi_stable)
 //!        ├ abi_version: u32
 //!        ├ describe() -> FfiDescriptor             kind, name, version, description, keys
 //!        ├ open(config TOML text) -> FfiDisk trait object | FfiError
-//!        └ open_over(config, base FfiDisk) -> FfiDisk | FfiError      (filters only)
+//!        ├ open_over(config, base FfiDisk) -> FfiDisk | FfiError      (filters only)
+//!        ├ read_only_base() -> bool
+//!        └ extension(id, input, output)            what minor versions add (ext)
+//!  FfiDisk (frozen at 1.0): info · read · write · flush · discard · write_zeroes · submit
+//!                           · extension(id, input, output)
 //! ```
 //!
 //! The configuration crosses as TOML text, so host and plugin need not share a `toml`
-//! version. New fields go at the end of `PluginMod` and new methods at the end of `FfiDisk`;
-//! abi_stable then lets old plugins load in a newer host.
+//! version. Nothing here changes after 1.0 (see [the crate docs](crate#compatibility)): a
+//! later capability is an extension id, answered "unsupported" by plugins built before it.
 
 use crate::config::KeyType;
 use crate::error::ErrorKind;

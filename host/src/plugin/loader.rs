@@ -380,7 +380,14 @@ impl LoadedPlugin {
 
 #[cfg(test)]
 mod tests {
-    use super::{layout_reason, load};
+    use super::{layout_reason, load, version_text};
+
+    #[test]
+    fn versions_read_as_major_minor_and_the_old_numbering_says_so() {
+        assert_eq!(version_text(xen_disk_plugin_api::abi_version(1, 0)), "1.0");
+        assert_eq!(version_text(xen_disk_plugin_api::abi_version(2, 7)), "2.7");
+        assert_eq!(version_text(3), "version 3 (before 1.0)");
+    }
     use std::time::Duration;
 
     #[test]
