@@ -319,3 +319,23 @@ fn the_guides_one_page_plugin_compiles_and_passes_check() {
     ]);
     assert!(out.contains(" 0 failed"), "{out}");
 }
+
+#[test]
+fn a_c_struct_is_read_as_far_as_its_size_says_and_no_further() {
+    use xen_disk_host::backend::features::{Advertisement, HostOffer};
+    let keys = |so: &std::path::Path| {
+        let d = load(so).unwrap().open(&Config::new()).unwrap();
+        let g = GuardedDisk::new(Box::new(d), false).unwrap();
+        let k = Advertisement::new(&HostOffer::standard(1, 1), &g.info()).connect_keys();
+        let get = |n: &str| k.iter().find(|(k, _)| *k == n).unwrap().1.clone();
+        (get("discard-granularity"), get("discard-alignment"))
+    };
+    // API 1.1: the plugin's discard granularity and alignment reach the guest.
+    let v11 = support::cc_plugin("tests/fixtures/c-bad/bad.c", "cbad", &[]);
+    assert_eq!(keys(&v11), ("8192".into(), "4096".into()));
+    // The same fields set in a struct that says it is API 1.0's size: absent to the host.
+    let v10 = support::cc_plugin("tests/fixtures/c-bad/bad.c", "cbad_1_0", &["-DSIZE_1_0"]);
+    let out = run_ok(&["plugins", "inspect", v10.to_str().unwrap()]);
+    assert!(out.contains("abi version: 1.0 (C)"), "{out}");
+    assert_eq!(keys(&v10), ("512".into(), "0".into()));
+}
