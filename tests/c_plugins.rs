@@ -284,7 +284,7 @@ fn hostile_answers_from_c_callbacks_fail_that_request_with_eio() {
 }
 
 #[test]
-fn a_c_plugin_struct_without_a_name_is_refused_at_load_in_one_line() {
+fn a_c_plugin_struct_without_a_name_or_of_another_major_is_refused_in_one_line() {
     let so = support::cc_plugin(
         "tests/fixtures/c-bad/bad.c",
         "cbad_noname",
@@ -293,6 +293,15 @@ fn a_c_plugin_struct_without_a_name_is_refused_at_load_in_one_line() {
     assert_bad_input(
         &host(&["plugins", "inspect", so.to_str().unwrap()]),
         &["libcbad_noname.so", "C plugin refused", "`name` is NULL"],
+    );
+    let so = support::cc_plugin("tests/fixtures/c-bad/bad.c", "cbad_2_0", &["-DMAJOR_2"]);
+    assert_bad_input(
+        &host(&["check", so.to_str().unwrap()]),
+        &[
+            "libcbad_2_0.so",
+            "built for C plugin API 2.0",
+            "this host speaks 1.1",
+        ],
     );
 }
 
