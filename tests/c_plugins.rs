@@ -40,6 +40,15 @@ fn the_example_c_plugin_is_found_by_name_and_passes_check() {
     );
     let listed = run_ok(&["plugins"]);
     assert!(listed.lines().any(|l| l.starts_with("cfile ")), "{listed}");
+    // Bad input reaches the user as for a Rust plugin: one line naming the key or the file.
+    assert_bad_input(
+        &host(&["check", "cfile", "-c", "path=/nonexistent/x.img"]),
+        &["plugin cfile", "/nonexistent/x.img", "No such file"],
+    );
+    assert_bad_input(
+        &host(&["check", "cfile", "-c", "size=1G"]),
+        &["`size`", "unknown key for plugin cfile"],
+    );
     let t = TempDir::new("cfile-check");
     let img = image(&t, "d.img", 32 << 20);
     let path = format!("path={}", img.display());

@@ -61,7 +61,9 @@ struct xen_disk_host {
     uint32_t size;              /* sizeof(struct xen_disk_host) as the host knows it */
     uint32_t api_version;       /* the API version the host speaks */
     /* Attaches a message to the error the calling thread's current callback returns.
-       The text is copied; it should name the file or key at fault. */
+       The text is copied; it should name the file or key at fault. Call it only on the
+       way to returning an error: the host reads it when a callback fails, so a message
+       left by a callback that then succeeded would be shown with a later failure. */
     void (*set_error)(const char *message);
 };
 

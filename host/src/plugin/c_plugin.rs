@@ -318,6 +318,8 @@ impl CPlugin {
         }
         let disk = CDisk {
             plugin: self.clone(),
+            pread: self.raw.pread.expect("checked at load"),
+            pwrite: self.raw.pwrite,
             handle,
             serial: (self.raw.thread_model == 0).then(|| Mutex::new(())),
             size: std::sync::atomic::AtomicU64::new(0),
@@ -353,6 +355,9 @@ fn errno_of(ret: i64) -> Option<i32> {
 /// One open disk of a C plugin.
 struct CDisk {
     plugin: Arc<CPlugin>,
+    /// The data callbacks, copied here: one load each per request instead of two.
+    pread: IoFn,
+    pwrite: Option<WriteFn>,
     handle: *mut c_void,
     /// Held around each call when the plugin declared `XEN_DISK_THREAD_SERIALIZED`.
     serial: Option<Mutex<()>>,
@@ -375,6 +380,7 @@ impl CDisk {
     }
 
     /// The error for a failed or hostile answer of `what`.
+    #[cold]
     fn fail(&self, what: &str, ret: i64) -> Error {
         let text = describe_code(ret, take_message());
         let errno = errno_of(ret).unwrap_or(libc::EIO);
@@ -401,7 +407,6 @@ impl CDisk {
     fn get_size(&self) -> Result<u64> {
         let _serial = self.lock();
         let f = self.plugin.raw.get_size.expect("checked at load");
-        take_message();
         // SAFETY: the header's get_size with the handle open returned.
         let ret = unsafe { f(self.handle) };
         if ret < 0 {
@@ -411,23 +416,31 @@ impl CDisk {
     }
 
     /// Checks a pread/pwrite answer: exactly `count` bytes, or a negative errno.
+    #[inline(always)]
     fn count(&self, what: &str, ret: i64, count: usize, offset: u64) -> Result<()> {
         if ret == count as i64 {
-            return Ok(());
+            Ok(())
+        } else {
+            Err(self.bad_count(what, ret, count, offset))
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn bad_count(&self, what: &str, ret: i64, count: usize, offset: u64) -> Error {
         if ret < 0 {
             // A negative errno, or a code outside errno's range (reported as unknown).
-            return Err(self.fail(&format!("{what} at {offset}+{count}"), ret));
+            return self.fail(&format!("{what} at {offset}+{count}"), ret);
         }
         take_message();
-        Err(Error::io(
+        Error::io(
             libc::EIO,
             format!(
                 "plugin {}: {what} at {offset}+{count} returned {ret}, not {count} bytes \
                  or a negative errno",
                 self.plugin.name
             ),
-        ))
+        )
     }
 }
 
@@ -462,22 +475,21 @@ impl Disk for CDisk {
             .discard_alignment(raw.discard_alignment)
     }
 
+    #[inline]
     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
-        let f = self.plugin.raw.pread.expect("checked at load");
         let _serial = self.lock();
         let mut at = offset;
-        for i in 0..bufs.count() {
-            let b = bufs.get_mut(i);
-            let n = b.len();
-            take_message();
-            // SAFETY: the header's pread, into a buffer valid for writes of `n` bytes.
-            let ret = unsafe { f(self.handle, b.as_mut_ptr() as *mut c_void, n as u32, at) };
-            self.count("pread", ret, n, at)?;
-            at += n as u64;
+        for b in bufs.raw() {
+            // SAFETY: the header's pread, into a buffer valid for writes of `b.len` bytes
+            // (ReadBufs' contract), which nothing else touches during the call.
+            let ret = unsafe { (self.pread)(self.handle, b.base as *mut c_void, b.len as u32, at) };
+            self.count("pread", ret, b.len, at)?;
+            at += b.len as u64;
         }
         Ok(())
     }
 
+    #[inline]
     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
         self.write_flags(offset, bufs, 0)
     }
@@ -496,7 +508,6 @@ impl Disk for CDisk {
             return Ok(());
         };
         let _serial = self.lock();
-        take_message();
         // SAFETY: the header's flush with the open handle.
         self.code("flush", unsafe { f(self.handle) })
     }
@@ -506,7 +517,6 @@ impl Disk for CDisk {
             return Err(Error::unsupported("discard"));
         };
         let _serial = self.lock();
-        take_message();
         // SAFETY: the header's trim with the open handle.
         self.code(&format!("trim at {offset}+{len}"), unsafe {
             f(self.handle, len, offset)
@@ -518,7 +528,6 @@ impl Disk for CDisk {
             return Err(Error::unsupported("write-zeroes"));
         };
         let _serial = self.lock();
-        take_message();
         // SAFETY: the header's zero with the open handle.
         self.code(&format!("zero at {offset}+{len}"), unsafe {
             f(self.handle, len, offset)
@@ -527,25 +536,27 @@ impl Disk for CDisk {
 }
 
 impl CDisk {
+    #[inline]
     fn write_flags(&self, offset: u64, bufs: &WriteBufs<'_>, flags: u32) -> Result<()> {
-        let Some(f) = self.plugin.raw.pwrite else {
+        let Some(f) = self.pwrite else {
             return Err(Error::new(ErrorKind::ReadOnly, "the disk is read-only"));
         };
         let _serial = self.lock();
-        for (at, b) in bufs.iter() {
-            let off = offset + at as u64;
-            take_message();
-            // SAFETY: the header's pwrite, from a buffer valid for reads of its length.
+        let mut at = offset;
+        for b in bufs.raw() {
+            // SAFETY: the header's pwrite, from a buffer valid for reads of `b.len` bytes
+            // (WriteBufs' contract).
             let ret = unsafe {
                 f(
                     self.handle,
-                    b.as_ptr() as *const c_void,
-                    b.len() as u32,
-                    off,
+                    b.base as *const c_void,
+                    b.len as u32,
+                    at,
                     flags,
                 )
             };
-            self.count("pwrite", ret, b.len(), off)?;
+            self.count("pwrite", ret, b.len, at)?;
+            at += b.len as u64;
         }
         Ok(())
     }
