@@ -133,7 +133,8 @@
 //! - add a [`Disk`] method with a default that keeps today's behaviour, or a [`DiskInfo`]
 //!   field whose default (from [`DiskInfo::new`]) does; carry it across with a new extension
 //!   id (`ext::id(minor, n)`) served in `extension.rs`, and bump [`ABI_MINOR`] and the
-//!   crate's minor version together;
+//!   crate's minor version together (abi_stable records the crate's version in every type's
+//!   layout and refuses another major: the crate stays 1.x for as long as the ABI does);
 //! - grow an existing id's answer at its end, never change what is there;
 //! - add keys, messages, helpers and anything else that does not cross the boundary.
 //!
