@@ -21,7 +21,7 @@ fn inspect_shows_keys_types_defaults_and_abi() {
     let o = host(&["plugins", "inspect", "discard"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let abi = format!("abi version: {}", xen_disk_plugin_api::ABI_VERSION);
+    let abi = format!("abi version: 1.{}\n", xen_disk_plugin_api::ABI_MINOR);
     assert!(out.contains(&abi), "{out}");
     assert!(
         out.lines()
@@ -82,8 +82,8 @@ fn a_library_that_is_not_a_plugin_is_refused() {
 fn a_plugin_built_for_another_abi_version_is_refused_naming_both() {
     let p = plugin_path("test-wrong-abi");
     let o = host(&["check", p.to_str().unwrap()]);
-    let host_version = format!("version {}", xen_disk_plugin_api::ABI_VERSION);
-    assert_bad_input(&o, &["libtest_wrong_abi.so", "version 999", &host_version]);
+    let host_version = format!("ABI 1.{}", xen_disk_plugin_api::ABI_MINOR);
+    assert_bad_input(&o, &["libtest_wrong_abi.so", "ABI 2.0", &host_version]);
 }
 
 #[test]

@@ -38,8 +38,11 @@ pub enum ThreadModel {
 /// The host advertises to the guest only what is set here: `feature-flush-cache` when
 /// `can_flush`, `feature-discard` when `can_discard`, and so on. Capabilities a disk lacks are
 /// emulated where that is safe: write-zeroes by writing zero buffers, FUA by write + flush.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, abi_stable::StableAbi)]
+///
+/// Build it with [`DiskInfo::new`] and the setters (or `DiskInfo { size, ..other }`), never
+/// with every field spelled out: later versions add fields, with defaults that keep today's
+/// behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskInfo {
     /// Size in bytes; a multiple of `logical_sector_size`.
     pub size: u64,
@@ -61,6 +64,11 @@ pub struct DiskInfo {
     pub can_write_zeroes: bool,
     /// Discard granularity in bytes (0 = the physical sector size).
     pub discard_granularity: u32,
+    /// Where the discard granules start: the byte offset of the first whole granule from
+    /// the start of the disk (0 = at the start; less than the granularity). Since ABI 1.1;
+    /// a disk over a base whose granules it does not start on sets it, so the guest sends
+    /// discards the base can act on.
+    pub discard_alignment: u32,
 }
 
 impl DiskInfo {
@@ -78,6 +86,7 @@ impl DiskInfo {
             can_discard: false,
             can_write_zeroes: false,
             discard_granularity: 0,
+            discard_alignment: 0,
         }
     }
 
@@ -135,6 +144,13 @@ impl DiskInfo {
     /// Sets the discard granularity in bytes.
     pub const fn discard_granularity(mut self, bytes: u32) -> Self {
         self.discard_granularity = bytes;
+        self
+    }
+
+    /// Sets where the discard granules start (ABI 1.1): the offset in bytes of the first
+    /// whole granule from the start of the disk.
+    pub const fn discard_alignment(mut self, bytes: u32) -> Self {
+        self.discard_alignment = bytes;
         self
     }
 

@@ -16,7 +16,7 @@ use crate::ffi::*;
 use crate::submit::{Submission, SubmitOp};
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString};
+use abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 impl From<Error> for FfiError {
@@ -63,10 +63,12 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> RResult<T, FfiError>
 struct Exported<D>(D);
 
 impl<D: Disk> FfiDisk for Exported<D> {
-    fn info(&self) -> DiskInfo {
+    fn info(&self) -> FfiDiskInfo {
         // info cannot report an error; a panicking info() yields an empty, read-only disk so
         // the host refuses it rather than unwinding.
-        catch_unwind(AssertUnwindSafe(|| self.0.info())).unwrap_or(DiskInfo::new(0).read_only(true))
+        catch_unwind(AssertUnwindSafe(|| self.0.info()))
+            .unwrap_or(DiskInfo::new(0).read_only(true))
+            .into()
     }
 
     fn read(&self, offset: u64, bufs: RSlice<'_, RawBuf>) -> RResult<(), FfiError> {
@@ -109,6 +111,27 @@ impl<D: Disk> FfiDisk for Exported<D> {
         // which answers the request with an error; it never unwinds into the host.
         let _ = catch_unwind(AssertUnwindSafe(|| self.0.submit(sub)));
     }
+
+    fn extension(
+        &self,
+        id: u32,
+        input: RSlice<'_, u8>,
+        output: RSliceMut<'_, u8>,
+    ) -> RResult<u32, FfiError> {
+        guarded("extension", || {
+            crate::extension::serve_disk(&self.0, id, input.as_slice(), output.into_mut_slice())
+        })
+    }
+}
+
+extern "C" fn module_extension(
+    id: u32,
+    input: RSlice<'_, u8>,
+    output: RSliceMut<'_, u8>,
+) -> RResult<u32, FfiError> {
+    guarded("extension", || {
+        crate::extension::serve_module(id, input.as_slice(), output.into_mut_slice())
+    })
 }
 
 /// Wraps a safe disk as an FFI object (what `open` returns; also how a filter plugin hands a
@@ -214,6 +237,7 @@ pub fn root_module<P: Plugin>() -> PluginModRef {
         open: open::<P>,
         open_over: None,
         read_only_base: no,
+        extension: module_extension,
     }
     .leak_into_prefix()
 }
@@ -227,6 +251,7 @@ pub fn filter_root_module<F: Filter>() -> PluginModRef {
         open: open_filter_alone::<F>,
         open_over: Some(open_over::<F>),
         read_only_base: read_only_base::<F>,
+        extension: module_extension,
     }
     .leak_into_prefix()
 }
@@ -269,7 +294,7 @@ impl ForeignDisk {
 
 impl Disk for ForeignDisk {
     fn info(&self) -> DiskInfo {
-        self.inner.info()
+        crate::extension::ask_disk(&self.inner, self.inner.info().into())
     }
 
     fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
@@ -411,11 +436,8 @@ mod tests {
         let m = filter_root_module::<ShiftFilter>();
         assert_eq!((m.describe())().kind, PluginKind::Filter);
         // Filters write their base unless they declare otherwise; plain plugins have none.
-        assert_eq!(m.read_only_base().map(|f| f()), Some(false));
-        assert_eq!(
-            root_module::<BoomPlugin>().read_only_base().map(|f| f()),
-            Some(false)
-        );
+        assert!(!(m.read_only_base())());
+        assert!(!(root_module::<BoomPlugin>().read_only_base())());
         assert!(ForeignDisk::open(m, &Config::new())
             .err()
             .unwrap()

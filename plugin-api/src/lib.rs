@@ -29,9 +29,10 @@
 //! ```
 //!
 //! Cargo finds the crate by its package name inside a git repository's workspace, so the
-//! `git` form needs no `package =` key. Build against the same interface version as the host
-//! that loads the plugin ([`ABI_VERSION`]; `xen-disk-host plugins inspect` shows both): a
-//! checkout of the host's own revision is the simplest way to be sure.
+//! `git` form needs no `package =` key. The crate's version is the interface's: 1.1.0
+//! builds plugins for ABI 1.1 ([`ABI_MAJOR`].[`ABI_MINOR`]), which every host that speaks
+//! 1.1 or later loads (see [Compatibility](#compatibility)); `xen-disk-host plugins inspect`
+//! shows the version a plugin was built for.
 //!
 //! `src/lib.rs`:
 //!
@@ -88,12 +89,77 @@
 //! write run only with `--destructive`, as they overwrite the disk: point it at a scratch image. Then serve a real
 //! guest: `xen-disk-host connect guest1 --plugin ./target/release/libramdisk.so -c size=1G`.
 //!
-//! ## The promise
+//! ## Compatibility
 //!
-//! The boundary is a stable ABI (abi_stable): a plugin built against interface
-//! [`ABI_VERSION`] keeps loading in newer hosts that speak the same version, whatever Rust
-//! compiler either was built with. The host checks the version and the layout of every type
-//! on load and refuses a mismatch with one line naming the file and both versions.
+//! **The promise.** A plugin built for plugin ABI 1.x loads and works, without a rebuild, in
+//! every host that speaks 1.y with y ≥ x, whatever Rust compiler either side was built with.
+//! Build against the oldest minor version that has what you need, and one binary serves
+//! every host from that release on.
+//!
+//! - **Newer minor than the host** (a plugin built for 1.3 in a 1.1 host): it loads, and the
+//!   host uses only what 1.1 knows. What the plugin declares through later additions is not
+//!   asked for, so the host falls back as for a plugin that lacks it (it emulates the call or
+//!   does not advertise the feature). `plugins inspect` says so on the `abi version` line.
+//! - **Another major** (2.x, or the numbering before 1.0: versions 1 to 3): refused on load,
+//!   with one line naming the file, the plugin's version and the host's, and exit code 2.
+//!
+//! The version a plugin was built for is [`ABI_VERSION`] (major in the high 16 bits), which
+//! the export macro returns from the plain C symbol [`ABI_VERSION_SYMBOL`]; the host reads it
+//! before anything else.
+//!
+//! **How it is kept.** The boundary is abi_stable's: a root module ([`ffi::PluginMod`]) and a
+//! trait object for each open disk ([`ffi::FfiDisk`]), whose layouts abi_stable checks on
+//! load. abi_stable's own way to extend a prefix type (add fields at the end) works only one
+//! way round: its check refuses a library whose module has *fewer* fields than the loader
+//! expects, i.e. an older plugin in a newer host, which is the direction that matters here.
+//! So the 1.0 layouts are frozen, field for field and method for method, and each carries
+//! one *extension call*, `extension(id, input, output)`. What a later minor version adds
+//! travels through it under a new id ([`ffi::ext`]): a fact the host asks a disk for (1.1's
+//! discard alignment), or a new operation. A plugin built before the id existed answers
+//! "unsupported" (its SDK knows no such id) and the host falls back, exactly as
+//! [`DiskInfo`]'s flags already make it for flush, discard, write-zeroes and FUA. Each id's
+//! encoding is size-prefixed in effect: the asker passes a buffer of the size it knows, the
+//! answer fills what the plugin knows of it and says how many bytes that was, so an encoding
+//! may grow at its end without a new id. Both sides of every extension call live in this
+//! crate: plugin authors see new [`Disk`] methods and [`DiskInfo`] fields, never ids.
+//! The other designs considered: versioned entry points with a full copy of every type per
+//! minor version (each release would have to keep and test all the old layouts), or a
+//! hand-made C vtable for Rust plugins too (losing abi_stable's layout check, which catches
+//! a mismatch the version number would not). The C SDK ([below](#plugins-in-c)) is the
+//! size-prefixed vtable, because C has no abi_stable.
+//!
+//! **Rules for future changes.** A change to this crate may:
+//!
+//! - add a [`Disk`] method with a default that keeps today's behaviour, or a [`DiskInfo`]
+//!   field whose default (from [`DiskInfo::new`]) does; carry it across with a new extension
+//!   id (`ext::id(minor, n)`) served in `extension.rs`, and bump [`ABI_MINOR`] and the
+//!   crate's minor version together (abi_stable records the crate's version in every type's
+//!   layout and refuses another major: the crate stays 1.x for as long as the ABI does);
+//! - grow an existing id's answer at its end, never change what is there;
+//! - add keys, messages, helpers and anything else that does not cross the boundary.
+//!
+//! It may not: change, reorder or remove anything in [`ffi`]'s 1.0 types (`PluginMod`,
+//! `FfiDisk`, `FfiDiskInfo`, `FfiDescriptor`, `FfiConfigKey`, `FfiError`, `FfiCompletion`,
+//! `RawBuf`) or the enums that cross in them (`ThreadModel`, `KeyType`, `ErrorKind`,
+//! `SubmitOp`, `PluginKind`: abi_stable compares their variants too); give a published id
+//! another meaning; or make a host require an extension (the host must work when every
+//! extension answers "unsupported"). A change that must break one of these is ABI 2.0, and
+//! 1.x plugins are then refused in one line. `tests/fixtures/fossil-1.0` holds a plugin
+//! built against a frozen copy of the 1.0 crate: CI checks that the current host loads it,
+//! passes `check` on it and serves it, so a change that breaks the promise fails there.
+//!
+//! **Testing against several host versions.** Build once, against the oldest minor you
+//! support, then run the same `.so` through each host release you promise to work with:
+//!
+//! ```text
+//! for host in /opt/xen-disk/1.1/bin/xen-disk-host /opt/xen-disk/1.4/bin/xen-disk-host; do
+//!     $host plugins inspect ./libyours.so            # loads; shows "abi version: 1.1"
+//!     $host check --destructive ./libyours.so -c path=scratch.img
+//! done
+//! ```
+//!
+//! A newer host must pass every case the older one passed; a case that is new in the newer
+//! host's `check` tests what that host adds, and a skip there means you do not declare it.
 //!
 //! ## Lifecycle
 //!
@@ -275,6 +341,16 @@
 //! whose capability you pass on. Then run `xen-disk-host check` over each kind of base you
 //! support.
 //!
+//! ## Plugins in C
+//!
+//! The same host loads plugins written in C: `plugin-api/include/xen_disk_plugin.h` declares
+//! a struct of callbacks (its size and API version first, then the name, the thread model,
+//! `config`, `open`, `close`, `get_size`, `pread`, `pwrite`, `flush`, `trim`, `zero`) that
+//! the library returns from `xen_disk_plugin_init`. Errors are negative errno values; a
+//! wrong byte count or an unknown code fails that request with EIO. The guide is
+//! `docs/c-plugins.md`; `examples/c-file-plugin` is a complete plugin. C plugins follow the
+//! same promise (API 1.x), kept by the struct's size: fields are only added at its end.
+//!
 //! ## Naming and finding plugins
 //!
 //! `--plugin NAME` looks for `lib<NAME>.so` (with `-` spelled `_`) on
@@ -288,6 +364,7 @@ mod config;
 mod disk;
 mod error;
 mod export;
+mod extension;
 #[allow(non_local_definitions)] // emitted by #[sabi_trait]
 pub mod ffi;
 pub mod submit;
@@ -302,13 +379,38 @@ pub use submit::{Submission, SubmitOp};
 #[doc(hidden)]
 pub use export::{filter_root_module as __filter_root_module, root_module as __root_module};
 
-/// The plugin interface version. A host loads only plugins built for the same version.
-///
-/// 2: `ThreadModel::NonBlocking` and the root module's `read_only_base` (filters).
-/// 3: `ThreadModel::Async` and `Disk::submit` (asynchronous reads and writes).
-pub const ABI_VERSION: u32 = 3;
+/// The major version of the plugin interface this crate builds: a host loads plugins of its
+/// own major version only.
+pub const ABI_MAJOR: u16 = 1;
 
-/// The name of the plain C symbol, exported by every plugin, that returns its
+/// The minor version of the plugin interface this crate builds. A host that speaks 1.y
+/// loads every plugin built for 1.x with x <= y, and one built for a newer minor too,
+/// using only what it knows (see [the compatibility promise](crate#compatibility)).
+///
+/// 0: the frozen interface.
+/// 1: [`DiskInfo::discard_alignment`] (extension [`ffi::ext::DISCARD_LIMITS`]).
+pub const ABI_MINOR: u16 = 1;
+
+/// [`ABI_MAJOR`] and [`ABI_MINOR`] in one number, as the version symbol returns it.
+pub const ABI_VERSION: u32 = abi_version(ABI_MAJOR, ABI_MINOR);
+
+/// Packs a major and a minor version: the major in the high 16 bits. Interfaces before 1.0
+/// were numbered 1 to 3, which read as major 0.
+pub const fn abi_version(major: u16, minor: u16) -> u32 {
+    ((major as u32) << 16) | minor as u32
+}
+
+/// The major version of a packed [`abi_version`].
+pub const fn abi_major(version: u32) -> u16 {
+    (version >> 16) as u16
+}
+
+/// The minor version of a packed [`abi_version`].
+pub const fn abi_minor(version: u32) -> u16 {
+    version as u16
+}
+
+/// The name of the plain C symbol, exported by every Rust plugin, that returns its
 /// [`ABI_VERSION`]. The host reads it before anything else.
 pub const ABI_VERSION_SYMBOL: &str = "xen_disk_plugin_abi_version";
 

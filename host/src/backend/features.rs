@@ -109,7 +109,9 @@ impl Advertisement {
             let granularity = info.discard_granularity.max(info.physical_sector_size);
             keys.push((FEATURE_DISCARD, "1".into()));
             keys.push((DISCARD_GRANULARITY, granularity.to_string()));
-            keys.push((DISCARD_ALIGNMENT, "0".into()));
+            // Where the granules start (plugin ABI 1.1); the guard keeps it below the
+            // granularity, and plugins built before 1.1 leave it 0.
+            keys.push((DISCARD_ALIGNMENT, info.discard_alignment.to_string()));
             keys.push((DISCARD_SECURE, "0".into()));
         } else {
             keys.push((FEATURE_DISCARD, "0".into()));
@@ -173,7 +175,16 @@ mod tests {
         assert_eq!(get(&k, "feature-flush-cache"), Some("1"));
         assert_eq!(get(&k, "feature-discard"), Some("1"));
         assert_eq!(get(&k, "discard-granularity"), Some("4096"));
+        assert_eq!(get(&k, "discard-alignment"), Some("0"));
         assert_eq!(get(&k, "info"), Some("0"));
+        let k = connect_keys(
+            &DiskInfo::new(1 << 30)
+                .discard(true)
+                .discard_granularity(65536)
+                .discard_alignment(3584),
+        );
+        assert_eq!(get(&k, "discard-granularity"), Some("65536"));
+        assert_eq!(get(&k, "discard-alignment"), Some("3584"));
         let k = connect_keys(&DiskInfo::new(1 << 20).discard(true).read_only(true));
         assert_eq!(get(&k, "feature-flush-cache"), Some("0"));
         assert_eq!(get(&k, "feature-discard"), Some("0"));

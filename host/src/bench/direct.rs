@@ -183,6 +183,58 @@ pub fn run(disk: &GuardedDisk, opts: &DirectOptions) -> Result<Figures, String> 
     })
 }
 
+/// What `--against` measured: the other plugin's stack and its figures.
+pub struct Against {
+    /// "cnull (C)" style: the stack, and which SDK its top plugin was built with.
+    pub name: String,
+    /// Its figures under the same options.
+    pub figures: Figures,
+}
+
+/// Opens `spec` with its defaults and runs the same direct pattern on it: the other side of
+/// a comparison, e.g. a C plugin next to its Rust twin (`bench --direct discard --against
+/// cnull`), through the same guard and the same loop.
+pub fn run_against(spec: &str, opts: &DirectOptions) -> Result<Against, String> {
+    let stack = crate::plugin::open_stack(spec, &xen_disk_plugin_api::Config::new())
+        .map_err(|e| e.to_string())?;
+    let sdk = if stack.layers[0].is_c() { "C" } else { "Rust" };
+    let name = format!("{} ({sdk})", stack.describe());
+    let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(|e| e.to_string())?;
+    let figures = run(&disk, opts)?;
+    if figures.failed > 0 {
+        return Err(format!(
+            "{name}: {} requests failed (first: {})",
+            figures.failed,
+            figures.first_error.as_deref().unwrap_or("no message")
+        ));
+    }
+    Ok(Against { name, figures })
+}
+
+/// The `--against` lines of the text report.
+pub fn print_against(a: &Against, mine: &Figures) {
+    let g = &a.figures;
+    println!(
+        "  against {}: {:>12.0} IOPS {:>10.1} MB/s {:>9.1} ns/op  p50 {:.3} us  p99 {:.3} us",
+        a.name, g.iops, g.mbps, g.ns_per_op, g.lat_p50_us, g.lat_p99_us
+    );
+    println!(
+        "  difference: {:+.1} ns per call ({} minus the plugin above)",
+        g.ns_per_op - mine.ns_per_op,
+        a.name
+    );
+}
+
+/// The `--against` fields of the JSON report.
+pub fn against_json(a: &Against) -> String {
+    format!(
+        ",\"against\":\"{}\",\"against_iops\":{:.0},\"against_ns_per_op\":{:.1}",
+        a.name.replace('"', "'"),
+        a.figures.iops,
+        a.figures.ns_per_op
+    )
+}
+
 /// The reference: `memcpy` of `bs`-byte blocks walking a `region`-byte buffer into
 /// destinations rotating through `dst_span` bytes, same threads and duration. What a perfect
 /// zero-overhead read path would do. The ring path writes into `iodepth` different guest

@@ -334,11 +334,16 @@ fn discard(s: &Subject<'_>) -> Outcome {
     if !s.disk.can_discard() {
         return Outcome::Skip("discard not declared (not advertised to guests)".into());
     }
-    let ls = u64::from(s.disk.info().logical_sector_size);
-    let gran = u64::from(s.disk.info().discard_granularity)
-        .max(u64::from(s.disk.info().physical_sector_size));
-    let len = (gran * 4).max(64 * 1024).min(s.disk.size() / ls * ls);
-    let offset = 0;
+    let info = s.disk.info();
+    let ls = u64::from(info.logical_sector_size);
+    let gran = u64::from(info.discard_granularity).max(u64::from(info.physical_sector_size));
+    // The guest sends discards on granules that start `discard_alignment` bytes in (ABI
+    // 1.1): so does this case, and a plugin may refuse others.
+    let align = u64::from(info.discard_alignment);
+    let len = (gran * 4)
+        .max(64 * 1024)
+        .min(s.disk.size() / ls * ls - align);
+    let offset = align;
     let mut rng = Rng::new(s.opts.seed ^ 3);
     let mut model = Model::default();
     let mut data = vec![0u8; len as usize];
@@ -355,12 +360,17 @@ fn discard(s: &Subject<'_>) -> Outcome {
         Err(e) => Outcome::Fail(e),
         Ok(got) if !s.opts.no_data => match model.verify(offset, &got) {
             Ok(()) => {
-                let zero = got[doff as usize..(doff + dlen) as usize]
+                let zero = got[(doff - offset) as usize..(doff - offset + dlen) as usize]
                     .iter()
                     .all(|&b| b == 0);
                 Outcome::Pass(format!(
-                    "{} KiB discarded, neighbours intact, reads back {}",
+                    "{} KiB discarded{}, neighbours intact, reads back {}",
                     dlen / 1024,
+                    if align > 0 {
+                        format!(" on granules aligned at {align}")
+                    } else {
+                        String::new()
+                    },
                     if zero { "zeroes" } else { "old data" }
                 ))
             }

@@ -272,7 +272,18 @@ pub fn run(
             if i.read_only { ", read-only" } else { "" },
             if i.can_flush { ", flush" } else { "" },
             if i.can_fua { ", fua" } else { "" },
-            if i.can_discard { ", discard" } else { "" },
+            if !i.can_discard {
+                String::new()
+            } else if i.discard_granularity > 0 || i.discard_alignment > 0 {
+                // Granularity 0 means the physical sector size; alignment is ABI 1.1's.
+                format!(
+                    ", discard (granularity {}, alignment {})",
+                    i.discard_granularity.max(i.physical_sector_size),
+                    i.discard_alignment
+                )
+            } else {
+                ", discard".to_string()
+            },
             if i.can_write_zeroes {
                 ", write-zeroes"
             } else {

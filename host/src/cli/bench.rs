@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// many bytes.
     #[arg(long)]
     rbd_bench: bool,
+    /// With `--direct`: run the same pattern on plugin PLUGIN too (opened with its defaults)
+    /// and print its per-call cost beside, e.g. a C plugin next to its Rust twin.
+    #[arg(long, value_name = "PLUGIN")]
+    against: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -124,6 +128,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         one_pass: args.qemu_img.is_some(),
     };
     let mode = if args.direct { "direct" } else { "ring" };
+    if args.against.is_some() && !args.direct {
+        bail!("--against compares --direct runs");
+    }
     let f = if args.direct {
         let f = run_direct(&disk, &opts).map_err(anyhow::Error::msg)?;
         // The plugin's disk is closed first: qemu-img takes the image's lock.
@@ -158,6 +165,14 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         opts.duration
     };
     let m = memcpy_reference(bs, region, dst_span, m_time, args.threads);
+    let against = match &args.against {
+        Some(spec) => Some(
+            crate::bench::direct::run_against(spec, &opts)
+                .map_err(anyhow::Error::msg)
+                .context("--against")?,
+        ),
+        None => None,
+    };
     let nbd = if args.nbdkit {
         Some(
             crate::bench::nbdkit::run(args.rw, bs, args.iodepth, region, opts.duration)
@@ -226,7 +241,11 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                     r.iops, r.mbps
                 )
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + &against
+                .as_ref()
+                .map(crate::bench::direct::against_json)
+                .unwrap_or_default();
         println!(
             "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"failed\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{qemu_fields}{rbd_fields}}}",
             name, args.threads, f.ops, f.failed, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
@@ -248,6 +267,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             "  plugin: {:>12.0} IOPS {:>10.1} MB/s {:>9.1} ns/op  p50 {:.3} us  p99 {:.3} us",
             f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us
         );
+        if let Some(a) = &against {
+            crate::bench::direct::print_against(a, &f);
+        }
         if f.failed > 0 {
             println!(
                 "  errors: {} of {} requests failed; the figures above are the {} that succeeded",

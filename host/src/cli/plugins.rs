@@ -64,7 +64,7 @@ fn inspect(spec: &str) -> Result<i32> {
     println!("version:     {}", p.version);
     println!("description: {}", p.description);
     println!("file:        {}", p.path.display());
-    println!("abi version: {}", p.abi_version);
+    println!("abi version: {}", p.abi_text());
     match p.kind {
         PluginKind::Disk => println!("kind:        disk"),
         PluginKind::Filter => println!(

@@ -52,6 +52,13 @@ pub enum GuardError {
     /// A swap to a read-only disk under a writable one.
     #[error("the new plugin's disk is read-only; the guest's is writable")]
     ReadOnly,
+    /// The plugin's discard alignment (ABI 1.1).
+    #[error("discard alignment {alignment} (must be a multiple of {sector} below the discard granularity {granularity})")]
+    DiscardAlignment {
+        alignment: u32,
+        sector: u32,
+        granularity: u32,
+    },
     /// The old plugin's flush failed: it keeps serving.
     #[error("flushing the old plugin: {0}; it keeps serving")]
     Flush(Box<Error>),
@@ -74,6 +81,15 @@ pub fn check_info(info: &DiskInfo) -> std::result::Result<(), GuardError> {
         return Err(GuardError::Size {
             size: info.size,
             sector: ls,
+        });
+    }
+    let granularity = info.discard_granularity.max(ps);
+    let alignment = info.discard_alignment;
+    if info.can_discard && (alignment >= granularity || !alignment.is_multiple_of(ls)) {
+        return Err(GuardError::DiscardAlignment {
+            alignment,
+            sector: ls,
+            granularity,
         });
     }
     Ok(())

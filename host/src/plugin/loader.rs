@@ -6,16 +6,36 @@
 //!    named `libx.so` would hang it, and with it every thread that starts, ends or loads a
 //!    library, for good;
 //! 1. the file loads at all (`dlopen`);
-//! 2. it exports `xen_disk_plugin_abi_version` (else: not a xen-disk plugin);
-//! 3. that version equals ours (else: both versions named);
-//! 4. abi_stable's own version and type-layout check of the root module.
+//! 2. it exports `xen_disk_plugin_abi_version` (a Rust plugin) or `xen_disk_plugin_init` (a
+//!    C plugin, [`super::c_plugin`]); else it is not a xen-disk plugin;
+//! 3. its major version is ours (else: both versions named). A plugin of an older minor
+//!    version loads: the 1.0 interface is frozen and what came later is asked for through
+//!    extension calls it answers "unsupported". One of a newer minor loads too, and the
+//!    host uses only what it knows (`plugins inspect` says so);
+//! 4. for a Rust plugin, abi_stable's own version and type-layout check of the root module
+//!    (the frozen 1.0 layout); for a C plugin, the checks of its struct.
 //!
 //! Libraries are never unloaded (abi_stable's rule): a loaded plugin's code stays mapped for
 //! the life of the process, so disks opened from it stay valid.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use xen_disk_plugin_api::ffi::{PluginKind, PluginModRef};
-use xen_disk_plugin_api::{Config, ForeignDisk, KeyType, ABI_VERSION, ABI_VERSION_SYMBOL};
+use xen_disk_plugin_api::{
+    abi_major, abi_minor, Config, ForeignDisk, KeyType, ABI_VERSION, ABI_VERSION_SYMBOL,
+};
+
+use super::c_plugin::{CPlugin, INIT_SYMBOL};
+
+/// A packed ABI version as people write it: `1.0`, or `version 3 (before 1.0)` for the
+/// numbering that came before.
+pub fn version_text(v: u32) -> String {
+    if abi_major(v) == 0 {
+        format!("version {v} (before 1.0)")
+    } else {
+        format!("{}.{}", abi_major(v), abi_minor(v))
+    }
+}
 
 /// Why a plugin could not be loaded or opened. Every variant displays as one line.
 #[derive(Debug, thiserror::Error)]
@@ -27,15 +47,18 @@ pub enum PluginError {
     #[error("{path}: cannot load: {reason}")]
     Load { path: PathBuf, reason: String },
     /// The library has no xen-disk entry point.
-    #[error("{path}: not a xen-disk plugin (no {ABI_VERSION_SYMBOL} symbol)")]
+    #[error("{path}: not a xen-disk plugin (no {ABI_VERSION_SYMBOL} or {INIT_SYMBOL} symbol)")]
     NotAPlugin { path: PathBuf },
-    /// Built for another interface version.
-    #[error("{path}: built for plugin ABI version {found}; this host speaks version {expected}")]
+    /// Built for another major version of the interface.
+    #[error("{path}: built for plugin ABI {}; this host speaks ABI {} and loads plugins built for {}.0 to {}.{} (and newer {}.x)", version_text(*found), version_text(*expected), abi_major(*expected), abi_major(*expected), abi_minor(*expected), abi_major(*expected))]
     AbiVersion {
         path: PathBuf,
         found: u32,
         expected: u32,
     },
+    /// A C plugin's struct was refused.
+    #[error("{path}: C plugin refused: {reason}")]
+    CPlugin { path: PathBuf, reason: String },
     /// abi_stable refused the root module (version or layout).
     #[error("{path}: incompatible plugin interface ({reason}); rebuild the plugin against this host's xen-disk-plugin-api")]
     Layout { path: PathBuf, reason: String },
@@ -81,13 +104,20 @@ pub struct LoadedPlugin {
     pub description: String,
     /// Declared configuration keys.
     pub keys: Vec<KeyInfo>,
-    /// The ABI version it was built for.
+    /// The ABI version it was built for (packed, [`xen_disk_plugin_api::abi_version`]).
     pub abi_version: u32,
     /// A disk, or a filter opened over a base disk.
     pub kind: PluginKind,
     /// A filter that never writes its base: the host opens the base read-only.
     pub read_only_base: bool,
-    module: PluginModRef,
+    backend: Backend,
+}
+
+/// Which SDK the plugin was built with.
+#[derive(Clone)]
+enum Backend {
+    Rust(PluginModRef),
+    C(Arc<CPlugin>),
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -195,12 +225,14 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
     // SAFETY: the symbol, if present, is `extern "C" fn() -> u32` by our ABI's definition;
     // a foreign library that happens to export the name with another type is the user's error.
     let found = unsafe {
-        let f = lib
-            .get::<extern "C" fn() -> u32>(ABI_VERSION_SYMBOL.as_bytes())
-            .map_err(|_| PluginError::NotAPlugin { path: path.clone() })?;
-        f()
+        lib.get::<extern "C" fn() -> u32>(ABI_VERSION_SYMBOL.as_bytes())
+            .ok()
+            .map(|f| f())
     };
-    if found != ABI_VERSION {
+    let Some(found) = found else {
+        return load_c(lib, path);
+    };
+    if abi_major(found) != abi_major(ABI_VERSION) {
         return Err(PluginError::AbiVersion {
             path,
             found,
@@ -237,10 +269,45 @@ pub fn load(path: &Path) -> Result<LoadedPlugin, PluginError> {
                 help: k.help.to_string(),
             })
             .collect(),
-        abi_version: module.abi_version(),
-        read_only_base: module.read_only_base().is_some_and(|f| f()),
+        abi_version: found,
+        read_only_base: (module.read_only_base())(),
         path,
-        module,
+        backend: Backend::Rust(module),
+    })
+}
+
+/// Loads a library with no Rust entry point: a C plugin, or not a plugin at all.
+fn load_c(lib: libloading::Library, path: PathBuf) -> Result<LoadedPlugin, PluginError> {
+    let Some(init) = super::c_plugin::entry(&lib) else {
+        return Err(PluginError::NotAPlugin { path });
+    };
+    // The library is never unloaded: the plugin's struct and strings stay valid.
+    std::mem::forget(lib);
+    // SAFETY: `init` is this library's xen_disk_plugin_init, and it stays loaded.
+    let c = unsafe { CPlugin::init(init) }.map_err(|reason| PluginError::CPlugin {
+        path: path.clone(),
+        reason,
+    })?;
+    Ok(LoadedPlugin {
+        kind: PluginKind::Disk,
+        name: c.name.to_string(),
+        version: c.version.to_string(),
+        description: c.description.to_string(),
+        keys: c
+            .keys
+            .iter()
+            .map(|k| KeyInfo {
+                name: k.name.to_string(),
+                ty: k.ty,
+                default: k.default.map(str::to_string),
+                required: k.required,
+                help: k.help.to_string(),
+            })
+            .collect(),
+        abi_version: c.api_version,
+        read_only_base: false,
+        path,
+        backend: Backend::C(Arc::new(c)),
     })
 }
 
@@ -253,10 +320,40 @@ pub fn load_spec(spec: &str) -> Result<LoadedPlugin, PluginError> {
 impl LoadedPlugin {
     /// Opens a disk with `config`.
     pub fn open(&self, config: &Config) -> Result<ForeignDisk, PluginError> {
-        ForeignDisk::open(self.module, config).map_err(|error| PluginError::Open {
+        match &self.backend {
+            Backend::Rust(module) => ForeignDisk::open(*module, config),
+            Backend::C(c) => c.open(config),
+        }
+        .map_err(|error| PluginError::Open {
             plugin: self.name.clone(),
             error,
         })
+    }
+
+    /// Written in C (`xen_disk_plugin_init`) rather than with the Rust SDK.
+    pub fn is_c(&self) -> bool {
+        matches!(self.backend, Backend::C(_))
+    }
+
+    /// The ABI version it was built for, and how this host serves it, for `plugins inspect`:
+    /// `1.0`, or `1.3 (newer than this host's 1.1: what came after 1.1 is not used)`.
+    pub fn abi_text(&self) -> String {
+        let host = if self.is_c() {
+            super::c_plugin::C_API_VERSION
+        } else {
+            ABI_VERSION
+        };
+        let sdk = if self.is_c() { " (C)" } else { "" };
+        if abi_minor(self.abi_version) > abi_minor(host) {
+            format!(
+                "{}{sdk} (newer than this host's {}: what came after {} is not used)",
+                version_text(self.abi_version),
+                version_text(host),
+                version_text(host)
+            )
+        } else {
+            format!("{}{sdk}", version_text(self.abi_version))
+        }
     }
 
     /// Opens a filter's disk over `base`.
@@ -265,21 +362,32 @@ impl LoadedPlugin {
         config: &Config,
         base: ForeignDisk,
     ) -> Result<ForeignDisk, PluginError> {
-        ForeignDisk::open_over(self.module, config, base).map_err(|error| PluginError::Open {
+        let Backend::Rust(module) = &self.backend else {
+            return Err(PluginError::Open {
+                plugin: self.name.clone(),
+                error: xen_disk_plugin_api::Error::new(
+                    xen_disk_plugin_api::ErrorKind::Config,
+                    "this plugin is not a filter: it takes no base disk",
+                ),
+            });
+        };
+        ForeignDisk::open_over(*module, config, base).map_err(|error| PluginError::Open {
             plugin: self.name.clone(),
             error,
         })
-    }
-
-    /// The raw root module (for tests and layered plugins).
-    pub fn module(&self) -> PluginModRef {
-        self.module
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{layout_reason, load};
+    use super::{layout_reason, load, version_text};
+
+    #[test]
+    fn versions_read_as_major_minor_and_the_old_numbering_says_so() {
+        assert_eq!(version_text(xen_disk_plugin_api::abi_version(1, 0)), "1.0");
+        assert_eq!(version_text(xen_disk_plugin_api::abi_version(2, 7)), "2.7");
+        assert_eq!(version_text(3), "version 3 (before 1.0)");
+    }
     use std::time::Duration;
 
     #[test]

@@ -1,12 +1,14 @@
 //! Finding, loading and guarding plugins: the host's side of the `.so` boundary.
 //!
 //! ```text
-//!  --plugin NAME|PATH ─▶ search::resolve ─▶ loader::load (ABI version, layout) ─▶ LoadedPlugin
+//!  --plugin NAME|PATH ─▶ search::resolve ─▶ loader::load (ABI version, layout; or a C
+//!     plugin's struct, c_plugin) ─▶ LoadedPlugin
 //!     ─▶ LoadedPlugin::open(config) ─▶ ForeignDisk ─▶ guard::GuardedDisk (bounds, read-only,
 //!        alignment, capability emulation) ─▶ the device's workers
 //! ```
 
 pub mod bounded;
+pub mod c_plugin;
 pub mod guard;
 pub mod loader;
 pub mod search;
