@@ -74,6 +74,7 @@ fn start_on(
         // Polling exercises the spin path; the other tests sleep at once.
         poll: std::time::Duration::from_micros(if workers == 0 { 20 } else { 0 }),
         answer_on_completion,
+        limiter: Default::default(),
     };
     let (stop, stats) = (
         Arc::new(AtomicBool::new(false)),
