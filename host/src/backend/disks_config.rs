@@ -455,6 +455,48 @@ mod tests {
     }
 
     #[test]
+    fn limits_parse_from_their_table_and_name_a_bad_key() {
+        let d = parse(
+            "[[disk]]\ndomain = 1\nplugin = \"file\"\n[disk.limits]\n\
+             read-iops-burst = 50\nread-iops = 500\nwrite-bps = \"20M\"\nwrite-iops = 0\n",
+        )
+        .unwrap();
+        let l = d[0].limits;
+        assert_eq!(
+            l.read_iops,
+            Some(super::super::limits::Rate {
+                per_second: 500,
+                burst: 50
+            })
+        );
+        assert_eq!(l.write_bps.map(|r| r.per_second), Some(20 << 20));
+        assert_eq!((l.write_iops, l.read_bps), (None, None));
+        for (text, want) in [
+            (
+                "[disk.limits]\nspeed = 5\n",
+                "disks.toml: disk 1: `limits`: unknown limit `speed`",
+            ),
+            (
+                "[disk.limits]\nread-iops = -5\n",
+                "disks.toml: disk 1: `limits`: `read-iops` must be a number or a size string",
+            ),
+            (
+                "[disk.limits]\nwrite-bps = \"fast\"\n",
+                "disks.toml: disk 1: `limits`: `write-bps`",
+            ),
+            (
+                "limits = 5\n",
+                "disks.toml: disk 1: `limits` must be a table",
+            ),
+        ] {
+            let e = parse(&format!("[[disk]]\ndomain = 1\nplugin = \"file\"\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn mistakes_name_file_disk_and_key() {
         let cases = [
             ("[[disk]\n", "disks.toml:1:7: not valid TOML"),
