@@ -379,6 +379,43 @@ fn limits_change_live_through_ctl() {
 }
 
 #[test]
+fn a_reload_changes_limits_live() {
+    let dir = TempDir::new("reload-limits");
+    let (mut serve, socket) = two_guests(&dir, 100, "1", &[]);
+    assert_eq!(
+        ctl(&socket, &["limit", "1/xvdb"]).trim(),
+        "1/xvdb: read-iops=100/s (burst 10)"
+    );
+    // The file now limits beta's writes and lifts alpha's reads.
+    let config = dir.join("disks.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("read-iops = 100\n", "").replacen(
+        "[[disk]]\ndomain = \"beta\"\nplugin = \"file\"\nvbd = \"xvdb\"\n",
+        "[[disk]]\ndomain = \"beta\"\nplugin = \"file\"\nvbd = \"xvdb\"\n[disk.limits]\nwrite-bps = \"8M\"\n",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let ok = Command::new("kill")
+        .args(["-HUP", &serve.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    serve.expect("reload: 2/xvdb: limits now write-bps=8388608/s");
+    serve.expect("reload: 1/xvdb: limits now unlimited");
+    assert_eq!(
+        ctl(&socket, &["limit", "1/xvdb"]).trim(),
+        "1/xvdb: unlimited"
+    );
+    assert_eq!(
+        ctl(&socket, &["limit", "2/xvdb"]).trim(),
+        "2/xvdb: write-bps=8388608/s (burst 838860)"
+    );
+    // Both guests stayed connected: nothing was detached for it.
+    let list = ctl(&socket, &["list"]);
+    assert_eq!(list.matches("state=Connected").count(), 2, "{list}");
+}
+
+#[test]
 fn connect_sim_answers_ctl_and_serves_metrics() {
     let dir = TempDir::new("connect-sim");
     let image = dir.join("d.img");
