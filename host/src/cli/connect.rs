@@ -235,10 +235,9 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
 fn control_socket(args: &ConnectArgs, registry: Arc<Registry>) -> Result<Option<Listening>> {
     let control_path = args.control.clone().unwrap_or_else(default_connect);
     match listen(&control_path, registry) {
-        Ok(l) => {
-            println!("control socket at {}", control_path.display());
-            Ok(Some(l))
-        }
+        // Said only when it fails: the default path is documented, and the first line
+        // `connect` prints is the attachment.
+        Ok(l) => Ok(Some(l)),
         Err(e) if args.control.is_none() => {
             eprintln!("xen-disk-host: warning: no control socket: {e}");
             Ok(None)
