@@ -477,3 +477,105 @@ fn connect_sim_answers_ctl_and_serves_metrics() {
     let status = connect.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Runs `connect --sim` with stderr into a file and `env`, attaches, changes a limit,
+/// detaches; returns what it logged.
+fn connect_logs(dir: &TempDir, tag: &str, env: &[(&str, String)]) -> String {
+    let image = dir.join(&format!("{tag}.img"));
+    random_file(&image, 1 << 20, 3);
+    let socket = dir.join(&format!("{tag}.sock"));
+    let log = dir.join(&format!("{tag}.log"));
+    let err = std::fs::File::create(&log).unwrap();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.replace("{log}", &log.display().to_string()),
+            )
+        })
+        .map(|(k, v)| {
+            // `{journal}` stands for the log file's device and inode, as systemd gives them.
+            if v == "{journal}" {
+                let k = k.to_string();
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(&log).unwrap();
+                (k, format!("{}:{}", m.dev(), m.ino()))
+            } else {
+                (k.to_string(), v.clone())
+            }
+        })
+        .collect();
+    build_all();
+    let mut child = Command::new(target_dir().join("xen-disk-host"))
+        .args(["connect", "1", "--sim", "--plugin", "file", "-c"])
+        .arg(format!("path={}", image.display()))
+        .arg("--control")
+        .arg(&socket)
+        .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .env_remove("RUST_LOG")
+        .env_remove("XEN_DISK_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .envs(env)
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.starts_with("attached file"), "{first}");
+    ctl(&socket, &["limit", "1/xvdb", "read-iops=5"]);
+    ctl(&socket, &["detach", "1/xvdb"]);
+    assert!(child.wait().unwrap().success());
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn lifecycle_lines_name_the_device_and_carry_journal_priorities() {
+    let dir = TempDir::new("logs");
+    // Under systemd: stderr is the journal's stream.
+    let text = connect_logs(&dir, "journal", &[("JOURNAL_STREAM", "{journal}".into())]);
+    let lines: Vec<&str> = text.lines().collect();
+    for want in [
+        "attached: negotiated with the guest",
+        "limits now read-iops=5/s",
+        "detached",
+        "removed",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(want)),
+            "no {want:?} in:\n{text}"
+        );
+    }
+    for l in &lines {
+        assert!(
+            l.starts_with("<6>") || l.starts_with("<4>") || l.starts_with("<3>"),
+            "{l}"
+        );
+        assert!(l.contains("1/xvdb"), "a line without the device: {l}");
+        assert!(!l.contains('\u{1b}'), "colour codes in the journal: {l}");
+    }
+    let attached = lines.iter().find(|l| l.contains("attached:")).unwrap();
+    for feature in [
+        "queues=1",
+        "persistent_grants=true",
+        "indirect_segments=",
+        "flush=true",
+    ] {
+        assert!(attached.contains(feature), "{attached}");
+    }
+    // Not under systemd: no priorities; RUST_LOG=warn leaves only warnings and errors.
+    let plain = connect_logs(&dir, "plain", &[]);
+    assert!(
+        plain.contains("attached: negotiated") && !plain.contains("<6>"),
+        "{plain}"
+    );
+    let quiet = connect_logs(&dir, "quiet", &[("RUST_LOG", "warn".into())]);
+    assert!(!quiet.contains("attached"), "{quiet}");
+    // Per-request lines only when asked: none at the default level.
+    assert!(
+        !text.contains("refused") && !text.contains("request failed"),
+        "{text}"
+    );
+}
