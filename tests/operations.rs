@@ -579,3 +579,32 @@ fn lifecycle_lines_name_the_device_and_carry_journal_priorities() {
         "{text}"
     );
 }
+
+#[test]
+fn bench_reports_how_close_it_came_to_a_limit_and_refuses_a_bad_one() {
+    let o = host(&[
+        "bench",
+        "discard",
+        "--rw",
+        "randread",
+        "--bs",
+        "4k",
+        "--seconds",
+        "1",
+        "--limit",
+        "read-iops=300",
+        "--json",
+    ]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(out.contains("\"limit\":\"read-iops\""), "{out}");
+    assert_eq!(json_number(&out, "limit_value"), 300.0);
+    // The bucket cannot give more than its rate plus its burst (30) over the run, however
+    // fast the machine; at least a few requests always go.
+    let ops = json_number(&out, "ops");
+    assert!(ops >= 30.0 && ops <= 300.0 * 1.5 + 30.0, "{out}");
+    let o = host(&["bench", "discard", "--limit", "read-iops=lots"]);
+    assert_bad_input(&o, &["--limit", "`read-iops` = lots"]);
+    let o = host(&["bench", "discard", "--direct", "--limit", "read-iops=5"]);
+    assert_bad_input(&o, &["--limit applies to the ring path"]);
+}
