@@ -602,7 +602,7 @@ fn bench_reports_how_close_it_came_to_a_limit_and_refuses_a_bad_one() {
     // The bucket cannot give more than its rate plus its burst (30) over the run, however
     // fast the machine; at least a few requests always go.
     let ops = json_number(&out, "ops");
-    assert!(ops >= 30.0 && ops <= 300.0 * 1.5 + 30.0, "{out}");
+    assert!((30.0..=300.0 * 1.5 + 30.0).contains(&ops), "{out}");
     let o = host(&["bench", "discard", "--limit", "read-iops=lots"]);
     assert_bad_input(&o, &["--limit", "`read-iops` = lots"]);
     let o = host(&["bench", "discard", "--direct", "--limit", "read-iops=5"]);
