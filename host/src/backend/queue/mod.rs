@@ -341,6 +341,10 @@ impl RingThread<'_> {
     /// request was taken.
     fn take(&self, st: &mut Answering, intake: &mut Intake) -> Result<bool, QueueError> {
         let r = self.take_all(st, intake);
+        if intake.held.is_none() {
+            // A limit lifted while a request waited leaves no deadline to sleep towards.
+            intake.throttled_until = None;
+        }
         let depth = st.free.in_use(self.size) + usize::from(intake.held.is_some());
         self.stats.depth.store(depth as u64, Ordering::Relaxed);
         r
@@ -370,6 +374,8 @@ impl RingThread<'_> {
             );
             let in_use = st.free.in_use(self.size);
             if (is_barrier && in_use > 0) || in_use == self.size {
+                // Held for a slot, not a limit: whoever frees one wakes this thread.
+                intake.throttled_until = None;
                 intake.held = Some(req);
                 return Ok(progress);
             }
