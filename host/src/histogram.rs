@@ -99,6 +99,32 @@ impl Histogram {
         self.total
     }
 
+    /// Samples surely at most `ns`: those in buckets that lie wholly at or below it (a
+    /// sample in the bucket `ns` cuts through is counted at the next bound asked).
+    pub fn count_at_most(&self, ns: u64) -> u64 {
+        self.counts
+            .iter()
+            .enumerate()
+            .take(BUCKETS - 1)
+            .take_while(|(b, _)| low(b + 1) - 1 <= ns)
+            .map(|(_, &c)| c)
+            .sum()
+    }
+
+    /// The samples' sum, estimated as each bucket's middle times its count (within the
+    /// buckets' resolution), in nanoseconds.
+    pub fn estimated_sum(&self) -> u64 {
+        let mut sum = 0u128;
+        for (b, &c) in self.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let hi = if b + 1 < BUCKETS { low(b + 1) } else { low(b) };
+            sum += u128::from(c) * u128::from((low(b) + hi) / 2);
+        }
+        sum.min(u128::from(u64::MAX)) as u64
+    }
+
     /// The value below which `p` (0..=1) of the samples fall, in nanoseconds (0 if empty).
     pub fn percentile(&self, p: f64) -> u64 {
         if self.total == 0 {
@@ -133,5 +159,17 @@ mod tests {
         for b in 0..BUCKETS - 1 {
             assert_eq!(bucket(low(b)), b);
         }
+        // Cumulative counts at a bound never count a sample above it.
+        let mut h = Histogram::default();
+        for ns in [5u64, 999, 1000, 1001, 70_000, 2_000_000_000] {
+            h.record(ns);
+        }
+        // 999 to 1001 share the bucket 992..1023: counted once the bound covers it whole.
+        assert_eq!(h.count_at_most(1000), 1);
+        assert_eq!(h.count_at_most(1023), 4);
+        assert_eq!(h.count_at_most(100_000), 5);
+        assert_eq!(h.count_at_most(u64::MAX - 1), 6);
+        let sum = h.estimated_sum() as f64;
+        assert!((sum / 2_000_073_005.0 - 1.0).abs() < 0.07, "{sum}");
     }
 }

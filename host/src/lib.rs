@@ -13,6 +13,7 @@
 //!
 //! ```text
 //!  cli ─┬─▶ control ────▶ backend
+//!       ├─▶ metrics ────▶ backend (the registry's devices, read only)
 //!       ├─▶ simulation ─▶ backend, frontend
 //!       ├─▶ bench ──────▶ backend, frontend
 //!       └─▶ check ──────▶ plugin
@@ -26,7 +27,9 @@
 //!   (`linux`) or simulated (`sim`), behind traits the rest cannot tell apart.
 //! - [`backend`]: one virtual disk's pieces (advertisement, frontend keys, the ring thread,
 //!   I/O workers), the device, the `serve` daemon and its registry of devices.
-//! - [`control`]: the control socket (`ctl`) over the registry: list, statistics, swap, detach.
+//! - [`control`]: the control socket (`ctl`) over the registry: list, statistics, limits, swap,
+//!   detach.
+//! - [`metrics`]: the Prometheus endpoint over the same registry, and the process's figures.
 //! - [`frontend`]: a blkfront in Rust for simulated guests (`check`, `bench`, tests).
 //! - [`simulation`]: a whole disk end to end in one process (`sim read/write`, tests).
 //! - [`check`]: the conformance suite for plugin authors; [`bench`](mod@bench): measured figures.
@@ -40,6 +43,7 @@ pub mod cli;
 pub mod control;
 pub mod frontend;
 pub mod histogram;
+pub mod metrics;
 pub mod plugin;
 pub mod rng;
 pub mod simulation;

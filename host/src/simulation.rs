@@ -321,6 +321,16 @@ impl SimulatedDisk {
 
     /// As [`start`](Self::start), with the guest's wishes and the device's workers chosen.
     pub fn start_with(disk: Arc<GuardedDisk>, opts: &SimOptions) -> Result<SimulatedDisk, String> {
+        SimulatedDisk::start_counted(disk, opts, Arc::new(DeviceStats::default()))
+    }
+
+    /// As [`start_with`](Self::start_with), the device counting into `stats` and limited by
+    /// its limiter (for `connect --sim`'s control socket and metrics).
+    pub fn start_counted(
+        disk: Arc<GuardedDisk>,
+        opts: &SimOptions,
+        stats: Arc<DeviceStats>,
+    ) -> Result<SimulatedDisk, String> {
         let xenstored = SimXenstored::new();
         xenstored.add_domain(GUEST, "sim-guest", "00000000-0000-0000-0000-000000000001");
         let dom0 = xenstored.connect(0).map_err(|e| e.to_string())?;
@@ -355,16 +365,7 @@ impl SimulatedDisk {
         let device_xs = xenstored.connect(0).map_err(|e| e.to_string())?;
         let device = std::thread::Builder::new()
             .name("xen-disk-device".into())
-            .spawn(move || {
-                run(
-                    &device_xs,
-                    &platform,
-                    &cfg,
-                    disk,
-                    &s,
-                    &DeviceStats::default(),
-                )
-            })
+            .spawn(move || run(&device_xs, &platform, &cfg, disk, &s, &stats))
             .map_err(|e| e.to_string())?;
         let guest_xs = xenstored.connect(GUEST).map_err(|e| e.to_string())?;
         let guest =

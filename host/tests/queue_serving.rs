@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 mod common;
 use std::time::Duration;
+use xen_disk_host::backend::limits::{IoLimits, Limiter};
 use xen_disk_host::backend::queue::{serve, QueueError, QueueParts, QueueStats};
 use xen_disk_host::blkif::abi::*;
 use xen_disk_host::blkif::request::{Limits, Request, Segment};
@@ -43,6 +44,22 @@ fn start_on(
     workers: usize,
     answer_on_completion: bool,
 ) -> Harness {
+    start_limited(
+        disk,
+        persistent,
+        workers,
+        answer_on_completion,
+        Arc::default(),
+    )
+}
+
+fn start_limited(
+    disk: Arc<GuardedDisk>,
+    persistent: bool,
+    workers: usize,
+    answer_on_completion: bool,
+    limiter: Arc<Limiter>,
+) -> Harness {
     let dom = SimDomain::new(GUEST, 512, 2).unwrap();
     let q = FrontQueue::new(dom.clone(), 0, 0, 2, Protocol::X86_64, 0).unwrap();
     let pages = DataPages::new(dom.clone(), 0, 8, 400, persistent).unwrap();
@@ -74,6 +91,7 @@ fn start_on(
         // Polling exercises the spin path; the other tests sleep at once.
         poll: std::time::Duration::from_micros(if workers == 0 { 20 } else { 0 }),
         answer_on_completion,
+        limiter,
     };
     let (stop, stats) = (
         Arc::new(AtomicBool::new(false)),
@@ -87,6 +105,54 @@ fn start_on(
         stop,
         stats,
         thread,
+    }
+}
+
+/// A write over its disk's limit waits on the host, the ones behind it too, and none fails;
+/// lifting the limit live lets them go.
+#[test]
+fn a_request_over_the_limit_waits_and_goes_when_the_limit_is_lifted() {
+    for workers in [0, 2] {
+        let limiter = Arc::new(Limiter::default());
+        let mut limits = IoLimits::default();
+        // One byte a second: the first 4 KiB write puts the disk 4095 s in debt.
+        limits
+            .set_words(["write-bps=1", "write-bps-burst=1"])
+            .unwrap();
+        limiter.set(limits);
+        let mut h = start_limited(
+            common::ram_disk(SIZE),
+            false,
+            workers,
+            false,
+            limiter.clone(),
+        );
+        let mut lent = Vec::new();
+        for w in 0..3u64 {
+            let p = h.pages.take(true).unwrap();
+            assert!(h.pages.fill(p, 0, &[w as u8 + 1; 4096]));
+            let seg = Segment {
+                gref: p.gref,
+                first_sect: 0,
+                last_sect: 7,
+            };
+            h.q.submit_rw(RwOp::Write, w * 8, &[seg]).unwrap();
+            lent.push(p);
+        }
+        h.q.kick().unwrap();
+        let first = h.q.collect(1, Duration::from_secs(10)).unwrap();
+        assert_eq!(first[0].status, BLKIF_RSP_OKAY);
+        // The second waits for an hour's worth of bytes: nothing more comes for now, and it
+        // counts as held.
+        assert!(h.q.collect(1, Duration::from_millis(300)).is_err());
+        assert_eq!(limiter.throttled(), 1);
+        assert_eq!(h.stats.depth.load(Ordering::Relaxed), 1);
+        limiter.set(IoLimits::default());
+        let rest = h.q.collect(2, Duration::from_secs(30)).unwrap();
+        assert!(rest.iter().all(|c| c.status == BLKIF_RSP_OKAY));
+        assert_eq!(h.stats.errors.load(Ordering::Relaxed), 0);
+        h.stop.store(true, Ordering::Relaxed);
+        h.thread.join().unwrap().unwrap();
     }
 }
 

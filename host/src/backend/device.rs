@@ -14,15 +14,17 @@
 
 use super::features::{initwait_keys, Advertisement, HostOffer};
 use super::frontend_keys::{read_frontend, FrontendKeyError};
+use super::limits::Limiter;
 use super::queue::{serve, QueueError, QueueParts, QueueStats};
 use super::state::{next_action, Action, XenbusState};
+use super::stats::{ATTACHES, DETACHES};
 use crate::blkif::abi::Protocol;
 use crate::blkif::ring::{BackRing, RingError};
 use crate::plugin::GuardedDisk;
 use crate::xen::evtchn::{EventChannels, EvtchnError};
 use crate::xen::grant::{GrantError, GrantMapper};
 use crate::xen::xenstore::{read_u32, transaction, Xenstore, XsError, NO_TX};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -165,6 +167,42 @@ pub struct DeviceStats {
     pub queues: std::sync::Mutex<Vec<Arc<QueueStats>>>,
     /// The device's xenbus state (as a number), for `ctl list`.
     pub state: std::sync::atomic::AtomicU8,
+    /// Its I/O limits, shared with its rings (`ctl limit` changes them live).
+    pub limiter: Arc<Limiter>,
+    /// Plugin swaps done under the running guest.
+    pub swaps: AtomicU64,
+    /// Their pauses, added up, in nanoseconds.
+    pub swap_pause_ns: AtomicU64,
+}
+
+impl DeviceStats {
+    /// Counters for a device limited by `limiter`.
+    pub fn with_limiter(limiter: Arc<Limiter>) -> DeviceStats {
+        DeviceStats {
+            limiter,
+            ..DeviceStats::default()
+        }
+    }
+
+    /// Counts a swap that paused the disk for `pause`.
+    pub fn swapped(&self, pause: Duration) {
+        self.swaps.fetch_add(1, Ordering::Relaxed);
+        self.swap_pause_ns
+            .fetch_add(pause.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The device's id as `ctl` and the logs name it, `<domid>/<vbd>` (e.g. `3/xvdb`), from
+/// its configuration.
+pub fn device_id(cfg: &DeviceConfig) -> String {
+    let vbd = cfg
+        .frontend_path
+        .rsplit('/')
+        .next()
+        .and_then(|d| d.parse().ok())
+        .and_then(super::vbd::Vbd::from_number)
+        .map_or_else(|| "?".to_string(), |v| v.linux_name());
+    format!("{}/{vbd}", cfg.frontend_domid)
 }
 
 /// Runs the device until it is removed (by the toolstack, the guest or a stop request): `Ok`.
@@ -178,6 +216,9 @@ pub fn run(
     stop: &AtomicBool,
     stats: &DeviceStats,
 ) -> Result<(), DeviceError> {
+    // Every line this device's threads log names it.
+    let span = tracing::info_span!("device", id = %device_id(cfg));
+    let _entered = span.enter();
     let be = cfg.backend_path.as_str();
     let fe = cfg.frontend_path.as_str();
     let token = format!("device:{be}");
@@ -247,8 +288,9 @@ pub fn run(
         }
         match next_action(ours, frontend, online) {
             Action::Wait => {}
-            Action::Connect => match connect(xs, platform, cfg, &disk, stats) {
+            Action::Connect => match connect(xs, platform, cfg, &disk, stats, &span) {
                 Ok(r) => {
+                    ATTACHES.fetch_add(1, Ordering::Relaxed);
                     running = Some(r);
                     ours = XenbusState::Connected;
                     published = disk.size();
@@ -268,6 +310,8 @@ pub fn run(
             Action::Disconnect => {
                 if let Some(r) = running.take() {
                     r.shut();
+                    DETACHES.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("detached: the guest closed its side");
                 }
                 write_state(XenbusState::Closed)?;
                 ours = XenbusState::Closed;
@@ -281,6 +325,12 @@ pub fn run(
     };
     if let Some(r) = running.take() {
         r.shut();
+        DETACHES.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("detached");
+    }
+    match &result {
+        Ok(()) => tracing::info!("removed"),
+        Err(e) => tracing::error!("stopped: {e}"),
     }
     let _ = xs.unwatch(be, &token);
     let _ = xs.unwatch(&format!("{fe}/state"), &token);
@@ -309,7 +359,7 @@ fn resize_if_changed(
     if now == *published {
         return Ok(());
     }
-    tracing::info!("{be}: disk resized to {now} bytes");
+    tracing::info!("resized: {published} -> {now} bytes; telling the guest");
     transaction(xs, |tx| {
         xs.write(
             tx,
@@ -334,6 +384,7 @@ fn connect(
     cfg: &DeviceConfig,
     disk: &Arc<GuardedDisk>,
     stats: &DeviceStats,
+    span: &tracing::Span,
 ) -> Result<Running, ConnectError> {
     let fe = &cfg.frontend_path;
     let read = |k: &str| match xs.read(NO_TX, &format!("{fe}/{k}")) {
@@ -377,6 +428,7 @@ fn connect(
                 persistent: rings.persistent,
                 poll: cfg.poll,
                 answer_on_completion: cfg.answer_on_completion,
+                limiter: stats.limiter.clone(),
             })
         })();
         let parts = match started {
@@ -388,9 +440,10 @@ fn connect(
         };
         let (d, s, st) = (disk.clone(), stop.clone(), Arc::new(QueueStats::default()));
         all_stats.push(st.clone());
+        let span = span.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("xen-disk-ring-{i}"))
-            .spawn(move || serve(parts, d, s, st));
+            .spawn(move || span.in_scope(|| serve(parts, d, s, st)));
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -418,5 +471,18 @@ fn connect(
         Running { stop, threads }.shut();
         return Err(ConnectError::Publish(e));
     }
+    tracing::info!(
+        queues = rings.queues.len(),
+        protocol = ?protocol,
+        persistent_grants = rings.persistent,
+        sectors = limits.sectors,
+        sector_size = limits.logical_sector_size,
+        read_only = limits.read_only,
+        flush = limits.flush,
+        discard = limits.discard,
+        indirect_segments = limits.max_indirect_segments,
+        limits = %stats.limiter.limits().describe(),
+        "attached: negotiated with the guest"
+    );
     Ok(Running { stop, threads })
 }

@@ -9,6 +9,9 @@
 //! queues = 2                   # optional: at most this many rings
 //! vbd = "xvdb"                 # optional: guest device (default: the next free one)
 //! answer-on-completion = false # optional: as `serve --answer-on-completion=false`, for this disk
+//! [disk.limits]                # optional I/O limits (`ctl limit` changes them live)
+//! read-iops = 500              # requests per second; `-burst` keys set the burst
+//! write-bps = "20M"            # bytes per second (a number, or a size string)
 //! [disk.plugin-config]         # the same table `-c key=value` builds
 //! path = "/images/gold.img"
 //! shared = false
@@ -17,6 +20,7 @@
 //! Every mistake is one line naming the file, the disk (by position) and the key. A file
 //! without `[[disk]]` (comments only, or empty) lists no disks.
 
+use super::limits::IoLimits;
 use super::vbd::Vbd;
 use std::path::{Path, PathBuf};
 use xen_disk_plugin_api::Config;
@@ -135,6 +139,9 @@ pub enum DiskEntryError {
     /// `domain` is not a domain.
     #[error("`domain` {0}")]
     Domain(#[source] DomainRefError),
+    /// A key of the `limits` table (the message names it).
+    #[error("`limits`: {0}")]
+    Limits(String),
 }
 
 /// How a disk names its guest.
@@ -203,6 +210,8 @@ pub struct DiskSpec {
     /// Whether completing threads answer the guest (`serve --answer-on-completion`, on by
     /// default, if unset).
     pub answer_on_completion: Option<bool>,
+    /// The disk's I/O limits (none: unlimited).
+    pub limits: IoLimits,
     /// The plugin's configuration.
     pub plugin_config: Config,
 }
@@ -215,6 +224,7 @@ const DISK_KEYS: &[&str] = &[
     "queues",
     "vbd",
     "answer-on-completion",
+    "limits",
     "plugin-config",
 ];
 
@@ -370,6 +380,11 @@ fn parse_disk(value: &toml::Value) -> Result<DiskSpec, DiskEntryError> {
             })
         })
         .transpose()?;
+    let limits = match t.get("limits") {
+        None => IoLimits::default(),
+        Some(toml::Value::Table(l)) => parse_limits(l).map_err(DiskEntryError::Limits)?,
+        Some(v) => return Err(wrong_type("limits", "a table", v)),
+    };
     let plugin_config = match t.get("plugin-config") {
         None => Config::new(),
         Some(toml::Value::Table(c)) => Config::from_table(c.clone()),
@@ -383,8 +398,26 @@ fn parse_disk(value: &toml::Value) -> Result<DiskSpec, DiskEntryError> {
         queues,
         vbd,
         answer_on_completion,
+        limits,
         plugin_config,
     })
+}
+
+/// A `[disk.limits]` table: the keys of `ctl limit`, each a whole number (or, for the
+/// `-bps` keys, a size string such as "20M"). Rates before bursts, whatever the order.
+fn parse_limits(t: &toml::Table) -> Result<IoLimits, String> {
+    let mut limits = IoLimits::default();
+    let mut keys: Vec<&String> = t.keys().collect();
+    keys.sort_by_key(|k| k.ends_with("-burst"));
+    for k in keys {
+        let v = match &t[k.as_str()] {
+            toml::Value::Integer(n) if *n >= 0 => n.to_string(),
+            toml::Value::String(s) => s.clone(),
+            v => return Err(format!("`{k}` must be a number or a size string, not {v}")),
+        };
+        limits.set(k, &v)?;
+    }
+    Ok(limits)
 }
 
 #[cfg(test)]
@@ -430,6 +463,48 @@ mod tests {
             (None, Some(true))
         );
         assert!(d[1].plugin_config.table().is_empty());
+    }
+
+    #[test]
+    fn limits_parse_from_their_table_and_name_a_bad_key() {
+        let d = parse(
+            "[[disk]]\ndomain = 1\nplugin = \"file\"\n[disk.limits]\n\
+             read-iops-burst = 50\nread-iops = 500\nwrite-bps = \"20M\"\nwrite-iops = 0\n",
+        )
+        .unwrap();
+        let l = d[0].limits;
+        assert_eq!(
+            l.read_iops,
+            Some(super::super::limits::Rate {
+                per_second: 500,
+                burst: 50
+            })
+        );
+        assert_eq!(l.write_bps.map(|r| r.per_second), Some(20 << 20));
+        assert_eq!((l.write_iops, l.read_bps), (None, None));
+        for (text, want) in [
+            (
+                "[disk.limits]\nspeed = 5\n",
+                "disks.toml: disk 1: `limits`: unknown limit `speed`",
+            ),
+            (
+                "[disk.limits]\nread-iops = -5\n",
+                "disks.toml: disk 1: `limits`: `read-iops` must be a number or a size string",
+            ),
+            (
+                "[disk.limits]\nwrite-bps = \"fast\"\n",
+                "disks.toml: disk 1: `limits`: `write-bps`",
+            ),
+            (
+                "limits = 5\n",
+                "disks.toml: disk 1: `limits` must be a table",
+            ),
+        ] {
+            let e = parse(&format!("[[disk]]\ndomain = 1\nplugin = \"file\"\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! accepts), [`frontend_keys`] (what the guest published, hostile), [`params`] (the
 //! toolstack's `params`), [`vbd`] (device numbers), [`reload`] (what a changed
 //! `disks.toml` means for the disks served). Then the moving parts: [`queue`] (the ring
-//! thread), [`device`] (one disk), [`server`] (the `serve` daemon) and [`registry`] (the
+//! thread), [`limits`] (per-disk I/O limits), [`device`] (one disk), [`server`] (the `serve` daemon) and [`registry`] (the
 //! devices the control socket sees).
 
 pub mod attach;
@@ -16,6 +16,7 @@ pub mod features;
 pub mod frontend_keys;
 pub mod inflight;
 pub mod io;
+pub mod limits;
 pub mod params;
 pub mod queue;
 pub mod registry;

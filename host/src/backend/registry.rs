@@ -39,6 +39,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Its plugin stack now ("cow over vhd" style).
+    pub fn stack(&self) -> String {
+        self.stack.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The entry for the device serving `vbd` to guest `domid` (its name read from xenstore).
     pub fn for_device(
         xs: &dyn crate::xen::xenstore::Xenstore,
@@ -88,10 +93,12 @@ impl Registry {
         self.lock().retain(|x| x.id != id);
     }
 
-    /// Records that device `id` now runs `layers` (after a swap made elsewhere).
-    pub fn set_stack(&self, id: &str, layers: &str) {
+    /// Records that device `id` now runs `layers` after a swap made elsewhere that paused it
+    /// for `pause`.
+    pub fn set_stack(&self, id: &str, layers: &str, pause: std::time::Duration) {
         if let Some(e) = self.lock().iter().find(|x| x.id == id) {
             *e.stack.lock().unwrap_or_else(|p| p.into_inner()) = layers.to_string();
+            e.stats.swapped(pause);
         }
     }
 

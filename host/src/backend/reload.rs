@@ -185,6 +185,7 @@ mod tests {
             queues: None,
             vbd: None,
             answer_on_completion: None,
+            limits: Default::default(),
             plugin_config: Config::from_pairs(&[format!("path={path}")]).unwrap(),
         }
     }

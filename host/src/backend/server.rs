@@ -21,6 +21,7 @@ use super::device::{run as run_device, DeviceConfig, DeviceError, DeviceStats, P
 use super::disks_config::{DiskSpec, DisksConfigError};
 use super::domains::{find_domain, XsView};
 use super::features::HostOffer;
+use super::limits::{IoLimits, Limiter};
 use super::params::{parse_params, ParamsError};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
@@ -174,6 +175,9 @@ pub struct StaticDisk {
     pub disk: Arc<GuardedDisk>,
     /// "cow over vhd" style, for messages.
     pub layers: String,
+    /// Its I/O limits: the file's, changed live by `ctl limit` and by a reload; kept across
+    /// attaches.
+    pub limiter: Arc<Limiter>,
     /// The guest device it was last attached as: with the domain, its identity on reload
     /// when the entry names no `vbd`.
     pub attached: Option<Vbd>,
@@ -207,6 +211,7 @@ fn open_one(key: u64, number: usize, spec: DiskSpec) -> Result<StaticDisk, Serve
     Ok(StaticDisk {
         key,
         number,
+        limiter: Arc::new(Limiter::new(spec.limits)),
         spec,
         disk,
         layers,
@@ -425,8 +430,16 @@ fn apply_reload(served: &mut Served<'_>, specs: Vec<DiskSpec>, log: &Log, regist
             attached: d.attached,
         })
         .collect();
+    let new_limits: Vec<_> = specs.iter().map(|s| s.limits).collect();
     let changes = plan(&running, specs);
     for change in changes {
+        // Limits change live, whatever else changes with them.
+        if let Change::Keep { key, entry }
+        | Change::Swap { key, entry, .. }
+        | Change::NeedsDetach { key, entry, .. } = &change
+        {
+            set_limits(served, *key, new_limits[*entry], log);
+        }
         match change {
             Change::Keep { key, entry } => renumber(served, key, entry),
             Change::NeedsDetach { key, entry, .. } => {
@@ -480,6 +493,24 @@ fn apply_reload(served: &mut Served<'_>, specs: Vec<DiskSpec>, log: &Log, regist
     }
 }
 
+/// Puts a reloaded entry's limits in force on static disk `key`, if they changed.
+fn set_limits(served: &mut Served<'_>, key: u64, limits: IoLimits, log: &Log) {
+    let label = served.label(key);
+    let Some(d) = served.disks.iter_mut().find(|d| d.key == key) else {
+        return;
+    };
+    if d.spec.limits == limits {
+        return;
+    }
+    d.spec.limits = limits;
+    d.limiter.set(limits);
+    tracing::info!(id = %label, "reload: limits now {}", limits.describe());
+    log(&format!(
+        "reload: {label}: limits now {}",
+        limits.describe()
+    ));
+}
+
 fn renumber(served: &mut Served<'_>, key: u64, entry: usize) {
     if let Some(d) = served.disks.iter_mut().find(|d| d.key == key) {
         d.number = entry + 1;
@@ -510,12 +541,16 @@ fn swap_static(served: &mut Served<'_>, key: u64, spec: DiskSpec, log: &Log, reg
                 s.pause.as_micros()
             ));
             for id in &ids {
-                registry.set_stack(id, &layers);
+                registry.set_stack(id, &layers, s.pause);
+                tracing::info!(id = %id, pause_us = s.pause.as_micros() as u64, "swapped (reload): now {layers}");
             }
             current.layers = layers;
             current.spec = spec;
         }
-        Err(e) => log(&format!("reload: {label}: not swapped: {e}")),
+        Err(e) => {
+            tracing::error!(id = %label, "reload: not swapped: {e}");
+            log(&format!("reload: {label}: not swapped: {e}"))
+        }
     }
 }
 
@@ -627,7 +662,7 @@ fn attach_static(
         connect,
         platform,
         cfg,
-        disk.disk.clone(),
+        (disk.disk.clone(), disk.limiter.clone()),
         Some(disk.key),
         (xs, registry, vbd, &disk.layers),
     )?;
@@ -725,7 +760,7 @@ fn start_toolstack(
         connect,
         platform,
         cfg,
-        disk,
+        (disk, Arc::default()),
         None,
         (xs, registry, vbd, &layers),
     )
@@ -740,13 +775,13 @@ fn spawn(
     connect: &XsConnect,
     platform: &Platform,
     cfg: DeviceConfig,
-    disk: Arc<GuardedDisk>,
+    (disk, limiter): (Arc<GuardedDisk>, Arc<Limiter>),
     static_key: Option<u64>,
     (xs, registry, vbd, layers): Registration<'_>,
 ) -> Result<Device, StartError> {
     let dev_xs = connect().map_err(StartError::Connect)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(DeviceStats::default());
+    let stats = Arc::new(DeviceStats::with_limiter(limiter));
     let (s, p, st) = (stop.clone(), platform.clone(), stats.clone());
     let (frontend, guest) = (cfg.frontend_path.clone(), cfg.frontend_domid);
     let entry = Entry::for_device(xs, guest, vbd, layers, disk.clone(), stats, stop.clone());

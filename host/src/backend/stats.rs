@@ -5,6 +5,11 @@ use super::io::IoOp;
 use crate::blkif::abi::Status;
 use crate::histogram::AtomicHistogram;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Devices connected to a guest since the process started (each connection counts).
+pub static ATTACHES: AtomicU64 = AtomicU64::new(0);
+/// Connections that ended (the guest closed, a detach, a broken ring).
+pub static DETACHES: AtomicU64 = AtomicU64::new(0);
 use std::time::Instant;
 
 /// Counters, readable while the queue runs (`ctl stats`).
@@ -35,6 +40,9 @@ pub struct QueueStats {
     pub answered_on_completion: AtomicU64,
     /// Time from taking a request off the ring to answering it.
     pub latency: AtomicHistogram,
+    /// Requests taken off the ring and not yet answered, including one held back by a
+    /// limit or a barrier: set by the ring thread once per batch it takes.
+    pub depth: AtomicU64,
 }
 
 impl QueueStats {

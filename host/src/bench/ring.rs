@@ -47,6 +47,8 @@ pub struct RingOptions {
     pub poll: Duration,
     /// See [`QueueParts::answer_on_completion`].
     pub answer_on_completion: bool,
+    /// The device's I/O limits (none: the limiter is off, as on a disk without limits).
+    pub limits: crate::backend::limits::IoLimits,
 }
 
 const GUEST: u32 = 1;
@@ -107,6 +109,8 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
     let info = disk.info();
     let limits = Advertisement::new(&HostOffer::standard(1, 1), &info).limits();
     let stop = Arc::new(AtomicBool::new(false));
+    // One limiter for all rings, as a device has.
+    let limiter = Arc::new(crate::backend::limits::Limiter::new(opts.limits));
     let mut servers = Vec::new();
     let mut drivers = Vec::new();
     let started = Instant::now();
@@ -140,6 +144,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             persistent: true,
             poll: opts.poll,
             answer_on_completion: opts.answer_on_completion,
+            limiter: limiter.clone(),
         };
         let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());
         servers.push(std::thread::spawn(move || serve(parts, d, s, st)));
@@ -362,6 +367,7 @@ mod tests {
             queues,
             poll: Duration::ZERO,
             answer_on_completion: false,
+            limits: Default::default(),
         };
         let f = run(Arc::new(disk), &opts).unwrap();
         assert!(f.ops > 0);

@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// and print its per-call cost beside, e.g. a C plugin next to its Rust twin.
     #[arg(long, value_name = "PLUGIN")]
     against: Option<String>,
+    /// An I/O limit on the simulated device, as `connect --limit` (ring path): `read-iops=N`,
+    /// `write-bps=20M`, `...-burst=N`; repeat for more. The figures then say how close the
+    /// run came to the limit.
+    #[arg(long = "limit", value_name = "KEY=VALUE")]
+    limits: Vec<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -89,6 +94,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         bail!("--seconds {}: must be between 0 and 3600", args.seconds);
     }
     let config = args.plugin.config()?;
+    let mut limits = crate::backend::limits::IoLimits::default();
+    limits
+        .set_words(args.limits.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("--limit {e}"))?;
+    if args.direct && !limits.is_unlimited() {
+        bail!("--limit applies to the ring path, not --direct");
+    }
     // qemu-img's write pass needs the image as it was before the plugin wrote.
     let qemu_image = match &args.qemu_img {
         None => None,
@@ -150,6 +162,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             queues: args.queues,
             poll: Duration::from_micros(args.poll_us.min(10_000)),
             answer_on_completion: args.completion.answer_on_completion,
+            limits,
         };
         run_ring(std::sync::Arc::new(disk), &ring).map_err(anyhow::Error::msg)?
     };
@@ -216,6 +229,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         None
     };
     let pattern = format!("{:?}", args.rw).to_lowercase();
+    let limited = limit_fraction(&limits, args.rw, &f, bs);
     if args.json {
         let qemu_fields = qemu
             .map(|q| {
@@ -246,8 +260,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                 .as_ref()
                 .map(crate::bench::direct::against_json)
                 .unwrap_or_default();
+        let limit_fields = limited
+            .map(|(what, limit, got)| {
+                format!(",\"limit\":\"{what}\",\"limit_value\":{limit},\"limit_achieved\":{got:.1},\"limit_ratio\":{:.4}", got / limit as f64)
+            })
+            .unwrap_or_default();
         println!(
-            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"failed\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{qemu_fields}{rbd_fields}}}",
+            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"failed\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{qemu_fields}{rbd_fields}{limit_fields}}}",
             name, args.threads, f.ops, f.failed, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
         );
     } else {
@@ -269,6 +288,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         );
         if let Some(a) = &against {
             crate::bench::direct::print_against(a, &f);
+        }
+        if let Some((what, limit, got)) = limited {
+            println!(
+                "  limit:  {what} = {limit}/s; got {got:.1}/s over {:.2} s = {:.2}% of the limit",
+                f.seconds,
+                100.0 * got / limit as f64
+            );
         }
         if f.failed > 0 {
             println!(
@@ -322,4 +348,36 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// The limit that binds this run's pattern, if one does: its name, its value per second and
+/// what the run got of it per second (requests, or bytes). The run's total includes the
+/// burst, a tenth of a second's worth by default.
+fn limit_fraction(
+    limits: &crate::backend::limits::IoLimits,
+    rw: Pattern,
+    f: &crate::bench::direct::Figures,
+    bs: usize,
+) -> Option<(&'static str, u64, f64)> {
+    let write = matches!(rw, Pattern::Write | Pattern::Randwrite);
+    let (iops, bps, names) = if write {
+        (
+            limits.write_iops,
+            limits.write_bps,
+            ("write-iops", "write-bps"),
+        )
+    } else {
+        (limits.read_iops, limits.read_bps, ("read-iops", "read-bps"))
+    };
+    let by_iops = iops.map(|r| (names.0, r.per_second, f.iops));
+    let by_bps = bps.map(|r| (names.1, r.per_second, f.iops * bs as f64));
+    // The tighter one binds: the one the run came closest to.
+    match (by_iops, by_bps) {
+        (Some(a), Some(b)) => Some(if a.2 / a.1 as f64 >= b.2 / b.1 as f64 {
+            a
+        } else {
+            b
+        }),
+        (a, b) => a.or(b),
+    }
 }

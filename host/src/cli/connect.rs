@@ -7,11 +7,12 @@ use crate::backend::device::{run, DeviceConfig, DeviceStats, Platform};
 use crate::backend::disks_config::DomainRef;
 use crate::backend::domains::{find_domain, XsView};
 use crate::backend::features::HostOffer;
+use crate::backend::limits::{IoLimits, Limiter};
 use crate::backend::registry::{Entry, Registry};
 use crate::backend::vbd::{next_free, Vbd};
-use crate::control::socket::{default_connect, listen};
+use crate::control::socket::{default_connect, listen, Listening};
 use crate::plugin::{open_stack, open_stack_read_only, GuardedDisk};
-use crate::simulation::SimulatedDisk;
+use crate::simulation::{SimOptions, SimulatedDisk};
 use crate::xen::linux::evtchn::LinuxEventChannels;
 use crate::xen::linux::gntdev::{Gntdev, LinuxGrants};
 use crate::xen::xenbus::{write_state, XenbusState};
@@ -65,6 +66,15 @@ pub struct ConnectArgs {
     /// Run against the simulated hypervisor (a simulated guest attaches the disk).
     #[arg(long)]
     sim: bool,
+    /// An I/O limit on the disk: `read-iops=N`, `write-iops=N`, `read-bps=SIZE`,
+    /// `write-bps=SIZE` (per second, e.g. `20M`) and their `-burst` keys; repeat for more.
+    /// `ctl limit` changes them while the guest runs.
+    #[arg(long = "limit", value_name = "KEY=VALUE")]
+    limits: Vec<String>,
+    /// Serve Prometheus metrics over HTTP at `PORT` (on 127.0.0.1) or `ADDR:PORT`
+    /// (`/metrics`; port 0 picks a free one, printed).
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    metrics: Option<String>,
 }
 
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
@@ -117,6 +127,10 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
     if !args.sim && !std::path::Path::new("/dev/xen").exists() {
         bail!("this is not a Xen domain (no /dev/xen); use --sim to run against the simulated hypervisor");
     }
+    let mut limits = IoLimits::default();
+    limits
+        .set_words(args.limits.iter().map(String::as_str))
+        .map_err(|e| anyhow!("--limit {e}"))?;
     let domain = DomainRef::parse(&args.domain)
         .map_err(anyhow::Error::msg)
         .context("domain")?;
@@ -140,8 +154,9 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
     }
     let disk = Arc::new(disk);
     catch_signals();
+    let stats = Arc::new(DeviceStats::with_limiter(Arc::new(Limiter::new(limits))));
     if args.sim {
-        return run_sim(disk, &layers);
+        return run_sim(&args, disk, &layers, stats);
     }
     let xs = XsClient::open_default()?;
     let domid = find_domain(&XsView(&xs), &domain).map_err(anyhow::Error::msg)?;
@@ -179,7 +194,6 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         answer_on_completion: args.completion.answer_on_completion,
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(DeviceStats::default());
     let registry = Arc::new(Registry::default());
     registry.add(Entry::for_device(
         &xs,
@@ -190,15 +204,8 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         stats.clone(),
         stop.clone(),
     ));
-    let control_path = args.control.clone().unwrap_or_else(default_connect);
-    let _control = match listen(&control_path, registry) {
-        Ok(l) => Some(l),
-        Err(e) if args.control.is_none() => {
-            eprintln!("xen-disk-host: warning: no control socket: {e}");
-            None
-        }
-        Err(e) => bail!("--control {e}"),
-    };
+    let _metrics = super::serve::start_metrics(args.metrics.as_deref(), &registry)?;
+    let _control = control_socket(&args, registry)?;
     // A second signal forces the guest's side closed, as MirageOS xen-disk did.
     let (s, fe) = (stop.clone(), paths.frontend.clone());
     std::thread::spawn(move || {
@@ -223,15 +230,52 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn run_sim(disk: Arc<GuardedDisk>, layers: &str) -> Result<i32> {
-    let sim = SimulatedDisk::start(disk)
+/// The control socket: `--control`'s path (failing to listen there is an error), else the
+/// default one (failing there is a warning: `ctl` will not reach this process).
+fn control_socket(args: &ConnectArgs, registry: Arc<Registry>) -> Result<Option<Listening>> {
+    let control_path = args.control.clone().unwrap_or_else(default_connect);
+    match listen(&control_path, registry) {
+        // Said only when it fails: the default path is documented, and the first line
+        // `connect` prints is the attachment.
+        Ok(l) => Ok(Some(l)),
+        Err(e) if args.control.is_none() => {
+            eprintln!("xen-disk-host: warning: no control socket: {e}");
+            Ok(None)
+        }
+        Err(e) => bail!("--control {e}"),
+    }
+}
+
+fn run_sim(
+    args: &ConnectArgs,
+    disk: Arc<GuardedDisk>,
+    layers: &str,
+    stats: Arc<DeviceStats>,
+) -> Result<i32> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let registry = Arc::new(Registry::default());
+    // The simulated guest is domain 1, named sim-guest, and sees the disk as xvdb.
+    registry.add(Entry {
+        id: "1/xvdb".into(),
+        domid: 1,
+        guest: "sim-guest".into(),
+        vbd: "xvdb".into(),
+        stack: std::sync::Mutex::new(layers.to_string()),
+        disk: disk.clone(),
+        stats: stats.clone(),
+        stop: stop.clone(),
+    });
+    let sim = SimulatedDisk::start_counted(disk, &SimOptions::default(), stats)
         .map_err(anyhow::Error::msg)
         .context("simulated guest")?;
+    let _metrics = super::serve::start_metrics(args.metrics.as_deref(), &registry)?;
+    let _control = control_socket(args, registry)?;
     println!(
         "attached {layers} to a simulated guest as xvdb ({} bytes); Ctrl-C detaches",
         sim.size()
     );
-    while SIGNALS.load(Ordering::SeqCst) == 0 {
+    // `ctl detach` ends it as Ctrl-C does.
+    while SIGNALS.load(Ordering::SeqCst) == 0 && !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
     }
     sim.shutdown().map_err(anyhow::Error::msg)?;

@@ -15,8 +15,9 @@ pub struct CtlArgs {
     /// With `stats`: print again every second until interrupted.
     #[arg(long)]
     watch: bool,
-    /// The request: `list`, `stats <dev> [--json]`, `swap <dev> <plugin> [--allow-shrink]
-    /// [-c key=value]...` (bare `key=value` works too), `detach <dev>`, `resize <dev>`.
+    /// The request: `list [--json]`, `stats <dev> [--json]`, `limit <dev> [key=value... |
+    /// off]`, `swap <dev> <plugin> [--allow-shrink] [-c key=value]...` (bare `key=value`
+    /// works too), `detach <dev>`, `resize <dev>`.
     /// At most 64 KiB in all.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     request: Vec<String>,

@@ -5,6 +5,7 @@ mod check;
 mod connect;
 mod cow;
 mod ctl;
+mod logging;
 mod manpage;
 mod plugins;
 mod serve;
@@ -18,6 +19,10 @@ use xen_disk_plugin_api::Config;
 #[derive(Parser, Debug)]
 #[command(name = "xen-disk-host", version, about)]
 pub struct Cli {
+    /// More log lines: -v one level more (serve and connect: debug), -vv more still.
+    /// `XEN_DISK_LOG` or `RUST_LOG`, when set, choose instead (e.g. `RUST_LOG=debug`).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -110,8 +115,13 @@ pub fn read_plugin_config(path: &std::path::Path) -> Result<Config> {
 
 /// Parses the process arguments and runs the command; returns the exit code.
 pub fn main() -> Result<i32> {
-    init_logging();
     let cli = Cli::parse();
+    // The daemons log their lifecycle events (attach, detach, swap...) by default.
+    let default = match cli.command {
+        Command::Serve(_) | Command::Connect(_) => tracing::Level::INFO,
+        _ => tracing::Level::WARN,
+    };
+    logging::init(default, cli.verbose);
     match cli.command {
         Command::Plugins(a) => plugins::run(a),
         Command::Connect(a) => connect::run_connect(a),
@@ -128,15 +138,6 @@ pub fn main() -> Result<i32> {
             Ok(0)
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("XEN_DISK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 #[cfg(test)]

@@ -59,6 +59,15 @@ pub struct ServeArgs {
     /// With `--sim`: where the simulated xenstored listens (default: a temporary path).
     #[arg(long, requires = "sim")]
     xenstore_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at `PORT` (on 127.0.0.1) or `ADDR:PORT`
+    /// (`/metrics`; port 0 picks a free one, printed).
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    metrics: Option<String>,
+    /// With `--sim`: each simulated guest keeps its disks busy for this many seconds after
+    /// connecting (4 KiB reads, each written back where it was read, one request at a time
+    /// per disk), so that `ctl stats`, the metrics and limits have traffic to show.
+    #[arg(long, value_name = "SECONDS", requires = "sim")]
+    sim_io: Option<f64>,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<i32> {
@@ -80,6 +89,9 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     }
     if !args.sim && !std::path::Path::new("/dev/xen").exists() {
         bail!("this is not a Xen domain (no /dev/xen); use --sim to run against the simulated hypervisor");
+    }
+    if let Some(secs) = args.sim_io.filter(|s| !(*s > 0.0 && *s <= 1e7)) {
+        bail!("--sim-io {secs}: must be a number of seconds above 0");
     }
     let disks = open_static(specs).map_err(anyhow::Error::msg)?;
     let opts = ServeOptions {
@@ -103,6 +115,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
             PathBuf::from(DEFAULT_SERVE)
         }
     });
+    let _metrics = start_metrics(args.metrics.as_deref(), &registry)?;
     let _control = match listen(&control_path, registry.clone()) {
         Ok(l) => {
             println!("control socket at {}", control_path.display());
@@ -145,6 +158,20 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     serve(connect, platform, opts, disks, &stop, hooks).map_err(anyhow::Error::msg)?;
     println!("stopped");
     Ok(0)
+}
+
+/// Starts the metrics endpoint if asked (`--metrics`), and says where it listens.
+pub(super) fn start_metrics(
+    asked: Option<&str>,
+    registry: &Arc<Registry>,
+) -> Result<Option<crate::metrics::http::Endpoint>> {
+    let Some(text) = asked else { return Ok(None) };
+    let addr =
+        crate::metrics::http::parse_addr(text).map_err(|e| anyhow::anyhow!("--metrics {e}"))?;
+    let e = crate::metrics::http::listen(addr, registry.clone())
+        .map_err(|e| anyhow::anyhow!("--metrics {e}"))?;
+    println!("metrics at http://{}/metrics", e.addr);
+    Ok(Some(e))
 }
 
 /// On SIGHUP, the configuration file read and parsed again (None when no new SIGHUP).
@@ -200,8 +227,54 @@ fn disks_use_id(disks: &[StaticDisk], id: u32) -> bool {
 struct SimGuest {
     domid: u32,
     xs: XsClient,
-    disks: Vec<(String, GuestDisk)>,
+    disks: Vec<(String, SimConn)>,
     failed: Vec<String>,
+}
+
+/// A simulated guest's connected disk: idle, or kept busy by a thread of its own
+/// (`--sim-io`) that gives the disk back when told to stop.
+enum SimConn {
+    /// Held: dropping it lets the disk go.
+    Idle(#[allow(dead_code)] GuestDisk),
+    Busy {
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        thread: std::thread::JoinHandle<GuestDisk>,
+    },
+}
+
+impl SimConn {
+    /// Keeps `disk` busy for `seconds` (reads, each written back), until told to stop.
+    fn busy(mut disk: GuestDisk, seconds: f64, name: String) -> SimConn {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let until = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+            let region = disk.size().min(64 << 20) / 4096;
+            let mut buf = vec![0u8; 4096];
+            let mut block = 0u64;
+            while !s.load(Ordering::Relaxed) && std::time::Instant::now() < until && region > 0 {
+                let at = block % region * 4096;
+                // A read-only disk refuses the write: reads alone then.
+                let ok = disk.read(at, &mut buf).is_ok();
+                let _ = ok && disk.write(at, &buf).is_ok();
+                if !ok {
+                    println!("{name}: simulated I/O stopped: a read failed");
+                    break;
+                }
+                block += 1;
+            }
+            disk
+        });
+        SimConn::Busy { stop, thread }
+    }
+
+    /// Stops the I/O, if any, and lets the disk go.
+    fn close(self) {
+        if let SimConn::Busy { stop, thread } = self {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+    }
 }
 
 fn run_sim(
@@ -294,7 +367,7 @@ fn run_sim(
                     continue;
                 }
                 let (fe, conn) = g.disks.remove(i);
-                drop(conn);
+                conn.close();
                 let _ = write_state(&g.xs, &fe, XenbusState::Closed);
                 println!("simulated guest {}: {fe}: detached by the backend", g.domid);
             }
@@ -353,7 +426,12 @@ fn run_sim(
                         ""
                     }
                 );
-                let conn = disk;
+                let conn = match args.sim_io {
+                    Some(secs) if secs > 0.0 => {
+                        SimConn::busy(disk, secs, format!("simulated guest {}: {fe}", g.domid))
+                    }
+                    _ => SimConn::Idle(disk),
+                };
                 g.disks.push((fe, conn));
                 connected += 1;
             }
@@ -363,7 +441,7 @@ fn run_sim(
     // The guests let go first, as at a clean guest shutdown; then the devices are removed.
     for g in &mut guests {
         for (fe, conn) in g.disks.drain(..) {
-            drop(conn);
+            conn.close();
             let _ = write_state(&g.xs, &fe, XenbusState::Closed);
         }
     }

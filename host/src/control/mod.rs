@@ -6,8 +6,9 @@
 //! starting `error: ` is a refusal:
 //!
 //! ```text
-//! list                                   one line per device
+//! list [--json]                          one line per device (or one JSON object)
 //! stats <dev> [--json]                   counters and latency, per queue and in total
+//! limit <dev> [key=value... | off]       show or change the disk's I/O limits, live
 //! swap <dev> <plugin> [--allow-shrink] [-c key=value | key=value]...
 //! detach <dev>                           Closing, as Ctrl-C does for `connect`
 //! resize <dev>                           re-read the plugin's size and tell the guest
@@ -23,11 +24,13 @@
 
 pub mod socket;
 
+use crate::backend::limits::IoLimits;
 use crate::backend::queue::QueueStats;
 use crate::backend::registry::{Entry, Registry};
 use crate::histogram::Histogram;
 use crate::plugin::open_bounded;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use xen_disk_plugin_api::Config;
 
 impl Registry {
@@ -36,6 +39,11 @@ impl Registry {
         let words: Vec<&str> = line.split_whitespace().collect();
         let result = match words.as_slice() {
             ["list"] => Ok(self.list()),
+            ["list", "--json"] => Ok(self.list_json()),
+            ["limit", dev, rest @ ..] => self
+                .find(dev)
+                .map_err(|e| e.to_string())
+                .and_then(|e| limit(&e, rest)),
             ["stats", dev, rest @ ..] => self
                 .find(dev)
                 .map_err(|e| e.to_string())
@@ -55,7 +63,7 @@ impl Registry {
                     .map_err(|why| why.to_string())
             }),
             _ => Err(format!(
-                "unknown request `{}` (list, stats, swap, detach, resize)",
+                "unknown request `{}` (list, stats, limit, swap, detach, resize)",
                 line.trim()
             )),
         };
@@ -65,8 +73,35 @@ impl Registry {
         }
     }
 
+    /// The devices now, in the order they were added: what `list`, `list --json` and the
+    /// metrics endpoint all read.
+    pub fn devices(&self) -> Vec<Arc<Entry>> {
+        self.lock().clone()
+    }
+
+    fn list_json(&self) -> String {
+        let items: Vec<String> = self
+            .devices()
+            .iter()
+            .map(|x| {
+                format!(
+                    "{{\"id\":{},\"domid\":{},\"guest\":{},\"vbd\":{},\"state\":\"{}\",\"size\":{},\"stack\":{},\"limits\":{}}}",
+                    json_str(&x.id),
+                    x.domid,
+                    json_str(&x.guest),
+                    json_str(&x.vbd),
+                    state_name(x.stats.state.load(Ordering::Relaxed)),
+                    x.disk.size(),
+                    json_str(&x.stack()),
+                    json_str(&x.stats.limiter.limits().describe()),
+                )
+            })
+            .collect();
+        format!("{{\"devices\":[{}]}}", items.join(","))
+    }
+
     fn list(&self) -> String {
-        let e = self.lock();
+        let e = self.devices();
         let mut out = String::new();
         for x in e.iter() {
             out.push_str(&format!(
@@ -77,14 +112,50 @@ impl Registry {
                 x.vbd,
                 state_name(x.stats.state.load(Ordering::Relaxed)),
                 x.disk.size(),
-                x.stack.lock().unwrap_or_else(|p| p.into_inner())
+                x.stack()
             ));
         }
         out
     }
 }
 
-fn state_name(n: u8) -> &'static str {
+/// A JSON string literal (quotes, backslashes and control characters escaped).
+pub(crate) fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `limit <dev>`: the limits in force; `limit <dev> key=value...` changes them (the rest
+/// stay), `limit <dev> off` lifts them all. Rings pick a change up at their next request.
+fn limit(e: &Entry, words: &[&str]) -> Result<String, String> {
+    let limiter = &e.stats.limiter;
+    if words == ["off"] {
+        limiter.set(IoLimits::default());
+    } else if !words.is_empty() {
+        let mut l = limiter.limits();
+        l.set_words(words.iter().copied())
+            .map_err(|why| format!("limit: {why}; nothing changed"))?;
+        limiter.set(l);
+    }
+    let now = limiter.limits().describe();
+    if !words.is_empty() {
+        tracing::info!(id = %e.id, "limits now {now}");
+    }
+    Ok(format!("{}: {now}", e.id))
+}
+
+/// The name of xenbus state `n`.
+pub(crate) fn state_name(n: u8) -> &'static str {
     match n {
         1 => "Initialising",
         2 => "InitWait",
@@ -235,7 +306,12 @@ fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
     let swapped = e
         .disk
         .swap(Box::new(stack.disk), allow_shrink)
-        .map_err(|why| format!("{}: not swapped: {why}", e.id))?;
+        .map_err(|why| {
+            tracing::error!(id = %e.id, "swap to {plugin} failed: {why}");
+            format!("{}: not swapped: {why}", e.id)
+        })?;
+    e.stats.swapped(swapped.pause);
+    tracing::info!(id = %e.id, pause_us = swapped.pause.as_micros() as u64, "swapped: now {layers}");
     *e.stack.lock().unwrap_or_else(|p| p.into_inner()) = layers.clone();
     Ok(format!(
         "{}: now {layers}; paused {} us{}",
@@ -253,7 +329,7 @@ mod tests {
     use super::*;
     use crate::backend::device::DeviceStats;
     use std::sync::atomic::AtomicBool;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     #[test]
     fn swap_takes_pairs_bare_or_after_c() {

@@ -12,7 +12,8 @@
 //!
 //! - `segments`: a request's guest memory (grant mapping, indirect pages).
 //! - `answer`: responses, from the ring thread or an asynchronous plugin's thread.
-//! - counters live in [`super::stats`].
+//! - counters live in [`super::stats`]; a disk's I/O limits in [`super::limits`] (a request
+//!   over them is held in `take`, as one behind a barrier is).
 //!
 //! A barrier waits for everything before it, and holds everything after it, as the protocol
 //! asks. Responses go out as workers finish, in any order.
@@ -23,6 +24,7 @@ mod segments;
 use super::inflight::SlotTable;
 use super::io::IoOp;
 use super::io::{execute, status_of};
+use super::limits::{Dir, Limiter};
 pub use super::stats::QueueStats;
 use super::wake::EventFdWake;
 use super::workers::{Completions, Wake, Workers};
@@ -68,6 +70,9 @@ pub struct QueueParts {
     /// busy thread completes replies one by one (`nbd-client` through libnbd's commands, whose
     /// reader would then notify the guest once per reply instead of once per burst).
     pub answer_on_completion: bool,
+    /// The disk's I/O limits (shared by its rings, changed live). Off, it costs one flag
+    /// read per request.
+    pub limiter: Arc<Limiter>,
 }
 
 /// Pages a ring keeps mapped with persistent grants (64 MiB of address space, no memory:
@@ -134,6 +139,7 @@ pub fn serve(
         persistent,
         poll,
         answer_on_completion,
+        limiter,
     } = parts;
     let size = ring.size() as usize;
     let evtchn: Arc<dyn EventChannel> = Arc::from(evtchn);
@@ -175,6 +181,7 @@ pub fn serve(
         size,
         grants: &*grants,
         guest,
+        limiter: &limiter,
     };
     let mut intake = Intake {
         cache: persistent.then(|| PersistentGrants::new(grants.clone(), guest, PERSISTENT_PAGES)),
@@ -183,6 +190,7 @@ pub fn serve(
         scratch: Vec::new(),
         list_bytes: Box::new([0u8; INDIRECT_LIST_BYTES]),
         held: None,
+        throttled_until: None,
     };
     let result = ring_thread.schedule(&shared, &mut intake);
     // Workers finish first, and an asynchronous plugin completes every submission; persistent
@@ -213,6 +221,7 @@ struct RingThread<'a> {
     size: usize,
     grants: &'a dyn GrantMapper,
     guest: u32,
+    limiter: &'a Limiter,
 }
 
 /// What taking requests changes as it goes: owned by the ring thread alone.
@@ -227,8 +236,11 @@ struct Intake {
     scratch: Vec<crate::blkif::request::Segment>,
     /// An indirect request's segment-list bytes.
     list_bytes: Box<[u8; INDIRECT_LIST_BYTES]>,
-    /// A request that cannot start yet (a barrier behind others, or the ring's slots full).
+    /// A request that cannot start yet (a barrier behind others, the ring's slots full, or
+    /// over the disk's limits).
     held: Option<Request>,
+    /// When the held request's limit allows it: the ring thread sleeps no longer.
+    throttled_until: Option<Instant>,
 }
 
 impl RingThread<'_> {
@@ -279,7 +291,7 @@ impl RingThread<'_> {
             }
             st.waiting_for_slot = intake.held.is_some();
             drop(guard);
-            self.sleep();
+            self.sleep(intake.throttled_until);
         }
     }
 
@@ -294,8 +306,14 @@ impl RingThread<'_> {
         any
     }
 
-    /// Sleeps until the guest or a worker rings (or 100 ms, so `stop` is noticed).
-    fn sleep(&self) {
+    /// Sleeps until the guest or a worker rings, `until` (a limit allows the held request)
+    /// or 100 ms pass, so `stop` is noticed.
+    fn sleep(&self, until: Option<Instant>) {
+        let ms = until.map_or(100, |t| {
+            // Rounded up: waking early would only find the request still held.
+            let left = t.saturating_duration_since(Instant::now());
+            (left.as_micros().div_ceil(1000) as i32).min(100)
+        });
         let mut fds = [
             libc::pollfd {
                 fd: self.evtchn.fd(),
@@ -309,7 +327,7 @@ impl RingThread<'_> {
             },
         ];
         // SAFETY: two valid pollfds.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
         // Only what rang is read: each read is a system call, and a ring thread under load
         // wakes tens of thousands of times a second.
         self.wake.awake(fds[1].revents != 0);
@@ -322,6 +340,18 @@ impl RingThread<'_> {
     /// until the ring is empty, a barrier must wait, or every slot is busy. True if any
     /// request was taken.
     fn take(&self, st: &mut Answering, intake: &mut Intake) -> Result<bool, QueueError> {
+        let r = self.take_all(st, intake);
+        if intake.held.is_none() {
+            // A limit lifted while a request waited leaves no deadline to sleep towards.
+            intake.throttled_until = None;
+        }
+        let depth = st.free.in_use(self.size) + usize::from(intake.held.is_some());
+        self.stats.depth.store(depth as u64, Ordering::Relaxed);
+        r
+    }
+
+    /// [`take`](Self::take)'s loop.
+    fn take_all(&self, st: &mut Answering, intake: &mut Intake) -> Result<bool, QueueError> {
         // The disk can grow or shrink while connected (online resize): bounds follow it.
         intake.limits.sectors = self.disk.size() / 512;
         st.ring.poll()?;
@@ -344,8 +374,21 @@ impl RingThread<'_> {
             );
             let in_use = st.free.in_use(self.size);
             if (is_barrier && in_use > 0) || in_use == self.size {
+                // Held for a slot, not a limit: whoever frees one wakes this thread.
+                intake.throttled_until = None;
                 intake.held = Some(req);
                 return Ok(progress);
+            }
+            if self.limiter.is_on() {
+                if let Err(wait) = Dir::of(&req).map_or(Ok(()), |d| self.limiter.admit(d)) {
+                    if intake.throttled_until.is_none() {
+                        self.limiter.count_throttled();
+                    }
+                    intake.throttled_until = Some(Instant::now() + wait);
+                    intake.held = Some(req);
+                    return Ok(progress);
+                }
+                intake.throttled_until = None;
             }
             progress = true;
             self.dispatch(st, intake, &req);
@@ -394,6 +437,12 @@ impl RingThread<'_> {
             &mut slot.bufs,
         ) {
             Ok((op, offset, mapping)) => {
+                if self.limiter.is_on() {
+                    if let Some(dir) = Dir::of(req) {
+                        self.limiter
+                            .charge(dir, slot.bufs.iter().map(|b| b.len as u64).sum());
+                    }
+                }
                 (slot.id, slot.operation, slot.op, slot.offset) = (id, operation, op, offset);
                 slot.status = Status::Okay;
                 slot.mappings = mapping;
