@@ -47,4 +47,6 @@ pub mod metrics;
 pub mod plugin;
 pub mod rng;
 pub mod simulation;
+#[cfg(test)]
+mod test_disks;
 pub mod xen;

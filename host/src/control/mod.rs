@@ -368,25 +368,5 @@ mod tests {
         assert_eq!(bare, with_c);
     }
 
-    /// A disk that stores nothing.
-    struct Blank;
-    impl xen_disk_plugin_api::Disk for Blank {
-        fn info(&self) -> xen_disk_plugin_api::DiskInfo {
-            xen_disk_plugin_api::DiskInfo::new(1 << 20)
-        }
-        fn read(
-            &self,
-            _: u64,
-            _: &mut xen_disk_plugin_api::ReadBufs<'_>,
-        ) -> xen_disk_plugin_api::Result<()> {
-            Ok(())
-        }
-        fn write(
-            &self,
-            _: u64,
-            _: &xen_disk_plugin_api::WriteBufs<'_>,
-        ) -> xen_disk_plugin_api::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_disks::Blank;
 }
