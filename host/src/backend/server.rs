@@ -9,19 +9,20 @@
 //!   after being destroyed. Their entries are removed when they end.
 //! - **Toolstack devices**: every directory that appears under
 //!   `/local/domain/<us>/backend/vbd3/<domid>/<devid>` with a `params` key (`mmap:/a.img`,
-//!   see [`super::params`]). Opened when they appear; a plugin that fails to open gets an
-//!   `error` node and state Closing, as blkback's xenbus_dev_fatal does. Their entries
-//!   belong to the toolstack and are left for it to remove.
+//!   see [`super::params`]; or a descriptor it names, see [`super::descriptor`]). Opened
+//!   when they appear; a plugin that fails to open gets an `error` node and state Closing,
+//!   as blkback's xenbus_dev_fatal does. Their entries belong to the toolstack and are left
+//!   for it to remove.
 //!
 //! Stopping (SIGTERM) asks every device to close (Closing, wait for the guest to let go);
 //! forcing (a second signal) writes Closed into the guests' states so nothing waits.
 
 use super::attach::{create_device, device_paths, BACKEND_TYPE};
+use super::descriptor::{resolve, DescriptorError};
 use super::device::{run as run_device, DeviceConfig, DeviceError, DeviceStats, Platform};
 use super::disks_config::{DiskSpec, DisksConfigError};
 use super::domains::{find_domain, XsView};
 use super::features::HostOffer;
-use super::params::{parse_params, ParamsError};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
 use super::vbd::{next_free, Vbd};
@@ -121,12 +122,9 @@ pub enum StartError {
         /// What the directory's place implies.
         expected: String,
     },
-    /// `params` does not parse.
-    #[error("`params`: {0}")]
-    Params(#[source] ParamsError),
-    /// The plugin configuration in `params` does not parse (the plugin API's message).
-    #[error("`params`: {0}")]
-    PluginConfig(String),
+    /// `params`, or the descriptor it names, does not say what serves the disk.
+    #[error(transparent)]
+    Params(#[from] DescriptorError),
     /// The plugin stack did not open.
     #[error("plugin {plugin}: {source}")]
     Open {
@@ -160,6 +158,8 @@ pub struct ServeOptions {
     pub poll: Duration,
     /// See [`crate::backend::queue::QueueParts::answer_on_completion`].
     pub answer_on_completion: bool,
+    /// Where toolstack targets name descriptors (see [`super::descriptor`]).
+    pub descriptors: std::path::PathBuf,
 }
 
 /// A static disk, opened.
@@ -702,13 +702,16 @@ fn start_toolstack(
             });
         }
     }
-    let spec = parse_params(&params).map_err(StartError::Params)?;
-    let config = Config::from_pairs(&spec.pairs).map_err(StartError::PluginConfig)?;
-    let readonly = matches!(read("mode").as_deref(), Some("r" | "ro"));
+    // The plugin comes from `params` or an administrator's descriptor, never from the
+    // image's contents.
+    let spec = resolve(&params, &opts.descriptors)?;
+    let readonly = spec.readonly || matches!(read("mode").as_deref(), Some("r" | "ro"));
     let (disk, layers) =
-        open_disk(&spec.plugin, &config, readonly, None).map_err(|source| StartError::Open {
-            plugin: spec.plugin.clone(),
-            source,
+        open_disk(&spec.plugin, &spec.config, readonly, None).map_err(|source| {
+            StartError::Open {
+                plugin: spec.plugin.clone(),
+                source,
+            }
         })?;
     let vbd = Vbd::from_number(devid).ok_or(StartError::NotADiskNumber(devid))?;
     let cfg = DeviceConfig {
