@@ -342,6 +342,24 @@ fn xl_style_devices_reach_every_route_and_detach_as_libxl_does() {
     assert!(ctl_list().contains("stack=cow over file"), "{}", ctl_list());
     assert!(t.join("c.cow").exists());
 
+    // A directory with `params` and no `frontend` (a toolstack writing without transactions,
+    // or half torn down) is left alone, not refused: refusing writes `error` and `state`,
+    // which would make a directory the toolstack is removing exist again. Once another device
+    // made after it is served, serve has looked at it.
+    let partial = "/local/domain/0/backend/vbd3/1/51808";
+    xs.write(
+        NO_TX,
+        &format!("{partial}/params"),
+        format!("aio:{}", raw.display()).as_bytes(),
+    )
+    .unwrap();
+    xs.write(NO_TX, &format!("{partial}/state"), b"1").unwrap();
+    let later = libxl_attach(&xs, &xs_sock, 51824, &descriptors.join("q.toml"));
+    wait_for(&xs, &format!("{later}/state"), b"4");
+    assert!(xs.read(NO_TX, &format!("{partial}/error")).is_err());
+    assert_eq!(read(&xs, &format!("{partial}/state")), "1");
+    xs.rm(NO_TX, partial).unwrap();
+
     // A hotplug `add` with no serve answering (nothing moves the backend past Initialising)
     // fails and says why.
     let lone = "/local/domain/0/backend/vbd3/5/51712";

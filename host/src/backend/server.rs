@@ -29,7 +29,7 @@ use super::vbd::{next_free, Vbd};
 use crate::plugin::bounded::BoundedError;
 use crate::plugin::{open_bounded, GuardError, GuardedDisk};
 use crate::xen::xenbus::{write_state, XenbusState};
-use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
+use crate::xen::xenstore::{transaction, Xenstore, XsError, NO_TX};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -109,9 +109,6 @@ pub enum StartError {
     /// A toolstack directory whose name is not `<domid>/<devid>`.
     #[error("the directory is not <domid>/<devid>")]
     NotADevice,
-    /// A toolstack directory without `frontend`.
-    #[error("no `frontend` key")]
-    NoFrontend,
     /// A toolstack key that disagrees with the directory's place.
     #[error("`{key}` is {found}, expected {expected}")]
     Mismatch {
@@ -357,8 +354,7 @@ pub fn serve(
                 Err(e) => {
                     let e = e.to_string();
                     log(&format!("{path}: {e}"));
-                    let _ = xs.write(NO_TX, &format!("{path}/error"), e.as_bytes());
-                    let _ = write_state(&*xs, &path, XenbusState::Closing);
+                    refuse(&*xs, &path, &e);
                     failed.insert(path);
                 }
             }
@@ -379,6 +375,22 @@ pub fn serve(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Marks a toolstack device refused: its `error` node and state Closing, written only while
+/// its directory is there. The toolstack may be removing it at this very moment (a teardown
+/// seen half done), and a plain write would make the directory again after the toolstack
+/// removed it, leaving entries of a device nobody will ever remove.
+fn refuse(xs: &dyn Xenstore, path: &str, why: &str) {
+    let _ = transaction(xs, |tx| {
+        xs.read(tx, &format!("{path}/state"))?;
+        xs.write(tx, &format!("{path}/error"), why.as_bytes())?;
+        xs.write(
+            tx,
+            &format!("{path}/state"),
+            XenbusState::Closing.as_str().as_bytes(),
+        )
+    });
 }
 
 /// The static disks and their devices, as a reload changes them.
@@ -679,7 +691,11 @@ fn start_toolstack(
     if read("online").as_deref() == Some("0") {
         return Ok(None);
     }
-    let frontend = read("frontend").ok_or(StartError::NoFrontend)?;
+    // libxl writes `frontend` with `params`; a directory with one and not the other is
+    // being written or torn down by a toolstack without transactions: look again later.
+    let Some(frontend) = read("frontend") else {
+        return Ok(None);
+    };
     let expected = format!("/local/domain/{domid}/device/vbd/{devid}");
     if frontend != expected {
         return Err(StartError::Mismatch {
