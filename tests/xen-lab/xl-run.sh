@@ -102,6 +102,9 @@ end=$(date +%s)
 echo "$log"
 echo "$log" >"$out/lab.log"
 checks
+# Where the boot's time went: each phase from dom0's uptime at its start to the next's.
+echo "xen-lab xl: phases (s): $(sed -n 's/^LAB: phase \([a-z-]*\) t=\([0-9.]*\)$/\1 \2/p' <<<"$log" |
+  awk 'NR > 1 { printf "%s %.0f, ", name, $2 - t } { name = $1; t = $2 }' | sed 's/, $//')"
 echo "xen-lab xl: build $((boot_start - start))s, boot with all scenarios $((end - boot_start))s, whole run $((end - start))s (log: $out/lab.log; xl-run.sh --checks-only checks it again)"
 echo "xen-lab xl: $pass passed, $fail failed"
 [ "$fail" = 0 ]
