@@ -76,6 +76,7 @@ plugin = "file"
 path = "/tmp/gold.img"
 EOF
 
+# 128 MiB for the guest: at 64 its kernel does not fit, at 96 its shell gets OOM-killed.
 S="backendtype=tap,script=block-xen-disk"
 cat > /tmp/guest.cfg <<CFG
 name = "guest"
