@@ -23,7 +23,7 @@
 #               one a line
 #   --no-build  package what target/<profile> holds (the tests build it themselves)
 # DEB_COMPRESS=xz|gzip|zstd|none picks dpkg-deb's compression (default xz).
-# REQUIRE_HOTPLUG=yes makes a tree without dist/hotplug/block-xen-disk an error.
+# HOTPLUG=FILE packages another hotplug script than dist/hotplug/block-xen-disk (tests).
 # Needs: cargo (unless --no-build), dpkg-deb, dpkg-shlibdeps (dpkg-dev), strip (binutils),
 # gzip. Files are stripped of debug information only: symbol names stay, for backtraces.
 set -euo pipefail
@@ -39,19 +39,14 @@ while [ $# -gt 0 ]; do
 done
 die() { echo "build-deb: $*" >&2; exit 1; }
 
-# The hotplug script is part of the package once it is in the tree (issue 20: xl's
-# `script=` names it). Until then a build without it says so; REQUIRE_HOTPLUG=yes makes it
-# an error.
-REQUIRE_HOTPLUG=${REQUIRE_HOTPLUG:-no}
-hotplug=$root/dist/hotplug/block-xen-disk
+# The hotplug script that xl's `script=` names: without it a tap disk never connects, so a
+# package without it is no package.
+hotplug=${HOTPLUG:-$root/dist/hotplug/block-xen-disk}
 
 for t in dpkg-deb dpkg-shlibdeps strip gzip; do
   command -v "$t" >/dev/null || die "$t is missing (apt-get install dpkg-dev binutils gzip)"
 done
-if [ ! -f "$hotplug" ]; then
-  [ "$REQUIRE_HOTPLUG" != yes ] || die "$hotplug is missing: the package must ship the hotplug script"
-  echo "build-deb: warning: $hotplug is not in the tree; xen-disk has no hotplug script" >&2
-fi
+[ -f "$hotplug" ] || die "$hotplug is missing: the package must ship the hotplug script"
 
 # The plugins are the crates under plugins/; their [lib] name is the file's.
 lib_of() { sed -n '/^\[lib\]/,/^\[/ s/^name *= *"\([^"]*\)".*/\1/p' "$1/Cargo.toml" | head -1; }
@@ -141,10 +136,8 @@ done
 put 0644 "$root/dist/xen-disk.service" "$s/usr/lib/systemd/system/xen-disk.service"
 put 0644 "$root/dist/disks.toml" "$s/etc/xen-disk/disks.toml"
 echo /etc/xen-disk/disks.toml > "$work/conffiles"
-if [ -f "$hotplug" ]; then
-  put 0755 "$hotplug" "$s/etc/xen/scripts/block-xen-disk"
-  echo /etc/xen/scripts/block-xen-disk >> "$work/conffiles"
-fi
+put 0755 "$hotplug" "$s/etc/xen/scripts/block-xen-disk"
+echo /etc/xen/scripts/block-xen-disk >> "$work/conffiles"
 mkdir -p "$s/usr/share/man/man8"
 "$s/usr/bin/xen-disk-host" manpage > "$work/xen-disk-host.8" || die "xen-disk-host manpage failed"
 grep -q '^\.TH ' "$work/xen-disk-host.8" || die "xen-disk-host manpage printed no man page"

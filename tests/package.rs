@@ -164,10 +164,7 @@ fn the_main_package_holds_the_binary_plugins_unit_config_and_man_page() {
             want.insert(format!("/usr/lib/xen-disk/plugins/lib{lib}.so"));
         }
     }
-    let hotplug = repo().join("dist/hotplug/block-xen-disk").is_file();
-    if hotplug {
-        want.insert("/etc/xen/scripts/block-xen-disk".into());
-    }
+    want.insert("/etc/xen/scripts/block-xen-disk".into());
     let want: BTreeSet<&str> = want.iter().map(String::as_str).collect();
     assert_eq!(paths, want);
     for (mode, owner, path) in &files {
@@ -179,23 +176,14 @@ fn the_main_package_holds_the_binary_plugins_unit_config_and_man_page() {
             "{path}"
         );
     }
-    if !hotplug {
-        assert!(
-            built()
-                .log
-                .contains("dist/hotplug/block-xen-disk is not in the tree"),
-            "{}",
-            built().log
-        );
-    }
     let conffiles = run(Command::new("dpkg-deb")
         .args(["--info"])
         .arg(deb("xen-disk"))
         .arg("conffiles"));
-    let mut want_conf = vec!["/etc/xen-disk/disks.toml"];
-    if hotplug {
-        want_conf.push("/etc/xen/scripts/block-xen-disk");
-    }
+    let want_conf = vec![
+        "/etc/xen-disk/disks.toml",
+        "/etc/xen/scripts/block-xen-disk",
+    ];
     assert_eq!(conffiles.lines().collect::<Vec<_>>(), want_conf);
     // Only what the binary and these plugins link: libc and libgcc, not Ceph or libnbd.
     let depends = field(deb("xen-disk"), "Depends");
@@ -471,8 +459,7 @@ fn the_man_page_names_every_subcommand_and_renders_without_warnings() {
 }
 
 #[test]
-fn a_build_that_must_ship_the_hotplug_script_fails_without_it() {
-    let hotplug = repo().join("dist/hotplug/block-xen-disk");
+fn a_build_without_the_hotplug_script_fails_and_names_it() {
     let t = TempDir::new("pkg-hotplug");
     let profile = target_dir()
         .file_name()
@@ -480,23 +467,20 @@ fn a_build_that_must_ship_the_hotplug_script_fails_without_it() {
         .to_string_lossy()
         .into_owned();
     built();
+    let missing = t.join("no-such-block-xen-disk");
     let o = Command::new("bash")
         .arg(repo().join("dist/build-deb.sh"))
         .args(["--profile", &profile, "--no-build", "--out"])
-        .arg(&t.0)
-        .env("REQUIRE_HOTPLUG", "yes")
+        .arg(t.join("out"))
+        .env("HOTPLUG", &missing)
         .env("DEB_COMPRESS", "none")
         .output()
         .unwrap();
-    if hotplug.is_file() {
-        assert!(o.status.success(), "{}", stderr(&o));
-    } else {
-        assert!(!o.status.success());
-        assert!(
-            stderr(&o).contains("dist/hotplug/block-xen-disk is missing"),
-            "{}",
-            stderr(&o)
-        );
-        assert!(std::fs::read_dir(&t.0).unwrap().next().is_none());
-    }
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no-such-block-xen-disk is missing"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!t.join("out").exists() || std::fs::read_dir(t.join("out")).unwrap().next().is_none());
 }

@@ -2,8 +2,8 @@
 //! disk, and takes them down again (`docs/protocol.md#handshake`, `#backend-rules`).
 //!
 //! ```text
-//!  features, InitWait ─▶ frontend Initialised/Connected ─▶ read its keys (hostile), map
-//!  rings, bind event channels, start a queue thread per ring, publish the disk, Connected
+//!  features, InitWait ─▶ frontend Initialised/Connected (and the toolstack's hotplug
+//!  script done, when the backend names one) ─▶ read its keys (hostile), map rings, bind event channels, start a queue thread per ring, publish the disk, Connected
 //!    ─▶ frontend Closing ─▶ Closing ─▶ frontend Closed ─▶ stop queues, unmap ─▶ Closed
 //!    ─▶ frontend Initialising (reboot) and online ─▶ InitWait again
 //!    ─▶ online=0, frontend gone, or a stop request ─▶ remove the backend directory
@@ -288,6 +288,8 @@ pub fn run(
         }
         match next_action(ours, frontend, online) {
             Action::Wait => {}
+            // Not before the toolstack's hotplug script has run (see `hotplug_done`).
+            Action::Connect if !hotplug_done(xs, be) => {}
             Action::Connect => match connect(xs, platform, cfg, &disk, stats, &span) {
                 Ok(r) => {
                     ATTACHES.fetch_add(1, Ordering::Relaxed);
@@ -341,6 +343,22 @@ pub fn run(
         let _ = xs.rm(NO_TX, be);
     }
     result
+}
+
+/// Whether a device may connect as far as the toolstack's hotplug script is concerned. A
+/// backend directory with a `script` key (libxl writes one for every `backendtype=tap` disk)
+/// connects only once that script has written `hotplug-status` = `connected`, as Linux's
+/// blkback waits for its script's `physical-device`: libxl runs the script only after it
+/// has seen the backend in InitWait, and a backend already Connected by then (a quick
+/// frontend) would leave libxl waiting for an InitWait it never sees.
+fn hotplug_done(xs: &dyn Xenstore, be: &str) -> bool {
+    if xs.read(NO_TX, &format!("{be}/script")).is_err() {
+        return true;
+    }
+    matches!(
+        xs.read(NO_TX, &format!("{be}/hotplug-status")).as_deref(),
+        Ok(b"connected")
+    )
 }
 
 /// Online resize: when the disk's size differs from what the guest was told (the plugin's

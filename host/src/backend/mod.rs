@@ -3,12 +3,14 @@
 //! The pure decision parts live here first, each testable alone: [`state`] (what to do on a
 //! watch event), [`features`] (the advertisement: what to publish and what the ring then
 //! accepts), [`frontend_keys`] (what the guest published, hostile), [`params`] (the
-//! toolstack's `params`), [`vbd`] (device numbers), [`reload`] (what a changed
-//! `disks.toml` means for the disks served). Then the moving parts: [`queue`] (the ring
-//! thread), [`limits`] (per-disk I/O limits), [`device`] (one disk), [`server`] (the `serve` daemon) and [`registry`] (the
-//! devices the control socket sees).
+//! toolstack's `params`), [`descriptor`] (the files an `xl` disk's target may name), [`vbd`]
+//! (device numbers), [`reload`] (what a changed `disks.toml` means for the disks served).
+//! Then the moving parts: [`queue`] (the ring thread), [`limits`] (per-disk I/O limits),
+//! [`device`] (one disk), [`server`] (the `serve` daemon) and [`registry`] (the devices the
+//! control socket sees).
 
 pub mod attach;
+pub mod descriptor;
 pub mod device;
 pub mod disks_config;
 pub mod domains;

@@ -3,7 +3,9 @@
 //! libxl writes `params` = `<format>:<path>` for `backendtype=tap` (backend type `vbd3`).
 //! We map the format to a plugin: `aio` and `raw` → `file`, `vhd` → `vhd`, `qcow2` → `qcow2`,
 //! and any other word names a plugin directly (`mmap:/images/a.img`). A bare path is served
-//! by `file`. Extra plugin keys may follow as `,key=value` pairs after the path.
+//! by `file`. Extra plugin keys may follow as `,key=value` pairs after the path. libxl
+//! itself only writes `aio:` and `vhd:`; a path in the descriptor directory is read by
+//! [`super::descriptor`] instead.
 
 /// A plugin name and its configuration pairs, from `params`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,27 +9,28 @@
 //!   after being destroyed. Their entries are removed when they end.
 //! - **Toolstack devices**: every directory that appears under
 //!   `/local/domain/<us>/backend/vbd3/<domid>/<devid>` with a `params` key (`mmap:/a.img`,
-//!   see [`super::params`]). Opened when they appear; a plugin that fails to open gets an
-//!   `error` node and state Closing, as blkback's xenbus_dev_fatal does. Their entries
-//!   belong to the toolstack and are left for it to remove.
+//!   see [`super::params`]; or a descriptor it names, see [`super::descriptor`]). Opened
+//!   when they appear; a plugin that fails to open gets an `error` node and state Closing,
+//!   as blkback's xenbus_dev_fatal does. Their entries belong to the toolstack and are left
+//!   for it to remove.
 //!
 //! Stopping (SIGTERM) asks every device to close (Closing, wait for the guest to let go);
 //! forcing (a second signal) writes Closed into the guests' states so nothing waits.
 
 use super::attach::{create_device, device_paths, BACKEND_TYPE};
+use super::descriptor::{resolve, DescriptorError};
 use super::device::{run as run_device, DeviceConfig, DeviceError, DeviceStats, Platform};
 use super::disks_config::{DiskSpec, DisksConfigError};
 use super::domains::{find_domain, XsView};
 use super::features::HostOffer;
 use super::limits::{IoLimits, Limiter};
-use super::params::{parse_params, ParamsError};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
 use super::vbd::{next_free, Vbd};
 use crate::plugin::bounded::BoundedError;
 use crate::plugin::{open_bounded, GuardError, GuardedDisk};
 use crate::xen::xenbus::{write_state, XenbusState};
-use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
+use crate::xen::xenstore::{transaction, Xenstore, XsError, NO_TX};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -109,9 +110,6 @@ pub enum StartError {
     /// A toolstack directory whose name is not `<domid>/<devid>`.
     #[error("the directory is not <domid>/<devid>")]
     NotADevice,
-    /// A toolstack directory without `frontend`.
-    #[error("no `frontend` key")]
-    NoFrontend,
     /// A toolstack key that disagrees with the directory's place.
     #[error("`{key}` is {found}, expected {expected}")]
     Mismatch {
@@ -122,12 +120,9 @@ pub enum StartError {
         /// What the directory's place implies.
         expected: String,
     },
-    /// `params` does not parse.
-    #[error("`params`: {0}")]
-    Params(#[source] ParamsError),
-    /// The plugin configuration in `params` does not parse (the plugin API's message).
-    #[error("`params`: {0}")]
-    PluginConfig(String),
+    /// `params`, or the descriptor it names, does not say what serves the disk.
+    #[error(transparent)]
+    Params(#[from] DescriptorError),
     /// The plugin stack did not open.
     #[error("plugin {plugin}: {source}")]
     Open {
@@ -161,6 +156,8 @@ pub struct ServeOptions {
     pub poll: Duration,
     /// See [`crate::backend::queue::QueueParts::answer_on_completion`].
     pub answer_on_completion: bool,
+    /// Where toolstack targets name descriptors (see [`super::descriptor`]).
+    pub descriptors: std::path::PathBuf,
 }
 
 /// A static disk, opened.
@@ -362,8 +359,7 @@ pub fn serve(
                 Err(e) => {
                     let e = e.to_string();
                     log(&format!("{path}: {e}"));
-                    let _ = xs.write(NO_TX, &format!("{path}/error"), e.as_bytes());
-                    let _ = write_state(&*xs, &path, XenbusState::Closing);
+                    refuse(&*xs, &path, &e);
                     failed.insert(path);
                 }
             }
@@ -384,6 +380,22 @@ pub fn serve(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// Marks a toolstack device refused: its `error` node and state Closing, written only while
+/// its directory is there. The toolstack may be removing it at this very moment (a teardown
+/// seen half done), and a plain write would make the directory again after the toolstack
+/// removed it, leaving entries of a device nobody will ever remove.
+fn refuse(xs: &dyn Xenstore, path: &str, why: &str) {
+    let _ = transaction(xs, |tx| {
+        xs.read(tx, &format!("{path}/state"))?;
+        xs.write(tx, &format!("{path}/error"), why.as_bytes())?;
+        xs.write(
+            tx,
+            &format!("{path}/state"),
+            XenbusState::Closing.as_str().as_bytes(),
+        )
+    });
 }
 
 /// The static disks and their devices, as a reload changes them.
@@ -714,7 +726,11 @@ fn start_toolstack(
     if read("online").as_deref() == Some("0") {
         return Ok(None);
     }
-    let frontend = read("frontend").ok_or(StartError::NoFrontend)?;
+    // libxl writes `frontend` with `params`; a directory with one and not the other is
+    // being written or torn down by a toolstack without transactions: look again later.
+    let Some(frontend) = read("frontend") else {
+        return Ok(None);
+    };
     let expected = format!("/local/domain/{domid}/device/vbd/{devid}");
     if frontend != expected {
         return Err(StartError::Mismatch {
@@ -737,13 +753,16 @@ fn start_toolstack(
             });
         }
     }
-    let spec = parse_params(&params).map_err(StartError::Params)?;
-    let config = Config::from_pairs(&spec.pairs).map_err(StartError::PluginConfig)?;
-    let readonly = matches!(read("mode").as_deref(), Some("r" | "ro"));
+    // The plugin comes from `params` or an administrator's descriptor, never from the
+    // image's contents.
+    let spec = resolve(&params, &opts.descriptors)?;
+    let readonly = spec.readonly || matches!(read("mode").as_deref(), Some("r" | "ro"));
     let (disk, layers) =
-        open_disk(&spec.plugin, &config, readonly, None).map_err(|source| StartError::Open {
-            plugin: spec.plugin.clone(),
-            source,
+        open_disk(&spec.plugin, &spec.config, readonly, None).map_err(|source| {
+            StartError::Open {
+                plugin: spec.plugin.clone(),
+                source,
+            }
         })?;
     let vbd = Vbd::from_number(devid).ok_or(StartError::NotADiskNumber(devid))?;
     let cfg = DeviceConfig {

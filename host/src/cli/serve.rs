@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// temporary path, printed).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Where an xl disk's target may name a descriptor saying which plugin serves it (see
+    /// the README's "Disks from xl configs").
+    #[arg(long, default_value = crate::backend::descriptor::DEFAULT_DIR)]
+    descriptors: PathBuf,
     /// With `--sim`: where the simulated xenstored listens (default: a temporary path).
     #[arg(long, requires = "sim")]
     xenstore_socket: Option<PathBuf>,
@@ -100,6 +104,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         workers: args.workers,
         poll: Duration::from_micros(args.poll_us.min(10_000)),
         answer_on_completion: args.completion.answer_on_completion,
+        descriptors: args.descriptors.clone(),
     };
     // A daemon's progress lines must not kill it when stdout fails (a full disk, a closed
     // pipe): println! would panic.
@@ -374,15 +379,24 @@ fn run_sim(
             let base = format!("/local/domain/{}/device/vbd", g.domid);
             for devid in g.xs.directory(NO_TX, &base).unwrap_or_default() {
                 let fe = format!("{base}/{devid}");
-                if g.disks.iter().any(|(p, _)| *p == fe) || g.failed.contains(&fe) {
+                if g.disks.iter().any(|(p, _)| *p == fe) {
                     continue;
                 }
                 let Ok(be) = g.xs.read(NO_TX, &format!("{fe}/backend")) else {
                     continue;
                 };
                 let be = String::from_utf8_lossy(&be).to_string();
+                let state = read_state(&g.xs, &be);
+                if g.failed.contains(&fe) {
+                    // A device the toolstack removed and made again at the same place (a
+                    // detach then an attach) waits for us anew, as xenbus probes it anew.
+                    if state != Some(XenbusState::InitWait) {
+                        continue;
+                    }
+                    g.failed.retain(|f| *f != fe);
+                }
                 // Only once the backend is waiting for us (a failed one says Closing).
-                match read_state(&g.xs, &be) {
+                match state {
                     Some(XenbusState::InitWait) => {}
                     Some(XenbusState::Closing | XenbusState::Closed) => {
                         println!("simulated guest {}: {fe}: the backend closed it", g.domid);
