@@ -62,7 +62,7 @@ deb=$(bash "$root/dist/build-deb.sh" | grep '/xen-disk_[^/]*\.deb$')
 [ -f "$deb" ] || { echo "xen-lab package: dist/build-deb.sh made no xen-disk package" >&2; exit 1; }
 OUT=$out bash "$lab" build "deb:$deb" >/dev/null
 start=$(date +%s)
-log=$(LAB_TIMEOUT=${LAB_TIMEOUT:-420} OUT=$out bash "$lab" run "$here/package-dom0.sh" "$here/package-guest.sh" | tr -d '\r')
+log=$(LAB_TIMEOUT=${LAB_TIMEOUT:-900} OUT=$out bash "$lab" run "$here/package-dom0.sh" "$here/package-guest.sh" | tr -d '\r')
 boot=$(( $(date +%s) - start ))
 echo "$log"
 echo "$log" >"$out/lab.log"

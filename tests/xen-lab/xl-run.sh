@@ -97,7 +97,7 @@ t="$root/target/release"
 LAB_RELEASE=13 OUT=$out bash "$lab" build "$t/xen-disk-host" "$t/libfile.so" "$t/libvhd.so" \
   "$t/libqcow2.so" "$t/libcow.so" "$(command -v qemu-img)" "$root/dist/hotplug/block-xen-disk" >/dev/null
 boot_start=$(date +%s)
-log=$(LAB_RELEASE=13 LAB_TIMEOUT=${LAB_TIMEOUT:-600} OUT=$out bash "$lab" run "$here/xl-dom0.sh" "$here/xl-guest.sh" | tr -d '\r')
+log=$(LAB_RELEASE=13 LAB_TIMEOUT=${LAB_TIMEOUT:-1200} OUT=$out bash "$lab" run "$here/xl-dom0.sh" "$here/xl-guest.sh" | tr -d '\r')
 end=$(date +%s)
 echo "$log"
 echo "$log" >"$out/lab.log"
