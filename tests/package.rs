@@ -41,8 +41,6 @@ const OWN_PACKAGE: [&str; 2] = ["nbd_client", "ceph_rbd"];
 
 struct Built {
     dir: PathBuf,
-    /// build-deb.sh's stderr.
-    log: String,
     /// The packages' paths, by package name.
     debs: Vec<(String, PathBuf)>,
 }
@@ -85,11 +83,7 @@ fn built() -> &'static Built {
                 (name, p)
             })
             .collect();
-        Built {
-            dir,
-            log: stderr(&o),
-            debs,
-        }
+        Built { dir, debs }
     })
 }
 
