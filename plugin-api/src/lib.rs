@@ -354,8 +354,10 @@
 //! ## Naming and finding plugins
 //!
 //! `--plugin NAME` looks for `lib<NAME>.so` (with `-` spelled `_`) on
-//! `$XEN_DISK_PLUGIN_PATH`, the host binary's directory, and `/usr/lib/xen-disk/plugins`;
-//! `--plugin ./path/libx.so` loads a file. `xen-disk-host plugins` lists what it finds.
+//! `$XEN_DISK_PLUGIN_PATH`, the host binary's directory, the plugin directory of the binary's
+//! own prefix (`<prefix>/lib/xen-disk/plugins`, where the package installs them), and
+//! `/usr/lib/xen-disk/plugins`; `--plugin ./path/libx.so` loads a file.
+//! `xen-disk-host plugins` lists what it finds.
 
 #![warn(missing_docs)]
 
