@@ -1066,11 +1066,29 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
-    fn scratch(tag: &str) -> PathBuf {
+    /// An image path in a scratch folder that is removed when the test ends, pass or fail.
+    struct Scratch(PathBuf);
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn scratch(tag: &str) -> Scratch {
         let d = std::env::temp_dir().join(format!("qcow2-unit-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d.join("u.qcow2")
+        Scratch(d.join("u.qcow2"))
     }
 
     /// Reads never wait for each other: with the metadata lock held shared by one reader
