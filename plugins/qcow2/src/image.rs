@@ -67,8 +67,6 @@ const REFTABLE_OFFSET_MASK: u64 = !0x1ff;
 const DIRTY_LIMIT: u64 = 32 << 20;
 /// Deferred refcount decrements that trigger a writeback.
 const PENDING_FREE_LIMIT: usize = 1 << 16;
-/// Data writes at least this large start their writeback at once.
-const EARLY_WRITEBACK_MIN: usize = 256 << 10;
 
 /// One I/O an image did on its file, as recorded by [`Image::record_io`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,27 +280,6 @@ impl Image {
         self.file
             .sync_data()
             .map_err(|e| self.ioerr("fdatasync", e))
-    }
-
-    /// Starts writeback of a large data write already in the page cache, so the disk works
-    /// while later requests are copied in and the next `fdatasync` has less left to do.
-    /// Only a hint: it orders nothing (the syncs in `writeback` do), and errors are
-    /// reported by the next `fdatasync`.
-    fn start_writeback(&self, off: u64, len: usize) {
-        if len < EARLY_WRITEBACK_MIN {
-            return;
-        }
-        use std::os::fd::AsRawFd;
-        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is
-        // owned by `self.file` and open for the duration of the call.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                off as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
     }
 
     /// `OutOfRange` unless `[offset, offset+len)` lies inside the virtual disk.
@@ -716,7 +693,6 @@ impl Image {
                         next += cs;
                     }
                     self.pwrite(slice(pos, run_end), host + in_cl, "write")?;
-                    self.start_writeback(host + in_cl, (run_end - pos) as usize);
                     pos = run_end;
                 }
                 Mapping::Zero { host } if host != 0 => {
@@ -770,7 +746,6 @@ impl Image {
         for (host, a, b) in runs {
             let buf = &data[(a - offset) as usize..(b - offset) as usize];
             self.pwrite(buf, host, "write")?;
-            self.start_writeback(host, buf.len());
         }
         Ok(true)
     }
@@ -797,7 +772,6 @@ impl Image {
         let tail_partial = k > 1 && !(in_cl + data.len() as u64).is_multiple_of(cs);
         if !head_partial && !tail_partial {
             self.pwrite(data, host0, "write")?;
-            self.start_writeback(host0, data.len());
         } else {
             let mut buf = vec![0u8; total as usize];
             let c = cs as usize;
@@ -810,7 +784,6 @@ impl Image {
             }
             buf[in_cl as usize..in_cl as usize + data.len()].copy_from_slice(data);
             self.pwrite(&buf, host0, "write")?;
-            self.start_writeback(host0, buf.len());
         }
         for (j, &old) in maps.iter().enumerate() {
             let host = host0 + j as u64 * cs;
