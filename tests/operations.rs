@@ -9,93 +9,11 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A child process killed when dropped (a failed test leaves nothing running).
-struct Running {
-    child: Child,
-    lines: Option<Receiver<String>>,
-    seen: Vec<String>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Running {
-    /// Runs `xen-disk-host ARGS`, its stdout read line by line.
-    fn host(args: &[&str]) -> Running {
-        build_all();
-        let mut child = Command::new(target_dir().join("xen-disk-host"))
-            .args(args)
-            .env("XEN_DISK_PLUGIN_PATH", target_dir())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run xen-disk-host");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Running {
-            child,
-            lines: Some(rx),
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits (at most 60 s) for a stdout line containing `needle`.
-    fn expect(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let rx = self.lines.as_ref().unwrap();
-        loop {
-            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-                return l.clone();
-            }
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// The `host:port` of the `metrics at http://host:port/metrics` line.
-    fn metrics_addr(&mut self) -> String {
-        let line = self.expect("metrics at http://");
-        line.split("http://")
-            .nth(1)
-            .unwrap()
-            .trim_end_matches("/metrics")
-            .to_string()
-    }
-}
-
-/// One HTTP GET over a plain TcpStream; the status line and the body.
-fn http_get(addr: &str, target: &str) -> (String, String) {
-    let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(c, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
 
 /// `query` percent-encoded for a URL's query string.
 fn url_encode(query: &str) -> String {
@@ -225,13 +143,10 @@ fn prometheus_scrapes_the_request_counts_ctl_stats_reports() {
         .arg(format!("--web.listen-address={web}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let _prom = Running {
-        child: prom
-            .spawn()
+    let _prom = Running::from_child(
+        prom.spawn()
             .expect("run prometheus (Debian package `prometheus`)"),
-        lines: None,
-        seen: Vec::new(),
-    };
+    );
     // A scrape while the guests are busy: the target is up.
     let query = |q: &str| {
         let (status, body) = http_get(&web, &format!("/api/v1/query?query={}", url_encode(q)));

@@ -3,9 +3,13 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Once;
+use std::time::{Duration, Instant};
 
 /// `target/<profile>`, where cargo put this test and where it builds the plugins.
 pub fn target_dir() -> PathBuf {
@@ -164,4 +168,95 @@ impl Drop for Immutable {
     fn drop(&mut self) {
         let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
     }
+}
+
+/// A child process killed when dropped (a failed test leaves nothing running).
+pub struct Running {
+    /// The process.
+    pub child: Child,
+    lines: Option<Receiver<String>>,
+    seen: Vec<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Runs `xen-disk-host ARGS`, its stdout read line by line.
+    pub fn host(args: &[&str]) -> Running {
+        build_all();
+        let mut child = Command::new(target_dir().join("xen-disk-host"))
+            .args(args)
+            .env("XEN_DISK_PLUGIN_PATH", target_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run xen-disk-host");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running {
+            child,
+            lines: Some(rx),
+            seen: Vec::new(),
+        }
+    }
+
+    /// A child whose output is not read, killed when dropped.
+    pub fn from_child(child: Child) -> Running {
+        Running {
+            child,
+            lines: None,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 60 s) for a stdout line containing `needle`.
+    pub fn expect(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let rx = self.lines.as_ref().unwrap();
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// The `host:port` of the `metrics at http://host:port/metrics` line.
+    pub fn metrics_addr(&mut self) -> String {
+        let line = self.expect("metrics at http://");
+        line.split("http://")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches("/metrics")
+            .to_string()
+    }
+}
+
+/// One HTTP GET over a plain TcpStream; the status line and the body.
+pub fn http_get(addr: &str, target: &str) -> (String, String) {
+    let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(c, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }

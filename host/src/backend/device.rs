@@ -18,6 +18,8 @@ use super::limits::Limiter;
 use super::queue::{serve, QueueError, QueueParts, QueueStats};
 use super::state::{next_action, Action, XenbusState};
 use super::stats::{ATTACHES, DETACHES};
+use super::wake::EventFdWake;
+use super::workers::Wake;
 use crate::blkif::abi::Protocol;
 use crate::blkif::ring::{BackRing, RingError};
 use crate::plugin::GuardedDisk;
@@ -27,7 +29,19 @@ use crate::xen::xenstore::{read_u32, transaction, Xenstore, XsError, NO_TX};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How soon a device looks again at what only this process changes (a stop asked for, a
+/// ring that broke) after something happened; the wait doubles while nothing does, up to
+/// [`LOCAL_CHECK_IDLE`]. So a stop is seen within a second, and an idle disk wakes about
+/// once a second.
+const LOCAL_CHECK_BUSY: Duration = Duration::from_millis(100);
+/// The longest wait between two looks of an idle device.
+const LOCAL_CHECK_IDLE: Duration = Duration::from_secs(1);
+/// How often a connected disk asks its plugin for its size (online resize).
+const RESIZE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// xenstore is read again after this long even without a watch event.
+const XENSTORE_REREAD_EVERY: Duration = Duration::from_secs(30);
 
 /// Where the device lives and what it offers.
 #[derive(Debug, Clone)]
@@ -64,6 +78,8 @@ pub struct Platform {
 struct Running {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Result<(), QueueError>>>,
+    /// Each ring thread's doorbell, rung when the stop flag is set.
+    bells: Vec<Arc<EventFdWake>>,
 }
 
 impl Running {
@@ -72,7 +88,10 @@ impl Running {
     }
 
     fn shut(self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::SeqCst);
+        for bell in &self.bells {
+            bell.wake();
+        }
         for t in self.threads {
             if let Ok(Err(e)) = t.join() {
                 tracing::warn!("queue stopped: {e}");
@@ -158,6 +177,9 @@ pub enum QueueStartError {
     /// Starting the ring's thread.
     #[error("starting its thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// Making the ring thread's doorbell (an eventfd).
+    #[error("making its doorbell: {0}")]
+    Doorbell(#[source] std::io::Error),
 }
 
 /// The device's counters, shared with whoever reports them.
@@ -251,14 +273,29 @@ pub fn run(
     let mut seen_frontend = false;
     // The size the guest was last told (resize and plugin swaps change the disk's).
     let mut published = disk.size();
+    // xenstore is read when a watch fired (or a local change asks for it), not on every
+    // tick: an idle dom0 with hundreds of disks must not spend a core asking xenstore what
+    // it already said. The slow re-read is only a safety net.
+    let mut xs_due = true;
+    let mut last_read = Instant::now();
+    let mut last_resize_check = Instant::now();
+    let mut wait = LOCAL_CHECK_BUSY;
     let result = loop {
-        let _ = events.recv_timeout(Duration::from_millis(100));
+        if events.recv_timeout(wait).is_ok() {
+            while events.try_recv().is_ok() {}
+            xs_due = true;
+            wait = LOCAL_CHECK_BUSY;
+        } else {
+            wait = (wait * 2).min(LOCAL_CHECK_IDLE);
+        }
         stats.state.store(ours as u8, Ordering::Relaxed);
-        if ours == XenbusState::Connected {
+        if ours == XenbusState::Connected && last_resize_check.elapsed() >= RESIZE_CHECK_EVERY {
+            last_resize_check = Instant::now();
             resize_if_changed(xs, be, &disk, &mut published)?;
         }
         if stop.load(Ordering::Relaxed) && !closing_for_stop {
             closing_for_stop = true;
+            xs_due = true;
             if ours == XenbusState::Connected || ours == XenbusState::InitWait {
                 write_state(XenbusState::Closing)?;
                 ours = XenbusState::Closing;
@@ -269,7 +306,13 @@ pub fn run(
             tracing::warn!("{be}: a ring broke; closing the device");
             write_state(XenbusState::Closing)?;
             ours = XenbusState::Closing;
+            xs_due = true;
         }
+        if !xs_due && last_read.elapsed() < XENSTORE_REREAD_EVERY {
+            continue;
+        }
+        xs_due = false;
+        last_read = Instant::now();
         let frontend = match xs.read(NO_TX, &format!("{fe}/state")) {
             Ok(v) => XenbusState::parse(&v),
             // A toolstack may write the backend before the frontend: absent at first is
@@ -417,6 +460,7 @@ fn connect(
     let limits = advertisement.limits();
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
+    let mut bells = Vec::new();
     let mut all_stats = Vec::new();
     for (i, q) in rings.queues.iter().enumerate() {
         let started = (|| -> Result<QueueParts, QueueStartError> {
@@ -435,6 +479,7 @@ fn connect(
                     port: q.event_channel,
                     source,
                 })?;
+            let doorbell = Arc::new(EventFdWake::new().map_err(QueueStartError::Doorbell)?);
             Ok(QueueParts {
                 ring,
                 ring_mapping,
@@ -447,15 +492,22 @@ fn connect(
                 poll: cfg.poll,
                 answer_on_completion: cfg.answer_on_completion,
                 limiter: stats.limiter.clone(),
+                doorbell,
             })
         })();
         let parts = match started {
             Ok(p) => p,
             Err(source) => {
-                Running { stop, threads }.shut();
+                Running {
+                    stop,
+                    threads,
+                    bells,
+                }
+                .shut();
                 return Err(ConnectError::Queue { index: i, source });
             }
         };
+        bells.push(parts.doorbell.clone());
         let (d, s, st) = (disk.clone(), stop.clone(), Arc::new(QueueStats::default()));
         all_stats.push(st.clone());
         let span = span.clone();
@@ -465,7 +517,12 @@ fn connect(
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
-                Running { stop, threads }.shut();
+                Running {
+                    stop,
+                    threads,
+                    bells,
+                }
+                .shut();
                 return Err(ConnectError::Queue {
                     index: i,
                     source: QueueStartError::Thread(e),
@@ -486,7 +543,12 @@ fn connect(
         )
     });
     if let Err(e) = published {
-        Running { stop, threads }.shut();
+        Running {
+            stop,
+            threads,
+            bells,
+        }
+        .shut();
         return Err(ConnectError::Publish(e));
     }
     tracing::info!(
@@ -502,5 +564,9 @@ fn connect(
         limits = %stats.limiter.limits().describe(),
         "attached: negotiated with the guest"
     );
-    Ok(Running { stop, threads })
+    Ok(Running {
+        stop,
+        threads,
+        bells,
+    })
 }

@@ -35,7 +35,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Domains and toolstack devices are looked for again after this long without a watch
+/// event (a safety net, and the retry of a disk that failed to attach).
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
 use xen_disk_plugin_api::Config;
 
 /// Opens a new xenstore connection (each device needs its own).
@@ -300,11 +304,24 @@ pub fn serve(
     // Toolstack devices that failed to open: not retried until their directory goes away.
     let mut failed: HashSet<String> = HashSet::new();
     let mut forced = false;
+    // Domains and toolstack devices are looked for when a watch fired or something here
+    // changed, not on every tick: with hundreds of disks a scan is hundreds of requests.
+    let mut due = true;
+    let mut last_scan = Instant::now();
     while stop.load(Ordering::SeqCst) == 0 {
-        let _ = events.recv_timeout(Duration::from_millis(200));
-        while events.try_recv().is_ok() {}
-        reap(&*xs, &mut devices, &mut pending, &disks, &log, reg);
-        match reload() {
+        if events.recv_timeout(Duration::from_millis(200)).is_ok() {
+            while events.try_recv().is_ok() {}
+            due = true;
+        }
+        due |= reap(&*xs, &mut devices, &mut pending, &disks, &log, reg);
+        let reloaded = reload();
+        due |= reloaded.is_some();
+        if !due && last_scan.elapsed() < RESCAN_EVERY {
+            continue;
+        }
+        due = false;
+        last_scan = Instant::now();
+        match reloaded {
             Some(Ok(specs)) => {
                 let mut state = Served {
                     disks: &mut disks,
@@ -577,6 +594,7 @@ fn reserved_vbds(disks: &[StaticDisk], i: usize) -> Vec<Vbd> {
 }
 
 /// Joins devices that ended; a static disk whose domain is gone waits for it again.
+/// Joins the devices whose thread ended; true if there were any.
 fn reap(
     xs: &dyn Xenstore,
     devices: &mut HashMap<String, Device>,
@@ -584,12 +602,13 @@ fn reap(
     disks: &[StaticDisk],
     log: &Log,
     registry: &Registry,
-) {
+) -> bool {
     let ended: Vec<String> = devices
         .iter()
         .filter(|(_, d)| d.thread.is_finished())
         .map(|(p, _)| p.clone())
         .collect();
+    let any = !ended.is_empty();
     for path in ended {
         let Some(d) = devices.remove(&path) else {
             continue;
@@ -620,6 +639,7 @@ fn reap(
             }
         }
     }
+    any
 }
 
 /// Attaches a static disk if its domain exists: the device path and its thread. Without a

@@ -229,11 +229,19 @@ fn disks_use_id(disks: &[StaticDisk], id: u32) -> bool {
         .any(|d| matches!(d.spec.domain, DomainRef::Id(i) if i == id))
 }
 
+/// The simulated guests' watch token.
+const SIM_GUEST: &str = "sim-guest";
+
 struct SimGuest {
     domid: u32,
     xs: XsClient,
     disks: Vec<(String, SimConn)>,
     failed: Vec<String>,
+    /// Its watches fire here: its device directory and each connected backend's state.
+    events: crossbeam_channel::Receiver<crate::xen::xenstore::WatchEvent>,
+    /// A device of its own is on its way (not yet waiting for it): look again soon.
+    unsettled: bool,
+    last_look: std::time::Instant,
 }
 
 /// A simulated guest's connected disk: idle, or kept busy by a thread of its own
@@ -338,11 +346,22 @@ fn run_sim(
     // Each simulated guest connects to every disk attached to it, as blkfront would.
     let mut guests = Vec::new();
     for dom in &domains {
+        let xs = xenstored.connect(dom.domid)?.uncounted();
+        // Like blkfront, a guest learns of its disks from watches rather than by asking: an
+        // idle simulation must not cost the daemon it measures (or the machine) a core.
+        xs.watch(
+            &format!("/local/domain/{}/device/vbd", dom.domid),
+            SIM_GUEST,
+        )
+        .map_err(|e| anyhow::anyhow!("simulated guest {}: watch: {e}", dom.domid))?;
         guests.push(SimGuest {
             domid: dom.domid,
-            xs: xenstored.connect(dom.domid)?,
+            events: xs.events(),
+            xs,
             disks: Vec::new(),
             failed: Vec::new(),
+            unsettled: true,
+            last_look: std::time::Instant::now(),
         });
     }
     // The guests keep looking for new disks (the toolstack may add some), as blkfront would
@@ -354,6 +373,12 @@ fn run_sim(
             bail!("simulated guests: only {connected} of {expected} disks connected in 20 s");
         }
         for (g, dom) in guests.iter_mut().zip(&domains) {
+            let fired = g.events.try_iter().count() > 0;
+            if !fired && !g.unsettled && g.last_look.elapsed() < Duration::from_secs(10) {
+                continue;
+            }
+            g.last_look = std::time::Instant::now();
+            g.unsettled = false;
             // A backend that closes a connected disk (a detach): the guest lets go, as
             // blkfront does, so the backend can finish removing it.
             let mut i = 0;
@@ -383,6 +408,7 @@ fn run_sim(
                     continue;
                 }
                 let Ok(be) = g.xs.read(NO_TX, &format!("{fe}/backend")) else {
+                    g.unsettled = true;
                     continue;
                 };
                 let be = String::from_utf8_lossy(&be).to_string();
@@ -403,7 +429,10 @@ fn run_sim(
                         g.failed.push(fe);
                         continue;
                     }
-                    _ => continue,
+                    _ => {
+                        g.unsettled = true;
+                        continue;
+                    }
                 }
                 let first_page = g.disks.len() * GuestDisk::pages_needed(1);
                 // A disk that fails its handshake (the backend closed it meanwhile) is that
@@ -446,6 +475,8 @@ fn run_sim(
                     }
                     _ => SimConn::Idle(disk),
                 };
+                // Its backend's state changes (a detach) fire the guest's watch.
+                let _ = g.xs.watch(&format!("{be}/state"), SIM_GUEST);
                 g.disks.push((fe, conn));
                 connected += 1;
             }

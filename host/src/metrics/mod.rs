@@ -15,8 +15,9 @@ pub mod http;
 pub mod process;
 
 use crate::backend::registry::{Entry, Registry};
-use crate::backend::stats::{ATTACHES, DETACHES};
+use crate::backend::stats::{ATTACHES, DETACHES, RING_WAKEUPS};
 use crate::histogram::Histogram;
+use crate::xen::xenstore::client::REQUESTS as XENSTORE_REQUESTS;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
@@ -334,6 +335,28 @@ pub fn render(registry: &Registry) -> String {
         "xen_disk_detaches_total",
         "",
         DETACHES.load(Ordering::Relaxed),
+    );
+    Family::new(
+        &mut out,
+        "xen_disk_ring_wakeups_total",
+        "counter",
+        "Times a sleeping ring thread woke up (idle rings should not).",
+    )
+    .sample(
+        "xen_disk_ring_wakeups_total",
+        "",
+        RING_WAKEUPS.load(Ordering::Relaxed),
+    );
+    Family::new(
+        &mut out,
+        "xen_disk_xenstore_requests_total",
+        "counter",
+        "Requests this process sent to xenstored.",
+    )
+    .sample(
+        "xen_disk_xenstore_requests_total",
+        "",
+        XENSTORE_REQUESTS.load(Ordering::Relaxed),
     );
     process::render(&mut out);
     out

@@ -26,6 +26,7 @@ use super::io::IoOp;
 use super::io::{execute, status_of};
 use super::limits::{Dir, Limiter};
 pub use super::stats::QueueStats;
+use super::stats::RING_WAKEUPS;
 use super::wake::EventFdWake;
 use super::workers::{Completions, Wake, Workers};
 use crate::blkif::abi::*;
@@ -40,6 +41,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{SubmitOp, ThreadModel};
+
+/// The longest an idle ring thread sleeps: everything it waits for rings it (the guest's
+/// event channel, its doorbell), so this is only a safety net, and what an idle ring costs.
+const IDLE_SLEEP_MS: i32 = 1000;
 
 /// What the ring thread needs.
 pub struct QueueParts {
@@ -73,6 +78,10 @@ pub struct QueueParts {
     /// The disk's I/O limits (shared by its rings, changed live). Off, it costs one flag
     /// read per request.
     pub limiter: Arc<Limiter>,
+    /// The ring thread's doorbell: workers ring it with completions, and whoever sets the
+    /// queue's stop flag rings it after, so an idle ring thread sleeps until something
+    /// happens instead of waking to look.
+    pub doorbell: Arc<EventFdWake>,
 }
 
 /// Pages a ring keeps mapped with persistent grants (64 MiB of address space, no memory:
@@ -140,6 +149,7 @@ pub fn serve(
         poll,
         answer_on_completion,
         limiter,
+        doorbell: wake,
     } = parts;
     let size = ring.size() as usize;
     let evtchn: Arc<dyn EventChannel> = Arc::from(evtchn);
@@ -147,7 +157,6 @@ pub fn serve(
         size,
         BLKIF_MAX_SEGMENTS_PER_REQUEST,
     ));
-    let wake = Arc::new(EventFdWake::new().map_err(QueueError::Doorbell)?);
     let inline = runs_inline(threads, &disk);
     let (workers, mut completions) = Workers::start(
         if inline { 0 } else { threads },
@@ -252,7 +261,8 @@ impl RingThread<'_> {
             let mut guard = lock_answering(shared);
             let st = &mut *guard;
             let mut progress = self.finish_completed(st);
-            if self.stop.load(Ordering::Relaxed) {
+            let stopping = self.stop.load(Ordering::SeqCst);
+            if stopping {
                 if st.free.in_use(self.size) == 0 {
                     st.ring.push_responses();
                     return Ok(());
@@ -282,6 +292,12 @@ impl RingThread<'_> {
             }
             // Re-arm, look once more, then sleep on the guest and the workers.
             self.wake.about_to_sleep();
+            // A stop set before the bell was armed rang nobody: see it now (SeqCst on both
+            // sides: the stopper stores the flag, then looks whether to ring).
+            if !stopping && self.stop.load(Ordering::SeqCst) {
+                self.wake.awake(false);
+                continue;
+            }
             let more = !self.stop.load(Ordering::Relaxed)
                 && intake.held.is_none()
                 && matches!(st.ring.final_check(), Ok(true));
@@ -309,10 +325,10 @@ impl RingThread<'_> {
     /// Sleeps until the guest or a worker rings, `until` (a limit allows the held request)
     /// or 100 ms pass, so `stop` is noticed.
     fn sleep(&self, until: Option<Instant>) {
-        let ms = until.map_or(100, |t| {
+        let ms = until.map_or(IDLE_SLEEP_MS, |t| {
             // Rounded up: waking early would only find the request still held.
             let left = t.saturating_duration_since(Instant::now());
-            (left.as_micros().div_ceil(1000) as i32).min(100)
+            (left.as_micros().div_ceil(1000) as i32).min(IDLE_SLEEP_MS)
         });
         let mut fds = [
             libc::pollfd {
@@ -328,6 +344,7 @@ impl RingThread<'_> {
         ];
         // SAFETY: two valid pollfds.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        RING_WAKEUPS.fetch_add(1, Ordering::Relaxed);
         // Only what rang is read: each read is a system call, and a ring thread under load
         // wakes tens of thousands of times a second.
         self.wake.awake(fds[1].revents != 0);

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,11 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Pending = Arc<Mutex<HashMap<u32, Sender<Message>>>>;
 
+/// Requests this process's clients sent (the metrics' `xen_disk_xenstore_requests_total`):
+/// what the daemon asks of xenstored, which an idle dom0 should barely notice. Clients made
+/// [`XsClient::uncounted`] (simulated guests in the same process) are left out.
+pub static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
 /// A connection to xenstored.
 pub struct XsClient {
     writer: Mutex<Box<dyn Write + Send>>,
@@ -34,6 +39,8 @@ pub struct XsClient {
     shutdown: Option<UnixStream>,
     /// `/dev/xen/xenbus` wants exactly `T\0`/`F\0` to end transactions (as the socket does too).
     what: String,
+    /// Its requests count in [`REQUESTS`].
+    counted: bool,
 }
 
 impl XsClient {
@@ -137,7 +144,14 @@ impl XsClient {
             events,
             shutdown,
             what,
+            counted: true,
         }
+    }
+
+    /// This client's requests are not the daemon's: they stay out of [`REQUESTS`].
+    pub fn uncounted(mut self) -> XsClient {
+        self.counted = false;
+        self
     }
 
     fn request(
@@ -149,6 +163,9 @@ impl XsClient {
         arg: &str,
     ) -> Result<Vec<u8>, XsError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if self.counted {
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
+        }
         let (tx_reply, rx_reply) = bounded(1);
         self.pending
             .lock()

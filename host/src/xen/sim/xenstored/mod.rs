@@ -176,29 +176,49 @@ impl SimXenstored {
         let Ok(mut writer) = stream.try_clone() else {
             return;
         };
-        std::thread::spawn(move || {
-            for msg in outgoing.iter() {
-                if msg.write_to(&mut writer).is_err() {
-                    break;
+        // Named, so that a measurement of the daemon can leave the simulator's share out.
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .is_ok()
+        };
+        let writing = spawn(
+            "sim-xenstored-w",
+            Box::new(move || {
+                for msg in outgoing.iter() {
+                    if msg.write_to(&mut writer).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            }),
+        );
         let me = self.clone();
-        std::thread::spawn(move || {
-            let mut reader = stream;
-            // An oversized or truncated message ends the connection (as xenstored does).
-            while let Ok(msg) = Message::read_from(&mut reader) {
-                let answer = me.handle(id, domid, &msg);
-                if out.send(answer).is_err() {
-                    break;
-                }
-            }
-            let _ = reader.shutdown(std::net::Shutdown::Both);
-            let mut st = me.lock();
+        let reading = writing
+            && spawn(
+                "sim-xenstored-r",
+                Box::new(move || {
+                    let mut reader = stream;
+                    // An oversized or truncated message ends the connection (as xenstored
+                    // does).
+                    while let Ok(msg) = Message::read_from(&mut reader) {
+                        let answer = me.handle(id, domid, &msg);
+                        if out.send(answer).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = reader.shutdown(std::net::Shutdown::Both);
+                    let mut st = me.lock();
+                    st.conns.remove(&id);
+                    st.watches.retain(|w| w.conn != id);
+                    st.transactions.retain(|_, t| t.conn != id);
+                }),
+            );
+        if !reading {
+            // No thread to serve it: the connection is dropped, as on any other failure.
+            let mut st = self.lock();
             st.conns.remove(&id);
-            st.watches.retain(|w| w.conn != id);
-            st.transactions.retain(|_, t| t.conn != id);
-        });
+        }
     }
 
     /// Answers one request from connection `conn` acting as `domid`.
