@@ -23,6 +23,7 @@ use super::device::{run as run_device, DeviceConfig, DeviceError, DeviceStats, P
 use super::disks_config::{DiskSpec, DisksConfigError};
 use super::domains::{find_domain, XsView};
 use super::features::HostOffer;
+use super::journal::{is_held, journal_path};
 use super::limits::{IoLimits, Limiter};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
@@ -158,6 +159,9 @@ pub struct ServeOptions {
     pub answer_on_completion: bool,
     /// Where toolstack targets name descriptors (see [`super::descriptor`]).
     pub descriptors: std::path::PathBuf,
+    /// Where devices keep their journals (see [`super::journal`]); None: not journaled,
+    /// and a device found connected is set up again rather than taken over.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// A static disk, opened.
@@ -647,12 +651,26 @@ fn attach_static(
         }
     };
     let paths = device_paths(opts.backend_domid, domid, vbd);
-    if xs.read(NO_TX, &format!("{}/state", paths.frontend)).is_ok() {
-        return Err(StartError::Occupied { domid, vbd });
+    let journal = opts
+        .state_dir
+        .as_ref()
+        .map(|d| journal_path(d, domid, vbd.number()));
+    // Our own device, left connected by a backend that died: taken over, not made again.
+    let takeover = journal.as_ref().is_some_and(|j| j.exists())
+        && xs.read(NO_TX, &format!("{}/state", paths.backend)).is_ok();
+    if takeover && journal.as_deref().is_some_and(is_held) {
+        return Ok(None);
     }
-    let read_only = disk.disk.info().read_only;
-    let paths = create_device(xs, opts.backend_domid, domid, vbd, read_only)
-        .map_err(|source| StartError::Create { domid, source })?;
+    let paths = if takeover {
+        paths
+    } else {
+        if xs.read(NO_TX, &format!("{}/state", paths.frontend)).is_ok() {
+            return Err(StartError::Occupied { domid, vbd });
+        }
+        let read_only = disk.disk.info().read_only;
+        create_device(xs, opts.backend_domid, domid, vbd, read_only)
+            .map_err(|source| StartError::Create { domid, source })?
+    };
     let mut offer = opts.offer;
     if let Some(q) = disk.spec.queues {
         offer.max_queues = offer.max_queues.min(q.max(1));
@@ -669,6 +687,7 @@ fn attach_static(
             .spec
             .answer_on_completion
             .unwrap_or(opts.answer_on_completion),
+        journal,
     };
     let dev = spawn(
         connect,
@@ -753,6 +772,15 @@ fn start_toolstack(
             });
         }
     }
+    let journal = opts
+        .state_dir
+        .as_ref()
+        .map(|d| journal_path(d, domid, devid));
+    // A backend still holds the device (an old process finishing its upgrade hand-over, or
+    // a second serve): look again later.
+    if journal.as_deref().is_some_and(is_held) {
+        return Ok(None);
+    }
     // The plugin comes from `params` or an administrator's descriptor, never from the
     // image's contents.
     let spec = resolve(&params, &opts.descriptors)?;
@@ -774,6 +802,7 @@ fn start_toolstack(
         remove_entries: false,
         poll: opts.poll,
         answer_on_completion: opts.answer_on_completion,
+        journal,
     };
     spawn(
         connect,
