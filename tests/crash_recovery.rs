@@ -70,14 +70,14 @@ impl Map {
     }
 }
 
-/// Writes random ranges (1 to 48 blocks: up to 3 MiB, several requests in flight) and reads
-/// random ranges back, until told to stop; each acknowledged write is recorded in the map.
+/// Writes random ranges (1 to 48 blocks: up to 3 MiB, several requests in flight), reads
+/// random ranges back and sometimes flushes, until told to stop; each acknowledged write is recorded in the map.
 fn guest_io(
     mut disk: GuestDisk,
     stop: Arc<AtomicBool>,
     ops: Arc<AtomicU64>,
     seed: u64,
-    flush: bool,
+    verify_reads: bool,
 ) -> Result<(GuestDisk, Map), String> {
     let mut map = Map::default();
     let mut gen = 0u64;
@@ -90,6 +90,13 @@ fn guest_io(
     };
     let blocks = DISK / BLOCK;
     while !stop.load(Ordering::Relaxed) {
+        // Some flushes: qcow2 and cow write their metadata back then, so kills land in
+        // the middle of that too.
+        if rand(6) == 0 {
+            disk.flush().map_err(|e| format!("flush: {e}"))?;
+            ops.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         let n = 1 + rand(48);
         let first = rand(blocks - n + 1);
         let mut buf = vec![0u8; (n * BLOCK) as usize];
@@ -100,16 +107,15 @@ fn guest_io(
             }
             disk.write(first * BLOCK, &buf)
                 .map_err(|e| format!("write of blocks {first}+{n}: {e}"))?;
-            if flush {
-                disk.flush().map_err(|e| format!("flush: {e}"))?;
-            }
             for (i, chunk) in buf.chunks(BLOCK as usize).enumerate() {
                 map.blocks.insert(first + i as u64, (gen, checksum(chunk)));
             }
         } else {
             disk.read(first * BLOCK, &mut buf)
                 .map_err(|e| format!("read of blocks {first}+{n}: {e}"))?;
-            verify(&map, first, &buf)?;
+            if verify_reads {
+                verify(&map, first, &buf)?;
+            }
         }
         ops.fetch_add(1, Ordering::Relaxed);
     }
@@ -255,6 +261,7 @@ impl Host {
 #[derive(Default, Debug)]
 struct Checks {
     runs: usize,
+    /// At the last check (they add up: each kill can leave a few more).
     leaked_clusters: u64,
 }
 
@@ -277,20 +284,26 @@ fn qemu_img_check(image: &Path, checks: &mut Checks, log: &dyn Fn() -> String) {
         ),
     }
     checks.runs += 1;
-    if text.contains("\"leaks\"") {
-        checks.leaked_clusters += json_number(&text, "leaks") as u64;
+    // Pretty JSON: `"leaks": N,` when there are any.
+    if let Some(at) = text.find("\"leaks\":") {
+        let n = text[at + 8..].split([',', '\n', '}']).next().unwrap_or("");
+        checks.leaked_clusters += n
+            .trim()
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("leaks in {text}"));
     }
 }
 
 /// The whole run: attach, then `kills` times: let the guest make progress, kill serve at a
 /// random moment, check the image, start serve again; prints the pauses the guest saw.
-/// `flush`: the guest counts a write as done only after a flush (see the qcow2 test).
+/// `check_data`: the guest checks what it reads (off where the plugin is known to lose
+/// acknowledged writes with its process: the run then proves the rest).
 fn run(
     tag: &str,
     params: &dyn Fn(&Path) -> String,
     qcow2: Option<&dyn Fn(&Path) -> PathBuf>,
     kills: usize,
-    flush: bool,
+    check_data: bool,
 ) {
     let mut host = Host::new(tag);
     std::fs::create_dir_all(host.dir.join("desc")).unwrap();
@@ -302,7 +315,7 @@ fn run(
     let ops = Arc::new(AtomicU64::new(0));
     let guest = {
         let (stop, ops) = (stop.clone(), ops.clone());
-        std::thread::spawn(move || guest_io(disk, stop, ops, 23, flush))
+        std::thread::spawn(move || guest_io(disk, stop, ops, 23, check_data))
     };
     let mut checks = Checks::default();
     let mut pauses = Vec::new();
@@ -360,7 +373,9 @@ fn run(
         .unwrap_or_else(|e| panic!("the guest saw: {e}\n{}", host.log()));
     let mut buf = vec![0u8; DISK as usize];
     disk.read(0, &mut buf).unwrap();
-    verify(&map, 0, &buf).unwrap_or_else(|e| panic!("{e}\n{}", host.log()));
+    if check_data {
+        verify(&map, 0, &buf).unwrap_or_else(|e| panic!("{e}\n{}", host.log()));
+    }
     let log = host.log();
     let takeovers = log.matches(TAKEN_OVER).count();
     assert_eq!(takeovers, kills, "each restart took the disk over\n{log}");
@@ -368,7 +383,7 @@ fn run(
     pauses.sort();
     let ms = |d: &Duration| d.as_secs_f64() * 1e3;
     println!(
-        "{tag}: {kills} kills, {} guest operations, {} blocks written; pause the guest saw: median {:.0} ms, max {:.0} ms; qemu-img checks {} (leaked clusters {})",
+        "{tag}: {kills} kills, {} guest operations, {} blocks written; pause the guest saw: median {:.0} ms, max {:.0} ms; qemu-img checks {} (leaked clusters at the end {})",
         ops.load(Ordering::Relaxed),
         map.blocks.len(),
         pauses.get(pauses.len() / 2).map_or(0.0, ms),
@@ -408,70 +423,104 @@ fn a_raw_file_disk_survives_kill_9_of_serve_at_random_moments() {
         },
         None,
         kills(100),
+        true,
+    );
+}
+
+/// qcow2: the image stays consistent after every kill (`qemu-img check`: no corruption;
+/// leaked clusters are counted and allowed: allocated, never referenced, harmless), and the
+/// guest sees no error and no stray response. What it reads is not checked here: see the
+/// ignored test below.
+#[test]
+fn a_qcow2_disk_survives_kill_9_and_qemu_img_check_finds_no_corruption() {
+    run(
+        "crash-qcow2",
+        &qcow2_params,
+        Some(&qcow2_image),
+        kills(40),
         false,
     );
 }
 
 /// Not yet true, hence ignored (run it with `--ignored`): qcow2 keeps its metadata (L2
 /// tables, refcounts) in memory until a flush, so a write that allocated a cluster and was
-/// acknowledged is lost with the process; the guest reads the old bytes after the takeover.
-/// Even a guest that flushes after each write loses one when the kill lands between the
-/// write's answer and the flush's end: the replayed flush runs in a process that never saw
-/// the metadata. The plugin must write metadata to its file (not sync it) before answering.
+/// acknowledged is lost with the process: the guest reads the old bytes after the takeover.
+/// A flush does not close the gap: the kill can land between a write's answer and the end
+/// of the flush after it, and the replayed flush runs in a process that never saw the
+/// metadata. The plugin must put its metadata where the process's death cannot take it.
 #[test]
 #[ignore = "qcow2 loses acknowledged writes with its process (metadata cached until flush)"]
-fn a_qcow2_disk_survives_kill_9_and_qemu_img_check_finds_no_corruption() {
+fn a_qcow2_disk_keeps_every_acknowledged_write_across_kill_9() {
     run(
-        "crash-qcow2",
-        &|dir| {
-            let img = dir.join("disk.qcow2");
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                img.to_str().unwrap(),
-                &DISK.to_string(),
-            ]);
-            format!("qcow2:{}", img.display())
-        },
-        Some(&|dir| dir.join("disk.qcow2")),
+        "crash-qcow2-data",
+        &qcow2_params,
+        Some(&qcow2_image),
         kills(40),
-        false,
+        true,
     );
 }
 
-/// Not yet true, as for qcow2 above: the cow overlay's bitmap is written back at flush.
+/// cow over a qcow2 base: every restart reopens the overlay file (which refuses a damaged
+/// one), the base is never written and stays clean, no error and no stray response.
+#[test]
+fn a_cow_overlay_over_qcow2_survives_kill_9_and_reopens_clean_every_time() {
+    run("crash-cow", &cow_params, Some(&cow_base), kills(40), false);
+}
+
+/// Not yet true, as for qcow2: the cow overlay's bitmap reaches its file only at a flush.
 #[test]
 #[ignore = "cow loses acknowledged writes with its process (bitmap cached until flush)"]
-fn a_cow_overlay_over_qcow2_survives_kill_9_and_reopens_clean_every_time() {
+fn a_cow_overlay_keeps_every_acknowledged_write_across_kill_9() {
     run(
-        "crash-cow",
-        &|dir| {
-            let base = dir.join("base.qcow2");
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                base.to_str().unwrap(),
-                &DISK.to_string(),
-            ]);
-            let desc = dir.join("desc").join("cow.toml");
-            std::fs::write(
-                &desc,
-                format!(
-                    "plugin = \"cow\"\n[plugin-config]\noverlay = \"{}\"\n[plugin-config.base]\nplugin = \"qcow2\"\npath = \"{}\"\n",
-                    dir.join("overlay.cow").display(),
-                    base.display()
-                ),
-            )
-            .unwrap();
-            format!("aio:{}", desc.display())
-        },
-        // The base is never written: it must stay exactly as clean as it was made.
-        Some(&|dir| dir.join("base.qcow2")),
+        "crash-cow-data",
+        &cow_params,
+        Some(&cow_base),
         kills(40),
-        false,
+        true,
     );
+}
+
+fn qcow2_image(dir: &Path) -> PathBuf {
+    dir.join("disk.qcow2")
+}
+
+fn qcow2_params(dir: &Path) -> String {
+    let img = qcow2_image(dir);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    format!("qcow2:{}", img.display())
+}
+
+/// The base is never written: it must stay exactly as clean as it was made.
+fn cow_base(dir: &Path) -> PathBuf {
+    dir.join("base.qcow2")
+}
+
+fn cow_params(dir: &Path) -> String {
+    let base = cow_base(dir);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        &DISK.to_string(),
+    ]);
+    let desc = dir.join("desc").join("cow.toml");
+    std::fs::write(
+        &desc,
+        format!(
+            "plugin = \"cow\"\n[plugin-config]\noverlay = \"{}\"\n[plugin-config.base]\nplugin = \"qcow2\"\npath = \"{}\"\n",
+            dir.join("overlay.cow").display(),
+            base.display()
+        ),
+    )
+    .unwrap();
+    format!("aio:{}", desc.display())
 }
