@@ -204,6 +204,43 @@ impl Host {
         c.wait().unwrap();
     }
 
+    /// SIGTERM: serve must hand over (drain, leave the disk connected) and exit 0.
+    fn term_serve(&mut self) {
+        let mut c = self.serve.take().expect("serve running");
+        // SAFETY: signals our own child, which has not been reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let status = c.wait().unwrap();
+        assert!(
+            status.success(),
+            "serve after SIGTERM: {status}\n{}",
+            self.log()
+        );
+        let log = self.log();
+        assert!(log.ends_with("handed over\n"), "{log}");
+        assert!(
+            self.dir.join("state/vbd3-1-51712.journal").exists(),
+            "the journal stays for the next serve"
+        );
+    }
+
+    /// `ctl upgrade`: the same process starts its binary again (the `n`th time).
+    fn upgrade_serve(&mut self, n: usize) {
+        let out = host(&[
+            "ctl",
+            "--socket",
+            self.dir.join("ctl.sock").to_str().unwrap(),
+            "upgrade",
+        ]);
+        assert!(out.status.success(), "ctl upgrade: {}", stderr(&out));
+        let asked = Instant::now();
+        while self.log().matches("upgrade: starting").count() < n {
+            assert!(asked.elapsed() < Duration::from_secs(60), "{}", self.log());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let c = self.serve.as_mut().expect("serve running");
+        assert!(c.try_wait().unwrap().is_none(), "the same process goes on");
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
     }
@@ -257,6 +294,18 @@ impl Host {
     }
 }
 
+/// How serve goes away under the guest.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum How {
+    /// SIGKILL, then a new serve.
+    Kill,
+    /// SIGTERM (systemctl stop/restart): serve hands the disk over and exits 0; a new
+    /// serve takes it.
+    Term,
+    /// `ctl upgrade`: serve hands over and starts its binary again in the same process.
+    Upgrade,
+}
+
 /// What the image check after each kill found.
 #[derive(Default, Debug)]
 struct Checks {
@@ -305,6 +354,17 @@ fn run(
     kills: usize,
     check_data: bool,
 ) {
+    run_with(tag, params, qcow2, kills, check_data, How::Kill)
+}
+
+fn run_with(
+    tag: &str,
+    params: &dyn Fn(&Path) -> String,
+    qcow2: Option<&dyn Fn(&Path) -> PathBuf>,
+    kills: usize,
+    check_data: bool,
+    how: How,
+) {
     let mut host = Host::new(tag);
     std::fs::create_dir_all(host.dir.join("desc")).unwrap();
     let params = params(&host.dir.0);
@@ -352,14 +412,20 @@ fn run(
         x ^= x >> 7;
         x ^= x << 17;
         std::thread::sleep(Duration::from_micros(x % 40_000));
-        host.kill_serve();
+        match how {
+            How::Kill => host.kill_serve(),
+            How::Term => host.term_serve(),
+            How::Upgrade => host.upgrade_serve(i + 1),
+        }
         // The guest's side never moves: the disk stays Connected while nobody serves it.
         assert_eq!(host.state(FE), b"4");
         assert_eq!(host.state(BE), b"4");
         if let Some(image) = qcow2 {
             qemu_img_check(&image(&host.dir.0), &mut checks, &|| host.log());
         }
-        host.start_serve();
+        if how != How::Upgrade {
+            host.start_serve();
+        }
     }
     // One more round of progress, then the guest stops and reads everything back.
     let before = ops.load(Ordering::Relaxed);
@@ -523,4 +589,39 @@ fn cow_params(dir: &Path) -> String {
     )
     .unwrap();
     format!("aio:{}", desc.display())
+}
+
+/// `systemctl stop` / `restart` (SIGTERM): serve drains, leaves the disk Connected (no
+/// state change the guest could see) and its journal, and exits 0; the next serve takes
+/// the disk over. Every write still reads back.
+#[test]
+fn sigterm_hands_the_disk_over_to_the_next_serve_without_a_state_change() {
+    run_with(
+        "handover-term",
+        &raw_params,
+        None,
+        kills(10),
+        true,
+        How::Term,
+    );
+}
+
+/// `ctl upgrade`: the running serve hands over and starts its binary again in the same
+/// process (same pid: systemd sees the service go on), which takes the disk over.
+#[test]
+fn ctl_upgrade_starts_the_binary_again_in_place_and_it_takes_the_disk_over() {
+    run_with(
+        "handover-upgrade",
+        &raw_params,
+        None,
+        kills(10),
+        true,
+        How::Upgrade,
+    );
+}
+
+fn raw_params(dir: &Path) -> String {
+    let img = dir.join("disk.img");
+    File::create(&img).unwrap().set_len(DISK).unwrap();
+    format!("file:{}", img.display())
 }

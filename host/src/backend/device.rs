@@ -187,6 +187,10 @@ pub struct DeviceStats {
     pub swaps: AtomicU64,
     /// Their pauses, added up, in nanoseconds.
     pub swap_pause_ns: AtomicU64,
+    /// Set to end the device without a word to the guest (an upgrade's hand-over): its
+    /// rings drain, its state and entries stay as they are, its journal stays for the
+    /// next serve, which takes the device over.
+    pub hand_over: AtomicBool,
 }
 
 impl DeviceStats {
@@ -287,9 +291,14 @@ pub fn run(
     let mut seen_frontend = false;
     // The size the guest was last told (resize and plugin swaps change the disk's).
     let mut published = disk.size();
+    let mut handed_over = false;
     let result = loop {
         let _ = events.recv_timeout(Duration::from_millis(100));
         stats.state.store(ours as u8, Ordering::Relaxed);
+        if stats.hand_over.load(Ordering::Relaxed) {
+            handed_over = true;
+            break Ok(());
+        }
         if ours == XenbusState::Connected {
             resize_if_changed(xs, be, &disk, &mut published)?;
         }
@@ -365,6 +374,18 @@ pub fn run(
             Action::Remove => break Ok(()),
         }
     };
+    if handed_over {
+        // Drained: every request taken is answered, or stays in the journal to be served
+        // again by the next serve (one held behind a barrier or a limit).
+        if let Some(r) = running.take() {
+            r.shut();
+        }
+        drop(journal.take());
+        let _ = xs.unwatch(be, &token);
+        let _ = xs.unwatch(&format!("{fe}/state"), &token);
+        tracing::info!("handed over: left connected for the next serve");
+        return Ok(());
+    }
     if let Some(r) = running.take() {
         r.shut();
         DETACHES.fetch_add(1, Ordering::Relaxed);
@@ -681,6 +702,9 @@ fn journal_rings(
             p.ring
                 .journal(Box::new(log), Some(req_cons))
                 .map_err(|e| ConnectError::Takeover(format!("queue {i}: {e}")))?;
+            // The dead backend may have published answers and died before notifying: a
+            // spurious notification costs the guest one look at its ring.
+            let _ = p.evtchn.notify();
             tracing::info!(
                 queue = i,
                 req_prod,

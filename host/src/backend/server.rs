@@ -14,8 +14,10 @@
 //!   as blkback's xenbus_dev_fatal does. Their entries belong to the toolstack and are left
 //!   for it to remove.
 //!
-//! Stopping (SIGTERM) asks every device to close (Closing, wait for the guest to let go);
-//! forcing (a second signal) writes Closed into the guests' states so nothing waits.
+//! Stopping asks every device to close (Closing, wait for the guest to let go); forcing (a
+//! second signal) writes Closed into the guests' states so nothing waits. Handing over
+//! (SIGTERM or `ctl upgrade` with journals, [`Hooks::handover`]) instead drains every ring
+//! and returns with the guests still connected, for the next serve to take over.
 
 use super::attach::{create_device, device_paths, BACKEND_TYPE};
 use super::descriptor::{resolve, DescriptorError};
@@ -244,6 +246,8 @@ pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
 struct Device {
     stop: Arc<AtomicBool>,
+    /// Its counters and hand-over flag.
+    stats: Arc<DeviceStats>,
     thread: JoinHandle<Result<(), DeviceError>>,
     frontend: String,
     /// The static disk's key, or None for a toolstack device.
@@ -263,6 +267,10 @@ pub struct Hooks<'a> {
     pub registry: Arc<Registry>,
     /// Polled each round: a new configuration after SIGHUP, or None.
     pub reload: &'a dyn Fn() -> Option<Result<Vec<DiskSpec>, DisksConfigError>>,
+    /// Set to hand every device over instead of closing it (an upgrade): serve drains
+    /// their rings and returns with the guests still connected, for the next serve to
+    /// take over (see [`super::journal`]).
+    pub handover: &'a AtomicBool,
 }
 
 /// Serves until `stop` is at least 1; at 2, forces guests' sides closed.
@@ -278,6 +286,7 @@ pub fn serve(
         log,
         registry,
         reload,
+        handover,
     } = hooks;
     let reg = &registry;
     let mut disks = disks;
@@ -304,7 +313,7 @@ pub fn serve(
     // Toolstack devices that failed to open: not retried until their directory goes away.
     let mut failed: HashSet<String> = HashSet::new();
     let mut forced = false;
-    while stop.load(Ordering::SeqCst) == 0 {
+    while stop.load(Ordering::SeqCst) == 0 && !handover.load(Ordering::SeqCst) {
         let _ = events.recv_timeout(Duration::from_millis(200));
         while events.try_recv().is_ok() {}
         reap(&*xs, &mut devices, &mut pending, &disks, &log, reg);
@@ -368,6 +377,26 @@ pub fn serve(
                 }
             }
         }
+    }
+    if handover.load(Ordering::SeqCst) && stop.load(Ordering::SeqCst) == 0 {
+        log(&format!(
+            "handing {} device(s) over: draining, leaving the guests connected",
+            devices.len()
+        ));
+        for d in devices.values() {
+            d.stats.hand_over.store(true, Ordering::SeqCst);
+        }
+        for (path, d) in devices.drain() {
+            registry.remove(&d.id);
+            // One not connected yet is left as it is too: the next serve sets it up.
+            match d.thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log(&format!("{path}: {e}")),
+                Err(_) => log(&format!("{path}: device thread panicked")),
+            }
+        }
+        log("handed over");
+        return Ok(());
     }
     log(&format!("stopping: closing {} device(s)", devices.len()));
     for d in devices.values() {
@@ -830,6 +859,7 @@ fn spawn(
     let dev_xs = connect().map_err(StartError::Connect)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::with_limiter(limiter));
+    let stats_for_server = stats.clone();
     let (s, p, st) = (stop.clone(), platform.clone(), stats.clone());
     let (frontend, guest) = (cfg.frontend_path.clone(), cfg.frontend_domid);
     let entry = Entry::for_device(xs, guest, vbd, layers, disk.clone(), stats, stop.clone());
@@ -841,6 +871,7 @@ fn spawn(
     registry.add(entry);
     Ok(Device {
         stop,
+        stats: stats_for_server,
         thread,
         frontend,
         static_key,

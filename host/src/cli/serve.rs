@@ -28,7 +28,7 @@ use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,10 +147,22 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     };
     catch_signals();
     catch_hangups();
+    // With journals, SIGTERM (systemctl stop and restart) hands the disks over rather than
+    // closing them; SIGINT still closes them.
+    // (Not with --sim: its guests live in this process and end with it.)
+    let journaled = opts.state_dir.is_some() && !args.sim;
+    if journaled {
+        catch_handover();
+        registry.upgrade.allowed.store(true, Ordering::SeqCst);
+    }
     let stop = Arc::new(AtomicUsize::new(0));
-    let s = stop.clone();
+    let handover = Arc::new(AtomicBool::new(false));
+    let (s, h, r) = (stop.clone(), handover.clone(), registry.clone());
     std::thread::spawn(move || loop {
         s.store(signals(), Ordering::SeqCst);
+        if HANDOVER.load(Ordering::SeqCst) || r.upgrade.requested.load(Ordering::SeqCst) {
+            h.store(true, Ordering::SeqCst);
+        }
         std::thread::sleep(Duration::from_millis(50));
     });
     if args.sim {
@@ -178,12 +190,55 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     let reload = reloader(args.config.clone());
     let hooks = Hooks {
         log,
-        registry,
+        registry: registry.clone(),
         reload: &reload,
+        handover: &handover,
     };
     serve(connect, platform, opts, disks, &stop, hooks).map_err(anyhow::Error::msg)?;
-    println!("stopped");
+    if registry.upgrade.requested.load(Ordering::SeqCst) {
+        drop(_control);
+        return Err(exec_self());
+    }
+    if !handover.load(Ordering::SeqCst) {
+        println!("stopped");
+    }
     Ok(0)
+}
+
+static HANDOVER: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_handover(_: libc::c_int) {
+    HANDOVER.store(true, Ordering::SeqCst);
+}
+
+/// SIGTERM asks for a hand-over (see [`Hooks::handover`]).
+fn catch_handover() {
+    // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_handover as *const () as libc::sighandler_t,
+        )
+    };
+}
+
+/// `ctl upgrade`'s second half: the binary at this process's path (a new build, if one was
+/// installed there) replaces this one, with the same arguments and process id (systemd
+/// sees the same service), and takes the disks over. Returns only on failure.
+fn exec_self() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::fs::read_link("/proc/self/exe") {
+        Ok(p) => p,
+        Err(e) => return anyhow::anyhow!("upgrade: /proc/self/exe: {e}"),
+    };
+    // A binary replaced on disk shows as "<path> (deleted)": the new one is at <path>.
+    let path = exe.to_string_lossy();
+    let path = PathBuf::from(path.strip_suffix(" (deleted)").unwrap_or(&path));
+    println!("upgrade: starting {}", path.display());
+    let err = std::process::Command::new(&path)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::anyhow!("upgrade: starting {}: {err}", path.display())
 }
 
 /// Where journals go: `--state-dir`, else /run/xen-disk (not with `--sim`, whose guests
@@ -370,10 +425,12 @@ fn run_sim(
     let config = args.config.clone();
     let server = std::thread::spawn(move || {
         let reload = reloader(config);
+        let never = AtomicBool::new(false);
         let hooks = Hooks {
             log,
             registry,
             reload: &reload,
+            handover: &never,
         };
         serve(connect, platform, opts, disks, &ss, hooks)
     });

@@ -254,7 +254,11 @@ impl RingThread<'_> {
             let mut progress = self.finish_completed(st);
             if self.stop.load(Ordering::Relaxed) {
                 if st.free.in_use(self.size) == 0 {
-                    st.ring.push_responses();
+                    // The last answers too: a guest whose backend is handed over would
+                    // otherwise wait for a notification nobody sends.
+                    if st.ring.push_responses() {
+                        let _ = self.evtchn.notify();
+                    }
                     return Ok(());
                 }
             } else {
