@@ -26,8 +26,8 @@ use xen_disk_host::xen::xenstore::{transaction, Access, Perm, Xenstore, NO_TX};
 
 const DISK: u64 = 32 << 20;
 const BLOCK: u64 = 64 << 10;
-const BE: &str = "/local/domain/0/backend/vbd3/1/51712";
-const FE: &str = "/local/domain/1/device/vbd/51712";
+const BE: &str = "/local/domain/0/backend/vbd3/1/51728";
+const FE: &str = "/local/domain/1/device/vbd/51728";
 /// What serve logs when it took a connected disk over.
 const TAKEN_OVER: &str = "taken over: the guest stays connected";
 
@@ -142,6 +142,8 @@ struct Host {
     domain: Arc<SimDomain>,
     serve: Option<Child>,
     starts: usize,
+    /// serve's `--config`, when the disk is a static one.
+    config: Option<PathBuf>,
 }
 
 impl Drop for Host {
@@ -168,6 +170,7 @@ impl Host {
             domain,
             serve: None,
             starts: 0,
+            config: None,
         }
     }
 
@@ -178,8 +181,12 @@ impl Host {
             .append(true)
             .open(self.dir.join("serve.log"))
             .unwrap();
-        let child = Command::new(target_dir().join("xen-disk-host"))
-            .args(["serve", "--queues", "2", "--workers", "2"])
+        let mut cmd = Command::new(target_dir().join("xen-disk-host"));
+        cmd.args(["serve", "--queues", "2", "--workers", "2"]);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
             .arg("--sim-guests")
             .arg(&self.dir.0)
             .arg("--state-dir")
@@ -218,7 +225,7 @@ impl Host {
         let log = self.log();
         assert!(log.ends_with("handed over\n"), "{log}");
         assert!(
-            self.dir.join("state/vbd3-1-51712.journal").exists(),
+            self.dir.join("state/vbd3-1-51728.journal").exists(),
             "the journal stays for the next serve"
         );
     }
@@ -268,7 +275,7 @@ impl Host {
                 ("backend", BE),
                 ("backend-id", "0"),
                 ("state", "1"),
-                ("virtual-device", "51712"),
+                ("virtual-device", "51728"),
             ] {
                 xs.write(tx, &format!("{FE}/{k}"), v.as_bytes())?;
             }
@@ -354,7 +361,7 @@ fn run(
     kills: usize,
     check_data: bool,
 ) {
-    run_with(tag, params, qcow2, kills, check_data, How::Kill)
+    run_with(tag, params, qcow2, kills, check_data, How::Kill, false)
 }
 
 fn run_with(
@@ -364,11 +371,24 @@ fn run_with(
     kills: usize,
     check_data: bool,
     how: How,
+    static_disk: bool,
 ) {
     let mut host = Host::new(tag);
     std::fs::create_dir_all(host.dir.join("desc")).unwrap();
     let params = params(&host.dir.0);
-    host.add_device(&params);
+    if static_disk {
+        // disks.toml's disk for domain alpha, no vbd: serve picks xvdb (xvda is left for a root disk), the device's paths.
+        let path = params.strip_prefix("file:").expect("a file disk");
+        let config = host.dir.join("disks.toml");
+        std::fs::write(
+            &config,
+            format!("[[disk]]\ndomain = \"alpha\"\nplugin = \"file\"\n[disk.plugin-config]\npath = \"{path}\"\n"),
+        )
+        .unwrap();
+        host.config = Some(config);
+    } else {
+        host.add_device(&params);
+    }
     host.start_serve();
     let disk = host.attach_guest();
     let stop = Arc::new(AtomicBool::new(false));
@@ -603,6 +623,7 @@ fn sigterm_hands_the_disk_over_to_the_next_serve_without_a_state_change() {
         kills(10),
         true,
         How::Term,
+        false,
     );
 }
 
@@ -617,6 +638,7 @@ fn ctl_upgrade_starts_the_binary_again_in_place_and_it_takes_the_disk_over() {
         kills(10),
         true,
         How::Upgrade,
+        false,
     );
 }
 
@@ -624,4 +646,19 @@ fn raw_params(dir: &Path) -> String {
     let img = dir.join("disk.img");
     File::create(&img).unwrap().set_len(DISK).unwrap();
     format!("file:{}", img.display())
+}
+
+/// A disk from disks.toml that names no vbd: the new serve finds the device the dead one
+/// made for it (its journal, no toolstack `params`) instead of attaching a second one.
+#[test]
+fn a_static_disk_without_a_vbd_is_taken_over_too() {
+    run_with(
+        "crash-static",
+        &raw_params,
+        None,
+        kills(10),
+        true,
+        How::Kill,
+        true,
+    );
 }

@@ -334,9 +334,17 @@ pub fn serve(
             let Some(i) = disks.iter().position(|d| d.key == key) else {
                 return false;
             };
-            let reserved = reserved_vbds(&disks, i);
+            let others = Others {
+                reserved: reserved_vbds(&disks, i),
+                sole_unnamed: disks[i].spec.vbd.is_none()
+                    && disks
+                        .iter()
+                        .filter(|d| d.spec.domain == disks[i].spec.domain && d.spec.vbd.is_none())
+                        .count()
+                        == 1,
+            };
             let disk = &mut disks[i];
-            match attach_static(&*xs, &connect, &platform, &opts, disk, &reserved, reg) {
+            match attach_static(&*xs, &connect, &platform, &opts, disk, &others, reg) {
                 Ok(Some((path, dev))) => {
                     log(&format!(
                         "disk {}: {} attached to domain {} as {} ({path})",
@@ -599,6 +607,15 @@ fn swap_static(served: &mut Served<'_>, key: u64, spec: DiskSpec, log: &Log, reg
     }
 }
 
+/// What the other static disks of a disk's domain leave it.
+struct Others {
+    /// The vbds they are configured at: not free for it.
+    reserved: Vec<Vbd>,
+    /// It names no vbd, and no other disk of its domain leaves its vbd unnamed either: a
+    /// device of that domain left connected by a dead serve can only be it.
+    sole_unnamed: bool,
+}
+
 /// The vbds other static disks of disk `i`'s domain are configured at: not free for it.
 fn reserved_vbds(disks: &[StaticDisk], i: usize) -> Vec<Vbd> {
     disks
@@ -663,14 +680,21 @@ fn attach_static(
     platform: &Platform,
     opts: &ServeOptions,
     disk: &mut StaticDisk,
-    reserved: &[Vbd],
+    others: &Others,
     registry: &Registry,
 ) -> Result<Option<(String, Device)>, StartError> {
     let Ok(domid) = find_domain(&XsView(xs), &disk.spec.domain) else {
         return Ok(None);
     };
+    let reserved = &others.reserved;
+    let left = match (&opts.state_dir, others.sole_unnamed) {
+        (Some(dir), true) => left_connected(xs, opts.backend_domid, dir, domid, reserved),
+        _ => Vec::new(),
+    };
     let vbd = match disk.spec.vbd {
         Some(v) => v,
+        // A dead serve left this disk connected under the vbd it had picked.
+        None if left.len() == 1 => left[0],
         None => {
             let mut used = xs
                 .directory(NO_TX, &format!("/local/domain/{domid}/device/vbd"))
@@ -728,6 +752,29 @@ fn attach_static(
     )?;
     disk.attached = Some(vbd);
     Ok(Some((paths.backend, dev)))
+}
+
+/// The vbds of `domid` that a dead serve left connected for a static disk: its backend
+/// directory (without the `params` of a toolstack's device) is there, and so is its
+/// journal, in `dir`.
+fn left_connected(
+    xs: &dyn Xenstore,
+    backend_domid: u32,
+    dir: &std::path::Path,
+    domid: u32,
+    reserved: &[Vbd],
+) -> Vec<Vbd> {
+    let base = format!("/local/domain/{backend_domid}/backend/{BACKEND_TYPE}/{domid}");
+    xs.directory(NO_TX, &base)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .filter(|&devid| journal_path(dir, domid, devid).exists())
+        // Not a toolstack's device (those carry `params`): one serve made for a disk.
+        .filter(|devid| xs.read(NO_TX, &format!("{base}/{devid}/params")).is_err())
+        .filter_map(Vbd::from_number)
+        .filter(|v| !reserved.contains(v))
+        .collect()
 }
 
 /// Every `<domid>/<devid>` directory under the toolstack's backend directory.
