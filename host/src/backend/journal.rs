@@ -29,7 +29,8 @@
 //!  queue    0 ring entries   4 protocol   8 event channel   12 ring pages   16 req_cons
 //!           32 ring refs [16]                                             (128 bytes)
 //!  record   0 state (0 free, 1 taken, 2 answering)   4 ring index taken from
-//!           8 response index   16 the request's entry (112 bytes)         (128 bytes each)
+//!           8 response index   16 the request's entry (112 bytes)   (128 bytes each, two
+//!           per ring entry)
 //! ```
 //!
 //! Everything read back is checked: a journal is a file anyone with access to the state
@@ -176,8 +177,15 @@ impl Mapping {
     }
 }
 
+/// Records per ring: twice its entries. A ring has at most `entries` requests taken and
+/// not answered, and at most `entries` answered and not yet published (the ring thread
+/// takes new requests between queueing answers and publishing them), each holding a record.
+fn records(entries: u32) -> u32 {
+    2 * entries
+}
+
 fn section_len(entries: u32) -> usize {
-    QUEUE_HEADER + entries as usize * RECORD
+    QUEUE_HEADER + records(entries) as usize * RECORD
 }
 
 fn protocol_code(p: Protocol) -> u32 {
@@ -500,7 +508,7 @@ impl RingJournal {
             map,
             at,
             entries,
-            free: (0..entries as u16).rev().collect(),
+            free: (0..records(entries) as u16).rev().collect(),
             by_id: HashMap::with_capacity(entries as usize),
             shared_ids: Vec::new(),
             unpushed: Vec::with_capacity(entries as usize),
@@ -544,7 +552,7 @@ impl RingJournal {
             ));
         }
         let mut again = Vec::new();
-        for r in 0..n as u16 {
+        for r in 0..records(n) as u16 {
             let at = self.record(r);
             let (state, pos, answer) =
                 (self.map.get(at), self.map.get(at + 4), self.map.get(at + 8));

@@ -415,3 +415,38 @@ fn random_bytes_never_panic() {
         }
     }
 }
+
+/// A hostile frontend publishes requests over the slots of answers not yet published: the
+/// ring accepts them (its room counts queued answers), so a ring can hold a whole ring of
+/// requests taken and another of answers waiting: both are journaled, and a takeover of
+/// such a ring is refused with a clear error rather than a panic.
+#[test]
+fn a_hostile_frontend_overlapping_unpublished_answers_is_journaled_and_refused_cleanly() {
+    let d = dir("hostile-full");
+    let path = d.join("j");
+    let mut mem = Pages::new();
+    let mut guest = Guest::new(&mut mem, 0);
+    let mut rng = Rng::new(5);
+    {
+        let (mut ring, _journal) = backend(&mut mem, &path, false).unwrap();
+        let mut served = Served { taken: Vec::new() };
+        guest.submit(32);
+        served.take(&mut ring, 32);
+        served.answer(&mut ring, &mut rng, 32);
+        // 32 more "requests" over the queued answers, before they are published.
+        let req_prod = mem.ptr().wrapping_add(crate::blkif::abi::header::REQ_PROD);
+        // SAFETY: the shared index field of our own ring page.
+        unsafe {
+            (*(req_prod as *const std::sync::atomic::AtomicU32)).store(64, Ordering::Release)
+        };
+        served.take(&mut ring, 32);
+        assert_eq!(served.taken.len(), 32);
+    }
+    // The ring itself is refused first (more than a ring of requests past rsp_prod)...
+    // SAFETY: `mem` outlives the ring.
+    assert!(unsafe { BackRing::attach(mem.ptr(), XEN_PAGE_SIZE, Protocol::X86_64) }.is_err());
+    // ...and so is the journal, on its own.
+    let j = Journal::open(&path, 1, 51712, &[identity()]).unwrap();
+    let e = j.recover_ring(0, 64, 0).err().expect("refused");
+    assert!(e.to_string().contains("is not between"), "{e}");
+}
