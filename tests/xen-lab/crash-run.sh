@@ -61,7 +61,8 @@ end=$(date +%s)
 echo "$log"
 echo "$log" >"$out/lab.log"
 checks
-echo "xen-lab crash: the guest's longest write $(value 'GUEST: writer done' max-ms) ms; pauses (ms): $(sed -n 's/^GUEST: pause block=[0-9]* ms=//p' <<<"$log" | paste -sd ' ' -); serve took over (s after the kill): $(sed -n 's/^LAB: kill .*taken-over-after-s=//p' <<<"$log" | paste -sd ' ' -)"
+# Under emulation every write is slow: the five longest are the kills' pauses.
+echo "xen-lab crash: the guest's five longest writes (ms): $(sed -n 's/^GUEST: pause block=[0-9]* ms=//p' <<<"$log" | sort -n | tail -5 | paste -sd ' ' -); writes of 0.5 s or more: $(value 'GUEST: writer done' pauses) of 800; serve took over (s after the kill): $(sed -n 's/^LAB: kill .*taken-over-after-s=//p' <<<"$log" | paste -sd ' ' -)"
 echo "xen-lab crash: build $((boot_start - start))s, boot $((end - boot_start))s (log: $out/lab.log; --checks-only checks it again)"
 echo "xen-lab crash: $pass passed, $fail failed"
 [ "$fail" = 0 ]
