@@ -359,6 +359,7 @@ impl SimulatedDisk {
             remove_entries: true,
             poll: Duration::ZERO,
             answer_on_completion: opts.answer_on_completion,
+            journal: None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();

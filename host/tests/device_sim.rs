@@ -57,6 +57,7 @@ fn start_device(
         remove_entries: true,
         poll: Duration::from_micros(20),
         answer_on_completion: false,
+        journal: None,
     };
     let disk = common::ram_disk(SIZE);
     let device_xs = xs.connect(0).unwrap();

@@ -84,6 +84,7 @@ impl Host {
             remove_entries: true,
             poll: Duration::ZERO,
             answer_on_completion: false,
+            journal: None,
         };
         let platform = Platform {
             grants: self.machine.clone(),

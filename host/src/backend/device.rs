@@ -13,28 +13,32 @@
 //! say "look again".
 
 use super::features::{initwait_keys, Advertisement, HostOffer};
-use super::frontend_keys::{read_frontend, FrontendKeyError};
+use super::frontend_keys::{read_frontend, FrontendKeyError, FrontendRings};
+use super::journal::{Journal, JournalError, RingIdentity};
 use super::limits::Limiter;
 use super::queue::{serve, QueueError, QueueParts, QueueStats};
 use super::state::{next_action, Action, XenbusState};
 use super::stats::{ATTACHES, DETACHES};
 use super::wake::EventFdWake;
 use super::workers::Wake;
-use crate::blkif::abi::Protocol;
+use crate::blkif::abi::{Protocol, VDISK_READONLY};
+use crate::blkif::keys::*;
+use crate::blkif::request::Limits;
 use crate::blkif::ring::{BackRing, RingError};
 use crate::plugin::GuardedDisk;
 use crate::xen::evtchn::{EventChannels, EvtchnError};
 use crate::xen::grant::{GrantError, GrantMapper};
 use crate::xen::xenstore::{read_u32, transaction, Xenstore, XsError, NO_TX};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How soon a device looks again at what only this process changes (a stop asked for, a
-/// ring that broke) after something happened; the wait doubles while nothing does, up to
-/// [`LOCAL_CHECK_IDLE`]. So a stop is seen within a second, and an idle disk wakes about
-/// once a second.
+/// How soon a device looks again at what only this process changes (a stop or hand-over
+/// asked for, a ring that broke) after something happened; the wait doubles while nothing
+/// does, up to [`LOCAL_CHECK_IDLE`]. So a stop is seen within a second, and an idle disk
+/// wakes about once a second.
 const LOCAL_CHECK_BUSY: Duration = Duration::from_millis(100);
 /// The longest wait between two looks of an idle device.
 const LOCAL_CHECK_IDLE: Duration = Duration::from_secs(1);
@@ -64,6 +68,10 @@ pub struct DeviceConfig {
     pub poll: Duration,
     /// See [`QueueParts::answer_on_completion`].
     pub answer_on_completion: bool,
+    /// The device's journal (see [`super::journal`]): with one, each connection is
+    /// journaled, and a device found Connected on both sides when it starts (its backend
+    /// died) is taken over instead of being set up again. None: neither.
+    pub journal: Option<PathBuf>,
 }
 
 /// The platform the device maps and signals through (real or simulated).
@@ -154,6 +162,12 @@ pub enum ConnectError {
     /// Publishing the disk and Connected.
     #[error("publishing the disk: {0}")]
     Publish(#[source] XsError),
+    /// The journal could not be made, or (taking over) is not one to trust.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Taking over: what the dead backend published cannot be served by this disk.
+    #[error("taking over: {0}")]
+    Takeover(String),
 }
 
 /// Why one ring could not be set up, by step.
@@ -195,6 +209,10 @@ pub struct DeviceStats {
     pub swaps: AtomicU64,
     /// Their pauses, added up, in nanoseconds.
     pub swap_pause_ns: AtomicU64,
+    /// Set to end the device without a word to the guest (an upgrade's hand-over): its
+    /// rings drain, its state and entries stay as they are, its journal stays for the
+    /// next serve, which takes the device over.
+    pub hand_over: AtomicBool,
 }
 
 impl DeviceStats {
@@ -266,13 +284,36 @@ pub fn run(
         })
         .map_err(DeviceError::InitWait)
     };
-    initwait()?;
-    let mut ours = XenbusState::InitWait;
     let mut running: Option<Running> = None;
+    let mut journal: Option<Journal> = None;
+    let mut ours = XenbusState::InitWait;
+    if cfg.journal.is_some() && both_connected(xs, be, fe) {
+        // Our predecessor died with the guest connected: take its rings over, writing
+        // nothing the guest could see.
+        match connect(xs, platform, cfg, &disk, stats, &span, true) {
+            Ok((r, j)) => {
+                ATTACHES.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("taken over: the guest stays connected");
+                running = Some(r);
+                journal = j;
+                ours = XenbusState::Connected;
+            }
+            Err(e) => {
+                let why = format!("cannot take the connected device over: {e}");
+                tracing::warn!("{be}: {why}");
+                let _ = xs.write(NO_TX, &format!("{be}/error"), why.as_bytes());
+                write_state(XenbusState::Closing)?;
+                ours = XenbusState::Closing;
+            }
+        }
+    } else {
+        initwait()?;
+    }
     let mut closing_for_stop = false;
     let mut seen_frontend = false;
     // The size the guest was last told (resize and plugin swaps change the disk's).
     let mut published = disk.size();
+    let mut handed_over = false;
     // xenstore is read when a watch fired (or a local change asks for it), not on every
     // tick: an idle dom0 with hundreds of disks must not spend a core asking xenstore what
     // it already said. The slow re-read is only a safety net.
@@ -289,6 +330,10 @@ pub fn run(
             wait = (wait * 2).min(LOCAL_CHECK_IDLE);
         }
         stats.state.store(ours as u8, Ordering::Relaxed);
+        if stats.hand_over.load(Ordering::Relaxed) {
+            handed_over = true;
+            break Ok(());
+        }
         if ours == XenbusState::Connected && last_resize_check.elapsed() >= RESIZE_CHECK_EVERY {
             last_resize_check = Instant::now();
             resize_if_changed(xs, be, &disk, &mut published)?;
@@ -333,10 +378,11 @@ pub fn run(
             Action::Wait => {}
             // Not before the toolstack's hotplug script has run (see `hotplug_done`).
             Action::Connect if !hotplug_done(xs, be) => {}
-            Action::Connect => match connect(xs, platform, cfg, &disk, stats, &span) {
-                Ok(r) => {
+            Action::Connect => match connect(xs, platform, cfg, &disk, stats, &span, false) {
+                Ok((r, j)) => {
                     ATTACHES.fetch_add(1, Ordering::Relaxed);
                     running = Some(r);
+                    journal = j;
                     ours = XenbusState::Connected;
                     published = disk.size();
                 }
@@ -358,6 +404,9 @@ pub fn run(
                     DETACHES.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("detached: the guest closed its side");
                 }
+                if let Some(j) = journal.take() {
+                    j.remove();
+                }
                 write_state(XenbusState::Closed)?;
                 ours = XenbusState::Closed;
             }
@@ -368,10 +417,25 @@ pub fn run(
             Action::Remove => break Ok(()),
         }
     };
+    if handed_over {
+        // Drained: every request taken is answered, or stays in the journal to be served
+        // again by the next serve (one held behind a barrier or a limit).
+        if let Some(r) = running.take() {
+            r.shut();
+        }
+        drop(journal.take());
+        let _ = xs.unwatch(be, &token);
+        let _ = xs.unwatch(&format!("{fe}/state"), &token);
+        tracing::info!("handed over: left connected for the next serve");
+        return Ok(());
+    }
     if let Some(r) = running.take() {
         r.shut();
         DETACHES.fetch_add(1, Ordering::Relaxed);
         tracing::info!("detached");
+    }
+    if let Some(j) = journal.take() {
+        j.remove();
     }
     match &result {
         Ok(()) => tracing::info!("removed"),
@@ -438,7 +502,84 @@ fn resize_if_changed(
     Ok(())
 }
 
-/// Maps the frontend's rings and starts a queue thread per ring; publishes the disk.
+/// Whether backend and frontend are both Connected: a device whose backend died connected.
+fn both_connected(xs: &dyn Xenstore, be: &str, fe: &str) -> bool {
+    let state = |dir: &str| {
+        xs.read(NO_TX, &format!("{dir}/state"))
+            .ok()
+            .and_then(|v| XenbusState::parse(&v))
+    };
+    state(be) == Some(XenbusState::Connected) && state(fe) == Some(XenbusState::Connected)
+}
+
+/// The device id in a frontend path (`.../device/vbd/<devid>`).
+fn devid(cfg: &DeviceConfig) -> u32 {
+    cfg.frontend_path
+        .rsplit('/')
+        .next()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What a dead backend offered before InitWait, read back from its directory (a key it
+/// did not write keeps this process's value): the frontend's keys are checked against it.
+fn published_offer(xs: &dyn Xenstore, be: &str, ours: &HostOffer) -> HostOffer {
+    let num = |k: &str| read_u32(xs, NO_TX, &format!("{be}/{k}")).ok().flatten();
+    HostOffer {
+        max_ring_page_order: num(MAX_RING_PAGE_ORDER_KEY).unwrap_or(ours.max_ring_page_order),
+        max_queues: num(MULTI_QUEUE_MAX_QUEUES).unwrap_or(ours.max_queues),
+        max_indirect_segments: num(FEATURE_MAX_INDIRECT_SEGMENTS).unwrap_or(0),
+        persistent: num(FEATURE_PERSISTENT) == Some(1),
+    }
+}
+
+/// What a dead backend told the guest about the disk, as the ring must now accept it; this
+/// disk must be able to serve it (same sector size, writable if it was, flush and discard
+/// if they were offered).
+fn published_limits(
+    xs: &dyn Xenstore,
+    be: &str,
+    offer: &HostOffer,
+    disk: &GuardedDisk,
+) -> Result<Limits, ConnectError> {
+    let num = |k: &'static str| -> Result<u64, ConnectError> {
+        let v = xs
+            .read(NO_TX, &format!("{be}/{k}"))
+            .map_err(|e| ConnectError::Takeover(format!("`{k}`: {e}")))?;
+        String::from_utf8_lossy(&v)
+            .trim()
+            .parse()
+            .map_err(|_| ConnectError::Takeover(format!("`{k}` is not a number")))
+    };
+    let info = disk.info();
+    let limits = Limits {
+        sectors: num(SECTORS)?,
+        logical_sector_size: num(SECTOR_SIZE)? as u32,
+        read_only: num(INFO)? & u64::from(VDISK_READONLY) != 0,
+        flush: num(FEATURE_FLUSH_CACHE)? == 1,
+        discard: num(FEATURE_DISCARD)? == 1,
+        discard_secure: false,
+        max_indirect_segments: u16::try_from(offer.max_indirect_segments).unwrap_or(u16::MAX),
+    };
+    let refuse = |what: String| Err(ConnectError::Takeover(what));
+    if limits.logical_sector_size != info.logical_sector_size {
+        return refuse(format!(
+            "the guest was told {}-byte sectors, the disk has {}",
+            limits.logical_sector_size, info.logical_sector_size
+        ));
+    }
+    if !limits.read_only && info.read_only {
+        return refuse("the guest was told the disk is writable; it is read-only now".into());
+    }
+    if (limits.flush && !info.can_flush) || (limits.discard && !info.can_discard) {
+        return refuse("the guest was offered flush or discard; the disk cannot now".into());
+    }
+    Ok(limits)
+}
+
+/// Maps the frontend's rings and starts a queue thread per ring; publishes the disk. With
+/// `takeover`, the rings are a dead backend's: its journal says where they stand, and
+/// nothing is published (the guest already has it all).
 fn connect(
     xs: &dyn Xenstore,
     platform: &Platform,
@@ -446,68 +587,44 @@ fn connect(
     disk: &Arc<GuardedDisk>,
     stats: &DeviceStats,
     span: &tracing::Span,
-) -> Result<Running, ConnectError> {
+    takeover: bool,
+) -> Result<(Running, Option<Journal>), ConnectError> {
     let fe = &cfg.frontend_path;
+    let be = &cfg.backend_path;
     let read = |k: &str| match xs.read(NO_TX, &format!("{fe}/{k}")) {
         Ok(v) => Ok(Some(v)),
         Err(e) if e.is_enoent() => Ok(None),
         Err(e) => Err(e),
     };
-    let rings = read_frontend(&read, &cfg.offer)?;
+    let offer = if takeover {
+        published_offer(xs, be, &cfg.offer)
+    } else {
+        cfg.offer
+    };
+    let rings = read_frontend(&read, &offer)?;
     let protocol =
         Protocol::from_xenstore(rings.protocol.as_deref()).map_err(ConnectError::Protocol)?;
     let advertisement = Advertisement::new(&cfg.offer, &disk.info());
-    let limits = advertisement.limits();
+    let limits = if takeover {
+        published_limits(xs, be, &offer, disk)?
+    } else {
+        advertisement.limits()
+    };
+    let mut parts = Vec::new();
+    for (i, q) in rings.queues.iter().enumerate() {
+        let part = map_queue(platform, cfg, q, protocol, limits, &rings, stats)
+            .map_err(|source| ConnectError::Queue { index: i, source })?;
+        parts.push(part);
+    }
+    let journal = match &cfg.journal {
+        Some(path) => Some(journal_rings(path, cfg, &rings, &mut parts, takeover)?),
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
-    let mut bells = Vec::new();
+    let bells: Vec<_> = parts.iter().map(|p| p.doorbell.clone()).collect();
     let mut all_stats = Vec::new();
-    for (i, q) in rings.queues.iter().enumerate() {
-        let started = (|| -> Result<QueueParts, QueueStartError> {
-            let ring_mapping = platform
-                .grants
-                .map(cfg.frontend_domid, &q.ring_refs, true)
-                .map_err(QueueStartError::MapRing)?;
-            // SAFETY: the mapping goes into QueueParts with the ring and outlives it.
-            let ring =
-                unsafe { BackRing::attach(ring_mapping.as_ptr(), ring_mapping.len(), protocol) }
-                    .map_err(QueueStartError::Attach)?;
-            let evtchn = platform
-                .evtchns
-                .bind_interdomain(cfg.frontend_domid, q.event_channel)
-                .map_err(|source| QueueStartError::Bind {
-                    port: q.event_channel,
-                    source,
-                })?;
-            let doorbell = Arc::new(EventFdWake::new().map_err(QueueStartError::Doorbell)?);
-            Ok(QueueParts {
-                ring,
-                ring_mapping,
-                evtchn,
-                grants: platform.grants.clone(),
-                guest: cfg.frontend_domid,
-                limits,
-                workers: cfg.workers,
-                persistent: rings.persistent,
-                poll: cfg.poll,
-                answer_on_completion: cfg.answer_on_completion,
-                limiter: stats.limiter.clone(),
-                doorbell,
-            })
-        })();
-        let parts = match started {
-            Ok(p) => p,
-            Err(source) => {
-                Running {
-                    stop,
-                    threads,
-                    bells,
-                }
-                .shut();
-                return Err(ConnectError::Queue { index: i, source });
-            }
-        };
-        bells.push(parts.doorbell.clone());
+    for (i, parts) in parts.into_iter().enumerate() {
         let (d, s, st) = (disk.clone(), stop.clone(), Arc::new(QueueStats::default()));
         all_stats.push(st.clone());
         let span = span.clone();
@@ -531,25 +648,26 @@ fn connect(
         }
     }
     *stats.queues.lock().unwrap_or_else(|e| e.into_inner()) = all_stats;
-    let be = &cfg.backend_path;
-    let published = transaction(xs, |tx| {
-        for (k, v) in advertisement.connect_keys() {
-            xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+    if !takeover {
+        let published = transaction(xs, |tx| {
+            for (k, v) in advertisement.connect_keys() {
+                xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+            }
+            xs.write(
+                tx,
+                &format!("{be}/state"),
+                XenbusState::Connected.as_str().as_bytes(),
+            )
+        });
+        if let Err(e) = published {
+            Running {
+                stop,
+                threads,
+                bells,
+            }
+            .shut();
+            return Err(ConnectError::Publish(e));
         }
-        xs.write(
-            tx,
-            &format!("{be}/state"),
-            XenbusState::Connected.as_str().as_bytes(),
-        )
-    });
-    if let Err(e) = published {
-        Running {
-            stop,
-            threads,
-            bells,
-        }
-        .shut();
-        return Err(ConnectError::Publish(e));
     }
     tracing::info!(
         queues = rings.queues.len(),
@@ -562,11 +680,116 @@ fn connect(
         discard = limits.discard,
         indirect_segments = limits.max_indirect_segments,
         limits = %stats.limiter.limits().describe(),
+        takeover,
         "attached: negotiated with the guest"
     );
-    Ok(Running {
-        stop,
-        threads,
-        bells,
+    Ok((
+        Running {
+            stop,
+            threads,
+            bells,
+        },
+        journal,
+    ))
+}
+
+/// Maps one ring and binds its event channel.
+fn map_queue(
+    platform: &Platform,
+    cfg: &DeviceConfig,
+    q: &super::frontend_keys::QueueRing,
+    protocol: Protocol,
+    limits: Limits,
+    rings: &FrontendRings,
+    stats: &DeviceStats,
+) -> Result<QueueParts, QueueStartError> {
+    let ring_mapping = platform
+        .grants
+        .map(cfg.frontend_domid, &q.ring_refs, true)
+        .map_err(QueueStartError::MapRing)?;
+    // SAFETY: the mapping goes into QueueParts with the ring and outlives it.
+    let ring = unsafe { BackRing::attach(ring_mapping.as_ptr(), ring_mapping.len(), protocol) }
+        .map_err(QueueStartError::Attach)?;
+    let evtchn = platform
+        .evtchns
+        .bind_interdomain(cfg.frontend_domid, q.event_channel)
+        .map_err(|source| QueueStartError::Bind {
+            port: q.event_channel,
+            source,
+        })?;
+    let doorbell = Arc::new(EventFdWake::new().map_err(QueueStartError::Doorbell)?);
+    Ok(QueueParts {
+        ring,
+        ring_mapping,
+        evtchn,
+        grants: platform.grants.clone(),
+        guest: cfg.frontend_domid,
+        limits,
+        workers: cfg.workers,
+        persistent: rings.persistent,
+        poll: cfg.poll,
+        answer_on_completion: cfg.answer_on_completion,
+        limiter: stats.limiter.clone(),
+        doorbell,
     })
+}
+
+/// Gives each ring its part of the device's journal at `path`: a fresh journal for a new
+/// connection; the dead backend's, checked against the rings the guest describes, when
+/// taking over (each ring then resumes where the journal says).
+fn journal_rings(
+    path: &Path,
+    cfg: &DeviceConfig,
+    rings: &FrontendRings,
+    parts: &mut [QueueParts],
+    takeover: bool,
+) -> Result<Journal, ConnectError> {
+    let identity = |i: usize, p: &QueueParts| RingIdentity {
+        entries: p.ring.size(),
+        protocol: p.ring.protocol(),
+        event_channel: rings.queues[i].event_channel,
+        ring_refs: rings.queues[i].ring_refs.clone(),
+    };
+    let (guest, devid) = (cfg.frontend_domid, devid(cfg));
+    if takeover {
+        let ids: Vec<RingIdentity> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| identity(i, p))
+            .collect();
+        let journal = Journal::open(path, guest, devid, &ids)?;
+        for (i, p) in parts.iter_mut().enumerate() {
+            let (req_prod, rsp_prod) = p.ring.shared_indices();
+            let (log, req_cons) = journal.recover_ring(i, req_prod, rsp_prod)?;
+            let replayed = req_cons.wrapping_sub(rsp_prod);
+            p.ring
+                .journal(Box::new(log), Some(req_cons))
+                .map_err(|e| ConnectError::Takeover(format!("queue {i}: {e}")))?;
+            // The dead backend may have published answers and died before notifying: a
+            // spurious notification costs the guest one look at its ring.
+            let _ = p.evtchn.notify();
+            tracing::info!(
+                queue = i,
+                req_prod,
+                rsp_prod,
+                req_cons,
+                replayed,
+                "ring taken over"
+            );
+        }
+        Ok(journal)
+    } else {
+        let ids: Vec<(RingIdentity, u32)> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (identity(i, p), p.ring.shared_indices().1))
+            .collect();
+        let journal = Journal::create(path, guest, devid, &ids)?;
+        for (i, p) in parts.iter_mut().enumerate() {
+            p.ring
+                .journal(Box::new(journal.fresh_ring(i)), None)
+                .map_err(|e| ConnectError::Takeover(format!("queue {i}: {e}")))?;
+        }
+        Ok(journal)
+    }
 }

@@ -6,7 +6,8 @@
 //! toolstack's `params`), [`descriptor`] (the files an `xl` disk's target may name), [`vbd`]
 //! (device numbers), [`reload`] (what a changed `disks.toml` means for the disks served).
 //! Then the moving parts: [`queue`] (the ring thread), [`limits`] (per-disk I/O limits),
-//! [`device`] (one disk), [`server`] (the `serve` daemon) and [`registry`] (the devices the
+//! [`device`] (one disk), [`journal`] (what a ring leaves for the process that takes it
+//! over after a crash), [`server`] (the `serve` daemon) and [`registry`] (the devices the
 //! control socket sees).
 
 pub mod attach;
@@ -18,6 +19,7 @@ pub mod features;
 pub mod frontend_keys;
 pub mod inflight;
 pub mod io;
+pub mod journal;
 pub mod limits;
 pub mod params;
 pub mod queue;

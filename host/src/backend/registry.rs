@@ -78,6 +78,18 @@ impl Entry {
 #[derive(Default)]
 pub struct Registry {
     entries: Mutex<Vec<Arc<Entry>>>,
+    /// `ctl upgrade` is possible (a serve with journals) and was asked for.
+    pub upgrade: Upgrade,
+}
+
+/// `ctl upgrade`'s two flags: set by serve when it can hand its devices over, and by the
+/// request.
+#[derive(Default)]
+pub struct Upgrade {
+    /// The process can hand over (a serve whose devices keep journals).
+    pub allowed: std::sync::atomic::AtomicBool,
+    /// Asked for.
+    pub requested: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {

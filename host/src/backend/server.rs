@@ -14,8 +14,10 @@
 //!   as blkback's xenbus_dev_fatal does. Their entries belong to the toolstack and are left
 //!   for it to remove.
 //!
-//! Stopping (SIGTERM) asks every device to close (Closing, wait for the guest to let go);
-//! forcing (a second signal) writes Closed into the guests' states so nothing waits.
+//! Stopping asks every device to close (Closing, wait for the guest to let go); forcing (a
+//! second signal) writes Closed into the guests' states so nothing waits. Handing over
+//! (SIGTERM or `ctl upgrade` with journals, [`Hooks::handover`]) instead drains every ring
+//! and returns with the guests still connected, for the next serve to take over.
 
 use super::attach::{create_device, device_paths, BACKEND_TYPE};
 use super::descriptor::{resolve, DescriptorError};
@@ -23,6 +25,7 @@ use super::device::{run as run_device, DeviceConfig, DeviceError, DeviceStats, P
 use super::disks_config::{DiskSpec, DisksConfigError};
 use super::domains::{find_domain, XsView};
 use super::features::HostOffer;
+use super::journal::{is_held, journal_path};
 use super::limits::{IoLimits, Limiter};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
@@ -162,6 +165,9 @@ pub struct ServeOptions {
     pub answer_on_completion: bool,
     /// Where toolstack targets name descriptors (see [`super::descriptor`]).
     pub descriptors: std::path::PathBuf,
+    /// Where devices keep their journals (see [`super::journal`]); None: not journaled,
+    /// and a device found connected is set up again rather than taken over.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// A static disk, opened.
@@ -244,6 +250,8 @@ pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
 struct Device {
     stop: Arc<AtomicBool>,
+    /// Its counters and hand-over flag.
+    stats: Arc<DeviceStats>,
     thread: JoinHandle<Result<(), DeviceError>>,
     frontend: String,
     /// The static disk's key, or None for a toolstack device.
@@ -263,6 +271,10 @@ pub struct Hooks<'a> {
     pub registry: Arc<Registry>,
     /// Polled each round: a new configuration after SIGHUP, or None.
     pub reload: &'a dyn Fn() -> Option<Result<Vec<DiskSpec>, DisksConfigError>>,
+    /// Set to hand every device over instead of closing it (an upgrade): serve drains
+    /// their rings and returns with the guests still connected, for the next serve to
+    /// take over (see [`super::journal`]).
+    pub handover: &'a AtomicBool,
 }
 
 /// Serves until `stop` is at least 1; at 2, forces guests' sides closed.
@@ -278,6 +290,7 @@ pub fn serve(
         log,
         registry,
         reload,
+        handover,
     } = hooks;
     let reg = &registry;
     let mut disks = disks;
@@ -308,7 +321,7 @@ pub fn serve(
     // changed, not on every tick: with hundreds of disks a scan is hundreds of requests.
     let mut due = true;
     let mut last_scan = Instant::now();
-    while stop.load(Ordering::SeqCst) == 0 {
+    while stop.load(Ordering::SeqCst) == 0 && !handover.load(Ordering::SeqCst) {
         if events.recv_timeout(Duration::from_millis(200)).is_ok() {
             while events.try_recv().is_ok() {}
             due = true;
@@ -338,9 +351,17 @@ pub fn serve(
             let Some(i) = disks.iter().position(|d| d.key == key) else {
                 return false;
             };
-            let reserved = reserved_vbds(&disks, i);
+            let others = Others {
+                reserved: reserved_vbds(&disks, i),
+                sole_unnamed: disks[i].spec.vbd.is_none()
+                    && disks
+                        .iter()
+                        .filter(|d| d.spec.domain == disks[i].spec.domain && d.spec.vbd.is_none())
+                        .count()
+                        == 1,
+            };
             let disk = &mut disks[i];
-            match attach_static(&*xs, &connect, &platform, &opts, disk, &reserved, reg) {
+            match attach_static(&*xs, &connect, &platform, &opts, disk, &others, reg) {
                 Ok(Some((path, dev))) => {
                     log(&format!(
                         "disk {}: {} attached to domain {} as {} ({path})",
@@ -381,6 +402,26 @@ pub fn serve(
                 }
             }
         }
+    }
+    if handover.load(Ordering::SeqCst) && stop.load(Ordering::SeqCst) == 0 {
+        log(&format!(
+            "handing {} device(s) over: draining, leaving the guests connected",
+            devices.len()
+        ));
+        for d in devices.values() {
+            d.stats.hand_over.store(true, Ordering::SeqCst);
+        }
+        for (path, d) in devices.drain() {
+            registry.remove(&d.id);
+            // One not connected yet is left as it is too: the next serve sets it up.
+            match d.thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log(&format!("{path}: {e}")),
+                Err(_) => log(&format!("{path}: device thread panicked")),
+            }
+        }
+        log("handed over");
+        return Ok(());
     }
     log(&format!("stopping: closing {} device(s)", devices.len()));
     for d in devices.values() {
@@ -583,6 +624,15 @@ fn swap_static(served: &mut Served<'_>, key: u64, spec: DiskSpec, log: &Log, reg
     }
 }
 
+/// What the other static disks of a disk's domain leave it.
+struct Others {
+    /// The vbds they are configured at: not free for it.
+    reserved: Vec<Vbd>,
+    /// It names no vbd, and no other disk of its domain leaves its vbd unnamed either: a
+    /// device of that domain left connected by a dead serve can only be it.
+    sole_unnamed: bool,
+}
+
 /// The vbds other static disks of disk `i`'s domain are configured at: not free for it.
 fn reserved_vbds(disks: &[StaticDisk], i: usize) -> Vec<Vbd> {
     disks
@@ -650,14 +700,21 @@ fn attach_static(
     platform: &Platform,
     opts: &ServeOptions,
     disk: &mut StaticDisk,
-    reserved: &[Vbd],
+    others: &Others,
     registry: &Registry,
 ) -> Result<Option<(String, Device)>, StartError> {
     let Ok(domid) = find_domain(&XsView(xs), &disk.spec.domain) else {
         return Ok(None);
     };
+    let reserved = &others.reserved;
+    let left = match (&opts.state_dir, others.sole_unnamed) {
+        (Some(dir), true) => left_connected(xs, opts.backend_domid, dir, domid, reserved),
+        _ => Vec::new(),
+    };
     let vbd = match disk.spec.vbd {
         Some(v) => v,
+        // A dead serve left this disk connected under the vbd it had picked.
+        None if left.len() == 1 => left[0],
         None => {
             let mut used = xs
                 .directory(NO_TX, &format!("/local/domain/{domid}/device/vbd"))
@@ -667,12 +724,26 @@ fn attach_static(
         }
     };
     let paths = device_paths(opts.backend_domid, domid, vbd);
-    if xs.read(NO_TX, &format!("{}/state", paths.frontend)).is_ok() {
-        return Err(StartError::Occupied { domid, vbd });
+    let journal = opts
+        .state_dir
+        .as_ref()
+        .map(|d| journal_path(d, domid, vbd.number()));
+    // Our own device, left connected by a backend that died: taken over, not made again.
+    let takeover = journal.as_ref().is_some_and(|j| j.exists())
+        && xs.read(NO_TX, &format!("{}/state", paths.backend)).is_ok();
+    if takeover && journal.as_deref().is_some_and(is_held) {
+        return Ok(None);
     }
-    let read_only = disk.disk.info().read_only;
-    let paths = create_device(xs, opts.backend_domid, domid, vbd, read_only)
-        .map_err(|source| StartError::Create { domid, source })?;
+    let paths = if takeover {
+        paths
+    } else {
+        if xs.read(NO_TX, &format!("{}/state", paths.frontend)).is_ok() {
+            return Err(StartError::Occupied { domid, vbd });
+        }
+        let read_only = disk.disk.info().read_only;
+        create_device(xs, opts.backend_domid, domid, vbd, read_only)
+            .map_err(|source| StartError::Create { domid, source })?
+    };
     let mut offer = opts.offer;
     if let Some(q) = disk.spec.queues {
         offer.max_queues = offer.max_queues.min(q.max(1));
@@ -689,6 +760,7 @@ fn attach_static(
             .spec
             .answer_on_completion
             .unwrap_or(opts.answer_on_completion),
+        journal,
     };
     let dev = spawn(
         connect,
@@ -700,6 +772,29 @@ fn attach_static(
     )?;
     disk.attached = Some(vbd);
     Ok(Some((paths.backend, dev)))
+}
+
+/// The vbds of `domid` that a dead serve left connected for a static disk: its backend
+/// directory (without the `params` of a toolstack's device) is there, and so is its
+/// journal, in `dir`.
+fn left_connected(
+    xs: &dyn Xenstore,
+    backend_domid: u32,
+    dir: &std::path::Path,
+    domid: u32,
+    reserved: &[Vbd],
+) -> Vec<Vbd> {
+    let base = format!("/local/domain/{backend_domid}/backend/{BACKEND_TYPE}/{domid}");
+    xs.directory(NO_TX, &base)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .filter(|&devid| journal_path(dir, domid, devid).exists())
+        // Not a toolstack's device (those carry `params`): one serve made for a disk.
+        .filter(|devid| xs.read(NO_TX, &format!("{base}/{devid}/params")).is_err())
+        .filter_map(Vbd::from_number)
+        .filter(|v| !reserved.contains(v))
+        .collect()
 }
 
 /// Every `<domid>/<devid>` directory under the toolstack's backend directory.
@@ -773,6 +868,15 @@ fn start_toolstack(
             });
         }
     }
+    let journal = opts
+        .state_dir
+        .as_ref()
+        .map(|d| journal_path(d, domid, devid));
+    // A backend still holds the device (an old process finishing its upgrade hand-over, or
+    // a second serve): look again later.
+    if journal.as_deref().is_some_and(is_held) {
+        return Ok(None);
+    }
     // The plugin comes from `params` or an administrator's descriptor, never from the
     // image's contents.
     let spec = resolve(&params, &opts.descriptors)?;
@@ -794,6 +898,7 @@ fn start_toolstack(
         remove_entries: false,
         poll: opts.poll,
         answer_on_completion: opts.answer_on_completion,
+        journal,
     };
     spawn(
         connect,
@@ -821,6 +926,7 @@ fn spawn(
     let dev_xs = connect().map_err(StartError::Connect)?;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::with_limiter(limiter));
+    let stats_for_server = stats.clone();
     let (s, p, st) = (stop.clone(), platform.clone(), stats.clone());
     let (frontend, guest) = (cfg.frontend_path.clone(), cfg.frontend_domid);
     let entry = Entry::for_device(xs, guest, vbd, layers, disk.clone(), stats, stop.clone());
@@ -832,6 +938,7 @@ fn spawn(
     registry.add(entry);
     Ok(Device {
         stop,
+        stats: stats_for_server,
         thread,
         frontend,
         static_key,

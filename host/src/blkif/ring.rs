@@ -107,6 +107,26 @@ impl SharedRing {
     }
 }
 
+/// What a backend ring remembers outside its process, told of every step that changes what
+/// a successor would have to do (the backend's journal, `backend::journal`). The ring calls
+/// it in the order the steps happen; each call records its step before the ring goes on.
+pub trait RingLog: Send {
+    /// Request `entry` (its bytes as copied out, its `id`) was taken from ring index `pos`;
+    /// the consumer index is now `pos + 1`.
+    fn taken(&mut self, pos: u32, entry: &[u8], id: u64);
+    /// Copies the next request a dead predecessor took and never answered into `out`;
+    /// false when there is none left.
+    fn replay(&mut self, out: &mut [u8; MAX_ENTRY_SIZE]) -> bool;
+    /// The id of the request [`replay`](Self::replay) just gave, as decoded.
+    fn replayed_id(&mut self, id: u64);
+    /// Requests still to replay.
+    fn waiting_replay(&self) -> u32;
+    /// The response to request `id` goes into ring index `rsp_pos` (not yet published).
+    fn answering(&mut self, id: u64, rsp_pos: u32);
+    /// Every response queued so far is published (`rsp_prod` covers them).
+    fn published(&mut self);
+}
+
 /// The backend's view: consumes requests, produces responses.
 pub struct BackRing {
     ring: SharedRing,
@@ -115,6 +135,8 @@ pub struct BackRing {
     rsp_prod_pvt: u32,
     /// The producer index seen by the last [`BackRing::poll`].
     req_prod_seen: u32,
+    /// The journal, when the ring must survive its process.
+    log: Option<Box<dyn RingLog>>,
 }
 
 /// One response to push.
@@ -177,7 +199,42 @@ impl BackRing {
             req_cons: rsp_prod,
             rsp_prod_pvt: rsp_prod,
             req_prod_seen: rsp_prod,
+            log: None,
         })
+    }
+
+    /// The shared indices as they are now: (`req_prod`, `rsp_prod`).
+    pub fn shared_indices(&self) -> (u32, u32) {
+        (
+            self.ring.index(header::REQ_PROD).load(Ordering::Acquire),
+            self.ring.index(header::RSP_PROD).load(Ordering::Acquire),
+        )
+    }
+
+    /// Journals every step from now on in `log`. `resume_at` takes the ring over from a
+    /// dead backend: new requests start at that consumer index (the journal's; the requests
+    /// before it that were never answered come from `log`'s replay). It must lie between
+    /// the published responses and the producer index.
+    pub fn journal(
+        &mut self,
+        log: Box<dyn RingLog>,
+        resume_at: Option<u32>,
+    ) -> Result<(), RingError> {
+        if let Some(req_cons) = resume_at {
+            let (req_prod, rsp_prod) = self.shared_indices();
+            if req_cons.wrapping_sub(rsp_prod) > self.ring.entries
+                || req_prod.wrapping_sub(req_cons) > self.ring.entries
+            {
+                return Err(RingError::Overflow {
+                    producer: req_prod,
+                    ours: req_cons,
+                });
+            }
+            self.req_cons = req_cons;
+            self.req_prod_seen = req_cons;
+        }
+        self.log = Some(log);
+        Ok(())
     }
 
     /// Entries in the ring.
@@ -203,7 +260,7 @@ impl BackRing {
             });
         }
         self.req_prod_seen = rp;
-        Ok(self.unconsumed())
+        Ok(self.unconsumed() + self.log.as_ref().map_or(0, |l| l.waiting_replay()))
     }
 
     /// Requests seen and not yet taken, limited by free response slots
@@ -217,12 +274,28 @@ impl BackRing {
     /// Copies the next request out of the ring into `out` and decodes it; `None` when
     /// [`poll`](Self::poll) saw no more.
     pub fn take(&mut self, out: &mut [u8; MAX_ENTRY_SIZE]) -> Option<Request> {
+        // A dead predecessor's requests first: they were taken before any still in the ring.
+        if let Some(log) = self.log.as_mut() {
+            if log.replay(out) {
+                let req = Request::decode(out, self.protocol);
+                log.replayed_id(req.id());
+                return Some(req);
+            }
+        }
         if self.unconsumed() == 0 {
             return None;
         }
         self.ring.read_slot(self.req_cons, out);
+        let req = Request::decode(out, self.protocol);
+        if let Some(log) = self.log.as_mut() {
+            log.taken(
+                self.req_cons,
+                &out[..self.protocol.layout().entry_size],
+                req.id(),
+            );
+        }
         self.req_cons = self.req_cons.wrapping_add(1);
-        Some(Request::decode(out, self.protocol))
+        Some(req)
     }
 
     /// Requests taken and not yet answered.
@@ -235,6 +308,9 @@ impl BackRing {
     pub fn put_response(&mut self, rsp: &Response) -> bool {
         if self.in_flight() == 0 {
             return false;
+        }
+        if let Some(log) = self.log.as_mut() {
+            log.answering(rsp.id, self.rsp_prod_pvt);
         }
         let mut bytes = [0u8; 16];
         rsp.encode(self.protocol, &mut bytes);
@@ -258,6 +334,9 @@ impl BackRing {
         self.ring
             .index(header::RSP_PROD)
             .store(new, Ordering::Release);
+        if let Some(log) = self.log.as_mut() {
+            log.published();
+        }
         // Full fence: the new index is visible before we read the frontend's threshold, or
         // the frontend could miss both the index and our notification (xen_mb).
         fence(Ordering::SeqCst);

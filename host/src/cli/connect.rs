@@ -192,6 +192,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         remove_entries: true,
         poll: std::time::Duration::from_micros(args.poll_us.min(10_000)),
         answer_on_completion: args.completion.answer_on_completion,
+        journal: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let registry = Arc::new(Registry::default());

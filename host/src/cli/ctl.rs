@@ -17,7 +17,8 @@ pub struct CtlArgs {
     watch: bool,
     /// The request: `list [--json]`, `stats <dev> [--json]`, `limit <dev> [key=value... |
     /// off]`, `swap <dev> <plugin> [--allow-shrink] [-c key=value]...` (bare `key=value`
-    /// works too), `detach <dev>`, `resize <dev>`.
+    /// works too), `detach <dev>`, `resize <dev>`, `upgrade` (serve hands its disks over to
+    /// a new start of its binary, in place).
     /// At most 64 KiB in all.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     request: Vec<String>,

@@ -20,6 +20,7 @@ use crate::xen::linux::evtchn::LinuxEventChannels;
 use crate::xen::linux::gntdev::{Gntdev, LinuxGrants};
 use crate::xen::sim::hypervisor::SimDomain;
 use crate::xen::sim::machine::SimMachine;
+use crate::xen::sim::remote::RemoteGuests;
 use crate::xen::sim::xenstored::SimXenstored;
 use crate::xen::xenbus::{read_state, write_state, XenbusState};
 use crate::xen::xenstore::client::XsClient;
@@ -27,7 +28,7 @@ use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +73,16 @@ pub struct ServeArgs {
     /// per disk), so that `ctl stats`, the metrics and limits have traffic to show.
     #[arg(long, value_name = "SECONDS", requires = "sim")]
     sim_io: Option<f64>,
+    /// Where each device keeps its journal, so that a serve started after this one died
+    /// (or was upgraded) takes the guests' connected disks over instead of losing them
+    /// (default: /run/xen-disk; none with `--sim` unless given).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Serve simulated guests that live in other processes: xenstored at `$XENSTORED_PATH`,
+    /// guest N's memory and event channels from the socket `DIR/domN.sock` (what tests that
+    /// kill serve under a running guest use).
+    #[arg(long, value_name = "DIR", conflicts_with = "sim")]
+    sim_guests: Option<PathBuf>,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<i32> {
@@ -91,7 +102,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     if args.workers > 64 {
         bail!("--workers {}: at most 64", args.workers);
     }
-    if !args.sim && !std::path::Path::new("/dev/xen").exists() {
+    if !args.sim && args.sim_guests.is_none() && !std::path::Path::new("/dev/xen").exists() {
         bail!("this is not a Xen domain (no /dev/xen); use --sim to run against the simulated hypervisor");
     }
     if let Some(secs) = args.sim_io.filter(|s| !(*s > 0.0 && *s <= 1e7)) {
@@ -105,6 +116,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         poll: Duration::from_micros(args.poll_us.min(10_000)),
         answer_on_completion: args.completion.answer_on_completion,
         descriptors: args.descriptors.clone(),
+        state_dir: state_dir(&args),
     };
     // A daemon's progress lines must not kill it when stdout fails (a full disk, a closed
     // pipe): println! would panic.
@@ -135,10 +147,22 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     };
     catch_signals();
     catch_hangups();
+    // With journals, SIGTERM (systemctl stop and restart) hands the disks over rather than
+    // closing them; SIGINT still closes them.
+    // (Not with --sim: its guests live in this process and end with it.)
+    let journaled = opts.state_dir.is_some() && !args.sim;
+    if journaled {
+        catch_handover();
+        registry.upgrade.allowed.store(true, Ordering::SeqCst);
+    }
     let stop = Arc::new(AtomicUsize::new(0));
-    let s = stop.clone();
+    let handover = Arc::new(AtomicBool::new(false));
+    let (s, h, r) = (stop.clone(), handover.clone(), registry.clone());
     std::thread::spawn(move || loop {
         s.store(signals(), Ordering::SeqCst);
+        if HANDOVER.load(Ordering::SeqCst) || r.upgrade.requested.load(Ordering::SeqCst) {
+            h.store(true, Ordering::SeqCst);
+        }
         std::thread::sleep(Duration::from_millis(50));
     });
     if args.sim {
@@ -146,9 +170,18 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     }
     let connect: XsConnect =
         Arc::new(|| XsClient::open_default().map(|c| Box::new(c) as Box<dyn Xenstore + Send>));
-    let platform = Platform {
-        grants: Arc::new(LinuxGrants(Gntdev::open()?)),
-        evtchns: Arc::new(LinuxEventChannels),
+    let platform = match &args.sim_guests {
+        Some(dir) => {
+            let guests = Arc::new(RemoteGuests::new(dir, 0));
+            Platform {
+                grants: guests.clone(),
+                evtchns: guests,
+            }
+        }
+        None => Platform {
+            grants: Arc::new(LinuxGrants(Gntdev::open()?)),
+            evtchns: Arc::new(LinuxEventChannels),
+        },
     };
     println!(
         "serving {} configured disk(s) and the toolstack's vbd3 devices; SIGTERM stops",
@@ -157,12 +190,76 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     let reload = reloader(args.config.clone());
     let hooks = Hooks {
         log,
-        registry,
+        registry: registry.clone(),
         reload: &reload,
+        handover: &handover,
     };
     serve(connect, platform, opts, disks, &stop, hooks).map_err(anyhow::Error::msg)?;
-    println!("stopped");
+    if registry.upgrade.requested.load(Ordering::SeqCst) {
+        drop(_control);
+        return Err(exec_self());
+    }
+    if !handover.load(Ordering::SeqCst) {
+        println!("stopped");
+    }
     Ok(0)
+}
+
+static HANDOVER: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_handover(_: libc::c_int) {
+    HANDOVER.store(true, Ordering::SeqCst);
+}
+
+/// SIGTERM asks for a hand-over (see [`Hooks::handover`]).
+fn catch_handover() {
+    // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_handover as *const () as libc::sighandler_t,
+        )
+    };
+}
+
+/// `ctl upgrade`'s second half: the binary at this process's path (a new build, if one was
+/// installed there) replaces this one, with the same arguments and process id (systemd
+/// sees the same service), and takes the disks over. Returns only on failure.
+fn exec_self() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::fs::read_link("/proc/self/exe") {
+        Ok(p) => p,
+        Err(e) => return anyhow::anyhow!("upgrade: /proc/self/exe: {e}"),
+    };
+    // A binary replaced on disk shows as "<path> (deleted)": the new one is at <path>.
+    let path = exe.to_string_lossy();
+    let path = PathBuf::from(path.strip_suffix(" (deleted)").unwrap_or(&path));
+    println!("upgrade: starting {}", path.display());
+    let err = std::process::Command::new(&path)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::anyhow!("upgrade: starting {}: {err}", path.display())
+}
+
+/// Where journals go: `--state-dir`, else /run/xen-disk (not with `--sim`, whose guests
+/// live and die with this process). A directory that cannot be made costs recovery, not
+/// the disks: said once, and devices are served unjournaled.
+fn state_dir(args: &ServeArgs) -> Option<PathBuf> {
+    let dir = match (&args.state_dir, args.sim) {
+        (Some(d), _) => d.clone(),
+        (None, true) => return None,
+        (None, false) => PathBuf::from(crate::backend::journal::DEFAULT_STATE_DIR),
+    };
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            eprintln!(
+                "xen-disk-host: warning: --state-dir {}: {e}; a crash of this serve will cost the guests their disks",
+                dir.display()
+            );
+            None
+        }
+    }
 }
 
 /// Starts the metrics endpoint if asked (`--metrics`), and says where it listens.
@@ -336,10 +433,12 @@ fn run_sim(
     let config = args.config.clone();
     let server = std::thread::spawn(move || {
         let reload = reloader(config);
+        let never = AtomicBool::new(false);
         let hooks = Hooks {
             log,
             registry,
             reload: &reload,
+            handover: &never,
         };
         serve(connect, platform, opts, disks, &ss, hooks)
     });

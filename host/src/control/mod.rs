@@ -12,6 +12,9 @@
 //! swap <dev> <plugin> [--allow-shrink] [-c key=value | key=value]...
 //! detach <dev>                           Closing, as Ctrl-C does for `connect`
 //! resize <dev>                           re-read the plugin's size and tell the guest
+//! upgrade                                serve: hand every disk over (left connected) and
+//!                                        start the binary again in this process, which
+//!                                        takes them over: a new build in place
 //! ```
 //!
 //! `<dev>` is a device's id from `list` (`<domid>/<vbd>`, e.g. `3/xvdb`) or its guest's
@@ -62,8 +65,15 @@ impl Registry {
                     .map(|_| format!("{}: {} bytes", e.id, e.disk.size()))
                     .map_err(|why| why.to_string())
             }),
+            ["upgrade"] if self.upgrade.allowed.load(Ordering::SeqCst) => {
+                self.upgrade.requested.store(true, Ordering::SeqCst);
+                Ok("handing the disks over to a new start of the binary\n".into())
+            }
+            ["upgrade"] => Err(
+                "upgrade: only a serve with journals (--state-dir) can hand its disks over".into(),
+            ),
             _ => Err(format!(
-                "unknown request `{}` (list, stats, limit, swap, detach, resize)",
+                "unknown request `{}` (list, stats, limit, swap, detach, resize, upgrade)",
                 line.trim()
             )),
         };

@@ -264,7 +264,11 @@ impl RingThread<'_> {
             let stopping = self.stop.load(Ordering::SeqCst);
             if stopping {
                 if st.free.in_use(self.size) == 0 {
-                    st.ring.push_responses();
+                    // The last answers too: a guest whose backend is handed over would
+                    // otherwise wait for a notification nobody sends.
+                    if st.ring.push_responses() {
+                        let _ = self.evtchn.notify();
+                    }
                     return Ok(());
                 }
             } else {

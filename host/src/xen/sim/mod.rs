@@ -6,4 +6,5 @@ pub mod grant;
 pub mod hypervisor;
 pub mod machine;
 pub mod memory;
+pub mod remote;
 pub mod xenstored;
