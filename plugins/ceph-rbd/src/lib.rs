@@ -18,17 +18,18 @@
 //! ```
 //!
 //! Every request is one librbd asynchronous operation (`rbd_aio_readv`/`writev` straight on
-//! the guest's pages, `rbd_aio_flush`, `rbd_aio_discard`, `rbd_aio_write_zeroes`). The disk
-//! declares `ThreadModel::Async`: reads and writes arrive as submissions from the host's
-//! ring thread and librbd's completion callback completes them, so every request the guest
-//! sends is in flight at once (`--iodepth` in `bench`). By default (the host's
-//! `--answer-on-completion`) librbd's completion threads answer the guest themselves while
-//! the ring thread sleeps, saving it a wake-up per request; on a 2-core lab that shares its
-//! CPUs with the OSD the effect on 4 KiB random reads is within the run-to-run noise (+6% one
-//! day, ratios to `rbd bench` of 0.98 against 0.99 without another; figures in the README),
-//! so compare with `--answer-on-completion=false` on your hardware. Flush, discard and
-//! write-zeroes come from host workers, each waiting for its operation. There is no lock
-//! around librbd: an image handle takes asynchronous operations from any thread.
+//! the guest's pages, neighbouring pages merged into one iovec; `rbd_aio_flush`,
+//! `rbd_aio_discard`, `rbd_aio_write_zeroes`). The disk declares `ThreadModel::Async`: reads
+//! and writes arrive as submissions from the host's ring thread and librbd's completion
+//! callback completes them, so every request the guest sends is in flight at once (`--iodepth`
+//! in `bench`). By default (the host's `--answer-on-completion`) librbd's completion threads
+//! answer the guest themselves while the ring thread sleeps, saving it a wake-up per request;
+//! on a 2-core lab that shares its CPUs with the OSD the effect on 4 KiB random reads is
+//! within the run-to-run noise (+6% one day, ratios to `rbd bench` of 0.98 against 0.99
+//! without another; figures in the README), so compare with `--answer-on-completion=false` on
+//! your hardware. Flush, discard and write-zeroes come from host workers, each waiting for its
+//! operation. There is no lock around librbd: an image handle takes asynchronous operations
+//! from any thread.
 //!
 //! librbd starts each request on the thread that submits it (`rbd_non_blocking_aio` off)
 //! instead of handing it to its dispatch thread: that thread is the guest's ring thread,
