@@ -177,7 +177,7 @@ struct InFlight {
 /// The buffers as iovecs with every run of neighbouring ones merged into one, or `None` when
 /// no two are neighbours. librbd makes a buffer of its own per iovec of a write (an allocation
 /// and a copy each, then a segment of the message that its messenger checksums and sends
-/// apart): a 1 MiB request in 4 KiB pages is 256 of them, side by side one.
+/// apart): a 1 MiB write in 4 KiB pages is 256 of them, side by side one.
 fn merged(bufs: &[RawBuf]) -> Option<Vec<libc::iovec>> {
     let adjacent = bufs
         .windows(2)
@@ -375,7 +375,14 @@ impl Disk for RbdDisk {
             offset,
             len,
             io_timeout: self.io_timeout,
-            runs: merged(submission.raw()),
+            // Reads keep their page list: merged, 1 MiB reads measured slower (median ratio
+            // to the fair reference 0.84 against 1.02, 10 interleaved pairs), and librbd's
+            // copy into the pages is one pass either way.
+            runs: if submission.op() == SubmitOp::Read {
+                None
+            } else {
+                merged(submission.raw())
+            },
             sub: submission,
         });
         // The submission's buffer list (or its merged runs) lives in the box, which stays put
