@@ -4,6 +4,10 @@
 # the arguments ask for, else memcpy), so plugin and reference alternate over the N runs
 # and each pair shares the machine's state of the moment. Prints every pair with its ratio,
 # then the median ratio, its range and the median figures. The README's medians are this.
+# With --fio-nbd and --rbd-bench the pair's reference is the fair one (a libnbd or librbd
+# client writing fresh data on every request, measured right after the plugin), and each
+# pair line also gives the engine's own tool (fio, rbd bench) with its ratio, then a second
+# median line for it.
 #
 # Usage: scripts/pairs.sh N BENCH-ARGS...
 #   e.g. scripts/pairs.sh 14 nbd-client -c uri=nbd+unix:///?socket=S --rw randread --bs 4k --fio-nbd
@@ -18,21 +22,26 @@ shift
 host=${XEN_DISK_HOST:-$(cd "$(dirname "$0")/.." && pwd)/target/release/xen-disk-host}
 [ -x "$host" ] || { echo "$host: no such program (build it or set XEN_DISK_HOST)" >&2; exit 2; }
 
-# The reference's JSON field (IOPS where it reports them, like the plugin's) and its name.
-field=memcpy_mbps unit=mbps name=memcpy
+# The reference's JSON field (IOPS where it reports them, like the plugin's) and its name;
+# field2/name2: the engine's own tool beside a fair reference.
+field=memcpy_mbps unit=mbps name=memcpy field2='' name2=''
 for a in "$@"; do
   case "$a" in
-    --fio-nbd | --fio-nbd=*) field=fio_nbd_iops unit=iops name=fio-nbd; break ;;
+    --fio-nbd | --fio-nbd=*)
+      field=nbd_fair_iops unit=iops name=nbd-fair field2=fio_nbd_iops name2=fio-nbd; break ;;
     --nbdkit) field=nbdkit_iops unit=iops name=nbdkit; break ;;
-    --rbd-bench) field=rbd_bench_iops unit=iops name="rbd bench"; break ;;
+    --rbd-bench)
+      field=rbd_fair_iops unit=iops name=rbd-fair field2=rbd_bench_iops name2="rbd bench"; break ;;
     --qemu-img | --qemu-img=*) field=qemu_img_mbps unit=mbps name=qemu-img; break ;;
   esac
 done
 
 # The number after "KEY": in a flat JSON object.
 num() { sed -n "s/.*\"$1\":\(-\{0,1\}[0-9.]*\).*/\1/p" <<<"$2"; }
+# ratio P R: P/R with three decimals, or "inf" when R is not positive.
+ratio() { awk -v p="$1" -v r="$2" 'BEGIN { if (r > 0) printf "%.3f", p / r; else print "inf" }'; }
 
-ratios=() plugins=() refs=()
+ratios=() plugins=() refs=() ratios2=() refs2=()
 for i in $(seq 1 "$n"); do
   out=$("$host" bench "$@" --json) || { echo "pair $i: bench failed" >&2; exit 1; }
   p=$(num "$unit" "$out") r=$(num "$field" "$out")
@@ -40,17 +49,36 @@ for i in $(seq 1 "$n"); do
     echo "pair $i: no \"$unit\" or \"$field\" in the bench's output: $out" >&2
     exit 1
   fi
-  ratio=$(awk -v p="$p" -v r="$r" 'BEGIN { if (r > 0) printf "%.3f", p / r; else print "inf" }')
-  [ "$ratio" = inf ] && { echo "pair $i: the reference measured $r" >&2; exit 1; }
-  printf 'pair %d: plugin %s %s, %s %s %s, ratio %s\n' "$i" "$p" "$unit" "$name" "$r" "$unit" "$ratio"
-  ratios+=("$ratio") plugins+=("$p") refs+=("$r")
+  q=$(ratio "$p" "$r")
+  [ "$q" = inf ] && { echo "pair $i: the reference measured $r" >&2; exit 1; }
+  line=$(printf 'pair %d: plugin %s %s, %s %s %s, ratio %s' "$i" "$p" "$unit" "$name" "$r" "$unit" "$q")
+  if [ -n "$field2" ]; then
+    r2=$(num "$field2" "$out")
+    q2=$(ratio "$p" "${r2:-0}")
+    [ "$q2" = inf ] && { echo "pair $i: $name2 measured ${r2:-nothing}" >&2; exit 1; }
+    line+=$(printf '; %s %s %s, ratio %s' "$name2" "$r2" "$unit" "$q2")
+    ratios2+=("$q2") refs2+=("$r2")
+  fi
+  echo "$line"
+  ratios+=("$q") plugins+=("$p") refs+=("$r")
 done
 
 # median FORMAT VALUE...: the middle value, or the mean of the two middle ones.
 median() { local f=$1; shift; printf '%s\n' "$@" | sort -g | awk -v f="$f" '{ v[NR] = $1 } END {
   if (NR % 2) printf f, v[(NR + 1) / 2]; else printf f, (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 fig=%.0f; [ "$unit" = mbps ] && fig=%.1f
-lo=$(printf '%s\n' "${ratios[@]}" | sort -g | head -1)
-hi=$(printf '%s\n' "${ratios[@]}" | sort -g | tail -1)
-echo "median ratio $(median %.3f "${ratios[@]}") of $name over $n pairs (range $lo-$hi);" \
-  "median plugin $(median "$fig" "${plugins[@]}") $unit, $name $(median "$fig" "${refs[@]}") $unit"
+# summary NAME RATIOS... -- REFS...: the median line for one reference.
+summary() {
+  local who=$1; shift
+  local rs=() fs=()
+  while [ "$1" != -- ]; do rs+=("$1"); shift; done; shift
+  fs=("$@")
+  local lo hi
+  lo=$(printf '%s\n' "${rs[@]}" | sort -g | head -1)
+  hi=$(printf '%s\n' "${rs[@]}" | sort -g | tail -1)
+  echo "median ratio $(median %.3f "${rs[@]}") of $who over $n pairs (range $lo-$hi);" \
+    "median plugin $(median "$fig" "${plugins[@]}") $unit, $who $(median "$fig" "${fs[@]}") $unit"
+}
+summary "$name" "${ratios[@]}" -- "${refs[@]}"
+[ -n "$field2" ] && summary "$name2" "${ratios2[@]}" -- "${refs2[@]}"
+exit 0

@@ -1,5 +1,7 @@
 //! `scripts/pairs.sh`, which gathers the README's same-run pairs: three runs of the ring
-//! bench on the discard plugin beside nbdkit's null plugin (needs nbdkit and fio).
+//! bench on the discard plugin beside nbdkit's null plugin, and interleaved pairs of the
+//! `nbd-client` plugin against the fair libnbd reference and fio on every pattern, over
+//! `nbdkit memory` (needs nbdkit and fio).
 
 mod common;
 use common::*;
@@ -62,4 +64,123 @@ fn pairs_refuses_a_bad_count_and_stops_at_a_failed_bench() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--bs"), "{}", stderr(&o));
     assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+}
+
+/// `nbdkit memory SIZE` on a socket in `dir`, killed when dropped.
+struct Nbdkit(std::process::Child);
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nbdkit_memory(dir: &TempDir, size: &str) -> (Nbdkit, String) {
+    let socket = dir.join("nbd.sock");
+    let child = Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "-U"])
+        .arg(&socket)
+        .args(["memory", size])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("nbdkit is not installed (apt-get install nbdkit; .ci/run installs it)");
+    let server = Nbdkit(child);
+    let started = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "nbdkit made no socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (
+        server,
+        format!("uri=nbd+unix:///?socket={}", socket.display()),
+    )
+}
+
+/// The words of a line, split at spaces, commas and semicolons.
+fn words(l: &str) -> Vec<&str> {
+    l.split([' ', ',', ';']).filter(|w| !w.is_empty()).collect()
+}
+
+#[test]
+fn pairs_against_the_fair_nbd_reference_on_every_pattern() {
+    let t = TempDir::new("pairs-nbd");
+    let (_server, cfg) = nbdkit_memory(&t, "64M");
+    for (rw, bs) in [
+        ("randread", "4k"),
+        ("randwrite", "4k"),
+        ("read", "1M"),
+        ("write", "1M"),
+    ] {
+        let o = pairs(&[
+            "2",
+            "nbd-client",
+            "-c",
+            &cfg,
+            "--rw",
+            rw,
+            "--bs",
+            bs,
+            "--iodepth",
+            "8",
+            "--seconds",
+            "0.3",
+            "--poll-us",
+            "0",
+            "--fio-nbd",
+        ]);
+        let out = stdout(&o);
+        assert!(o.status.success(), "{rw}: {out}{}", stderr(&o));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 4, "{rw}: {out}");
+        let (mut fair, mut fio) = (Vec::new(), Vec::new());
+        for (i, l) in lines[..2].iter().enumerate() {
+            // pair N: plugin P iops, nbd-fair R iops, ratio X; fio-nbd F iops, ratio Y
+            let w = words(l);
+            assert_eq!(w[..2], ["pair", &format!("{}:", i + 1)], "{l}");
+            assert_eq!((w[5], w[10]), ("nbd-fair", "fio-nbd"), "{l}");
+            let n = |at: usize| -> f64 { w[at].parse().unwrap_or_else(|_| panic!("{l}")) };
+            let (p, r, x, f, y) = (n(3), n(6), n(9), n(11), n(14));
+            assert!(p > 0.0 && r > 0.0 && f > 0.0, "{l}");
+            assert!(
+                (x - p / r).abs() < 0.001 && (y - p / f).abs() < 0.001,
+                "{l}"
+            );
+            fair.push(x);
+            fio.push(y);
+        }
+        for (line, name, r) in [(lines[2], "nbd-fair", &fair), (lines[3], "fio-nbd", &fio)] {
+            let want = format!(
+                "median ratio {:.3} of {name} over 2 pairs",
+                (r[0] + r[1]) / 2.0
+            );
+            assert!(line.starts_with(&want), "want {want:?}:\n{out}");
+        }
+    }
+    // Every request the reference counts moved its whole block.
+    let o = host(&[
+        "bench",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "--rw",
+        "write",
+        "--bs",
+        "1M",
+        "--iodepth",
+        "4",
+        "--seconds",
+        "0.3",
+        "--fio-nbd",
+        "--json",
+    ]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    let ops = json_number(&out, "nbd_fair_ops");
+    assert!(ops >= 1.0, "{out}");
+    assert_eq!(json_number(&out, "nbd_fair_bytes"), ops * (1 << 20) as f64);
+    assert_eq!(json_number(&out, "nbd_fair_failed"), 0.0, "{out}");
 }

@@ -268,8 +268,51 @@ fn ceph_rbd_against_a_one_node_cluster() {
         let line = line.unwrap_or_else(|| panic!("no {label} line:\n{text}"));
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
-    assert!(figure("plugin:") > 0.0 && figure("rbd:") > 0.0, "{text}");
+    assert!(
+        figure("plugin:") > 0.0 && figure("rbd:") > 0.0 && figure("rbd-fair:") > 0.0,
+        "{text}"
+    );
     assert!(text.contains("of rbd bench"), "{text}");
+    assert!(text.contains("of rbd-fair"), "{text}");
+
+    // The fair reference really writes: every request it counts moved the whole block, on
+    // an image of its own (the scenarios below need `disk` as it is).
+    c.rbd(&["create", "--size", "16M", "rbd/benchw"]);
+    for (rw, bs) in [("randwrite", 4096u64), ("write", 1 << 20)] {
+        let o = host(&[
+            "bench",
+            "ceph-rbd",
+            "-c",
+            "image=benchw",
+            "-c",
+            &conf,
+            "--rw",
+            rw,
+            "--bs",
+            &bs.to_string(),
+            "--iodepth",
+            "4",
+            "--seconds",
+            "0.3",
+            "--rbd-bench",
+            "--json",
+        ]);
+        let out = stdout(&o);
+        assert!(
+            o.status.success(),
+            "bench {rw} failed:\n{out}{}",
+            stderr(&o)
+        );
+        let field = |k: &str| json_number(&out, k);
+        let ops = field("rbd_fair_ops");
+        assert!(ops >= 1.0, "{out}");
+        assert_eq!(field("rbd_fair_bytes"), ops * bs as f64, "{out}");
+        assert_eq!(field("rbd_fair_failed"), 0.0, "{out}");
+        assert!(
+            field("iops") > 0.0 && field("rbd_bench_iops") > 0.0,
+            "{out}"
+        );
+    }
 
     // The conformance suite.
     c.rbd(&["create", "--size", "64M", "rbd/check"]);

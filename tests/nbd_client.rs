@@ -573,6 +573,16 @@ fn bench_measures_fio_nbd_on_the_same_server() {
     let field = |k: &str| json_number(&out, k);
     assert!(field("iops") > 0.0, "{out}");
     assert!(field("fio_nbd_iops") > 0.0, "{out}");
+    // The fair reference (libnbd, fresh buffers) ran on the same server.
+    assert!(
+        field("nbd_fair_iops") > 0.0 && field("nbd_fair_ops") >= 1.0,
+        "{out}"
+    );
+    assert_eq!(
+        field("nbd_fair_bytes"),
+        field("nbd_fair_ops") * 4096.0,
+        "{out}"
+    );
     // A URI given outright, in text mode.
     let uri = server.uri();
     let o = host(&[
@@ -587,6 +597,7 @@ fn bench_measures_fio_nbd_on_the_same_server() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("of fio-nbd"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("of nbd-fair"), "{}", stdout(&o));
     // A plugin without a `uri` key needs one on the command line.
     let o = host(&["bench", "discard", "--seconds", "0.2", "--fio-nbd"]);
     assert!(!o.status.success());

@@ -7,10 +7,15 @@
 //! - [`qemu_img`]: `qemu-img bench` on the same image file, for the image-format plugins.
 //! - [`fio_nbd`]: fio's nbd engine against any NBD server, the reference for NBD clients.
 //! - [`rbd`]: `rbd bench` on the same Ceph image, for the `ceph-rbd` plugin.
+//! - [`fair`], [`rbd_fair`], [`nbd_fair`]: the fair references, small librbd and libnbd
+//!   clients that write fresh data on every request at the plugin's depth and block size.
 
 pub mod direct;
+pub mod fair;
 pub mod fio_nbd;
+pub mod nbd_fair;
 pub mod nbdkit;
 pub mod qemu_img;
 pub mod rbd;
+pub mod rbd_fair;
 pub mod ring;

@@ -60,13 +60,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FORMAT")]
     qemu_img: Option<String>,
     /// Also measure fio's nbd engine against this NBD server URI (default: the plugin's
-    /// `uri` key) with the same pattern, block size, depth, region and duration (needs fio).
+    /// `uri` key) with the same pattern, block size, depth, region and duration (needs fio),
+    /// and the fair reference: a libnbd client writing fresh data on every request.
     #[arg(long, value_name = "URI", num_args = 0..=1, default_missing_value = "")]
     fio_nbd: Option<String>,
     /// Also run `rbd bench` on the same image of the same cluster (a `ceph-rbd` disk) with the
     /// same pattern (`full-seq` for sequential ones) and block size, `--io-threads` = the
     /// requests in flight (`--iodepth` for an asynchronous plugin, else `--workers`), and as
-    /// many bytes.
+    /// many bytes; and the fair reference: a librbd client writing fresh data on every
+    /// request, at the same depth and block size, over the same region and time.
     #[arg(long)]
     rbd_bench: bool,
     /// With `--direct`: run the same pattern on plugin PLUGIN too (opened with its defaults)
@@ -186,6 +188,19 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         ),
         None => None,
     };
+    // The fair references run right after the plugin, before the engines' own tools.
+    let fair = crate::bench::fair::from_cli(
+        args.rbd_bench,
+        args.fio_nbd.as_deref(),
+        &config,
+        (
+            args.rw,
+            bs,
+            ref_depth(&args, is_async),
+            region,
+            opts.duration,
+        ),
+    )?;
     let nbd = if args.nbdkit {
         Some(
             crate::bench::nbdkit::run(args.rw, bs, args.iodepth, region, opts.duration)
@@ -213,15 +228,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     )?;
     let rbd = if args.rbd_bench {
         let total = f.ops * bs as u64;
-        let threads = if args.direct {
-            args.threads
-        } else if is_async {
-            args.iodepth
-        } else {
-            args.workers
-        };
         Some(
-            crate::bench::rbd::run(&config, args.rw, bs, threads, total)
+            crate::bench::rbd::run(&config, args.rw, bs, ref_depth(&args, is_async), total)
                 .map_err(anyhow::Error::msg)
                 .context("--rbd-bench")?,
         )
@@ -259,7 +267,11 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             + &against
                 .as_ref()
                 .map(crate::bench::direct::against_json)
-                .unwrap_or_default();
+                .unwrap_or_default()
+            + &fair
+                .iter()
+                .map(|r| r.figures.json(r.prefix))
+                .collect::<String>();
         let limit_fields = limited
             .map(|(what, limit, got)| {
                 format!(",\"limit\":\"{what}\",\"limit_value\":{limit},\"limit_achieved\":{got:.1},\"limit_ratio\":{:.4}", got / limit as f64)
@@ -328,6 +340,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             );
             println!("  ratio:  {:.2}x qemu-img", f.mbps / q.mbps.max(1e-9));
         }
+        for r in &fair {
+            r.figures.print(r.label, r.what, f.iops);
+        }
         crate::bench::fio_nbd::print_text(fio_nbd, f.iops);
         if let Some(r) = rbd {
             println!(
@@ -348,6 +363,18 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// Requests the references keep in flight: as many as the plugin had (`--iodepth` for an
+/// asynchronous plugin, else `--workers`; `--threads` with `--direct`).
+fn ref_depth(args: &BenchArgs, is_async: bool) -> usize {
+    if args.direct {
+        args.threads
+    } else if is_async {
+        args.iodepth
+    } else {
+        args.workers
+    }
 }
 
 /// The limit that binds this run's pattern, if one does: its name, its value per second and
