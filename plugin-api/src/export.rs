@@ -329,6 +329,10 @@ impl Disk for ForeignDisk {
             .map_err(Error::from)
     }
 
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<crate::disk::Extent>> {
+        crate::extension::ask_extents(&self.inner, offset, len)
+    }
+
     fn submit(&self, submission: Submission) {
         let (op, offset, bufs, done) = submission.into_parts();
         self.inner

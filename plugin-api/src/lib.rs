@@ -29,9 +29,9 @@
 //! ```
 //!
 //! Cargo finds the crate by its package name inside a git repository's workspace, so the
-//! `git` form needs no `package =` key. The crate's version is the interface's: 1.1.0
-//! builds plugins for ABI 1.1 ([`ABI_MAJOR`].[`ABI_MINOR`]), which every host that speaks
-//! 1.1 or later loads (see [Compatibility](#compatibility)); `xen-disk-host plugins inspect`
+//! `git` form needs no `package =` key. The crate's version is the interface's: 1.2.0
+//! builds plugins for ABI 1.2 ([`ABI_MAJOR`].[`ABI_MINOR`]), which every host that speaks
+//! 1.2 or later loads (see [Compatibility](#compatibility)); `xen-disk-host plugins inspect`
 //! shows the version a plugin was built for.
 //!
 //! `src/lib.rs`:
@@ -373,7 +373,7 @@ pub mod submit;
 
 pub use buffers::{with_read_bufs, with_write_bufs, RawBuf, ReadBufs, WriteBufs};
 pub use config::{parse_size, value_from_cli, Config, ConfigKey, KeyType};
-pub use disk::{Disk, DiskInfo, Filter, Plugin, ThreadModel};
+pub use disk::{Disk, DiskInfo, Extent, Filter, Plugin, ThreadModel};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{export_disk, ForeignDisk};
 pub use submit::{Submission, SubmitOp};
@@ -391,7 +391,8 @@ pub const ABI_MAJOR: u16 = 1;
 ///
 /// 0: the frozen interface.
 /// 1: [`DiskInfo::discard_alignment`] (extension [`ffi::ext::DISCARD_LIMITS`]).
-pub const ABI_MINOR: u16 = 1;
+/// 2: block status, [`Disk::extents`] (extension [`ffi::ext::BLOCK_STATUS`]).
+pub const ABI_MINOR: u16 = 2;
 
 /// [`ABI_MAJOR`] and [`ABI_MINOR`] in one number, as the version symbol returns it.
 pub const ABI_VERSION: u32 = abi_version(ABI_MAJOR, ABI_MINOR);

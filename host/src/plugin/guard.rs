@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{
-    Disk, DiskInfo, Error, ErrorKind, RawBuf, ReadBufs, Result, Submission, SubmitOp, ThreadModel,
-    WriteBufs,
+    Disk, DiskInfo, Error, ErrorKind, Extent, RawBuf, ReadBufs, Result, Submission, SubmitOp,
+    ThreadModel, WriteBufs,
 };
 
 /// Largest run of zeroes written per call when emulating write-zeroes.
@@ -426,6 +426,46 @@ impl GuardedDisk {
                 Ok(())
             }
         })
+    }
+
+    /// Block status of `[offset, offset + len)`: consecutive extents from `offset`, at least
+    /// one and at most `max`, covering all or a prefix of the range. What the plugin does not
+    /// report (it predates ABI 1.2, it fails, or it answers something malformed) is data,
+    /// which is always true. A range outside the disk or off the sector grid is data too:
+    /// callers check ranges themselves and refuse those first.
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
+        let ls = u64::from(self.info.logical_sector_size);
+        if len == 0 || self.check_range(offset, len).is_err() {
+            return vec![Extent::data(len.max(1))];
+        }
+        let end = offset + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max.max(1) {
+            let answer = self.call(|d, _| d.extents(pos, end - pos));
+            let Ok(runs) = answer else { break };
+            let before = pos;
+            for e in runs {
+                if e.len == 0 || !e.len.is_multiple_of(ls) || e.len > end - pos {
+                    break;
+                }
+                match out.last_mut() {
+                    Some(l) if l.hole == e.hole && l.zero == e.zero => l.len += e.len,
+                    _ => out.push(e),
+                }
+                pos += e.len;
+            }
+            if pos == before {
+                break;
+            }
+        }
+        if pos < end && out.len() < max.max(1) {
+            out.push(Extent::data(end - pos));
+        }
+        if out.is_empty() {
+            out.push(Extent::data(end - pos));
+        }
+        out
     }
 
     /// Makes a range read as zeroes, natively or by writing zero buffers.
