@@ -44,6 +44,7 @@ pub mod control;
 pub mod frontend;
 pub mod histogram;
 pub mod metrics;
+pub mod nbd;
 pub mod plugin;
 pub mod rng;
 pub mod simulation;
