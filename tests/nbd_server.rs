@@ -4,95 +4,13 @@
 //! well-behaved one keeps working.
 
 mod common;
+mod nbd_common;
 use common::*;
+use nbd_common::*;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-const MIB: usize = 1 << 20;
-
-/// A running `xen-disk-host nbd`, stopped (SIGTERM, then waited for) when dropped.
-struct NbdServer {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl NbdServer {
-    fn start(socket: &Path, args: &[&str]) -> NbdServer {
-        build_all();
-        let mut cmd = Command::new(target_dir().join("xen-disk-host"));
-        cmd.arg("nbd")
-            .args(args)
-            .arg("--unix")
-            .arg(socket)
-            .env("XEN_DISK_PLUGIN_PATH", target_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start xen-disk-host nbd");
-        let started = Instant::now();
-        while UnixStream::connect(socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("nbd {args:?} exited with {status}: {err}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the server never listened"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        NbdServer {
-            child,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-}
-
-impl Drop for NbdServer {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn tool(name: &str, args: &[&str]) -> Output {
-    Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{name} is needed (see .ci/run's PKGS): {e}"))
-}
-
-fn tool_ok(name: &str, args: &[&str]) -> String {
-    let o = tool(name, args);
-    assert!(
-        o.status.success(),
-        "{name} {args:?}: {}{}",
-        stdout(&o),
-        stderr(&o)
-    );
-    stdout(&o)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn sparse(path: &Path, len: u64) {
-    std::fs::File::create(path).unwrap().set_len(len).unwrap();
-}
+use std::path::Path;
+use std::time::Duration;
 
 #[test]
 fn qemu_img_convert_and_compare_through_a_plain_and_a_filtered_export() {
@@ -298,30 +216,6 @@ fn nbdinfo_reports_the_export_and_its_map_equals_qemu_img_map_of_the_file() {
     assert_eq!(qemu_map(&srv.uri(), None), qemu_map(s(&img), Some("raw")));
 }
 
-/// `qemu-img map --output=json` as (start, length, zero, data) runs, merged where equal.
-pub fn qemu_map(target: &str, format: Option<&str>) -> Vec<(u64, u64, bool, bool)> {
-    let mut args = vec!["map", "--output=json"];
-    if let Some(f) = format {
-        args.extend(["-f", f]);
-    } else {
-        args.extend(["-f", "raw"]);
-    }
-    args.push(target);
-    let out = tool_ok("qemu-img", &args);
-    let mut runs: Vec<(u64, u64, bool, bool)> = Vec::new();
-    for line in out.lines().filter(|l| l.contains("\"start\"")) {
-        let line = line.replace(' ', "");
-        let num = |k: &str| json_number(&line, k) as u64;
-        let flag = |k: &str| line.contains(&format!("\"{k}\":true"));
-        let (start, len, zero, data) = (num("start"), num("length"), flag("zero"), flag("data"));
-        match runs.last_mut() {
-            Some(r) if r.2 == zero && r.3 == data && r.0 + r.1 == start => r.1 += len,
-            _ => runs.push((start, len, zero, data)),
-        }
-    }
-    runs
-}
-
 #[test]
 fn nbdcopy_copies_in_and_out_with_several_connections() {
     let t = TempDir::new("nbd-copy");
@@ -363,6 +257,7 @@ fn fio_nbd_engine_writes_and_verifies_at_depth() {
             "--size=16M",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     );

@@ -438,32 +438,43 @@ impl GuardedDisk {
         if len == 0 || self.check_range(offset, len).is_err() {
             return vec![Extent::data(len.max(1))];
         }
-        let end = offset + len;
+        let (end, max) = (offset + len, max.max(1));
         let mut out: Vec<Extent> = Vec::new();
+        // Appends `e`, merged with the last extent when alike; false when `out` is full.
+        let add = |out: &mut Vec<Extent>, e: Extent| {
+            if let Some(l) = out
+                .last_mut()
+                .filter(|l| l.hole == e.hole && l.zero == e.zero)
+            {
+                l.len += e.len;
+            } else if out.len() >= max {
+                return false;
+            } else {
+                out.push(e);
+            }
+            true
+        };
         let mut pos = offset;
-        while pos < end && out.len() < max.max(1) {
-            let answer = self.call(|d, _| d.extents(pos, end - pos));
-            let Ok(runs) = answer else { break };
-            let before = pos;
+        'ask: while pos < end {
+            let Ok(runs) = self.call(|d, _| d.extents(pos, end - pos)) else {
+                break;
+            };
+            if runs.is_empty() {
+                break;
+            }
             for e in runs {
                 if e.len == 0 || !e.len.is_multiple_of(ls) || e.len > end - pos {
-                    break;
+                    // A malformed answer: nothing more from this plugin is trusted.
+                    break 'ask;
                 }
-                match out.last_mut() {
-                    Some(l) if l.hole == e.hole && l.zero == e.zero => l.len += e.len,
-                    _ => out.push(e),
+                if !add(&mut out, e) {
+                    return out;
                 }
                 pos += e.len;
             }
-            if pos == before {
-                break;
-            }
         }
-        if pos < end && out.len() < max.max(1) {
-            out.push(Extent::data(end - pos));
-        }
-        if out.is_empty() {
-            out.push(Extent::data(end - pos));
+        if pos < end {
+            add(&mut out, Extent::data(end - pos));
         }
         out
     }
@@ -747,5 +758,46 @@ mod tests {
         assert_eq!(rx.recv().unwrap(), ("read", true));
         swapper.join().unwrap().unwrap();
         assert!(!disk.is_async(), "the new plugin serves");
+    }
+
+    /// Answers the same extents whatever it is asked.
+    struct Mapped(Vec<Extent>);
+    impl Disk for Mapped {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(1 << 20)
+        }
+        fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn extents(&self, _: u64, _: u64) -> Result<Vec<Extent>> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn block_status_keeps_what_is_sound_and_calls_the_rest_data() {
+        let g = |runs: Vec<Extent>| GuardedDisk::new(Box::new(Mapped(runs)), false).unwrap();
+        // Merged, and asked again from where an answer stops.
+        let d = g(vec![Extent::hole(4096), Extent::hole(4096)]);
+        assert_eq!(d.extents(0, 16384, 100), vec![Extent::hole(16384)]);
+        // Off the sector grid or past the range: data from there on.
+        let d = g(vec![Extent::hole(4096), Extent::zero(1000)]);
+        assert_eq!(
+            d.extents(0, 16384, 100),
+            vec![Extent::hole(4096), Extent::data(12288)]
+        );
+        let d = g(vec![Extent::hole(1 << 21)]);
+        assert_eq!(d.extents(0, 4096, 100), vec![Extent::data(4096)]);
+        // Outside the disk: the guard never asks the plugin.
+        assert_eq!(d.extents(1 << 20, 512, 100), vec![Extent::data(512)]);
+        // At most `max` extents.
+        let d = g(vec![Extent::hole(512), Extent::data(512)]);
+        assert_eq!(d.extents(0, 1 << 20, 3).len(), 3);
+        // A plugin that does not report: data.
+        let (d, _) = spy(DiskInfo::new(1 << 20), false);
+        assert_eq!(d.extents(0, 1 << 20, 100), vec![Extent::data(1 << 20)]);
     }
 }
