@@ -135,3 +135,51 @@ pub fn nbdinfo_map(uri: &str, context: Option<&str>) -> Vec<(u64, u64, u32)> {
         })
         .collect()
 }
+
+/// A minimal NBD reader for the tests: `NBD_OPT_GO` on the default export, then reads with
+/// simple replies. Enough to copy chosen ranges, which no command-line client does.
+pub struct MiniClient(UnixStream);
+
+impl MiniClient {
+    pub fn connect(socket: &Path) -> MiniClient {
+        use std::io::Write;
+        let mut s = UnixStream::connect(socket).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut go = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
+        go.extend_from_slice(&7u32.to_be_bytes());
+        go.extend_from_slice(&6u32.to_be_bytes());
+        go.extend_from_slice(&[0u8; 6]);
+        s.write_all(&go).unwrap();
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).unwrap();
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            s.read_exact(&mut d).unwrap();
+            match kind {
+                1 => return MiniClient(s),
+                3 => {}
+                other => panic!("GO answered {other:#x}"),
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) {
+        use std::io::Write;
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&[0, 0, 0, 0]);
+        r.extend_from_slice(&1u64.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&(buf.len() as u32).to_be_bytes());
+        self.0.write_all(&r).unwrap();
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(&h[4..8], &[0, 0, 0, 0], "read at {offset} failed");
+        self.0.read_exact(buf).unwrap();
+    }
+}

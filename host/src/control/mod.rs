@@ -12,6 +12,9 @@
 //! swap <dev> <plugin> [--allow-shrink] [-c key=value | key=value]...
 //! detach <dev>                           Closing, as Ctrl-C does for `connect`
 //! resize <dev>                           re-read the plugin's size and tell the guest
+//! snapshot <dev> --nbd unix:PATH|tcp:HOST:PORT [--name NAME] [-c key=value]...
+//!                                        freeze under a cow overlay, export the base (backup)
+//! commit <dev>                           copy the overlay into the base, live, and drop it
 //! ```
 //!
 //! `<dev>` is a device's id from `list` (`<domid>/<vbd>`, e.g. `3/xvdb`) or its guest's
@@ -22,6 +25,7 @@
 //! while opening (an image on a hung network filesystem, a FIFO) gets the request answered
 //! with an error and holds up nothing else.
 
+pub mod backup;
 pub mod socket;
 
 use crate::backend::limits::IoLimits;
@@ -62,8 +66,16 @@ impl Registry {
                     .map(|_| format!("{}: {} bytes", e.id, e.disk.size()))
                     .map_err(|why| why.to_string())
             }),
+            ["snapshot", dev, rest @ ..] => self
+                .find(dev)
+                .map_err(|e| e.to_string())
+                .and_then(|e| backup::snapshot(&e, rest)),
+            ["commit", dev] => self
+                .find(dev)
+                .map_err(|e| e.to_string())
+                .and_then(|e| backup::commit(&e)),
             _ => Err(format!(
-                "unknown request `{}` (list, stats, limit, swap, detach, resize)",
+                "unknown request `{}` (list, stats, limit, swap, detach, resize, snapshot, commit)",
                 line.trim()
             )),
         };

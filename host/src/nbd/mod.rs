@@ -31,7 +31,7 @@ use crate::plugin::GuardedDisk;
 use std::sync::Arc;
 
 pub use meta::DirtyMap;
-pub use server::{serve, Listen, Server};
+pub use server::{bind, serve, Bound, Listen, Server};
 
 /// The largest read or write payload served (and advertised as the maximum block size):
 /// 32 MiB, the size the protocol says every server should accept.

@@ -1,14 +1,16 @@
 //! Listening for NBD clients on a Unix socket or a TCP port, one thread per client, at most
-//! [`MAX_CLIENTS`] at once (another is closed at once). The handshake must finish within
+//! [`MAX_CLIENTS`] at once (another is closed at once). Dropping the [`Server`] stops
+//! listening and disconnects the clients still connected. The handshake must finish within
 //! [`HANDSHAKE_DEADLINE`] per read, so an idle half-open client does not hold a place.
 
 use super::{handshake, transmit, Export};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Clients served at once.
@@ -119,6 +121,7 @@ enum Listener {
 /// removes a Unix socket file.
 pub struct Server {
     stop: Arc<AtomicBool>,
+    clients: Clients,
     path: Option<PathBuf>,
     addr: String,
 }
@@ -133,9 +136,20 @@ impl Server {
     }
 }
 
+/// The connections being served, by number, so that they can be closed.
+type Clients = Arc<Mutex<HashMap<u64, Stream>>>;
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        for (_, c) in self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
+            c.shutdown();
+        }
         // Wake the accept loop so it sees the flag.
         match &self.path {
             Some(p) => {
@@ -151,6 +165,15 @@ impl Drop for Server {
 
 /// Starts serving `export` at `listen` on a thread of its own.
 pub fn serve(listen: &Listen, export: Arc<Export>) -> Result<Server, String> {
+    Ok(bind(listen)?.start(export))
+}
+
+/// A bound listener that accepts no client yet: a live backup binds before it freezes the
+/// disk (so a bad address changes nothing) and starts once the export is frozen.
+pub struct Bound(Listener);
+
+/// Binds `listen` (the only step that can fail).
+pub fn bind(listen: &Listen) -> Result<Bound, String> {
     let listener = match listen {
         Listen::Unix(path) => {
             if UnixStream::connect(path).is_ok() {
@@ -167,25 +190,42 @@ pub fn serve(listen: &Listen, export: Arc<Export>) -> Result<Server, String> {
             Listener::Tcp(TcpListener::bind(addr).map_err(|e| format!("{addr}: {e}"))?)
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let (path, addr) = match &listener {
-        Listener::Unix(_, p) => (Some(p.clone()), String::new()),
-        Listener::Tcp(l) => (
-            None,
-            l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        ),
-    };
-    let flag = stop.clone();
-    std::thread::Builder::new()
-        .name("nbd-accept".into())
-        .spawn(move || accept_loop(listener, export, flag))
-        .map_err(|e| format!("cannot start the NBD listener thread: {e}"))?;
-    Ok(Server { stop, path, addr })
+    Ok(Bound(listener))
 }
 
-fn accept_loop(listener: Listener, export: Arc<Export>, stop: Arc<AtomicBool>) {
+impl Bound {
+    /// Starts accepting clients of `export`.
+    pub fn start(self, export: Arc<Export>) -> Server {
+        let listener = self.0;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (path, addr) = match &listener {
+            Listener::Unix(_, p) => (Some(p.clone()), String::new()),
+            Listener::Tcp(l) => (
+                None,
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            ),
+        };
+        let (flag, clients) = (stop.clone(), Clients::default());
+        let list = clients.clone();
+        // Without a thread no client is served; the server still closes cleanly.
+        if let Err(e) = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(listener, export, flag, list))
+        {
+            tracing::error!("nbd: cannot start the listener thread: {e}");
+        }
+        Server {
+            stop,
+            clients,
+            path,
+            addr,
+        }
+    }
+}
+
+fn accept_loop(listener: Listener, export: Arc<Export>, stop: Arc<AtomicBool>, clients: Clients) {
     let active = Arc::new(AtomicUsize::new(0));
-    loop {
+    for number in 0u64.. {
         let conn = match &listener {
             Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
@@ -207,11 +247,26 @@ fn accept_loop(listener: Listener, export: Arc<Export>, stop: Arc<AtomicBool>) {
             conn.shutdown();
             continue;
         }
-        let (export, active) = (export.clone(), active.clone());
+        if let Ok(c) = conn.try_clone() {
+            clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(number, c);
+        }
+        // Checked again now that the connection is listed: a Drop in between closes it.
+        if stop.load(Ordering::SeqCst) {
+            conn.shutdown();
+            return;
+        }
+        let (export, active, clients) = (export.clone(), active.clone(), clients.clone());
         let spawned = std::thread::Builder::new()
             .name("nbd-client".into())
             .spawn(move || {
                 client(conn, &export);
+                clients
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&number);
                 active.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
