@@ -427,6 +427,16 @@ fn ctl_snapshot_and_commit_on_a_connect_sim_process() {
         "{out}"
     );
     assert!(ctl(&["list"]).contains("stack=file"));
+    // A snapshot whose overlay a swap replaces is dropped, and says so on commit.
+    let out = ctl(&["snapshot", "1/xvdb", "--nbd", &format!("unix:{}", s(&nbd))]);
+    assert!(out.contains("frozen"), "{out}");
+    ctl(&["swap", "1/xvdb", "file", "-c", &format!("path={}", s(&img))]);
+    let o = host(&["ctl", "--socket", s(&control), "commit", "1/xvdb"]);
+    assert_bad_input(&o, &["was swapped since snapshot", "dropped"]);
+    assert!(std::os::unix::net::UnixStream::connect(&nbd).is_err());
+    let out = ctl(&["snapshot", "1/xvdb", "--nbd", &format!("unix:{}", s(&nbd))]);
+    assert!(out.contains("frozen"), "{out}");
+    ctl(&["commit", "1/xvdb"]);
     ctl(&["detach", "1/xvdb"]);
     assert!(child.wait().unwrap().success());
 }

@@ -182,11 +182,25 @@ fn with_state<T>(e: &Entry, f: impl FnOnce(&mut Backups) -> T) -> T {
     f(state)
 }
 
+/// Drops an open snapshot whose overlay a `ctl swap` replaced (its export closes); returns
+/// its name.
+fn drop_if_swapped_away(e: &Entry, state: &mut Backups) -> Option<String> {
+    let open = state.open.as_ref()?;
+    if Arc::ptr_eq(&e.disk.current(), &open.top) {
+        return None;
+    }
+    let name = open.name.clone();
+    tracing::warn!(id = %e.id, "snapshot {name}: its overlay was swapped out; dropped");
+    state.open = None;
+    Some(name)
+}
+
 /// `snapshot <dev> --nbd unix:PATH|tcp:HOST:PORT [--name NAME] [-c key=value]...`
 pub fn snapshot(e: &Entry, words: &[&str]) -> std::result::Result<String, String> {
     let args = parse_snapshot(words)?;
     let config = Config::from_pairs(&args.cow).map_err(|why| format!("snapshot: {why}"))?;
     with_state(e, |state| {
+        drop_if_swapped_away(e, state);
         if let Some(open) = &state.open {
             return Err(format!(
                 "{}: snapshot {} is open; `ctl commit {}` first",
@@ -293,6 +307,13 @@ fn copy_block(
 /// `commit <dev>`
 pub fn commit(e: &Entry) -> std::result::Result<String, String> {
     with_state(e, |state| {
+        if let Some(name) = drop_if_swapped_away(e, state) {
+            return Err(format!(
+                "{}: the device's plugin was swapped since snapshot {name}, which is dropped: \
+                 nothing to commit",
+                e.id
+            ));
+        }
         let Some(mut open) = state.open.take() else {
             return Err(format!(
                 "{}: no snapshot is open (`ctl snapshot` first)",
