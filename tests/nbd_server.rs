@@ -439,3 +439,41 @@ fn bad_command_lines_get_one_error_line() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--unix"), "{}", stderr(&o));
 }
+
+#[test]
+fn the_bench_script_measures_every_server_and_prints_the_medians() {
+    build_all();
+    let o = std::process::Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nbd-bench.sh"))
+        .args(["1", "0.2", "16"])
+        .env("XEN_DISK_HOST", target_dir().join("xen-disk-host"))
+        .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .output()
+        .expect("bash");
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    for server in [
+        "ours-raw",
+        "nbdkit-raw",
+        "qemu-raw",
+        "ours-qcow2",
+        "qemu-qcow2",
+    ] {
+        let rounds = out
+            .lines()
+            .filter(|l| l.starts_with("round") && l.contains(server));
+        assert_eq!(rounds.count(), 2, "{server}: {out}");
+        let medians = out
+            .lines()
+            .filter(|l| !l.starts_with("round") && l.contains(&format!("{server} ")));
+        assert_eq!(medians.count(), 2, "{server}: {out}");
+    }
+    for want in [
+        "randread ours-raw",
+        "read ours-qcow2",
+        "ratio to qemu-qcow2",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    assert_eq!(out.matches("ratio to ").count(), 4, "{out}");
+}
