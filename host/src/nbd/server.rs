@@ -19,6 +19,11 @@ pub const MAX_CLIENTS: usize = 64;
 /// How long one read of the handshake may wait.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long a reply may wait for the client to make room for it: a client that sends
+/// requests but never reads the replies is disconnected after this, which frees its
+/// workers and its place.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -75,6 +80,13 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
         };
+    }
+    /// Sets the deadline of each write.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
     }
     /// Sets (or, with `None`, lifts) the read deadline.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
@@ -278,6 +290,7 @@ fn accept_loop(listener: Listener, export: Arc<Export>, stop: Arc<AtomicBool>, c
 /// Serves one client from handshake to disconnect.
 fn client(mut conn: Stream, export: &Export) {
     let _ = conn.set_read_timeout(Some(HANDSHAKE_DEADLINE));
+    let _ = conn.set_write_timeout(Some(REPLY_DEADLINE));
     let session = match handshake::negotiate(&mut conn, export) {
         Ok(s) => s,
         Err(handshake::Ended::Quit) => return conn.shutdown(),

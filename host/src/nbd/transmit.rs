@@ -75,6 +75,30 @@ fn errno_of(e: &Error) -> u32 {
     }
 }
 
+/// True when `head` is an error reply (simple with a non-zero error, or an error chunk).
+fn is_error(head: &[u8]) -> bool {
+    match be32(&head[0..4]) {
+        SIMPLE_REPLY_MAGIC => be32(&head[4..8]) != 0,
+        _ => be16(&head[6..8]) & (1 << 15) != 0,
+    }
+}
+
+/// Writes every piece, in order, with as few system calls as the socket takes.
+fn write_all_vectored(w: &mut Stream, pieces: &mut [&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = pieces.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    io::IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean end of stream before the first.
 fn read_whole(s: &mut Stream, buf: &mut [u8]) -> io::Result<bool> {
     let mut got = 0;
@@ -102,17 +126,27 @@ pub fn run(mut conn: Stream, export: &Export, session: Session) -> Result<(), St
     let rx = Mutex::new(rx);
     let out = std::thread::scope(|scope| {
         for _ in 0..WORKERS {
-            scope.spawn(|| loop {
-                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                };
-                let reply = serve(export, &session, &job);
-                budget.give(job.cost);
-                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                if reply.iter().try_for_each(|b| w.write_all(b)).is_err() {
-                    // The client is gone: stop the reader too.
-                    w.shutdown();
+            scope.spawn(|| {
+                // Each worker reads into its own buffer, reused: no allocation and no
+                // zeroing per request once it has grown.
+                let mut data = Vec::new();
+                loop {
+                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    let reply = serve(export, &session, &job, &mut data);
+                    let mut pieces: Vec<&[u8]> = reply.iter().map(Vec::as_slice).collect();
+                    if job.req.kind == CMD_READ && reply.len() == 1 && !is_error(&reply[0]) {
+                        pieces.push(&data[..job.req.length as usize]);
+                    }
+                    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                    if write_all_vectored(&mut w, &mut pieces).is_err() {
+                        // The client is gone: stop the reader too.
+                        w.shutdown();
+                    }
+                    drop(w);
+                    budget.give(job.cost);
                 }
             });
         }
@@ -208,11 +242,12 @@ fn ok_reply(session: &Session, req: &Request) -> Vec<Vec<u8>> {
 }
 
 /// Serves one request; returns the reply's pieces, sent in order.
-fn serve(export: &Export, session: &Session, job: &Job) -> Vec<Vec<u8>> {
+/// For a read that succeeds, the data is left in `data` and the reply is its header alone.
+fn serve(export: &Export, session: &Session, job: &Job, data: &mut Vec<u8>) -> Vec<Vec<u8>> {
     let req = &job.req;
     match check(export, session, req) {
         Err((errno, why)) => error_reply(session, req, errno, why),
-        Ok(()) => match run_command(export, session, job) {
+        Ok(()) => match run_command(export, session, job, data) {
             Ok(reply) => reply,
             Err(e) => {
                 tracing::debug!(
@@ -271,14 +306,19 @@ fn check(export: &Export, session: &Session, req: &Request) -> Result<(), (u32, 
     Ok(())
 }
 
-fn run_command(export: &Export, session: &Session, job: &Job) -> Result<Vec<Vec<u8>>, Error> {
+fn run_command(
+    export: &Export,
+    session: &Session,
+    job: &Job,
+    data: &mut Vec<u8>,
+) -> Result<Vec<Vec<u8>>, Error> {
     let req = &job.req;
     let disk = &export.disk;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let len = u64::from(req.length);
     match req.kind {
         CMD_READ => {
-            let data = read(export, req.offset, len)?;
+            read(export, req.offset, len, data)?;
             let head = if session.structured {
                 let mut h = chunk_header(
                     req.cookie,
@@ -292,7 +332,7 @@ fn run_command(export: &Export, session: &Session, job: &Job) -> Result<Vec<Vec<
             } else {
                 simple_reply(req.cookie, 0).to_vec()
             };
-            Ok(vec![head, data])
+            Ok(vec![head])
         }
         CMD_WRITE => {
             with_write_bufs(&[&job.payload], |b| disk.write(req.offset, b, fua))?;
@@ -323,18 +363,20 @@ fn run_command(export: &Export, session: &Session, job: &Job) -> Result<Vec<Vec<
 
 /// Reads `len` bytes at `offset`; an unaligned range is read through a bounce buffer
 /// covering whole sectors.
-fn read(export: &Export, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+fn read(export: &Export, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<(), Error> {
     let ls = u64::from(export.disk.info().logical_sector_size);
     let start = offset / ls * ls;
     let end = (offset + len).div_ceil(ls) * ls;
-    let mut buf = vec![0u8; (end - start) as usize];
-    with_read_bufs(&mut [&mut buf], |b| export.disk.read(start, b))?;
-    if start != offset || end != offset + len {
+    let n = (end - start) as usize;
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    with_read_bufs(&mut [&mut buf[..n]], |b| export.disk.read(start, b))?;
+    if start != offset {
         let at = (offset - start) as usize;
         buf.copy_within(at..at + len as usize, 0);
-        buf.truncate(len as usize);
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// One block status chunk per selected context, the last marked done.
