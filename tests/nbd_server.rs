@@ -477,3 +477,45 @@ fn the_bench_script_measures_every_server_and_prints_the_medians() {
     }
     assert_eq!(out.matches("ratio to ").count(), 4, "{out}");
 }
+
+#[test]
+fn a_tcp_export_serves_the_same_disk() {
+    let t = TempDir::new("nbd-tcp");
+    let img = t.join("disk.img");
+    random_file(&img, 4 * MIB, 17);
+    // A free port from the kernel; released just before the server binds it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    build_all();
+    let mut child = std::process::Command::new(target_dir().join("xen-disk-host"))
+        .args(["nbd", "file", "-c", &format!("path={}", s(&img))])
+        .args(["--tcp", &format!("127.0.0.1:{port}")])
+        .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd://127.0.0.1:{port}");
+    let result = std::panic::catch_unwind(|| {
+        tool_ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", s(&img), &uri],
+        );
+        let info = tool_ok("nbdinfo", &["--json", &uri]);
+        assert!(info.contains("\"export-size\": 4194304"), "{info}");
+    });
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success(), "SIGTERM ends it cleanly");
+    result.unwrap();
+}
