@@ -322,3 +322,38 @@ fn choose(export: &Export, queries: &[String], set: bool) -> Vec<Context> {
     }
     chosen
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &[u8], queries: &[&[u8]], count: u32) -> Vec<u8> {
+        let mut v = (name.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(name);
+        v.extend_from_slice(&count.to_be_bytes());
+        for q in queries {
+            v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            v.extend_from_slice(q);
+        }
+        v
+    }
+
+    #[test]
+    fn meta_context_requests_are_parsed_only_when_every_length_holds() {
+        let ok = meta(b"x", &[b"base:allocation", b"qemu:"], 2);
+        let (name, q) = parse_meta(&ok).unwrap();
+        assert_eq!((name, q.len()), (&b"x"[..], 2));
+        // A count larger than the queries sent, a huge count, trailing bytes, a query
+        // length past the end, a query that is not UTF-8, a name over 4096 bytes: refused.
+        assert!(parse_meta(&meta(b"x", &[b"base:"], 2)).is_none());
+        assert!(parse_meta(&meta(b"x", &[], u32::MAX)).is_none());
+        let mut trailing = meta(b"", &[], 0);
+        trailing.push(0);
+        assert!(parse_meta(&trailing).is_none());
+        let mut cut = meta(b"", &[b"base:allocation"], 1);
+        cut.truncate(cut.len() - 1);
+        assert!(parse_meta(&cut).is_none());
+        assert!(parse_meta(&meta(b"", &[&[0xff, 0xfe]], 1)).is_none());
+        assert!(parse_meta(&meta(&[b'a'; 4097], &[], 0)).is_none());
+    }
+}
