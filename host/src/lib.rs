@@ -12,7 +12,8 @@
 //! `cli` at the top uses any of them):
 //!
 //! ```text
-//!  cli ─┬─▶ control ────▶ backend
+//!  cli ─┬─▶ control ────▶ backend, nbd (live backup's export)
+//!       ├─▶ nbd ────────▶ plugin
 //!       ├─▶ metrics ────▶ backend (the registry's devices, read only)
 //!       ├─▶ simulation ─▶ backend, frontend
 //!       ├─▶ bench ──────▶ backend, frontend
@@ -28,7 +29,8 @@
 //! - [`backend`]: one virtual disk's pieces (advertisement, frontend keys, the ring thread,
 //!   I/O workers), the device, the `serve` daemon and its registry of devices.
 //! - [`control`]: the control socket (`ctl`) over the registry: list, statistics, limits, swap,
-//!   detach.
+//!   detach, live backup (snapshot, commit).
+//! - [`nbd`]: an NBD server for any plugin stack (`xen-disk-host nbd`, live backup's export).
 //! - [`metrics`]: the Prometheus endpoint over the same registry, and the process's figures.
 //! - [`frontend`]: a blkfront in Rust for simulated guests (`check`, `bench`, tests).
 //! - [`simulation`]: a whole disk end to end in one process (`sim read/write`, tests).
@@ -44,6 +46,7 @@ pub mod control;
 pub mod frontend;
 pub mod histogram;
 pub mod metrics;
+pub mod nbd;
 pub mod plugin;
 pub mod rng;
 pub mod simulation;

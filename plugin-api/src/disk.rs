@@ -160,6 +160,45 @@ impl DiskInfo {
     }
 }
 
+/// One run of a disk's block status ([`Disk::extents`], since ABI 1.2): `len` bytes that
+/// are all stored data, all a hole, or all known to read as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes, > 0.
+    pub len: u64,
+    /// Not allocated in the backing store (a sparse file's hole, an unallocated cluster).
+    pub hole: bool,
+    /// Reads as zeroes (a hole usually does; an allocated zero cluster does too).
+    pub zero: bool,
+}
+
+impl Extent {
+    /// Stored data (what a disk that reports nothing is taken to be everywhere).
+    pub const fn data(len: u64) -> Extent {
+        Extent {
+            len,
+            hole: false,
+            zero: false,
+        }
+    }
+    /// Unallocated and reading as zeroes.
+    pub const fn hole(len: u64) -> Extent {
+        Extent {
+            len,
+            hole: true,
+            zero: true,
+        }
+    }
+    /// Allocated but reading as zeroes (a preallocated or zeroed cluster).
+    pub const fn zero(len: u64) -> Extent {
+        Extent {
+            len,
+            hole: false,
+            zero: true,
+        }
+    }
+}
+
 /// One open virtual disk.
 ///
 /// Offsets and lengths are in bytes. **The host has already checked every request**: it is
@@ -203,6 +242,18 @@ pub trait Disk: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
         Err(Error::unsupported("write-zeroes"))
+    }
+
+    /// Block status (ABI 1.2): which parts of `[offset, offset + len)` are holes or read as
+    /// zeroes, as consecutive [`Extent`]s from `offset`. Answer a prefix if the whole range
+    /// costs too much: at least one extent, their lengths summing to at most `len` (the host
+    /// asks again for the rest). `offset` and `len` are sector-aligned and inside the disk.
+    /// The default answers "unsupported", and the host then reports the range as data:
+    /// always a safe answer, never a wrong one. A filter reports what its own layer knows
+    /// and asks its base ([`ForeignDisk::extents`](crate::ForeignDisk)) for the rest.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let _ = (offset, len);
+        Err(Error::unsupported("block status"))
     }
 
     /// Starts a read or write and returns; completes it later with

@@ -329,6 +329,10 @@ impl Disk for ForeignDisk {
             .map_err(Error::from)
     }
 
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<crate::disk::Extent>> {
+        crate::extension::ask_extents(&self.inner, offset, len)
+    }
+
     fn submit(&self, submission: Submission) {
         let (op, offset, bufs, done) = submission.into_parts();
         self.inner
@@ -471,5 +475,41 @@ mod tests {
         let d = (m.describe())();
         assert_eq!(d.name.as_str(), "boom");
         assert_eq!(d.config_keys.len(), 1);
+    }
+
+    /// Answers a fixed list of extents whatever it is asked (a careless plugin).
+    struct Mapped(Vec<crate::Extent>);
+    impl Disk for Mapped {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(1 << 20)
+        }
+        fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn extents(&self, _: u64, _: u64) -> Result<Vec<crate::Extent>> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn block_status_crosses_the_boundary_and_stops_at_the_asked_range() {
+        use crate::Extent;
+        let runs = vec![Extent::hole(4096), Extent::data(512), Extent::zero(8192)];
+        let d = ForeignDisk::new(export_disk(Mapped(runs.clone())));
+        assert_eq!(d.extents(0, 1 << 20).unwrap(), runs);
+        // Extents past the asked length are dropped, never passed on.
+        assert_eq!(d.extents(0, 4608).unwrap(), runs[..2].to_vec());
+        // Nothing inside the range: an error, not an empty answer.
+        let d = ForeignDisk::new(export_disk(Mapped(vec![Extent::data(1 << 21)])));
+        assert!(d.extents(0, 4096).is_err());
+        // A disk that does not report answers "unsupported", as a 1.0 plugin does.
+        let d = ForeignDisk::new(export_disk(Ram(std::sync::Mutex::new(vec![0; 4096]))));
+        assert_eq!(
+            d.extents(0, 4096).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
     }
 }

@@ -8,7 +8,7 @@
 //! never asks for it. Both sides of these calls live in this crate, so plugin authors see
 //! only [`Disk`](crate::Disk) and [`DiskInfo`](crate::DiskInfo).
 
-use crate::disk::{Disk, DiskInfo};
+use crate::disk::{Disk, DiskInfo, Extent};
 use crate::error::{Error, Result};
 use crate::ffi::{ext, FfiDiskBox};
 use abi_stable::std_types::{RSlice, RSliceMut};
@@ -28,11 +28,84 @@ pub(crate) fn serve_disk<D: Disk>(
     input: &[u8],
     output: &mut [u8],
 ) -> Result<u32> {
-    let _ = input;
     match id {
         ext::DISCARD_LIMITS => Ok(answer(output, &disk.info().discard_alignment.to_ne_bytes())),
+        ext::BLOCK_STATUS => serve_extents(disk, input, output),
         _ => Err(unknown(id)),
     }
+}
+
+/// [`ext::BLOCK_STATUS`], plugin side: checks the input, asks the disk, encodes as many
+/// extents as the output holds (at least one, or an error).
+fn serve_extents<D: Disk>(disk: &D, input: &[u8], output: &mut [u8]) -> Result<u32> {
+    let (Some(offset), Some(len)) = (input.get(0..8), input.get(8..16)) else {
+        return Err(Error::new(
+            crate::ErrorKind::Other,
+            "block status: short input",
+        ));
+    };
+    let offset = u64::from_ne_bytes(offset.try_into().expect("8 bytes"));
+    let len = u64::from_ne_bytes(len.try_into().expect("8 bytes"));
+    let room = output.len() / ext::EXTENT_RECORD;
+    if room == 0 || len == 0 {
+        return Err(Error::new(
+            crate::ErrorKind::Other,
+            "block status: no room or empty range",
+        ));
+    }
+    let extents = disk.extents(offset, len)?;
+    let mut written = 0;
+    let mut covered = 0u64;
+    for e in extents.iter().take(room) {
+        if e.len == 0 || covered + e.len > len {
+            break;
+        }
+        covered += e.len;
+        let flags =
+            if e.hole { ext::EXTENT_HOLE } else { 0 } | if e.zero { ext::EXTENT_ZERO } else { 0 };
+        let rec = &mut output[written..written + ext::EXTENT_RECORD];
+        rec[0..8].copy_from_slice(&e.len.to_ne_bytes());
+        rec[8..12].copy_from_slice(&flags.to_ne_bytes());
+        rec[12..16].copy_from_slice(&0u32.to_ne_bytes());
+        written += ext::EXTENT_RECORD;
+    }
+    if written == 0 {
+        return Err(Error::new(
+            crate::ErrorKind::Other,
+            "block status: the disk answered no extent inside the range",
+        ));
+    }
+    Ok(written as u32)
+}
+
+/// Asks `disk` for its block status over `[offset, offset + len)` (host side, or a filter
+/// asking its base). A disk built before 1.2, or one that does not report, answers
+/// "unsupported".
+pub(crate) fn ask_extents(disk: &FfiDiskBox, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    let mut input = [0u8; 16];
+    input[0..8].copy_from_slice(&offset.to_ne_bytes());
+    input[8..16].copy_from_slice(&len.to_ne_bytes());
+    let mut out = vec![0u8; 1024 * ext::EXTENT_RECORD];
+    let got = disk
+        .extension(
+            ext::BLOCK_STATUS,
+            RSlice::from_slice(&input),
+            RSliceMut::from_mut_slice(&mut out),
+        )
+        .into_result()
+        .map_err(Error::from)? as usize;
+    let got = got.min(out.len()) / ext::EXTENT_RECORD * ext::EXTENT_RECORD;
+    let mut v = Vec::with_capacity(got / ext::EXTENT_RECORD);
+    for rec in out[..got].chunks_exact(ext::EXTENT_RECORD) {
+        let len = u64::from_ne_bytes(rec[0..8].try_into().expect("8 bytes"));
+        let flags = u32::from_ne_bytes(rec[8..12].try_into().expect("4 bytes"));
+        v.push(Extent {
+            len,
+            hole: flags & ext::EXTENT_HOLE != 0,
+            zero: flags & ext::EXTENT_ZERO != 0,
+        });
+    }
+    Ok(v)
 }
 
 /// Answers the plugin-wide extension `id` (plugin side). None is defined yet.

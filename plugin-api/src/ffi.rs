@@ -221,6 +221,19 @@ pub mod ext {
     /// the answer is a `u32` in native byte order, the discard alignment in bytes
     /// ([`DiskInfo::discard_alignment`](crate::DiskInfo::discard_alignment)).
     pub const DISCARD_LIMITS: u32 = id(1, 1);
+
+    /// Since 1.2, asked of a disk: its block status ([`Disk::extents`](crate::Disk::extents)).
+    /// Input: offset and length, two `u64` in native byte order. Answer: consecutive
+    /// records of [`EXTENT_RECORD`] bytes from the offset, as many as fit in the output:
+    /// length `u64`, flags `u32` ([`EXTENT_HOLE`], [`EXTENT_ZERO`]), a reserved `u32` (0);
+    /// the answer's length is a whole number of records, at least one.
+    pub const BLOCK_STATUS: u32 = id(2, 1);
+    /// The size of one [`BLOCK_STATUS`] record.
+    pub const EXTENT_RECORD: usize = 16;
+    /// [`BLOCK_STATUS`] flag: a hole.
+    pub const EXTENT_HOLE: u32 = 1 << 0;
+    /// [`BLOCK_STATUS`] flag: reads as zeroes.
+    pub const EXTENT_ZERO: u32 = 1 << 1;
 }
 
 /// Converts the frozen layout to the SDK's [`DiskInfo`](crate::DiskInfo); fields added after

@@ -29,9 +29,9 @@
 //! ```
 //!
 //! Cargo finds the crate by its package name inside a git repository's workspace, so the
-//! `git` form needs no `package =` key. The crate's version is the interface's: 1.1.0
-//! builds plugins for ABI 1.1 ([`ABI_MAJOR`].[`ABI_MINOR`]), which every host that speaks
-//! 1.1 or later loads (see [Compatibility](#compatibility)); `xen-disk-host plugins inspect`
+//! `git` form needs no `package =` key. The crate's version is the interface's: 1.2.0
+//! builds plugins for ABI 1.2 ([`ABI_MAJOR`].[`ABI_MINOR`]), which every host that speaks
+//! 1.2 or later loads (see [Compatibility](#compatibility)); `xen-disk-host plugins inspect`
 //! shows the version a plugin was built for.
 //!
 //! `src/lib.rs`:
@@ -192,6 +192,48 @@
 //! | [`Disk::write_fua`] | `.fua(true)` | host emulates: write, then flush |
 //! | [`Disk::discard`] | `.discard(true)` | not advertised to the guest |
 //! | [`Disk::write_zeroes`] | `.write_zeroes(true)` | host emulates by writing zero buffers |
+//! | [`Disk::extents`] (1.2) | implement it | every range reports as data |
+//!
+//! ## Block status
+//!
+//! Since ABI 1.2 a disk may say which ranges are holes (not allocated in its backing store)
+//! or read as zeroes, by implementing [`Disk::extents`]. The host publishes the answer to
+//! NBD clients as the `base:allocation` context (`xen-disk-host nbd`), so `qemu-img map`,
+//! `nbdinfo --map`, `nbdcopy` and backup tools skip what holds nothing. An answer is a list
+//! of consecutive [`Extent`]s starting at the asked offset; give a prefix when the whole
+//! range would cost too much (the host asks again for the rest), but at least one extent,
+//! each a whole number of sectors long. "Data" is always a safe answer, and the default.
+//!
+//! ```no_run
+//! # use xen_disk_plugin_api::*;
+//! # struct Sparse { block: u64, present: Vec<bool> }
+//! # impl Disk for Sparse {
+//! # fn info(&self) -> DiskInfo { DiskInfo::new(1 << 20) }
+//! # fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> { Ok(()) }
+//! # fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> { Ok(()) }
+//! fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+//!     // One extent per block touched; the host merges neighbours that are alike.
+//!     let mut out = Vec::new();
+//!     let mut pos = offset;
+//!     while pos < offset + len {
+//!         let n = (self.block - pos % self.block).min(offset + len - pos);
+//!         let stored = self.present[(pos / self.block) as usize];
+//!         out.push(if stored { Extent::data(n) } else { Extent::hole(n) });
+//!         pos += n;
+//!     }
+//!     Ok(out)
+//! }
+//! # }
+//! ```
+//!
+//! The plugins in this repository answer from what they already know: `file` from the
+//! filesystem (`SEEK_DATA`/`SEEK_HOLE`), `qcow2` from its L2 tables (zero clusters and
+//! unallocated clusters are holes reading zeroes; a backing file answers for what it
+//! holds), `vhd` from its block table (and a differencing image's sector bitmaps), and the
+//! `cow` filter reports its overlay's granules as data and asks its base for the rest, as a
+//! filter should: call [`ForeignDisk::extents`](Disk::extents) on the base. A plugin built
+//! for 1.0 or 1.1 is asked too and answers "unsupported" (its SDK knows no such call), so
+//! it reads as all data; C plugins report none yet.
 //!
 //! ## Thread model
 //!
@@ -373,7 +415,7 @@ pub mod submit;
 
 pub use buffers::{with_read_bufs, with_write_bufs, RawBuf, ReadBufs, WriteBufs};
 pub use config::{parse_size, value_from_cli, Config, ConfigKey, KeyType};
-pub use disk::{Disk, DiskInfo, Filter, Plugin, ThreadModel};
+pub use disk::{Disk, DiskInfo, Extent, Filter, Plugin, ThreadModel};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{export_disk, ForeignDisk};
 pub use submit::{Submission, SubmitOp};
@@ -391,7 +433,8 @@ pub const ABI_MAJOR: u16 = 1;
 ///
 /// 0: the frozen interface.
 /// 1: [`DiskInfo::discard_alignment`] (extension [`ffi::ext::DISCARD_LIMITS`]).
-pub const ABI_MINOR: u16 = 1;
+/// 2: block status, [`Disk::extents`] (extension [`ffi::ext::BLOCK_STATUS`]).
+pub const ABI_MINOR: u16 = 2;
 
 /// [`ABI_MAJOR`] and [`ABI_MINOR`] in one number, as the version symbol returns it.
 pub const ABI_VERSION: u32 = abi_version(ABI_MAJOR, ABI_MINOR);

@@ -18,7 +18,9 @@ pub struct CtlArgs {
     /// The request: `list [--json]`, `stats <dev> [--json]`, `limit <dev> [key=value... |
     /// off]`, `swap <dev> <plugin> [--allow-shrink] [-c key=value]...` (bare `key=value`
     /// works too), `detach <dev>`, `resize <dev>`, `upgrade` (serve hands its disks over to
-    /// a new start of its binary, in place).
+    /// a new start of its binary, in place), `snapshot <dev> --nbd unix:PATH|tcp:HOST:PORT
+    /// [--name NAME] [-c key=value]...` (live backup: freeze under a cow overlay, export the
+    /// base over NBD), `commit <dev>` (copy the overlay back, live).
     /// At most 64 KiB in all.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     request: Vec<String>,

@@ -7,6 +7,7 @@ mod cow;
 mod ctl;
 mod logging;
 mod manpage;
+mod nbd;
 mod plugins;
 mod serve;
 mod sim;
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The simulated hypervisor (no Xen needed).
     Sim(sim::SimArgs),
+    /// Serve a plugin stack to NBD clients (qemu-img, nbdcopy, nbdinfo, the kernel's nbd).
+    Nbd(nbd::NbdArgs),
     /// Offline care of a cow overlay file: reset it, or commit it into its base.
     Cow(cow::CowArgs),
     /// Print this program's manual page (roff), made from this command line; the package
@@ -131,6 +134,7 @@ pub fn main() -> Result<i32> {
         Command::Bench(a) => bench::run(a),
         Command::Sim(a) => sim::run(a),
         Command::Cow(a) => cow::run(a),
+        Command::Nbd(a) => nbd::run(a),
         Command::Manpage => {
             use std::io::Write;
             let page = manpage::render(&Cli::command());

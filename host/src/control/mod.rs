@@ -15,6 +15,9 @@
 //! upgrade                                serve: hand every disk over (left connected) and
 //!                                        start the binary again in this process, which
 //!                                        takes them over: a new build in place
+//! snapshot <dev> --nbd unix:PATH|tcp:HOST:PORT [--name NAME] [-c key=value]...
+//!                                        freeze under a cow overlay, export the base (backup)
+//! commit <dev>                           copy the overlay into the base, live, and drop it
 //! ```
 //!
 //! `<dev>` is a device's id from `list` (`<domid>/<vbd>`, e.g. `3/xvdb`) or its guest's
@@ -25,6 +28,7 @@
 //! while opening (an image on a hung network filesystem, a FIFO) gets the request answered
 //! with an error and holds up nothing else.
 
+pub mod backup;
 pub mod socket;
 
 use crate::backend::limits::IoLimits;
@@ -72,8 +76,16 @@ impl Registry {
             ["upgrade"] => Err(
                 "upgrade: only a serve with journals (--state-dir) can hand its disks over".into(),
             ),
+            ["snapshot", dev, rest @ ..] => self
+                .find(dev)
+                .map_err(|e| e.to_string())
+                .and_then(|e| backup::snapshot(&e, rest)),
+            ["commit", dev] => self
+                .find(dev)
+                .map_err(|e| e.to_string())
+                .and_then(|e| backup::commit(&e)),
             _ => Err(format!(
-                "unknown request `{}` (list, stats, limit, swap, detach, resize, upgrade)",
+                "unknown request `{}` (list, stats, limit, swap, detach, resize, upgrade, snapshot, commit)",
                 line.trim()
             )),
         };

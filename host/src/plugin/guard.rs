@@ -7,12 +7,13 @@
 //! plugin lacks: write-zeroes by writing zero buffers, FUA by write + flush, and serializes
 //! calls for plugins that asked for it.
 
+use super::DirtyMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{
-    Disk, DiskInfo, Error, ErrorKind, RawBuf, ReadBufs, Result, Submission, SubmitOp, ThreadModel,
-    WriteBufs,
+    Disk, DiskInfo, Error, ErrorKind, Extent, RawBuf, ReadBufs, Result, Submission, SubmitOp,
+    ThreadModel, WriteBufs,
 };
 
 /// Largest run of zeroes written per call when emulating write-zeroes.
@@ -97,14 +98,14 @@ pub fn check_info(info: &DiskInfo) -> std::result::Result<(), GuardError> {
 
 /// The plugin disk currently plugged in, with what it declared.
 struct Plugged {
-    disk: Box<dyn Disk>,
+    disk: Arc<dyn Disk>,
     /// Its own info (capabilities); sizes and sector sizes are the guard's.
     info: DiskInfo,
     serial: Option<Mutex<()>>,
 }
 
 impl Plugged {
-    fn new(disk: Box<dyn Disk>) -> std::result::Result<Plugged, GuardError> {
+    fn new(disk: Arc<dyn Disk>) -> std::result::Result<Plugged, GuardError> {
         let info = disk.info();
         check_info(&info)?;
         Ok(Plugged {
@@ -129,6 +130,27 @@ pub struct GuardedDisk {
     info: DiskInfo,
     size: AtomicU64,
     read_only: bool,
+    /// Dirty maps every write marks (live backup), with a flag so that a disk without any
+    /// pays one relaxed load per write.
+    trackers: Arc<Trackers>,
+}
+
+/// The dirty maps a disk's writes mark.
+#[derive(Default)]
+struct Trackers {
+    any: AtomicBool,
+    maps: RwLock<Vec<Arc<DirtyMap>>>,
+}
+
+impl Trackers {
+    /// Marks `[offset, offset + len)` in every map.
+    fn mark(&self, offset: u64, len: u64) {
+        if self.any.load(Ordering::Acquire) {
+            for m in self.maps.read().unwrap_or_else(|p| p.into_inner()).iter() {
+                m.mark(offset, len);
+            }
+        }
+    }
 }
 
 /// What a swap did.
@@ -143,7 +165,7 @@ pub struct Swapped {
 impl GuardedDisk {
     /// Wraps `inner`; `read_only` forces a read-only disk whatever the plugin says.
     pub fn new(inner: Box<dyn Disk>, read_only: bool) -> std::result::Result<Self, GuardError> {
-        let plugged = Plugged::new(inner)?;
+        let plugged = Plugged::new(Arc::from(inner))?;
         let info = plugged.info;
         Ok(GuardedDisk {
             size: AtomicU64::new(info.size),
@@ -152,6 +174,105 @@ impl GuardedDisk {
             is_async: AtomicBool::new(info.thread_model == ThreadModel::Async),
             plugged: RwLock::new(plugged),
             submitted: Arc::new(AtomicUsize::new(0)),
+            trackers: Arc::default(),
+        })
+    }
+
+    /// The plugin disk plugged in now, shared: a live backup reads it as its frozen base
+    /// once [`swap_with`](Self::swap_with) has put an overlay over it.
+    pub fn current(&self) -> Arc<dyn Disk> {
+        self.plugged().disk.clone()
+    }
+
+    /// Adds a dirty map that writes mark from now on (a write completing at this instant
+    /// may mark it or not: callers that need it fold in a map that was already there).
+    pub fn add_tracker(&self, map: Arc<DirtyMap>) {
+        let mut maps = self
+            .trackers
+            .maps
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        maps.push(map);
+        self.trackers.any.store(true, Ordering::Release);
+    }
+
+    /// Stops marking `map`.
+    pub fn remove_tracker(&self, map: &Arc<DirtyMap>) {
+        let mut maps = self
+            .trackers
+            .maps
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        maps.retain(|m| !Arc::ptr_eq(m, map));
+        self.trackers.any.store(!maps.is_empty(), Ordering::Release);
+    }
+
+    /// The dirty maps writes mark now.
+    pub fn trackers(&self) -> Vec<Arc<DirtyMap>> {
+        self.trackers
+            .maps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the plugged disk as [`swap`](Self::swap) does (drain, flush the old disk,
+    /// switch), with the old disk at hand: `build` gets it, with no request in flight and
+    /// none let in, and returns the disk to plug (the live-backup overlay over it, or the
+    /// base once the overlay is copied down). Refused, and nothing changed, when the plugged
+    /// disk is no longer `expected` (another swap came between). `retrack` edits the dirty
+    /// maps at the same instant, so that each write marks the maps of one side of the switch.
+    pub fn swap_with(
+        &self,
+        expected: &Arc<dyn Disk>,
+        build: impl FnOnce(&dyn Disk) -> std::result::Result<Arc<dyn Disk>, String>,
+        retrack: impl FnOnce(&mut Vec<Arc<DirtyMap>>),
+    ) -> std::result::Result<Swapped, String> {
+        let started = Instant::now();
+        let mut plugged = self.plugged.write().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&plugged.disk, expected) {
+            return Err("the device's plugin was swapped meanwhile; nothing done".into());
+        }
+        while self.submitted.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        if plugged.info.can_flush {
+            plugged
+                .disk
+                .flush()
+                .map_err(|e| GuardError::Flush(Box::new(e)).to_string())?;
+        }
+        let new = Plugged::new(build(&*plugged.disk)?).map_err(|e| e.to_string())?;
+        let new_size = self.plugin_size(&new.info).map_err(|e| e.to_string())?;
+        if new_size != self.size() {
+            return Err(format!(
+                "the new disk is {new_size} bytes, the device's {}",
+                self.size()
+            ));
+        }
+        if new.info.read_only && !self.read_only {
+            return Err(GuardError::ReadOnly.to_string());
+        }
+        {
+            let mut maps = self
+                .trackers
+                .maps
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            retrack(&mut maps);
+            self.trackers.any.store(!maps.is_empty(), Ordering::Release);
+        }
+        self.is_async.store(
+            new.info.thread_model == ThreadModel::Async,
+            Ordering::Relaxed,
+        );
+        let old = std::mem::replace(&mut *plugged, new);
+        drop(plugged);
+        let pause = started.elapsed();
+        drop(old);
+        Ok(Swapped {
+            pause,
+            new_size: None,
         })
     }
 
@@ -230,7 +351,7 @@ impl GuardedDisk {
         new: Box<dyn Disk>,
         allow_shrink: bool,
     ) -> std::result::Result<Swapped, GuardError> {
-        let new = Plugged::new(new)?;
+        let new = Plugged::new(Arc::from(new))?;
         let new_size = self.plugin_size(&new.info)?;
         if new_size < self.size() && !allow_shrink {
             return Err(GuardError::Shrink {
@@ -307,6 +428,25 @@ impl GuardedDisk {
         }
     }
 
+    /// As [`call`](Self::call) for a call that changes `[offset, offset + len)`: the dirty
+    /// maps are marked once it returns, before the plugged disk may change.
+    fn call_writing<T>(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce(&dyn Disk, &DiskInfo) -> Result<T>,
+    ) -> Result<T> {
+        let plugged = self.plugged();
+        let _serial = plugged
+            .serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+        let r = f(&*plugged.disk, &plugged.info);
+        // Marked whatever the result: a failed write may have changed part of the range.
+        self.trackers.mark(offset, len);
+        r
+    }
+
     /// Runs `f` on the plugged disk, with its declared capabilities, serialized if it asked.
     fn call<T>(&self, f: impl FnOnce(&dyn Disk, &DiskInfo) -> Result<T>) -> Result<T> {
         let plugged = self.plugged();
@@ -357,9 +497,14 @@ impl GuardedDisk {
         }
         let submitted = self.submitted.clone();
         submitted.fetch_add(1, Ordering::AcqRel);
+        let trackers = (op != SubmitOp::Read).then(|| self.trackers.clone());
         // SAFETY: the caller's contract: valid until `done`, which the submission calls.
         let sub = unsafe {
             Submission::with_closure(op, offset, bufs, move |r| {
+                // Marked before the submission counts as done: a swap waits for that.
+                if let Some(t) = trackers {
+                    t.mark(offset, len);
+                }
                 submitted.fetch_sub(1, Ordering::AcqRel);
                 done(r)
             })
@@ -389,7 +534,7 @@ impl GuardedDisk {
             return Err(Error::new(ErrorKind::OutOfRange, "zero-length write"));
         }
         self.check_range(offset, len)?;
-        self.call(|d, info| match (fua, info.can_fua) {
+        self.call_writing(offset, len, |d, info| match (fua, info.can_fua) {
             (true, true) => d.write_fua(offset, bufs),
             (true, false) => {
                 d.write(offset, bufs)?;
@@ -418,7 +563,7 @@ impl GuardedDisk {
         if len == 0 {
             return Ok(());
         }
-        self.call(|d, info| {
+        self.call_writing(offset, len, |d, info| {
             if info.can_discard {
                 d.discard(offset, len)
             } else {
@@ -428,6 +573,57 @@ impl GuardedDisk {
         })
     }
 
+    /// Block status of `[offset, offset + len)`: consecutive extents from `offset`, at least
+    /// one and at most `max`, covering all or a prefix of the range. What the plugin does not
+    /// report (it predates ABI 1.2, it fails, or it answers something malformed) is data,
+    /// which is always true. A range outside the disk or off the sector grid is data too:
+    /// callers check ranges themselves and refuse those first.
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
+        let ls = u64::from(self.info.logical_sector_size);
+        if len == 0 || self.check_range(offset, len).is_err() {
+            return vec![Extent::data(len.max(1))];
+        }
+        let (end, max) = (offset + len, max.max(1));
+        let mut out: Vec<Extent> = Vec::new();
+        // Appends `e`, merged with the last extent when alike; false when `out` is full.
+        let add = |out: &mut Vec<Extent>, e: Extent| {
+            if let Some(l) = out
+                .last_mut()
+                .filter(|l| l.hole == e.hole && l.zero == e.zero)
+            {
+                l.len += e.len;
+            } else if out.len() >= max {
+                return false;
+            } else {
+                out.push(e);
+            }
+            true
+        };
+        let mut pos = offset;
+        'ask: while pos < end {
+            let Ok(runs) = self.call(|d, _| d.extents(pos, end - pos)) else {
+                break;
+            };
+            if runs.is_empty() {
+                break;
+            }
+            for e in runs {
+                if e.len == 0 || !e.len.is_multiple_of(ls) || e.len > end - pos {
+                    // A malformed answer: nothing more from this plugin is trusted.
+                    break 'ask;
+                }
+                if !add(&mut out, e) {
+                    return out;
+                }
+                pos += e.len;
+            }
+        }
+        if pos < end {
+            add(&mut out, Extent::data(end - pos));
+        }
+        out
+    }
+
     /// Makes a range read as zeroes, natively or by writing zero buffers.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
@@ -435,7 +631,7 @@ impl GuardedDisk {
         if len == 0 {
             return Ok(());
         }
-        self.call(|d, info| {
+        self.call_writing(offset, len, |d, info| {
             if info.can_write_zeroes {
                 return d.write_zeroes(offset, len);
             }
@@ -707,5 +903,46 @@ mod tests {
         assert_eq!(rx.recv().unwrap(), ("read", true));
         swapper.join().unwrap().unwrap();
         assert!(!disk.is_async(), "the new plugin serves");
+    }
+
+    /// Answers the same extents whatever it is asked.
+    struct Mapped(Vec<Extent>);
+    impl Disk for Mapped {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(1 << 20)
+        }
+        fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn extents(&self, _: u64, _: u64) -> Result<Vec<Extent>> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn block_status_keeps_what_is_sound_and_calls_the_rest_data() {
+        let g = |runs: Vec<Extent>| GuardedDisk::new(Box::new(Mapped(runs)), false).unwrap();
+        // Merged, and asked again from where an answer stops.
+        let d = g(vec![Extent::hole(4096), Extent::hole(4096)]);
+        assert_eq!(d.extents(0, 16384, 100), vec![Extent::hole(16384)]);
+        // Off the sector grid or past the range: data from there on.
+        let d = g(vec![Extent::hole(4096), Extent::zero(1000)]);
+        assert_eq!(
+            d.extents(0, 16384, 100),
+            vec![Extent::hole(4096), Extent::data(12288)]
+        );
+        let d = g(vec![Extent::hole(1 << 21)]);
+        assert_eq!(d.extents(0, 4096, 100), vec![Extent::data(4096)]);
+        // Outside the disk: the guard never asks the plugin.
+        assert_eq!(d.extents(1 << 20, 512, 100), vec![Extent::data(512)]);
+        // At most `max` extents.
+        let d = g(vec![Extent::hole(512), Extent::data(512)]);
+        assert_eq!(d.extents(0, 1 << 20, 3).len(), 3);
+        // A plugin that does not report: data.
+        let (d, _) = spy(DiskInfo::new(1 << 20), false);
+        assert_eq!(d.extents(0, 1 << 20, 100), vec![Extent::data(1 << 20)]);
     }
 }

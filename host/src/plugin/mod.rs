@@ -4,17 +4,19 @@
 //!  --plugin NAME|PATH ─▶ search::resolve ─▶ loader::load (ABI version, layout; or a C
 //!     plugin's struct, c_plugin) ─▶ LoadedPlugin
 //!     ─▶ LoadedPlugin::open(config) ─▶ ForeignDisk ─▶ guard::GuardedDisk (bounds, read-only,
-//!        alignment, capability emulation) ─▶ the device's workers
+//!        alignment, capability emulation, dirty tracking) ─▶ the device's workers
 //! ```
 
 pub mod bounded;
 pub mod c_plugin;
+pub mod dirty;
 pub mod guard;
 pub mod loader;
 pub mod search;
 pub mod stack;
 
 pub use bounded::open_bounded;
+pub use dirty::DirtyMap;
 pub use guard::{GuardError, GuardedDisk};
 pub use loader::{load, KeyInfo, LoadedPlugin, PluginError};
 pub use search::{find_plugins, resolve, search_path};

@@ -24,6 +24,22 @@ impl ReadOnlyBase {
     fn read_bufs(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
         self.0.read(offset, bufs)
     }
+    /// The base's block status; a base that reports none is data.
+    fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < offset + len {
+            let got = self.0.extents(pos, offset + len - pos).unwrap_or_default();
+            let n: u64 = got.iter().map(|e| e.len).sum();
+            if n == 0 || pos + n > offset + len {
+                out.push(Extent::data(offset + len - pos));
+                break;
+            }
+            out.extend(got);
+            pos += n;
+        }
+        out
+    }
 }
 
 pub struct CowDisk {
@@ -174,6 +190,31 @@ impl Disk for CowDisk {
 
     fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
         self.write_from(offset, bufs.len() as u64, &Source::Bufs(bufs))
+    }
+
+    /// Granules in the overlay are data (what the guest wrote, zeroes included); the rest
+    /// is the base's, so a cow over a sparse or qcow2 image keeps its holes.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = self.end_of(offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        // A bounded answer; the host asks again from where it stops.
+        while pos < end && out.len() < 1024 {
+            let (mapped, run_end) = self.run(pos, end);
+            let runs = if mapped {
+                vec![Extent::data(run_end - pos)]
+            } else {
+                self.base.extents(pos, run_end - pos)
+            };
+            for e in runs {
+                match out.last_mut() {
+                    Some(l) if l.hole == e.hole && l.zero == e.zero => l.len += e.len,
+                    _ => out.push(e),
+                }
+            }
+            pos = run_end;
+        }
+        Ok(out)
     }
 
     fn flush(&self) -> Result<()> {

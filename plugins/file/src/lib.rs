@@ -12,6 +12,10 @@
 //! allocated size shrinks) and write-zeroes uses `FALLOC_FL_ZERO_RANGE`, falling back to a
 //! punched hole, then to writing zeroes.
 //!
+//! Block status (ABI 1.2) comes from `SEEK_DATA`/`SEEK_HOLE`: a hole in a sparse file is
+//! reported as a hole that reads as zeroes, everything else as data. Block devices and
+//! filesystems without those seeks report nothing (all data).
+//!
 //! With `direct`, offsets and lengths must meet the filesystem's O_DIRECT alignment: the
 //! plugin reports it as the disk's logical sector size (usually 512), so the host keeps every
 //! request aligned. Guest buffers that do not meet the memory alignment go through an
@@ -85,6 +89,32 @@ impl FileDisk {
             None => true,
             Some(a) => bufs.all(|(addr, len)| addr % a == 0 && len % a == 0),
         }
+    }
+
+    /// Holes and data in `[offset, end)` from `SEEK_DATA`/`SEEK_HOLE`, rounded to whole
+    /// sectors (a hole boundary inside a sector counts that sector as data).
+    fn seek_extents(&self, offset: u64, end: u64) -> Result<Vec<Extent>> {
+        let fd = self.file.as_raw_fd();
+        let sector = u64::from(self.info.logical_sector_size);
+        let seek =
+            |pos, whence| sys::seek(fd, pos, whence).map_err(|e| self.err("block status", e));
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < 1024 {
+            let data = seek(pos, libc::SEEK_DATA)?.unwrap_or(end);
+            // Holes shrink to whole sectors: data wins a shared sector.
+            let hole_end = (data.min(end) / sector * sector).max(pos);
+            if hole_end > pos {
+                out.push(Extent::hole(hole_end - pos));
+                pos = hole_end;
+                continue;
+            }
+            let hole = seek(pos, libc::SEEK_HOLE)?.unwrap_or(end);
+            let data_end = (hole.min(end).div_ceil(sector) * sector).clamp(pos + sector, end);
+            out.push(Extent::data(data_end - pos));
+            pos = data_end;
+        }
+        Ok(out)
     }
 
     fn write_zeroes_by_writing(&self, offset: u64, len: u64) -> Result<()> {
@@ -176,6 +206,13 @@ impl Disk for FileDisk {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         sys::fallocate(self.file.as_raw_fd(), mode, offset, len).map_err(|e| self.err("discard", e))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if self.file.metadata().map(|m| !m.is_file()).unwrap_or(true) {
+            return Err(Error::unsupported("block status of a block device"));
+        }
+        self.seek_extents(offset, offset + len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {

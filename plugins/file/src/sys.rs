@@ -86,6 +86,23 @@ pub fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Res
     }
 }
 
+/// `lseek(fd, offset, whence)` for `SEEK_DATA` / `SEEK_HOLE`: `Ok(None)` when the kernel
+/// answers ENXIO (no data at or after `offset`). Only the returned position is used: the
+/// plugin's I/O is positional, so moving the file offset disturbs nothing.
+pub fn seek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: plain integer arguments.
+    let rc = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+    if rc >= 0 {
+        return Ok(Some(rc as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 /// Reads into every iovec from `offset` until all are full, retrying EINTR and short reads.
 /// A read past the end of the file is an error (the host checked the disk's size, so it means
 /// the file shrank under us).

@@ -7,7 +7,7 @@ use crate::image::Image;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use xen_disk_plugin_api::{Error, Result};
+use xen_disk_plugin_api::{Error, Extent, Result};
 
 /// Longest backing chain accepted.
 pub const MAX_CHAIN: usize = 16;
@@ -101,6 +101,80 @@ impl Backing {
             }
         }
     }
+}
+
+impl Backing {
+    /// Block status of `[offset, offset + len)` as the child reads it: past the backing
+    /// image's end is a hole reading zeroes; a raw backing file is data.
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = match self {
+            Backing::Raw { size, .. } => *size,
+            Backing::Qcow2(img) => img.size(),
+        };
+        let avail = size.saturating_sub(offset).min(len);
+        let mut out = Vec::new();
+        if avail > 0 {
+            match self {
+                Backing::Raw { file, .. } => out.extend(raw_extents(file, offset, avail)),
+                Backing::Qcow2(img) => {
+                    let mut pos = offset;
+                    while pos < offset + avail {
+                        let got = img.extents(pos, offset + avail - pos)?;
+                        let n: u64 = got.iter().map(|e| e.len).sum();
+                        out.extend(got);
+                        if n == 0 {
+                            break;
+                        }
+                        pos += n;
+                    }
+                }
+            }
+        }
+        if avail < len {
+            out.push(Extent::hole(len - avail));
+        }
+        Ok(out)
+    }
+}
+
+/// A raw backing file's holes and data from `SEEK_DATA`/`SEEK_HOLE`, on 512-byte sectors
+/// (a sector a boundary cuts is data); all data where the seeks are not supported.
+fn raw_extents(file: &File, offset: u64, len: u64) -> Vec<Extent> {
+    use std::os::fd::AsRawFd;
+    let seek = |pos: u64, whence| {
+        // SAFETY: plain integer arguments on a descriptor we own; only the result is used
+        // (reads are positional, so the file offset matters to nothing).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+        match r {
+            r if r >= 0 => Ok(r as u64),
+            _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => Err(true),
+            _ => Err(false),
+        }
+    };
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(true) => end,
+            Err(false) => {
+                out.push(Extent::data(end - pos));
+                break;
+            }
+        };
+        let hole_end = (data.min(end) / 512 * 512).max(pos);
+        if hole_end > pos {
+            out.push(Extent::hole(hole_end - pos));
+            pos = hole_end;
+            continue;
+        }
+        let hole = seek(pos, libc::SEEK_HOLE).unwrap_or(end);
+        let data_end = (hole.min(end).div_ceil(512) * 512).clamp(pos + 512, end);
+        out.push(Extent::data(data_end - pos));
+        pos = data_end;
+    }
+    out
 }
 
 fn libc_enoent() -> i32 {

@@ -58,7 +58,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use xen_disk_plugin_api::{Error, Result};
+use xen_disk_plugin_api::{Error, Extent, Result};
 
 const L2_CACHE_TABLES: usize = 1024;
 const REFBLOCK_CACHE: usize = 256;
@@ -114,6 +114,9 @@ pub struct Image {
     l2_cache: RwLock<HashMap<u64, Arc<Vec<u64>>>>,
     io_log: OnceLock<IoLog>,
 }
+
+/// Clusters looked at per block status call; the host asks again for the rest.
+pub const MAX_STATUS_CLUSTERS: u64 = 1 << 16;
 
 fn lock_err() -> Error {
     Error::msg("qcow2: a lock was poisoned by an earlier panic")
@@ -447,6 +450,45 @@ impl Image {
             done += n;
         }
         Ok(())
+    }
+
+    /// Block status of `[offset, offset + len)` (ABI 1.2), cluster by cluster, at most
+    /// [`MAX_STATUS_CLUSTERS`] clusters per call: data and compressed clusters are data,
+    /// zero clusters and unallocated ones without a backing file read as zeroes and are
+    /// reported as holes (not stored as data), as qemu maps them; unallocated clusters over
+    /// a backing file take the backing file's status (a raw backing file is all data).
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let m = self.meta.read().map_err(|_| lock_err())?;
+        let mut out: Vec<Extent> = Vec::new();
+        let push = |e: Extent, out: &mut Vec<Extent>| match out.last_mut() {
+            Some(l) if l.hole == e.hole && l.zero == e.zero => l.len += e.len,
+            _ => out.push(e),
+        };
+        let end = offset + len;
+        let mut pos = offset;
+        let mut clusters = 0;
+        while pos < end && clusters < MAX_STATUS_CLUSTERS {
+            let vcl = pos / self.cs;
+            let n = ((vcl + 1) * self.cs).min(end) - pos;
+            match self.lookup(&m, vcl)? {
+                Mapping::Data { .. } | Mapping::Compressed { .. } => {
+                    push(Extent::data(n), &mut out)
+                }
+                Mapping::Zero { .. } => push(Extent::hole(n), &mut out),
+                Mapping::Unallocated => match &self.backing {
+                    None => push(Extent::hole(n), &mut out),
+                    Some(b) => {
+                        for e in b.extents(pos, n)? {
+                            push(e, &mut out);
+                        }
+                    }
+                },
+            }
+            pos += n;
+            clusters += 1;
+        }
+        Ok(out)
     }
 
     fn refblock_geometry(&self) -> (u32, u64) {

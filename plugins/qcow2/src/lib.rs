@@ -95,6 +95,10 @@ impl Disk for Qcow2Disk {
         self.image.flush()
     }
 
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.image.extents(offset, len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.image.zero_range(offset, len, true)
     }

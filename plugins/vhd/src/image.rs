@@ -14,7 +14,7 @@ use crate::header::{Header, HEADER_SIZE};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use xen_disk_plugin_api::{Error, Result};
+use xen_disk_plugin_api::{Error, Extent, Result};
 
 /// Deepest parent chain accepted.
 pub const MAX_DEPTH: usize = 64;
@@ -364,6 +364,60 @@ impl Image {
             done += n;
         }
         Ok(())
+    }
+
+    /// Block status of `[off, off + len)` (ABI 1.2; bounds-checked by the caller). A fixed
+    /// image is data. In a dynamic one an allocated block is data and an unallocated one a
+    /// hole that reads as zeroes, as qemu maps them; in a differencing one an allocated
+    /// block's sectors are data where its bitmap has them and the parent's status
+    /// elsewhere, and an unallocated block is the parent's status.
+    pub fn extents(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
+        let Some(sp) = &self.sparse else {
+            return Ok(vec![Extent::data(len)]);
+        };
+        let bs = u64::from(sp.header.block_size);
+        let mut out: Vec<Extent> = Vec::new();
+        fn push(out: &mut Vec<Extent>, e: Extent) {
+            match out.last_mut() {
+                Some(l) if l.hole == e.hole && l.zero == e.zero => l.len += e.len,
+                _ => out.push(e),
+            }
+        }
+        for p in pieces(off, len, bs) {
+            let e = sp.bat.get(p.blk).copied().unwrap_or(UNALLOCATED);
+            match (&sp.parent, e == UNALLOCATED) {
+                (None, true) => push(&mut out, Extent::hole(p.n)),
+                (None, false) => push(&mut out, Extent::data(p.n)),
+                (Some(parent), true) => parent
+                    .extents(p.pos, p.n)?
+                    .into_iter()
+                    .for_each(|e| push(&mut out, e)),
+                (Some(parent), false) => {
+                    let base = u64::from(e) * 512;
+                    let mut bm = vec![0u8; sp.bitmap_size as usize];
+                    read_at(&self.file, &self.path, &mut bm, base, "block bitmap")?;
+                    let first = (p.in_blk / 512) as usize;
+                    let mut s = 0u64;
+                    while s < p.n {
+                        let here = bitmap::is_set(&bm, first + (s / 512) as usize);
+                        let mut t = s + 512;
+                        while t < p.n && bitmap::is_set(&bm, first + (t / 512) as usize) == here {
+                            t += 512;
+                        }
+                        let t = t.min(p.n);
+                        if here {
+                            push(&mut out, Extent::data(t - s));
+                        } else {
+                            for e in parent.extents(p.pos + s, t - s)? {
+                                push(&mut out, e);
+                            }
+                        }
+                        s = t;
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Whether every block of `[off, off + len)` is already allocated in this file, so a

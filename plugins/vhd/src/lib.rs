@@ -145,6 +145,11 @@ impl Disk for VhdDisk {
         self.image.read().map_err(poisoned)?.flush()
     }
 
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_len(offset, len)?;
+        self.image.read().map_err(poisoned)?.extents(offset, len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_len(offset, len)?;
         self.image.read().map_err(poisoned)?.discard(offset, len)
