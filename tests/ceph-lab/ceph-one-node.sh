@@ -78,6 +78,8 @@ osd pool default size = 1
 osd pool default min size = 1
 mon allow pool size one = true
 mon allow pool delete = true
+# A test cluster on a nearly full disk still starts (the default refuses below 5 % free).
+mon data avail crit = 1
 osd crush chooseleaf type = 0
 osd objectstore = memstore
 memstore device bytes = $((2 << 30))
@@ -98,9 +100,9 @@ CONF
   monmaptool --create --add a "127.0.0.1:$PORT" --fsid "$fsid" "$dir/monmap" >/dev/null \
     || fail "monmaptool could not write $dir/monmap"
   ceph-mon "${c[@]}" -i a --mkfs --monmap "$dir/monmap" || fail "ceph-mon --mkfs failed"
-  ceph-mon "${c[@]}" -i a || fail "ceph-mon did not start (is port $PORT taken?)"
+  local out; out=$(ceph-mon "${c[@]}" -i a 2>&1) || fail "ceph-mon did not start (port $PORT taken? disk full?): $out"
   "${cli[@]}" osd create >/dev/null || fail "ceph osd create failed (the monitor is not answering)"
-  local out; out=$(ceph-osd "${c[@]}" -i 0 --mkfs 2>&1) || fail "ceph-osd --mkfs failed: $out"
+  out=$(ceph-osd "${c[@]}" -i 0 --mkfs 2>&1) || fail "ceph-osd --mkfs failed: $out"
   ceph-osd "${c[@]}" -i 0 2>/dev/null || fail "ceph-osd did not start"
   ceph-mgr "${c[@]}" -i x || fail "ceph-mgr did not start"
   local i up=; for i in $(seq 60); do
