@@ -95,8 +95,12 @@ fn bounded<T: Send + 'static>(
     std::thread::Builder::new()
         .name("xen-disk-open".into())
         .spawn(move || {
-            let _place = place;
-            let _ = tx.send(open());
+            let result = open();
+            // The place is given back before the answer: a caller opening many disks one
+            // after another (a daemon's start with hundreds) never finds its own finished
+            // opens still counted.
+            drop(place);
+            let _ = tx.send(result);
         })
         .map_err(BoundedError::Thread)?;
     rx.recv_timeout(timeout).map_err(|e| match e {
@@ -110,6 +114,19 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
+
+    #[test]
+    fn finished_opens_never_count_against_the_next() {
+        // A daemon opens its disks one after another: with a limit of one, each open must
+        // find the previous one's place given back.
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        for i in 0..500 {
+            assert_eq!(
+                bounded(&RUNNING, 1, Duration::from_secs(5), move || i).unwrap(),
+                i
+            );
+        }
+    }
 
     #[test]
     fn an_open_that_does_not_return_is_answered_at_its_timeout() {
