@@ -9,6 +9,8 @@ mod common;
 use std::time::Duration;
 use xen_disk_host::backend::limits::{IoLimits, Limiter};
 use xen_disk_host::backend::queue::{serve, QueueError, QueueParts, QueueStats};
+use xen_disk_host::backend::wake::EventFdWake;
+use xen_disk_host::backend::workers::Wake;
 use xen_disk_host::blkif::abi::*;
 use xen_disk_host::blkif::request::{Limits, Request, Segment};
 use xen_disk_host::blkif::ring::BackRing;
@@ -26,8 +28,18 @@ struct Harness {
     q: FrontQueue,
     pages: DataPages,
     stop: Arc<AtomicBool>,
+    doorbell: Arc<EventFdWake>,
     stats: Arc<QueueStats>,
     thread: std::thread::JoinHandle<Result<(), QueueError>>,
+}
+
+impl Harness {
+    /// Stops the ring as a device does: the flag, then the doorbell (an idle ring thread
+    /// sleeps without a timer).
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.doorbell.wake();
+    }
 }
 
 fn start() -> Harness {
@@ -92,7 +104,9 @@ fn start_limited(
         poll: std::time::Duration::from_micros(if workers == 0 { 20 } else { 0 }),
         answer_on_completion,
         limiter,
+        doorbell: Arc::new(EventFdWake::new().unwrap()),
     };
+    let doorbell = parts.doorbell.clone();
     let (stop, stats) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(QueueStats::default()),
@@ -103,6 +117,7 @@ fn start_limited(
         q,
         pages,
         stop,
+        doorbell,
         stats,
         thread,
     }
@@ -151,7 +166,7 @@ fn a_request_over_the_limit_waits_and_goes_when_the_limit_is_lifted() {
         let rest = h.q.collect(2, Duration::from_secs(30)).unwrap();
         assert!(rest.iter().all(|c| c.status == BLKIF_RSP_OKAY));
         assert_eq!(h.stats.errors.load(Ordering::Relaxed), 0);
-        h.stop.store(true, Ordering::Relaxed);
+        h.stop();
         h.thread.join().unwrap().unwrap();
     }
 }
@@ -213,13 +228,13 @@ fn finish_with_a_barrier(mut h: Harness) {
     let done = h.q.collect(9, Duration::from_secs(10)).unwrap();
     assert_eq!(done.len(), 9);
     assert!(done.iter().all(|c| c.status == BLKIF_RSP_OKAY));
-    h.stop.store(true, Ordering::Relaxed);
+    h.stop();
     h.thread.join().unwrap().unwrap();
 }
 
 fn data_round_trip(persistent: bool, workers: usize) {
     let h = round_trip_on(start_with(persistent, workers));
-    h.stop.store(true, Ordering::Relaxed);
+    h.stop();
     h.thread.join().unwrap().unwrap();
     assert_eq!(h.stats.ok.load(Ordering::Relaxed), 22);
 }
@@ -368,7 +383,7 @@ fn hostile_requests_are_answered_and_the_queue_keeps_serving() {
     for c in h.q.collect(want.len(), Duration::from_secs(10)).unwrap() {
         assert_eq!(c.status, want[&c.id], "id {}", c.id);
     }
-    h.stop.store(true, Ordering::Relaxed);
+    h.stop();
     h.thread.join().unwrap().unwrap();
     assert_eq!(h.stats.errors.load(Ordering::Relaxed), 5);
 }

@@ -18,6 +18,8 @@ use super::limits::Limiter;
 use super::queue::{serve, QueueError, QueueParts, QueueStats};
 use super::state::{next_action, Action, XenbusState};
 use super::stats::{ATTACHES, DETACHES};
+use super::wake::EventFdWake;
+use super::workers::Wake;
 use crate::blkif::abi::Protocol;
 use crate::blkif::ring::{BackRing, RingError};
 use crate::plugin::GuardedDisk;
@@ -64,6 +66,9 @@ pub struct Platform {
 struct Running {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<Result<(), QueueError>>>,
+    /// Each ring thread's doorbell: rung after `stop` is set (idle ring threads sleep
+    /// without a timer).
+    doorbells: Vec<Arc<EventFdWake>>,
 }
 
 impl Running {
@@ -72,7 +77,10 @@ impl Running {
     }
 
     fn shut(self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::SeqCst);
+        for d in &self.doorbells {
+            d.wake();
+        }
         for t in self.threads {
             if let Ok(Err(e)) = t.join() {
                 tracing::warn!("queue stopped: {e}");
@@ -158,6 +166,9 @@ pub enum QueueStartError {
     /// Starting the ring's thread.
     #[error("starting its thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// Making the ring thread's doorbell (an eventfd).
+    #[error("its doorbell: {0}")]
+    Doorbell(#[source] std::io::Error),
 }
 
 /// The device's counters, shared with whoever reports them.
@@ -251,14 +262,25 @@ pub fn run(
     let mut seen_frontend = false;
     // The size the guest was last told (resize and plugin swaps change the disk's).
     let mut published = disk.size();
+    // xenstore is read again when a watch fires or this thread changed something, and every
+    // 30 s in case: an idle device costs a wake-up per tick and no round trip to xenstored
+    // (hundreds of idle disks would otherwise keep it busy).
+    let mut last_look = std::time::Instant::now();
     let result = loop {
-        let _ = events.recv_timeout(Duration::from_millis(100));
+        // Connected and quiet, the tick only notices `stop` and online resizes: once a second.
+        let tick = if ours == XenbusState::Connected {
+            1000
+        } else {
+            100
+        };
+        let mut look = events.recv_timeout(Duration::from_millis(tick)).is_ok();
         stats.state.store(ours as u8, Ordering::Relaxed);
         if ours == XenbusState::Connected {
             resize_if_changed(xs, be, &disk, &mut published)?;
         }
         if stop.load(Ordering::Relaxed) && !closing_for_stop {
             closing_for_stop = true;
+            look = true;
             if ours == XenbusState::Connected || ours == XenbusState::InitWait {
                 write_state(XenbusState::Closing)?;
                 ours = XenbusState::Closing;
@@ -269,7 +291,12 @@ pub fn run(
             tracing::warn!("{be}: a ring broke; closing the device");
             write_state(XenbusState::Closing)?;
             ours = XenbusState::Closing;
+            look = true;
         }
+        if !look && last_look.elapsed() < Duration::from_secs(30) {
+            continue;
+        }
+        last_look = std::time::Instant::now();
         let frontend = match xs.read(NO_TX, &format!("{fe}/state")) {
             Ok(v) => XenbusState::parse(&v),
             // A toolstack may write the backend before the frontend: absent at first is
@@ -418,6 +445,7 @@ fn connect(
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let mut all_stats = Vec::new();
+    let mut doorbells = Vec::new();
     for (i, q) in rings.queues.iter().enumerate() {
         let started = (|| -> Result<QueueParts, QueueStartError> {
             let ring_mapping = platform
@@ -435,6 +463,7 @@ fn connect(
                     port: q.event_channel,
                     source,
                 })?;
+            let doorbell = Arc::new(EventFdWake::new().map_err(QueueStartError::Doorbell)?);
             Ok(QueueParts {
                 ring,
                 ring_mapping,
@@ -447,15 +476,22 @@ fn connect(
                 poll: cfg.poll,
                 answer_on_completion: cfg.answer_on_completion,
                 limiter: stats.limiter.clone(),
+                doorbell,
             })
         })();
         let parts = match started {
             Ok(p) => p,
             Err(source) => {
-                Running { stop, threads }.shut();
+                Running {
+                    stop,
+                    threads,
+                    doorbells,
+                }
+                .shut();
                 return Err(ConnectError::Queue { index: i, source });
             }
         };
+        doorbells.push(parts.doorbell.clone());
         let (d, s, st) = (disk.clone(), stop.clone(), Arc::new(QueueStats::default()));
         all_stats.push(st.clone());
         let span = span.clone();
@@ -465,7 +501,12 @@ fn connect(
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
-                Running { stop, threads }.shut();
+                Running {
+                    stop,
+                    threads,
+                    doorbells,
+                }
+                .shut();
                 return Err(ConnectError::Queue {
                     index: i,
                     source: QueueStartError::Thread(e),
@@ -486,7 +527,12 @@ fn connect(
         )
     });
     if let Err(e) = published {
-        Running { stop, threads }.shut();
+        Running {
+            stop,
+            threads,
+            doorbells,
+        }
+        .shut();
         return Err(ConnectError::Publish(e));
     }
     tracing::info!(
@@ -502,5 +548,9 @@ fn connect(
         limits = %stats.limiter.limits().describe(),
         "attached: negotiated with the guest"
     );
-    Ok(Running { stop, threads })
+    Ok(Running {
+        stop,
+        threads,
+        doorbells,
+    })
 }

@@ -11,6 +11,8 @@
 use super::direct::{Figures, Pattern};
 use crate::backend::features::{Advertisement, HostOffer};
 use crate::backend::queue::{serve, QueueParts, QueueStats};
+use crate::backend::wake::EventFdWake;
+use crate::backend::workers::Wake;
 use crate::blkif::abi::*;
 use crate::blkif::request::Segment;
 use crate::blkif::ring::BackRing;
@@ -113,6 +115,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
     let limiter = Arc::new(crate::backend::limits::Limiter::new(opts.limits));
     let mut servers = Vec::new();
     let mut drivers = Vec::new();
+    let mut doorbells = Vec::new();
     let started = Instant::now();
     let deadline = started + opts.duration;
     for qi in 0..opts.queues {
@@ -145,7 +148,9 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             poll: opts.poll,
             answer_on_completion: opts.answer_on_completion,
             limiter: limiter.clone(),
+            doorbell: Arc::new(EventFdWake::new().map_err(|e| e.to_string())?),
         };
+        doorbells.push(parts.doorbell.clone());
         let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());
         servers.push(std::thread::spawn(move || serve(parts, d, s, st)));
         let job = Job {
@@ -172,7 +177,10 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
         }
     }
     let elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::SeqCst);
+    for d in &doorbells {
+        d.wake();
+    }
     for s in servers {
         s.join()
             .map_err(|_| "queue thread panicked")?

@@ -346,12 +346,17 @@ fn run_sim(
         });
     }
     // The guests keep looking for new disks (the toolstack may add some), as blkfront would
-    // on its watch; the configured ones must all connect within 20 s.
+    // on its watch; the configured ones must all connect within 20 s, and half a second more
+    // for every disk (the guests attach them one by one, and hundreds share the machine's
+    // CPUs while they connect).
     let mut connected = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let allowed = 20 + expected as u64 / 2;
+    let deadline = std::time::Instant::now() + Duration::from_secs(allowed);
     while stop.load(Ordering::SeqCst) == 0 {
         if connected < expected && std::time::Instant::now() > deadline {
-            bail!("simulated guests: only {connected} of {expected} disks connected in 20 s");
+            bail!(
+                "simulated guests: only {connected} of {expected} disks connected in {allowed} s"
+            );
         }
         for (g, dom) in guests.iter_mut().zip(&domains) {
             // A backend that closes a connected disk (a detach): the guest lets go, as

@@ -73,6 +73,10 @@ pub struct QueueParts {
     /// The disk's I/O limits (shared by its rings, changed live). Off, it costs one flag
     /// read per request.
     pub limiter: Arc<Limiter>,
+    /// The ring thread's doorbell. Workers and completions ring it, and so must whoever sets
+    /// `stop`: an idle ring thread sleeps until the guest or the doorbell rings, with no
+    /// timer (an idle disk costs no wake-ups).
+    pub doorbell: Arc<EventFdWake>,
 }
 
 /// Pages a ring keeps mapped with persistent grants (64 MiB of address space, no memory:
@@ -85,9 +89,6 @@ pub enum QueueError {
     /// The guest broke the ring: the device disconnects it.
     #[error("{0}")]
     Ring(#[from] RingError),
-    /// The host could not make the ring thread's doorbell.
-    #[error("queue setup: doorbell: {0}")]
-    Doorbell(#[source] std::io::Error),
 }
 
 /// Polls the ring (when it may take requests) and the completions for up to `poll`; true
@@ -140,6 +141,7 @@ pub fn serve(
         poll,
         answer_on_completion,
         limiter,
+        doorbell: wake,
     } = parts;
     let size = ring.size() as usize;
     let evtchn: Arc<dyn EventChannel> = Arc::from(evtchn);
@@ -147,7 +149,6 @@ pub fn serve(
         size,
         BLKIF_MAX_SEGMENTS_PER_REQUEST,
     ));
-    let wake = Arc::new(EventFdWake::new().map_err(QueueError::Doorbell)?);
     let inline = runs_inline(threads, &disk);
     let (workers, mut completions) = Workers::start(
         if inline { 0 } else { threads },
@@ -261,6 +262,7 @@ impl RingThread<'_> {
                 progress |= self.take(st, intake)?;
             }
             if st.ring.push_responses() {
+                self.stats.notifies.fetch_add(1, Ordering::Relaxed);
                 let _ = self.evtchn.notify();
             }
             if progress {
@@ -306,10 +308,14 @@ impl RingThread<'_> {
         any
     }
 
-    /// Sleeps until the guest or a worker rings, `until` (a limit allows the held request)
-    /// or 100 ms pass, so `stop` is noticed.
+    /// Sleeps until the guest, a worker or whoever set `stop` rings, or `until` (a limit
+    /// allows the held request). Once stopped, it looks every 10 ms while what is in flight
+    /// drains.
     fn sleep(&self, until: Option<Instant>) {
-        let ms = until.map_or(100, |t| {
+        // SeqCst: after `about_to_sleep`, so either this sees `stop` or the stopper saw the
+        // thread asleep and rang (see `EventFdWake`).
+        let stopping = self.stop.load(Ordering::SeqCst);
+        let ms = until.map_or(if stopping { 10 } else { -1 }, |t| {
             // Rounded up: waking early would only find the request still held.
             let left = t.saturating_duration_since(Instant::now());
             (left.as_micros().div_ceil(1000) as i32).min(100)
@@ -326,6 +332,7 @@ impl RingThread<'_> {
                 revents: 0,
             },
         ];
+        self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         // SAFETY: two valid pollfds.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
         // Only what rang is read: each read is a system call, and a ring thread under load
@@ -468,6 +475,7 @@ impl RingThread<'_> {
             st.free.give(index);
         } else {
             self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.stats.handoffs.fetch_add(1, Ordering::Relaxed);
             self.workers.submit(0, index);
         }
     }
