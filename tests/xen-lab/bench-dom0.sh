@@ -121,6 +121,11 @@ sample() {
 
 done_lines=0
 while :; do
+  # The guest waits for dom0 after its last line (bench-guest.sh): a backend gone before
+  # then went early.
+  if grep -q 'GUEST: bench finished' $L 2>/dev/null && [ -z "$(grep -o 'GUEST: bench .*' $L | sed -n "$((done_lines + 1)),\$p")" ]; then
+    break
+  fi
   if ! kill -0 $P_FILE 2>/dev/null || ! kill -0 $P_NULL 2>/dev/null; then
     echo "LAB: bench: a xen-disk-host exited early"; sed 's/^/LAB: log /' /tmp/ours-*.log; break
   fi
@@ -135,7 +140,9 @@ while :; do
       begin)
         sample "$tag" begin
         case "$tag" in profile.*)
-          $M/strace -c -f -o /tmp/strace.$tag -p $(case $tag in *.null.*) echo $P_NULL ;; *) echo $P_FILE ;; esac) 2>/dev/null &
+          # Every thread by its id: -p with the process id alone traces its main thread.
+          p=$(case $tag in *.null.*) echo $P_NULL ;; *) echo $P_FILE ;; esac)
+          $M/strace -c -f -o /tmp/strace.$tag $(for t in /proc/$p/task/*; do echo "-p ${t##*/}"; done) 2>/dev/null &
           echo $! >/tmp/strace.pid ;;
         esac ;;
       end)
@@ -147,11 +154,14 @@ while :; do
     esac
   done
   done_lines=$((done_lines + $(echo "$lines" | wc -l)))
-  grep -q 'GUEST: bench finished' $L 2>/dev/null && [ -z "$(grep -o 'GUEST: bench .*' $L | sed -n "$((done_lines + 1)),\$p")" ] && break
 done
 
 for p in $P_FILE $P_NULL; do
   $H ctl --socket /run/xen-disk/connect-$p.sock stats 2>/dev/null | sed "s/^/LAB: stats $p /"
+  # Where ours spent its time over the whole boot, thread by thread.
+  for t in /proc/$p/task/*; do
+    read -r c <$t/comm; read -r ns _ <$t/schedstat; echo "LAB: bench thread $p $c ns=$ns"
+  done
 done
 echo "LAB: bench threads-after file=$(ls /proc/$P_FILE/task 2>/dev/null | wc -l) discard=$(ls /proc/$P_NULL/task 2>/dev/null | wc -l)"
 kill -INT $P_FILE $P_NULL 2>/dev/null

@@ -69,3 +69,5 @@ rc=$?
 awk -F';' 'NF > 50 { kb = $6 + $47; ms = ($9 > $50) ? $9 : $50; iops = $8 + $49
   printf "GUEST: bench result %s rc=%d kb=%.0f ms=%.0f ios=%.0f\n", $3, $5, kb, ms, iops * ms / 1000 }' /tmp/fio.out
 echo "GUEST: bench finished"
+# dom0 reads our backends' counters and detaches them before this guest goes.
+i=0; while [ $i -lt 60 ] && [ -b /dev/xvde ]; do sleep 1; i=$((i + 1)); done
