@@ -66,8 +66,9 @@ $FIO --output-format=terse --terse-version=3 --output=/tmp/fio.out /tmp/bench.fi
 rc=$?
 [ $rc = 0 ] || { echo "GUEST: bench fio-error rc=$rc"; sed 's/^/GUEST: bench fio-error /' /tmp/fio.err | head -5; }
 # terse v3: 3 job name, 5 error, 6-9 read KiB, KiB/s, IOPS, ms; 47-50 the same for writes.
-awk -F';' 'NF > 50 { kb = $6 + $47; ms = ($9 > $50) ? $9 : $50; iops = $8 + $49
-  printf "GUEST: bench result %s rc=%d kb=%.0f ms=%.0f ios=%.0f\n", $3, $5, kb, ms, iops * ms / 1000 }' /tmp/fio.out
+# Requests from the bytes and the block size (fio's IOPS are whole numbers).
+awk -F';' 'NF > 50 { kb = $6 + $47; ms = ($9 > $50) ? $9 : $50; bs = ($3 ~ /\.s[rw]\./) ? 1024 : 4
+  printf "GUEST: bench result %s rc=%d kb=%.0f ms=%.0f ios=%.0f\n", $3, $5, kb, ms, kb / bs }' /tmp/fio.out
 echo "GUEST: bench finished"
 # dom0 reads our backends' counters and detaches them before this guest goes.
 i=0; while [ $i -lt 60 ] && [ -b /dev/xvde ]; do sleep 1; i=$((i + 1)); done
