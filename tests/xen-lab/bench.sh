@@ -148,7 +148,7 @@ EOF
 cp "$out/domU/bench.conf" "$out/dom0/bench.conf"
 
 start=$(date +%s)
-log=$(LAB_TIMEOUT=${LAB_TIMEOUT:-1800} OUT=$out bash "$lab" run "$here/bench-dom0.sh" "$here/bench-guest.sh" | tr -d '\r')
+log=$(LAB_TIMEOUT=${LAB_TIMEOUT:-2400} OUT=$out bash "$lab" run "$here/bench-dom0.sh" "$here/bench-guest.sh" | tr -d '\r')
 boot=$(( $(date +%s) - start ))
 echo "$log" >"$out/lab.log"
 grep -E '^(LAB: bench|LAB: timeout|LAB: console|LAB: log|GUEST: bench (disk|fio|fio-error))' <<<"$log" || true
