@@ -6,7 +6,7 @@
 //! socket, for `xenstore-ls` with `XENSTORED_PATH`), one simulated guest per domain the file
 //! names, each connecting to its disks through the real handshake and ring.
 
-use super::connect::{catch_hangups, catch_signals, hangups, signals};
+use super::connect::{catch_hangups, catch_signals, hangups, signals, wait_for_signals};
 use crate::backend::device::Platform;
 use crate::backend::disks_config::{
     load_disks, parse_disks, DiskSpec, DisksConfigError, DomainRef,
@@ -139,7 +139,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     let s = stop.clone();
     std::thread::spawn(move || loop {
         s.store(signals(), Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(50));
+        wait_for_signals(Duration::from_secs(1));
     });
     if args.sim {
         return run_sim(args, disks, opts, log, &stop, registry);
