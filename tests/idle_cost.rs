@@ -79,8 +79,8 @@ fn idle_disks_cost_no_xenstore_requests_and_no_ring_wakeups() {
         requests <= 2 * (DOMAINS as u64 + 1) * window.div_ceil(5),
         "{requests} xenstore requests in {window} s from {DISKS} idle disks"
     );
-    // About the rings' one-second safety net, with room for a late scrape; polling rings
-    // woke ten times a second.
+    // Idle rings sleep with no timer; polling rings woke ten times a second. (The bound
+    // leaves room for a one-second safety net, should one come back.)
     assert!(
         wakeups <= 2 * DISKS * window,
         "{wakeups} ring wakeups in {window} s from {DISKS} idle disks"

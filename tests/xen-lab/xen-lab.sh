@@ -13,7 +13,8 @@
 #                                   those it depends on, uncompressed) in /opt/xen-disk/ as
 #                                   NAME.ko; guest-module:NAME puts it at / in the guest;
 #                                   deb:FILE unpacks the package FILE into dom0's root (see
-#                                   "Packages" below)
+#                                   "Packages" below); guest:FILE puts FILE in the guest's
+#                                   /opt/xen-disk/ as FILE goes to dom0's (same launcher)
 #   xen-lab.sh run DOM0 [GUEST]     boot. dom0 runs the shell file DOM0 once xenstored is up;
 #                                   the guest runs the shell file GUEST at boot (as /guest.sh).
 #                                   The whole serial console goes to $OUT/serial.log; its lines
@@ -142,9 +143,12 @@ needed() { readelf -d "$1" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p';
 interp() { readelf -l "$1" 2>/dev/null | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p'; }
 elf_type() { readelf -h "$1" 2>/dev/null | sed -n 's/^ *Type: *\([A-Z]*\).*/\1/p'; }
 
-# Where ROOT keeps the library SONAME (searched like the loader's system path).
-find_lib() { local root=$1 so=$2 d f
-  for d in /lib/$MULTIARCH /usr/lib/$MULTIARCH /lib /usr/lib /lib64 /usr/lib64; do
+# The directories of FILE's RUNPATH or RPATH ($ORIGIN-relative ones are left out).
+runpath() { readelf -d "$1" 2>/dev/null | sed -n 's/.*(R[UN]*PATH).*\[\(.*\)\]/\1/p' | tr ':' '\n' | grep '^/' || true; }
+# Where ROOT keeps the library SONAME (searched like the loader's system path, after the
+# directories given, a needing file's RUNPATH).
+find_lib() { local root=$1 so=$2 d f; shift 2
+  for d in "$@" /lib/$MULTIARCH /usr/lib/$MULTIARCH /lib /usr/lib /lib64 /usr/lib64; do
     f=$(in_root "$root" "$d/$so"); [ -e "$f" ] && { echo "$f"; return; }
   done
   return 1
@@ -159,7 +163,8 @@ copy_libs() { local root=$1 dest=$2; shift 2
     f=${queue[0]}; queue=("${queue[@]:1}")
     for so in $(needed "$f"); do
       [ -e "$dest/$so" ] && continue
-      src=$(find_lib "$root" "$so") || die "release $RELEASE: $so (needed by $(basename "$f")) is not in $root"
+      # shellcheck disable=SC2046
+      src=$(find_lib "$root" "$so" $(runpath "$f")) || die "release $RELEASE: $so (needed by $(basename "$f")) is not in $root"
       cp -L "$src" "$dest/$so"; queue+=("$dest/$so")
     done
   done
@@ -304,6 +309,7 @@ EOF
     case "$f" in
       module:*) mods=$(module_order "${f#module:}"); for m in $mods; do put_module "$m" "$d/opt/xen-disk/$(basename "${m%%.ko*}").ko"; done ;;
       guest-module:*) mods=$(module_order "${f#guest-module:}"); for m in $mods; do put_module "$m" "$g/$(basename "${m%%.ko*}").ko"; done ;;
+      guest:*) [ -e "${f#guest:}" ] || die "build: ${f#guest:} does not exist"; ship_ours "$g" "${f#guest:}" ;;
       deb:*) [ -f "${f#deb:}" ] || die "build: ${f#deb:} does not exist"; ship_deb "$d" "${f#deb:}" ;;
       *) [ -e "$f" ] || die "build: $f does not exist"; ship_ours "$d" "$f" ;;
     esac

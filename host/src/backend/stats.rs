@@ -46,6 +46,13 @@ pub struct QueueStats {
     /// Requests taken off the ring and not yet answered, including one held back by a
     /// limit or a barrier: set by the ring thread once per batch it takes.
     pub depth: AtomicU64,
+    /// Times the ring thread slept waiting for the guest or a completion (each one costs a
+    /// wake-up: requests / sleeps is the batch a wake-up serves).
+    pub sleeps: AtomicU64,
+    /// Event-channel notifications sent to the guest (one per batch of responses at most).
+    pub notifies: AtomicU64,
+    /// Requests handed to a worker thread (two thread wake-ups each: there and back).
+    pub handoffs: AtomicU64,
 }
 
 impl QueueStats {

@@ -20,7 +20,7 @@ use crate::xen::xenstore::client::XsClient;
 use crate::xen::xenstore::{Xenstore, NO_TX};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use xen_disk_plugin_api::Config;
@@ -79,8 +79,47 @@ pub struct ConnectArgs {
 
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
+/// An eventfd the SIGINT/SIGTERM handler rings, so a thread waits for a signal instead of
+/// polling the count (a poll every 50 ms cost an emulated dom0 about 3% of a CPU per
+/// process, idle or not).
+static SIGNAL_BELL: AtomicI32 = AtomicI32::new(-1);
+
 extern "C" fn on_signal(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
+    ring_signal_bell();
+}
+
+/// Wakes [`wait_for_signals`]; async-signal-safe (an atomic load and write(2)), so other
+/// signal handlers may call it too.
+pub fn ring_signal_bell() {
+    let fd = SIGNAL_BELL.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: write(2) is async-signal-safe; 8 bytes from a local to our eventfd.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Waits until SIGINT or SIGTERM arrives or `timeout` passes; returns [`signals`].
+pub fn wait_for_signals(timeout: Duration) -> usize {
+    let fd = SIGNAL_BELL.load(Ordering::SeqCst);
+    if fd < 0 {
+        std::thread::sleep(timeout);
+        return signals();
+    }
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut p, 1, ms) } > 0 {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local; the eventfd is non-blocking.
+        unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+    }
+    signals()
 }
 
 static HANGUPS: AtomicUsize = AtomicUsize::new(0);
@@ -107,6 +146,11 @@ pub fn signals() -> usize {
 
 /// Counts SIGINT and SIGTERM instead of dying: the first detaches, the second forces.
 pub fn catch_signals() {
+    if SIGNAL_BELL.load(Ordering::SeqCst) < 0 {
+        // SAFETY: eventfd takes no pointers; a failure leaves the waiters sleeping instead.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        SIGNAL_BELL.store(fd, Ordering::SeqCst);
+    }
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only touches an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
@@ -214,8 +258,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
             return;
         };
         loop {
-            std::thread::sleep(Duration::from_millis(50));
-            let n = SIGNALS.load(Ordering::SeqCst);
+            let n = wait_for_signals(Duration::from_secs(1));
             if n >= 1 && !s.swap(true, Ordering::SeqCst) {
                 eprintln!("detaching (Ctrl-C again to force)");
             }
@@ -282,4 +325,31 @@ fn run_sim(
     sim.shutdown().map_err(anyhow::Error::msg)?;
     println!("detached");
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_rings_the_bell_that_waiters_sleep_on() {
+        catch_signals();
+        let before = signals();
+        let fd = SIGNAL_BELL.load(Ordering::SeqCst);
+        assert!(fd >= 0, "no eventfd for the signal handler");
+        // SAFETY: raise(2) delivers SIGTERM to this thread; the handler installed above only
+        // counts it and rings the bell.
+        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout: readable only if the handler wrote.
+        let rung = unsafe { libc::poll(&mut p, 1, 0) };
+        assert_eq!(rung, 1, "the bell was not rung");
+        assert_eq!(wait_for_signals(Duration::ZERO), before + 1);
+        // SAFETY: as above; the waiter drained the bell.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 0);
+    }
 }

@@ -201,6 +201,9 @@ struct Counts {
     errors: u64,
     unsupported: u64,
     in_flight: u64,
+    sleeps: u64,
+    notifies: u64,
+    handoffs: u64,
     latency: Histogram,
 }
 
@@ -217,6 +220,9 @@ impl Counts {
             errors: l(&q.errors),
             unsupported: l(&q.unsupported),
             in_flight: l(&q.in_flight),
+            sleeps: l(&q.sleeps),
+            notifies: l(&q.notifies),
+            handoffs: l(&q.handoffs),
             latency: q.latency.snapshot(),
         }
     }
@@ -231,12 +237,15 @@ impl Counts {
         self.errors += o.errors;
         self.unsupported += o.unsupported;
         self.in_flight += o.in_flight;
+        self.sleeps += o.sleeps;
+        self.notifies += o.notifies;
+        self.handoffs += o.handoffs;
         self.latency.merge(&o.latency);
     }
 
     fn json(&self) -> String {
         format!(
-            "\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{},\"unsupported\":{},\"in_flight\":{},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3}",
+            "\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{},\"unsupported\":{},\"in_flight\":{},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"sleeps\":{},\"notifies\":{},\"handoffs\":{}",
             self.reads,
             self.writes,
             self.flushes,
@@ -247,13 +256,16 @@ impl Counts {
             self.unsupported,
             self.in_flight,
             self.latency.percentile(0.5) as f64 / 1000.0,
-            self.latency.percentile(0.99) as f64 / 1000.0
+            self.latency.percentile(0.99) as f64 / 1000.0,
+            self.sleeps,
+            self.notifies,
+            self.handoffs
         )
     }
 
     fn text(&self) -> String {
         format!(
-            "reads {} ({} bytes)  writes {} ({} bytes)  flushes {}  discards {}  errors {}  unsupported {}  in flight {}  p50 {:.1} us  p99 {:.1} us",
+            "reads {} ({} bytes)  writes {} ({} bytes)  flushes {}  discards {}  errors {}  unsupported {}  in flight {}  p50 {:.1} us  p99 {:.1} us  sleeps {}  notifies {}  hand-offs {}",
             self.reads,
             self.read_bytes,
             self.writes,
@@ -264,7 +276,10 @@ impl Counts {
             self.unsupported,
             self.in_flight,
             self.latency.percentile(0.5) as f64 / 1000.0,
-            self.latency.percentile(0.99) as f64 / 1000.0
+            self.latency.percentile(0.99) as f64 / 1000.0,
+            self.sleeps,
+            self.notifies,
+            self.handoffs
         )
     }
 }

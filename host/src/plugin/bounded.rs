@@ -116,6 +116,19 @@ mod tests {
     use std::time::Instant;
 
     #[test]
+    fn finished_opens_never_count_against_the_next() {
+        // A daemon opens its disks one after another: with a limit of one, each open must
+        // find the previous one's place given back.
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        for i in 0..500 {
+            assert_eq!(
+                bounded(&RUNNING, 1, Duration::from_secs(5), move || i).unwrap(),
+                i
+            );
+        }
+    }
+
+    #[test]
     fn an_open_that_does_not_return_is_answered_at_its_timeout() {
         static RUNNING: AtomicUsize = AtomicUsize::new(0);
         let (release, wait) = std::sync::mpsc::channel::<()>();

@@ -16,6 +16,11 @@
 //! reported as a hole that reads as zeroes, everything else as data. Block devices and
 //! filesystems without those seeks report nothing (all data).
 //!
+//! An image on tmpfs or ramfs (buffered) is served on the host's ring thread itself
+//! ([`ThreadModel::NonBlocking`]): each call only copies memory, and handing it to a worker
+//! thread would cost more than the copy (two thread wake-ups per request). Anywhere else
+//! calls may wait on a device, and run on the host's workers.
+//!
 //! With `direct`, offsets and lengths must meet the filesystem's O_DIRECT alignment: the
 //! plugin reports it as the disk's logical sector size (usually 512), so the host keeps every
 //! request aligned. Guest buffers that do not meet the memory alignment go through an
@@ -304,7 +309,13 @@ impl Plugin for FilePlugin {
         // nothing that is stored.
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let discard = !readonly && !is_block && sys::fallocate(fd, punch, size, 4096).is_ok();
+        let memory = !direct && !is_block && sys::on_memory_fs(fd);
         let info = DiskInfo::new(size)
+            .thread_model(if memory {
+                ThreadModel::NonBlocking
+            } else {
+                ThreadModel::Parallel
+            })
             .sector_size(logical)
             .physical_sector_size(physical.max(logical))
             .read_only(readonly)

@@ -179,3 +179,19 @@ fn rw_all(
         );
     }
 }
+
+/// `statfs` magic numbers of the filesystems that keep files in memory only.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// Whether the open file lives on tmpfs or ramfs: reading and writing it copies memory and
+/// never waits on a device.
+pub fn on_memory_fs(fd: RawFd) -> bool {
+    // SAFETY: statfs is plain integers; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one struct statfs into `st`.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}

@@ -125,6 +125,7 @@ impl Completer {
                 let wake_ring = st.waiting_for_slot;
                 drop(st);
                 if notify {
+                    stats.notifies.fetch_add(1, Ordering::Relaxed);
                     let _ = evtchn.notify();
                 }
                 if wake_ring {

@@ -42,10 +42,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{SubmitOp, ThreadModel};
 
-/// The longest an idle ring thread sleeps: everything it waits for rings it (the guest's
-/// event channel, its doorbell), so this is only a safety net, and what an idle ring costs.
-const IDLE_SLEEP_MS: i32 = 1000;
-
 /// What the ring thread needs.
 pub struct QueueParts {
     /// The attached ring.
@@ -78,9 +74,9 @@ pub struct QueueParts {
     /// The disk's I/O limits (shared by its rings, changed live). Off, it costs one flag
     /// read per request.
     pub limiter: Arc<Limiter>,
-    /// The ring thread's doorbell: workers ring it with completions, and whoever sets the
-    /// queue's stop flag rings it after, so an idle ring thread sleeps until something
-    /// happens instead of waking to look.
+    /// The ring thread's doorbell. Workers and completions ring it, and so must whoever sets
+    /// `stop`: an idle ring thread sleeps until the guest or the doorbell rings, with no
+    /// timer (an idle disk costs no wake-ups).
     pub doorbell: Arc<EventFdWake>,
 }
 
@@ -94,9 +90,6 @@ pub enum QueueError {
     /// The guest broke the ring: the device disconnects it.
     #[error("{0}")]
     Ring(#[from] RingError),
-    /// The host could not make the ring thread's doorbell.
-    #[error("queue setup: doorbell: {0}")]
-    Doorbell(#[source] std::io::Error),
 }
 
 /// Polls the ring (when it may take requests) and the completions for up to `poll`; true
@@ -275,6 +268,7 @@ impl RingThread<'_> {
                 progress |= self.take(st, intake)?;
             }
             if st.ring.push_responses() {
+                self.stats.notifies.fetch_add(1, Ordering::Relaxed);
                 let _ = self.evtchn.notify();
             }
             if progress {
@@ -326,13 +320,17 @@ impl RingThread<'_> {
         any
     }
 
-    /// Sleeps until the guest or a worker rings, `until` (a limit allows the held request)
-    /// or 100 ms pass, so `stop` is noticed.
+    /// Sleeps until the guest, a worker or whoever set `stop` rings, or `until` (a limit
+    /// allows the held request). Once stopped, it looks every 10 ms while what is in flight
+    /// drains.
     fn sleep(&self, until: Option<Instant>) {
-        let ms = until.map_or(IDLE_SLEEP_MS, |t| {
+        // SeqCst: after `about_to_sleep`, so either this sees `stop` or the stopper saw the
+        // thread asleep and rang (see `EventFdWake`).
+        let stopping = self.stop.load(Ordering::SeqCst);
+        let ms = until.map_or(if stopping { 10 } else { -1 }, |t| {
             // Rounded up: waking early would only find the request still held.
             let left = t.saturating_duration_since(Instant::now());
-            (left.as_micros().div_ceil(1000) as i32).min(IDLE_SLEEP_MS)
+            (left.as_micros().div_ceil(1000) as i32).min(100)
         });
         let mut fds = [
             libc::pollfd {
@@ -346,6 +344,7 @@ impl RingThread<'_> {
                 revents: 0,
             },
         ];
+        self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         // SAFETY: two valid pollfds.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
         RING_WAKEUPS.fetch_add(1, Ordering::Relaxed);
@@ -489,6 +488,7 @@ impl RingThread<'_> {
             st.free.give(index);
         } else {
             self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.stats.handoffs.fetch_add(1, Ordering::Relaxed);
             self.workers.submit(0, index);
         }
     }
