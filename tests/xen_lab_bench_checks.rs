@@ -4,35 +4,15 @@
 //! about completeness, never speed: the table's ratios do not decide a pass.
 
 mod common;
-use common::TempDir;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn lab_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xen-lab")
-}
+use common::{lab_checks, lab_log};
 
 fn passing_log() -> String {
-    std::fs::read_to_string(lab_dir().join("testdata/bench-pass.log")).unwrap()
+    lab_log("bench-pass.log")
 }
 
 /// `bench.sh --checks-only` on `log`: whether it passed, and its stdout.
 fn checks(log: &str) -> (bool, String) {
-    let dir = TempDir::new("benchchecks");
-    let path = dir.join("lab.log");
-    std::fs::write(&path, log).unwrap();
-    let o = Command::new("bash")
-        .arg(lab_dir().join("bench.sh"))
-        .arg("--checks-only")
-        .arg(&path)
-        .output()
-        .expect("bash");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.is_empty(), "bench.sh wrote to stderr: {err}");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-    )
+    lab_checks("bench.sh", log)
 }
 
 /// The log without its lines starting with `from`, or with each replaced by `to`.

@@ -4,36 +4,17 @@
 //! even where dom0's own messages quote the line the step should have printed.
 
 mod common;
-use common::TempDir;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn lab_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xen-lab")
-}
+use common::{lab_checks, lab_dir, lab_log, TempDir};
+use std::path::Path;
+use std::process::Command;
 
 fn passing_log() -> String {
-    std::fs::read_to_string(lab_dir().join("testdata/checks-pass.log")).unwrap()
+    lab_log("checks-pass.log")
 }
 
 /// `run.sh --checks-only` on `log`; returns its exit status and stdout.
 fn checks(log: &str) -> (bool, String) {
-    let dir = TempDir::new("labchecks");
-    let path = dir.join("lab.log");
-    std::fs::write(&path, log).unwrap();
-    let o: Output = Command::new("bash")
-        .arg(lab_dir().join("run.sh"))
-        .arg("--checks-only")
-        .arg(&path)
-        .output()
-        .expect("bash");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.stderr.is_empty(),
-        "run.sh wrote to stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.success(), out)
+    lab_checks("run.sh", log)
 }
 
 /// The log with the line starting `from` replaced by `to` (which may be several lines).
@@ -126,7 +107,7 @@ fn a_failed_step_fails_its_check_although_dom0_quotes_its_line() {
 /// shows as dd-read-failed, which only the speed figure reads.)
 #[test]
 fn a_real_run_with_three_steps_broken_fails_their_checks() {
-    let log = std::fs::read_to_string(lab_dir().join("testdata/broken-steps.log")).unwrap();
+    let log = lab_log("broken-steps.log");
     let (ok, out) = checks(&log);
     assert!(!ok, "{out}");
     let failed: Vec<&str> = out

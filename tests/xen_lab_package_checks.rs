@@ -3,35 +3,15 @@
 //! makes that step's check FAIL.
 
 mod common;
-use common::TempDir;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn lab_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xen-lab")
-}
+use common::{lab_checks, lab_log};
 
 fn passing_log() -> String {
-    std::fs::read_to_string(lab_dir().join("testdata/package-pass.log")).unwrap()
+    lab_log("package-pass.log")
 }
 
 /// `package-run.sh --checks-only` on `log`: whether it passed, and its stdout.
 fn checks(log: &str) -> (bool, String) {
-    let dir = TempDir::new("pkgchecks");
-    let path = dir.join("lab.log");
-    std::fs::write(&path, log).unwrap();
-    let o = Command::new("bash")
-        .arg(lab_dir().join("package-run.sh"))
-        .arg("--checks-only")
-        .arg(&path)
-        .output()
-        .expect("bash");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.is_empty(), "package-run.sh wrote to stderr: {err}");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-    )
+    lab_checks("package-run.sh", log)
 }
 
 /// The log with its one line starting `from` replaced by `to` (lines, possibly none).

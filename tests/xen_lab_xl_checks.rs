@@ -4,38 +4,15 @@
 //! messages quote the guest line the step should have printed.
 
 mod common;
-use common::TempDir;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn lab_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xen-lab")
-}
+use common::{lab_checks, lab_log};
 
 fn passing_log() -> String {
-    std::fs::read_to_string(lab_dir().join("testdata/xl-checks-pass.log")).unwrap()
+    lab_log("xl-checks-pass.log")
 }
 
 /// `xl-run.sh --checks-only` on `log`; its exit status and stdout.
 fn checks(log: &str) -> (bool, String) {
-    let dir = TempDir::new("xlchecks");
-    let path = dir.join("lab.log");
-    std::fs::write(&path, log).unwrap();
-    let o = Command::new("bash")
-        .arg(lab_dir().join("xl-run.sh"))
-        .arg("--checks-only")
-        .arg(&path)
-        .output()
-        .expect("bash");
-    assert!(
-        o.stderr.is_empty(),
-        "xl-run.sh wrote to stderr: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-    )
+    lab_checks("xl-run.sh", log)
 }
 
 /// The log with its one line starting `from` changed by `f` (which may return several lines).
@@ -147,7 +124,7 @@ fn a_failed_step_fails_its_check_and_no_other() {
 /// left in xenstore, and exactly those two checks fail on it.
 #[test]
 fn a_real_run_that_left_entries_fails_those_checks() {
-    let log = std::fs::read_to_string(lab_dir().join("testdata/xl-entries-left.log")).unwrap();
+    let log = lab_log("xl-entries-left.log");
     let (ok, out) = checks(&log);
     assert!(!ok, "{out}");
     let failed: Vec<&str> = out

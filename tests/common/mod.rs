@@ -260,3 +260,34 @@ pub fn http_get(addr: &str, target: &str) -> (String, String) {
         body.to_string(),
     )
 }
+
+/// The Xen lab's scripts (`tests/xen-lab`).
+pub fn lab_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xen-lab")
+}
+
+/// A kept lab log from `tests/xen-lab/testdata`.
+pub fn lab_log(name: &str) -> String {
+    let path = lab_dir().join("testdata").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `tests/xen-lab/SCRIPT --checks-only` on `log` (no boot): whether it passed, and its
+/// stdout. The checks must write nothing to stderr.
+pub fn lab_checks(script: &str, log: &str) -> (bool, String) {
+    let dir = TempDir::new("labchecks");
+    let path = dir.join("lab.log");
+    std::fs::write(&path, log).unwrap();
+    let o = Command::new("bash")
+        .arg(lab_dir().join(script))
+        .arg("--checks-only")
+        .arg(&path)
+        .output()
+        .expect("bash");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.is_empty(), "{script} wrote to stderr: {err}");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
