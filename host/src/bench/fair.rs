@@ -70,6 +70,70 @@ impl FairFigures {
     }
 }
 
+/// What a reference client counts while it runs: requests in flight, completions and the
+/// bytes they moved, failures and the first one's reason, latencies.
+#[derive(Default)]
+pub struct Tally {
+    /// Requests submitted and not yet completed.
+    pub in_flight: usize,
+    ops: u64,
+    bytes: u64,
+    failed: u64,
+    first_error: Option<String>,
+    hist: Histogram,
+}
+
+impl Tally {
+    /// A submission's outcome: one more in flight, or a failure.
+    pub fn submitted(&mut self, r: Result<(), String>) {
+        match r {
+            Ok(()) => self.in_flight += 1,
+            Err(e) => self.failure(Some(e)),
+        }
+    }
+
+    /// A request that completed and moved `bytes` after `latency`.
+    pub fn succeeded(&mut self, bytes: u64, latency: Duration) {
+        self.in_flight -= 1;
+        self.ops += 1;
+        self.bytes += bytes;
+        self.hist.record(latency.as_nanos() as u64);
+    }
+
+    /// A request that completed in error (`why`, when the engine said).
+    pub fn failed(&mut self, why: Option<String>) {
+        self.in_flight -= 1;
+        self.failure(why);
+    }
+
+    fn failure(&mut self, why: Option<String>) {
+        self.failed += 1;
+        if let Some(e) = why {
+            self.first_error.get_or_insert(e);
+        }
+    }
+
+    /// The figures over `elapsed`, or why there are none (nothing completed).
+    pub fn figures(self, elapsed: Duration) -> Result<FairFigures, String> {
+        if self.ops == 0 {
+            return Err(format!(
+                "no request completed ({} failed{})",
+                self.failed,
+                self.first_error
+                    .map(|e| format!(", first: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(FairFigures::new(
+            self.ops,
+            self.bytes,
+            self.failed,
+            elapsed,
+            &self.hist,
+        ))
+    }
+}
+
 /// The offsets the ring bench's guest sends: sequential patterns keep their requests side by
 /// side and wrap at the end of the region, random ones pick aligned blocks uniformly.
 pub struct Walk {
@@ -236,6 +300,29 @@ pub fn from_cli(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tally_counts_what_completed_and_names_the_first_failure() {
+        let mut t = Tally::default();
+        t.submitted(Ok(()));
+        t.submitted(Ok(()));
+        t.submitted(Err("refused".into()));
+        assert_eq!(t.in_flight, 2);
+        t.failed(Some("EIO".into()));
+        assert_eq!(t.in_flight, 1);
+        let none = std::mem::take(&mut t).figures(Duration::from_secs(1));
+        assert_eq!(
+            none.unwrap_err(),
+            "no request completed (2 failed, first: refused)"
+        );
+        t.submitted(Ok(()));
+        t.submitted(Ok(()));
+        t.succeeded(4096, Duration::from_micros(50));
+        t.succeeded(4096, Duration::from_micros(70));
+        assert_eq!(t.in_flight, 0);
+        let f = t.figures(Duration::from_secs(2)).unwrap();
+        assert_eq!((f.ops, f.bytes, f.failed), (2, 8192, 0));
+    }
 
     #[test]
     fn sequential_walks_wrap_and_random_ones_stay_in_the_region() {

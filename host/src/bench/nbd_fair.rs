@@ -7,8 +7,7 @@
 //! where it is not installed.
 
 use super::direct::Pattern;
-use super::fair::{load_library, refill, symbol, AlignedBuf, FairFigures, Walk};
-use crate::histogram::Histogram;
+use super::fair::{load_library, refill, symbol, AlignedBuf, FairFigures, Tally, Walk};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::time::{Duration, Instant};
@@ -139,10 +138,8 @@ pub fn run(
     let writing = matches!(pattern, Pattern::Write | Pattern::Randwrite);
     let mut sent = vec![Instant::now(); depth];
     let mut walk = Walk::new(pattern, bs, region);
-    let mut hist = Histogram::default();
-    let (mut ops, mut bytes, mut failed, mut seq) = (0u64, 0u64, 0u64, 0u64);
-    let mut in_flight = 0usize;
-    let mut first_error = None;
+    let mut tally = Tally::default();
+    let mut seq = 0u64;
     DONE.with(|d| d.borrow_mut().clear());
     let started = Instant::now();
     let deadline = started + duration;
@@ -174,17 +171,11 @@ pub fn run(
         Ok(())
     };
     for slot in 0..depth {
-        match submit(slot, &mut bufs, &mut sent) {
-            Ok(()) => in_flight += 1,
-            Err(e) => {
-                failed += 1;
-                first_error.get_or_insert(e);
-            }
-        }
+        tally.submitted(submit(slot, &mut bufs, &mut sent));
     }
     let mut batch = Vec::with_capacity(depth);
     let mut idle_since = Instant::now();
-    while in_flight > 0 {
+    while tally.in_flight > 0 {
         // SAFETY: live handle, used by this thread only.
         if unsafe { (lib.nbd_poll)(conn.h, 1000) } == -1 {
             return Err(format!("poll: {}", lib.error()));
@@ -199,35 +190,16 @@ pub fn run(
         let now = Instant::now();
         idle_since = now;
         for &(slot, errno) in &batch {
-            in_flight -= 1;
             if errno == 0 {
-                ops += 1;
-                bytes += bs as u64;
-                hist.record(now.duration_since(sent[slot]).as_nanos() as u64);
+                tally.succeeded(bs as u64, now.duration_since(sent[slot]));
             } else {
-                failed += 1;
-                first_error.get_or_insert(std::io::Error::from_raw_os_error(errno).to_string());
+                tally.failed(Some(std::io::Error::from_raw_os_error(errno).to_string()));
             }
             if now < deadline {
-                match submit(slot, &mut bufs, &mut sent) {
-                    Ok(()) => in_flight += 1,
-                    Err(e) => {
-                        failed += 1;
-                        first_error.get_or_insert(e);
-                    }
-                }
+                tally.submitted(submit(slot, &mut bufs, &mut sent));
             }
         }
         batch.clear();
     }
-    let elapsed = started.elapsed();
-    if ops == 0 {
-        return Err(format!(
-            "no request completed ({failed} failed{})",
-            first_error
-                .map(|e| format!(", first: {e}"))
-                .unwrap_or_default()
-        ));
-    }
-    Ok(FairFigures::new(ops, bytes, failed, elapsed, &hist))
+    tally.figures(started.elapsed())
 }

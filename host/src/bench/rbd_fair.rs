@@ -11,8 +11,7 @@
 //! run time, so the host builds and runs where they are not installed.
 
 use super::direct::Pattern;
-use super::fair::{load_library, refill, symbol, AlignedBuf, FairFigures, Walk};
-use crate::histogram::Histogram;
+use super::fair::{load_library, refill, symbol, AlignedBuf, FairFigures, Tally, Walk};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::ptr;
 use std::sync::{Condvar, Mutex};
@@ -267,10 +266,8 @@ pub fn run(
     let mut bufs: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::new(bs)).collect();
     let mut sent = vec![Instant::now(); depth];
     let mut walk = Walk::new(pattern, bs, region);
-    let mut hist = Histogram::default();
-    let (mut ops, mut bytes, mut failed, mut seq) = (0u64, 0u64, 0u64, 0u64);
-    let mut in_flight = 0usize;
-    let mut first_error = None;
+    let mut tally = Tally::default();
+    let mut seq = 0u64;
     let started = Instant::now();
     let deadline = started + duration;
     // Starts one request in `slot`; librbd's error when it refused it.
@@ -306,16 +303,10 @@ pub fn run(
         Ok(())
     };
     for slot in 0..depth {
-        match submit(slot, &mut bufs, &mut sent) {
-            Ok(()) => in_flight += 1,
-            Err(e) => {
-                failed += 1;
-                first_error.get_or_insert(e);
-            }
-        }
+        tally.submitted(submit(slot, &mut bufs, &mut sent));
     }
     let mut batch = Vec::with_capacity(depth);
-    while in_flight > 0 {
+    while tally.in_flight > 0 {
         {
             let mut done = completed.done.lock().unwrap_or_else(|e| e.into_inner());
             while done.is_empty() {
@@ -325,38 +316,19 @@ pub fn run(
         }
         let now = Instant::now();
         for &(slot, r) in &batch {
-            in_flight -= 1;
             if r >= 0 && (writing || r as usize == bs) {
-                ops += 1;
-                bytes += if writing { bs as u64 } else { r as u64 };
-                hist.record(now.duration_since(sent[slot]).as_nanos() as u64);
+                let moved = if writing { bs as u64 } else { r as u64 };
+                tally.succeeded(moved, now.duration_since(sent[slot]));
             } else {
-                failed += 1;
-                if r < 0 {
-                    first_error.get_or_insert(errno_text(r as c_int));
-                }
+                tally.failed((r < 0).then(|| errno_text(r as c_int)));
             }
             if now < deadline {
-                match submit(slot, &mut bufs, &mut sent) {
-                    Ok(()) => in_flight += 1,
-                    Err(e) => {
-                        failed += 1;
-                        first_error.get_or_insert(e);
-                    }
-                }
+                tally.submitted(submit(slot, &mut bufs, &mut sent));
             }
         }
         batch.clear();
     }
     let elapsed = started.elapsed();
     drop(args);
-    if ops == 0 {
-        return Err(format!(
-            "no request completed ({failed} failed{})",
-            first_error
-                .map(|e| format!(", first: {e}"))
-                .unwrap_or_default()
-        ));
-    }
-    Ok(FairFigures::new(ops, bytes, failed, elapsed, &hist))
+    tally.figures(elapsed)
 }
