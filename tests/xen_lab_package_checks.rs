@@ -49,7 +49,7 @@ fn a_passing_boot_passes_every_check() {
     assert!(ok, "{out}");
     assert!(!out.contains("FAIL"), "{out}");
     assert!(
-        out.ends_with("xen-lab package: 17 passed, 0 failed\n"),
+        out.ends_with("xen-lab package: 22 passed, 0 failed\n"),
         "{out}"
     );
 }
@@ -103,6 +103,31 @@ fn a_reload_that_adds_nothing_fails_even_when_dom0_quotes_the_line() {
     );
     fails(&log, "dom0: every wait saw its guest line");
     fails(&log, "ExecReload: the added disk reaches the guest");
+}
+
+#[test]
+fn a_stop_that_detaches_or_a_start_that_does_not_take_over_fails() {
+    let log = passing_log();
+    fails(
+        &with(
+            &log,
+            "LAB: stopped entries-left=",
+            &["LAB: stopped entries-left=no states=,,"],
+        ),
+        "ExecStop: a hand-over, both disks left connected",
+    );
+    fails(
+        &with(
+            &log,
+            "LAB: restarted taken-over=",
+            &["LAB: restarted taken-over=1"],
+        ),
+        "ExecStart again: the new serve takes both disks over",
+    );
+    fails(
+        &with(&log, "GUEST: io-errors=", &["GUEST: io-errors=yes"]),
+        "no I/O error in the guest's kernel log",
+    );
 }
 
 #[test]

@@ -4,7 +4,8 @@
 # `serve` runs as the service runs it: the ExecStart line of the installed unit, with the
 # installed /etc/xen-disk/disks.toml given one disk for a guest that does not exist yet. The
 # guest (package-guest.sh) reads it and writes to it; the unit's ExecReload then applies a
-# second disk added to the file, and its ExecStop stops serve. systemd's `$$` is `$` and
+# second disk added to the file; its ExecStop hands the disks over while the guest writes,
+# ExecStart again takes them over, and SIGINT detaches them. systemd's `$$` is `$` and
 # $MAINPID is serve's pid, as systemd passes them. Prints LAB: lines, then the guest's own
 # GUEST: lines as they are.
 U=/usr/lib/systemd/system/xen-disk.service
@@ -15,7 +16,7 @@ rand() { dd if=/dev/urandom of="$1" bs=1M count="$2" 2>/dev/null; }
 waitg() {
   i=0; while [ $i -lt "${2:-120}" ]; do grep -q "$1" $L 2>/dev/null && return 0; sleep 1; i=$((i + 1)); done
   echo "LAB: timeout waiting for '$1'"; tail -20 $L 2>/dev/null | sed 's/^/LAB: console /'
-  sed 's/^/LAB: serve log /' /tmp/serve.log
+  cat /tmp/serve-1.log /tmp/serve.log | sed 's/^/LAB: serve log /'
   return 1
 }
 unit() { sed -n "s/^$1=//p" $U | sed 's/\$\$/$/g'; }
@@ -75,15 +76,31 @@ TOML
 eval "$reload"; echo "LAB: reload exit=$?"
 waitg 'GUEST: disks done'
 
-# systemctl stop.
+# systemctl stop: SIGTERM hands the disks over (serve keeps journals in the unit's
+# RuntimeDirectory): the guest keeps both, attached, while no serve runs.
 t0=$(date +%s); eval "$stop"; echo "LAB: stop exit=$? seconds=$(( $(date +%s) - t0 ))"
-wait; echo "LAB: serve exit=$(cat /tmp/serve.exit 2>/dev/null || echo none)"
+while [ ! -s /tmp/serve.exit ]; do sleep 1; done
+echo "LAB: serve exit=$(cat /tmp/serve.exit)"
+sleep 8
+# The devices' backend directories (xvdb is 51728, xvdc 51744).
+left() { l=no; for dev in 51728 51744; do xenstore-ls /local/domain/0/backend/vbd3/$D/$dev >/dev/null 2>&1 && l=yes; done; echo $l; }
+states() { for dev in 51728 51744; do printf '%s,' "$(xenstore-read /local/domain/0/backend/vbd3/$D/$dev/state 2>/dev/null)"; done; }
+echo "LAB: stopped entries-left=$(left) states=$(states)"
+# systemctl start: the unit's ExecStart again; the new serve takes both disks over.
+mv /tmp/serve.log /tmp/serve-1.log; rm -f /tmp/serve.exit /tmp/serve.pid
+( $start > /tmp/serve.log 2>&1 & echo $! > /tmp/serve.pid; wait $!; echo $? > /tmp/serve.exit ) &
+i=0; while [ ! -s /tmp/serve.pid ] && [ $i -lt 10 ]; do sleep 1; i=$((i + 1)); done
+export MAINPID=$(cat /tmp/serve.pid)
+waitg 'GUEST: xvdb across-restart back' 180
+echo "LAB: restarted taken-over=$(grep -c 'taken over: the guest stays connected' /tmp/serve.log)"
+# To detach for real: SIGINT (systemctl kill -s INT xen-disk).
+kill -INT $MAINPID
+while [ ! -s /tmp/serve.exit ]; do sleep 1; done
+echo "LAB: serve interrupted exit=$(cat /tmp/serve.exit)"
 waitg 'GUEST: xvdc gone' 30
-# The devices' backend directories (xvdb is 51728, xvdc 51744), which serve made and removes.
-left=no; for dev in 51728 51744; do xenstore-ls /local/domain/0/backend/vbd3/$D/$dev >/dev/null 2>&1 && left=yes; done
-echo "LAB: serve entries-left=$left"
+echo "LAB: serve entries-left=$(left)"
 echo "LAB: b host-md5-written=$(md5 /tmp/b.img 16 8)"
 echo "LAB: c host-md5-after=$(md5 /tmp/c.img 0 16)"
-sed 's/^/LAB: serve log /' /tmp/serve.log
+cat /tmp/serve-1.log /tmp/serve.log | sed 's/^/LAB: serve log /'
 echo "LAB: guest's console:"; grep -o 'GUEST: .*' $L
 xl destroy pkg 2>/dev/null

@@ -2,7 +2,8 @@
 # The package scenario: builds the release .deb (dist/build-deb.sh), unpacks it into the lab's
 # dom0 (xen-lab.sh build deb:FILE; nothing from target/ goes in), boots once, and checks
 # that serve, started by the installed unit's ExecStart with the installed disks.toml given
-# a disk, serves the guest, that ExecReload adds a disk and ExecStop stops serve cleanly, and
+# a disk, serves the guest, that ExecReload adds a disk, that ExecStop hands the disks over
+# and ExecStart again takes them over under a guest's write, that SIGINT detaches them, and
 # that the bytes the guest read and wrote are dom0's. About 1.5 minutes of boot.
 # Usage (from anywhere): tests/xen-lab/package-run.sh
 #        tests/xen-lab/package-run.sh --checks-only LOG   (a boot's log, kept as $OUT/lab.log)
@@ -43,8 +44,15 @@ checks() {
   check "ExecReload: the guest reads dom0's bytes" "$(value 'GUEST: xvdc' md5)" "$(value 'LAB: c' host-md5)"
   check "ExecStop: exit 0" "$(value 'LAB: stop' exit)" 0
   check "ExecStop: serve exits 0" "$(value 'LAB: serve' exit)" 0
-  check "ExecStop: the guest lets go of both disks" "$(yes_if 'GUEST: xvdb gone') $(yes_if 'GUEST: xvdc gone')" "yes yes"
-  check "ExecStop: serve removed its backend entries" "$(value 'LAB: serve' entries-left)" no
+  check "ExecStop: a hand-over, both disks left connected" \
+    "$(value 'LAB: stopped' entries-left) $(value 'LAB: stopped' states)" "yes 4,4,"
+  check "ExecStart again: the new serve takes both disks over" "$(value 'LAB: restarted' taken-over)" 2
+  check "a write across the restart reads back" \
+    "$(value 'GUEST: xvdb across-restart back' md5-pat)" "$(value 'GUEST: xvdb across-restart wrote' md5-pat)"
+  check "no I/O error in the guest's kernel log" "$(value 'GUEST:' io-errors)" no
+  check "SIGINT: serve exits 0" "$(value 'LAB: serve interrupted' exit)" 0
+  check "SIGINT: the guest lets go of both disks" "$(yes_if 'GUEST: xvdb gone') $(yes_if 'GUEST: xvdc gone')" "yes yes"
+  check "SIGINT: serve removed its backend entries" "$(value 'LAB: serve' entries-left)" no
   check "read-only disk unchanged" "$(value 'LAB: c' host-md5-after)" "$(value 'LAB: c' host-md5)"
 }
 
