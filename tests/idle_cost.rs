@@ -12,11 +12,21 @@ const DOMAINS: usize = 6;
 const DISKS_PER_DOMAIN: usize = 4;
 const DISKS: u64 = (DOMAINS * DISKS_PER_DOMAIN) as u64;
 
-/// A counter's value in a Prometheus text exposition.
+/// A family's total in a Prometheus text exposition: its samples summed, labelled or not.
 fn counter(body: &str, name: &str) -> u64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{body}"))
+    let values: Vec<u64> = body
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse().ok()
+        })
+        .collect();
+    assert!(!values.is_empty(), "no {name} in the metrics:\n{body}");
+    values.iter().sum()
 }
 
 #[test]
@@ -59,7 +69,7 @@ fn idle_disks_cost_no_xenstore_requests_and_no_ring_wakeups() {
         assert!(status.contains("200"), "{status}");
         (
             counter(&body, "xen_disk_xenstore_requests_total"),
-            counter(&body, "xen_disk_ring_wakeups_total"),
+            counter(&body, "xen_disk_ring_sleeps_total"),
             counter(&body, "xen_disk_devices"),
         )
     };

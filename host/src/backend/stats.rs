@@ -10,9 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub static ATTACHES: AtomicU64 = AtomicU64::new(0);
 /// Connections that ended (the guest closed, a detach, a broken ring).
 pub static DETACHES: AtomicU64 = AtomicU64::new(0);
-/// Times a sleeping ring thread woke up (a guest's notification, a completion, a stop, or
-/// its idle timeout): with nothing to do, rings should not wake.
-pub static RING_WAKEUPS: AtomicU64 = AtomicU64::new(0);
 use std::time::Instant;
 
 /// Counters, readable while the queue runs (`ctl stats`).

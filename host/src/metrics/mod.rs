@@ -15,7 +15,7 @@ pub mod http;
 pub mod process;
 
 use crate::backend::registry::{Entry, Registry};
-use crate::backend::stats::{ATTACHES, DETACHES, RING_WAKEUPS};
+use crate::backend::stats::{ATTACHES, DETACHES};
 use crate::histogram::Histogram;
 use crate::xen::xenstore::client::REQUESTS as XENSTORE_REQUESTS;
 use std::fmt::Write;
@@ -74,6 +74,7 @@ struct Device {
     swaps: u64,
     swap_pause_ns: u64,
     throttled: u64,
+    sleeps: u64,
     limits: crate::backend::limits::IoLimits,
 }
 
@@ -104,6 +105,7 @@ impl Device {
             swaps: e.stats.swaps.load(Ordering::Relaxed),
             swap_pause_ns: e.stats.swap_pause_ns.load(Ordering::Relaxed),
             throttled: e.stats.limiter.throttled(),
+            sleeps: 0,
             limits: e.stats.limiter.limits(),
         };
         let queues = e.stats.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,6 +121,7 @@ impl Device {
             d.unsupported += l(&q.unsupported);
             d.in_flight += l(&q.in_flight);
             d.depth += l(&q.depth);
+            d.sleeps += l(&q.sleeps);
             d.latency.merge(&q.latency.snapshot());
         }
         d
@@ -270,6 +273,14 @@ pub fn render(registry: &Registry) -> String {
     }
     per_device(
         &mut out,
+        "xen_disk_ring_sleeps_total",
+        "counter",
+        "Times the disk's ring threads went to sleep, waiting for the guest or a completion \
+         (idle rings sleep once and stay asleep).",
+        &|d| vec![("", d.sleeps)],
+    );
+    per_device(
+        &mut out,
         "xen_disk_throttled_requests_total",
         "counter",
         "Requests held back by the disk's I/O limits (each counted once).",
@@ -335,17 +346,6 @@ pub fn render(registry: &Registry) -> String {
         "xen_disk_detaches_total",
         "",
         DETACHES.load(Ordering::Relaxed),
-    );
-    Family::new(
-        &mut out,
-        "xen_disk_ring_wakeups_total",
-        "counter",
-        "Times a sleeping ring thread woke up (idle rings should not).",
-    )
-    .sample(
-        "xen_disk_ring_wakeups_total",
-        "",
-        RING_WAKEUPS.load(Ordering::Relaxed),
     );
     Family::new(
         &mut out,

@@ -26,7 +26,6 @@ use super::io::IoOp;
 use super::io::{execute, status_of};
 use super::limits::{Dir, Limiter};
 pub use super::stats::QueueStats;
-use super::stats::RING_WAKEUPS;
 use super::wake::EventFdWake;
 use super::workers::{Completions, Wake, Workers};
 use crate::blkif::abi::*;
@@ -347,7 +346,6 @@ impl RingThread<'_> {
         self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         // SAFETY: two valid pollfds.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-        RING_WAKEUPS.fetch_add(1, Ordering::Relaxed);
         // Only what rang is read: each read is a system call, and a ring thread under load
         // wakes tens of thousands of times a second.
         self.wake.awake(fds[1].revents != 0);
