@@ -162,6 +162,7 @@ fn snapshot_export_incremental_and_commit_while_the_guest_writes() {
         disk: disk.clone(),
         stats: Arc::new(DeviceStats::default()),
         stop: Arc::new(AtomicBool::new(false)),
+        journal: None,
     });
     // The plugin search path, for the cow overlay the snapshot loads.
     std::env::set_var("XEN_DISK_PLUGIN_PATH", target_dir());
@@ -340,6 +341,7 @@ fn bad_snapshot_and_commit_requests_change_nothing() {
         disk: disk.clone(),
         stats: Arc::new(DeviceStats::default()),
         stop: Arc::new(AtomicBool::new(false)),
+        journal: None,
     });
     std::env::set_var("XEN_DISK_PLUGIN_PATH", target_dir());
     let before = disk.current();

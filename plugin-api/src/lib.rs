@@ -383,6 +383,19 @@
 //! whose capability you pass on. Then run `xen-disk-host check` over each kind of base you
 //! support.
 //!
+//! ## Surviving a crash of the host
+//!
+//! `serve` with a state directory takes a dead backend's disks over without the guest
+//! noticing (see the README, "When serve crashes"), so a write the guest saw succeed must
+//! read back after a `kill -9` of the host. Data you `pwrite` to a file is safe: the page
+//! cache outlives the process. Metadata you keep in memory and write back at `flush` is
+//! not. Log it with [`crash_log`] before you answer: the host names a directory on a tmpfs
+//! in `XEN_DISK_STATE_DIR` ([`crash_log::state_dir`]), [`crash_log::CrashLog::open`] gives
+//! back what a dead process left, and [`crash_log::CrashLog::append`] is one small `write`.
+//! The `qcow2` and `cow` plugins do this; their sources show both a strict write order
+//! (record classes replayed with a sync between) and a plain bitmap. A plugin in C can
+//! do the same with the variable and a file of its own.
+//!
 //! ## Plugins in C
 //!
 //! The same host loads plugins written in C: `plugin-api/include/xen_disk_plugin.h` declares
@@ -405,6 +418,7 @@
 
 mod buffers;
 mod config;
+pub mod crash_log;
 mod disk;
 mod error;
 mod export;

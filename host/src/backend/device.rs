@@ -437,6 +437,10 @@ pub fn run(
     if let Some(j) = journal.take() {
         j.remove();
     }
+    if let Some(path) = &cfg.journal {
+        // The device is gone: a later one at this place starts from its `params`.
+        super::stack_record::remove_all(path);
+    }
     match &result {
         Ok(()) => tracing::info!("removed"),
         Err(e) => tracing::error!("stopped: {e}"),
@@ -503,7 +507,7 @@ fn resize_if_changed(
 }
 
 /// Whether backend and frontend are both Connected: a device whose backend died connected.
-fn both_connected(xs: &dyn Xenstore, be: &str, fe: &str) -> bool {
+pub(crate) fn both_connected(xs: &dyn Xenstore, be: &str, fe: &str) -> bool {
     let state = |dir: &str| {
         xs.read(NO_TX, &format!("{dir}/state"))
             .ok()

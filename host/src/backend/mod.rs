@@ -26,6 +26,7 @@ pub mod queue;
 pub mod registry;
 pub mod reload;
 pub mod server;
+pub mod stack_record;
 pub mod state;
 pub mod stats;
 pub mod vbd;

@@ -36,6 +36,10 @@ pub struct Entry {
     pub stats: Arc<DeviceStats>,
     /// Asks the device to detach.
     pub stop: Arc<AtomicBool>,
+    /// The device's journal, when serve keeps them: swaps and snapshots record beside it
+    /// what a serve taking the device over must serve (see
+    /// [`super::stack_record`]).
+    pub journal: Option<std::path::PathBuf>,
 }
 
 impl Entry {
@@ -70,6 +74,7 @@ impl Entry {
             disk,
             stats,
             stop,
+            journal: None,
         }
     }
 }

@@ -29,6 +29,7 @@ use super::journal::{is_held, journal_path};
 use super::limits::{IoLimits, Limiter};
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
+use super::stack_record;
 use super::vbd::{next_free, Vbd};
 use crate::plugin::bounded::BoundedError;
 use crate::plugin::{open_bounded, GuardError, GuardedDisk};
@@ -139,6 +140,10 @@ pub enum StartError {
         #[source]
         source: OpenError,
     },
+    /// What a swap or a snapshot recorded beside the journal of a device being taken over
+    /// could not be served (see [`super::stack_record`]).
+    #[error("taking the device over: {0}")]
+    Recover(String),
     /// The device id is not a disk's.
     #[error("{0} is not a disk number")]
     NotADiskNumber(u32),
@@ -734,6 +739,25 @@ fn attach_static(
     if takeover && journal.as_deref().is_some_and(is_held) {
         return Ok(None);
     }
+    if let Some(j) = &journal {
+        if takeover {
+            // A swap done by the dead serve: the guest has been writing to that stack.
+            if let Some(s) = stack_record::read_stack(j).map_err(StartError::Recover)? {
+                let config = Config::from_pairs(&s.pairs).map_err(StartError::Recover)?;
+                let read_only = disk.disk.info().read_only;
+                let stack = open_bounded(&s.plugin, &config, read_only)
+                    .map_err(|e| StartError::Recover(format!("{}: {e}", s.plugin)))?;
+                let layers = stack.describe();
+                disk.disk
+                    .swap(Box::new(stack.disk), true)
+                    .map_err(|e| StartError::Recover(e.to_string()))?;
+                disk.layers = layers;
+            }
+            recover_snapshot(j, &disk.disk)?;
+        } else {
+            stack_record::remove_all(j);
+        }
+    }
     let paths = if takeover {
         paths
     } else {
@@ -878,9 +902,20 @@ fn start_toolstack(
         return Ok(None);
     }
     // The plugin comes from `params` or an administrator's descriptor, never from the
-    // image's contents.
-    let spec = resolve(&params, &opts.descriptors)?;
+    // image's contents; or, for a device a dead serve left connected, from what a swap
+    // recorded beside its journal.
+    let mut spec = resolve(&params, &opts.descriptors)?;
     let readonly = spec.readonly || matches!(read("mode").as_deref(), Some("r" | "ro"));
+    let takeover = journal.as_ref().is_some_and(|j| j.exists())
+        && super::device::both_connected(xs, path, &frontend);
+    if let Some(j) = &journal {
+        if !takeover {
+            stack_record::remove_all(j);
+        } else if let Some(s) = stack_record::read_stack(j).map_err(StartError::Recover)? {
+            spec.config = Config::from_pairs(&s.pairs).map_err(StartError::Recover)?;
+            spec.plugin = s.plugin;
+        }
+    }
     let (disk, layers) =
         open_disk(&spec.plugin, &spec.config, readonly, None).map_err(|source| {
             StartError::Open {
@@ -888,6 +923,9 @@ fn start_toolstack(
                 source,
             }
         })?;
+    if let (Some(j), true) = (&journal, takeover) {
+        recover_snapshot(j, &disk)?;
+    }
     let vbd = Vbd::from_number(devid).ok_or(StartError::NotADiskNumber(devid))?;
     let cfg = DeviceConfig {
         backend_path: path.to_string(),
@@ -911,6 +949,20 @@ fn start_toolstack(
     .map(Some)
 }
 
+/// Writes a snapshot's overlay the dead serve left open into the disk (see
+/// [`stack_record::commit_left_snapshot`]), and says so.
+fn recover_snapshot(journal: &std::path::Path, disk: &GuardedDisk) -> Result<(), StartError> {
+    if let Some(n) =
+        stack_record::commit_left_snapshot(journal, disk).map_err(StartError::Recover)?
+    {
+        tracing::warn!(
+            granules = n,
+            "a snapshot was open when the last serve died: its overlay is written into the disk and the snapshot is closed (its export is gone)"
+        );
+    }
+    Ok(())
+}
+
 /// What `spawn` registers with the control socket: xenstore (for the guest's name), the
 /// registry, the device name, the plugin stack.
 type Registration<'a> = (&'a dyn Xenstore, &'a Registry, Vbd, &'a str);
@@ -929,7 +981,8 @@ fn spawn(
     let stats_for_server = stats.clone();
     let (s, p, st) = (stop.clone(), platform.clone(), stats.clone());
     let (frontend, guest) = (cfg.frontend_path.clone(), cfg.frontend_domid);
-    let entry = Entry::for_device(xs, guest, vbd, layers, disk.clone(), stats, stop.clone());
+    let mut entry = Entry::for_device(xs, guest, vbd, layers, disk.clone(), stats, stop.clone());
+    entry.journal = cfg.journal.clone();
     let id = entry.id.clone();
     let thread = std::thread::Builder::new()
         .name(format!("xen-disk-dev-{guest}"))

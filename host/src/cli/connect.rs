@@ -308,6 +308,7 @@ fn run_sim(
         disk: disk.clone(),
         stats: stats.clone(),
         stop: stop.clone(),
+        journal: None,
     });
     let sim = SimulatedDisk::start_counted(disk, &SimOptions::default(), stats)
         .map_err(anyhow::Error::msg)

@@ -110,6 +110,13 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     if let Some(secs) = args.sim_io.filter(|s| !(*s > 0.0 && *s <= 1e7)) {
         bail!("--sim-io {secs}: must be a number of seconds above 0");
     }
+    let state_dir = state_dir(&args);
+    if let (Some(dir), false) = (&state_dir, args.sim) {
+        // Plugins that cache metadata log it there, so a takeover after a crash finds every
+        // acknowledged write (see the plugin API's crash_log). Set before any plugin opens
+        // and before this process starts threads of its own.
+        std::env::set_var(xen_disk_plugin_api::crash_log::STATE_DIR_ENV, dir);
+    }
     let disks = open_static(specs).map_err(anyhow::Error::msg)?;
     let opts = ServeOptions {
         backend_domid: 0,
@@ -118,7 +125,7 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
         poll: Duration::from_micros(args.poll_us.min(10_000)),
         answer_on_completion: args.completion.answer_on_completion,
         descriptors: args.descriptors.clone(),
-        state_dir: state_dir(&args),
+        state_dir,
     };
     // A daemon's progress lines must not kill it when stdout fails (a full disk, a closed
     // pipe): println! would panic.

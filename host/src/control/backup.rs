@@ -27,6 +27,7 @@
 //! and plugs the base back in. A failed commit leaves the overlay serving (retry it).
 
 use crate::backend::registry::Entry;
+use crate::backend::stack_record;
 use crate::nbd::{self, Export, Listen, Server};
 use crate::plugin::loader::load_spec;
 use crate::plugin::{DirtyMap, GuardedDisk};
@@ -197,7 +198,25 @@ fn drop_if_swapped_away(e: &Entry, state: &mut Backups) -> Option<String> {
 
 /// `snapshot <dev> --nbd unix:PATH|tcp:HOST:PORT [--name NAME] [-c key=value]...`
 pub fn snapshot(e: &Entry, words: &[&str]) -> std::result::Result<String, String> {
-    let args = parse_snapshot(words)?;
+    let mut args = parse_snapshot(words)?;
+    // With a journal, the overlay is a file beside it (on the state dir's tmpfs, as a
+    // memory overlay would be in RAM) and is recorded before the freeze: a serve taking the
+    // device over after a crash writes it into the disk, so no write the guest made after
+    // the snapshot is lost with the process.
+    let record = e.journal.as_ref().map(|j| {
+        let given = args.cow.iter().find_map(|p| p.strip_prefix("overlay="));
+        match given {
+            Some(path) => std::path::PathBuf::from(path),
+            None => {
+                let path = stack_record::default_overlay(j);
+                args.cow.push(format!("overlay={}", path.display()));
+                // Made fresh here, over a disk the guest writes until the freeze: the
+                // base it samples at creation and at opening may differ, and is ours.
+                args.cow.push("trust-base=true".into());
+                path
+            }
+        }
+    });
     let config = Config::from_pairs(&args.cow).map_err(|why| format!("snapshot: {why}"))?;
     with_state(e, |state| {
         drop_if_swapped_away(e, state);
@@ -211,6 +230,36 @@ pub fn snapshot(e: &Entry, words: &[&str]) -> std::result::Result<String, String
             .name
             .clone()
             .unwrap_or_else(|| format!("snap{}", state.taken + 1));
+        if let (Some(j), Some(overlay)) = (&e.journal, &record) {
+            if *overlay == stack_record::default_overlay(j) {
+                // Left by a snapshot that never froze: not the guest's data.
+                let _ = std::fs::remove_file(overlay);
+            }
+            stack_record::write_snapshot(j, overlay)
+                .map_err(|why| format!("{}: not frozen: {why}", e.id))?;
+        }
+        let forget = || {
+            if let Some(j) = &e.journal {
+                let _ = stack_record::remove_snapshot(j);
+            }
+        };
+        let frozen = freeze(e, state, &args, &config, name);
+        if frozen.is_err() {
+            forget();
+        }
+        frozen
+    })
+}
+
+/// The freeze itself (see [`snapshot`]).
+fn freeze(
+    e: &Entry,
+    state: &mut Backups,
+    args: &SnapshotArgs,
+    config: &Config,
+    name: String,
+) -> std::result::Result<String, String> {
+    {
         let below = e.disk.current();
         let serial = (below.info().thread_model == ThreadModel::Serialized)
             .then(|| Arc::new(Mutex::new(())));
@@ -223,7 +272,7 @@ pub fn snapshot(e: &Entry, words: &[&str]) -> std::result::Result<String, String
         // base when asked, and nothing writes the overlay before it is plugged.
         let cow = load_spec("cow").map_err(|why| format!("{}: not frozen: {why}", e.id))?;
         let overlay = cow
-            .open_over(&config, ForeignDisk::new(export_disk(shared())))
+            .open_over(config, ForeignDisk::new(export_disk(shared())))
             .map_err(|why| format!("{}: not frozen: {why}", e.id))?;
         let top: Arc<dyn Disk> = Arc::new(overlay);
         let export_disk = GuardedDisk::new(Box::new(shared()), true)
@@ -285,7 +334,7 @@ pub fn snapshot(e: &Entry, words: &[&str]) -> std::result::Result<String, String
             e.id,
             swapped.pause.as_micros()
         ))
-    })
+    }
 }
 
 /// Copies block `index` of `pending`'s geometry from `from` (the device's disk as the
@@ -367,6 +416,11 @@ pub fn commit(e: &Entry) -> std::result::Result<String, String> {
                 }
                 if open.base.info().can_flush {
                     open.base.flush().map_err(|why| why.to_string())?;
+                }
+                // The base has every write now; before the guest writes to it again, a
+                // crash must stop meaning "write the overlay into the disk".
+                if let Some(j) = &e.journal {
+                    stack_record::remove_snapshot(j)?;
                 }
                 Ok(open.below.clone())
             },

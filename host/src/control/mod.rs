@@ -34,8 +34,10 @@ pub mod socket;
 use crate::backend::limits::IoLimits;
 use crate::backend::queue::QueueStats;
 use crate::backend::registry::{Entry, Registry};
+use crate::backend::stack_record;
 use crate::histogram::Histogram;
 use crate::plugin::open_bounded;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use xen_disk_plugin_api::Config;
@@ -340,13 +342,28 @@ fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
     let stack = open_bounded(plugin, &config, read_only)
         .map_err(|why| format!("{}: not swapped: {plugin}: {why}", e.id))?;
     let layers = stack.describe();
+    // Recorded before the switch, so a serve taking the device over after a crash serves
+    // what the guest writes to from now on; put back if the swap fails.
+    let recorded = match &e.journal {
+        Some(j) => Some(
+            record_swap(j, plugin, &pairs)
+                .map_err(|why| format!("{}: not swapped: {why}", e.id))?,
+        ),
+        None => None,
+    };
     let swapped = e
         .disk
         .swap(Box::new(stack.disk), allow_shrink)
         .map_err(|why| {
             tracing::error!(id = %e.id, "swap to {plugin} failed: {why}");
+            if let (Some(j), Some(before)) = (&e.journal, &recorded) {
+                before.restore(j);
+            }
             format!("{}: not swapped: {why}", e.id)
         })?;
+    if let (Some(j), Some(before)) = (&e.journal, &recorded) {
+        before.swapped(j);
+    }
     e.stats.swapped(swapped.pause);
     tracing::info!(id = %e.id, pause_us = swapped.pause.as_micros() as u64, "swapped: now {layers}");
     *e.stack.lock().unwrap_or_else(|p| p.into_inner()) = layers.clone();
@@ -359,6 +376,53 @@ fn swap(e: &Entry, plugin: &str, words: &[&str]) -> Result<String, String> {
             .map(|s| format!("; size now {s} bytes"))
             .unwrap_or_default()
     ))
+}
+
+/// The records a swap replaces (see [`stack_record`]): the stack recorded before, and an
+/// open snapshot's, whose overlay the swap takes out.
+struct BeforeSwap {
+    stack: Option<stack_record::Stack>,
+    snapshot: Option<std::path::PathBuf>,
+}
+
+impl BeforeSwap {
+    /// Puts the records back: the swap failed and the old stack serves on.
+    fn restore(&self, journal: &Path) {
+        let _ = stack_record::restore_stack(journal, self.stack.as_ref());
+        if let Some(overlay) = &self.snapshot {
+            let _ = stack_record::write_snapshot(journal, overlay);
+        }
+    }
+
+    /// The swap is done: a snapshot's overlay, unplugged, is not needed any more.
+    fn swapped(&self, journal: &Path) {
+        if self.snapshot.is_some() {
+            let _ = stack_record::remove_snapshot(journal);
+        }
+    }
+}
+
+/// Records `plugin` with `pairs` as the device's stack and forgets an open snapshot's record
+/// (a swap replaces the overlay), returning what was there.
+fn record_swap(journal: &Path, plugin: &str, pairs: &[String]) -> Result<BeforeSwap, String> {
+    let before = BeforeSwap {
+        stack: stack_record::read_stack(journal).unwrap_or(None),
+        snapshot: stack_record::read_snapshot(journal).unwrap_or(None),
+    };
+    stack_record::write_stack(
+        journal,
+        &stack_record::Stack {
+            plugin: plugin.to_string(),
+            pairs: pairs.to_vec(),
+        },
+    )?;
+    if before.snapshot.is_some() {
+        if let Err(why) = std::fs::remove_file(stack_record::snapshot_path(journal)) {
+            before.restore(journal);
+            return Err(why.to_string());
+        }
+    }
+    Ok(before)
 }
 
 #[cfg(test)]
@@ -380,6 +444,7 @@ mod tests {
             disk: Arc::new(crate::plugin::GuardedDisk::new(Box::new(Blank), false).unwrap()),
             stats: Arc::new(DeviceStats::default()),
             stop: Arc::new(AtomicBool::new(false)),
+            journal: None,
         });
         // Malformed pairs are refused before any plugin is looked for, naming the word.
         for (req, want) in [

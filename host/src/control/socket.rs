@@ -391,6 +391,7 @@ mod tests {
             disk: Arc::new(GuardedDisk::new(Box::new(Blank), false).unwrap()),
             stats: Arc::new(DeviceStats::default()),
             stop: stop.clone(),
+            journal: None,
         });
         let listening = listen_with(&path, registry, limits).unwrap();
         Served {

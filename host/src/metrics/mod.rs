@@ -398,6 +398,7 @@ mod tests {
             disk: Arc::new(GuardedDisk::new(Box::new(Blank), false).unwrap()),
             stats,
             stop: Arc::new(AtomicBool::new(false)),
+            journal: None,
         });
         let text = render(&registry);
         let l = r#"domain="web \"1\"",domid="3",vbd="xvdb",plugin="cow over file""#;

@@ -152,8 +152,7 @@ impl CowDisk {
         }
         src.fill(at, &mut granule[lo..hi]);
         self.overlay.write_at(start, &granule)?;
-        self.overlay.bitmap().set(index);
-        Ok(())
+        self.overlay.mark(index)
     }
 }
 

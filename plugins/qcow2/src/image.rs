@@ -52,12 +52,14 @@ use crate::backing::{io_err, Backing};
 use crate::compressed::inflate_cluster;
 use crate::header::{self, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::l1l2::{self, decode_l2, l1_to_l2_offset, Mapping, COPIED, ZERO};
+use crate::redo::{self, POINTERS, REFCOUNTS, TABLE};
 use crate::refcount;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use xen_disk_plugin_api::crash_log::{self, CrashLog, Record};
 use xen_disk_plugin_api::{Error, Extent, Result};
 
 const L2_CACHE_TABLES: usize = 1024;
@@ -100,6 +102,8 @@ struct Meta {
     pending_free: Vec<u64>,
     next_free: u64,
     file_len: u64,
+    /// Changes not yet in the crash log (only with one): appended before a request is answered.
+    redo: Vec<Record>,
 }
 
 /// An open qcow2 image.
@@ -113,6 +117,9 @@ pub struct Image {
     meta: RwLock<Meta>,
     l2_cache: RwLock<HashMap<u64, Arc<Vec<u64>>>>,
     io_log: OnceLock<IoLog>,
+    /// Where metadata changes go until written back, when the host keeps state across
+    /// crashes (see [`crate::redo`]).
+    crash_log: Option<CrashLog>,
 }
 
 /// Clusters looked at per block status call; the host asks again for the rest.
@@ -143,7 +150,18 @@ fn needs_alloc(m: Mapping) -> bool {
 
 impl Image {
     /// Opens `path`; `chain` holds the canonical paths of the images above it (loop check).
+    /// Written images keep a crash log under the host's state dir, if it has one.
     pub fn open(path: &Path, readonly: bool, chain: &[PathBuf]) -> Result<Image> {
+        Image::open_logged(path, readonly, chain, crash_log::state_dir().as_deref())
+    }
+
+    /// [`Image::open`] with the crash log under `log_dir` (none: no log).
+    pub fn open_logged(
+        path: &Path,
+        readonly: bool,
+        chain: &[PathBuf],
+        log_dir: Option<&Path>,
+    ) -> Result<Image> {
         let name = path.display().to_string();
         let file = OpenOptions::new()
             .read(true)
@@ -180,9 +198,26 @@ impl Image {
                 // asks before any write, then the image is opened afresh.
                 crate::repair::rebuild_refcounts(&name, &file, &hdr, &first, file_len)?;
                 drop(file);
-                return Image::open(path, readonly, chain);
+                return Image::open_logged(path, readonly, chain, log_dir);
             }
         }
+        let crash_log = match log_dir {
+            Some(dir) if !readonly => {
+                let (log, left) = CrashLog::open(dir, "qcow2", &file, &name)?;
+                if !left.is_empty() {
+                    // A process died with metadata not yet written back: write it, then
+                    // open afresh from what the file now says.
+                    let log_name = dir.join("qcow2").display().to_string();
+                    redo::check(&name, &log_name, &hdr, file_len, &left)?;
+                    redo::apply(&file, &name, &left)?;
+                    log.clear()?;
+                    drop((log, file));
+                    return Image::open_logged(path, readonly, chain, log_dir);
+                }
+                Some(log)
+            }
+            _ => None,
+        };
         let mut l1b = vec![0u8; hdr.l1_size as usize * 8];
         file.read_exact_at(&mut l1b, hdr.l1_table_offset)
             .map_err(|e| io_err(path, e))?;
@@ -232,9 +267,11 @@ impl Image {
                 pending_free: Vec::new(),
                 next_free: file_len.div_ceil(cs) * cs,
                 file_len,
+                redo: Vec::new(),
             }),
             l2_cache: RwLock::new(HashMap::new()),
             io_log: OnceLock::new(),
+            crash_log,
             hdr,
         })
     }
@@ -569,6 +606,13 @@ impl Image {
         m.rt_off = new_off;
         m.rt_clusters = clusters;
         m.rt_dirty.clear();
+        if self.crash_log.is_some() {
+            let table = to_be(&m.reftable);
+            let mut h = new_off.to_be_bytes().to_vec();
+            h.extend_from_slice(&(clusters as u32).to_be_bytes());
+            self.note(m, REFCOUNTS, new_off, table);
+            self.note(m, TABLE, redo::HEADER_REFTABLE_FIELDS.0, h);
+        }
         let intermediate = if m.rt_moved_from.is_none() {
             m.rt_moved_from = Some(old);
             None
@@ -615,6 +659,18 @@ impl Image {
             if m.rt_moved_from.is_none() {
                 m.rt_dirty.insert(ti);
             }
+            if self.crash_log.is_some() {
+                // A moved table is written whole before the header names it; entries of
+                // the table the header names go in the middle step.
+                let class = if m.rt_moved_from.is_some() {
+                    REFCOUNTS
+                } else {
+                    TABLE
+                };
+                let entry_at = m.rt_off + ti as u64 * 8;
+                self.note(m, REFCOUNTS, off, b.clone());
+                self.note(m, class, entry_at, off.to_be_bytes().to_vec());
+            }
             m.refblocks.insert(off, b);
             m.rb_dirty.insert(off);
             if !self_covered {
@@ -623,7 +679,11 @@ impl Image {
         }
         let idx = (ci % per) as usize;
         let b = self.refblock(m, off)?;
-        refcount::set(b, bits, idx, value);
+        let changed = refcount::set(b, bits, idx, value);
+        if self.crash_log.is_some() {
+            let bytes = b[changed.clone()].to_vec();
+            self.note(m, REFCOUNTS, off + changed.start as u64, bytes);
+        }
         m.rb_dirty.insert(off);
         Ok(())
     }
@@ -669,6 +729,11 @@ impl Image {
         m.l2_new.insert(new);
         m.l1[l1i] = new | COPIED;
         m.l1_dirty.insert(l1i);
+        if self.crash_log.is_some() {
+            self.note(m, REFCOUNTS, new, vec![0u8; self.cs as usize]);
+            let at = self.hdr.l1_table_offset + l1i as u64 * 8;
+            self.note(m, POINTERS, at, (new | COPIED).to_be_bytes().to_vec());
+        }
         Ok(())
     }
 
@@ -687,6 +752,31 @@ impl Image {
         }
         if let Some(t) = m.l2_dirty.get_mut(&l2) {
             t[i] = entry;
+        }
+        if self.crash_log.is_some() {
+            self.note(m, POINTERS, l2 + i as u64 * 8, entry.to_be_bytes().to_vec());
+        }
+        Ok(())
+    }
+
+    /// Notes a metadata change for the crash log (appended by [`Image::log_changes`]).
+    fn note(&self, m: &mut Meta, class: u8, at: u64, data: Vec<u8>) {
+        m.redo.push(Record { class, at, data });
+    }
+
+    /// Puts the changes noted since the last call in the crash log, before the request that
+    /// made them is answered. If the log cannot take them, the metadata is written back
+    /// instead: slower, but what was acknowledged stays so.
+    fn log_changes(&self, m: &mut Meta) -> Result<()> {
+        let Some(log) = &self.crash_log else {
+            return Ok(());
+        };
+        if m.redo.is_empty() {
+            return Ok(());
+        }
+        let records = std::mem::take(&mut m.redo);
+        if log.append(&records).is_err() {
+            self.writeback(m)?;
         }
         Ok(())
     }
@@ -762,7 +852,9 @@ impl Image {
                 }
             }
         }
-        self.maybe_writeback(&mut m)
+        // Changes noted by a write that failed halfway stay in `redo` and go with the next.
+        self.maybe_writeback(&mut m)?;
+        self.log_changes(&mut m)
     }
 
     /// Writes `data` at `offset` if every cluster it touches is plain data (false, having
@@ -862,6 +954,7 @@ impl Image {
                     self.release(&mut m, map);
                 }
                 self.maybe_writeback(&mut m)?;
+                self.log_changes(&mut m)?;
             } else if !discard {
                 self.write_at(pos, &vec![0u8; n as usize])?;
             }
@@ -942,8 +1035,13 @@ impl Image {
             }
             m.l1_dirty.clear();
         }
-        // 4. Durable; now freed clusters may lose their references' counts.
+        // 4. Durable; now freed clusters may lose their references' counts. The crash
+        //    log's records are all on the image now (the decrements start a new one).
         self.sync()?;
+        if let Some(log) = &self.crash_log {
+            m.redo.clear();
+            log.clear()?;
+        }
         for host in std::mem::take(&mut m.pending_free) {
             self.decref(m, host)?;
         }
@@ -965,7 +1063,8 @@ impl Image {
             return Ok(());
         }
         let mut m = self.meta.write().map_err(|_| lock_err())?;
-        self.writeback(&mut m)
+        self.writeback(&mut m)?;
+        self.log_changes(&mut m)
     }
 
     /// Writes back everything, including the refcount decrements a writeback leaves dirty,
@@ -979,14 +1078,19 @@ impl Image {
         if !m.rb_dirty.is_empty() {
             self.writeback(&mut m)?;
         }
-        Ok(())
+        self.log_changes(&mut m)
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
-        // Errors cannot be reported from here; an unwritten decrement is only a leak.
-        let _ = self.close();
+        // Errors cannot be reported from here; an unwritten decrement is only a leak. A log
+        // whose records may not all be on the image stays for the next open.
+        if self.close().is_ok() {
+            if let Some(log) = self.crash_log.take() {
+                let _ = log.remove();
+            }
+        }
     }
 }
 
@@ -1104,6 +1208,153 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         Scratch(d.join("u.qcow2"))
+    }
+
+    impl Image {
+        /// What a killed process leaves: no writeback, the crash log's lock released.
+        fn die(mut self) {
+            drop(self.crash_log.take());
+            std::mem::forget(self);
+        }
+    }
+
+    /// Allocating writes, a discard, enough new clusters to need new L2 tables and refcount
+    /// blocks and to move the refcount table: none of it written back when the process
+    /// dies, all of it back from the crash log on the next open, and the image clean.
+    #[test]
+    fn a_crash_log_brings_back_every_write_a_dead_process_acknowledged() {
+        let path = scratch("crashlog");
+        let logs = path.parent().unwrap().join("state");
+        // 4 KiB clusters with 64-bit refcounts, the file stretched to the 1 GiB the first
+        // refcount table covers: every allocation needs new L2 tables and refcount blocks,
+        // and the first one moves the refcount table.
+        let made = std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096,refcount_bits=64",
+            ])
+            .arg(&*path)
+            .arg("64M")
+            .status()
+            .expect("qemu-img (qemu-utils) is needed");
+        assert!(made.success());
+        let f = OpenOptions::new().write(true).open(&*path).unwrap();
+        f.set_len(1 << 30).unwrap();
+        drop(f);
+        let img = Image::open_logged(&path, false, &[], Some(&logs)).unwrap();
+        let rt_before = img.header().refcount_table_offset;
+        let mut want = vec![0u8; 64 << 20];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..3000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % ((64 << 20) / 512 - 8)) * 512;
+            let len = 512 * (1 + (x >> 40) % 8) as usize;
+            let data: Vec<u8> = (0..len).map(|j| (i as usize * 7 + j) as u8).collect();
+            img.write_at(off, &data).unwrap();
+            want[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        img.zero_range(4096, 8192, true).unwrap();
+        want[4096..4096 + 8192].fill(0);
+        img.die();
+        // Without the log, the file alone lacks the writes.
+        let bare = Image::open_logged(&path, true, &[], None).unwrap();
+        let mut got = vec![0u8; 64 << 20];
+        bare.read_at(0, &mut got).unwrap();
+        assert_ne!(
+            got, want,
+            "the writes reached the file without a writeback?"
+        );
+        drop(bare);
+        let img = Image::open_logged(&path, false, &[], Some(&logs)).unwrap();
+        img.read_at(0, &mut got).unwrap();
+        assert!(
+            got == want,
+            "the replayed image differs from what was written"
+        );
+        assert_ne!(
+            img.header().refcount_table_offset,
+            rt_before,
+            "the table never moved"
+        );
+        drop(img);
+        // A clean close removes the log; the file alone now has everything.
+        assert_eq!(std::fs::read_dir(logs.join("qcow2")).unwrap().count(), 0);
+        let bare = Image::open_logged(&path, true, &[], None).unwrap();
+        bare.read_at(0, &mut got).unwrap();
+        assert!(got == want);
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&*path)
+            .output()
+            .expect("qemu-img (qemu-utils) is needed");
+        // No corruption; the discarded clusters' deferred decrements died with the
+        // process, so they may leak (exit 3), and nothing else may.
+        let text = String::from_utf8_lossy(&out.stdout);
+        match out.status.code() {
+            Some(0) => {}
+            Some(3) => assert!(
+                text.lines().any(|l| l.starts_with("2 leaked clusters")),
+                "{text}"
+            ),
+            c => panic!("qemu-img check exit {c:?}: {text}"),
+        }
+    }
+
+    /// A log whose records would write into the header, or far past the file, is refused
+    /// with the log named, and left alone; the image is not touched.
+    #[test]
+    fn a_crash_log_that_is_not_this_images_is_refused_by_name() {
+        let path = scratch("badlog");
+        let logs = path.parent().unwrap().join("state");
+        create(&path, 1 << 20, 65536, None).unwrap();
+        let before = std::fs::read(&*path).unwrap();
+        for (rec, why) in [
+            (
+                Record {
+                    class: 2,
+                    at: 0,
+                    data: vec![0xff; 8],
+                },
+                "writes into the header",
+            ),
+            (
+                Record {
+                    class: 0,
+                    at: 1 << 50,
+                    data: vec![1; 8],
+                },
+                "past where the image",
+            ),
+            (
+                Record {
+                    class: 9,
+                    at: 1 << 16,
+                    data: vec![1; 8],
+                },
+                "unknown class",
+            ),
+        ] {
+            let file = File::open(&*path).unwrap();
+            let (log, _) = CrashLog::open(&logs, "qcow2", &file, "u").unwrap();
+            log.append(&[rec]).unwrap();
+            drop(log);
+            let e = Image::open_logged(&path, false, &[], Some(&logs))
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains(why), "{e}");
+            assert!(e.to_string().contains("crash log"), "{e}");
+            assert_eq!(std::fs::read(&*path).unwrap(), before);
+            let file = File::open(&*path).unwrap();
+            let (log, left) = CrashLog::open(&logs, "qcow2", &file, "u").unwrap();
+            assert_eq!(left.len(), 1);
+            log.clear().unwrap();
+        }
     }
 
     /// Reads never wait for each other: with the metadata lock held shared by one reader

@@ -40,6 +40,7 @@ pub mod compressed;
 pub mod header;
 pub mod image;
 pub mod l1l2;
+pub mod redo;
 pub mod refcount;
 pub mod repair;
 

@@ -16,9 +16,16 @@
 //! 3. write the snapshot pages;
 //! 4. `fdatasync` — now the bits are durable.
 //!
-//! So a durable bit always points at durable data. A crash loses at most the writes since
-//! the last flush (the guest was never told they were durable): their bits were not
-//! persisted and those granules read from the base again, as before the writes. Bits only
+//! So a durable bit always points at durable data. A power loss loses at most the writes
+//! since the last flush (the guest was never told they were durable): their bits were not
+//! persisted and those granules read from the base again, as before the writes.
+//!
+//! A crash of the process alone must lose nothing the guest was told was written. When the
+//! host keeps state across crashes (`serve --state-dir`), each new bit is also appended to
+//! the host's crash log (`xen_disk_plugin_api::crash_log`) before the write is answered,
+//! and the next open sets those bits and persists them as a flush would. A flush sets the
+//! log's records aside *before* it takes its snapshot (so every record set aside is in the
+//! snapshot) and drops them once the snapshot is durable. Bits only
 //! go from 0 to 1 while a disk is open, so a torn bitmap page, whose sectors are each old or
 //! new, is still a valid set of durable granules. Flushes hold a lock so an older snapshot
 //! never lands after a newer one. New files are built under a temporary name and renamed
@@ -48,6 +55,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use xen_disk_plugin_api::crash_log::{self, CrashLog, Record};
 use xen_disk_plugin_api::{Error, Result};
 
 /// The default granularity.
@@ -61,6 +69,8 @@ pub struct Overlay {
     persistent: bool,
     bitmap: Bitmap,
     flush_lock: Mutex<()>,
+    /// New bits not yet persisted, when the host keeps state across crashes.
+    crash_log: Option<CrashLog>,
 }
 
 /// The base as an overlay checks it.
@@ -115,6 +125,7 @@ impl Overlay {
             header,
             persistent: false,
             flush_lock: Mutex::new(()),
+            crash_log: None,
         })
     }
 
@@ -140,14 +151,43 @@ impl Overlay {
         let mut bits = vec![0u8; header.bitmap_len as usize];
         file.read_exact_at(&mut bits, header.bitmap_offset)
             .map_err(io_context(&name, "read bitmap"))?;
-        Ok(Overlay {
+        let (crash_log, left) = match crash_log::state_dir() {
+            Some(dir) => {
+                let (log, left) = CrashLog::open(&dir, "cow", &file, &name)?;
+                // Checked whole before any is applied: a log that is not this overlay's
+                // is left as it is, for someone to look at.
+                if let Some((i, r)) = left
+                    .iter()
+                    .enumerate()
+                    .find(|(_, r)| r.class != 0 || !r.data.is_empty() || r.at >= header.granules)
+                {
+                    return Err(Error::corrupt(format!(
+                        "{name}: crash log record {i} (granule {}) is not one of this overlay's; move the log under {} away to open it without (losing the writes it describes)",
+                        r.at,
+                        dir.join("cow").display()
+                    )));
+                }
+                (Some(log), left)
+            }
+            None => (None, Vec::new()),
+        };
+        let o = Overlay {
             file,
             name,
             bitmap: Bitmap::from_bytes(&bits),
             header,
             persistent: true,
             flush_lock: Mutex::new(()),
-        })
+            crash_log,
+        };
+        if !left.is_empty() {
+            // A process died with bits not yet persisted: their data is in the file.
+            for r in &left {
+                o.bitmap.set(r.at);
+            }
+            o.flush()?;
+        }
+        Ok(o)
     }
 
     /// Opens `path` over `base`, creating it if absent. A given `granularity` must match an
@@ -283,6 +323,24 @@ impl Overlay {
             .map_err(io_context(&self.name, "read"))
     }
 
+    /// Marks granule `index` as in the overlay, once its data was written with
+    /// [`Overlay::write_at`]; with a crash log, the mark survives the process from here on.
+    pub fn mark(&self, index: u64) -> Result<()> {
+        self.bitmap.set(index);
+        match &self.crash_log {
+            Some(log) => match log.append(&[Record {
+                class: 0,
+                at: index,
+                data: Vec::new(),
+            }]) {
+                Ok(()) => Ok(()),
+                // The log cannot take it: persist the bitmap now instead.
+                Err(_) => self.flush(),
+            },
+            None => Ok(()),
+        }
+    }
+
     /// Writes overlay bytes at disk offset `pos` (the granule's bit is the caller's to set).
     pub fn write_at(&self, pos: u64, buf: &[u8]) -> Result<()> {
         self.file
@@ -296,6 +354,11 @@ impl Overlay {
             return Ok(());
         }
         let _one_at_a_time = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Before the snapshot: a record set aside then describes a bit already set.
+        let checkpoint = self
+            .crash_log
+            .as_ref()
+            .is_some_and(|l| l.begin_checkpoint().is_ok());
         let pages = self.bitmap.take_dirty();
         let result = (|| {
             self.file
@@ -316,13 +379,17 @@ impl Overlay {
         if result.is_err() {
             self.bitmap
                 .redirty(&pages.iter().map(|p| p.0).collect::<Vec<_>>());
+        } else if let (true, Some(log)) = (checkpoint, &self.crash_log) {
+            log.end_checkpoint()?;
         }
         result
     }
 
     /// Empties the overlay: the bitmap is cleared and made durable first, then the data's
     /// space is given back, so a crash in between leaves an empty overlay, never stale bits.
-    pub fn reset(self) -> Result<()> {
+    pub fn reset(mut self) -> Result<()> {
+        // Taken out first, so dropping `self` does not persist the old bits again.
+        let log = self.crash_log.take();
         let h = self.header;
         self.file
             .write_all_at(&vec![0u8; h.bitmap_len as usize], h.bitmap_offset)
@@ -330,11 +397,26 @@ impl Overlay {
         self.file
             .sync_data()
             .map_err(io_context(&self.name, "fdatasync"))?;
+        if let Some(log) = log {
+            // Its bits are cleared for good: replaying them would show freed data.
+            log.remove()?;
+        }
         self.file
             .set_len(h.data_offset)
             .and_then(|()| self.file.set_len(h.file_len()))
             .and_then(|()| self.file.sync_all())
             .map_err(io_context(&self.name, "free data"))
+    }
+}
+
+impl Drop for Overlay {
+    /// A clean close persists the bitmap; only then is the crash log no longer needed.
+    fn drop(&mut self) {
+        if self.crash_log.is_some() && self.flush().is_ok() {
+            if let Some(log) = self.crash_log.take() {
+                let _ = log.remove();
+            }
+        }
     }
 }
 
