@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub static ATTACHES: AtomicU64 = AtomicU64::new(0);
 /// Connections that ended (the guest closed, a detach, a broken ring).
 pub static DETACHES: AtomicU64 = AtomicU64::new(0);
-use std::time::Instant;
+use std::time::Duration;
 
 /// Counters, readable while the queue runs (`ctl stats`).
 #[derive(Debug, Default)]
@@ -63,7 +63,7 @@ impl QueueStats {
     }
 
     /// Counts a request the plugin served: its kind, its bytes if it succeeded, its latency.
-    pub(crate) fn served(&self, op: IoOp, bytes: u64, status: Status, started: Instant) {
+    pub(crate) fn served(&self, op: IoOp, bytes: u64, status: Status, latency: Duration) {
         self.count(status);
         let ok = status == Status::Okay;
         let (n, b) = match op {
@@ -77,6 +77,6 @@ impl QueueStats {
         if let (Some(b), true) = (b, ok) {
             b.fetch_add(bytes, Ordering::Relaxed);
         }
-        self.latency.record(started.elapsed().as_nanos() as u64);
+        self.latency.record(latency.as_nanos() as u64);
     }
 }

@@ -252,6 +252,7 @@ impl RingThread<'_> {
             // Held while awake: a completing thread answers only while this thread sleeps.
             let mut guard = lock_answering(shared);
             let st = &mut *guard;
+            st.new_pass();
             let mut progress = self.finish_completed(st);
             let stopping = self.stop.load(Ordering::SeqCst);
             if stopping {
@@ -440,7 +441,7 @@ impl RingThread<'_> {
         };
         // SAFETY: taken from the free list: this thread owns the slot.
         let slot = unsafe { self.slots.slot(index) };
-        st.started[usize::from(index)] = Instant::now();
+        st.started[usize::from(index)] = st.now();
         let guest = Guest {
             grants: self.grants,
             domid: self.guest,
@@ -482,7 +483,17 @@ impl RingThread<'_> {
                 tracing::debug!(id, offset = slot.offset, "request failed: {e}");
             }
             let started = st.started[usize::from(index)];
-            answer(slot, status_of(&result), started, self.stats, &mut st.ring);
+            // Served on this thread: the clock moved during the call.
+            st.new_pass();
+            let done = st.now();
+            answer(
+                slot,
+                status_of(&result),
+                started,
+                done,
+                self.stats,
+                &mut st.ring,
+            );
             st.free.give(index);
         } else {
             self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
