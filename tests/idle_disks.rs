@@ -2,7 +2,7 @@
 //! whose guests have stopped doing I/O; over a few idle seconds no ring thread is switched
 //! in (its context switches, from /proc, stay as they were) and no ring counts a sleep
 //! (`ctl stats`). Counts, not times: a ring thread with a timer would add switches however
-//! fast the machine is.
+//! fast the machine is. The devices share the daemon's one xenstore connection.
 
 mod common;
 use common::*;
@@ -117,6 +117,14 @@ fn idle_rings_are_never_woken() {
         if again != sleeps {
             return Err(format!(
                 "idle rings counted sleeps: {sleeps:?} -> {again:?}"
+            ));
+        }
+        // One xenstore connection for the daemon and all 16 devices; the two simulated
+        // guests (in this process too) have one each.
+        let readers = switches(pid, "xenstore-reader").len();
+        if readers != 3 {
+            return Err(format!(
+                "{readers} xenstore connections for 16 disks of 2 simulated guests (want 1 + 2)"
             ));
         }
         Ok(())

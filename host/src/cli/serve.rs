@@ -26,7 +26,8 @@ use crate::xen::sim::remote::RemoteGuests;
 use crate::xen::sim::xenstored::SimXenstored;
 use crate::xen::xenbus::{read_state, write_state, XenbusState};
 use crate::xen::xenstore::client::XsClient;
-use crate::xen::xenstore::{Xenstore, XsError, NO_TX};
+use crate::xen::xenstore::mux::XsMux;
+use crate::xen::xenstore::{Xenstore, NO_TX};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -178,8 +179,10 @@ pub fn run_serve(args: ServeArgs) -> Result<i32> {
     if args.sim {
         return run_sim(args, disks, opts, log, &stop, registry);
     }
-    let connect: XsConnect =
-        Arc::new(|| XsClient::open_default().map(|c| Box::new(c) as Box<dyn Xenstore + Send>));
+    // One xenstore connection for the daemon and all its devices (see XsMux).
+    let client = XsClient::open_default().map_err(|e| anyhow::anyhow!("xenstore: {e}"))?;
+    let mux = XsMux::new(Box::new(client)).map_err(|e| anyhow::anyhow!("xenstore: {e}"))?;
+    let connect: XsConnect = Arc::new(move || Ok(Box::new(mux.view()) as Box<dyn Xenstore + Send>));
     let platform = match &args.sim_guests {
         Some(dir) => {
             let guests = Arc::new(RemoteGuests::new(dir, 0));
@@ -428,12 +431,11 @@ fn run_sim(
         socket.display(),
         domains.len()
     );
-    let x = xenstored.clone();
-    let connect: XsConnect = Arc::new(move || {
-        x.connect(0)
-            .map(|c| Box::new(c) as Box<dyn Xenstore + Send>)
-            .map_err(|e| XsError::Io(e.to_string()))
-    });
+    let client = xenstored
+        .connect(0)
+        .map_err(|e| anyhow::anyhow!("simulated xenstored: {e}"))?;
+    let mux = XsMux::new(Box::new(client)).map_err(|e| anyhow::anyhow!("xenstore: {e}"))?;
+    let connect: XsConnect = Arc::new(move || Ok(Box::new(mux.view()) as Box<dyn Xenstore + Send>));
     let platform = Platform {
         grants: machine.clone(),
         evtchns: machine,

@@ -7,6 +7,7 @@
 //! [`read_string`] / [`read_u32`], which bound and parse them and name the path on error.
 
 pub mod client;
+pub mod mux;
 pub mod wire;
 
 use crossbeam_channel::Receiver;
