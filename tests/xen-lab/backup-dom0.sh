@@ -33,7 +33,8 @@ stack() { ctl list | grep ' vbd=xvdb ' | sed 's/.* stack=//' | tr ' ' _; }
 # The same blocks as backup-guest.sh writes.
 blocks() { awk -v from="$1" -v n="$2" 'BEGIN { for (k = from; k < from + n; k++) { r = sprintf("blk%08d\n", k)
   while (length(r) < 4096) r = r r; printf "%s", substr(r, 1, 4096) } }'; }
-# Whether block K of FILE is the guest's.
+# Whether block K of FILE is the guest's (its first bytes; NULs of the random original
+# dropped, which a shell variable cannot hold).
 written() { [ "$(dd if="$1" bs=4096 skip="$2" count=1 2>/dev/null | head -c 11 | tr -d '\0')" = "$(printf 'blk%08d' "$2")" ]; }
 # The guest writes blocks in order, one at a time: a copy of the disk at an instant holds
 # blocks 0 .. C-1 as the guest wrote them and the original bytes after. C, by bisection.
