@@ -773,3 +773,44 @@ fn a_snapshot_open_at_kill_9_is_committed_by_the_next_serve() {
     let image = std::fs::read(h.dir.join("disk.img")).unwrap();
     verify(&map, 0, &image).unwrap_or_else(|e| panic!("the image file: {e}"));
 }
+
+/// A disk that grew while no serve ran: the one taking it over tells the guest the new
+/// size (`sectors`, then `state` again), as an online resize while serving would.
+#[test]
+fn a_disk_grown_while_serve_was_dead_is_announced_after_the_takeover() {
+    let mut h = Host::new("crash-grow");
+    std::fs::create_dir_all(h.dir.join("desc")).unwrap();
+    let params = raw_params(&h.dir.0);
+    h.add_device(&params);
+    h.start_serve();
+    let _guest = h.attach_guest();
+    let sectors = |h: &Host| {
+        let xs = h.xenstored.connect(0).unwrap();
+        let v = xs.read(NO_TX, &format!("{BE}/sectors")).unwrap_or_default();
+        String::from_utf8_lossy(&v)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    assert_eq!(sectors(&h), DISK / 512);
+    h.kill_serve();
+    File::options()
+        .write(true)
+        .open(h.dir.join("disk.img"))
+        .unwrap()
+        .set_len(2 * DISK)
+        .unwrap();
+    h.start_serve();
+    let started = Instant::now();
+    while !(h.log().contains(TAKEN_OVER) && sectors(&h) == 2 * DISK / 512) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "sectors {} after 60 s\n{}",
+            sectors(&h),
+            h.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(h.log().contains("resized: "), "{}", h.log());
+    assert_eq!(h.state(BE), b"4");
+}

@@ -287,6 +287,10 @@ pub fn run(
     let mut running: Option<Running> = None;
     let mut journal: Option<Journal> = None;
     let mut ours = XenbusState::InitWait;
+    // On a takeover, the size the dead backend told the guest: a disk whose size changed
+    // since (a plugin swapped or committed while nobody served) is announced at the next
+    // resize check, as a resize while serving would be.
+    let mut told = None;
     if cfg.journal.is_some() && both_connected(xs, be, fe) {
         // Our predecessor died with the guest connected: take its rings over, writing
         // nothing the guest could see.
@@ -294,6 +298,11 @@ pub fn run(
             Ok((r, j)) => {
                 ATTACHES.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("taken over: the guest stays connected");
+                told = xs
+                    .read(NO_TX, &format!("{be}/{SECTORS}"))
+                    .ok()
+                    .and_then(|v| String::from_utf8_lossy(&v).trim().parse::<u64>().ok())
+                    .and_then(|n| n.checked_mul(512));
                 running = Some(r);
                 journal = j;
                 ours = XenbusState::Connected;
@@ -312,7 +321,7 @@ pub fn run(
     let mut closing_for_stop = false;
     let mut seen_frontend = false;
     // The size the guest was last told (resize and plugin swaps change the disk's).
-    let mut published = disk.size();
+    let mut published = told.unwrap_or_else(|| disk.size());
     let mut handed_over = false;
     // xenstore is read when a watch fired (or a local change asks for it), not on every
     // tick: an idle dom0 with hundreds of disks must not spend a core asking xenstore what
