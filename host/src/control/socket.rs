@@ -292,6 +292,15 @@ fn send_all(conn: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long a client waits for the answer to `line`: 120 s (a daemon that says nothing for
+/// that long is stuck), except for `commit`, which copies everything the guest wrote since
+/// its snapshot before it answers and takes as long as that takes (Ctrl-C stops waiting;
+/// the commit goes on, and `ctl list` shows when it is done).
+fn reply_wait(line: &str) -> Option<Duration> {
+    let verb = line.split_whitespace().next().unwrap_or_default();
+    (verb != "commit").then_some(Duration::from_secs(120))
+}
+
 /// Sends one request to the socket at `path`; the answer's text. A request longer than
 /// [`MAX_REQUEST`] or spanning lines is refused here, without connecting.
 pub fn request(path: &Path, line: &str) -> Result<String, String> {
@@ -311,7 +320,7 @@ pub fn request(path: &Path, line: &str) -> Result<String, String> {
             path.display()
         )
     })?;
-    conn.set_read_timeout(Some(Duration::from_secs(120)))
+    conn.set_read_timeout(reply_wait(line))
         .map_err(|e| e.to_string())?;
     conn.set_write_timeout(Some(Duration::from_secs(120)))
         .map_err(|e| e.to_string())?;
@@ -343,6 +352,20 @@ pub fn request(path: &Path, line: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_commit_is_waited_for_without_a_limit() {
+        assert_eq!(reply_wait("commit 1/xvdb"), None);
+        assert_eq!(reply_wait("  commit 1/xvdb"), None);
+        for line in [
+            "snapshot 1/xvdb --nbd unix:/x",
+            "list",
+            "swap 1/xvdb file",
+            "committed",
+        ] {
+            assert_eq!(reply_wait(line), Some(Duration::from_secs(120)), "{line}");
+        }
+    }
     use crate::backend::device::DeviceStats;
     use crate::backend::registry::Entry;
     use crate::plugin::GuardedDisk;
