@@ -8,13 +8,17 @@
 //! Each ring gives its slot table, a completion channel and a [`Wake`]; a worker that
 //! completes a slot sends its index back on that ring's channel and wakes the ring thread,
 //! which pushes the response. Only slot indices travel: nothing is allocated per request.
+//! Workers start when work comes and none is free, and exit after [`IDLE_EXIT`] without
+//! work: a dom0 with hundreds of mostly idle disks holds workers for the busy ones only.
 
 use super::inflight::SlotTable;
 use super::io::{execute, status_of};
 use crate::plugin::GuardedDisk;
-use crossbeam_channel::{bounded, Receiver, Sender};
-use std::sync::Arc;
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// How a worker wakes a ring thread that may be asleep.
 pub trait Wake: Send + Sync {
@@ -32,11 +36,86 @@ pub struct RingShare<M> {
     pub wake: Arc<dyn Wake>,
 }
 
-/// The pool.
+/// The pool: up to `max` threads, started when work comes and none is free, gone after
+/// [`IDLE_EXIT`] without work, so an idle disk holds no worker thread.
 pub struct Workers {
     submit: Option<Sender<(u8, u16)>>,
-    threads: Vec<JoinHandle<()>>,
     done: Vec<Sender<u16>>,
+    lazy: Arc<Lazy>,
+}
+
+/// How long a worker waits for work before it exits.
+pub const IDLE_EXIT: Duration = Duration::from_secs(5);
+
+/// What starting workers on demand needs.
+struct Lazy {
+    max: usize,
+    idle_exit: Duration,
+    jobs: Receiver<(u8, u16)>,
+    /// Workers alive, and those waiting for work.
+    live: AtomicUsize,
+    idle: AtomicUsize,
+    spawned: AtomicUsize,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    run: Arc<dyn Fn(u8, u16) + Send + Sync>,
+}
+
+impl Lazy {
+    /// Starts a worker if work waits and no worker is free (and the pool is not full).
+    fn maybe_spawn(self: &Arc<Self>) {
+        if self.idle.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let live = self.live.load(Ordering::SeqCst);
+        if live >= self.max
+            || self
+                .live
+                .compare_exchange(live, live + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        let me = self.clone();
+        let i = self.spawned.fetch_add(1, Ordering::Relaxed);
+        match std::thread::Builder::new()
+            .name(format!("xen-disk-io-{i}"))
+            .spawn(move || me.work())
+        {
+            Ok(t) => {
+                let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+                threads.retain(|t| !t.is_finished());
+                threads.push(t);
+            }
+            Err(e) => {
+                self.live.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!("no I/O worker thread: {e}");
+            }
+        }
+    }
+
+    fn work(&self) {
+        loop {
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            let job = self.jobs.recv_timeout(self.idle_exit);
+            self.idle.fetch_sub(1, Ordering::SeqCst);
+            match job {
+                Ok((ring, index)) => (self.run)(ring, index),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.live.fetch_sub(1, Ordering::SeqCst);
+                    // Work sent after the wait ended, by a submitter that saw this worker
+                    // idle and started none: stay for it.
+                    if self.jobs.is_empty() {
+                        return;
+                    }
+                    self.live.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.live.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A ring's end of the pool: where its completions arrive.
@@ -46,12 +125,22 @@ pub type Completions = Receiver<u16>;
 pub type RingParts<M> = (Arc<SlotTable<M>>, Arc<dyn Wake>);
 
 impl Workers {
-    /// Starts `threads` workers serving `rings` on `disk`. Returns the pool and, per ring,
-    /// the receiver of its completions.
+    /// A pool of up to `threads` workers serving `rings` on `disk` (none start before work
+    /// comes). Returns the pool and, per ring, the receiver of its completions.
     pub fn start<M: Send + 'static>(
         threads: usize,
         disk: Arc<GuardedDisk>,
         rings: Vec<RingParts<M>>,
+    ) -> (Workers, Vec<Completions>) {
+        Workers::start_idle(threads, disk, rings, IDLE_EXIT)
+    }
+
+    /// [`Workers::start`] with workers that exit after `idle_exit` without work.
+    pub fn start_idle<M: Send + 'static>(
+        threads: usize,
+        disk: Arc<GuardedDisk>,
+        rings: Vec<RingParts<M>>,
+        idle_exit: Duration,
     ) -> (Workers, Vec<Completions>) {
         let capacity: usize = rings.iter().map(|(t, _)| t.len()).sum::<usize>().max(1);
         let (submit, jobs) = bounded::<(u8, u16)>(capacity);
@@ -64,42 +153,36 @@ impl Workers {
             receivers.push(completions);
         }
         let done: Vec<Sender<u16>> = shares.iter().map(|s| s.done.clone()).collect();
-        let shares = Arc::new(shares);
-        let threads = (0..threads)
-            .map(|i| {
-                let (jobs, shares, disk) = (jobs.clone(), shares.clone(), disk.clone());
-                std::thread::Builder::new()
-                    .name(format!("xen-disk-io-{i}"))
-                    .spawn(move || {
-                        for (ring, index) in jobs.iter() {
-                            let share = &shares[usize::from(ring)];
-                            // SAFETY: the ring thread gave this index away through the channel
-                            // and does not touch the slot until it comes back on `done`.
-                            let slot = unsafe { share.slots.slot(index) };
-                            // SAFETY: the slot's buffers point into its own live mappings.
-                            let result =
-                                unsafe { execute(&disk, slot.op, slot.offset, &slot.bufs) };
-                            if let Err(e) = &result {
-                                tracing::debug!(
-                                    id = slot.id,
-                                    offset = slot.offset,
-                                    "request failed: {e}"
-                                );
-                            }
-                            slot.status = status_of(&result);
-                            // Only the ring thread drops the receiver, after the workers stop.
-                            let _ = share.done.send(index);
-                            share.wake.wake();
-                        }
-                    })
-                    .expect("spawn an I/O worker thread")
-            })
-            .collect();
+        let run = move |ring: u8, index: u16| {
+            let share = &shares[usize::from(ring)];
+            // SAFETY: the ring thread gave this index away through the channel and does not
+            // touch the slot until it comes back on `done`.
+            let slot = unsafe { share.slots.slot(index) };
+            // SAFETY: the slot's buffers point into its own live mappings.
+            let result = unsafe { execute(&disk, slot.op, slot.offset, &slot.bufs) };
+            if let Err(e) = &result {
+                tracing::debug!(id = slot.id, offset = slot.offset, "request failed: {e}");
+            }
+            slot.status = status_of(&result);
+            // Only the ring thread drops the receiver, after the workers stop.
+            let _ = share.done.send(index);
+            share.wake.wake();
+        };
+        let lazy = Arc::new(Lazy {
+            max: threads,
+            idle_exit,
+            jobs,
+            live: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            spawned: AtomicUsize::new(0),
+            threads: Mutex::new(Vec::new()),
+            run: Arc::new(run),
+        });
         (
             Workers {
                 submit: Some(submit),
-                threads,
                 done,
+                lazy,
             },
             receivers,
         )
@@ -117,7 +200,13 @@ impl Workers {
         if let Some(s) = &self.submit {
             // The channel holds every slot of every ring, so this never waits.
             let _ = s.send((ring, index));
+            self.lazy.maybe_spawn();
         }
+    }
+
+    /// Worker threads alive now.
+    pub fn live(&self) -> usize {
+        self.lazy.live.load(Ordering::SeqCst)
     }
 }
 
@@ -125,7 +214,9 @@ impl Drop for Workers {
     /// Stops taking work; workers finish what they have, then exit.
     fn drop(&mut self) {
         self.submit = None;
-        for t in self.threads.drain(..) {
+        let threads =
+            std::mem::take(&mut *self.lazy.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -211,6 +302,48 @@ mod tests {
         // A worker wakes the ring just after handing a slot back: join them before counting.
         drop(workers);
         assert!(wake.0.load(Ordering::SeqCst) >= 8);
+    }
+
+    /// No worker before work, at most `threads` during it, none once idle, and a new one
+    /// when work comes again.
+    #[test]
+    fn workers_come_with_work_and_go_when_idle() {
+        let disk = Arc::new(GuardedDisk::new(Box::new(Slow), false).unwrap());
+        let table = Arc::new(SlotTable::<()>::new(16, 0));
+        let wake = Arc::new(Count::default());
+        let (workers, done) = Workers::start_idle(
+            3,
+            disk,
+            vec![(table.clone(), wake as Arc<dyn Wake>)],
+            Duration::from_millis(100),
+        );
+        assert_eq!(workers.live(), 0);
+        let mut free = FreeList::new(16);
+        for round in 0..2 {
+            for i in 0..16u64 {
+                let index = free.take().unwrap();
+                // SAFETY: taken from the free list, so owned here.
+                let slot = unsafe { table.slot(index) };
+                (slot.id, slot.op, slot.offset) = (i, IoOp::Write, 512);
+                slot.bufs.clear();
+                workers.submit(0, index);
+                assert!(
+                    workers.live() <= 3,
+                    "round {round}: {} workers",
+                    workers.live()
+                );
+            }
+            for _ in 0..16 {
+                let index = done[0].recv_timeout(Duration::from_secs(5)).unwrap();
+                free.give(index);
+            }
+            assert!(workers.live() >= 1);
+            let idle = Instant::now();
+            while workers.live() > 0 {
+                assert!(idle.elapsed() < Duration::from_secs(5), "workers stay");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     #[test]
