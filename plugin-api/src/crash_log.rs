@@ -234,6 +234,42 @@ impl CrashLog {
         Ok((log, left))
     }
 
+    /// [`CrashLog::open`], except that a log that cannot be made where none exists yet (a
+    /// read-only or full state dir, no permission) is not an error: the image is served
+    /// without one, and one warning line on stderr says what a crash would then cost. A
+    /// log that exists but cannot be read, is not this image's, or is held by another
+    /// writer is still an error: its records are acknowledged writes.
+    pub fn open_or_warn(
+        dir: &Path,
+        plugin: &str,
+        image: &File,
+        name: &str,
+    ) -> Result<Option<(CrashLog, Vec<Record>)>> {
+        match CrashLog::open(dir, plugin, image, name) {
+            Ok(opened) => Ok(Some(opened)),
+            Err(e) if e.kind() == ErrorKind::Io && !Self::has_records(dir, plugin, image) => {
+                eprintln!(
+                    "xen-disk: warning: {name}: no crash log under {} ({e}); served without one: a crash of the host would lose this image's writes since its last flush",
+                    dir.join(plugin).display()
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether a log of `image` with something in it is there.
+    fn has_records(dir: &Path, plugin: &str, image: &File) -> bool {
+        let Ok(meta) = image.metadata() else {
+            return true;
+        };
+        let stem = format!("{:x}-{:x}", meta.dev(), meta.ino());
+        ["log", "old"].iter().any(|ext| {
+            std::fs::metadata(dir.join(plugin).join(format!("{stem}.{ext}")))
+                .is_ok_and(|m| m.len() > HEADER_LEN as u64)
+        })
+    }
+
     fn io(&self, what: &Path, e: std::io::Error) -> Error {
         Error::io(
             e.raw_os_error().unwrap_or(5),
@@ -428,6 +464,27 @@ mod tests {
         let e = CrashLog::open(&d.0, "t", &img, "img").err().unwrap();
         assert!(e.to_string().contains("not this image's"), "{e}");
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_take_a_log_is_a_warning_unless_records_wait() {
+        let d = dir("nolog");
+        let img = image(&d);
+        // A file where the plugin's directory should be: nothing can be made under it.
+        std::fs::write(d.0.join("t"), b"").unwrap();
+        assert!(CrashLog::open(&d.0, "t", &img, "img").is_err());
+        assert!(CrashLog::open_or_warn(&d.0, "t", &img, "img")
+            .unwrap()
+            .is_none());
+        // With records waiting, a log that cannot be opened is an error.
+        std::fs::remove_file(d.0.join("t")).unwrap();
+        let (log, _) = CrashLog::open(&d.0, "t", &img, "img").unwrap();
+        log.append(&[rec(0, 1, b"x")]).unwrap();
+        let lock = log.lock_path.clone();
+        drop(log);
+        std::fs::remove_file(&lock).unwrap();
+        std::fs::create_dir(&lock).unwrap(); // the lock cannot be opened now
+        assert!(CrashLog::open_or_warn(&d.0, "t", &img, "img").is_err());
     }
 
     #[test]

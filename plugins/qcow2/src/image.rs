@@ -203,7 +203,9 @@ impl Image {
         }
         let crash_log = match log_dir {
             Some(dir) if !readonly => {
-                let (log, left) = CrashLog::open(dir, "qcow2", &file, &name)?;
+                let Some((log, left)) = CrashLog::open_or_warn(dir, "qcow2", &file, &name)? else {
+                    return Image::open_logged(path, readonly, chain, None);
+                };
                 if !left.is_empty() {
                     // A process died with metadata not yet written back: write it, then
                     // open afresh from what the file now says.

@@ -152,23 +152,23 @@ impl Overlay {
         file.read_exact_at(&mut bits, header.bitmap_offset)
             .map_err(io_context(&name, "read bitmap"))?;
         let (crash_log, left) = match crash_log::state_dir() {
-            Some(dir) => {
-                let (log, left) = CrashLog::open(&dir, "cow", &file, &name)?;
-                // Checked whole before any is applied: a log that is not this overlay's
-                // is left as it is, for someone to look at.
-                if let Some((i, r)) = left
-                    .iter()
-                    .enumerate()
-                    .find(|(_, r)| r.class != 0 || !r.data.is_empty() || r.at >= header.granules)
-                {
-                    return Err(Error::corrupt(format!(
+            Some(dir) => match CrashLog::open_or_warn(&dir, "cow", &file, &name)? {
+                None => (None, Vec::new()),
+                Some((log, left)) => {
+                    // Checked whole before any is applied: a log that is not this overlay's
+                    // is left as it is, for someone to look at.
+                    if let Some((i, r)) = left.iter().enumerate().find(|(_, r)| {
+                        r.class != 0 || !r.data.is_empty() || r.at >= header.granules
+                    }) {
+                        return Err(Error::corrupt(format!(
                         "{name}: crash log record {i} (granule {}) is not one of this overlay's; move the log under {} away to open it without (losing the writes it describes)",
                         r.at,
                         dir.join("cow").display()
                     )));
+                    }
+                    (Some(log), left)
                 }
-                (Some(log), left)
-            }
+            },
             None => (None, Vec::new()),
         };
         let o = Overlay {
