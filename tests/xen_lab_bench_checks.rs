@@ -4,7 +4,7 @@
 //! about completeness, never speed: the table's ratios do not decide a pass.
 
 mod common;
-use common::{lab_checks, lab_log};
+use common::{lab_check_fails, lab_checks, lab_log};
 
 fn passing_log() -> String {
     lab_log("bench-pass.log")
@@ -32,13 +32,7 @@ fn with(log: &str, from: &str, to: Option<&str>) -> String {
 }
 
 fn fails(log: &str, check: &str) {
-    let (ok, out) = checks(log);
-    assert!(!ok, "passed: {out}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("FAIL  ") && l.contains(check)),
-        "no FAIL for {check:?}: {out}"
-    );
+    lab_check_fails("bench.sh", log, check)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! makes that step's check FAIL.
 
 mod common;
-use common::{lab_checks, lab_log};
+use common::{edit_lines, lab_check_fails, lab_checks, lab_log};
 
 fn passing_log() -> String {
     lab_log("crash-pass.log")
@@ -16,28 +16,11 @@ fn checks(log: &str) -> (bool, String) {
 
 /// The log with each line starting `from` changed by `edit` (at least one must).
 fn with(log: &str, from: &str, edit: &dyn Fn(&str) -> Option<String>) -> String {
-    let mut hits = 0;
-    let mut out = Vec::new();
-    for l in log.lines() {
-        if l.starts_with(from) {
-            hits += 1;
-            out.extend(edit(l));
-        } else {
-            out.push(l.to_string());
-        }
-    }
-    assert!(hits > 0, "the passing log has no line starting {from:?}");
-    out.join("\n") + "\n"
+    edit_lines(log, from, edit)
 }
 
 fn fails(log: &str, check: &str) {
-    let (ok, out) = checks(log);
-    assert!(!ok, "passed: {out}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("FAIL  ") && l.contains(check)),
-        "no FAIL for {check:?}: {out}"
-    );
+    lab_check_fails("crash-run.sh", log, check)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! makes that step's check FAIL.
 
 mod common;
-use common::{lab_checks, lab_log};
+use common::{lab_check_fails, lab_checks, lab_log};
 
 fn passing_log() -> String {
     lab_log("package-pass.log")
@@ -34,13 +34,7 @@ fn with(log: &str, from: &str, to: &[&str]) -> String {
 }
 
 fn fails(log: &str, check: &str) {
-    let (ok, out) = checks(log);
-    assert!(!ok, "passed: {out}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("FAIL  ") && l.contains(check)),
-        "no FAIL for {check:?}: {out}"
-    );
+    lab_check_fails("package-run.sh", log, check)
 }
 
 #[test]

@@ -267,6 +267,35 @@ pub fn lab_dir() -> PathBuf {
 }
 
 /// A kept lab log from `tests/xen-lab/testdata`.
+/// Asserts that `tests/xen-lab/SCRIPT --checks-only` fails on `log`, with a FAIL line
+/// naming `check`.
+pub fn lab_check_fails(script: &str, log: &str, check: &str) {
+    let (ok, out) = lab_checks(script, log);
+    assert!(!ok, "passed: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL  ") && l.contains(check)),
+        "no FAIL for {check:?}: {out}"
+    );
+}
+
+/// `log` with each line starting `from` replaced by what `edit` makes of it (nothing: the
+/// line goes); at least one line must start so.
+pub fn edit_lines(log: &str, from: &str, edit: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut hits = 0;
+    let mut out = Vec::new();
+    for l in log.lines() {
+        if l.starts_with(from) {
+            hits += 1;
+            out.extend(edit(l));
+        } else {
+            out.push(l.to_string());
+        }
+    }
+    assert!(hits > 0, "the passing log has no line starting {from:?}");
+    out.join("\n") + "\n"
+}
+
 pub fn lab_log(name: &str) -> String {
     let path = lab_dir().join("testdata").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
