@@ -37,7 +37,7 @@ use super::{Export, MAX_PAYLOAD};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{with_read_bufs, with_write_bufs, Error, ErrorKind};
 
 /// Threads per connection.
@@ -50,6 +50,11 @@ pub const TAKE_OVER: Duration = Duration::from_micros(500);
 /// Looks in a row that find the connection idle after which the watcher sleeps until a
 /// request comes (10 ms).
 pub const QUIET_ROUNDS: u32 = 20;
+
+/// Queued work (requests times their average service time) per thread serving beyond
+/// which a thread that takes a request wakes another: a wake-up costs a few microseconds,
+/// worth it when it shortens the queue's wait by more than this.
+pub const WAKE_FOR_NS: u64 = 50_000;
 
 /// The request buffer: one `recv` takes up to this many bytes of requests.
 pub const READ_BUFFER: usize = 64 * 1024;
@@ -197,7 +202,6 @@ enum Watcher {
 }
 
 /// What the threads of a connection share, under one lock.
-#[derive(Default)]
 struct State {
     queue: VecDeque<Job>,
     /// A thread is reading requests.
@@ -206,6 +210,8 @@ struct State {
     ended: bool,
     /// Requests being served.
     serving: usize,
+    /// How long serving a request takes, on average over the last few (nanoseconds).
+    service_ns: u64,
     /// Threads asleep (besides the watcher), and how many of them were woken and have
     /// not run yet.
     sleeping: usize,
@@ -217,6 +223,25 @@ struct State {
     quiet: u32,
     /// Why the connection ended, if the client broke it.
     broken: Option<String>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            queue: VecDeque::new(),
+            reading: false,
+            ended: false,
+            serving: 0,
+            // Until measured, requests are taken to be slow: served side by side.
+            service_ns: 1_000_000,
+            sleeping: 0,
+            woken: 0,
+            watcher: Watcher::None,
+            taken: 0,
+            quiet: 0,
+            broken: None,
+        }
+    }
 }
 
 /// One connection.
@@ -248,10 +273,13 @@ impl Conn<'_> {
             if let Some(job) = st.queue.pop_front() {
                 st.serving += 1;
                 st.taken += 1;
-                // More requests queued: one more thread to serve them side by side. Nobody
-                // reading and nobody watching: one more thread to read, in case this
-                // request blocks and the client sends others.
-                let wake = !st.queue.is_empty() || (st.watcher == Watcher::None && !st.reading);
+                // More requests queued than the threads serving would get through in
+                // WAKE_FOR: one more thread to serve them side by side. Nobody reading and
+                // nobody watching: one more thread to read, in case this request blocks and
+                // the client sends others.
+                let backlog = st.queue.len() as u64 * st.service_ns;
+                let wake = backlog > WAKE_FOR_NS.saturating_mul(st.serving as u64)
+                    || (st.watcher == Watcher::None && !st.reading);
                 if wake && st.sleeping > st.woken {
                     st.woken += 1;
                     self.more.notify_one();
@@ -261,6 +289,7 @@ impl Conn<'_> {
                     self.watch.notify_one();
                 }
                 drop(st);
+                let started = Instant::now();
                 let reply = serve(self.export, self.session, &job, &mut data);
                 let len = if reply.with_data {
                     job.req.length as usize
@@ -268,8 +297,10 @@ impl Conn<'_> {
                     0
                 };
                 self.send(reply.bytes(), &data[..len]);
+                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 st = lock(&self.state);
                 st.serving -= 1;
+                st.service_ns = st.service_ns - st.service_ns / 8 + took / 8;
             } else if st.ended {
                 return;
             } else if !st.reading {
@@ -596,7 +627,6 @@ mod tests {
     use crate::plugin::GuardedDisk;
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
-    use std::time::Instant;
     use xen_disk_plugin_api::{Disk, DiskInfo, ReadBufs, WriteBufs};
 
     /// How long a test waits for something that should happen at once (a hang guard).
