@@ -4,9 +4,10 @@
 //!
 //! ```text
 //!  listener (Unix or TCP) ─▶ one thread per client ─▶ handshake (fixed newstyle options)
-//!    ─▶ transmission: a reader thread parses requests, workers serve them through the
-//!       GuardedDisk (bounds, alignment, read-only, emulated FUA and write-zeroes) and send
-//!       each reply whole under the socket's lock
+//!    ─▶ transmission: a few threads per connection take turns reading requests (every
+//!       request buffered, in one recv) and serve them through the GuardedDisk (bounds,
+//!       alignment, read-only, emulated FUA and write-zeroes), each reply whole in one
+//!       writev under the socket's lock
 //! ```
 //!
 //! - [`wire`]: the protocol's numbers and byte layouts.

@@ -24,6 +24,9 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
 /// workers and its place.
 pub const REPLY_DEADLINE: Duration = Duration::from_secs(60);
 
+/// The send buffer asked for on Unix connections: room for a few 1 MiB replies.
+pub const SEND_BUFFER: usize = 4 << 20;
+
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -235,11 +238,34 @@ impl Bound {
     }
 }
 
+/// Asks for a [`SEND_BUFFER`] socket buffer on a Unix connection (the kernel caps it at
+/// `net.core.wmem_max`), so a large read's reply goes into the socket in one call and the
+/// thread goes on serving while the client takes it. Not on TCP, whose own tuning a fixed
+/// size would switch off.
+fn widen_send_buffer(s: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let size = SEND_BUFFER as libc::c_int;
+    // SAFETY: the descriptor is the open socket `s` holds; the option's value is a c_int
+    // that lives through the call, and its length is given.
+    let _ = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
 fn accept_loop(listener: Listener, export: Arc<Export>, stop: Arc<AtomicBool>, clients: Clients) {
     let active = Arc::new(AtomicUsize::new(0));
     for number in 0u64.. {
         let conn = match &listener {
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| {
+                widen_send_buffer(&s);
+                Stream::Unix(s)
+            }),
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
