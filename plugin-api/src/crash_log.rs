@@ -281,6 +281,11 @@ impl CrashLog {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The log file, for messages.
+    pub fn path(&self) -> &Path {
+        &self.log_path
+    }
+
     /// Appends `records` with one write. Call it after the data they describe was written
     /// (to the page cache is enough) and before answering the request.
     pub fn append(&self, records: &[Record]) -> Result<()> {

@@ -180,18 +180,12 @@ pub fn commit_left_snapshot(journal: &Path, disk: &GuardedDisk) -> Result<Option
             h.base_size, info.size
         ));
     }
-    let mut buf = vec![0u8; h.granularity as usize];
-    let mut n = 0u64;
-    for g in overlay.bitmap().iter_set().collect::<Vec<_>>() {
-        let start = g * h.granularity;
-        let len = (h.base_size - start).min(h.granularity) as usize;
-        overlay
-            .read_at(start, &mut buf[..len])
-            .map_err(|e| e.to_string())?;
-        with_write_bufs(&[&buf[..len]], |b| base.write(start, b))
-            .map_err(|e| format!("{name}: commit into the disk at {start}: {e}"))?;
-        n += 1;
-    }
+    let n = overlay
+        .copy_granules(|start, bytes| {
+            with_write_bufs(&[bytes], |b| base.write(start, b))
+                .map_err(|e| e.context(format!("{name}: commit into the disk at {start}")))
+        })
+        .map_err(|e| e.to_string())?;
     if info.can_flush {
         base.flush()
             .map_err(|e| format!("{name}: commit: flush: {e}"))?;

@@ -106,16 +106,10 @@ fn commit(path: PathBuf, base: PluginArgs, trust_base: bool) -> Result<i32> {
     })?;
     // Granules go down in order, and the base is flushed before the overlay is emptied: a
     // crash midway leaves the overlay whole, and committing again writes the same bytes.
-    let mut buf = vec![0u8; h.granularity as usize];
-    let mut n = 0u64;
-    for g in overlay.bitmap().iter_set().collect::<Vec<_>>() {
-        let start = g * h.granularity;
-        let len = (h.base_size - start).min(h.granularity) as usize;
-        overlay.read_at(start, &mut buf[..len])?;
-        with_write_bufs(&[&buf[..len]], |b| stack.disk.write(start, b))
-            .map_err(|e| anyhow::anyhow!("{}: write at {start}: {e}", stack.describe()))?;
-        n += 1;
-    }
+    let n = overlay.copy_granules(|start, bytes| {
+        with_write_bufs(&[bytes], |b| stack.disk.write(start, b))
+            .map_err(|e| e.context(format!("{}: write at {start}", stack.describe())))
+    })?;
     if info.can_flush {
         stack
             .disk

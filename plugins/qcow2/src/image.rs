@@ -209,7 +209,7 @@ impl Image {
                 if !left.is_empty() {
                     // A process died with metadata not yet written back: write it, then
                     // open afresh from what the file now says.
-                    let log_name = dir.join("qcow2").display().to_string();
+                    let log_name = log.path().display().to_string();
                     redo::check(&name, &log_name, &hdr, file_len, &left)?;
                     redo::apply(&file, &name, &left)?;
                     log.clear()?;

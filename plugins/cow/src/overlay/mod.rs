@@ -161,9 +161,9 @@ impl Overlay {
                         r.class != 0 || !r.data.is_empty() || r.at >= header.granules
                     }) {
                         return Err(Error::corrupt(format!(
-                        "{name}: crash log record {i} (granule {}) is not one of this overlay's; move the log under {} away to open it without (losing the writes it describes)",
-                        r.at,
-                        dir.join("cow").display()
+                        "{name}: crash log {}: record {i} (granule {}) is not one of this overlay's; move the log away to open the overlay without it (losing the writes it describes)",
+                        log.path().display(),
+                        r.at
                     )));
                     }
                     (Some(log), left)
@@ -339,6 +339,22 @@ impl Overlay {
             },
             None => Ok(()),
         }
+    }
+
+    /// Hands every granule in the overlay, in disk order, to `write(offset, bytes)` (the
+    /// last one cut at the disk's end): what a commit writes into the base. How many.
+    pub fn copy_granules(&self, mut write: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+        let h = self.header;
+        let mut buf = vec![0u8; h.granularity as usize];
+        let mut n = 0u64;
+        for g in self.bitmap.iter_set().collect::<Vec<_>>() {
+            let start = g * h.granularity;
+            let len = (h.base_size - start).min(h.granularity) as usize;
+            self.read_at(start, &mut buf[..len])?;
+            write(start, &buf[..len])?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Writes overlay bytes at disk offset `pos` (the granule's bit is the caller's to set).
