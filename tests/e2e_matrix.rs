@@ -25,6 +25,7 @@ fn matrix() -> Vec<(&'static str, SimOptions)> {
         indirect,
         workers,
         answer_on_completion: false,
+        ..SimOptions::default()
     };
     vec![
         (
@@ -295,6 +296,8 @@ fn a_guest_reboot_mid_workload_loses_nothing() {
             indirect: false,
             workers: 1,
             answer_on_completion: false,
+            // Rings that park between the guest's requests after the reboot.
+            park_after: Some(std::time::Duration::from_millis(20)),
         };
         sim.reboot(&after).unwrap();
         assert_eq!(sim.guest_disk().unwrap().queues(), 2);

@@ -58,6 +58,8 @@ pub struct SimOptions {
     /// An asynchronous plugin's completing threads answer the guest themselves (see
     /// [`crate::backend::queue::QueueParts::answer_on_completion`]).
     pub answer_on_completion: bool,
+    /// How long the device's rings stay idle before they give their threads up.
+    pub park_after: Option<Duration>,
 }
 
 impl Default for SimOptions {
@@ -69,6 +71,7 @@ impl Default for SimOptions {
             indirect: true,
             workers: 2,
             answer_on_completion: true,
+            park_after: Some(crate::backend::queue::PARK_AFTER),
         }
     }
 }
@@ -360,13 +363,14 @@ impl SimulatedDisk {
             poll: Duration::ZERO,
             answer_on_completion: opts.answer_on_completion,
             journal: None,
+            park_after: opts.park_after,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let device_xs = xenstored.connect(0).map_err(|e| e.to_string())?;
         let device = std::thread::Builder::new()
             .name("xen-disk-device".into())
-            .spawn(move || run(&device_xs, &platform, &cfg, disk, &s, &stats))
+            .spawn(move || run(Arc::new(device_xs), platform, cfg, disk, s, stats))
             .map_err(|e| e.to_string())?;
         let guest_xs = xenstored.connect(GUEST).map_err(|e| e.to_string())?;
         let guest =
@@ -497,6 +501,87 @@ mod tests {
         }
         fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
             Ok(())
+        }
+    }
+
+    /// A disk in memory.
+    struct Mem(std::sync::Mutex<Vec<u8>>);
+    impl Disk for Mem {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(self.0.lock().unwrap().len() as u64)
+        }
+        fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+            let m = self.0.lock().unwrap();
+            let at = offset as usize;
+            bufs.copy_from(&m[at..at + bufs.len()]);
+            Ok(())
+        }
+        fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
+            let mut m = self.0.lock().unwrap();
+            let at = offset as usize;
+            bufs.copy_to(&mut m[at..at + bufs.len()]);
+            Ok(())
+        }
+    }
+
+    fn parks(stats: &DeviceStats) -> Vec<u64> {
+        stats
+            .queues
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|q| q.parks.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Waits until every ring has parked more often than `before` says.
+    fn all_parked_since(stats: &DeviceStats, before: &[u64]) -> Vec<u64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = parks(stats);
+            if now.len() == before.len() && now.iter().zip(before).all(|(n, b)| n > b) {
+                return now;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rings never parked: {before:?} -> {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rings that give their threads up while idle come back for the next request, with
+    /// workers and without, one queue and several; every write reads back, and a device
+    /// whose rings are parked stops cleanly.
+    #[test]
+    fn parked_rings_wake_for_the_next_request_and_stop_cleanly() {
+        for (queues, workers) in [(1, 2), (3, 0)] {
+            let mem = Mem(std::sync::Mutex::new(vec![0u8; 4 << 20]));
+            let disk = Arc::new(GuardedDisk::new(Box::new(mem), false).unwrap());
+            let opts = SimOptions {
+                queues,
+                workers,
+                park_after: Some(Duration::from_millis(30)),
+                ..SimOptions::default()
+            };
+            let stats = Arc::new(DeviceStats::default());
+            let mut sim = SimulatedDisk::start_counted(disk, &opts, stats.clone()).unwrap();
+            let mut seen = vec![0; queues as usize];
+            for round in 0..6u8 {
+                seen = all_parked_since(&stats, &seen);
+                // One request per queue each way (the guest takes queues in turn): each
+                // wakes a parked ring.
+                for piece in 0..u64::from(queues) {
+                    let at = (u64::from(round) * 8 + piece) * 64 * 1024;
+                    let data: Vec<u8> = (0..64 * 1024).map(|i| (i as u8) ^ round).collect();
+                    sim.write(at, &data).unwrap();
+                    let mut back = vec![0u8; data.len()];
+                    sim.read(at, &mut back).unwrap();
+                    assert!(back == data, "round {round}: the data read back differs");
+                }
+            }
+            all_parked_since(&stats, &seen);
+            sim.shutdown().unwrap();
         }
     }
 

@@ -58,18 +58,20 @@ fn start_device(
         poll: Duration::from_micros(20),
         answer_on_completion: false,
         journal: None,
+        // Short: rings park and wake all through the test.
+        park_after: Some(Duration::from_millis(50)),
     };
     let disk = common::ram_disk(SIZE);
     let device_xs = xs.connect(0).unwrap();
     let s = stop.clone();
     std::thread::spawn(move || {
         run(
-            &device_xs,
-            &platform,
-            &cfg,
+            Arc::new(device_xs),
+            platform,
+            cfg,
             disk,
-            &s,
-            &DeviceStats::default(),
+            s,
+            Arc::new(DeviceStats::default()),
         )
     })
 }

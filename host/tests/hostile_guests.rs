@@ -85,6 +85,8 @@ impl Host {
             poll: Duration::ZERO,
             answer_on_completion: false,
             journal: None,
+            // Short: rings park and wake between the attacks.
+            park_after: Some(Duration::from_millis(50)),
         };
         let platform = Platform {
             grants: self.machine.clone(),
@@ -94,12 +96,12 @@ impl Host {
         let s = self.stop.clone();
         self.devices.push(std::thread::spawn(move || {
             run(
-                &device_xs,
-                &platform,
-                &cfg,
+                Arc::new(device_xs),
+                platform,
+                cfg,
                 common::ram_disk(SIZE),
-                &s,
-                &DeviceStats::default(),
+                s,
+                Arc::new(DeviceStats::default()),
             )
         }));
         (domain, p.frontend, p.backend)

@@ -105,6 +105,7 @@ fn start_limited(
         answer_on_completion,
         limiter,
         doorbell: Arc::new(EventFdWake::new().unwrap()),
+        park_after: None,
     };
     let doorbell = parts.doorbell.clone();
     let (stop, stats) = (

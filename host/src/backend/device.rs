@@ -12,11 +12,12 @@
 //! Every decision re-reads the nodes ([`super::state::next_action`]); watch events only
 //! say "look again".
 
+use super::done::DoneHandle;
 use super::features::{initwait_keys, Advertisement, HostOffer};
 use super::frontend_keys::{read_frontend, FrontendKeyError, FrontendRings};
 use super::journal::{Journal, JournalError, RingIdentity};
 use super::limits::Limiter;
-use super::queue::{serve, QueueError, QueueParts, QueueStats};
+use super::queue::{spawn as spawn_queue, QueueError, QueueParts, QueueStats};
 use super::state::{next_action, Action, XenbusState};
 use super::stats::{ATTACHES, DETACHES};
 use super::wake::EventFdWake;
@@ -28,11 +29,12 @@ use crate::blkif::ring::{BackRing, RingError};
 use crate::plugin::GuardedDisk;
 use crate::xen::evtchn::{EventChannels, EvtchnError};
 use crate::xen::grant::{GrantError, GrantMapper};
-use crate::xen::xenstore::{read_u32, transaction, Xenstore, XsError, NO_TX};
+use crate::xen::xenstore::{read_u32, transaction, WatchEvent, Xenstore, XsError, NO_TX};
+use crossbeam_channel::{Receiver, TryRecvError};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How soon a device looks again at what only this process changes (a stop or hand-over
@@ -72,6 +74,9 @@ pub struct DeviceConfig {
     /// journaled, and a device found Connected on both sides when it starts (its backend
     /// died) is taken over instead of being set up again. None: neither.
     pub journal: Option<PathBuf>,
+    /// How long a ring may sit idle before it gives its thread up (see
+    /// [`QueueParts::park_after`]).
+    pub park_after: Option<Duration>,
 }
 
 /// The platform the device maps and signals through (real or simulated).
@@ -85,7 +90,8 @@ pub struct Platform {
 
 struct Running {
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Result<(), QueueError>>>,
+    /// Each ring's end (a ring may have no thread while it is idle: see `queue::park`).
+    threads: Vec<DoneHandle<Result<(), QueueError>>>,
     /// Each ring thread's doorbell, rung when the stop flag is set.
     bells: Vec<Arc<EventFdWake>>,
 }
@@ -101,8 +107,10 @@ impl Running {
             bell.wake();
         }
         for t in self.threads {
-            if let Ok(Err(e)) = t.join() {
-                tracing::warn!("queue stopped: {e}");
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("queue stopped: {e}"),
+                Err(_) => tracing::warn!("queue stopped: its thread panicked"),
             }
         }
     }
@@ -245,35 +253,123 @@ pub fn device_id(cfg: &DeviceConfig) -> String {
     format!("{}/{vbd}", cfg.frontend_domid)
 }
 
-/// Runs the device until it is removed (by the toolstack, the guest or a stop request): `Ok`.
-/// `stop` asks for a clean detach (Ctrl-C): Closing, wait for the frontend to close, then
-/// remove. An error is xenstore failing under the device.
+/// Runs the device on this thread until it is removed (by the toolstack, the guest or a stop
+/// request): `Ok`. `stop` asks for a clean detach (Ctrl-C): Closing, wait for the frontend to
+/// close, then remove. An error is xenstore failing under the device. A daemon runs many
+/// devices on a few threads instead (see [`super::device_loop`]).
 pub fn run(
-    xs: &dyn Xenstore,
-    platform: &Platform,
-    cfg: &DeviceConfig,
+    xs: Arc<dyn Xenstore>,
+    platform: Platform,
+    cfg: DeviceConfig,
     disk: Arc<GuardedDisk>,
-    stop: &AtomicBool,
-    stats: &DeviceStats,
+    stop: Arc<AtomicBool>,
+    stats: Arc<DeviceStats>,
 ) -> Result<(), DeviceError> {
-    // Every line this device's threads log names it.
-    let span = tracing::info_span!("device", id = %device_id(cfg));
-    let _entered = span.enter();
-    let be = cfg.backend_path.as_str();
-    let fe = cfg.frontend_path.as_str();
-    let token = format!("device:{be}");
-    for path in [be.to_string(), format!("{fe}/state")] {
-        xs.watch(&path, &token)
-            .map_err(|source| DeviceError::Watch { path, source })?;
+    let mut task = DeviceTask::new(xs, platform, cfg, disk, stop, stats);
+    loop {
+        match task.step() {
+            ControlFlow::Continue(wait) => {
+                // An event taken here is left for `step` to see; a connection gone is
+                // seen by `step` itself.
+                if task.events.recv_timeout(wait).is_ok() {
+                    task.fired = true;
+                }
+            }
+            ControlFlow::Break(result) => return task.end(result),
+        }
     }
-    let events = xs.events();
-    let write_state = |state: XenbusState| {
-        xs.write(NO_TX, &format!("{be}/state"), state.as_str().as_bytes())
+}
+
+/// One device's state machine, owned, so that whichever thread has time may take its next
+/// step: [`run`] on a thread of its own, or a loop shared by many devices.
+pub struct DeviceTask {
+    xs: Arc<dyn Xenstore>,
+    platform: Platform,
+    cfg: DeviceConfig,
+    disk: Arc<GuardedDisk>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<DeviceStats>,
+    /// Every line this device's threads log names it.
+    span: tracing::Span,
+    token: String,
+    events: Receiver<WatchEvent>,
+    /// A watch event was taken off `events` by whoever waited for it.
+    fired: bool,
+    begun: bool,
+    running: Option<Running>,
+    journal: Option<Journal>,
+    ours: XenbusState,
+    closing_for_stop: bool,
+    seen_frontend: bool,
+    /// The size the guest was last told (resize and plugin swaps change the disk's).
+    published: u64,
+    handed_over: bool,
+    /// xenstore is read when a watch fired (or a local change asks for it), not on every
+    /// tick: an idle dom0 with hundreds of disks must not spend a core asking xenstore what
+    /// it already said. The slow re-read is only a safety net.
+    xs_due: bool,
+    last_read: Instant,
+    last_resize_check: Instant,
+    wait: Duration,
+}
+
+impl DeviceTask {
+    /// A device not yet started: its first [`step`](Self::step) watches its nodes and
+    /// publishes InitWait (or takes a connected device over).
+    pub fn new(
+        xs: Arc<dyn Xenstore>,
+        platform: Platform,
+        cfg: DeviceConfig,
+        disk: Arc<GuardedDisk>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<DeviceStats>,
+    ) -> DeviceTask {
+        let span = tracing::info_span!("device", id = %device_id(&cfg));
+        let token = format!("device:{}", cfg.backend_path);
+        let events = xs.events();
+        let published = disk.size();
+        DeviceTask {
+            xs,
+            platform,
+            cfg,
+            disk,
+            stop,
+            stats,
+            span,
+            token,
+            events,
+            fired: false,
+            begun: false,
+            running: None,
+            journal: None,
+            ours: XenbusState::InitWait,
+            closing_for_stop: false,
+            seen_frontend: false,
+            published,
+            handed_over: false,
+            xs_due: true,
+            last_read: Instant::now(),
+            last_resize_check: Instant::now(),
+            wait: LOCAL_CHECK_BUSY,
+        }
+    }
+
+    /// Where its watch events arrive: a waiter that sees one ready steps the device.
+    pub fn events(&self) -> &Receiver<WatchEvent> {
+        &self.events
+    }
+
+    fn write_state(&self, state: XenbusState) -> Result<(), DeviceError> {
+        let be = &self.cfg.backend_path;
+        self.xs
+            .write(NO_TX, &format!("{be}/state"), state.as_str().as_bytes())
             .map_err(|source| DeviceError::State { state, source })
-    };
-    let initwait = || {
+    }
+
+    fn initwait(&self) -> Result<(), DeviceError> {
+        let (xs, be) = (&*self.xs, &self.cfg.backend_path);
         transaction(xs, |tx| {
-            for (k, v) in initwait_keys(&cfg.offer) {
+            for (k, v) in initwait_keys(&self.cfg.offer) {
                 xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
             }
             xs.write(
@@ -283,186 +379,241 @@ pub fn run(
             )
         })
         .map_err(DeviceError::InitWait)
-    };
-    let mut running: Option<Running> = None;
-    let mut journal: Option<Journal> = None;
-    let mut ours = XenbusState::InitWait;
-    // On a takeover, the size the dead backend told the guest: a disk whose size changed
-    // since (a plugin swapped or committed while nobody served) is announced at the next
-    // resize check, as a resize while serving would be.
-    let mut told = None;
-    if cfg.journal.is_some() && both_connected(xs, be, fe) {
+    }
+
+    /// Watches the nodes, then InitWait, or takes over a device whose backend died connected.
+    fn begin(&mut self) -> Result<(), DeviceError> {
+        let (be, fe) = (&self.cfg.backend_path, &self.cfg.frontend_path);
+        for path in [be.to_string(), format!("{fe}/state")] {
+            self.xs
+                .watch(&path, &self.token)
+                .map_err(|source| DeviceError::Watch { path, source })?;
+        }
+        let xs = &*self.xs;
+        if !(self.cfg.journal.is_some() && both_connected(xs, be, fe)) {
+            return self.initwait();
+        }
         // Our predecessor died with the guest connected: take its rings over, writing
         // nothing the guest could see.
-        match connect(xs, platform, cfg, &disk, stats, &span, true) {
+        let (cfg, disk, stats) = (&self.cfg, &self.disk, &*self.stats);
+        match connect(xs, &self.platform, cfg, disk, stats, &self.span, true) {
             Ok((r, j)) => {
                 ATTACHES.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("taken over: the guest stays connected");
-                told = xs
+                // The size the dead backend told the guest: a disk whose size changed since
+                // (a plugin swapped or committed while nobody served) is announced at the
+                // next resize check, as a resize while serving would be.
+                if let Some(told) = xs
                     .read(NO_TX, &format!("{be}/{SECTORS}"))
                     .ok()
                     .and_then(|v| String::from_utf8_lossy(&v).trim().parse::<u64>().ok())
-                    .and_then(|n| n.checked_mul(512));
-                running = Some(r);
-                journal = j;
-                ours = XenbusState::Connected;
+                    .and_then(|n| n.checked_mul(512))
+                {
+                    self.published = told;
+                }
+                self.running = Some(r);
+                self.journal = j;
+                self.ours = XenbusState::Connected;
             }
             Err(e) => {
                 let why = format!("cannot take the connected device over: {e}");
                 tracing::warn!("{be}: {why}");
                 let _ = xs.write(NO_TX, &format!("{be}/error"), why.as_bytes());
-                write_state(XenbusState::Closing)?;
-                ours = XenbusState::Closing;
+                self.write_state(XenbusState::Closing)?;
+                self.ours = XenbusState::Closing;
             }
         }
-    } else {
-        initwait()?;
+        Ok(())
     }
-    let mut closing_for_stop = false;
-    let mut seen_frontend = false;
-    // The size the guest was last told (resize and plugin swaps change the disk's).
-    let mut published = told.unwrap_or_else(|| disk.size());
-    let mut handed_over = false;
-    // xenstore is read when a watch fired (or a local change asks for it), not on every
-    // tick: an idle dom0 with hundreds of disks must not spend a core asking xenstore what
-    // it already said. The slow re-read is only a safety net.
-    let mut xs_due = true;
-    let mut last_read = Instant::now();
-    let mut last_resize_check = Instant::now();
-    let mut wait = LOCAL_CHECK_BUSY;
-    let result = loop {
-        if events.recv_timeout(wait).is_ok() {
-            while events.try_recv().is_ok() {}
-            xs_due = true;
-            wait = LOCAL_CHECK_BUSY;
+
+    /// Looks once at everything that may move the device on: `Continue` with how long it may
+    /// wait (for a watch event) before it looks again, or `Break` when it is done (then
+    /// [`end`](Self::end)).
+    pub fn step(&mut self) -> ControlFlow<Result<(), DeviceError>, Duration> {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        if !self.begun {
+            self.begun = true;
+            return match self.begin() {
+                Ok(()) => ControlFlow::Continue(self.wait),
+                Err(e) => ControlFlow::Break(Err(e)),
+            };
+        }
+        let mut fired = std::mem::take(&mut self.fired);
+        loop {
+            match self.events.try_recv() {
+                Ok(_) => fired = true,
+                Err(TryRecvError::Empty) => break,
+                // The connection is gone: the next read says so, and the device ends.
+                Err(TryRecvError::Disconnected) => {
+                    fired = true;
+                    break;
+                }
+            }
+        }
+        if fired {
+            self.xs_due = true;
+            self.wait = LOCAL_CHECK_BUSY;
         } else {
-            wait = (wait * 2).min(LOCAL_CHECK_IDLE);
+            self.wait = (self.wait * 2).min(LOCAL_CHECK_IDLE);
         }
-        stats.state.store(ours as u8, Ordering::Relaxed);
+        match self.look() {
+            Ok(true) => ControlFlow::Continue(self.wait),
+            Ok(false) => ControlFlow::Break(Ok(())),
+            Err(e) => ControlFlow::Break(Err(e)),
+        }
+    }
+
+    /// [`step`](Self::step)'s look: false when the device is done.
+    fn look(&mut self) -> Result<bool, DeviceError> {
+        let (be, fe) = (&self.cfg.backend_path, &self.cfg.frontend_path);
+        let xs = &*self.xs;
+        let stats = &*self.stats;
+        stats.state.store(self.ours as u8, Ordering::Relaxed);
         if stats.hand_over.load(Ordering::Relaxed) {
-            handed_over = true;
-            break Ok(());
+            self.handed_over = true;
+            return Ok(false);
         }
-        if ours == XenbusState::Connected && last_resize_check.elapsed() >= RESIZE_CHECK_EVERY {
-            last_resize_check = Instant::now();
-            resize_if_changed(xs, be, &disk, &mut published)?;
+        if self.ours == XenbusState::Connected
+            && self.last_resize_check.elapsed() >= RESIZE_CHECK_EVERY
+        {
+            self.last_resize_check = Instant::now();
+            resize_if_changed(xs, be, &self.disk, &mut self.published)?;
         }
-        if stop.load(Ordering::Relaxed) && !closing_for_stop {
-            closing_for_stop = true;
-            xs_due = true;
-            if ours == XenbusState::Connected || ours == XenbusState::InitWait {
-                write_state(XenbusState::Closing)?;
-                ours = XenbusState::Closing;
+        if self.stop.load(Ordering::Relaxed) && !self.closing_for_stop {
+            self.closing_for_stop = true;
+            self.xs_due = true;
+            if self.ours == XenbusState::Connected || self.ours == XenbusState::InitWait {
+                self.write_state(XenbusState::Closing)?;
+                self.ours = XenbusState::Closing;
             }
         }
         // A queue that stopped on its own means the guest broke its ring: close the device.
-        if running.as_ref().is_some_and(Running::broken) && ours == XenbusState::Connected {
+        if self.running.as_ref().is_some_and(Running::broken) && self.ours == XenbusState::Connected
+        {
             tracing::warn!("{be}: a ring broke; closing the device");
-            write_state(XenbusState::Closing)?;
-            ours = XenbusState::Closing;
-            xs_due = true;
+            self.write_state(XenbusState::Closing)?;
+            self.ours = XenbusState::Closing;
+            self.xs_due = true;
         }
-        if !xs_due && last_read.elapsed() < XENSTORE_REREAD_EVERY {
-            continue;
+        if !self.xs_due && self.last_read.elapsed() < XENSTORE_REREAD_EVERY {
+            return Ok(true);
         }
-        xs_due = false;
-        last_read = Instant::now();
+        self.xs_due = false;
+        self.last_read = Instant::now();
         let frontend = match xs.read(NO_TX, &format!("{fe}/state")) {
             Ok(v) => XenbusState::parse(&v),
             // A toolstack may write the backend before the frontend: absent at first is
             // "not yet"; absent after it existed is "gone".
-            Err(e) if e.is_enoent() && !seen_frontend && !closing_for_stop => continue,
+            Err(e) if e.is_enoent() && !self.seen_frontend && !self.closing_for_stop => {
+                return Ok(true)
+            }
             Err(e) if e.is_enoent() => None,
-            Err(e) => break Err(DeviceError::FrontendState(e)),
+            Err(e) => return Err(DeviceError::FrontendState(e)),
         };
-        seen_frontend = true;
+        self.seen_frontend = true;
         let online = match read_u32(xs, NO_TX, &format!("{be}/online")) {
-            Ok(v) => v.unwrap_or(1) == 1 && !closing_for_stop,
+            Ok(v) => v.unwrap_or(1) == 1 && !self.closing_for_stop,
             Err(_) => false,
         };
         if xs.read(NO_TX, &format!("{be}/state")).is_err() {
-            break Ok(());
+            return Ok(false);
         }
-        match next_action(ours, frontend, online) {
+        match next_action(self.ours, frontend, online) {
             Action::Wait => {}
             // Not before the toolstack's hotplug script has run (see `hotplug_done`).
             Action::Connect if !hotplug_done(xs, be) => {}
-            Action::Connect => match connect(xs, platform, cfg, &disk, stats, &span, false) {
-                Ok((r, j)) => {
-                    ATTACHES.fetch_add(1, Ordering::Relaxed);
-                    running = Some(r);
-                    journal = j;
-                    ours = XenbusState::Connected;
-                    published = disk.size();
+            Action::Connect => {
+                let (cfg, disk) = (&self.cfg, &self.disk);
+                match connect(xs, &self.platform, cfg, disk, stats, &self.span, false) {
+                    Ok((r, j)) => {
+                        ATTACHES.fetch_add(1, Ordering::Relaxed);
+                        self.running = Some(r);
+                        self.journal = j;
+                        self.ours = XenbusState::Connected;
+                        self.published = disk.size();
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        tracing::warn!("{be}: cannot connect: {why}");
+                        let _ = xs.write(NO_TX, &format!("{be}/error"), why.as_bytes());
+                        self.write_state(XenbusState::Closing)?;
+                        self.ours = XenbusState::Closing;
+                    }
                 }
-                Err(e) => {
-                    let why = e.to_string();
-                    tracing::warn!("{be}: cannot connect: {why}");
-                    let _ = xs.write(NO_TX, &format!("{be}/error"), why.as_bytes());
-                    write_state(XenbusState::Closing)?;
-                    ours = XenbusState::Closing;
-                }
-            },
+            }
             Action::Close => {
-                write_state(XenbusState::Closing)?;
-                ours = XenbusState::Closing;
+                self.write_state(XenbusState::Closing)?;
+                self.ours = XenbusState::Closing;
             }
             Action::Disconnect => {
-                if let Some(r) = running.take() {
+                if let Some(r) = self.running.take() {
                     r.shut();
                     DETACHES.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("detached: the guest closed its side");
                 }
-                if let Some(j) = journal.take() {
+                if let Some(j) = self.journal.take() {
                     j.remove();
                 }
-                write_state(XenbusState::Closed)?;
-                ours = XenbusState::Closed;
+                self.write_state(XenbusState::Closed)?;
+                self.ours = XenbusState::Closed;
             }
             Action::Reinit => {
-                initwait()?;
-                ours = XenbusState::InitWait;
+                self.initwait()?;
+                self.ours = XenbusState::InitWait;
             }
-            Action::Remove => break Ok(()),
+            Action::Remove => return Ok(false),
         }
-    };
-    if handed_over {
-        // Drained: every request taken is answered, or stays in the journal to be served
-        // again by the next serve (one held behind a barrier or a limit).
-        if let Some(r) = running.take() {
+        Ok(true)
+    }
+
+    /// After the last step: stops the rings, and removes what the device leaves behind
+    /// (unless it was handed over). Returns the step's result.
+    pub fn end(mut self, result: Result<(), DeviceError>) -> Result<(), DeviceError> {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        let (be, fe) = (&self.cfg.backend_path, &self.cfg.frontend_path);
+        let xs = &*self.xs;
+        let unwatch = || {
+            let _ = xs.unwatch(be, &self.token);
+            let _ = xs.unwatch(&format!("{fe}/state"), &self.token);
+        };
+        if self.handed_over {
+            // Drained: every request taken is answered, or stays in the journal to be served
+            // again by the next serve (one held behind a barrier or a limit).
+            if let Some(r) = self.running.take() {
+                r.shut();
+            }
+            drop(self.journal.take());
+            unwatch();
+            tracing::info!("handed over: left connected for the next serve");
+            return Ok(());
+        }
+        if let Some(r) = self.running.take() {
             r.shut();
+            DETACHES.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("detached");
         }
-        drop(journal.take());
-        let _ = xs.unwatch(be, &token);
-        let _ = xs.unwatch(&format!("{fe}/state"), &token);
-        tracing::info!("handed over: left connected for the next serve");
-        return Ok(());
+        if let Some(j) = self.journal.take() {
+            j.remove();
+        }
+        if let Some(path) = &self.cfg.journal {
+            // The device is gone: a later one at this place starts from its `params`.
+            super::stack_record::remove_all(path);
+        }
+        match &result {
+            Ok(()) => tracing::info!("removed"),
+            Err(e) => tracing::error!("stopped: {e}"),
+        }
+        unwatch();
+        if self.cfg.remove_entries {
+            // As a toolstack removes a device (libxl does both): the guest's xenbus sees its
+            // frontend directory go and unplugs the disk, and its vbd name is free again.
+            let _ = xs.rm(NO_TX, fe);
+            let _ = xs.rm(NO_TX, be);
+        }
+        result
     }
-    if let Some(r) = running.take() {
-        r.shut();
-        DETACHES.fetch_add(1, Ordering::Relaxed);
-        tracing::info!("detached");
-    }
-    if let Some(j) = journal.take() {
-        j.remove();
-    }
-    if let Some(path) = &cfg.journal {
-        // The device is gone: a later one at this place starts from its `params`.
-        super::stack_record::remove_all(path);
-    }
-    match &result {
-        Ok(()) => tracing::info!("removed"),
-        Err(e) => tracing::error!("stopped: {e}"),
-    }
-    let _ = xs.unwatch(be, &token);
-    let _ = xs.unwatch(&format!("{fe}/state"), &token);
-    if cfg.remove_entries {
-        // As a toolstack removes a device (libxl does both): the guest's xenbus sees its
-        // frontend directory go and unplugs the disk, and its vbd name is free again.
-        let _ = xs.rm(NO_TX, fe);
-        let _ = xs.rm(NO_TX, be);
-    }
-    result
 }
 
 /// Whether a device may connect as far as the toolstack's hotplug script is concerned. A
@@ -640,10 +791,7 @@ fn connect(
     for (i, parts) in parts.into_iter().enumerate() {
         let (d, s, st) = (disk.clone(), stop.clone(), Arc::new(QueueStats::default()));
         all_stats.push(st.clone());
-        let span = span.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("xen-disk-ring-{i}"))
-            .spawn(move || span.in_scope(|| serve(parts, d, s, st)));
+        let spawned = spawn_queue(parts, d, s, st, span.clone(), format!("xen-disk-ring-{i}"));
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -744,6 +892,7 @@ fn map_queue(
         answer_on_completion: cfg.answer_on_completion,
         limiter: stats.limiter.clone(),
         doorbell,
+        park_after: cfg.park_after,
     })
 }
 

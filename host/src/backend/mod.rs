@@ -13,8 +13,10 @@
 pub mod attach;
 pub mod descriptor;
 pub mod device;
+pub mod device_loop;
 pub mod disks_config;
 pub mod domains;
+pub mod done;
 pub mod features;
 pub mod frontend_keys;
 pub mod inflight;

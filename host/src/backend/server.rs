@@ -1,7 +1,8 @@
 //! `serve`: a daemon serving many disks at once, until asked to stop.
 //!
-//! Two kinds of device, each run by [`super::device::run`] on its own thread with its own
-//! xenstore connection (watch events are per connection):
+//! Two kinds of device, each a [`super::device::DeviceTask`] stepped by one of the daemon's
+//! device loops ([`super::device_loop`]), with its own view of the daemon's one xenstore
+//! connection (its own watch events):
 //!
 //! - **Static disks** from `disks.toml`: plugins opened at start (a bad file or plugin fails
 //!   the start, naming the disk); attached when their domain exists, by creating both xenstore
@@ -21,12 +22,15 @@
 
 use super::attach::{create_device, device_paths, BACKEND_TYPE};
 use super::descriptor::{resolve, DescriptorError};
-use super::device::{run as run_device, DeviceConfig, DeviceError, DeviceStats, Platform};
+use super::device::{DeviceConfig, DeviceError, DeviceStats, DeviceTask, Platform};
+use super::device_loop::{DeviceLoops, DEVICE_LOOPS};
 use super::disks_config::{DiskSpec, DisksConfigError};
 use super::domains::{find_domain, XsView};
+use super::done::DoneHandle;
 use super::features::HostOffer;
 use super::journal::{is_held, journal_path};
 use super::limits::{IoLimits, Limiter};
+use super::queue::PARK_AFTER;
 use super::registry::{Entry, Registry};
 use super::reload::{plan, Change, Running};
 use super::stack_record;
@@ -38,7 +42,6 @@ use crate::xen::xenstore::{transaction, Xenstore, XsError, NO_TX};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Domains and toolstack devices are looked for again after this long without a watch
@@ -250,6 +253,13 @@ fn open_disk(
     Ok((Arc::new(disk), layers))
 }
 
+/// Where devices run: the platform they map and signal through, and the loops that step
+/// them.
+struct Runtime {
+    platform: Platform,
+    loops: DeviceLoops,
+}
+
 /// What the server reports as it goes (the CLI prints these lines; tests collect them).
 pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -257,7 +267,8 @@ struct Device {
     stop: Arc<AtomicBool>,
     /// Its counters and hand-over flag.
     stats: Arc<DeviceStats>,
-    thread: JoinHandle<Result<(), DeviceError>>,
+    /// Its end: it runs on one of the daemon's device loops.
+    thread: DoneHandle<Result<(), DeviceError>>,
     frontend: String,
     /// The static disk's key, or None for a toolstack device.
     static_key: Option<u64>,
@@ -300,6 +311,11 @@ pub fn serve(
     let reg = &registry;
     let mut disks = disks;
     let xs = connect().map_err(ServeError::Connect)?;
+    let rt = Runtime {
+        platform,
+        loops: DeviceLoops::new(DEVICE_LOOPS)
+            .map_err(|e| ServeError::Connect(XsError::Io(format!("device loops: {e}"))))?,
+    };
     let base = format!(
         "/local/domain/{}/backend/{BACKEND_TYPE}",
         opts.backend_domid
@@ -366,7 +382,7 @@ pub fn serve(
                         == 1,
             };
             let disk = &mut disks[i];
-            match attach_static(&*xs, &connect, &platform, &opts, disk, &others, reg) {
+            match attach_static(&*xs, &connect, &rt, &opts, disk, &others, reg) {
                 Ok(Some((path, dev))) => {
                     log(&format!(
                         "disk {}: {} attached to domain {} as {} ({path})",
@@ -393,7 +409,7 @@ pub fn serve(
             if devices.contains_key(&path) || failed.contains(&path) {
                 continue;
             }
-            match start_toolstack(&*xs, &connect, &platform, &opts, &path, reg) {
+            match start_toolstack(&*xs, &connect, &rt, &opts, &path, reg) {
                 Ok(Some(dev)) => {
                     log(&format!("{path}: serving for domain {}", dev.guest));
                     devices.insert(path, dev);
@@ -702,7 +718,7 @@ fn reap(
 fn attach_static(
     xs: &dyn Xenstore,
     connect: &XsConnect,
-    platform: &Platform,
+    rt: &Runtime,
     opts: &ServeOptions,
     disk: &mut StaticDisk,
     others: &Others,
@@ -785,10 +801,11 @@ fn attach_static(
             .answer_on_completion
             .unwrap_or(opts.answer_on_completion),
         journal,
+        park_after: Some(PARK_AFTER),
     };
     let dev = spawn(
         connect,
-        platform,
+        rt,
         cfg,
         (disk.disk.clone(), disk.limiter.clone()),
         Some(disk.key),
@@ -839,7 +856,7 @@ fn scan_toolstack(xs: &dyn Xenstore, base: &str) -> Vec<String> {
 fn start_toolstack(
     xs: &dyn Xenstore,
     connect: &XsConnect,
-    platform: &Platform,
+    rt: &Runtime,
     opts: &ServeOptions,
     path: &str,
     registry: &Registry,
@@ -937,10 +954,11 @@ fn start_toolstack(
         poll: opts.poll,
         answer_on_completion: opts.answer_on_completion,
         journal,
+        park_after: Some(PARK_AFTER),
     };
     spawn(
         connect,
-        platform,
+        rt,
         cfg,
         (disk, Arc::default()),
         None,
@@ -969,25 +987,22 @@ type Registration<'a> = (&'a dyn Xenstore, &'a Registry, Vbd, &'a str);
 
 fn spawn(
     connect: &XsConnect,
-    platform: &Platform,
+    rt: &Runtime,
     cfg: DeviceConfig,
     (disk, limiter): (Arc<GuardedDisk>, Arc<Limiter>),
     static_key: Option<u64>,
     (xs, registry, vbd, layers): Registration<'_>,
 ) -> Result<Device, StartError> {
-    let dev_xs = connect().map_err(StartError::Connect)?;
+    let dev_xs: Arc<dyn Xenstore + Send> = Arc::from(connect().map_err(StartError::Connect)?);
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(DeviceStats::with_limiter(limiter));
     let stats_for_server = stats.clone();
-    let (s, p, st) = (stop.clone(), platform.clone(), stats.clone());
+    let (s, p, st) = (stop.clone(), rt.platform.clone(), stats.clone());
     let (frontend, guest) = (cfg.frontend_path.clone(), cfg.frontend_domid);
     let mut entry = Entry::for_device(xs, guest, vbd, layers, disk.clone(), stats, stop.clone());
     entry.journal = cfg.journal.clone();
     let id = entry.id.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("xen-disk-dev-{guest}"))
-        .spawn(move || run_device(&*dev_xs, &p, &cfg, disk, &s, &st))
-        .map_err(StartError::Thread)?;
+    let thread = rt.loops.start(DeviceTask::new(dev_xs, p, cfg, disk, s, st));
     registry.add(entry);
     Ok(Device {
         stop,

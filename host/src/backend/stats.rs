@@ -50,6 +50,10 @@ pub struct QueueStats {
     pub notifies: AtomicU64,
     /// Requests handed to a worker thread (two thread wake-ups each: there and back).
     pub handoffs: AtomicU64,
+    /// Times the ring stayed idle long enough to give its thread up (see
+    /// [`super::queue::QueueParts::park_after`]); each later request that found it parked
+    /// cost a thread start.
+    pub parks: AtomicU64,
 }
 
 impl QueueStats {

@@ -149,6 +149,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             answer_on_completion: opts.answer_on_completion,
             limiter: limiter.clone(),
             doorbell: Arc::new(EventFdWake::new().map_err(|e| format!("doorbell: {e}"))?),
+            park_after: None,
         };
         bells.push(parts.doorbell.clone());
         let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());

@@ -237,6 +237,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         poll: std::time::Duration::from_micros(args.poll_us.min(10_000)),
         answer_on_completion: args.completion.answer_on_completion,
         journal: None,
+        park_after: Some(crate::backend::queue::PARK_AFTER),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let registry = Arc::new(Registry::default());
@@ -268,7 +269,9 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
             }
         }
     });
-    run(&xs, &platform, &cfg, disk, &stop, &stats).map_err(anyhow::Error::msg)?;
+    // The device watches on a connection of its own: its events are its alone.
+    let device_xs = Arc::new(XsClient::open_default()?);
+    run(device_xs, platform, cfg, disk, stop, stats).map_err(anyhow::Error::msg)?;
     let _ = xs.rm(NO_TX, &paths.frontend);
     println!("detached");
     Ok(0)

@@ -204,6 +204,7 @@ struct Counts {
     unsupported: u64,
     in_flight: u64,
     sleeps: u64,
+    parks: u64,
     notifies: u64,
     handoffs: u64,
     latency: Histogram,
@@ -223,6 +224,7 @@ impl Counts {
             unsupported: l(&q.unsupported),
             in_flight: l(&q.in_flight),
             sleeps: l(&q.sleeps),
+            parks: l(&q.parks),
             notifies: l(&q.notifies),
             handoffs: l(&q.handoffs),
             latency: q.latency.snapshot(),
@@ -240,6 +242,7 @@ impl Counts {
         self.unsupported += o.unsupported;
         self.in_flight += o.in_flight;
         self.sleeps += o.sleeps;
+        self.parks += o.parks;
         self.notifies += o.notifies;
         self.handoffs += o.handoffs;
         self.latency.merge(&o.latency);
@@ -247,7 +250,7 @@ impl Counts {
 
     fn json(&self) -> String {
         format!(
-            "\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{},\"unsupported\":{},\"in_flight\":{},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"sleeps\":{},\"notifies\":{},\"handoffs\":{}",
+            "\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{},\"unsupported\":{},\"in_flight\":{},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"sleeps\":{},\"notifies\":{},\"handoffs\":{},\"parks\":{}",
             self.reads,
             self.writes,
             self.flushes,
@@ -261,13 +264,14 @@ impl Counts {
             self.latency.percentile(0.99) as f64 / 1000.0,
             self.sleeps,
             self.notifies,
-            self.handoffs
+            self.handoffs,
+            self.parks
         )
     }
 
     fn text(&self) -> String {
         format!(
-            "reads {} ({} bytes)  writes {} ({} bytes)  flushes {}  discards {}  errors {}  unsupported {}  in flight {}  p50 {:.1} us  p99 {:.1} us  sleeps {}  notifies {}  hand-offs {}",
+            "reads {} ({} bytes)  writes {} ({} bytes)  flushes {}  discards {}  errors {}  unsupported {}  in flight {}  p50 {:.1} us  p99 {:.1} us  sleeps {}  notifies {}  hand-offs {}  parks {}",
             self.reads,
             self.read_bytes,
             self.writes,
@@ -281,7 +285,8 @@ impl Counts {
             self.latency.percentile(0.99) as f64 / 1000.0,
             self.sleeps,
             self.notifies,
-            self.handoffs
+            self.handoffs,
+            self.parks
         )
     }
 }

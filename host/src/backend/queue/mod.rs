@@ -19,8 +19,10 @@
 //! asks. Responses go out as workers finish, in any order.
 
 mod answer;
+mod park;
 mod segments;
 
+use super::done::{done_pair, DoneHandle};
 use super::inflight::SlotTable;
 use super::io::IoOp;
 use super::io::{execute, status_of};
@@ -77,7 +79,18 @@ pub struct QueueParts {
     /// `stop`: an idle ring thread sleeps until the guest or the doorbell rings, with no
     /// timer (an idle disk costs no wake-ups).
     pub doorbell: Arc<EventFdWake>,
+    /// How long the ring may sit idle (nothing in flight, nothing held) before it gives its
+    /// thread up and waits, parked, on the daemon's one waiter thread (see `queue::park`); a
+    /// request or a stop starts a thread for it again. None: the thread stays (the bench,
+    /// which measures the path alone).
+    pub park_after: Option<Duration>,
 }
+
+/// How long an idle ring keeps its thread by default: a few seconds, as a worker does (see
+/// [`super::workers`]). A guest that pauses that long between requests pays a thread start
+/// (tens of microseconds) on the next one; a dom0 with hundreds of idle disks holds no
+/// thread for them.
+pub const PARK_AFTER: Duration = Duration::from_secs(5);
 
 /// Pages a ring keeps mapped with persistent grants (64 MiB of address space, no memory:
 /// the pages are the guest's). Beyond it, requests are mapped one by one.
@@ -121,87 +134,252 @@ pub fn runs_inline(workers: usize, disk: &GuardedDisk) -> bool {
     workers == 0 || disk.info().thread_model == ThreadModel::NonBlocking
 }
 
-/// Serves the ring until `stop` is set (then finishes what is in flight) or the guest breaks
-/// the ring. Requests are served from `disk` on `parts.workers` threads.
+/// Serves the ring on this thread until `stop` is set (then finishes what is in flight) or the
+/// guest breaks the ring. Requests are served from `disk` on `parts.workers` threads. The ring
+/// never parks here, whatever `parts.park_after` says: [`spawn`] runs a ring that may.
 pub fn serve(
     parts: QueueParts,
     disk: Arc<GuardedDisk>,
     stop: Arc<AtomicBool>,
     stats: Arc<QueueStats>,
 ) -> Result<(), QueueError> {
-    let QueueParts {
-        ring,
-        ring_mapping,
-        evtchn,
-        grants,
-        guest,
-        limits,
-        workers: threads,
-        persistent,
-        poll,
-        answer_on_completion,
-        limiter,
-        doorbell: wake,
-    } = parts;
-    let size = ring.size() as usize;
-    let evtchn: Arc<dyn EventChannel> = Arc::from(evtchn);
-    let slots = Arc::new(SlotTable::<GrantMapping>::new(
-        size,
-        BLKIF_MAX_SEGMENTS_PER_REQUEST,
-    ));
-    let inline = runs_inline(threads, &disk);
-    let (workers, mut completions) = Workers::start(
-        if inline { 0 } else { threads },
-        disk.clone(),
-        vec![(slots.clone(), wake.clone() as Arc<dyn Wake>)],
-    );
-    let shared = Arc::new(Mutex::new(Answering::new(ring)));
-    let completer = Arc::new(Completer {
-        slots: slots.clone(),
-        done: workers.completions_sender(0),
-        wake: wake.clone(),
-        answering: answer_on_completion.then(|| InlineAnswer {
-            shared: shared.clone(),
-            evtchn: evtchn.clone(),
-            stats: stats.clone(),
-        }),
-    });
-    let completions = completions.remove(0);
-    let ring_thread = RingThread {
-        disk: &disk,
-        stop: &stop,
-        stats: &stats,
-        slots: &slots,
-        completions: &completions,
-        workers: &workers,
-        completer: &completer,
-        wake: &wake,
-        evtchn: &*evtchn,
-        inline,
-        poll,
-        size,
-        grants: &*grants,
-        guest,
-        limiter: &limiter,
-    };
-    let mut intake = Intake {
-        cache: persistent.then(|| PersistentGrants::new(grants.clone(), guest, PERSISTENT_PAGES)),
-        limits,
-        entry: [0u8; MAX_ENTRY_SIZE],
-        scratch: Vec::new(),
-        list_bytes: Box::new([0u8; INDIRECT_LIST_BYTES]),
-        held: None,
-        throttled_until: None,
-    };
-    let result = ring_thread.schedule(&shared, &mut intake);
-    // Workers finish first, and an asynchronous plugin completes every submission; persistent
-    // pages and the ring pages stay mapped until then (the ring view itself touches no memory
-    // when dropped). Plugins bound their I/O with timeouts, so this ends.
-    drop(workers);
-    wait_for_submissions(&shared, &completions);
-    drop(intake);
-    drop(ring_mapping);
+    let mut state = RingState::new(parts, disk, stop, stats);
+    state.park_after = None;
+    let result = state.schedule().map(|_| ());
+    state.finish();
     result
+}
+
+/// Serves the ring as [`serve`] does, on a thread of its own named `name`, which logs under
+/// `span`; while the ring stays idle for [`QueueParts::park_after`], it has no thread (see
+/// `queue::park`). The handle has the result when the ring has stopped.
+pub fn spawn(
+    parts: QueueParts,
+    disk: Arc<GuardedDisk>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<QueueStats>,
+    span: tracing::Span,
+    name: String,
+) -> std::io::Result<DoneHandle<Result<(), QueueError>>> {
+    let (done, handle) = done_pair();
+    let ring = park::Parked {
+        state: Box::new(RingState::new(parts, disk, stop, stats)),
+        done,
+        span,
+        name,
+    };
+    std::thread::Builder::new()
+        .name(ring.name.clone())
+        .spawn(move || drive(ring))?;
+    Ok(handle)
+}
+
+/// Runs a ring on the current thread until it stops, or parks it when it goes idle.
+fn drive(ring: park::Parked) {
+    let park::Parked {
+        mut state,
+        done,
+        span,
+        name,
+    } = ring;
+    match span.in_scope(|| state.schedule()) {
+        Ok(Flow::Idle) => {
+            state.stats.parks.fetch_add(1, Ordering::Relaxed);
+            let parked = park::Parked {
+                state,
+                done,
+                span,
+                name,
+            };
+            if let Err((back, why)) = park::park(parked) {
+                // No waiter: the ring keeps this thread, as before parking existed.
+                tracing::warn!("an idle ring keeps its thread: {why}");
+                drive_unparked(back);
+            }
+        }
+        Ok(Flow::Stopped) => {
+            span.in_scope(|| state.finish());
+            done.set(Ok(()));
+        }
+        Err(e) => {
+            span.in_scope(|| state.finish());
+            done.set(Err(e));
+        }
+    }
+}
+
+/// [`drive`] for a ring that could not be parked: it never tries again.
+fn drive_unparked(mut ring: park::Parked) {
+    ring.state.park_after = None;
+    ring.state.resumed();
+    drive(ring)
+}
+
+/// What [`RingState::schedule`] returns with.
+enum Flow {
+    /// Stopped and drained.
+    Stopped,
+    /// Idle for [`QueueParts::park_after`]: armed to be woken by the guest or the
+    /// doorbell (the ring thread's own sleep, with no thread).
+    Idle,
+}
+
+/// Everything a ring is, owned, so it can move between threads: a parked ring is this and
+/// no thread.
+pub(super) struct RingState {
+    disk: Arc<GuardedDisk>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<QueueStats>,
+    slots: Arc<SlotTable<GrantMapping>>,
+    completions: Completions,
+    workers: Workers,
+    completer: Arc<Completer>,
+    wake: Arc<EventFdWake>,
+    evtchn: Arc<dyn EventChannel>,
+    inline: bool,
+    poll: Duration,
+    size: usize,
+    grants: Arc<dyn GrantMapper>,
+    guest: u32,
+    limiter: Arc<Limiter>,
+    park_after: Option<Duration>,
+    shared: Arc<Mutex<Answering>>,
+    intake: Intake,
+    /// The ring pages' mapping: dropped last (see [`RingState::finish`]).
+    ring_mapping: GrantMapping,
+}
+
+impl RingState {
+    fn new(
+        parts: QueueParts,
+        disk: Arc<GuardedDisk>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<QueueStats>,
+    ) -> RingState {
+        let QueueParts {
+            ring,
+            ring_mapping,
+            evtchn,
+            grants,
+            guest,
+            limits,
+            workers: threads,
+            persistent,
+            poll,
+            answer_on_completion,
+            limiter,
+            doorbell: wake,
+            park_after,
+        } = parts;
+        let size = ring.size() as usize;
+        let evtchn: Arc<dyn EventChannel> = Arc::from(evtchn);
+        let slots = Arc::new(SlotTable::<GrantMapping>::new(
+            size,
+            BLKIF_MAX_SEGMENTS_PER_REQUEST,
+        ));
+        let inline = runs_inline(threads, &disk);
+        let (workers, mut completions) = Workers::start(
+            if inline { 0 } else { threads },
+            disk.clone(),
+            vec![(slots.clone(), wake.clone() as Arc<dyn Wake>)],
+        );
+        let shared = Arc::new(Mutex::new(Answering::new(ring)));
+        let completer = Arc::new(Completer {
+            slots: slots.clone(),
+            done: workers.completions_sender(0),
+            wake: wake.clone(),
+            answering: answer_on_completion.then(|| InlineAnswer {
+                shared: shared.clone(),
+                evtchn: evtchn.clone(),
+                stats: stats.clone(),
+            }),
+        });
+        let intake = Intake {
+            cache: persistent
+                .then(|| PersistentGrants::new(grants.clone(), guest, PERSISTENT_PAGES)),
+            limits,
+            entry: [0u8; MAX_ENTRY_SIZE],
+            scratch: Vec::new(),
+            list_bytes: Box::new([0u8; INDIRECT_LIST_BYTES]),
+            held: None,
+            throttled_until: None,
+        };
+        RingState {
+            disk,
+            stop,
+            stats,
+            slots,
+            completions: completions.remove(0),
+            workers,
+            completer,
+            wake,
+            evtchn,
+            inline,
+            poll,
+            size,
+            grants,
+            guest,
+            limiter,
+            park_after,
+            shared,
+            intake,
+            ring_mapping,
+        }
+    }
+
+    /// Runs the ring thread's loop until the ring stops or goes idle long enough to park.
+    fn schedule(&mut self) -> Result<Flow, QueueError> {
+        let thread = RingThread {
+            disk: &self.disk,
+            stop: &self.stop,
+            stats: &self.stats,
+            slots: &self.slots,
+            completions: &self.completions,
+            workers: &self.workers,
+            completer: &self.completer,
+            wake: &self.wake,
+            evtchn: &*self.evtchn,
+            inline: self.inline,
+            poll: self.poll,
+            size: self.size,
+            grants: &*self.grants,
+            guest: self.guest,
+            limiter: &self.limiter,
+            park_after: self.park_after,
+        };
+        thread.schedule(&self.shared, &mut self.intake)
+    }
+
+    /// Woken while parked: what the thread's own sleep does when it wakes. The doorbell's
+    /// flag drops and its count is read; the event channel is acknowledged (unmasked).
+    fn resumed(&self) {
+        self.wake.awake(true);
+        let _ = self.evtchn.ack();
+    }
+
+    /// The descriptors that wake a parked ring: its event channel and its doorbell.
+    fn wakers(&self) -> [std::os::fd::RawFd; 2] {
+        [self.evtchn.fd(), self.wake.raw_fd()]
+    }
+
+    /// After the loop: workers finish first, and an asynchronous plugin completes every
+    /// submission; persistent pages and the ring pages stay mapped until then (the ring view
+    /// itself touches no memory when dropped). Plugins bound their I/O with timeouts, so this
+    /// ends.
+    fn finish(self) {
+        let RingState {
+            workers,
+            shared,
+            completions,
+            intake,
+            ring_mapping,
+            ..
+        } = self;
+        drop(workers);
+        wait_for_submissions(&shared, &completions);
+        drop(intake);
+        drop(ring_mapping);
+    }
 }
 
 /// What the ring thread works with, unchanged while it runs.
@@ -223,6 +401,8 @@ struct RingThread<'a> {
     grants: &'a dyn GrantMapper,
     guest: u32,
     limiter: &'a Limiter,
+    /// See [`QueueParts::park_after`].
+    park_after: Option<Duration>,
 }
 
 /// What taking requests changes as it goes: owned by the ring thread alone.
@@ -247,7 +427,7 @@ struct Intake {
 impl RingThread<'_> {
     /// Schedule: answer completions, take new requests, and sleep when there is nothing to
     /// do, until stopped (and drained) or the guest breaks the ring.
-    fn schedule(&self, shared: &Mutex<Answering>, intake: &mut Intake) -> Result<(), QueueError> {
+    fn schedule(&self, shared: &Mutex<Answering>, intake: &mut Intake) -> Result<Flow, QueueError> {
         loop {
             // Held while awake: a completing thread answers only while this thread sleeps.
             let mut guard = lock_answering(shared);
@@ -262,7 +442,7 @@ impl RingThread<'_> {
                     if st.ring.push_responses() {
                         let _ = self.evtchn.notify();
                     }
-                    return Ok(());
+                    return Ok(Flow::Stopped);
                 }
             } else {
                 progress |= self.take(st, intake)?;
@@ -304,8 +484,15 @@ impl RingThread<'_> {
                 continue;
             }
             st.waiting_for_slot = intake.held.is_some();
+            // Only a ring with nothing in flight parks: its thread is then only waiting.
+            let idle = st.free.in_use(self.size) == 0
+                && st.pending_async == 0
+                && intake.held.is_none()
+                && !stopping;
             drop(guard);
-            self.sleep(intake.throttled_until);
+            if self.sleep(intake.throttled_until, self.park_after.filter(|_| idle)) {
+                return Ok(Flow::Idle);
+            }
         }
     }
 
@@ -322,12 +509,17 @@ impl RingThread<'_> {
 
     /// Sleeps until the guest, a worker or whoever set `stop` rings, or `until` (a limit
     /// allows the held request). Once stopped, it looks every 10 ms while what is in flight
-    /// drains.
-    fn sleep(&self, until: Option<Instant>) {
+    /// drains. With `park_after`, sleeps no longer than that: true when nothing rang by
+    /// then, and the ring, still armed to be woken, may park.
+    fn sleep(&self, until: Option<Instant>, park_after: Option<Duration>) -> bool {
         // SeqCst: after `about_to_sleep`, so either this sees `stop` or the stopper saw the
         // thread asleep and rang (see `EventFdWake`).
         let stopping = self.stop.load(Ordering::SeqCst);
-        let ms = until.map_or(if stopping { 10 } else { -1 }, |t| {
+        let forever = match park_after {
+            Some(d) if !stopping => d.as_millis().clamp(1, i32::MAX as u128) as i32,
+            _ => -1,
+        };
+        let ms = until.map_or(if stopping { 10 } else { forever }, |t| {
             // Rounded up: waking early would only find the request still held.
             let left = t.saturating_duration_since(Instant::now());
             (left.as_micros().div_ceil(1000) as i32).min(100)
@@ -346,13 +538,19 @@ impl RingThread<'_> {
         ];
         self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
         // SAFETY: two valid pollfds.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if ready == 0 && until.is_none() && park_after.is_some() && !stopping {
+            // Still armed (`about_to_sleep`, the ring's final check): whoever rings next
+            // finds the ring parked, and the waiter gives it a thread.
+            return true;
+        }
         // Only what rang is read: each read is a system call, and a ring thread under load
         // wakes tens of thousands of times a second.
         self.wake.awake(fds[1].revents != 0);
         if fds[0].revents != 0 {
             let _ = self.evtchn.ack();
         }
+        false
     }
 
     /// Take: every request the guest has produced, each copied out once and dispatched,
