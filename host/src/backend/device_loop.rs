@@ -21,10 +21,18 @@ use std::time::{Duration, Instant};
 /// Loops a daemon runs its devices on.
 pub const DEVICE_LOOPS: usize = 4;
 
-/// Devices due within this of the one that woke the loop are stepped with it: idle devices'
-/// periodic looks fall together, and a loop wakes a few times a second, not once per device
-/// per second.
-const SLACK: Duration = Duration::from_millis(50);
+/// Deadlines are rounded up to this grid: idle devices' periodic looks (each once a second)
+/// fall on the same ticks, and a loop wakes about once a second for all of them, not once
+/// per device per second.
+const TICK: Duration = Duration::from_millis(100);
+
+/// `t` rounded up to the next tick after `epoch`.
+fn on_tick(epoch: Instant, t: Instant) -> Instant {
+    let since = t.saturating_duration_since(epoch).as_nanos();
+    let tick = TICK.as_nanos();
+    let ticks = since.div_ceil(tick);
+    epoch + Duration::from_nanos((ticks * tick).min(u128::from(u64::MAX)) as u64)
+}
 
 type Outcome = Result<(), DeviceError>;
 
@@ -92,6 +100,7 @@ impl DeviceLoops {
 fn run(jobs: Receiver<Job>, count: &AtomicUsize) {
     let mut jobs = Some(jobs);
     let mut devices: Vec<Job> = Vec::new();
+    let epoch = Instant::now();
     loop {
         if let Some(rx) = &jobs {
             loop {
@@ -112,13 +121,13 @@ fn run(jobs: Receiver<Job>, count: &AtomicUsize) {
         let mut i = 0;
         while i < devices.len() {
             let d = &mut devices[i];
-            if d.due > now + SLACK && !std::mem::take(&mut d.ready) && d.task.events().is_empty() {
+            if d.due > now && !std::mem::take(&mut d.ready) && d.task.events().is_empty() {
                 i += 1;
                 continue;
             }
             match catch_unwind(AssertUnwindSafe(|| d.task.step())) {
                 Ok(ControlFlow::Continue(wait)) => {
-                    d.due = Instant::now() + wait;
+                    d.due = on_tick(epoch, Instant::now() + wait);
                     i += 1;
                 }
                 Ok(ControlFlow::Break(result)) => {
@@ -159,6 +168,17 @@ fn run(jobs: Receiver<Job>, count: &AtomicUsize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_fall_on_ticks_never_early() {
+        let epoch = Instant::now();
+        for ms in [0u64, 1, 99, 100, 101, 950, 1000, 1049] {
+            let t = epoch + Duration::from_millis(ms);
+            let d = on_tick(epoch, t);
+            assert!(d >= t && d - t < TICK, "{ms} ms");
+            assert_eq!((d - epoch).as_nanos() % TICK.as_nanos(), 0, "{ms} ms");
+        }
+    }
     use crate::backend::device::{DeviceConfig, DeviceStats, Platform};
     use crate::backend::features::HostOffer;
     use crate::plugin::GuardedDisk;
