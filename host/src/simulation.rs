@@ -8,7 +8,7 @@
 //! ```
 
 use crate::backend::attach::{create_device, DevicePaths};
-use crate::backend::device::{run, DeviceConfig, DeviceError, DeviceStats, Platform};
+use crate::backend::device::{run, DeviceConfig, DeviceError, DeviceStats, DeviceTask, Platform};
 use crate::backend::features::HostOffer;
 use crate::backend::vbd::Vbd;
 use crate::blkif::abi::*;
@@ -370,7 +370,16 @@ impl SimulatedDisk {
         let device_xs = xenstored.connect(0).map_err(|e| e.to_string())?;
         let device = std::thread::Builder::new()
             .name("xen-disk-device".into())
-            .spawn(move || run(Arc::new(device_xs), platform, cfg, disk, s, stats))
+            .spawn(move || {
+                run(DeviceTask::new(
+                    Arc::new(device_xs),
+                    platform,
+                    cfg,
+                    disk,
+                    s,
+                    stats,
+                ))
+            })
             .map_err(|e| e.to_string())?;
         let guest_xs = xenstored.connect(GUEST).map_err(|e| e.to_string())?;
         let guest =

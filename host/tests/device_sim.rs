@@ -9,7 +9,9 @@ use std::sync::Arc;
 mod common;
 use std::time::{Duration, Instant};
 use xen_disk_host::backend::attach::create_device;
-use xen_disk_host::backend::device::{run, DeviceConfig, DeviceError, DeviceStats, Platform};
+use xen_disk_host::backend::device::{
+    run, DeviceConfig, DeviceError, DeviceStats, DeviceTask, Platform,
+};
 use xen_disk_host::backend::features::HostOffer;
 use xen_disk_host::backend::vbd::Vbd;
 use xen_disk_host::blkif::abi::*;
@@ -65,14 +67,14 @@ fn start_device(
     let device_xs = xs.connect(0).unwrap();
     let s = stop.clone();
     std::thread::spawn(move || {
-        run(
+        run(DeviceTask::new(
             Arc::new(device_xs),
             platform,
             cfg,
             disk,
             s,
             Arc::new(DeviceStats::default()),
-        )
+        ))
     })
 }
 

@@ -10,7 +10,9 @@ use std::sync::Arc;
 mod common;
 use std::time::{Duration, Instant};
 use xen_disk_host::backend::attach::create_device;
-use xen_disk_host::backend::device::{run, DeviceConfig, DeviceError, DeviceStats, Platform};
+use xen_disk_host::backend::device::{
+    run, DeviceConfig, DeviceError, DeviceStats, DeviceTask, Platform,
+};
 use xen_disk_host::backend::features::HostOffer;
 use xen_disk_host::backend::vbd::Vbd;
 use xen_disk_host::blkif::abi::*;
@@ -95,14 +97,14 @@ impl Host {
         let device_xs = self.xs.connect(0).unwrap();
         let s = self.stop.clone();
         self.devices.push(std::thread::spawn(move || {
-            run(
+            run(DeviceTask::new(
                 Arc::new(device_xs),
                 platform,
                 cfg,
                 common::ram_disk(SIZE),
                 s,
                 Arc::new(DeviceStats::default()),
-            )
+            ))
         }));
         (domain, p.frontend, p.backend)
     }

@@ -254,18 +254,10 @@ pub fn device_id(cfg: &DeviceConfig) -> String {
 }
 
 /// Runs the device on this thread until it is removed (by the toolstack, the guest or a stop
-/// request): `Ok`. `stop` asks for a clean detach (Ctrl-C): Closing, wait for the frontend to
-/// close, then remove. An error is xenstore failing under the device. A daemon runs many
+/// request): `Ok`. Its `stop` asks for a clean detach (Ctrl-C): Closing, wait for the frontend
+/// to close, then remove. An error is xenstore failing under the device. A daemon runs many
 /// devices on a few threads instead (see [`super::device_loop`]).
-pub fn run(
-    xs: Arc<dyn Xenstore>,
-    platform: Platform,
-    cfg: DeviceConfig,
-    disk: Arc<GuardedDisk>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<DeviceStats>,
-) -> Result<(), DeviceError> {
-    let mut task = DeviceTask::new(xs, platform, cfg, disk, stop, stats);
+pub fn run(mut task: DeviceTask) -> Result<(), DeviceError> {
     loop {
         match task.step() {
             ControlFlow::Continue(wait) => {
@@ -296,6 +288,10 @@ pub struct DeviceTask {
     /// A watch event was taken off `events` by whoever waited for it.
     fired: bool,
     begun: bool,
+    /// Set once the watches and InitWait (or the takeover) are done: a device that failed
+    /// before has nothing of its own to take down, and must not remove what a running
+    /// device at that place would keep (its stack record).
+    started: bool,
     running: Option<Running>,
     journal: Option<Journal>,
     ours: XenbusState,
@@ -340,6 +336,7 @@ impl DeviceTask {
             events,
             fired: false,
             begun: false,
+            started: false,
             running: None,
             journal: None,
             ours: XenbusState::InitWait,
@@ -435,7 +432,10 @@ impl DeviceTask {
         if !self.begun {
             self.begun = true;
             return match self.begin() {
-                Ok(()) => ControlFlow::Continue(self.wait),
+                Ok(()) => {
+                    self.started = true;
+                    ControlFlow::Continue(self.wait)
+                }
                 Err(e) => ControlFlow::Break(Err(e)),
             };
         }
@@ -572,6 +572,9 @@ impl DeviceTask {
     pub fn end(mut self, result: Result<(), DeviceError>) -> Result<(), DeviceError> {
         let span = self.span.clone();
         let _entered = span.enter();
+        if !self.started {
+            return result;
+        }
         let (be, fe) = (&self.cfg.backend_path, &self.cfg.frontend_path);
         let xs = &*self.xs;
         let unwatch = || {

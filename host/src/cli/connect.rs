@@ -3,7 +3,7 @@
 //! entries are removed; a second Ctrl-C forces the guest's side closed).
 
 use crate::backend::attach::create_device;
-use crate::backend::device::{run, DeviceConfig, DeviceStats, Platform};
+use crate::backend::device::{run, DeviceConfig, DeviceStats, DeviceTask, Platform};
 use crate::backend::disks_config::DomainRef;
 use crate::backend::domains::{find_domain, XsView};
 use crate::backend::features::HostOffer;
@@ -271,7 +271,8 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
     });
     // The device watches on a connection of its own: its events are its alone.
     let device_xs = Arc::new(XsClient::open_default()?);
-    run(device_xs, platform, cfg, disk, stop, stats).map_err(anyhow::Error::msg)?;
+    run(DeviceTask::new(device_xs, platform, cfg, disk, stop, stats))
+        .map_err(anyhow::Error::msg)?;
     let _ = xs.rm(NO_TX, &paths.frontend);
     println!("detached");
     Ok(0)
