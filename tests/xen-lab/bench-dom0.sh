@@ -8,8 +8,8 @@
 # `GUEST: bench begin TAG` and `GUEST: bench end TAG ...`; at each, dom0 prints
 #   LAB: mark TAG begin|end busy=TICKS own=NS csw=N evt=N
 # busy: dom0's non-idle CPU ticks (all CPUs, USER_HZ), own: the serving threads' run time
-# (ours: every thread of the process; the kernel's: its blkback ring threads), csw: their
-# context switches, evt: event-channel interrupts dom0 took from the disk's rings.
+# (ours: the whole process's, exited threads included; the kernel's: its blkback ring
+# threads), csw: their context switches (ours: of the threads alive at the sample), evt: event-channel interrupts dom0 took from the disk's rings.
 # With BENCH_PROFILE, the guest's `profile` runs on ours are traced with strace -c.
 . /bench.conf
 echo "LAB: bench conf pairs=$PAIRS secs=$SECS file=$(echo $FILE_WORKLOADS | tr " " ,) null=$(echo $NULL_WORKLOADS | tr " " ,) profile=$(echo $PROFILE_WORKLOADS | tr " " ,) ours-args=$(echo $BENCH_OURS_ARGS | tr " " ,)"
@@ -102,14 +102,29 @@ tasks() {
     null.*.kernel) echo $KT_NULL ;;
   esac
 }
+# Ours: the process's own utime + stime (ticks of 10 ms), which keeps the time of threads
+# that exited (an idle ring parks and its thread exits; idle workers exit): summing the live
+# threads' run times would lose it. The kernel's ring threads live as long as the disk.
+process() {
+  case "${1#profile.}" in
+    file.*.ours) echo /proc/$P_FILE/stat ;;
+    null.*.ours) echo /proc/$P_NULL/stat ;;
+  esac
+}
 # One awk over every file a sample needs (one process: see kthreads).
 sample() {
-  files=
-  for d in $(tasks "$1"); do files="$files $d/schedstat $d/status"; done
+  whole=$(process "$1")
+  files=$whole
+  for d in $(tasks "$1"); do
+    [ -n "$whole" ] || files="$files $d/schedstat"
+    files="$files $d/status"
+  done
   # shellcheck disable=SC2086
   awk -v tag="$1" -v at="$2" '
     FILENAME == "/proc/stat" && /^cpu / { busy = $2 + $3 + $4 + $7 + $8 }
     FILENAME ~ /schedstat$/ { own += $1 }
+    # Fields 14 and 15 of /proc/PID/stat (the name, field 2, has no spaces here).
+    FILENAME ~ /^\/proc\/[0-9]+\/stat$/ { own += ($14 + $15) * 10000000 }
     FILENAME ~ /status$/ && /ctxt_switches/ { csw += $2 }
     # Columns 2..N+1 of /proc/interrupts are the N CPUs counts.
     FILENAME == "/proc/interrupts" && FNR == 1 { n = NF }
@@ -120,6 +135,7 @@ sample() {
 }
 
 done_lines=0
+CR=$(printf '\r')
 while :; do
   # The guest waits for dom0 after its last line (bench-guest.sh): a backend gone before
   # then went early.
@@ -129,8 +145,9 @@ while :; do
   if ! kill -0 $P_FILE 2>/dev/null || ! kill -0 $P_NULL 2>/dev/null; then
     echo "LAB: bench: a xen-disk-host exited early"; sed 's/^/LAB: log /' /tmp/ours-*.log; break
   fi
-  # (the console log ends its lines with \r\n)
-  lines=$(grep -o 'GUEST: bench .*' $L 2>/dev/null | tr -d '\r' | sed -n "$((done_lines + 1)),\$p")
+  # The console log ends its lines with \r\n: a line without its \r is still being written
+  # (read now, "GUEST: bench end" could be cut to "GUEST: bench en", and the mark lost).
+  lines=$(grep -o "GUEST: bench .*$CR" $L 2>/dev/null | tr -d '\r' | sed -n "$((done_lines + 1)),\$p")
   if [ -z "$lines" ]; then
     grep -q 'GUEST: done' $L 2>/dev/null && break
     sleep 0.2; continue
