@@ -53,7 +53,10 @@ rand /tmp/b.img 256
 echo "LAB: b host-md5-head=$(md5 /tmp/b.img 0 16)"
 echo "LAB: b du-before=$(du -k /tmp/b.img | cut -f1)"
 attach b --plugin file -c path=/tmp/b.img --vbd xvdb
-waitg 'GUEST: xvdb done'; detach b
+waitg 'GUEST: xvdb done'
+# Its rings parked while the guest idled (ctl stats counts it), before the read that woke them.
+echo "LAB: b $($H ctl --socket /run/xen-disk/connect-$CP.sock stats $D/xvdb --json 2>&1 | grep -o '"parks":[0-9]*' | head -1 | tr -d '"' | tr : =)"
+detach b
 echo "LAB: b host-md5-written=$(md5 /tmp/b.img 16 8)"
 echo "LAB: b du-after=$(du -k /tmp/b.img | cut -f1)"
 rm -f /tmp/b.img

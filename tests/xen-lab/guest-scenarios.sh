@@ -38,6 +38,10 @@ waitdev xvdb && {
   echo "GUEST: xvdb md5-pat=$(pattern 8)"
   dd if=/tmp/pat of=/dev/xvdb bs=1M seek=16 conv=fsync 2>/dev/null && echo "GUEST: xvdb wrote" || echo "GUEST: xvdb write failed"
   blkdiscard -o 134217728 -l 67108864 /dev/xvdb && echo "GUEST: xvdb discarded" || echo "GUEST: xvdb discard failed"
+  # Idle past the backend's 5 s: its rings park without threads; the next read wakes them.
+  sleep 8
+  echo 3 >/proc/sys/vm/drop_caches
+  echo "GUEST: xvdb after-park md5-pat=$(md5 xvdb 16 8)"
   echo "GUEST: xvdb done"; gone xvdb
 }
 # 2. mmap shared=false

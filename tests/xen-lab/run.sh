@@ -53,6 +53,8 @@ checks() {
   check "file: guest reads what dom0 wrote" "$(value 'GUEST: xvdb md5-head' md5-head)" "$(value 'LAB: b host-md5-head' host-md5-head)"
   check "file: dom0 finds what the guest wrote" "$(value 'GUEST: xvdb md5-pat' md5-pat)" "$(value 'LAB: b host-md5-written' host-md5-written)"
   check "file: blkdiscard succeeds in the guest" "$(yes_if 'GUEST: xvdb discarded')" yes
+  check "file: idle rings parked (ctl stats parks >= 1)" "$([ "$(value 'LAB: b parks' parks)" -ge 1 ] 2>/dev/null && echo yes)" yes
+  check "file: parked rings woke and read the pattern back" "$(value 'GUEST: xvdb after-park' md5-pat)" "$(value 'GUEST: xvdb md5-pat' md5-pat)"
   before=$(value 'LAB: b du-before' du-before); after=$(value 'LAB: b du-after' du-after)
   check "file: discard punched holes (du shrank by >= 60 MiB)" "$(case "$before$after" in '' | *[!0-9]*) echo "no: '$before' -> '$after'" ;;
     *) [ $((before - after)) -ge 61440 ] && echo yes || echo "no: $before -> $after KiB" ;; esac)" yes
