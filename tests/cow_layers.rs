@@ -698,8 +698,10 @@ fn delay_filter_waits_at_least_as_long_as_asked() {
 #[test]
 fn delay_holds_every_request_in_flight_at_once_without_occupying_workers() {
     // 32 requests in flight, 2 workers: sleeping on the workers made each request wait for
-    // 16 delays (a p50 near 80 ms); held on a timer, each waits about one. The bound is 3
-    // delays, generous for a loaded machine; the floor shows the delay is still honoured.
+    // 16 delays (a p50 near 80 ms); held on a timer, each waits about one. The bound is 8
+    // delays, half the broken figure: a loaded machine (both cores busy, the bench's threads
+    // at a lower share) measured a p50 of 16.8 ms, past the 15 ms (3 delays) it had. The
+    // floor shows the delay is still honoured.
     // A percentile is its histogram bucket's lower bound (buckets are 1/16 of a power of two
     // wide: 5.0 to 5.24 ms reads as 4.98 ms), so the floor sits one bucket below 5 ms.
     // Over an error filter too, which must pass the submissions on.
@@ -735,7 +737,7 @@ fn delay_holds_every_request_in_flight_at_once_without_occupying_workers() {
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
         let p50_ms = json_number(&stdout(&o), "lat_p50_us") / 1000.0;
         assert!(
-            (4.7..15.0).contains(&p50_ms),
+            (4.7..40.0).contains(&p50_ms),
             "{}: p50 {p50_ms:.1} ms with read_ms=5",
             stack[0]
         );
