@@ -62,8 +62,6 @@ fn idle_disks_cost_no_xenstore_requests_and_no_ring_wakeups() {
             ));
         }
     }
-    // Let the devices' last handshake steps and the guests' first reads finish.
-    std::thread::sleep(Duration::from_secs(2));
     let scrape = || {
         let (status, body) = http_get(&addr, "/metrics");
         assert!(status.contains("200"), "{status}");
@@ -73,6 +71,22 @@ fn idle_disks_cost_no_xenstore_requests_and_no_ring_wakeups() {
             counter(&body, "xen_disk_devices"),
         )
     };
+    // Let the devices' last handshake steps and the guests' first reads finish: no ring
+    // wakeup for 2 s. (A fixed 2 s was too short on a loaded machine, where connecting 24
+    // disks takes half a minute.)
+    let settle = Instant::now() + Duration::from_secs(60);
+    let mut last = scrape();
+    let mut quiet = 0;
+    while quiet < 2 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = scrape();
+        quiet = if now.1 == last.1 { quiet + 1 } else { 0 };
+        assert!(
+            Instant::now() < settle,
+            "rings still waking after 60 s: {last:?} -> {now:?}"
+        );
+        last = now;
+    }
     let (xs0, wake0, devices) = scrape();
     assert_eq!(devices, DISKS);
     let started = Instant::now();

@@ -208,14 +208,20 @@ fn prometheus_scrapes_the_request_counts_ctl_stats_reports() {
 fn a_limited_guest_gets_its_limit_and_its_neighbour_full_speed() {
     let dir = TempDir::new("limits");
     let started = Instant::now();
-    let rate = 200u64;
+    // A simulated guest does one request at a time, so its speed is the round trip's: on a
+    // loaded machine (both cores busy) an unlimited guest managed about 30 reads a second,
+    // and alpha at a 200/s limit read only 96 in 3 s. A rate well under that keeps the
+    // limiter, not the machine, what holds alpha back.
+    let rate = 5u64;
     let (_serve, socket) = two_guests(&dir, rate as u32, "3", &[]);
     let settled = wait_for_quiet(&socket, &["1/xvdb", "2/xvdb"]);
     // The limiter started with the daemon: however slow this machine, alpha cannot have read
-    // more than its rate over the daemon's whole life plus its burst (a tenth of a second's).
+    // more than its rate over the daemon's whole life plus its burst (a tenth of a second's,
+    // at least one).
     let life = started.elapsed().as_secs_f64();
     let (alpha, beta) = (settled[0], settled[1]);
-    let most = (rate as f64 * life) as u64 + rate / 10 + 1;
+    eprintln!("alpha {alpha:?}, beta {beta:?} (reads, writes, errors) in {life:.1} s");
+    let most = (rate as f64 * life) as u64 + (rate / 10).max(1) + 1;
     assert!(
         alpha.0 <= most,
         "alpha read {} > {most} in {life:.1} s",
@@ -228,9 +234,10 @@ fn a_limited_guest_gets_its_limit_and_its_neighbour_full_speed() {
     // Its writes were not limited, but the guest reads before it writes: they follow (the
     // reads also count the guest's first scan).
     assert!(alpha.1 <= alpha.0 && alpha.1 > 0, "{alpha:?}");
-    // Beta, unlimited, went far faster on the same daemon.
+    // Beta, unlimited, went far faster on the same daemon (held like alpha, it would have read
+    // about as much).
     assert!(
-        beta.0 >= 3 * alpha.0,
+        beta.0 >= 2 * alpha.0,
         "beta {} vs alpha {}",
         beta.0,
         alpha.0
@@ -240,7 +247,13 @@ fn a_limited_guest_gets_its_limit_and_its_neighbour_full_speed() {
 #[test]
 fn limits_change_live_through_ctl() {
     let dir = TempDir::new("ctl-limit");
-    let (_serve, socket) = two_guests(&dir, 100, "30", &[]);
+    // A limit far under what a guest does even on a loaded machine (one request at a time:
+    // about 30 reads a second with both cores busy, where lifting 100/s showed nothing).
+    let (_serve, socket) = two_guests(&dir, 5, "30", &[]);
+    assert_eq!(
+        ctl(&socket, &["limit", "1/xvdb"]).trim(),
+        "1/xvdb: read-iops=5/s (burst 1)"
+    );
     // Lifted live: alpha runs free without detaching.
     let out = ctl(&socket, &["limit", "1/xvdb", "off"]);
     assert_eq!(out.trim(), "1/xvdb: unlimited");
@@ -248,8 +261,8 @@ fn limits_change_live_through_ctl() {
     let before = stats(&socket, "1/xvdb").0;
     std::thread::sleep(Duration::from_secs(2));
     let after = stats(&socket, "1/xvdb").0;
-    // Still limited to 100/s, it could not have read more than this; free, it does.
-    let limited = (100.0 * t0.elapsed().as_secs_f64()) as u64 + 10 + 2;
+    // Still limited to 5/s, it could not have read more than this; free, it does.
+    let limited = (5.0 * t0.elapsed().as_secs_f64()) as u64 + 1 + 2;
     assert!(
         after - before > limited,
         "{before} -> {after}: still limited?"
@@ -264,7 +277,8 @@ fn limits_change_live_through_ctl() {
     let before = stats(&socket, "1/xvdb").0;
     std::thread::sleep(Duration::from_secs(2));
     let after = stats(&socket, "1/xvdb").0;
-    let most = (20.0 * t0.elapsed().as_secs_f64()) as u64 + 5 + 2;
+    // Plus what the guest had in flight when the limit came (one request at a time).
+    let most = (20.0 * t0.elapsed().as_secs_f64()) as u64 + 5 + 1 + 2;
     assert!(
         after - before <= most,
         "{before} -> {after} (at most {most})"

@@ -3,12 +3,13 @@
 
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::Once;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// `target/<profile>`, where cargo put this test and where it builds the plugins.
@@ -176,6 +177,9 @@ pub struct Running {
     pub child: Child,
     lines: Option<Receiver<String>>,
     seen: Vec<String>,
+    /// The last lines of its stderr, for a failure's message (a daemon that died says why
+    /// there, not on stdout).
+    errors: Option<Arc<Mutex<VecDeque<String>>>>,
 }
 
 impl Drop for Running {
@@ -193,7 +197,7 @@ impl Running {
             .args(args)
             .env("XEN_DISK_PLUGIN_PATH", target_dir())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("run xen-disk-host");
         let out = child.stdout.take().unwrap();
@@ -205,10 +209,22 @@ impl Running {
                 }
             }
         });
+        let errors = Arc::new(Mutex::new(VecDeque::new()));
+        let (err, tail) = (child.stderr.take().unwrap(), errors.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut t = tail.lock().unwrap();
+                if t.len() == 20 {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        });
         Running {
             child,
             lines: Some(rx),
             seen: Vec::new(),
+            errors: Some(errors),
         }
     }
 
@@ -218,6 +234,7 @@ impl Running {
             child,
             lines: None,
             seen: Vec::new(),
+            errors: None,
         }
     }
 
@@ -231,7 +248,22 @@ impl Running {
             }
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(l) => self.seen.push(l),
-                Err(_) => panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n")),
+                Err(e) => panic!(
+                    "no line with {needle:?} ({}); saw:\n{}\nlast of stderr:\n{}",
+                    match e {
+                        RecvTimeoutError::Timeout => "60 s passed",
+                        RecvTimeoutError::Disconnected => "its stdout closed",
+                    },
+                    self.seen.join("\n"),
+                    self.errors.as_ref().map_or(String::new(), |e| {
+                        e.lock()
+                            .unwrap()
+                            .iter()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                ),
             }
         }
     }
