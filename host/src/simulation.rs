@@ -594,66 +594,6 @@ mod tests {
         }
     }
 
-    /// A memory disk that says its calls never block.
-    struct QuickMem(Mem);
-    impl Disk for QuickMem {
-        fn info(&self) -> DiskInfo {
-            self.0
-                .info()
-                .thread_model(xen_disk_plugin_api::ThreadModel::NonBlocking)
-        }
-        fn read(&self, offset: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
-            self.0.read(offset, bufs)
-        }
-        fn write(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {
-            self.0.write(offset, bufs)
-        }
-    }
-
-    fn handoffs(stats: &DeviceStats) -> u64 {
-        let queues = stats.queues.lock().unwrap();
-        queues
-            .iter()
-            .map(|q| q.handoffs.load(Ordering::Relaxed))
-            .sum()
-    }
-
-    /// A plugin whose calls never block is served on the ring thread, but its large reads
-    /// and writes go to the workers (unless workers were refused); everything reads back.
-    #[test]
-    fn large_requests_of_a_non_blocking_plugin_go_to_the_workers() {
-        for workers in [2, 0] {
-            let mem = QuickMem(Mem(std::sync::Mutex::new(vec![0u8; 4 << 20])));
-            let disk = Arc::new(GuardedDisk::new(Box::new(mem), false).unwrap());
-            let opts = SimOptions {
-                workers,
-                ..SimOptions::default()
-            };
-            let stats = Arc::new(DeviceStats::default());
-            let mut sim = SimulatedDisk::start_counted(disk, &opts, stats.clone()).unwrap();
-            let before = handoffs(&stats);
-            let small: Vec<u8> = (0..64 * 1024).map(|i| i as u8).collect();
-            sim.write(0, &small).unwrap();
-            let mut back = vec![0u8; small.len()];
-            sim.read(0, &mut back).unwrap();
-            assert!(back == small);
-            assert_eq!(handoffs(&stats), before, "small requests are served inline");
-            let large: Vec<u8> = (0..1 << 20).map(|i| (i * 7) as u8).collect();
-            sim.write(1 << 20, &large).unwrap();
-            let mut back = vec![0u8; large.len()];
-            sim.read(1 << 20, &mut back).unwrap();
-            assert!(back == large);
-            let moved = handoffs(&stats) - before;
-            if workers == 0 {
-                assert_eq!(moved, 0, "--workers 0: everything inline");
-            } else {
-                // One 1 MiB request each way (indirect descriptors).
-                assert_eq!(moved, 2, "large requests go to the workers");
-            }
-            sim.shutdown().unwrap();
-        }
-    }
-
     #[test]
     fn a_failed_read_names_the_status() {
         let disk = GuardedDisk::new(Box::new(Failing), false).unwrap();

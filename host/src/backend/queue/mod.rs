@@ -134,13 +134,6 @@ pub fn runs_inline(workers: usize, disk: &GuardedDisk) -> bool {
     workers == 0 || disk.info().thread_model == ThreadModel::NonBlocking
 }
 
-/// A read or write of at least this many bytes goes to the workers even when the plugin's
-/// calls never block (and workers were not refused with `--workers 0`): copying it takes
-/// longer than the hand-off's two wake-ups, and on the ring thread the copies of a deep
-/// queue of large requests run one after another on one CPU. On the workers they run side by
-/// side, and the ring thread goes on taking requests.
-pub const LARGE_REQUEST: u64 = 256 * 1024;
-
 /// Serves the ring on this thread until `stop` is set (then finishes what is in flight) or the
 /// guest breaks the ring. Requests are served from `disk` on `parts.workers` threads. The ring
 /// never parks here, whatever `parts.park_after` says: [`spawn`] runs a ring that may.
@@ -244,7 +237,6 @@ pub(super) struct RingState {
     wake: Arc<EventFdWake>,
     evtchn: Arc<dyn EventChannel>,
     inline: bool,
-    large_to_workers: bool,
     poll: Duration,
     size: usize,
     grants: Arc<dyn GrantMapper>,
@@ -286,10 +278,8 @@ impl RingState {
             BLKIF_MAX_SEGMENTS_PER_REQUEST,
         ));
         let inline = runs_inline(threads, &disk);
-        // Started even for a ring that serves inline, for its large requests (see
-        // [`LARGE_REQUEST`]); workers start only when there is work.
         let (workers, mut completions) = Workers::start(
-            threads,
+            if inline { 0 } else { threads },
             disk.clone(),
             vec![(slots.clone(), wake.clone() as Arc<dyn Wake>)],
         );
@@ -325,7 +315,6 @@ impl RingState {
             wake,
             evtchn,
             inline,
-            large_to_workers: inline && threads > 0,
             poll,
             size,
             grants,
@@ -351,7 +340,6 @@ impl RingState {
             wake: &self.wake,
             evtchn: &*self.evtchn,
             inline: self.inline,
-            large_to_workers: self.large_to_workers,
             poll: self.poll,
             size: self.size,
             grants: &*self.grants,
@@ -407,8 +395,6 @@ struct RingThread<'a> {
     evtchn: &'a dyn EventChannel,
     /// Requests run on this thread (see [`runs_inline`]).
     inline: bool,
-    /// Large reads and writes go to the workers all the same (see [`LARGE_REQUEST`]).
-    large_to_workers: bool,
     poll: Duration,
     /// Slots: the ring's size.
     size: usize,
@@ -687,11 +673,7 @@ impl RingThread<'_> {
         }
         if matches!(slot.op, IoOp::Read | IoOp::Write) && self.disk.is_async() {
             self.submit(st, index);
-        } else if self.inline
-            && !(self.large_to_workers
-                && matches!(slot.op, IoOp::Read | IoOp::Write)
-                && slot.bufs.iter().map(|b| b.len as u64).sum::<u64>() >= LARGE_REQUEST)
-        {
+        } else if self.inline {
             // SAFETY: the buffers point into mappings this slot holds until it is answered
             // just below.
             let result = unsafe { execute(self.disk, slot.op, slot.offset, &slot.bufs) };
