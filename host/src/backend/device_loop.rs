@@ -21,15 +21,28 @@ use std::time::{Duration, Instant};
 /// Loops a daemon runs its devices on.
 pub const DEVICE_LOOPS: usize = 4;
 
-/// Deadlines are rounded up to this grid: idle devices' periodic looks (each once a second)
-/// fall on the same ticks, and a loop wakes about once a second for all of them, not once
-/// per device per second.
+/// Deadlines are rounded up to a grid: idle devices' periodic looks (each a second or more
+/// apart) fall on whole seconds, so a loop wakes once a second for all of its idle devices,
+/// not once per device per second (each wake-up of a loop costs it a wait on every one of
+/// its devices' channels); busier devices' looks fall on tenths of a second.
 const TICK: Duration = Duration::from_millis(100);
+/// The grid of waits of a second or more.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
-/// `t` rounded up to the next tick after `epoch`.
-fn on_tick(epoch: Instant, t: Instant) -> Instant {
+/// When a device that may wait `wait` from `now` is next looked at: `now + wait` rounded up
+/// to its grid (after `epoch`).
+fn next_look(epoch: Instant, now: Instant, wait: Duration) -> Instant {
+    on_tick(
+        epoch,
+        now + wait,
+        if wait >= IDLE_TICK { IDLE_TICK } else { TICK },
+    )
+}
+
+/// `t` rounded up to the next multiple of `tick` after `epoch`.
+fn on_tick(epoch: Instant, t: Instant, tick: Duration) -> Instant {
     let since = t.saturating_duration_since(epoch).as_nanos();
-    let tick = TICK.as_nanos();
+    let tick = tick.as_nanos();
     let ticks = since.div_ceil(tick);
     epoch + Duration::from_nanos((ticks * tick).min(u128::from(u64::MAX)) as u64)
 }
@@ -127,7 +140,7 @@ fn run(jobs: Receiver<Job>, count: &AtomicUsize) {
             }
             match catch_unwind(AssertUnwindSafe(|| d.task.step())) {
                 Ok(ControlFlow::Continue(wait)) => {
-                    d.due = on_tick(epoch, Instant::now() + wait);
+                    d.due = next_look(epoch, Instant::now(), wait);
                     i += 1;
                 }
                 Ok(ControlFlow::Break(result)) => {
@@ -174,9 +187,21 @@ mod tests {
         let epoch = Instant::now();
         for ms in [0u64, 1, 99, 100, 101, 950, 1000, 1049] {
             let t = epoch + Duration::from_millis(ms);
-            let d = on_tick(epoch, t);
+            let d = on_tick(epoch, t, TICK);
             assert!(d >= t && d - t < TICK, "{ms} ms");
             assert_eq!((d - epoch).as_nanos() % TICK.as_nanos(), 0, "{ms} ms");
+        }
+        // A second's wait lands on a whole second, at most a second late; shorter ones on
+        // the tenths.
+        let now = epoch + Duration::from_millis(1234);
+        let idle = next_look(epoch, now, Duration::from_secs(1));
+        assert_eq!(idle, epoch + Duration::from_secs(3));
+        let busy = next_look(epoch, now, Duration::from_millis(200));
+        assert_eq!(busy, epoch + Duration::from_millis(1500));
+        for ms in [0u64, 1, 499, 999] {
+            let now = epoch + Duration::from_secs(7) + Duration::from_millis(ms);
+            let d = next_look(epoch, now, IDLE_TICK);
+            assert!(d >= now + IDLE_TICK && d - now < 2 * IDLE_TICK, "{ms} ms");
         }
     }
     use crate::backend::device::{DeviceConfig, DeviceStats, Platform};
