@@ -77,6 +77,18 @@ fn a_failed_step_fails_its_check_although_dom0_quotes_its_line() {
             "GUEST: xvdd dd-read-failed exit=1 bytes=0\nGUEST: xvdd dd: dd: /dev/xvdd: I/O error",
             &["FAIL  discard: guest reads 256 MiB"][..],
         ),
+        // No ring parked while the guest idled.
+        (
+            "LAB: b parks=",
+            "LAB: b parks=0",
+            &["FAIL  file: idle rings parked (ctl stats parks >= 1)"][..],
+        ),
+        // The woken rings read something else back.
+        (
+            "GUEST: xvdb after-park",
+            "GUEST: xvdb after-park md5-pat=33333333333333333333333333333333",
+            &["FAIL  file: parked rings woke and read the pattern back"][..],
+        ),
         // A guest line only quoted by dom0 does not give its values either.
         (
             "GUEST: xvdb size=",
@@ -119,6 +131,9 @@ fn a_real_run_with_three_steps_broken_fails_their_checks() {
         failed,
         [
             "dom0: every wait saw its guest line",
+            // The run predates the park scenario: its lines are missing.
+            "file: idle rings parked (ctl stats parks >= 1)",
+            "file: parked rings woke and read the pattern back",
             "discard: guest reads 256 MiB",
             "filesystem: guest lets go at detach",
             "filesystem: intact after reattach",
