@@ -299,6 +299,7 @@ fn a_guest_reboot_mid_workload_loses_nothing() {
             answer_on_completion: false,
             // Rings that park between the guest's requests after the reboot.
             park_after: Some(std::time::Duration::from_millis(20)),
+            latency_every: 2,
         };
         sim.reboot(&after).unwrap();
         assert_eq!(sim.guest_disk().unwrap().queues(), 2);

@@ -60,6 +60,9 @@ pub struct SimOptions {
     pub answer_on_completion: bool,
     /// How long the device's rings stay idle before they give their threads up.
     pub park_after: Option<Duration>,
+    /// The device times latency on one request in this many (see
+    /// [`crate::backend::queue::clock`]).
+    pub latency_every: u32,
 }
 
 impl Default for SimOptions {
@@ -72,6 +75,7 @@ impl Default for SimOptions {
             workers: 2,
             answer_on_completion: true,
             park_after: Some(crate::backend::queue::PARK_AFTER),
+            latency_every: crate::backend::queue::clock::sample_every(),
         }
     }
 }
@@ -364,6 +368,7 @@ impl SimulatedDisk {
             answer_on_completion: opts.answer_on_completion,
             journal: None,
             park_after: opts.park_after,
+            latency_every: opts.latency_every,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -590,6 +595,42 @@ mod tests {
                 }
             }
             all_parked_since(&stats, &seen);
+            sim.shutdown().unwrap();
+        }
+    }
+
+    /// Where the clock is a system call the rings time one request in N: every request is
+    /// still counted, exactly one in N lands in the latency histogram, on the ring thread
+    /// and on workers alike.
+    #[test]
+    fn sampled_latency_times_one_request_in_n_and_counts_them_all() {
+        for workers in [0, 2] {
+            let mem = Mem(std::sync::Mutex::new(vec![0u8; 1 << 20]));
+            let disk = Arc::new(GuardedDisk::new(Box::new(mem), false).unwrap());
+            let opts = SimOptions {
+                workers,
+                latency_every: 4,
+                ..SimOptions::default()
+            };
+            let stats = Arc::new(DeviceStats::default());
+            let mut sim = SimulatedDisk::start_counted(disk, &opts, stats.clone()).unwrap();
+            let data = vec![0x5au8; 8192];
+            for i in 0..20u64 {
+                sim.write(i * 8192, &data).unwrap();
+                let mut back = vec![0u8; data.len()];
+                sim.read(i * 8192, &mut back).unwrap();
+                assert!(back == data);
+            }
+            let queues = stats.queues.lock().unwrap();
+            let q = &queues[0];
+            let served: u64 = [&q.reads, &q.writes, &q.flushes, &q.discards]
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum();
+            assert!(served >= 40, "workers {workers}: {served} served");
+            let timed = q.latency.snapshot().count();
+            assert_eq!(timed, served / 4, "workers {workers}: {served} served");
+            drop(queues);
             sim.shutdown().unwrap();
         }
     }

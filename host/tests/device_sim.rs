@@ -62,6 +62,7 @@ fn start_device(
         journal: None,
         // Short: rings park and wake all through the test.
         park_after: Some(Duration::from_millis(50)),
+        latency_every: 1,
     };
     let disk = common::ram_disk(SIZE);
     let device_xs = xs.connect(0).unwrap();

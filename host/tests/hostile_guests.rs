@@ -89,6 +89,8 @@ impl Host {
             journal: None,
             // Short: rings park and wake between the attacks.
             park_after: Some(Duration::from_millis(50)),
+            // Timing a sample, as where the clock is a system call, under hostile rings too.
+            latency_every: 3,
         };
         let platform = Platform {
             grants: self.machine.clone(),

@@ -106,6 +106,7 @@ fn start_limited(
         limiter,
         doorbell: Arc::new(EventFdWake::new().unwrap()),
         park_after: None,
+        latency_every: 1,
     };
     let doorbell = parts.doorbell.clone();
     let (stop, stats) = (

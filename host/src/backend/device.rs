@@ -77,6 +77,8 @@ pub struct DeviceConfig {
     /// How long a ring may sit idle before it gives its thread up (see
     /// [`QueueParts::park_after`]).
     pub park_after: Option<Duration>,
+    /// See [`QueueParts::latency_every`].
+    pub latency_every: u32,
 }
 
 /// The platform the device maps and signals through (real or simulated).
@@ -896,6 +898,7 @@ fn map_queue(
         limiter: stats.limiter.clone(),
         doorbell,
         park_after: cfg.park_after,
+        latency_every: cfg.latency_every,
     })
 }
 

@@ -260,6 +260,7 @@ mod tests {
                 answer_on_completion: false,
                 journal: None,
                 park_after: None,
+                latency_every: 1,
             };
             let disk = Arc::new(GuardedDisk::new(Box::new(Zero), false).unwrap());
             let task = DeviceTask::new(

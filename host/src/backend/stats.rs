@@ -38,7 +38,8 @@ pub struct QueueStats {
     /// Requests an asynchronous plugin's completing thread answered itself (see
     /// [`super::queue::QueueParts::answer_on_completion`]).
     pub answered_on_completion: AtomicU64,
-    /// Time from taking a request off the ring to answering it.
+    /// Time from taking a request off the ring to answering it, of the requests timed (all
+    /// of them unless the clock is a system call: see `queue::clock`).
     pub latency: AtomicHistogram,
     /// Requests taken off the ring and not yet answered, including one held back by a
     /// limit or a barrier: set by the ring thread once per batch it takes.
@@ -66,8 +67,9 @@ impl QueueStats {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a request the plugin served: its kind, its bytes if it succeeded, its latency.
-    pub(crate) fn served(&self, op: IoOp, bytes: u64, status: Status, latency: Duration) {
+    /// Counts a request the plugin served: its kind, its bytes if it succeeded, its latency
+    /// if it was one timed (see `queue::clock`).
+    pub(crate) fn served(&self, op: IoOp, bytes: u64, status: Status, latency: Option<Duration>) {
         self.count(status);
         let ok = status == Status::Okay;
         let (n, b) = match op {
@@ -81,6 +83,8 @@ impl QueueStats {
         if let (Some(b), true) = (b, ok) {
             b.fetch_add(bytes, Ordering::Relaxed);
         }
-        self.latency.record(latency.as_nanos() as u64);
+        if let Some(l) = latency {
+            self.latency.record(l.as_nanos() as u64);
+        }
     }
 }

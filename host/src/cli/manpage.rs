@@ -77,6 +77,11 @@ What is logged to standard error (e.g. info, debug, xen_disk_host=trace); warn b
 .B XEN_DISK_OPEN_TIMEOUT
 Seconds a plugin may take to open for a swap or reload (60 by default).
 .TP
+.B XEN_DISK_LATENCY_SAMPLE
+Time the latency of one request in N (1: every request). By default every request is
+timed, unless reading the clock is a system call (as in a PV dom0 whose clocksource is
+xen), where one in 16 is.
+.TP
 .B XENSTORED_PATH
 The xenstored socket to use instead of /run/xenstored/socket or /dev/xen/xenbus.
 .SH SIGNALS

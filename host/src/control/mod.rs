@@ -250,7 +250,7 @@ impl Counts {
 
     fn json(&self) -> String {
         format!(
-            "\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{},\"unsupported\":{},\"in_flight\":{},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"sleeps\":{},\"notifies\":{},\"handoffs\":{},\"parks\":{}",
+            "\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{},\"unsupported\":{},\"in_flight\":{},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"lat_timed\":{},\"sleeps\":{},\"notifies\":{},\"handoffs\":{},\"parks\":{}",
             self.reads,
             self.writes,
             self.flushes,
@@ -262,6 +262,7 @@ impl Counts {
             self.in_flight,
             self.latency.percentile(0.5) as f64 / 1000.0,
             self.latency.percentile(0.99) as f64 / 1000.0,
+            self.latency.count(),
             self.sleeps,
             self.notifies,
             self.handoffs,
@@ -271,7 +272,7 @@ impl Counts {
 
     fn text(&self) -> String {
         format!(
-            "reads {} ({} bytes)  writes {} ({} bytes)  flushes {}  discards {}  errors {}  unsupported {}  in flight {}  p50 {:.1} us  p99 {:.1} us  sleeps {}  notifies {}  hand-offs {}  parks {}",
+            "reads {} ({} bytes)  writes {} ({} bytes)  flushes {}  discards {}  errors {}  unsupported {}  in flight {}  p50 {:.1} us  p99 {:.1} us (of {} timed)  sleeps {}  notifies {}  hand-offs {}  parks {}",
             self.reads,
             self.read_bytes,
             self.writes,
@@ -283,6 +284,7 @@ impl Counts {
             self.in_flight,
             self.latency.percentile(0.5) as f64 / 1000.0,
             self.latency.percentile(0.99) as f64 / 1000.0,
+            self.latency.count(),
             self.sleeps,
             self.notifies,
             self.handoffs,

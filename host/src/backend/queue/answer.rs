@@ -15,6 +15,7 @@ use super::super::io::status_of;
 use super::super::stats::QueueStats;
 use super::super::wake::EventFdWake;
 use super::super::workers::Wake;
+use super::clock::LatencyClock;
 use crate::blkif::abi::Status;
 use crate::blkif::ring::{BackRing, Response};
 use crate::xen::evtchn::EventChannel;
@@ -22,7 +23,7 @@ use crate::xen::grant::GrantMapping;
 use crossbeam_channel::Sender;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What answering a request touches: the ring thread's, and with
 /// [`super::QueueParts::answer_on_completion`] also a completing thread's (under a mutex the ring
@@ -30,44 +31,39 @@ use std::time::Instant;
 pub(super) struct Answering {
     pub(super) ring: BackRing,
     pub(super) free: FreeList,
-    /// When each slot's request was taken off the ring (for latency).
-    pub(super) started: Vec<Instant>,
+    /// When each slot's request was taken off the ring, if it is one timed for latency.
+    pub(super) started: Vec<Option<Instant>>,
     /// Slots an asynchronous plugin holds, and how many.
     pub(super) submitted: Vec<bool>,
     pub(super) pending_async: usize,
     /// The ring thread sleeps holding a request it cannot start yet (ring full, barrier):
     /// whoever frees a slot wakes it.
     pub(super) waiting_for_slot: bool,
-    /// This pass's clock reading (see [`Answering::now`]).
-    clock: Option<Instant>,
+    /// Which requests are timed, and this pass's clock reading.
+    pub(super) clock: LatencyClock,
 }
 
 impl Answering {
-    /// Nothing in flight yet on `ring`.
-    pub(super) fn new(ring: BackRing) -> Answering {
+    /// Nothing in flight yet on `ring`, whose latency is timed on one request in
+    /// `latency_every`.
+    pub(super) fn new(ring: BackRing, latency_every: u32) -> Answering {
         let size = ring.size() as usize;
         Answering {
             ring,
             free: FreeList::new(size),
-            started: vec![Instant::now(); size],
+            started: vec![None; size],
             submitted: vec![false; size],
             pending_async: 0,
             waiting_for_slot: false,
-            clock: None,
+            clock: LatencyClock::new(latency_every),
         }
     }
 
-    /// The time, read once per pass over the ring: in a PV dom0 reading the clock is a
-    /// system call (the vDSO clock is off), and reading it twice per request cost more
-    /// system calls than the I/O itself. A request's latency runs from the pass that took
-    /// it to the pass that answered it, which is what the guest waits too.
-    pub(super) fn now(&mut self) -> Instant {
-        *self.clock.get_or_insert_with(Instant::now)
-    }
-
-    /// Starts a new pass: the next [`Answering::now`] reads the clock again.
+    /// Starts a new pass: the next timed request or answer reads the clock again. A
+    /// request's latency runs from the pass that took it to the pass that answered it, which
+    /// is what the guest waits too (see [`super::clock`]).
     pub(super) fn new_pass(&mut self) {
-        self.clock = None;
+        self.clock.new_pass();
     }
 
     /// Forgets slot `index` as a submission in flight, if it was one.
@@ -93,8 +89,8 @@ impl Answering {
         let slot = unsafe { slots.slot(index) };
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         let status = slot.status;
-        let done = self.now();
-        answer(slot, status, self.started[i], done, stats, &mut self.ring);
+        let latency = self.clock.answered(self.started[i]);
+        answer(slot, status, latency, stats, &mut self.ring);
         self.free.give(index);
     }
 }
@@ -168,20 +164,14 @@ pub(super) fn lock_answering(m: &Mutex<Answering>) -> MutexGuard<'_, Answering> 
 pub(super) fn answer(
     slot: &mut Slot<GrantMapping>,
     status: Status,
-    started: Instant,
-    done: Instant,
+    latency: Option<Duration>,
     stats: &QueueStats,
     ring: &mut BackRing,
 ) {
     let bytes = slot.bufs.iter().map(|b| b.len as u64).sum();
     slot.mappings = None;
     slot.bufs.clear();
-    stats.served(
-        slot.op,
-        bytes,
-        status,
-        done.saturating_duration_since(started),
-    );
+    stats.served(slot.op, bytes, status, latency);
     ring.put_response(&Response {
         id: slot.id,
         operation: slot.operation,

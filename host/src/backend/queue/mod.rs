@@ -19,6 +19,7 @@
 //! asks. Responses go out as workers finish, in any order.
 
 mod answer;
+pub mod clock;
 mod park;
 mod segments;
 
@@ -84,6 +85,8 @@ pub struct QueueParts {
     /// request or a stop starts a thread for it again. None: the thread stays (the bench,
     /// which measures the path alone).
     pub park_after: Option<Duration>,
+    /// Latency is timed on one request in this many (1: all); see [`clock`].
+    pub latency_every: u32,
 }
 
 /// How long an idle ring keeps its thread by default: a few seconds, as a worker does (see
@@ -270,6 +273,7 @@ impl RingState {
             limiter,
             doorbell: wake,
             park_after,
+            latency_every,
         } = parts;
         let size = ring.size() as usize;
         let evtchn: Arc<dyn EventChannel> = Arc::from(evtchn);
@@ -283,7 +287,7 @@ impl RingState {
             disk.clone(),
             vec![(slots.clone(), wake.clone() as Arc<dyn Wake>)],
         );
-        let shared = Arc::new(Mutex::new(Answering::new(ring)));
+        let shared = Arc::new(Mutex::new(Answering::new(ring, latency_every)));
         let completer = Arc::new(Completer {
             slots: slots.clone(),
             done: workers.completions_sender(0),
@@ -639,7 +643,7 @@ impl RingThread<'_> {
         };
         // SAFETY: taken from the free list: this thread owns the slot.
         let slot = unsafe { self.slots.slot(index) };
-        st.started[usize::from(index)] = st.now();
+        st.started[usize::from(index)] = st.clock.taken();
         let guest = Guest {
             grants: self.grants,
             domid: self.guest,
@@ -683,15 +687,8 @@ impl RingThread<'_> {
             let started = st.started[usize::from(index)];
             // Served on this thread: the clock moved during the call.
             st.new_pass();
-            let done = st.now();
-            answer(
-                slot,
-                status_of(&result),
-                started,
-                done,
-                self.stats,
-                &mut st.ring,
-            );
+            let latency = st.clock.answered(started);
+            answer(slot, status_of(&result), latency, self.stats, &mut st.ring);
             st.free.give(index);
         } else {
             self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
