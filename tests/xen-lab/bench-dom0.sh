@@ -12,7 +12,7 @@
 # threads), csw: their context switches (ours: of the threads alive at the sample), evt: event-channel interrupts dom0 took from the disk's rings.
 # With BENCH_PROFILE, the guest's `profile` runs on ours are traced with strace -c.
 . /bench.conf
-echo "LAB: bench conf pairs=$PAIRS secs=$SECS file=$(echo $FILE_WORKLOADS | tr " " ,) null=$(echo $NULL_WORKLOADS | tr " " ,) profile=$(echo $PROFILE_WORKLOADS | tr " " ,) ours-args=$(echo $BENCH_OURS_ARGS | tr " " ,)"
+echo "LAB: bench conf pairs=$PAIRS secs=$SECS file=$(echo $FILE_WORKLOADS | tr " " ,) null=$(echo $NULL_WORKLOADS | tr " " ,) profile=$(echo $PROFILE_WORKLOADS | tr " " ,) ours-args=$(echo $BENCH_OURS_ARGS | tr " " ,) plugin=${OURS_PLUGIN:-file}"
 export XEN_DISK_PLUGIN_PATH=/opt/xen-disk
 M=/opt/xen-disk
 H=$M/xen-disk-host
@@ -78,7 +78,7 @@ kernel_disk() { vbd=$1 id=$2 dev=$3
   xenstore-write $be/state 1
 }
 kernel_disk xvdb 51728 "$LOOP"
-$H connect guest --plugin file -c path=/tmp/ours.img --vbd xvdc --queues 2 $BENCH_OURS_ARGS >/tmp/ours-file.log 2>&1 &
+$H connect guest --plugin "${OURS_PLUGIN:-file}" -c path=/tmp/ours.img --vbd xvdc --queues 2 $BENCH_OURS_ARGS >/tmp/ours-file.log 2>&1 &
 P_FILE=$!
 kernel_disk xvdd 51760 /dev/nullb0
 $H connect guest --plugin discard -c size=1G --vbd xvde --queues 2 $BENCH_OURS_ARGS >/tmp/ours-null.log 2>&1 &

@@ -9,7 +9,8 @@
 #                                                  $OUT/lab.log, default /tmp/xen-disk-bench)
 # Knobs (environment): BENCH_PAIRS (5), BENCH_SECS (fio seconds per run, 3),
 # BENCH_FILE ("rr rw sr sw"), BENCH_NULL ("rr"), BENCH_PROFILE ("rr sr": one strace -c run
-# each on ours, after the pairs), BENCH_OURS_ARGS (extra `connect` options for ours).
+# each on ours, after the pairs), BENCH_OURS_ARGS (extra `connect` options for ours),
+# BENCH_PLUGIN (file: the plugin serving ours over the tmpfs image; mmap to compare).
 # Workloads: rr 4 KiB random read depth 32, rw 4 KiB random write depth 32, sr 1 MiB
 # sequential read depth 8, sw 1 MiB sequential write depth 8; all O_DIRECT (fio libaio).
 set -euo pipefail
@@ -131,11 +132,13 @@ if [ "${1:-}" = "--checks-only" ]; then
 fi
 
 lab=${XEN_LAB:-$here/xen-lab.sh}
-cargo build --release --manifest-path "$root/Cargo.toml" -p xen-disk-host -p xen-disk-plugin-file -p xen-disk-plugin-discard >/dev/null
+cargo build --release --manifest-path "$root/Cargo.toml" -p xen-disk-host -p xen-disk-plugin-file -p xen-disk-plugin-discard -p xen-disk-plugin-mmap >/dev/null
 t="$root/target/release"
 fio=$(command -v fio) || { echo "xen-lab bench: fio is missing (apt-get install fio)"; exit 1; }
 strace=$(command -v strace) || { echo "xen-lab bench: strace is missing (apt-get install strace)"; exit 1; }
-OUT=$out bash "$lab" build "$t/xen-disk-host" "$t/libfile.so" "$t/libdiscard.so" "$strace" \
+ours_plugin=${BENCH_PLUGIN:-file}
+[ -f "$t/lib$ours_plugin.so" ] || { echo "xen-lab bench: BENCH_PLUGIN=$ours_plugin: no $t/lib$ours_plugin.so"; exit 1; }
+OUT=$out bash "$lab" build "$t/xen-disk-host" "$t/lib$ours_plugin.so" "$t/libdiscard.so" "$strace" \
   module:loop module:xen-blkback module:null_blk "guest:$fio" >/dev/null
 cat >"$out/domU/bench.conf" <<EOF
 PAIRS=${BENCH_PAIRS:-5}
@@ -144,6 +147,7 @@ FILE_WORKLOADS="${BENCH_FILE-rr rw sr sw}"
 NULL_WORKLOADS="${BENCH_NULL-rr}"
 PROFILE_WORKLOADS="${BENCH_PROFILE-rr sr}"
 BENCH_OURS_ARGS="${BENCH_OURS_ARGS:-}"
+OURS_PLUGIN=$ours_plugin
 EOF
 cp "$out/domU/bench.conf" "$out/dom0/bench.conf"
 

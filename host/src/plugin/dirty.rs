@@ -47,8 +47,13 @@ impl DirtyMap {
         }
     }
 
-    /// True when block `index` is marked.
+    /// True when block `index` is marked, or lies past the size the map was made for: a
+    /// disk that grew after its map was made had writes there the map could not see, so an
+    /// incremental backup must copy them (reporting them clean would lose them).
     pub fn get(&self, index: u64) -> bool {
+        if index >= self.size.div_ceil(self.granularity) {
+            return true;
+        }
         self.words
             .get((index / 64) as usize)
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (index % 64)) != 0)
@@ -112,5 +117,18 @@ mod tests {
         assert_eq!(m.run(2 * 65536, 10 * 65536), (false, 10 * 65536));
         assert!(m.take(1) && !m.take(1));
         assert_eq!(m.count(), 2);
+    }
+
+    /// The disk grew after the map was made: writes past its old end were never marked, so
+    /// everything there reads as dirty (an incremental backup copies it) and runs reach it.
+    #[test]
+    fn blocks_past_the_maps_size_count_as_written() {
+        let m = DirtyMap::new(2 * 65536, 65536);
+        m.mark(3 * 65536, 4096);
+        assert!(!m.get(1) && m.get(2) && m.get(3) && m.get(1000));
+        assert_eq!(m.run(0, 4 * 65536), (false, 2 * 65536));
+        assert_eq!(m.run(2 * 65536, 4 * 65536), (true, 4 * 65536));
+        assert!(!m.take(3), "nothing past the end was ever set");
+        assert_eq!((m.count(), m.marked()), (0, vec![]));
     }
 }
