@@ -14,6 +14,8 @@
 . /bench.conf
 echo "LAB: bench conf pairs=$PAIRS secs=$SECS file=$(echo $FILE_WORKLOADS | tr " " ,) null=$(echo $NULL_WORKLOADS | tr " " ,) profile=$(echo $PROFILE_WORKLOADS | tr " " ,) ours-args=$(echo $BENCH_OURS_ARGS | tr " " ,) plugin=${OURS_PLUGIN:-file}"
 export XEN_DISK_PLUGIN_PATH=/opt/xen-disk
+# info: ours says at start whether it times every request or a sample (see "bench clock").
+export XEN_DISK_LOG=info
 M=/opt/xen-disk
 H=$M/xen-disk-host
 L=/var/log/xen/console/guest-guest.log

@@ -28,7 +28,12 @@ pub fn sample_every() -> u32 {
     static EVERY: OnceLock<u32> = OnceLock::new();
     *EVERY.get_or_init(|| match std::env::var(SAMPLE_ENV) {
         Ok(v) => match v.trim().parse::<u32>() {
-            Ok(n) if n >= 1 => n,
+            Ok(n) if n >= 1 => {
+                if n > 1 {
+                    tracing::info!("latency is timed on one request in {n} ({SAMPLE_ENV})");
+                }
+                n
+            }
             _ => {
                 tracing::warn!(
                     "{SAMPLE_ENV}={v:?} is not a whole number of requests of at least 1; \
