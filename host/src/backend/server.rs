@@ -802,7 +802,7 @@ fn attach_static(
             .unwrap_or(opts.answer_on_completion),
         journal,
         park_after: Some(PARK_AFTER),
-        latency_every: crate::backend::queue::clock::sample_every(),
+        latency_every: 0,
     };
     let dev = spawn(
         connect,
@@ -956,7 +956,7 @@ fn start_toolstack(
         answer_on_completion: opts.answer_on_completion,
         journal,
         park_after: Some(PARK_AFTER),
-        latency_every: crate::backend::queue::clock::sample_every(),
+        latency_every: 0,
     };
     spawn(
         connect,

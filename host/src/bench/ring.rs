@@ -150,7 +150,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             limiter: limiter.clone(),
             doorbell: Arc::new(EventFdWake::new().map_err(|e| format!("doorbell: {e}"))?),
             park_after: None,
-            latency_every: crate::backend::queue::clock::sample_every(),
+            latency_every: 0,
         };
         bells.push(parts.doorbell.clone());
         let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());

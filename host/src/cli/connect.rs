@@ -238,7 +238,7 @@ pub fn run_connect(args: ConnectArgs) -> Result<i32> {
         answer_on_completion: args.completion.answer_on_completion,
         journal: None,
         park_after: Some(crate::backend::queue::PARK_AFTER),
-        latency_every: crate::backend::queue::clock::sample_every(),
+        latency_every: 0,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let registry = Arc::new(Registry::default());

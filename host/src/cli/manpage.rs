@@ -79,8 +79,8 @@ Seconds a plugin may take to open for a swap or reload (60 by default).
 .TP
 .B XEN_DISK_LATENCY_SAMPLE
 Time the latency of one request in N (1: every request). By default every request is
-timed, unless reading the clock is a system call (as in a PV dom0 whose clocksource is
-xen), where one in 16 is.
+timed, unless the clocksource is one the vDSO cannot read, so that reading the clock is a
+system call (xen, which a PV dom0 ends up on; hpet), where one in 16 is.
 .TP
 .B XENSTORED_PATH
 The xenstored socket to use instead of /run/xenstored/socket or /dev/xen/xenbus.

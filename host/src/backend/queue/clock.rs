@@ -1,110 +1,118 @@
 //! The ring's clock for latency: read at most once per pass over the ring, and on only one
 //! request in N where reading it is a system call.
 //!
-//! In a PV dom0 whose clocksource is `xen` (and under any clocksource the vDSO cannot read,
-//! such as `hpet`), every `clock_gettime` traps into the kernel and, in a PV guest, through
-//! the hypervisor. The lab's dom0 made 1.1 such calls per request even with one reading per
-//! pass, as many as the `preadv` that does the I/O. Where that is so, the ring times a
-//! sample of its requests (one in [`SAMPLED_EVERY`]) and counts every request as before:
-//! percentiles stay meaningful, the latency histogram's count is the sample's size.
+//! The vDSO reads the clock without entering the kernel only for some clocksources (`tsc`,
+//! `kvm-clock`, Hyper-V's TSC page, arm64's counter). A PV dom0 runs on `xen` (the kernel
+//! switches to it when it finds the TSC unstable, as it does under emulation, possibly
+//! minutes after boot): there every `clock_gettime` traps into the kernel through the
+//! hypervisor. The lab's dom0 then made 1.1 such calls per request even with one reading per
+//! pass, as many as the `preadv` doing the I/O. On such a clocksource the ring times one
+//! request in [`SAMPLED_EVERY`] and counts every request as before: percentiles stay
+//! meaningful, and the latency histogram's count is the sample's size. A ring looks at the
+//! clocksource again every [`RECHECK_EVERY`] requests, so a switch after it started counts.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Where the clock is a system call, one request in this many is timed.
 pub const SAMPLED_EVERY: u32 = 16;
 
-/// Overrides the automatic choice: `1` times every request, `N` one in N.
+/// Requests between two looks at the clocksource (a sysfs read: three system calls).
+pub const RECHECK_EVERY: u32 = 8192;
+
+/// Overrides the choice for the whole process: `1` times every request, `N` one in N.
 pub const SAMPLE_ENV: &str = "XEN_DISK_LATENCY_SAMPLE";
 
-/// A `clock_gettime` slower than this, and many times slower than the tick clock that
-/// never leaves the vDSO, is taken for a system call (the vDSO's takes tens of
-/// nanoseconds; a trap hundreds, or microseconds through a hypervisor).
-const SYSCALL_NS: f64 = 150.0;
+const CLOCKSOURCE: &str = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
 
-/// How many requests per timed one, for every ring of this process: from
-/// [`SAMPLE_ENV`] when set, else measured once (see [`clock_is_a_syscall`]).
-pub fn sample_every() -> u32 {
-    static EVERY: OnceLock<u32> = OnceLock::new();
-    *EVERY.get_or_init(|| match std::env::var(SAMPLE_ENV) {
-        Ok(v) => match v.trim().parse::<u32>() {
+/// Clocksources the vDSO reads in user space.
+const VDSO_CLOCKSOURCES: &[&str] = &[
+    "tsc",
+    "kvm-clock",
+    "hyperv_clocksource_tsc_page",
+    "arch_sys_counter",
+];
+
+/// The sampling [`SAMPLE_ENV`] sets for the process, if it is set (and valid).
+fn forced() -> Option<u32> {
+    static FORCED: OnceLock<Option<u32>> = OnceLock::new();
+    *FORCED.get_or_init(|| {
+        let v = std::env::var(SAMPLE_ENV).ok()?;
+        match v.trim().parse::<u32>() {
             Ok(n) if n >= 1 => {
                 if n > 1 {
                     tracing::info!("latency is timed on one request in {n} ({SAMPLE_ENV})");
                 }
-                n
+                Some(n)
             }
             _ => {
                 tracing::warn!(
                     "{SAMPLE_ENV}={v:?} is not a whole number of requests of at least 1; \
-                     choosing by the clock's cost"
+                     choosing by the clocksource"
                 );
-                measured_every()
+                None
             }
-        },
-        Err(_) => measured_every(),
+        }
     })
 }
 
-fn measured_every() -> u32 {
-    let (fine, coarse) = clock_costs();
-    if clock_is_a_syscall(fine, coarse) {
-        tracing::info!(
-            "reading the clock costs {fine:.0} ns here (a system call: the vDSO cannot read \
-             this clocksource); latency is timed on one request in {SAMPLED_EVERY}"
-        );
-        SAMPLED_EVERY
-    } else {
-        1
+/// How many requests per timed one for a ring starting now: [`SAMPLE_ENV`] when set, else
+/// by the current clocksource.
+pub fn sample_every() -> u32 {
+    forced().unwrap_or_else(by_clocksource)
+}
+
+fn by_clocksource() -> u32 {
+    let source = std::fs::read_to_string(CLOCKSOURCE).ok();
+    let source = source.as_deref().map(str::trim);
+    let every = every_for(source);
+    // Said once per change, not per ring.
+    static SAID: AtomicU32 = AtomicU32::new(1);
+    if SAID.swap(every, Ordering::Relaxed) != every {
+        let source = source.unwrap_or("?");
+        if every > 1 {
+            tracing::info!(
+                "clocksource {source}: reading the clock is a system call (the vDSO cannot \
+                 read it); latency is timed on one request in {every}"
+            );
+        } else {
+            tracing::info!("clocksource {source}: latency is timed on every request");
+        }
     }
+    every
 }
 
-/// Whether the fine clock's cost (ns per reading) says it is a system call, given the cost
-/// of the coarse clock, which the vDSO always serves.
-pub fn clock_is_a_syscall(fine_ns: f64, coarse_ns: f64) -> bool {
-    fine_ns > SYSCALL_NS && fine_ns > 4.0 * coarse_ns.max(1.0)
-}
-
-/// The cost of one reading of `CLOCK_MONOTONIC` and of `CLOCK_MONOTONIC_COARSE`, in
-/// nanoseconds: the least of a few rounds, so a preemption does not count.
-fn clock_costs() -> (f64, f64) {
-    let cost = |clock: libc::clockid_t| {
-        (0..5)
-            .map(|_| {
-                const N: u32 = 200;
-                let mut ts = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                let t = Instant::now();
-                for _ in 0..N {
-                    // SAFETY: `ts` is a valid, writable timespec.
-                    unsafe { libc::clock_gettime(clock, &mut ts) };
-                }
-                t.elapsed().as_nanos() as f64 / f64::from(N)
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
-    (
-        cost(libc::CLOCK_MONOTONIC),
-        cost(libc::CLOCK_MONOTONIC_COARSE),
-    )
+/// Requests per timed one on `clocksource` (None: unknown, as without sysfs).
+pub fn every_for(clocksource: Option<&str>) -> u32 {
+    match clocksource {
+        Some(s) if !VDSO_CLOCKSOURCES.contains(&s) => SAMPLED_EVERY,
+        _ => 1,
+    }
 }
 
 /// One ring's clock: which requests are timed, and this pass's reading.
 pub(super) struct LatencyClock {
     every: u32,
+    /// Chosen by the clocksource, and looked at again now and then.
+    automatic: bool,
     /// Requests taken since the last timed one.
     since: u32,
+    /// Requests until the next look at the clocksource.
+    until_recheck: u32,
     reading: Option<Instant>,
 }
 
 impl LatencyClock {
-    /// Times one request in `every` (1: all of them).
+    /// Times one request in `every` (1: all of them; 0: as [`sample_every`] says, looked
+    /// at again every [`RECHECK_EVERY`] requests).
     pub(super) fn new(every: u32) -> LatencyClock {
+        let automatic = every == 0 && forced().is_none();
         LatencyClock {
-            every: every.max(1),
+            every: if every == 0 { sample_every() } else { every },
+            automatic,
             since: 0,
+            until_recheck: RECHECK_EVERY,
             reading: None,
         }
     }
@@ -120,6 +128,13 @@ impl LatencyClock {
 
     /// A request is taken off the ring: when it is one to time, the time it was taken.
     pub(super) fn taken(&mut self) -> Option<Instant> {
+        if self.automatic {
+            self.until_recheck -= 1;
+            if self.until_recheck == 0 {
+                self.until_recheck = RECHECK_EVERY;
+                self.every = by_clocksource();
+            }
+        }
         self.since += 1;
         if self.since < self.every {
             return None;
@@ -145,8 +160,12 @@ mod tests {
         assert_eq!(timed, 4);
         let mut all = LatencyClock::new(1);
         assert!((0..16).all(|_| all.taken().is_some()));
-        // 0 cannot mean "never": it is taken as 1.
-        assert!(LatencyClock::new(0).taken().is_some());
+        // 0 is the automatic choice: every request or one in SAMPLED_EVERY, never none.
+        let mut auto = LatencyClock::new(0);
+        let timed = (0..2 * RECHECK_EVERY)
+            .filter(|_| auto.taken().is_some())
+            .count();
+        assert!(timed as u32 >= 2 * RECHECK_EVERY / SAMPLED_EVERY, "{timed}");
     }
 
     #[test]
@@ -164,18 +183,13 @@ mod tests {
     }
 
     #[test]
-    fn a_trapping_clock_is_told_from_the_vdso() {
-        // Figures of the kind measured: a vDSO clock beside its tick clock, a trap on bare
-        // metal, a trap through Xen, and everything slowed tenfold by emulation.
-        assert!(!clock_is_a_syscall(22.0, 6.0));
-        assert!(clock_is_a_syscall(450.0, 6.0));
-        assert!(clock_is_a_syscall(9000.0, 60.0));
-        assert!(!clock_is_a_syscall(200.0, 60.0));
-        // This machine's clock is read one way or the other; the cost is finite and positive.
-        let (fine, coarse) = clock_costs();
-        assert!(
-            fine > 0.0 && fine.is_finite() && coarse.is_finite(),
-            "{fine} {coarse}"
-        );
+    fn clocksources_the_vdso_cannot_read_are_sampled() {
+        assert_eq!(every_for(Some("tsc")), 1);
+        assert_eq!(every_for(Some("kvm-clock")), 1);
+        assert_eq!(every_for(Some("arch_sys_counter")), 1);
+        assert_eq!(every_for(Some("xen")), SAMPLED_EVERY);
+        assert_eq!(every_for(Some("hpet")), SAMPLED_EVERY);
+        assert_eq!(every_for(Some("acpi_pm")), SAMPLED_EVERY);
+        assert_eq!(every_for(None), 1);
     }
 }

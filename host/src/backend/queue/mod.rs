@@ -85,7 +85,8 @@ pub struct QueueParts {
     /// request or a stop starts a thread for it again. None: the thread stays (the bench,
     /// which measures the path alone).
     pub park_after: Option<Duration>,
-    /// Latency is timed on one request in this many (1: all); see [`clock`].
+    /// Latency is timed on one request in this many (1: all; 0: by the clocksource, see
+    /// [`clock`]).
     pub latency_every: u32,
 }
 
