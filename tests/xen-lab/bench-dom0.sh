@@ -97,10 +97,6 @@ for id in 51728 51744 51760 51776; do
     "fe-order=$(xenstore-read $fe/ring-page-order 2>/dev/null || echo 0) fe-queues=$(r $fe multi-queue-num-queues)" \
     "fe-persistent=$(r $fe feature-persistent) state=$(r $be state)"
 done
-# Whether ours times every request or a sample (dom0's clock may be a system call).
-cs=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)
-timed=$(grep -ho 'latency is timed on one request in [0-9]*' /tmp/ours-file.log | head -1)
-echo "LAB: bench clock clocksource=${cs:--} ${timed:-latency is timed on every request}"
 echo "LAB: bench threads file=$(ls /proc/$P_FILE/task | wc -l) discard=$(ls /proc/$P_NULL/task | wc -l)"
 
 # blkback names its ring threads DOMID.DEV-QUEUE (older kernels blkback.DOMID.DEV-QUEUE);
@@ -197,6 +193,11 @@ for p in $P_FILE $P_NULL; do
     read -r c <$t/comm; read -r ns _ <$t/schedstat; echo "LAB: bench thread $p $c ns=$ns"
   done
 done
+# Whether ours timed every request or a sample at the end (dom0's kernel may move to the xen
+# clocksource, whose readings are system calls, after ours started: its rings look again).
+cs=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)
+timed=$(grep -ho 'latency is timed on [a-z0-9 ]*' /tmp/ours-file.log | tail -1)
+echo "LAB: bench clock clocksource=${cs:--} ${timed:-latency is timed on every request}"
 echo "LAB: bench threads-after file=$(ls /proc/$P_FILE/task 2>/dev/null | wc -l) discard=$(ls /proc/$P_NULL/task 2>/dev/null | wc -l)"
 kill -INT $P_FILE $P_NULL 2>/dev/null
 waitg 'GUEST: done' 60

@@ -29,6 +29,7 @@ const CLOCKSOURCE: &str = "/sys/devices/system/clocksource/clocksource0/current_
 /// Clocksources the vDSO reads in user space.
 const VDSO_CLOCKSOURCES: &[&str] = &[
     "tsc",
+    "tsc-early",
     "kvm-clock",
     "hyperv_clocksource_tsc_page",
     "arch_sys_counter",
