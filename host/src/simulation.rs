@@ -635,6 +635,155 @@ mod tests {
         }
     }
 
+    /// A plugin whose reads wait until the gate opens (a hung cluster, say).
+    struct Gate {
+        open: std::sync::Mutex<bool>,
+        changed: std::sync::Condvar,
+        entered: std::sync::atomic::AtomicBool,
+    }
+    impl Gate {
+        fn set(&self) {
+            *self.open.lock().unwrap() = true;
+            self.changed.notify_all();
+        }
+    }
+    struct Gated(Arc<Gate>);
+    impl Disk for Gated {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(1 << 20)
+        }
+        fn read(&self, _: u64, bufs: &mut ReadBufs<'_>) -> Result<()> {
+            self.0.entered.store(true, Ordering::SeqCst);
+            let mut open = self.0.open.lock().unwrap();
+            while !*open {
+                open = self.0.changed.wait(open).unwrap();
+            }
+            bufs.fill(0);
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A device whose guest closed while the plugin holds one of its requests drains on its
+    /// own: the other devices of its loop go on meanwhile (here, another guest connects).
+    #[test]
+    fn a_device_draining_a_held_request_does_not_hold_up_its_loop() {
+        use crate::backend::device_loop::DeviceLoops;
+        use crate::backend::done::DoneHandle;
+        let xenstored = SimXenstored::new();
+        xenstored.add_domain(GUEST, "sim-guest", "00000000-0000-0000-0000-000000000001");
+        let dom0 = xenstored.connect(0).unwrap();
+        let per_disk = GuestDisk::pages_needed(1);
+        let domain = SimDomain::new(GUEST, 2 * per_disk, 64).unwrap();
+        let view = Arc::new(domain.backend(0));
+        let platform = Platform {
+            grants: view.clone(),
+            evtchns: view,
+        };
+        let loops = DeviceLoops::new(1).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(Gate {
+            open: std::sync::Mutex::new(false),
+            changed: std::sync::Condvar::new(),
+            entered: AtomicBool::new(false),
+        });
+        let opts = SimOptions {
+            queues: 1,
+            workers: 1,
+            park_after: None,
+            ..SimOptions::default()
+        };
+        let mut devices = Vec::new();
+        let mut handles = Vec::new();
+        for (n, disk) in [
+            Box::new(Gated(gate.clone())) as Box<dyn Disk>,
+            Box::new(Mem(std::sync::Mutex::new(vec![0u8; 1 << 20]))),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let paths = create_device(&dom0, 0, GUEST, Vbd::disk(n as u32 + 1), false).unwrap();
+            let cfg = DeviceConfig {
+                backend_path: paths.backend.clone(),
+                frontend_path: paths.frontend.clone(),
+                frontend_domid: GUEST,
+                offer: HostOffer::standard(1, 1),
+                workers: opts.workers,
+                remove_entries: true,
+                poll: Duration::ZERO,
+                answer_on_completion: false,
+                journal: None,
+                park_after: None,
+                latency_every: 1,
+            };
+            let task = DeviceTask::new(
+                Arc::new(xenstored.connect(0).unwrap()),
+                platform.clone(),
+                cfg,
+                Arc::new(GuardedDisk::new(disk, false).unwrap()),
+                stop.clone(),
+                Arc::new(DeviceStats::default()),
+            );
+            handles.push(loops.start(task));
+            devices.push(paths);
+        }
+        let guest_xs = xenstored.connect(GUEST).unwrap();
+        let mut first = GuestDisk::attach(
+            &guest_xs,
+            &domain,
+            &devices[0].frontend,
+            &devices[0].backend,
+            0,
+            &opts,
+        )
+        .unwrap();
+        // The first guest's read is held by the plugin; then the guest closes its side.
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let _ = first.read(0, &mut buf);
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !gate.entered.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the read never reached the plugin"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        write_state(&guest_xs, &devices[0].frontend, XenbusState::Closed).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // The second guest connects while the first device still drains.
+        let second = GuestDisk::attach(
+            &guest_xs,
+            &domain,
+            &devices[1].frontend,
+            &devices[1].backend,
+            per_disk,
+            &opts,
+        );
+        gate.set();
+        reader.join().unwrap();
+        let mut second =
+            second.expect("the second guest could not connect while the first device drained");
+        let mut back = vec![1u8; 4096];
+        second.read(0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        // Stopped, the devices close; the second guest lets go, as blkfront would.
+        stop.store(true, Ordering::SeqCst);
+        drop(second);
+        write_state(&guest_xs, &devices[1].frontend, XenbusState::Closed).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !handles.iter().all(DoneHandle::is_finished) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "devices did not end on stop"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     #[test]
     fn a_failed_read_names_the_status() {
         let disk = GuardedDisk::new(Box::new(Failing), false).unwrap();

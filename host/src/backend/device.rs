@@ -99,15 +99,27 @@ struct Running {
 }
 
 impl Running {
+    /// A ring ended on its own (the guest broke it), not because it was asked to.
     fn broken(&self) -> bool {
-        self.threads.iter().any(|t| t.is_finished())
+        !self.stop.load(Ordering::SeqCst) && self.threads.iter().any(|t| t.is_finished())
+    }
+
+    /// Asks the rings to stop once what is in flight is answered, without waiting for them.
+    fn ask_to_stop(&self) {
+        if !self.stop.swap(true, Ordering::SeqCst) {
+            for bell in &self.bells {
+                bell.wake();
+            }
+        }
+    }
+
+    /// Every ring has stopped: [`Running::shut`] will not wait.
+    fn drained(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
     }
 
     fn shut(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for bell in &self.bells {
-            bell.wake();
-        }
+        self.ask_to_stop();
         for t in self.threads {
             match t.join() {
                 Ok(Ok(())) => {}
@@ -549,6 +561,17 @@ impl DeviceTask {
                 self.ours = XenbusState::Closing;
             }
             Action::Disconnect => {
+                // A request the plugin still holds (a hung cluster, a long delay) keeps its
+                // ring draining: look again soon rather than wait here, where every other
+                // device of this loop would wait too.
+                if let Some(r) = &self.running {
+                    r.ask_to_stop();
+                    if !r.drained() {
+                        self.xs_due = true;
+                        self.wait = LOCAL_CHECK_BUSY;
+                        return Ok(true);
+                    }
+                }
                 if let Some(r) = self.running.take() {
                     r.shut();
                     DETACHES.fetch_add(1, Ordering::Relaxed);
