@@ -141,3 +141,41 @@ fn a_disk_that_never_connected_or_a_timeout_fails() {
     );
     fails(&log, "dom0: no wait timed out");
 }
+
+/// Ten pairs or more: the table counts pairs as numbers (compared as text, "2" > "10", it
+/// printed the first pair alone), so pairs the log lacks show as missing up to the tenth.
+#[test]
+fn a_boot_of_ten_pairs_prints_ten_rows_per_workload() {
+    let log = passing_log();
+    let conf = log
+        .lines()
+        .find(|l| l.starts_with("LAB: bench conf "))
+        .expect("the passing log has its conf line");
+    let log = with(
+        &log,
+        "LAB: bench conf ",
+        Some(&conf.replace("pairs=5", "pairs=10")),
+    );
+    let (ok, out) = checks(&log);
+    assert!(!ok, "five pairs of ten passed: {out}");
+    let at = out
+        .find("4k randread d32 (IOPS), 128 MiB image")
+        .expect("{out}");
+    let block: Vec<&str> = out[at..].lines().take(13).collect();
+    for p in 1..=5 {
+        assert!(
+            block
+                .iter()
+                .any(|l| l.trim_start().starts_with(&format!("{p} ")) && !l.contains("missing")),
+            "no pair {p}: {block:?}"
+        );
+    }
+    for p in 6..=10 {
+        assert!(
+            block
+                .iter()
+                .any(|l| l.trim_start() == format!("{p}  (missing)")),
+            "pair {p} not shown missing: {block:?}"
+        );
+    }
+}

@@ -31,7 +31,7 @@ table() {
   /^LAB: mark / { tag = $3; m[tag, $4, "busy"] = kv($0, "busy"); m[tag, $4, "own"] = kv($0, "own"); m[tag, $4, "csw"] = kv($0, "csw"); m[tag, $4, "evt"] = kv($0, "evt") }
   /^GUEST: bench end / { gevt[$4] = kv($0, "evt") }
   /^GUEST: bench result / { tag = $4; rc[tag] = kv($0, "rc"); kb[tag] = kv($0, "kb"); ms[tag] = kv($0, "ms"); ios[tag] = kv($0, "ios"); ends[++n] = tag }
-  /^LAB: bench conf / { pairs = kv($0, "pairs") }
+  /^LAB: bench conf / { pairs = kv($0, "pairs") + 0 }
   /^LAB: bench keys / { keys[$4] = $0 }
   /^LAB: strace / { split($3, t, "."); if ($4 != "total") sc[t[3]] = sc[t[3]] sprintf(" %s=%s", $4, kv($0, "calls")); else tot[t[3]] = kv($0, "calls"); prof[t[3]] = $3 }
   END {
