@@ -146,20 +146,8 @@ path = "{}"
     .unwrap();
     let socket = t.join("xs.sock");
     let control = t.join("control.sock");
-    // Every request timed, whatever this machine's clock costs (see queue::clock).
-    let mut d = Daemon::start_env(
-        &[
-            "serve",
-            "--sim",
-            "--config",
-            config.to_str().unwrap(),
-            "--xenstore-socket",
-            socket.to_str().unwrap(),
-            "--control",
-            control.to_str().unwrap(),
-        ],
-        &[("XEN_DISK_LATENCY_SAMPLE", "1")],
-    );
+    // Every request timed, whatever this machine's clocksource (see queue::clock).
+    let (mut d, _) = serve_sim_env(&t, &config, &[("XEN_DISK_LATENCY_SAMPLE", "1")]);
     d.expect(&["disk 1: mmap attached to domain 1 as xvdb"]);
     d.expect(&["disk 2: file attached to domain 1 as xvdc"]);
     d.expect(&["disk 3: file attached to domain 7 as xvdb"]);
