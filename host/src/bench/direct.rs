@@ -63,6 +63,73 @@ pub struct Figures {
     pub lat_p50_us: f64,
     /// 99th percentile latency, microseconds.
     pub lat_p99_us: f64,
+    /// The ring path's wake-ups per request (none for `--direct`).
+    pub ring: Option<RingCounts>,
+}
+
+/// How often, per request answered, the ring path's threads woke one another: what a
+/// request costs beyond the plugin's own work (each wake-up is a context switch, and on a
+/// virtual machine an interrupt between CPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RingCounts {
+    /// The ring thread went to sleep (and was woken again by the guest or a completion).
+    pub sleeps: f64,
+    /// The backend notified the guest's event channel.
+    pub notifies: f64,
+    /// Share of the requests an asynchronous plugin's completing thread answered itself.
+    pub answered_on_completion: f64,
+    /// Requests handed to a worker thread.
+    pub handoffs: f64,
+    /// Median latency as the ring sees it (from the pass that took a request to the pass
+    /// that answered it), microseconds: the plugin's time plus the ring thread's queueing,
+    /// without the wake-ups between the guest and the ring thread.
+    pub ring_p50_us: f64,
+}
+
+impl RingCounts {
+    /// The counts of every queue, per request answered.
+    pub fn of(queues: &[std::sync::Arc<crate::backend::stats::QueueStats>]) -> RingCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sum = |f: fn(&crate::backend::stats::QueueStats) -> u64| -> f64 {
+            queues.iter().map(|q| f(q)).sum::<u64>() as f64
+        };
+        let answered =
+            sum(|q| q.ok.load(Relaxed) + q.errors.load(Relaxed) + q.unsupported.load(Relaxed))
+                .max(1.0);
+        RingCounts {
+            sleeps: sum(|q| q.sleeps.load(Relaxed)) / answered,
+            notifies: sum(|q| q.notifies.load(Relaxed)) / answered,
+            answered_on_completion: sum(|q| q.answered_on_completion.load(Relaxed)) / answered,
+            handoffs: sum(|q| q.handoffs.load(Relaxed)) / answered,
+            ring_p50_us: {
+                let mut h = crate::histogram::Histogram::default();
+                for q in queues {
+                    h.merge(&q.latency.snapshot());
+                }
+                h.percentile(0.5) as f64 / 1000.0
+            },
+        }
+    }
+
+    /// The JSON fields.
+    pub fn json(&self) -> String {
+        format!(
+            ",\"ring_sleeps_per_op\":{:.4},\"ring_notifies_per_op\":{:.4},\"ring_answered_on_completion\":{:.4},\"ring_handoffs_per_op\":{:.4},\"ring_lat_p50_us\":{:.3}",
+            self.sleeps, self.notifies, self.answered_on_completion, self.handoffs, self.ring_p50_us
+        )
+    }
+
+    /// The text line.
+    pub fn line(&self) -> String {
+        format!(
+            "  ring:   per request {:.3} ring-thread sleeps, {:.3} guest notifications, {:.3} worker hand-offs; {:.0}% answered on the completing thread; p50 {:.3} us taken to answered",
+            self.sleeps,
+            self.notifies,
+            self.handoffs,
+            100.0 * self.answered_on_completion,
+            self.ring_p50_us
+        )
+    }
 }
 
 fn figures(
@@ -83,6 +150,7 @@ fn figures(
         ns_per_op: s * 1e9 * threads as f64 / ops.max(1) as f64,
         lat_p50_us: h.percentile(0.5) as f64 / 1000.0,
         lat_p99_us: h.percentile(0.99) as f64 / 1000.0,
+        ring: None,
     }
 }
 

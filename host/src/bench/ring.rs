@@ -8,7 +8,7 @@
 //! buffer, as a plugin that needs contiguous memory (`nbd-client`) prefers; a guest that
 //! shuffles its grants between requests costs such a plugin a copy per large request.
 
-use super::direct::{Figures, Pattern};
+use super::direct::{Figures, Pattern, RingCounts};
 use crate::backend::features::{Advertisement, HostOffer};
 use crate::backend::queue::{serve, QueueParts, QueueStats};
 use crate::backend::wake::EventFdWake;
@@ -116,6 +116,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
     let mut servers = Vec::new();
     let mut bells = Vec::new();
     let mut drivers = Vec::new();
+    let mut queue_stats = Vec::new();
     let started = Instant::now();
     let deadline = started + opts.duration;
     for qi in 0..opts.queues {
@@ -154,6 +155,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
         };
         bells.push(parts.doorbell.clone());
         let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());
+        queue_stats.push(st.clone());
         servers.push(std::thread::spawn(move || serve(parts, d, s, st)));
         let job = Job {
             opts: opts.clone(),
@@ -202,6 +204,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
         ns_per_op: s * 1e9 / ops.max(1) as f64,
         lat_p50_us: hist.percentile(0.5) as f64 / 1000.0,
         lat_p99_us: hist.percentile(0.99) as f64 / 1000.0,
+        ring: Some(RingCounts::of(&queue_stats)),
     })
 }
 
@@ -368,22 +371,53 @@ mod tests {
         }
     }
 
-    fn calls_of(pattern: Pattern, can_flush: bool, queues: usize) -> Vec<&'static str> {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let disk = GuardedDisk::new(Box::new(Calls(log.clone(), can_flush)), false).unwrap();
-        let opts = RingOptions {
+    fn options(pattern: Pattern, workers: usize, queues: usize) -> RingOptions {
+        RingOptions {
             pattern,
             bs: 4096,
             iodepth: 4,
             region: 8 << 20,
             duration: Duration::from_millis(50),
-            workers: 1,
+            workers,
             queues,
             poll: Duration::ZERO,
             answer_on_completion: false,
             limits: Default::default(),
-        };
-        let f = run(Arc::new(disk), &opts).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_ring_counts_say_how_each_request_was_served() {
+        let disk = |log| Arc::new(GuardedDisk::new(Box::new(Calls(log, false)), false).unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        // On workers: every request is one hand-off, and none is answered on completion.
+        let f = run(disk(log.clone()), &options(Pattern::Randread, 1, 2)).unwrap();
+        let r = f.ring.expect("the ring path counts");
+        assert_eq!(r.handoffs, 1.0, "{r:?}");
+        assert_eq!(r.answered_on_completion, 0.0, "{r:?}");
+        // The guest is told about every answer at most once, and at least once a batch.
+        assert!(r.notifies > 0.0 && r.notifies <= 1.0, "{r:?}");
+        assert!(r.sleeps > 0.0 && r.sleeps <= 3.0, "{r:?}");
+        // The ring's view of a request lies inside the guest's.
+        assert!(
+            r.ring_p50_us <= f.lat_p50_us,
+            "{r:?} against {}",
+            f.lat_p50_us
+        );
+        // Served on the ring thread: no hand-off at all.
+        let f = run(disk(log), &options(Pattern::Randread, 0, 1)).unwrap();
+        assert_eq!(f.ring.unwrap().handoffs, 0.0);
+        assert!(f.ops > 0);
+        // The JSON and the text name the same figures.
+        let json = r.json();
+        assert!(json.contains("\"ring_handoffs_per_op\":1.0000"), "{json}");
+        assert!(r.line().contains("1.000 worker hand-offs"), "{}", r.line());
+    }
+
+    fn calls_of(pattern: Pattern, can_flush: bool, queues: usize) -> Vec<&'static str> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let disk = GuardedDisk::new(Box::new(Calls(log.clone(), can_flush)), false).unwrap();
+        let f = run(Arc::new(disk), &options(pattern, 1, queues)).unwrap();
         assert!(f.ops > 0);
         let calls = log.lock().unwrap().clone();
         calls

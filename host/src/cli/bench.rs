@@ -272,13 +272,14 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                 .iter()
                 .map(|r| r.figures.json(r.prefix))
                 .collect::<String>();
+        let ring_fields = f.ring.map(|r| r.json()).unwrap_or_default();
         let limit_fields = limited
             .map(|(what, limit, got)| {
                 format!(",\"limit\":\"{what}\",\"limit_value\":{limit},\"limit_achieved\":{got:.1},\"limit_ratio\":{:.4}", got / limit as f64)
             })
             .unwrap_or_default();
         println!(
-            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"failed\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{nbd_fields}{qemu_fields}{rbd_fields}{limit_fields}}}",
+            "{{\"plugin\":\"{}\",\"mode\":\"{mode}\",\"rw\":\"{pattern}\",\"bs\":{bs},\"threads\":{},\"ops\":{},\"failed\":{},\"seconds\":{:.3},\"iops\":{:.0},\"mbps\":{:.1},\"ns_per_op\":{:.1},\"lat_p50_us\":{:.3},\"lat_p99_us\":{:.3},\"memcpy_mbps\":{:.1},\"memcpy_ns_per_op\":{:.1}{ring_fields}{nbd_fields}{qemu_fields}{rbd_fields}{limit_fields}}}",
             name, args.threads, f.ops, f.failed, f.seconds, f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us, m.mbps, m.ns_per_op
         );
     } else {
@@ -298,6 +299,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             "  plugin: {:>12.0} IOPS {:>10.1} MB/s {:>9.1} ns/op  p50 {:.3} us  p99 {:.3} us",
             f.iops, f.mbps, f.ns_per_op, f.lat_p50_us, f.lat_p99_us
         );
+        if let Some(r) = &f.ring {
+            println!("{}", r.line());
+        }
         if let Some(a) = &against {
             crate::bench::direct::print_against(a, &f);
         }
