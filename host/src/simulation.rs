@@ -670,6 +670,27 @@ mod tests {
     /// own: the other devices of its loop go on meanwhile (here, another guest connects).
     #[test]
     fn a_device_draining_a_held_request_does_not_hold_up_its_loop() {
+        held_read_does_not_hold_up_the_loop(|_, guest_xs, first| {
+            write_state(guest_xs, &first.frontend, XenbusState::Closed).unwrap();
+        });
+    }
+
+    /// The same when the toolstack removes the device (its backend directory goes) while the
+    /// plugin holds a request: the device ends once the request is answered, and its loop's
+    /// other devices do not wait for that.
+    #[test]
+    fn a_device_removed_while_its_plugin_holds_a_request_does_not_hold_up_its_loop() {
+        held_read_does_not_hold_up_the_loop(|dom0, _, first| {
+            dom0.rm(NO_TX, &first.backend).unwrap();
+        });
+    }
+
+    /// Two devices on one loop; the first one's plugin holds a read, then `go_away` (given
+    /// dom0's and the guest's xenstore and the first device's paths) ends that device; a
+    /// guest then connects to the second device, before the held read is let go.
+    fn held_read_does_not_hold_up_the_loop(
+        go_away: impl FnOnce(&dyn Xenstore, &dyn Xenstore, &DevicePaths),
+    ) {
         use crate::backend::device_loop::DeviceLoops;
         use crate::backend::done::DoneHandle;
         let xenstored = SimXenstored::new();
@@ -752,7 +773,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        write_state(&guest_xs, &devices[0].frontend, XenbusState::Closed).unwrap();
+        go_away(&dom0, &guest_xs, &devices[0]);
         std::thread::sleep(Duration::from_millis(300));
         // The second guest connects while the first device still drains.
         let second = GuestDisk::attach(

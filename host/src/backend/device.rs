@@ -321,6 +321,9 @@ pub struct DeviceTask {
     last_read: Instant,
     last_resize_check: Instant,
     wait: Duration,
+    /// The last step's verdict once the device is done, held while its rings drain what a
+    /// plugin still holds (see [`step`](Self::step)).
+    ending: Option<Result<(), DeviceError>>,
 }
 
 impl DeviceTask {
@@ -362,6 +365,7 @@ impl DeviceTask {
             last_read: Instant::now(),
             last_resize_check: Instant::now(),
             wait: LOCAL_CHECK_BUSY,
+            ending: None,
         }
     }
 
@@ -453,6 +457,9 @@ impl DeviceTask {
                 Err(e) => ControlFlow::Break(Err(e)),
             };
         }
+        if self.ending.is_some() {
+            return self.finish_draining();
+        }
         let mut fired = std::mem::take(&mut self.fired);
         loop {
             match self.events.try_recv() {
@@ -471,11 +478,30 @@ impl DeviceTask {
         } else {
             self.wait = (self.wait * 2).min(LOCAL_CHECK_IDLE);
         }
-        match self.look() {
-            Ok(true) => ControlFlow::Continue(self.wait),
-            Ok(false) => ControlFlow::Break(Ok(())),
-            Err(e) => ControlFlow::Break(Err(e)),
+        let done = match self.look() {
+            Ok(true) => return ControlFlow::Continue(self.wait),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        // [`end`](Self::end) joins the rings on this loop's thread: a request the plugin
+        // still holds (a hung cluster, a long delay) would hold up every other device of the
+        // loop there. The rings drain first, looked at every 100 ms.
+        self.ending = Some(done);
+        if let Some(r) = &self.running {
+            r.ask_to_stop();
         }
+        self.finish_draining()
+    }
+
+    /// Done once the rings have drained; until then, look again soon.
+    fn finish_draining(&mut self) -> ControlFlow<Result<(), DeviceError>, Duration> {
+        // Nothing a watch says changes the verdict now; left unread, its events would keep
+        // the loop stepping this device without a pause.
+        while self.events.try_recv().is_ok() {}
+        if self.running.as_ref().is_some_and(|r| !r.drained()) {
+            return ControlFlow::Continue(LOCAL_CHECK_BUSY);
+        }
+        ControlFlow::Break(self.ending.take().unwrap_or(Ok(())))
     }
 
     /// [`step`](Self::step)'s look: false when the device is done.
