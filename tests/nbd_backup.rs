@@ -455,3 +455,109 @@ fn ctl_snapshot_and_commit_on_a_connect_sim_process() {
     ctl(&["detach", "1/xvdb"]);
     assert!(child.wait().unwrap().success());
 }
+
+/// A registry entry for `disk` as device `id`.
+fn entry(id: &str, disk: Arc<GuardedDisk>, stack: &str) -> Entry {
+    Entry {
+        id: id.into(),
+        domid: 1,
+        guest: String::new(),
+        vbd: id.split('/').nth(1).unwrap().into(),
+        stack: Mutex::new(stack.into()),
+        disk,
+        stats: Arc::new(DeviceStats::default()),
+        stop: Arc::new(AtomicBool::new(false)),
+        journal: None,
+    }
+}
+
+#[test]
+fn a_long_commit_holds_up_no_other_device_and_refuses_a_second_commit_at_once() {
+    let t = TempDir::new("backup-two");
+    std::env::set_var("XEN_DISK_PLUGIN_PATH", target_dir());
+    let (img1, img2) = (t.join("one.img"), t.join("two.img"));
+    random_file(&img1, 4 << 20, 5);
+    random_file(&img2, 4 << 20, 6);
+    let open = |plugin: &str, pairs: &[String]| {
+        let so = plugin_path(plugin);
+        let stack = open_stack(so.to_str().unwrap(), &Config::from_pairs(pairs).unwrap()).unwrap();
+        Arc::new(GuardedDisk::new(Box::new(stack.disk), false).unwrap())
+    };
+    // Device 1's disk takes 30 ms a write, so committing 40 blocks takes over a second.
+    let slow = open(
+        "delay",
+        &[
+            "write_ms=30".into(),
+            "base=file".into(),
+            format!("base.path={}", img1.display()),
+        ],
+    );
+    let other = open("file", &[format!("path={}", img2.display())]);
+    let registry = Arc::new(Registry::default());
+    registry.add(entry("1/xvdb", slow.clone(), "delay over file"));
+    registry.add(entry("1/xvdc", other.clone(), "file"));
+
+    handle(
+        &registry,
+        &format!(
+            "snapshot 1/xvdb --nbd unix:{}",
+            t.join("one.sock").display()
+        ),
+    );
+    let mut sim = SimulatedDisk::start(slow.clone()).unwrap();
+    for i in 0..40u64 {
+        sim.write(i * DIRTY, &stamped(i + 1, i)).unwrap();
+    }
+    let trackers = slow.trackers().len();
+    let done = Arc::new(AtomicBool::new(false));
+    let committer = {
+        let (registry, done) = (registry.clone(), done.clone());
+        std::thread::spawn(move || {
+            let out = registry.handle("commit 1/xvdb");
+            done.store(true, Ordering::SeqCst);
+            out
+        })
+    };
+    // The commit is copying once it tracks the guest's writes during the copy.
+    let t0 = std::time::Instant::now();
+    while slow.trackers().len() <= trackers {
+        assert!(
+            !done.load(Ordering::SeqCst) && t0.elapsed().as_secs() < 20,
+            "the commit never started copying"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+
+    let again = registry.handle("commit 1/xvdb");
+    assert!(
+        again.starts_with("error: 1/xvdb: a snapshot or commit of this device is still running"),
+        "{again}"
+    );
+    assert_eq!(again.lines().count(), 1, "{again}");
+    let out = handle(
+        &registry,
+        &format!(
+            "snapshot 1/xvdc --nbd unix:{}",
+            t.join("two.sock").display()
+        ),
+    );
+    assert!(out.contains("snapshot snap1 frozen"), "{out}");
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the other device's snapshot waited for the commit"
+    );
+
+    let out = committer.join().unwrap();
+    assert!(out.contains("snapshot snap1 committed"), "{out}");
+    handle(&registry, "commit 1/xvdc");
+    // Every write made under the snapshot reached device 1's file.
+    drop(sim);
+    let after = std::fs::read(&img1).unwrap();
+    for i in 0..40u64 {
+        let at = (i * DIRTY) as usize;
+        assert_eq!(&after[at..at + BLOCK], &stamped(i + 1, i)[..], "block {i}");
+    }
+}
+
+/// The dirty map's granularity: one write in each such block makes one block to copy.
+const DIRTY: u64 = xen_disk_host::control::backup::DIRTY_GRANULARITY;

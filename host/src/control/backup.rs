@@ -49,9 +49,6 @@ pub const MAX_PASSES: usize = 16;
 
 /// A device's backups.
 struct Backups {
-    /// The device's disk: while this is held its address (the key) is not reused, and a
-    /// device that is gone is noticed (its state is dropped, an open export closed).
-    disk: Weak<GuardedDisk>,
     /// Snapshots taken so far (names the next by default).
     taken: u32,
     /// The open snapshot.
@@ -74,8 +71,18 @@ struct Open {
 }
 
 /// Every device's backups, by the address of the device's disk (unique among live devices,
-/// and per process: two registries never share a disk).
-static BACKUPS: Mutex<Option<HashMap<usize, Backups>>> = Mutex::new(None);
+/// and per process: two registries never share a disk), beside that disk: while it is held
+/// its address is not reused, and a device that is gone is noticed (its state is dropped, an
+/// open export closed). Each device's state has a lock of its own, held by a snapshot or a
+/// commit for as long as it runs (a commit copies the whole overlay): the map's lock is held
+/// only to find it, so a long commit on one device holds up no other device's requests.
+static BACKUPS: Mutex<Option<HashMap<usize, Device>>> = Mutex::new(None);
+
+/// One device's entry in [`BACKUPS`].
+struct Device {
+    disk: Weak<GuardedDisk>,
+    state: Arc<Mutex<Backups>>,
+}
 
 /// A disk shared by several users (the device's overlay, the export, a commit), one at a
 /// time when it asked to be serialized.
@@ -167,20 +174,41 @@ fn parse_snapshot(words: &[&str]) -> std::result::Result<SnapshotArgs, String> {
     Ok(SnapshotArgs { listen, name, cow })
 }
 
-/// Runs `f` on the device's backup state.
-fn with_state<T>(e: &Entry, f: impl FnOnce(&mut Backups) -> T) -> T {
-    let mut all = BACKUPS.lock().unwrap_or_else(|p| p.into_inner());
-    let all = all.get_or_insert_with(HashMap::new);
-    all.retain(|_, b| b.disk.strong_count() > 0);
-    let state = all
-        .entry(Arc::as_ptr(&e.disk) as usize)
-        .or_insert_with(|| Backups {
-            disk: Arc::downgrade(&e.disk),
-            taken: 0,
-            open: None,
-            since: None,
-        });
-    f(state)
+/// Runs `f` on the device's backup state; refuses at once while another snapshot or commit
+/// of the same device runs, rather than leaving the asker waiting for a copy of unknown length.
+fn with_state<T>(
+    e: &Entry,
+    f: impl FnOnce(&mut Backups) -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    let device = {
+        let mut all = BACKUPS.lock().unwrap_or_else(|p| p.into_inner());
+        let all = all.get_or_insert_with(HashMap::new);
+        all.retain(|_, d| d.disk.strong_count() > 0);
+        all.entry(Arc::as_ptr(&e.disk) as usize)
+            .or_insert_with(|| Device {
+                disk: Arc::downgrade(&e.disk),
+                state: Arc::new(Mutex::new(Backups {
+                    taken: 0,
+                    open: None,
+                    since: None,
+                })),
+            })
+            .state
+            .clone()
+    };
+    let mut state = match device.try_lock() {
+        Ok(s) => s,
+        // A request that panicked left the state as consistent as any failed one.
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            return Err(format!(
+                "{}: a snapshot or commit of this device is still running; ask again when it \
+                 has answered",
+                e.id
+            ))
+        }
+    };
+    f(&mut state)
 }
 
 /// Drops an open snapshot whose overlay a `ctl swap` replaced (its export closes); returns
