@@ -179,7 +179,6 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     } else {
         opts.duration
     };
-    let m = memcpy_reference(bs, region, dst_span, m_time, args.threads);
     let against = match &args.against {
         Some(spec) => Some(
             crate::bench::direct::run_against(spec, &opts)
@@ -236,6 +235,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     } else {
         None
     };
+    // memcpy last: the references that share the plugin's storage (a cluster, a server)
+    // measure it in the state the plugin left it, with nothing run in between.
+    let m = memcpy_reference(bs, region, dst_span, m_time, args.threads);
     let pattern = format!("{:?}", args.rw).to_lowercase();
     let limited = limit_fraction(&limits, args.rw, &f, bs);
     if args.json {
