@@ -322,6 +322,70 @@ fn nbdkit_memory_round_trips_both_ways_and_passes_check() {
     }
 }
 
+/// Reads 4 KiB blocks `0..n` and checks that block `i` holds byte `i + seed`.
+fn read_blocks(disk: &GuardedDisk, n: u64, seed: u8) {
+    for i in 0..n {
+        let mut b = vec![0u8; 4096];
+        with_read_bufs(&mut [&mut b], |r| disk.read(i * 4096, r)).unwrap();
+        assert!(
+            b.iter().all(|&x| x == (i as u8).wrapping_add(seed)),
+            "block {i}"
+        );
+    }
+}
+
+/// The host may read a connection's replies on its own thread (plugin ABI 1.3, what the
+/// ring thread does): one attacher at a time, and the replies it takes complete the
+/// requests with their data. While it takes none (a ring held up by a swap, say), the
+/// reader thread stands in, so nothing hangs or times out; detached, the disk carries on.
+#[test]
+fn replies_are_taken_by_the_host_and_by_the_reader_when_the_host_stops() {
+    let t = TempDir::new("nbd-take");
+    let server = Server::nbdkit(&t, "16M", &[], &[]);
+    let disk = Arc::new(open(&[
+        server.config(),
+        "connections=1".into(),
+        "timeout=60".into(),
+    ]));
+    for i in 0..64u64 {
+        let b = vec![(i as u8).wrapping_add(3); 4096];
+        with_write_bufs(&[&b], |w| disk.write(i * 4096, w, false)).unwrap();
+    }
+    let taker = disk
+        .attach_completions()
+        .expect("nbd-client offers its socket");
+    assert!(disk.attach_completions().is_none(), "a second attacher");
+    // Taken here: another thread reads while this one watches the socket and takes.
+    let reads = {
+        let d = disk.clone();
+        std::thread::spawn(move || read_blocks(&d, 64, 3))
+    };
+    while !reads.is_finished() {
+        let mut p = libc::pollfd {
+            fd: taker.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        unsafe { libc::poll(&mut p, 1, 10) };
+        taker.take();
+    }
+    reads.join().unwrap();
+    // Attached but never taking: the reader thread stands in (the timeout is 60 s, so a
+    // read that waited for it would fail the test's bound, not end in an error).
+    let start = Instant::now();
+    read_blocks(&disk, 64, 3);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "reads waited {:?} for a host that stopped taking",
+        start.elapsed()
+    );
+    drop(taker);
+    read_blocks(&disk, 64, 3);
+    let again = disk.attach_completions();
+    assert!(again.is_some(), "detached, the socket is offered again");
+}
+
 #[test]
 fn requests_from_many_threads_overlap_on_one_connection() {
     let t = TempDir::new("nbd-par");

@@ -263,6 +263,34 @@ pub trait Disk: Send + Sync + 'static {
     fn submit(&self, submission: crate::Submission) {
         submission.run_blocking(self);
     }
+
+    /// Completions taken by the host (ABI 1.3), for an asynchronous disk whose replies come
+    /// in on a descriptor, such as a socket. The host's ring thread, which sends the guest's
+    /// requests, offers to read the replies too: one thread per request instead of two,
+    /// which is what a busy host with few CPUs pays for. Return the descriptor to watch
+    /// (it must be readable whenever [`take_completions`](Self::take_completions) would find
+    /// something), or `None` to decline (the default: your own threads keep completing).
+    ///
+    /// At most one attachment at a time: decline a second until
+    /// [`detach_completions`](Self::detach_completions). While attached your own reader may
+    /// stop watching the descriptor, but it must not stop completing altogether: the host
+    /// calls `take_completions` only while its ring runs, and a ring can wait on the disk
+    /// itself (a hot swap drains it), so look now and then (every few milliseconds) whether
+    /// replies are waiting and take them. Then nothing depends on the host for progress.
+    fn attach_completions(&self) -> Option<i32> {
+        None
+    }
+
+    /// Takes the completions that are ready, without blocking, completing their
+    /// submissions on the calling thread. Called by the attached host thread once per pass
+    /// and when the descriptor is readable; another thread may be taking at that moment, so
+    /// skip rather than wait for it.
+    fn take_completions(&self) {}
+
+    /// Ends the attachment: the host no longer watches the descriptor (its ring went idle,
+    /// stopped, or the plugin behind the device was swapped). Watch it yourself again at
+    /// once: completions may be waiting.
+    fn detach_completions(&self) {}
 }
 
 /// A plugin: its description and how to open a disk. Export it with

@@ -333,6 +333,18 @@ impl Disk for ForeignDisk {
         crate::extension::ask_extents(&self.inner, offset, len)
     }
 
+    fn attach_completions(&self) -> Option<i32> {
+        crate::extension::ask_completions(&self.inner, ext::COMPLETIONS_ATTACH)
+    }
+
+    fn take_completions(&self) {
+        crate::extension::ask_completions(&self.inner, ext::COMPLETIONS_TAKE);
+    }
+
+    fn detach_completions(&self) {
+        crate::extension::ask_completions(&self.inner, ext::COMPLETIONS_DETACH);
+    }
+
     fn submit(&self, submission: Submission) {
         let (op, offset, bufs, done) = submission.into_parts();
         self.inner
@@ -511,5 +523,55 @@ mod tests {
             d.extents(0, 4096).unwrap_err().kind(),
             ErrorKind::Unsupported
         );
+    }
+
+    /// Offers descriptor 42 to one attacher at a time and counts the calls.
+    #[derive(Default)]
+    struct Offering {
+        attached: std::sync::atomic::AtomicBool,
+        takes: std::sync::atomic::AtomicUsize,
+    }
+    impl Disk for Offering {
+        fn info(&self) -> DiskInfo {
+            DiskInfo::new(1 << 20)
+        }
+        fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> {
+            Ok(())
+        }
+        fn attach_completions(&self) -> Option<i32> {
+            use std::sync::atomic::Ordering::SeqCst;
+            (!self.attached.swap(true, SeqCst)).then_some(42)
+        }
+        fn take_completions(&self) {
+            if !self.attached.load(std::sync::atomic::Ordering::SeqCst) {
+                panic!("taken while not attached");
+            }
+            self.takes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn detach_completions(&self) {
+            self.attached
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn completions_attach_take_and_detach_cross_the_boundary() {
+        let d = ForeignDisk::new(export_disk(Offering::default()));
+        assert_eq!(d.attach_completions(), Some(42));
+        // One attacher at a time: the disk's answer crosses as it is.
+        assert_eq!(d.attach_completions(), None);
+        d.take_completions();
+        d.take_completions();
+        d.detach_completions();
+        assert_eq!(d.attach_completions(), Some(42));
+        d.detach_completions();
+        // A panic in the plugin's take stays in the plugin.
+        d.take_completions();
+        // A disk that does not offer them declines, as one built before ABI 1.3 does.
+        let d = ForeignDisk::new(export_disk(Ram(std::sync::Mutex::new(vec![0; 4096]))));
+        assert_eq!(d.attach_completions(), None);
     }
 }

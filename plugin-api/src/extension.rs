@@ -31,8 +31,48 @@ pub(crate) fn serve_disk<D: Disk>(
     match id {
         ext::DISCARD_LIMITS => Ok(answer(output, &disk.info().discard_alignment.to_ne_bytes())),
         ext::BLOCK_STATUS => serve_extents(disk, input, output),
+        ext::COMPLETIONS => serve_completions(disk, input, output),
         _ => Err(unknown(id)),
     }
+}
+
+/// [`ext::COMPLETIONS`], plugin side.
+fn serve_completions<D: Disk>(disk: &D, input: &[u8], output: &mut [u8]) -> Result<u32> {
+    match input.first().copied() {
+        Some(ext::COMPLETIONS_ATTACH) => Ok(match disk.attach_completions() {
+            Some(fd) if output.len() >= 4 => answer(output, &fd.to_ne_bytes()),
+            Some(_) => {
+                // An asker with no room for the answer cannot watch: undo.
+                disk.detach_completions();
+                0
+            }
+            None => 0,
+        }),
+        Some(ext::COMPLETIONS_TAKE) => {
+            disk.take_completions();
+            Ok(0)
+        }
+        Some(ext::COMPLETIONS_DETACH) => {
+            disk.detach_completions();
+            Ok(0)
+        }
+        other => Err(Error::new(
+            crate::ErrorKind::Other,
+            format!("completions: unknown operation {other:?}"),
+        )),
+    }
+}
+
+/// Host side of [`ext::COMPLETIONS`]: the operation's answer, or `None` when the disk does
+/// not know the extension (built before 1.3) or declined.
+pub(crate) fn ask_completions(disk: &FfiDiskBox, op: u8) -> Option<i32> {
+    let mut out = [0u8; 4];
+    let got = disk.extension(
+        ext::COMPLETIONS,
+        RSlice::from_slice(&[op]),
+        RSliceMut::from_mut_slice(&mut out),
+    );
+    matches!(got.into_result(), Ok(4)).then(|| i32::from_ne_bytes(out))
 }
 
 /// [`ext::BLOCK_STATUS`], plugin side: checks the input, asks the disk, encodes as many

@@ -234,6 +234,19 @@ pub mod ext {
     pub const EXTENT_HOLE: u32 = 1 << 0;
     /// [`BLOCK_STATUS`] flag: reads as zeroes.
     pub const EXTENT_ZERO: u32 = 1 << 1;
+
+    /// Since 1.3, asked of a disk: completions taken by the host
+    /// ([`Disk::attach_completions`](crate::Disk::attach_completions)). Input: one byte, the
+    /// operation ([`COMPLETIONS_ATTACH`], [`COMPLETIONS_TAKE`], [`COMPLETIONS_DETACH`]).
+    /// Answer to attach: the descriptor, an `i32` in native byte order, or nothing (0 bytes)
+    /// when the disk declines; to take and detach: nothing.
+    pub const COMPLETIONS: u32 = id(3, 1);
+    /// [`COMPLETIONS`] operation: attach; the answer is the descriptor to watch.
+    pub const COMPLETIONS_ATTACH: u8 = 0;
+    /// [`COMPLETIONS`] operation: take what is ready.
+    pub const COMPLETIONS_TAKE: u8 = 1;
+    /// [`COMPLETIONS`] operation: detach.
+    pub const COMPLETIONS_DETACH: u8 = 2;
 }
 
 /// Converts the frozen layout to the SDK's [`DiskInfo`](crate::DiskInfo); fields added after

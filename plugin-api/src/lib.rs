@@ -29,9 +29,9 @@
 //! ```
 //!
 //! Cargo finds the crate by its package name inside a git repository's workspace, so the
-//! `git` form needs no `package =` key. The crate's version is the interface's: 1.2.0
-//! builds plugins for ABI 1.2 ([`ABI_MAJOR`].[`ABI_MINOR`]), which every host that speaks
-//! 1.2 or later loads (see [Compatibility](#compatibility)); `xen-disk-host plugins inspect`
+//! `git` form needs no `package =` key. The crate's version is the interface's: 1.3.0
+//! builds plugins for ABI 1.3 ([`ABI_MAJOR`].[`ABI_MINOR`]), which every host that speaks
+//! 1.3 or later loads (see [Compatibility](#compatibility)); `xen-disk-host plugins inspect`
 //! shows the version a plugin was built for.
 //!
 //! `src/lib.rs`:
@@ -193,6 +193,7 @@
 //! | [`Disk::discard`] | `.discard(true)` | not advertised to the guest |
 //! | [`Disk::write_zeroes`] | `.write_zeroes(true)` | host emulates by writing zero buffers |
 //! | [`Disk::extents`] (1.2) | implement it | every range reports as data |
+//! | [`Disk::attach_completions`] (1.3) | implement it (asynchronous disks) | your threads complete every submission |
 //!
 //! ## Block status
 //!
@@ -270,6 +271,63 @@
 //!     fn submit(&self, submission: Submission) {
 //!         // Hand it to the library; its callback later calls submission.complete(result).
 //!         self.0.start(submission);
+//!     }
+//! }
+//! ```
+//!
+//! ### Completions taken by the host (ABI 1.3)
+//!
+//! An asynchronous disk usually has a thread of its own that waits for replies (on a
+//! socket, say) and completes submissions. On a busy dom0 with few CPUs that thread is a
+//! third one woken per request, beside the guest's and the host's ring thread. Since ABI
+//! 1.3 the ring thread can read the replies itself: implement
+//! [`Disk::attach_completions`] to hand it a descriptor, [`Disk::take_completions`] to take
+//! what is ready, and [`Disk::detach_completions`]. The ring thread then watches the
+//! descriptor beside the guest's event channel, calls `take_completions` once per pass
+//! (replies in, answers out, new requests taken, all on one thread), and detaches when its
+//! ring goes idle or stops, or when a hot swap replaces the disk.
+//!
+//! - Offer one attachment at a time; answer `None` to a second (another ring of the same
+//!   disk), and whenever you cannot (the default: nothing changes).
+//! - `take_completions` must not block: read what is there, complete, return. If your own
+//!   thread is reading at that moment, skip (`try_lock`), don't wait.
+//! - While attached, stop watching the descriptor on your own thread, but keep looking every
+//!   few milliseconds whether replies wait and the host took nothing since the last look,
+//!   and take them then. The ring thread may be held up (a hot swap holds new requests
+//!   while it drains the disk, and the drain needs the replies), and other callers (`check`,
+//!   the NBD export, host workers' flushes) use the disk too. No completion may depend on
+//!   the host calling you.
+//! - After `detach_completions`, watch the descriptor again at once: replies may be
+//!   waiting.
+//! - A descriptor that stays readable with nothing to take (a dead connection) is let go by
+//!   the host after a thousand such wake-ups in a row; your own thread completes from then
+//!   on.
+//!
+//! `nbd-client` is the model: its first connection (the one small requests share) is
+//! offered, `take_completions` reads the socket without blocking, and its reader thread
+//! stands in every 5 ms.
+//!
+//! ```no_run
+//! # use xen_disk_plugin_api::*;
+//! # use std::sync::atomic::{AtomicBool, Ordering};
+//! # struct Conn { socket: i32, attached: AtomicBool }
+//! # impl Conn { fn read_ready_replies_if_free(&self) {} }
+//! # struct NetDisk(Conn);
+//! impl Disk for NetDisk {
+//!     # fn info(&self) -> DiskInfo { DiskInfo::new(1 << 30).thread_model(ThreadModel::Async) }
+//!     # fn read(&self, _: u64, _: &mut ReadBufs<'_>) -> Result<()> { Ok(()) }
+//!     # fn write(&self, _: u64, _: &WriteBufs<'_>) -> Result<()> { Ok(()) }
+//!     # fn submit(&self, _: Submission) {}
+//!     fn attach_completions(&self) -> Option<i32> {
+//!         // Your reader thread sees the flag and stops polling the socket (it keeps a
+//!         // slow look-out for replies nobody took).
+//!         (!self.0.attached.swap(true, Ordering::AcqRel)).then_some(self.0.socket)
+//!     }
+//!     fn take_completions(&self) {
+//!         self.0.read_ready_replies_if_free(); // non-blocking read, try_lock
+//!     }
+//!     fn detach_completions(&self) {
+//!         self.0.attached.store(false, Ordering::Release); // and wake your reader
 //!     }
 //! }
 //! ```
@@ -448,7 +506,9 @@ pub const ABI_MAJOR: u16 = 1;
 /// 0: the frozen interface.
 /// 1: [`DiskInfo::discard_alignment`] (extension [`ffi::ext::DISCARD_LIMITS`]).
 /// 2: block status, [`Disk::extents`] (extension [`ffi::ext::BLOCK_STATUS`]).
-pub const ABI_MINOR: u16 = 2;
+/// 3: completions taken by the host, [`Disk::attach_completions`] (extension
+///    [`ffi::ext::COMPLETIONS`]).
+pub const ABI_MINOR: u16 = 3;
 
 /// [`ABI_MAJOR`] and [`ABI_MINOR`] in one number, as the version symbol returns it.
 pub const ABI_VERSION: u32 = abi_version(ABI_MAJOR, ABI_MINOR);

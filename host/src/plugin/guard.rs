@@ -133,6 +133,41 @@ pub struct GuardedDisk {
     /// Dirty maps every write marks (live backup), with a flag so that a disk without any
     /// pays one relaxed load per write.
     trackers: Arc<Trackers>,
+    /// Counts swaps: a [`CompletionTaker`] of an earlier plugged disk is stale.
+    generation: AtomicU64,
+}
+
+/// A ring thread's attachment to the plugged disk's completions (plugin ABI 1.3): it
+/// watches [`fd`](Self::fd) beside the guest's event channel and calls
+/// [`take`](Self::take) once per pass, so a reply is read and answered by the thread that
+/// sent its request. Holds the disk weakly: a swap closes the old disk when it is done
+/// with it, not when the ring thread notices. Detaches when dropped.
+pub struct CompletionTaker {
+    disk: std::sync::Weak<dyn Disk>,
+    fd: i32,
+    generation: u64,
+}
+
+impl CompletionTaker {
+    /// The descriptor to watch while asleep.
+    pub fn fd(&self) -> i32 {
+        self.fd
+    }
+
+    /// Takes what the plugin has ready, completing submissions on this thread.
+    pub fn take(&self) {
+        if let Some(d) = self.disk.upgrade() {
+            d.take_completions();
+        }
+    }
+}
+
+impl Drop for CompletionTaker {
+    fn drop(&mut self) {
+        if let Some(d) = self.disk.upgrade() {
+            d.detach_completions();
+        }
+    }
 }
 
 /// The dirty maps a disk's writes mark.
@@ -175,6 +210,7 @@ impl GuardedDisk {
             plugged: RwLock::new(plugged),
             submitted: Arc::new(AtomicUsize::new(0)),
             trackers: Arc::default(),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -267,6 +303,7 @@ impl GuardedDisk {
             Ordering::Relaxed,
         );
         let old = std::mem::replace(&mut *plugged, new);
+        self.generation.fetch_add(1, Ordering::Relaxed);
         drop(plugged);
         let pause = started.elapsed();
         drop(old);
@@ -274,6 +311,27 @@ impl GuardedDisk {
             pause,
             new_size: None,
         })
+    }
+
+    /// Attaches to the plugged disk's completions, if it is asynchronous and offers them
+    /// (see [`CompletionTaker`]); `None` otherwise, or while another thread is attached.
+    pub fn attach_completions(&self) -> Option<CompletionTaker> {
+        let plugged = self.plugged();
+        if plugged.info.thread_model != ThreadModel::Async {
+            return None;
+        }
+        let fd = plugged.disk.attach_completions()?;
+        Some(CompletionTaker {
+            disk: Arc::downgrade(&plugged.disk),
+            fd,
+            // Read under the lock a swap writes under: this attachment is to this disk.
+            generation: self.generation.load(Ordering::Relaxed),
+        })
+    }
+
+    /// False once a swap has replaced the disk `taker` is attached to.
+    pub fn still_plugged(&self, taker: &CompletionTaker) -> bool {
+        self.generation.load(Ordering::Relaxed) == taker.generation
     }
 
     fn plugged(&self) -> std::sync::RwLockReadGuard<'_, Plugged> {
@@ -379,6 +437,7 @@ impl GuardedDisk {
             Ordering::Relaxed,
         );
         let old = std::mem::replace(&mut *plugged, new);
+        self.generation.fetch_add(1, Ordering::Relaxed);
         let previous = self.size.swap(new_size, Ordering::Relaxed);
         drop(plugged);
         let pause = started.elapsed();

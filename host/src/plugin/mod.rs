@@ -17,7 +17,7 @@ pub mod stack;
 
 pub use bounded::open_bounded;
 pub use dirty::DirtyMap;
-pub use guard::{GuardError, GuardedDisk};
+pub use guard::{CompletionTaker, GuardError, GuardedDisk};
 pub use loader::{load, KeyInfo, LoadedPlugin, PluginError};
 pub use search::{find_plugins, resolve, search_path};
 pub use stack::{open_stack, open_stack_read_only, Stack};

@@ -125,7 +125,29 @@ pub struct Conn {
     base: Instant,
     /// Why the connection was cut on our side, for the error messages that follow.
     broken: Mutex<Option<String>>,
+    /// The replies' parser ([`Wire`] connections): the reader thread's, or the host's ring
+    /// thread's while it has the completions ([`Conn::attach`]).
+    replies: Mutex<Replies>,
+    /// The host's ring thread takes the replies: the reader thread only stands in.
+    attached: AtomicBool,
+    /// Counts the attached thread's takes: the reader stands in only when it stopped.
+    takes: AtomicU64,
 }
+
+/// Replies parsed out of the socket, by whichever thread reads it.
+#[derive(Default)]
+struct Replies {
+    reader: Reader,
+    /// The connection died: nothing more is read.
+    dead: bool,
+}
+
+// SAFETY: the parser's pointers are the buffers of commands in flight, valid until those
+// complete whichever thread completes them; the mutex lets one thread at a time use them.
+unsafe impl Send for Replies {}
+
+/// How often the reader thread looks for replies the attached ring thread has not taken.
+const STAND_IN_MS: c_int = 5;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -259,6 +281,9 @@ impl Conn {
             progress_ns: AtomicU64::new(0),
             base: Instant::now(),
             broken: Mutex::new(None),
+            replies: Mutex::default(),
+            attached: AtomicBool::new(false),
+            takes: AtomicU64::new(0),
         })
     }
 
@@ -430,19 +455,25 @@ impl Conn {
 
     /// The reader of a [`Wire`] connection: takes replies off the socket until `stop`; a
     /// connection that dies fails every command in flight, and the no-progress clock cuts
-    /// one whose server stopped answering.
+    /// one whose server stopped answering. While the host's ring thread has the replies
+    /// ([`attach`](Self::attach)) it does not watch the socket, but looks every
+    /// [`STAND_IN_MS`] whether replies wait: the ring thread may be held up (a swap drains
+    /// the disk through it), and no command depends on it for progress.
     fn drive_wire(&self, wire: &Wire, stop: &AtomicBool) {
-        let mut reader = Reader::default();
-        let (mut cut, mut dead) = (false, false);
+        let (mut cut, mut seen) = (false, u64::MAX);
         while !stop.load(Ordering::Acquire) {
-            let events = if dead { 0 } else { libc::POLLIN };
-            if self.wait(events) != 0 {
-                if let Stop::Dead(why) = reader.read(wire) {
-                    self.cut(why);
-                    wire.kill(libc::EIO);
-                    reader.fail_current(libc::EIO);
-                    dead = true;
+            let dead = lock(&self.replies).dead;
+            if self.attached.load(Ordering::Acquire) {
+                self.wait(0, STAND_IN_MS);
+                // Only when the attached thread took nothing since the last look: while it
+                // runs, replies are its to take.
+                let takes = self.takes.load(Ordering::Relaxed);
+                if takes == seen && self.pending() > 0 {
+                    self.read_replies(wire, &mut lock(&self.replies));
                 }
+                seen = takes;
+            } else if self.wait(if dead { 0 } else { libc::POLLIN }, 100) != 0 {
+                self.read_replies(wire, &mut lock(&self.replies));
             }
             if !dead {
                 self.cut_if_stalled(&mut cut);
@@ -450,9 +481,49 @@ impl Conn {
         }
     }
 
-    /// Sleeps up to 100 ms until the socket shows one of `events` (0: the socket is not
+    /// Reads what the socket holds; on a dead connection fails every command in flight.
+    fn read_replies(&self, wire: &Wire, replies: &mut Replies) {
+        if replies.dead {
+            return;
+        }
+        if let Stop::Dead(why) = replies.reader.read(wire) {
+            self.cut(why);
+            wire.kill(libc::EIO);
+            replies.reader.fail_current(libc::EIO);
+            replies.dead = true;
+        }
+    }
+
+    /// The host's ring thread takes this connection's replies from now on: the socket to
+    /// watch, or `None` if it cannot (not a [`Wire`] connection, or already attached).
+    pub fn attach(&self) -> Option<c_int> {
+        if self.wire.is_none() || self.attached.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // The reader may be asleep on the socket: it steps back now.
+        self.nudge();
+        Some(self.fd)
+    }
+
+    /// Takes the replies that are whole, without blocking; skips if another thread is
+    /// reading them right now.
+    pub fn take(&self) {
+        self.takes.fetch_add(1, Ordering::Relaxed);
+        if let (Some(wire), Ok(mut replies)) = (&self.wire, self.replies.try_lock()) {
+            self.read_replies(wire, &mut replies);
+        }
+    }
+
+    /// Gives the replies back to the reader thread, which watches the socket again at once.
+    pub fn detach(&self) {
+        if self.attached.swap(false, Ordering::AcqRel) {
+            self.nudge();
+        }
+    }
+
+    /// Sleeps up to `ms` until the socket shows one of `events` (0: the socket is not
     /// watched) or the reader is nudged; returns the socket's poll events.
-    fn wait(&self, events: i16) -> i16 {
+    fn wait(&self, events: i16, ms: c_int) -> i16 {
         let mut fds = [
             libc::pollfd {
                 fd: if events == 0 { -1 } else { self.fd },
@@ -466,7 +537,7 @@ impl Conn {
             },
         ];
         // SAFETY: fds is a live array of two pollfd.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) } <= 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) } <= 0 {
             return 0;
         }
         if fds[1].revents & libc::POLLIN != 0 {
@@ -518,7 +589,7 @@ impl Conn {
             // No direction: the connection is dead (libnbd then has failed every command,
             // so `mine` is done) or between states; the socket is not watched then, as a
             // dead one would report HUP forever.
-            let re = self.wait(events);
+            let re = self.wait(events, 100);
             let hup = re & (libc::POLLHUP | libc::POLLERR) != 0;
             // An error from a notify means the connection died: libnbd has failed the
             // commands outstanding and run their callbacks.

@@ -192,6 +192,12 @@ impl NbdDisk {
         })
     }
 
+    /// The connection the host's ring thread may take replies from: the first, which
+    /// carries the small requests ([`conn`](Self::conn)).
+    fn taken(&self) -> &Conn {
+        &self.conns[0]
+    }
+
     /// Sends a submission as one command and returns; the reader thread answers it.
     fn submit_async(&self, mut sub: Submission) {
         let offset = sub.offset();
@@ -390,6 +396,18 @@ impl Disk for NbdDisk {
 
     fn submit(&self, submission: Submission) {
         self.submit_async(submission);
+    }
+
+    fn attach_completions(&self) -> Option<i32> {
+        self.taken().attach()
+    }
+
+    fn take_completions(&self) {
+        self.taken().take();
+    }
+
+    fn detach_completions(&self) {
+        self.taken().detach();
     }
 
     fn write_fua(&self, offset: u64, bufs: &WriteBufs<'_>) -> Result<()> {

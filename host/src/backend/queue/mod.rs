@@ -389,6 +389,19 @@ impl RingState {
     }
 }
 
+/// How [`RingThread::sleep`] ended.
+enum Slept {
+    /// Nothing rang for `park_after`: the ring may park.
+    Park,
+    /// Something rang; `by_plugin_only`: only the plugin's completion descriptor.
+    Woke { by_plugin_only: bool },
+}
+
+/// Wake-ups by a plugin's completion descriptor in a row that complete nothing before the
+/// ring thread stops watching it. A large reply arrives in a few pieces, each a wake-up
+/// with nothing whole yet; a dead connection's socket is readable forever.
+const IDLE_PLUGIN_WAKES: u32 = 1000;
+
 /// What the ring thread works with, unchanged while it runs.
 struct RingThread<'a> {
     disk: &'a Arc<GuardedDisk>,
@@ -435,12 +448,40 @@ impl RingThread<'_> {
     /// Schedule: answer completions, take new requests, and sleep when there is nothing to
     /// do, until stopped (and drained) or the guest breaks the ring.
     fn schedule(&self, shared: &Mutex<Answering>, intake: &mut Intake) -> Result<Flow, QueueError> {
+        // An asynchronous plugin whose replies arrive on a descriptor lets this thread read
+        // them (plugin ABI 1.3): the thread that sent a request answers it, and no reader
+        // thread of the plugin's wakes per reply. Detached when this returns (parked or
+        // stopped): the plugin's own threads then complete whatever is still in flight.
+        let mut taker = self.disk.attach_completions();
+        // Wake-ups by the plugin's descriptor in a row that completed nothing: a descriptor
+        // that stays readable (a dead connection) must not keep this thread spinning.
+        let mut idle_wakes = 0u32;
+        let mut woke_by_plugin = false;
         loop {
             // Held while awake: a completing thread answers only while this thread sleeps.
             let mut guard = lock_answering(shared);
             let st = &mut *guard;
             st.new_pass();
+            if let Some(t) = &taker {
+                if self.disk.still_plugged(t) {
+                    // Under the lock, completions go to `completions`, taken just below.
+                    t.take();
+                } else {
+                    // Swapped: the new disk may offer its own (the old one detaches).
+                    taker = self.disk.attach_completions();
+                }
+            }
             let mut progress = self.finish_completed(st);
+            if woke_by_plugin {
+                idle_wakes = if progress { 0 } else { idle_wakes + 1 };
+                if idle_wakes > IDLE_PLUGIN_WAKES {
+                    tracing::warn!(
+                        "the plugin's completion descriptor stays readable with nothing to take: its own threads complete from now on"
+                    );
+                    taker = None;
+                    idle_wakes = 0;
+                }
+            }
             let stopping = self.stop.load(Ordering::SeqCst);
             if stopping {
                 if st.free.in_use(self.size) == 0 {
@@ -503,8 +544,14 @@ impl RingThread<'_> {
                 && intake.held.is_none()
                 && !stopping;
             drop(guard);
-            if self.sleep(intake.throttled_until, self.park_after.filter(|_| idle)) {
-                return Ok(Flow::Idle);
+            let also = taker.as_ref().map_or(-1, |t| t.fd());
+            match self.sleep(
+                intake.throttled_until,
+                self.park_after.filter(|_| idle),
+                also,
+            ) {
+                Slept::Park => return Ok(Flow::Idle),
+                Slept::Woke { by_plugin_only } => woke_by_plugin = by_plugin_only,
             }
         }
     }
@@ -532,7 +579,9 @@ impl RingThread<'_> {
     /// allows the held request). Once stopped, it looks every 10 ms while what is in flight
     /// drains. With `park_after`, sleeps no longer than that: true when nothing rang by
     /// then, and the ring, still armed to be woken, may park.
-    fn sleep(&self, until: Option<Instant>, park_after: Option<Duration>) -> bool {
+    ///
+    /// `also` (or -1): the plugin's completion descriptor, whose readiness also wakes it.
+    fn sleep(&self, until: Option<Instant>, park_after: Option<Duration>, also: i32) -> Slept {
         // SeqCst: after `about_to_sleep`, so either this sees `stop` or the stopper saw the
         // thread asleep and rang (see `EventFdWake`).
         let stopping = self.stop.load(Ordering::SeqCst);
@@ -556,14 +605,20 @@ impl RingThread<'_> {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: also,
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: two valid pollfds.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        let n = if also < 0 { 2 } else { 3 };
+        // SAFETY: `n` valid pollfds.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
         if ready == 0 && until.is_none() && park_after.is_some() && !stopping {
             // Still armed (`about_to_sleep`, the ring's final check): whoever rings next
             // finds the ring parked, and the waiter gives it a thread.
-            return true;
+            return Slept::Park;
         }
         // Only what rang is read: each read is a system call, and a ring thread under load
         // wakes tens of thousands of times a second.
@@ -571,7 +626,9 @@ impl RingThread<'_> {
         if fds[0].revents != 0 {
             let _ = self.evtchn.ack();
         }
-        false
+        Slept::Woke {
+            by_plugin_only: fds[2].revents != 0 && fds[0].revents == 0 && fds[1].revents == 0,
+        }
     }
 
     /// Take: every request the guest has produced, each copied out once and dispatched,
