@@ -184,3 +184,76 @@ fn pairs_against_the_fair_nbd_reference_on_every_pattern() {
     assert_eq!(json_number(&out, "nbd_fair_bytes"), ops * (1 << 20) as f64);
     assert_eq!(json_number(&out, "nbd_fair_failed"), 0.0, "{out}");
 }
+
+/// The CPUs a thread of process `pid` may run on (`Cpus_allowed_list`), by thread name.
+fn allowed_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            let list = l.split_whitespace().nth(1).unwrap_or("").to_string();
+            out.push((comm.trim().to_string(), list));
+        }
+    }
+    out
+}
+
+/// `--client-cpu N` keeps the simulated guest and the ring thread on CPU N, leaves the
+/// plugin's own threads (nbd-client's readers) where the scheduler puts them, says so in
+/// the JSON, and refuses a CPU the process may not use in one line.
+#[test]
+fn client_cpu_keeps_guest_and_ring_on_one_cpu_and_the_plugins_threads_free() {
+    let t = TempDir::new("pairs-cpu");
+    let (_server, cfg) = nbdkit_memory(&t, "64M");
+    build_all();
+    let child = Command::new(target_dir().join("xen-disk-host"))
+        .args(["bench", "nbd-client", "-c", &cfg, "--rw", "randwrite"])
+        .args(["--seconds", "2", "--poll-us", "0", "--client-cpu", "0"])
+        .args(["--fio-nbd", "--json"])
+        .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < std::time::Duration::from_secs(20) {
+        seen = allowed_cpus(child.id());
+        let named = |n: &str| seen.iter().any(|(c, _)| c == n);
+        if named("guest-0") && named("ring-0") && named("nbd-reader-0") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let o = child.wait_with_output().unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    let cpus = |n: &str| {
+        seen.iter()
+            .find(|(c, _)| c == n)
+            .map(|(_, l)| l.clone())
+            .unwrap_or_else(|| panic!("no thread {n} seen: {seen:?}"))
+    };
+    assert_eq!(cpus("guest-0"), "0", "{seen:?}");
+    assert_eq!(cpus("ring-0"), "0", "{seen:?}");
+    // SAFETY: no preconditions.
+    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } > 1 {
+        assert_ne!(
+            cpus("nbd-reader-0"),
+            "0",
+            "a plugin thread was pinned: {seen:?}"
+        );
+    }
+    assert_eq!(json_number(&out, "client_cpu"), 0.0, "{out}");
+    assert!(json_number(&out, "nbd_fair_iops") > 0.0, "{out}");
+
+    let o = host(&["bench", "nbd-client", "-c", &cfg, "--client-cpu", "100000"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--client-cpu 100000"), "{err}");
+}

@@ -284,7 +284,9 @@ pub trait Disk: Send + Sync + 'static {
     /// Takes the completions that are ready, without blocking, completing their
     /// submissions on the calling thread. Called by the attached host thread once per pass
     /// and when the descriptor is readable; another thread may be taking at that moment, so
-    /// skip rather than wait for it.
+    /// skip rather than wait for it. The attached thread also calls it after every pass in
+    /// which it submitted, before it sleeps (or it detaches): what that thread submits may
+    /// be held back until then and sent in one go.
     fn take_completions(&self) {}
 
     /// Ends the attachment: the host no longer watches the descriptor (its ring went idle,

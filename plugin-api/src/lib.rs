@@ -299,6 +299,9 @@
 //!   the host calling you.
 //! - After `detach_completions`, watch the descriptor again at once: replies may be
 //!   waiting.
+//! - The attached thread calls `take_completions` after every pass in which it submitted,
+//!   before it sleeps or detaches. So what it submits may wait there to go out together
+//!   (one system call and one server wake-up for a burst); your stand-in sends it too.
 //! - A descriptor that stays readable with nothing to take (a dead connection) is let go by
 //!   the host after a thousand such wake-ups in a row; your own thread completes from then
 //!   on.

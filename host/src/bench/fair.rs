@@ -267,11 +267,13 @@ pub fn from_cli(
     fio_nbd: Option<&str>,
     config: &xen_disk_plugin_api::Config,
     (pattern, bs, depth, region, duration): (Pattern, usize, usize, u64, Duration),
+    client_cpu: Option<usize>,
 ) -> anyhow::Result<Vec<Measured>> {
     let mut out = Vec::new();
     if rbd_bench {
-        let figures = super::rbd_fair::run(config, pattern, bs, depth, region, duration)
-            .map_err(|e| anyhow::anyhow!("--rbd-bench: the fair librbd reference: {e}"))?;
+        let figures =
+            super::rbd_fair::run(config, pattern, bs, depth, region, duration, client_cpu)
+                .map_err(|e| anyhow::anyhow!("--rbd-bench: the fair librbd reference: {e}"))?;
         out.push(Measured {
             label: "rbd-fair",
             what: "librbd aio, fresh data per write, same image",
@@ -285,7 +287,7 @@ pub fn from_cli(
             ("", None) => anyhow::bail!("--fio-nbd: give a URI, or a plugin with a `uri` key"),
             (u, _) => u.to_string(),
         };
-        let figures = super::nbd_fair::run(&uri, pattern, bs, depth, region, duration)
+        let figures = super::nbd_fair::run(&uri, pattern, bs, depth, region, duration, client_cpu)
             .map_err(|e| anyhow::anyhow!("--fio-nbd {uri}: the fair libnbd reference: {e}"))?;
         out.push(Measured {
             label: "nbd-fair",

@@ -9,7 +9,10 @@
 //! - [`rbd`]: `rbd bench` on the same Ceph image, for the `ceph-rbd` plugin.
 //! - [`fair`], [`rbd_fair`], [`nbd_fair`]: the fair references, small librbd and libnbd
 //!   clients that write fresh data on every request at the plugin's depth and block size.
+//! - [`cpu`]: `--client-cpu`, the client side of the plugin's run and of the fair
+//!   references on one CPU.
 
+pub mod cpu;
 pub mod direct;
 pub mod fair;
 pub mod fio_nbd;

@@ -108,6 +108,7 @@ pub fn run(
     depth: usize,
     region: u64,
     duration: Duration,
+    client_cpu: Option<usize>,
 ) -> Result<FairFigures, String> {
     let lib = Lib::load()?;
     let depth = depth.max(1);
@@ -141,6 +142,8 @@ pub fn run(
     let mut tally = Tally::default();
     let mut seq = 0u64;
     DONE.with(|d| d.borrow_mut().clear());
+    // Connected: only the submitting thread keeps to the client CPU (`--client-cpu`).
+    let _pin = super::cpu::pin_here(client_cpu)?;
     let started = Instant::now();
     let deadline = started + duration;
     let mut submit = |slot: usize, bufs: &mut [AlignedBuf], sent: &mut [Instant]| {

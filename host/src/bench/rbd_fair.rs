@@ -237,8 +237,12 @@ pub fn run(
     depth: usize,
     region: u64,
     duration: Duration,
+    client_cpu: Option<usize>,
 ) -> Result<FairFigures, String> {
     let img = Image::open(config)?;
+    // After the open: librbd's own threads, started by it, stay free; only the submitting
+    // thread keeps to the client CPU (`--client-cpu`).
+    let _pin = super::cpu::pin_here(client_cpu)?;
     let lib = img.lib;
     let region = region.min(img.size()?);
     if region < bs as u64 {

@@ -51,6 +51,8 @@ pub struct RingOptions {
     pub answer_on_completion: bool,
     /// The device's I/O limits (none: the limiter is off, as on a disk without limits).
     pub limits: crate::backend::limits::IoLimits,
+    /// The CPU the ring threads and the simulated guests keep to (`--client-cpu`).
+    pub client_cpu: Option<usize>,
 }
 
 const GUEST: u32 = 1;
@@ -95,6 +97,10 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
     if opts.queues == 0 || opts.queues > 16 {
         return Err(format!("--queues {}: must be 1 to 16", opts.queues));
     }
+    if let Some(c) = opts.client_cpu {
+        super::cpu::check(c)?;
+    }
+    let cpu = opts.client_cpu;
     let order = (0..=MAX_RING_PAGE_ORDER)
         .find(|&o| ring_entries(o, LAYOUT_64.entry_size) as usize >= opts.iodepth)
         .ok_or_else(|| format!("--iodepth {} exceeds the largest ring (512)", opts.iodepth))?;
@@ -156,7 +162,18 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
         bells.push(parts.doorbell.clone());
         let (s, st, d) = (stop.clone(), Arc::new(QueueStats::default()), disk.clone());
         queue_stats.push(st.clone());
-        servers.push(std::thread::spawn(move || serve(parts, d, s, st)));
+        // Named, so per-thread figures (`/proc/PID/task/*/comm`, `perf --tid`) say which is
+        // the host's ring thread and which the simulated guest.
+        servers.push(
+            std::thread::Builder::new()
+                .name(format!("ring-{qi}"))
+                .spawn(move || {
+                    // Checked before any thread started (`cpu::check`).
+                    let _pin = super::cpu::pin_here(cpu);
+                    serve(parts, d, s, st)
+                })
+                .map_err(|e| format!("ring thread: {e}"))?,
+        );
         let job = Job {
             opts: opts.clone(),
             size: info.size,
@@ -164,7 +181,15 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             deadline,
             flush_first: info.can_flush,
         };
-        drivers.push(std::thread::spawn(move || drive(q, pages, job)));
+        drivers.push(
+            std::thread::Builder::new()
+                .name(format!("guest-{qi}"))
+                .spawn(move || {
+                    let _pin = super::cpu::pin_here(cpu)?;
+                    drive(q, pages, job)
+                })
+                .map_err(|e| format!("guest thread: {e}"))?,
+        );
     }
     let mut hist = Histogram::default();
     let (mut ops, mut failed) = (0u64, 0u64);
@@ -383,6 +408,7 @@ mod tests {
             poll: Duration::ZERO,
             answer_on_completion: false,
             limits: Default::default(),
+            client_cpu: None,
         }
     }
 

@@ -18,6 +18,13 @@
 //! command done; waking and answering wait until the reader's notify call has released that
 //! lock.
 //!
+//! The host's ring thread may take the replies instead ([`Conn::attach`], plugin ABI 1.3):
+//! it reads the socket once per pass and while asleep polls it beside the guest's event
+//! channel, and the commands it submits are held back until its next pass, then sent in one
+//! message. The reader thread then stops watching the socket but looks every
+//! [`STAND_IN_MS`]: if the ring thread took nothing since the last look (it may be waiting
+//! on the disk itself, in a hot swap's drain), the reader sends what is held and reads.
+//!
 //! Nothing waits forever: if commands are outstanding and none has completed for `timeout`,
 //! the reader shuts the socket down; the reader then sees end-of-file, marks the connection
 //! dead and fails every outstanding command, whose callers then return an error.
@@ -132,6 +139,18 @@ pub struct Conn {
     attached: AtomicBool,
     /// Counts the attached thread's takes: the reader stands in only when it stopped.
     takes: AtomicU64,
+    /// The attached thread's [`thread_token`] (0: none). Its submissions are held back and
+    /// go out together at its next take: it takes once per pass, so before it sleeps.
+    attached_by: AtomicU64,
+}
+
+/// A number for the calling thread, unique in the process and never 0.
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TOKEN.with(|t| *t)
 }
 
 /// Replies parsed out of the socket, by whichever thread reads it.
@@ -284,6 +303,7 @@ impl Conn {
             replies: Mutex::default(),
             attached: AtomicBool::new(false),
             takes: AtomicU64::new(0),
+            attached_by: AtomicU64::new(0),
         })
     }
 
@@ -324,7 +344,7 @@ impl Conn {
         if let Some(wire) = &self.wire {
             let done: crate::wire::Done = Box::new(move |errno| waiter.finish(errno));
             // SAFETY: the caller's contract; the Pending waits for `done`.
-            unsafe { wire.submit(cmd, done, |why| self.cut(why)) };
+            unsafe { wire.submit(cmd, done, |why| self.cut(why), false) };
             return Ok(pending);
         }
         let cb = CompletionCallback {
@@ -381,7 +401,9 @@ impl Conn {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(result)));
             });
             // SAFETY: the caller's contract.
-            unsafe { wire.submit(cmd, done, |why| self.cut(why)) };
+            let hold = self.attached_by.load(Ordering::Relaxed) == thread_token();
+            // SAFETY: as above.
+            unsafe { wire.submit(cmd, done, |why| self.cut(why), hold) };
             return;
         }
         let ctx = Box::new(AsyncCommand {
@@ -469,6 +491,7 @@ impl Conn {
                 // runs, replies are its to take.
                 let takes = self.takes.load(Ordering::Relaxed);
                 if takes == seen && self.pending() > 0 {
+                    self.send_held(wire);
                     self.read_replies(wire, &mut lock(&self.replies));
                 }
                 seen = takes;
@@ -500,6 +523,7 @@ impl Conn {
         if self.wire.is_none() || self.attached.swap(true, Ordering::AcqRel) {
             return None;
         }
+        self.attached_by.store(thread_token(), Ordering::Relaxed);
         // The reader may be asleep on the socket: it steps back now.
         self.nudge();
         Some(self.fd)
@@ -509,13 +533,28 @@ impl Conn {
     /// reading them right now.
     pub fn take(&self) {
         self.takes.fetch_add(1, Ordering::Relaxed);
-        if let (Some(wire), Ok(mut replies)) = (&self.wire, self.replies.try_lock()) {
+        let Some(wire) = &self.wire else { return };
+        // What this thread sent since its last take goes out first, in one message.
+        self.send_held(wire);
+        if let Ok(mut replies) = self.replies.try_lock() {
             self.read_replies(wire, &mut replies);
+        }
+    }
+
+    /// Sends the commands held back; a failed send cuts the connection.
+    fn send_held(&self, wire: &Wire) {
+        if let Err(why) = wire.send_held() {
+            self.cut(why);
+            wire.kill(libc::EIO);
         }
     }
 
     /// Gives the replies back to the reader thread, which watches the socket again at once.
     pub fn detach(&self) {
+        self.attached_by.store(0, Ordering::Relaxed);
+        if let Some(wire) = &self.wire {
+            self.send_held(wire);
+        }
         if self.attached.swap(false, Ordering::AcqRel) {
             self.nudge();
         }

@@ -68,7 +68,23 @@ pub struct Wire {
     timeout: Duration,
     send: Mutex<()>,
     table: Mutex<Table>,
+    /// Commands held back to go out together ([`Wire::submit`] with `hold`).
+    held: Mutex<Held>,
 }
+
+/// Commands whose bytes wait for [`Wire::send_held`]: each a header and a write's data.
+#[derive(Default)]
+struct Held {
+    headers: Vec<[u8; REQUEST_LEN]>,
+    data: Vec<(*const u8, usize)>,
+}
+
+// SAFETY: the data pointers are commands' buffers, valid until the commands complete, which
+// is after they are sent, whichever thread sends them.
+unsafe impl Send for Held {}
+
+/// At most this many commands are held back: then they go out at once.
+const HOLD_MAX: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -161,6 +177,7 @@ impl Wire {
                 generation: 0,
                 dead: None,
             }),
+            held: Mutex::default(),
         }
     }
 
@@ -168,9 +185,19 @@ impl Wire {
     /// or at once here when the connection is dead or the send fails (then `on_death` first
     /// learns why).
     ///
+    /// With `hold`, the command's bytes wait with others for [`send_held`](Self::send_held)
+    /// (or until [`HOLD_MAX`] wait): one system call, and one wake-up of the server, for a
+    /// burst of commands.
+    ///
     /// # Safety
     /// The command's buffer stays valid (a read's also untouched) until `done` runs.
-    pub unsafe fn submit(&self, cmd: Command, done: Done, on_death: impl FnOnce(String)) {
+    pub unsafe fn submit(
+        &self,
+        cmd: Command,
+        done: Done,
+        on_death: impl FnOnce(String),
+        hold: bool,
+    ) {
         let (kind, flags, offset, len, data) = encode(&cmd);
         // NBD lengths are 32-bit; callers split larger ranges, so this is a bug caught here
         // rather than a length sent truncated.
@@ -198,28 +225,68 @@ impl Wire {
             cookie
         };
         let header = request(kind, flags, cookie, offset, len);
-        if let Err(why) = self.send_all(&header, data) {
+        let sent = if hold {
+            let mut held = lock(&self.held);
+            held.headers.push(header);
+            held.data.push(data.unwrap_or((std::ptr::null(), 0)));
+            if held.headers.len() < HOLD_MAX {
+                return;
+            }
+            self.send_out(&mut held)
+        } else {
+            let (p, n) = data.unwrap_or((std::ptr::null(), 0));
+            let mut iov = [
+                libc::iovec {
+                    iov_base: header.as_ptr() as *mut _,
+                    iov_len: header.len(),
+                },
+                libc::iovec {
+                    iov_base: p as *mut _,
+                    iov_len: n,
+                },
+            ];
+            self.send_all(&mut iov[..if n == 0 { 1 } else { 2 }])
+        };
+        if let Err(why) = sent {
             on_death(why);
             self.kill(libc::EIO);
         }
     }
 
-    /// Writes the header and data as one message, waiting (up to the timeout) while the
-    /// socket is full. Senders take turns: a command's bytes are never interleaved.
-    fn send_all(&self, header: &[u8], data: Option<(*const u8, usize)>) -> Result<(), String> {
+    /// Sends the commands held back, in one message. On failure the caller cuts the
+    /// connection (their `done` runs then, from the table).
+    pub fn send_held(&self) -> Result<(), String> {
+        let mut held = lock(&self.held);
+        if held.headers.is_empty() {
+            return Ok(());
+        }
+        self.send_out(&mut held)
+    }
+
+    fn send_out(&self, held: &mut Held) -> Result<(), String> {
+        let mut iov = Vec::with_capacity(2 * held.headers.len());
+        for (h, &(p, n)) in held.headers.iter().zip(&held.data) {
+            iov.push(libc::iovec {
+                iov_base: h.as_ptr() as *mut _,
+                iov_len: h.len(),
+            });
+            if n > 0 {
+                iov.push(libc::iovec {
+                    iov_base: p as *mut _,
+                    iov_len: n,
+                });
+            }
+        }
+        let r = self.send_all(&mut iov);
+        held.headers.clear();
+        held.data.clear();
+        r
+    }
+
+    /// Writes the pieces as one message, waiting (up to the timeout) while the socket is
+    /// full. Senders take turns: a command's bytes are never interleaved.
+    fn send_all(&self, iov: &mut [libc::iovec]) -> Result<(), String> {
         let _turn = lock(&self.send);
-        let (p, n) = data.unwrap_or((std::ptr::null(), 0));
-        let mut iov = [
-            libc::iovec {
-                iov_base: header.as_ptr() as *mut _,
-                iov_len: header.len(),
-            },
-            libc::iovec {
-                iov_base: p as *mut _,
-                iov_len: n,
-            },
-        ];
-        let iov = &mut iov[..if n == 0 { 1 } else { 2 }];
         let mut first = 0;
         while first < iov.len() {
             // SAFETY: a zeroed msghdr is valid; the iovecs point to the header and the
@@ -297,6 +364,12 @@ impl Wire {
         };
         // SAFETY: fd is the caller's socket, open while the Wire lives.
         unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        // Held commands are in `entries` too: their buffers go back below, so their bytes
+        // must never be sent.
+        let mut held = lock(&self.held);
+        held.headers.clear();
+        held.data.clear();
+        drop(held);
         for e in entries.into_iter().flatten() {
             (e.done)(errno);
         }
@@ -514,6 +587,108 @@ mod tests {
         );
         b[0] = 0x66;
         assert_eq!(parse_reply(&b), None);
+    }
+
+    /// A connected pair of non-blocking Unix sockets: (ours, the server's).
+    fn pair() -> (c_int, c_int) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into a live array.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        (fds[0], fds[1])
+    }
+
+    /// What the server side can read now (nothing: empty).
+    fn drain(fd: c_int) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut b = [0u8; 65536];
+        loop {
+            // SAFETY: reads into a live buffer of its length.
+            let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
+            if n <= 0 {
+                return out;
+            }
+            out.extend_from_slice(&b[..n as usize]);
+        }
+    }
+
+    fn write_cmd(data: &[u8], offset: u64) -> Command {
+        Command::Write {
+            buf: data.as_ptr(),
+            len: data.len(),
+            offset,
+            fua: false,
+        }
+    }
+
+    #[test]
+    fn held_commands_go_out_together_in_order_and_never_after_a_kill() {
+        let (ours, server) = pair();
+        let wire = Wire::new(ours, Duration::from_secs(5));
+        let data: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 512]).collect();
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for (i, d) in data.iter().enumerate() {
+            let f = failed.clone();
+            let done: Done = Box::new(move |e| {
+                if e != 0 {
+                    f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            // SAFETY: `data` outlives the wire's use of it (sent below, or dropped by kill).
+            unsafe { wire.submit(write_cmd(d, i as u64 * 512), done, |_| {}, true) };
+        }
+        assert!(drain(server).is_empty(), "held commands went out early");
+        wire.send_held().unwrap();
+        let got = drain(server);
+        assert_eq!(got.len(), 3 * (REQUEST_LEN + 512));
+        for (i, chunk) in got.chunks(REQUEST_LEN + 512).enumerate() {
+            let offset = u64::from_be_bytes(chunk[16..24].try_into().unwrap());
+            assert_eq!(offset, i as u64 * 512);
+            assert!(chunk[REQUEST_LEN..].iter().all(|&b| b == i as u8 + 1));
+        }
+        // A full hold goes out without waiting for send_held.
+        let one = vec![9u8; 16];
+        for i in 0..HOLD_MAX {
+            // SAFETY: `one` outlives the wire.
+            unsafe { wire.submit(write_cmd(&one, i as u64), Box::new(|_| {}), |_| {}, true) };
+        }
+        assert_eq!(drain(server).len(), HOLD_MAX * (REQUEST_LEN + 16));
+        // Killed with a command held: it fails, and its bytes are never sent.
+        // SAFETY: as above.
+        unsafe { wire.submit(write_cmd(&data[0], 0), Box::new(|_| {}), |_| {}, true) };
+        let f = failed.clone();
+        // SAFETY: as above.
+        unsafe {
+            wire.submit(
+                write_cmd(&data[1], 512),
+                Box::new(move |e| {
+                    assert_eq!(e, libc::EIO);
+                    f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }),
+                |_| {},
+                true,
+            )
+        };
+        wire.kill(libc::EIO);
+        // The three sent first had no reply yet: they fail too.
+        assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 4);
+        wire.send_held().unwrap();
+        assert!(
+            drain(server).is_empty(),
+            "a killed command's bytes were sent"
+        );
+        // SAFETY: our two descriptors, closed once.
+        unsafe {
+            libc::close(ours);
+            libc::close(server);
+        }
     }
 
     #[test]
