@@ -472,7 +472,7 @@ impl RingThread<'_> {
                 }
             }
             let mut progress = self.finish_completed(st);
-            if woke_by_plugin {
+            if std::mem::take(&mut woke_by_plugin) {
                 idle_wakes = if progress { 0 } else { idle_wakes + 1 };
                 if idle_wakes > IDLE_PLUGIN_WAKES {
                     tracing::warn!(
