@@ -491,7 +491,8 @@ impl Conn {
                 // runs, replies are its to take.
                 let takes = self.takes.load(Ordering::Relaxed);
                 if takes == seen && self.pending() > 0 {
-                    self.send_held(wire);
+                    // Not behind a send that waits for room: the replies read here make it.
+                    self.send_held(wire, true);
                     self.read_replies(wire, &mut lock(&self.replies));
                 }
                 seen = takes;
@@ -535,15 +536,16 @@ impl Conn {
         self.takes.fetch_add(1, Ordering::Relaxed);
         let Some(wire) = &self.wire else { return };
         // What this thread sent since its last take goes out first, in one message.
-        self.send_held(wire);
+        self.send_held(wire, false);
         if let Ok(mut replies) = self.replies.try_lock() {
             self.read_replies(wire, &mut replies);
         }
     }
 
-    /// Sends the commands held back; a failed send cuts the connection.
-    fn send_held(&self, wire: &Wire) {
-        if let Err(why) = wire.send_held() {
+    /// Sends the commands held back (see [`Wire::send_held`]); a failed send cuts the
+    /// connection.
+    fn send_held(&self, wire: &Wire, unless_busy: bool) {
+        if let Err(why) = wire.send_held(unless_busy) {
             self.cut(why);
             wire.kill(libc::EIO);
         }
@@ -553,7 +555,7 @@ impl Conn {
     pub fn detach(&self) {
         self.attached_by.store(0, Ordering::Relaxed);
         if let Some(wire) = &self.wire {
-            self.send_held(wire);
+            self.send_held(wire, false);
         }
         if self.attached.swap(false, Ordering::AcqRel) {
             self.nudge();

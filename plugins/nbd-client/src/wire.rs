@@ -254,9 +254,19 @@ impl Wire {
     }
 
     /// Sends the commands held back, in one message. On failure the caller cuts the
-    /// connection (their `done` runs then, from the table).
-    pub fn send_held(&self) -> Result<(), String> {
-        let mut held = lock(&self.held);
+    /// connection (their `done` runs then, from the table). With `unless_busy`, returns at
+    /// once if another thread is sending them: it may be waiting for room in a full socket,
+    /// which only replies read meanwhile make.
+    pub fn send_held(&self, unless_busy: bool) -> Result<(), String> {
+        let mut held = if unless_busy {
+            match self.held.try_lock() {
+                Ok(h) => h,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            }
+        } else {
+            lock(&self.held)
+        };
         if held.headers.is_empty() {
             return Ok(());
         }
@@ -645,7 +655,7 @@ mod tests {
             unsafe { wire.submit(write_cmd(d, i as u64 * 512), done, |_| {}, true) };
         }
         assert!(drain(server).is_empty(), "held commands went out early");
-        wire.send_held().unwrap();
+        wire.send_held(false).unwrap();
         let got = drain(server);
         assert_eq!(got.len(), 3 * (REQUEST_LEN + 512));
         for (i, chunk) in got.chunks(REQUEST_LEN + 512).enumerate() {
@@ -679,7 +689,7 @@ mod tests {
         wire.kill(libc::EIO);
         // The three sent first had no reply yet: they fail too.
         assert_eq!(failed.load(std::sync::atomic::Ordering::SeqCst), 4);
-        wire.send_held().unwrap();
+        wire.send_held(false).unwrap();
         assert!(
             drain(server).is_empty(),
             "a killed command's bytes were sent"
