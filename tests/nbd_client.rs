@@ -336,7 +336,7 @@ fn read_blocks(disk: &GuardedDisk, n: u64, seed: u8) {
 
 /// The host may read a connection's replies on its own thread (plugin ABI 1.3, what the
 /// ring thread does): one attacher at a time, and the replies it takes complete the
-/// requests with their data. While it takes none (a ring held up by a swap, say), the
+/// requests with their data, its own blocking calls included. While it takes none (a ring held up by a swap, say), the
 /// reader thread stands in, so nothing hangs or times out; detached, the disk carries on.
 #[test]
 fn replies_are_taken_by_the_host_and_by_the_reader_when_the_host_stops() {
@@ -371,10 +371,16 @@ fn replies_are_taken_by_the_host_and_by_the_reader_when_the_host_stops() {
         taker.take();
     }
     reads.join().unwrap();
-    // Attached but never taking: the reader thread stands in (the timeout is 60 s, so a
-    // read that waited for it would fail the test's bound, not end in an error).
-    let start = Instant::now();
+    // The attached thread's own blocking reads: it takes their replies while it waits.
     read_blocks(&disk, 64, 3);
+    // Attached but never taking: another thread's reads are answered by the reader thread
+    // standing in (the timeout is 60 s, so a read that waited for it would fail the test's
+    // bound, not end in an error).
+    let start = Instant::now();
+    let d = disk.clone();
+    std::thread::spawn(move || read_blocks(&d, 64, 3))
+        .join()
+        .unwrap();
     assert!(
         start.elapsed() < Duration::from_secs(30),
         "reads waited {:?} for a host that stopped taking",

@@ -562,6 +562,17 @@ impl Conn {
         }
     }
 
+    /// Sleeps up to `ms` until the socket is readable.
+    fn wait_readable(&self, ms: c_int) {
+        let mut p = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        unsafe { libc::poll(&mut p, 1, ms) };
+    }
+
     /// Sleeps up to `ms` until the socket shows one of `events` (0: the socket is not
     /// watched) or the reader is nudged; returns the socket's poll events.
     fn wait(&self, events: i16, ms: c_int) -> i16 {
@@ -728,10 +739,21 @@ impl Pending<'_> {
         self.waited = true;
         let c = self.conn;
         let w = &self.waiter;
+        // The thread that has the replies (attached: a ring thread serving a blocking call
+        // itself, `--workers 0`) reads them while it waits, rather than leave its own reply
+        // to the reader's stand-in look.
+        let mine = c.attached_by.load(Ordering::Relaxed) == thread_token();
         // The reader thread's callback sets `done`, then unparks us (an unpark that comes
         // first makes the next park return at once).
         while !w.done.load(Ordering::Acquire) {
-            std::thread::park();
+            if mine {
+                c.take();
+                if !w.done.load(Ordering::Acquire) {
+                    c.wait_readable(STAND_IN_MS);
+                }
+            } else {
+                std::thread::park();
+            }
         }
         c.ended(self.bytes, true);
         c.outcome(w.error.load(Ordering::Acquire), self.what)
