@@ -915,3 +915,101 @@ fn a_server_breaking_the_protocol_fails_the_connection_not_the_host() {
         server.join().unwrap();
     }
 }
+
+/// A one-threaded fake server that serves every command in order: reads answered with
+/// bytes of 0x5a, writes read in full and acknowledged. It writes each reply whole before
+/// it reads the next command, so a large read reply the client does not take stops it
+/// reading anything.
+fn in_order_server(socket: &Path) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        fake_handshake(&mut c);
+        let mut req = [0u8; 28];
+        while c.read_exact(&mut req).is_ok() {
+            let kind = u16::from_be_bytes([req[6], req[7]]);
+            let len = u32::from_be_bytes(req[24..28].try_into().unwrap()) as usize;
+            let mut reply = vec![0u8; 16];
+            reply[0..4].copy_from_slice(&0x6744_6698u32.to_be_bytes());
+            reply[8..16].copy_from_slice(&req[8..16]);
+            match kind {
+                0 => reply.extend(std::iter::repeat_n(0x5a, len)),
+                1 => {
+                    let mut data = vec![0u8; len];
+                    if c.read_exact(&mut data).is_err() {
+                        return;
+                    }
+                }
+                2 => return,
+                _ => {}
+            }
+            if c.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// The attached (ring) thread blocked sending a large write into a full socket, while the
+/// server, blocked writing a large read reply nobody takes, reads nothing: the reader's
+/// stand-in takes the reply without queueing behind that send, the server moves on, and
+/// both complete. The timeout is 60 s, so only that gets them through the test's bound.
+#[test]
+fn a_send_blocked_on_a_full_socket_is_freed_by_the_stand_in_reading_replies() {
+    use xen_disk_plugin_api::{RawBuf, SubmitOp};
+    let t = TempDir::new("nbd-full");
+    let socket = t.join("full.sock");
+    let server = in_order_server(&socket);
+    let uri = format!("uri=nbd+unix:///?socket={}", socket.display());
+    let disk = Arc::new(open(&[uri, "timeout=60".into()]));
+    let taker = disk
+        .attach_completions()
+        .expect("nbd-client offers its socket");
+    let start = Instant::now();
+    // Both held by this (attached) thread, then sent together at its take: the server reads
+    // the 1 MiB read first and blocks writing its reply, so the rest of the 1 MiB write
+    // finds no room, and the take waits inside its send.
+    let mut read = vec![0u8; 1 << 20];
+    let data = vec![7u8; 1 << 20];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx2 = tx.clone();
+    // SAFETY: both buffers live until both completions have been received below.
+    unsafe {
+        disk.submit(
+            SubmitOp::Read,
+            0,
+            vec![RawBuf::from_mut(&mut read)],
+            move |r| tx.send(("read", r)).unwrap(),
+        );
+        disk.submit(
+            SubmitOp::Write,
+            0,
+            vec![RawBuf::from_ref(&data)],
+            move |r| tx2.send(("write", r)).unwrap(),
+        );
+    }
+    let mut done = Vec::new();
+    while done.len() < 2 {
+        taker.take();
+        while let Ok((what, r)) = rx.try_recv() {
+            r.unwrap_or_else(|e| panic!("{what}: {e}"));
+            done.push(what);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still waiting after {:?}: {done:?} done",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(read.iter().all(|&x| x == 0x5a), "read data");
+    drop(taker);
+    drop(disk);
+    server.join().unwrap();
+}
