@@ -77,6 +77,8 @@ pub struct Wire {
 struct Held {
     headers: Vec<[u8; REQUEST_LEN]>,
     data: Vec<(*const u8, usize)>,
+    /// The message's pieces, rebuilt at each send (kept: no allocation per pass).
+    iov: Vec<libc::iovec>,
 }
 
 // SAFETY: the data pointers are commands' buffers, valid until the commands complete, which
@@ -274,8 +276,9 @@ impl Wire {
     }
 
     fn send_out(&self, held: &mut Held) -> Result<(), String> {
-        let mut iov = Vec::with_capacity(2 * held.headers.len());
-        for (h, &(p, n)) in held.headers.iter().zip(&held.data) {
+        let Held { headers, data, iov } = held;
+        iov.clear();
+        for (h, &(p, n)) in headers.iter().zip(data.iter()) {
             iov.push(libc::iovec {
                 iov_base: h.as_ptr() as *mut _,
                 iov_len: h.len(),
@@ -287,9 +290,9 @@ impl Wire {
                 });
             }
         }
-        let r = self.send_all(&mut iov);
-        held.headers.clear();
-        held.data.clear();
+        let r = self.send_all(iov);
+        headers.clear();
+        data.clear();
         r
     }
 

@@ -100,39 +100,8 @@ fn an_answer_goes_out_before_the_rest_of_a_burst_starts() {
         )
         .unwrap(),
     );
-    let dom = SimDomain::new(GUEST, 8, 4).unwrap();
-    let mut q = FrontQueue::new(dom.clone(), 0, 0, 0, Protocol::X86_64, 0).unwrap();
-    let mut pages = DataPages::new(dom.clone(), 0, 1, 3, true).unwrap();
-    let back = Arc::new(dom.backend(0));
-    let ring_mapping = back.map(GUEST, q.ring_grefs(), true).unwrap();
-    // SAFETY: the mapping goes to the queue with the ring and outlives it.
-    let ring =
-        unsafe { BackRing::attach(ring_mapping.as_ptr(), ring_mapping.len(), Protocol::X86_64) }
-            .unwrap();
-    let evtchn = back.bind_interdomain(GUEST, q.port()).unwrap();
-    let info = disk.info();
-    let parts = QueueParts {
-        ring,
-        ring_mapping,
-        evtchn,
-        grants: back,
-        guest: GUEST,
-        limits: Advertisement::new(&HostOffer::standard(1, 1), &info).limits(),
-        workers: 1,
-        persistent: true,
-        poll: Duration::ZERO,
-        answer_on_completion: true,
-        limiter: Arc::new(Limiter::new(Default::default())),
-        doorbell: Arc::new(EventFdWake::new().unwrap()),
-        park_after: None,
-        latency_every: 0,
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let bell = parts.doorbell.clone();
-    let server = {
-        let (stop, stats) = (stop.clone(), Arc::new(QueueStats::default()));
-        std::thread::spawn(move || serve(parts, disk, stop, stats))
-    };
+    let mut served = Served::start(disk);
+    let (q, pages) = (&mut served.q, &mut served.pages);
     // Three reads in one burst: the ring thread takes them in order.
     let mut ids = Vec::new();
     for offset in [0u64, 4096, 8192] {
@@ -165,9 +134,7 @@ fn an_answer_goes_out_before_the_rest_of_a_burst_starts() {
         released_by_guest.load(Ordering::SeqCst),
         "the first answer reached the guest only after the third request started"
     );
-    stop.store(true, Ordering::SeqCst);
-    bell.wake();
-    server.join().unwrap().unwrap();
+    served.finish();
 }
 
 /// A ring served from `disk` on another thread, and the guest's side of it.
