@@ -107,7 +107,32 @@ impl Cluster {
             0,
             "signal {signal} to osd.0"
         );
+        // kill() only queues a stop: a thread of the OSD already running on the other CPU can
+        // still answer a request before it stops, and the test would read from a "paused"
+        // OSD. Wait until every thread says it is stopped.
+        if signal == libc::SIGSTOP {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !all_threads_stopped(pid) {
+                assert!(Instant::now() < deadline, "osd.0 did not stop within 10 s");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
+}
+
+/// Whether every thread of `pid` is stopped (state T or t in /proc/PID/task/TID/stat).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].trim_start().chars().next())
+                .is_some_and(|c| c == 'T' || c == 't')
+        })
+    })
 }
 
 impl Drop for Cluster {
