@@ -177,8 +177,8 @@ struct InFlight {
 /// The buffers as iovecs with every run of neighbouring ones merged into one, or `None` when
 /// no two are neighbours. librbd makes a buffer of its own per iovec of a write (an allocation
 /// and a copy each, then a segment of the message that its messenger checksums and sends
-/// apart): a 1 MiB write in 4 KiB pages is 256 of them, side by side one. A read's data is
-/// copied into the iovecs one at a time, so a run is also one copy there instead of 256.
+/// apart): a 1 MiB write in 4 KiB pages is 256 of them, side by side one. Reads take the same
+/// list, so librbd has one destination per run to fill instead of one per page.
 fn merged(bufs: &[RawBuf]) -> Option<Vec<libc::iovec>> {
     let adjacent = bufs
         .windows(2)
