@@ -165,10 +165,50 @@ fn parse_reply(b: &[u8; REPLY_LEN]) -> Option<Reply> {
     })
 }
 
+/// What a Unix socket may hold of our commands before `sendmsg` waits for the server: room
+/// for a few 1 MiB writes at once. The kernel's default (`net.core.wmem_default`, about 208
+/// KiB) holds a fifth of one, so the sender slept and woke several times per large write,
+/// one connection at a time. The kernel caps it at `net.core.wmem_max`.
+const UNIX_SEND_BUFFER: c_int = 4 << 20;
+
+/// Raises a Unix socket's send buffer to [`UNIX_SEND_BUFFER`]. TCP sockets keep the kernel's
+/// autotuning, which a fixed size would switch off. Best effort: the default still works.
+fn widen_unix_send_buffer(fd: c_int) {
+    // SAFETY: a zeroed sockaddr_storage is valid; fd is a socket we hold; len says the size.
+    let family = unsafe {
+        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) < 0
+        {
+            return;
+        }
+        addr.ss_family
+    };
+    if c_int::from(family) != libc::AF_UNIX {
+        return;
+    }
+    let size = UNIX_SEND_BUFFER;
+    // SAFETY: fd is a socket; the option value is a c_int of the given size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const c_int).cast(),
+            std::mem::size_of::<c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 impl Wire {
     /// Takes over `fd` (a connected socket in the transmission phase, non-blocking; the
     /// caller keeps it open for as long as the Wire lives).
     pub fn new(fd: c_int, timeout: Duration) -> Wire {
+        widen_unix_send_buffer(fd);
         Wire {
             fd,
             timeout,
@@ -702,6 +742,66 @@ mod tests {
             libc::close(ours);
             libc::close(server);
         }
+    }
+
+    fn send_buffer(fd: c_int) -> c_int {
+        let mut v: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: fd is a live socket; v and len are live and sized for the option.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut v as *mut c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v
+    }
+
+    fn sysctl(name: &str) -> c_int {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// A Unix socket gets room for large writes (the kernel reports twice what it grants,
+    /// capped at wmem_max), so a 1 MiB write is handed over without waiting for the server
+    /// to read; a TCP socket keeps the kernel's autotuned size.
+    #[test]
+    fn a_unix_socket_takes_a_large_write_at_once_and_tcp_keeps_autotuning() {
+        let (ours, server) = pair();
+        let wire = Wire::new(ours, Duration::from_secs(5));
+        let granted = UNIX_SEND_BUFFER.min(sysctl("wmem_max"));
+        assert_eq!(send_buffer(ours), 2 * granted);
+        if granted >= 2 << 20 {
+            let data = vec![7u8; 1 << 20];
+            let started = std::time::Instant::now();
+            // SAFETY: `data` outlives the wire's use of it (sent here, in full).
+            unsafe { wire.submit(write_cmd(&data, 0), Box::new(|_| {}), |_| {}, false) };
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "the write waited for the server"
+            );
+            assert_eq!(drain(server).len(), REQUEST_LEN + data.len());
+        }
+        // SAFETY: our two descriptors, closed once.
+        unsafe {
+            libc::close(ours);
+            libc::close(server);
+        }
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _accepted = listener.accept().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
+        let before = send_buffer(fd);
+        let _wire = Wire::new(fd, Duration::from_secs(5));
+        assert_eq!(send_buffer(fd), before);
     }
 
     #[test]
