@@ -5,9 +5,16 @@
 # and each pair shares the machine's state of the moment. Prints every pair with its ratio,
 # then the median ratio, its range and the median figures. The README's medians are this.
 # With --fio-nbd and --rbd-bench the pair's reference is the fair one (a libnbd or librbd
-# client writing fresh data on every request, measured right after the plugin), and each
+# client writing fresh data on every request, measured right after the plugin or right
+# before it, see below), and each
 # pair line also gives the engine's own tool (fio, rbd bench) with its ratio, then a second
 # median line for it.
+#
+# Beside a fair reference the order within a pair alternates: odd pairs run the plugin
+# first, even pairs the reference (`bench --fair-first`), so that a drift within a run (an
+# OSD filling up as it is written, a server warming up) favours neither side; each such pair
+# line ends in "fair first", and a last line gives the median ratio of each order.
+# PAIRS_ORDER=fixed keeps the plugin first in every pair, as the README's older sets were.
 #
 # Usage: scripts/pairs.sh N BENCH-ARGS...
 #   e.g. scripts/pairs.sh 14 nbd-client -c uri=nbd+unix:///?socket=S --rw randread --bs 4k --fio-nbd
@@ -24,26 +31,35 @@ host=${XEN_DISK_HOST:-$(cd "$(dirname "$0")/.." && pwd)/target/release/xen-disk-
 
 # The reference's JSON field (IOPS where it reports them, like the plugin's) and its name;
 # field2/name2: the engine's own tool beside a fair reference.
-field=memcpy_mbps unit=mbps name=memcpy field2='' name2=''
+field=memcpy_mbps unit=mbps name=memcpy field2='' name2='' fair=''
 for a in "$@"; do
   case "$a" in
     --fio-nbd | --fio-nbd=*)
-      field=nbd_fair_iops unit=iops name=nbd-fair field2=fio_nbd_iops name2=fio-nbd; break ;;
+      field=nbd_fair_iops unit=iops name=nbd-fair field2=fio_nbd_iops name2=fio-nbd fair=1
+      break ;;
     --nbdkit) field=nbdkit_iops unit=iops name=nbdkit; break ;;
     --rbd-bench)
-      field=rbd_fair_iops unit=iops name=rbd-fair field2=rbd_bench_iops name2="rbd bench"; break ;;
+      field=rbd_fair_iops unit=iops name=rbd-fair field2=rbd_bench_iops name2="rbd bench" fair=1
+      break ;;
     --qemu-img | --qemu-img=*) field=qemu_img_mbps unit=mbps name=qemu-img; break ;;
   esac
 done
+case "${PAIRS_ORDER:-alternate}" in
+  alternate) ;;
+  fixed) fair='' ;;
+  *) echo "PAIRS_ORDER=$PAIRS_ORDER: must be alternate or fixed" >&2; exit 2 ;;
+esac
 
 # The number after "KEY": in a flat JSON object.
 num() { sed -n "s/.*\"$1\":\(-\{0,1\}[0-9.]*\).*/\1/p" <<<"$2"; }
 # ratio P R: P/R with three decimals, or "inf" when R is not positive.
 ratio() { awk -v p="$1" -v r="$2" 'BEGIN { if (r > 0) printf "%.3f", p / r; else print "inf" }'; }
 
-ratios=() plugins=() refs=() ratios2=() refs2=()
+ratios=() plugins=() refs=() ratios2=() refs2=() first_p=() first_f=()
 for i in $(seq 1 "$n"); do
-  out=$("$host" bench "$@" --json) || { echo "pair $i: bench failed" >&2; exit 1; }
+  order=()
+  [ -n "$fair" ] && [ $((i % 2)) = 0 ] && order=(--fair-first)
+  out=$("$host" bench "$@" "${order[@]}" --json) || { echo "pair $i: bench failed" >&2; exit 1; }
   p=$(num "$unit" "$out") r=$(num "$field" "$out")
   if [ -z "$p" ] || [ -z "$r" ]; then
     echo "pair $i: no \"$unit\" or \"$field\" in the bench's output: $out" >&2
@@ -58,6 +74,11 @@ for i in $(seq 1 "$n"); do
     [ "$q2" = inf ] && { echo "pair $i: $name2 measured ${r2:-nothing}" >&2; exit 1; }
     line+=$(printf '; %s %s %s, ratio %s' "$name2" "$r2" "$unit" "$q2")
     ratios2+=("$q2") refs2+=("$r2")
+  fi
+  if [ ${#order[@]} -gt 0 ]; then
+    line+='; fair first' first_f+=("$q")
+  else
+    first_p+=("$q")
   fi
   echo "$line"
   ratios+=("$q") plugins+=("$p") refs+=("$r")
@@ -81,4 +102,8 @@ summary() {
 }
 summary "$name" "${ratios[@]}" -- "${refs[@]}"
 [ -n "$field2" ] && summary "$name2" "${ratios2[@]}" -- "${refs2[@]}"
+if [ ${#first_f[@]} -gt 0 ]; then
+  echo "by order: plugin first median $(median %.3f "${first_p[@]}") over ${#first_p[@]} pairs," \
+    "$name first median $(median %.3f "${first_f[@]}") over ${#first_f[@]} pairs"
+fi
 exit 0

@@ -9,12 +9,18 @@ use std::path::Path;
 use std::process::Command;
 
 fn pairs(args: &[&str]) -> std::process::Output {
+    pairs_with_order("alternate", args)
+}
+
+/// `scripts/pairs.sh ARGS` with `PAIRS_ORDER=order`.
+fn pairs_with_order(order: &str, args: &[&str]) -> std::process::Output {
     build_all();
     Command::new("bash")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pairs.sh"))
         .args(args)
         .env("XEN_DISK_HOST", target_dir().join("xen-disk-host"))
         .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .env("PAIRS_ORDER", order)
         .output()
         .expect("bash")
 }
@@ -64,6 +70,22 @@ fn pairs_refuses_a_bad_count_and_stops_at_a_failed_bench() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--bs"), "{}", stderr(&o));
     assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    let o = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pairs.sh"))
+        .args(["2", "discard"])
+        .env("PAIRS_ORDER", "sometimes")
+        .output()
+        .expect("bash");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("PAIRS_ORDER"), "{}", stderr(&o));
+    // The order flag needs a fair reference to order against.
+    let o = host(&["bench", "discard", "--seconds", "0.1", "--fair-first"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("--fair-first") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 /// `nbdkit memory SIZE` on a socket in `dir`, killed when dropped.
@@ -115,32 +137,44 @@ fn pairs_against_the_fair_nbd_reference_on_every_pattern() {
         ("read", "1M"),
         ("write", "1M"),
     ] {
-        let o = pairs(&[
-            "2",
-            "nbd-client",
-            "-c",
-            &cfg,
-            "--rw",
-            rw,
-            "--bs",
-            bs,
-            "--iodepth",
-            "8",
-            "--seconds",
-            "0.3",
-            "--poll-us",
-            "0",
-            "--fio-nbd",
-        ]);
+        // The order within a pair alternates (the second runs the reference first), except
+        // with PAIRS_ORDER=fixed, tried on one pattern.
+        let fixed = rw == "randwrite";
+        let o = pairs_with_order(
+            if fixed { "fixed" } else { "alternate" },
+            &[
+                "2",
+                "nbd-client",
+                "-c",
+                &cfg,
+                "--rw",
+                rw,
+                "--bs",
+                bs,
+                "--iodepth",
+                "8",
+                "--seconds",
+                "0.3",
+                "--poll-us",
+                "0",
+                "--fio-nbd",
+            ],
+        );
         let out = stdout(&o);
         assert!(o.status.success(), "{rw}: {out}{}", stderr(&o));
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines.len(), 4, "{rw}: {out}");
+        assert_eq!(lines.len(), if fixed { 4 } else { 5 }, "{rw}: {out}");
         let (mut fair, mut fio) = (Vec::new(), Vec::new());
         for (i, l) in lines[..2].iter().enumerate() {
             // pair N: plugin P iops, nbd-fair R iops, ratio X; fio-nbd F iops, ratio Y
+            // [; fair first]
             let w = words(l);
             assert_eq!(w[..2], ["pair", &format!("{}:", i + 1)], "{l}");
+            let fair_first = i == 1 && !fixed;
+            assert_eq!(w.len(), if fair_first { 17 } else { 15 }, "{l}");
+            if fair_first {
+                assert_eq!(w[15..], ["fair", "first"], "{l}");
+            }
             assert_eq!((w[5], w[10]), ("nbd-fair", "fio-nbd"), "{l}");
             let n = |at: usize| -> f64 { w[at].parse().unwrap_or_else(|_| panic!("{l}")) };
             let (p, r, x, f, y) = (n(3), n(6), n(9), n(11), n(14));
@@ -158,6 +192,13 @@ fn pairs_against_the_fair_nbd_reference_on_every_pattern() {
                 (r[0] + r[1]) / 2.0
             );
             assert!(line.starts_with(&want), "want {want:?}:\n{out}");
+        }
+        if !fixed {
+            let want = format!(
+                "by order: plugin first median {:.3} over 1 pairs, nbd-fair first median {:.3} over 1 pairs",
+                fair[0], fair[1]
+            );
+            assert_eq!(lines[4], want, "{out}");
         }
     }
     // Every request the reference counts moved its whole block.

@@ -301,10 +301,14 @@ fn ceph_rbd_against_a_one_node_cluster() {
     assert!(text.contains("of rbd-fair"), "{text}");
 
     // The fair reference really writes: every request it counts moved the whole block, on
-    // an image of its own (the scenarios below need `disk` as it is).
+    // an image of its own (the scenarios below need `disk` as it is). The 1 MiB one runs
+    // before the plugin (`--fair-first`): the plugin's disk, closed meanwhile, opens again
+    // after the reference's handle has taken and released the image's exclusive lock.
     c.rbd(&["create", "--size", "16M", "rbd/benchw"]);
     for (rw, bs) in [("randwrite", 4096u64), ("write", 1 << 20)] {
-        let o = host(&[
+        let fair_first = bs > 4096;
+        let bs_text = bs.to_string();
+        let mut args = vec![
             "bench",
             "ceph-rbd",
             "-c",
@@ -314,20 +318,25 @@ fn ceph_rbd_against_a_one_node_cluster() {
             "--rw",
             rw,
             "--bs",
-            &bs.to_string(),
+            &bs_text,
             "--iodepth",
             "4",
             "--seconds",
             "0.3",
             "--rbd-bench",
             "--json",
-        ]);
+        ];
+        if fair_first {
+            args.push("--fair-first");
+        }
+        let o = host(&args);
         let out = stdout(&o);
         assert!(
             o.status.success(),
             "bench {rw} failed:\n{out}{}",
             stderr(&o)
         );
+        assert_eq!(out.contains("\"fair_first\":true"), fair_first, "{out}");
         let field = |k: &str| json_number(&out, k);
         let ops = field("rbd_fair_ops");
         assert!(ops >= 1.0, "{out}");

@@ -87,6 +87,12 @@ pub struct BenchArgs {
     /// thread, which can halve a 4 KiB figure from one run to the next (ring path).
     #[arg(long, value_name = "N")]
     client_cpu: Option<usize>,
+    /// Run the fair reference (`--rbd-bench`, `--fio-nbd`) before the plugin instead of right
+    /// after it (the plugin's disk is closed meanwhile and opened again). Same-run pairs
+    /// alternate the order (`scripts/pairs.sh`) so that a drift within a run (a cluster
+    /// filling, a server warming up) favours neither side.
+    #[arg(long)]
+    fair_first: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -107,6 +113,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             bail!("--client-cpu applies to the ring path, not --direct");
         }
         crate::bench::cpu::check(cpu).map_err(anyhow::Error::msg)?;
+    }
+    if args.fair_first && (args.direct || !(args.rbd_bench || args.fio_nbd.is_some())) {
+        bail!("--fair-first orders a ring run and its fair reference (--rbd-bench, --fio-nbd)");
     }
     let config = args.plugin.config()?;
     let mut limits = crate::backend::limits::IoLimits::default();
@@ -135,9 +144,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             Some((path, snapshot))
         }
     };
-    let stack = open_stack(&args.plugin.plugin, &config)?;
-    let name = stack.describe();
-    let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(anyhow::Error::msg)?;
+    let open = || -> Result<(String, GuardedDisk)> {
+        let stack = open_stack(&args.plugin.plugin, &config)?;
+        let name = stack.describe();
+        let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(anyhow::Error::msg)?;
+        Ok((name, disk))
+    };
+    let (name, mut disk) = open()?;
     // An asynchronous plugin has every request the guest sends in flight, not one per worker.
     let is_async = disk.is_async();
     let region = match &args.region {
@@ -155,6 +168,32 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         one_pass: args.qemu_img.is_some(),
     };
     let mode = if args.direct { "direct" } else { "ring" };
+    let run_fair = || {
+        crate::bench::fair::from_cli(
+            args.rbd_bench,
+            args.fio_nbd.as_deref(),
+            &config,
+            (
+                args.rw,
+                bs,
+                ref_depth(&args, is_async),
+                region,
+                opts.duration,
+            ),
+            args.client_cpu,
+        )
+    };
+    let fair_before = if args.fair_first {
+        // The plugin's disk is closed meanwhile: a second client of the same image open beside
+        // the reference is another setup (an idle librbd handle beside it cut its 1 MiB
+        // writes to a third), not the one the plugin's run has.
+        drop(disk);
+        let fair = run_fair()?;
+        disk = open()?.1;
+        Some(fair)
+    } else {
+        None
+    };
     if args.against.is_some() && !args.direct {
         bail!("--against compares --direct runs");
     }
@@ -205,20 +244,12 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         ),
         None => None,
     };
-    // The fair references run right after the plugin, before the engines' own tools.
-    let fair = crate::bench::fair::from_cli(
-        args.rbd_bench,
-        args.fio_nbd.as_deref(),
-        &config,
-        (
-            args.rw,
-            bs,
-            ref_depth(&args, is_async),
-            region,
-            opts.duration,
-        ),
-        args.client_cpu,
-    )?;
+    // The fair references run right after the plugin (or right before it, `--fair-first`),
+    // before the engines' own tools.
+    let fair = match fair_before {
+        Some(fair) => fair,
+        None => run_fair()?,
+    };
     let nbd = if args.nbdkit {
         Some(
             crate::bench::nbdkit::run(args.rw, bs, args.iodepth, region, opts.duration)
@@ -297,7 +328,12 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         let cpu_field = args
             .client_cpu
             .map(|c| format!(",\"client_cpu\":{c}"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + if args.fair_first {
+                ",\"fair_first\":true"
+            } else {
+                ""
+            };
         let limit_fields = limited
             .map(|(what, limit, got)| {
                 format!(",\"limit\":\"{what}\",\"limit_value\":{limit},\"limit_achieved\":{got:.1},\"limit_ratio\":{:.4}", got / limit as f64)
@@ -315,13 +351,18 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                 format!("threads={}", args.threads)
             } else {
                 format!(
-                    "iodepth={} queues={} workers={}{}",
+                    "iodepth={} queues={} workers={}{}{}",
                     args.iodepth,
                     args.queues,
                     args.workers,
                     args.client_cpu
                         .map(|c| format!(" client-cpu={c}"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    if args.fair_first {
+                        " (fair reference first)"
+                    } else {
+                        ""
+                    }
                 )
             }
         );
