@@ -86,6 +86,21 @@ fn pairs_refuses_a_bad_count_and_stops_at_a_failed_bench() {
         err.contains("--fair-first") && err.lines().count() == 1,
         "{err}"
     );
+    // Refused before anything runs, fair reference included.
+    let o = host(&[
+        "bench",
+        "discard",
+        "--against",
+        "discard",
+        "--fio-nbd",
+        "--fair-first",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("--against") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 /// `nbdkit memory SIZE` on a socket in `dir`, killed when dropped.

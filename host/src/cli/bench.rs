@@ -117,6 +117,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     if args.fair_first && (args.direct || !(args.rbd_bench || args.fio_nbd.is_some())) {
         bail!("--fair-first orders a ring run and its fair reference (--rbd-bench, --fio-nbd)");
     }
+    if args.against.is_some() && !args.direct {
+        bail!("--against compares --direct runs");
+    }
     let config = args.plugin.config()?;
     let mut limits = crate::backend::limits::IoLimits::default();
     limits
@@ -194,9 +197,6 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     } else {
         None
     };
-    if args.against.is_some() && !args.direct {
-        bail!("--against compares --direct runs");
-    }
     let f = if args.direct {
         let f = run_direct(&disk, &opts).map_err(anyhow::Error::msg)?;
         // The plugin's disk is closed first: qemu-img takes the image's lock.

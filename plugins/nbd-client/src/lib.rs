@@ -44,7 +44,8 @@
 //! server (qemu-nbd serves a single client unless told otherwise).
 //!
 //! A command's bytes go out on the submitting thread, which waits while the socket is full.
-//! On a Unix socket the plugin therefore raises the send buffer to 4 MiB (as far as
+//! On a Unix socket it speaks on itself (no TLS, simple replies) the plugin therefore raises
+//! the send buffer to 4 MiB (as far as
 //! `net.core.wmem_max` allows): with the kernel's default of about 208 KiB a 1 MiB write
 //! filled it five times over, and the ring thread slept until the server had read each part,
 //! one connection at a time. In `bench` against `nbdkit memory` (10 interleaved turns, 1 MiB
