@@ -6,9 +6,8 @@
 # then the median ratio, its range and the median figures. The README's medians are this.
 # With --fio-nbd and --rbd-bench the pair's reference is the fair one (a libnbd or librbd
 # client writing fresh data on every request, measured right after the plugin or right
-# before it, see below), and each
-# pair line also gives the engine's own tool (fio, rbd bench) with its ratio, then a second
-# median line for it.
+# before it, see below), and each pair line also gives the engine's own tool (fio, rbd
+# bench) with its ratio, then a second median line for it.
 #
 # Beside a fair reference the order within a pair alternates: odd pairs run the plugin
 # first, even pairs the reference (`bench --fair-first`), so that a drift within a run (an

@@ -261,7 +261,8 @@ pub struct Measured {
 /// The fair references `bench` asked for: with `--rbd-bench` the librbd client on the
 /// plugin's image, with `--fio-nbd [URI]` the libnbd client on the same server (the URI given,
 /// else the plugin's `uri` key). Each runs `depth` requests of `bs` bytes in flight over
-/// `region` bytes for `duration`, right after the plugin's own run.
+/// `region` bytes for `duration`, right after the plugin's own run (right before it with
+/// `bench --fair-first`).
 pub fn from_cli(
     rbd_bench: bool,
     fio_nbd: Option<&str>,
