@@ -25,6 +25,10 @@ case "$n" in '' | *[!0-9]* | 0)
   exit 2 ;;
 esac
 shift
+case "${PAIRS_ORDER:-alternate}" in
+  alternate | fixed) ;;
+  *) echo "PAIRS_ORDER=$PAIRS_ORDER: must be alternate or fixed" >&2; exit 2 ;;
+esac
 host=${XEN_DISK_HOST:-$(cd "$(dirname "$0")/.." && pwd)/target/release/xen-disk-host}
 [ -x "$host" ] || { echo "$host: no such program (build it or set XEN_DISK_HOST)" >&2; exit 2; }
 
@@ -43,11 +47,7 @@ for a in "$@"; do
     --qemu-img | --qemu-img=*) field=qemu_img_mbps unit=mbps name=qemu-img; break ;;
   esac
 done
-case "${PAIRS_ORDER:-alternate}" in
-  alternate) ;;
-  fixed) fair='' ;;
-  *) echo "PAIRS_ORDER=$PAIRS_ORDER: must be alternate or fixed" >&2; exit 2 ;;
-esac
+if [ "${PAIRS_ORDER:-alternate}" = fixed ]; then fair=''; fi
 
 # The number after "KEY": in a flat JSON object.
 num() { sed -n "s/.*\"$1\":\(-\{0,1\}[0-9.]*\).*/\1/p" <<<"$2"; }
