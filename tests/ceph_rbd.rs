@@ -342,6 +342,12 @@ fn ceph_rbd_against_a_one_node_cluster() {
         assert!(ops >= 1.0, "{out}");
         assert_eq!(field("rbd_fair_bytes"), ops * bs as f64, "{out}");
         assert_eq!(field("rbd_fair_failed"), 0.0, "{out}");
+        // librbd's threads count in the process's CPU time, not in the submitting thread's.
+        assert!(
+            field("rbd_fair_cpu_us_per_op") > field("rbd_fair_client_cpu_us_per_op"),
+            "{out}"
+        );
+        assert!(field("guest_cpu_us_per_op") > 0.0, "{out}");
         assert!(
             field("iops") > 0.0 && field("rbd_bench_iops") > 0.0,
             "{out}"

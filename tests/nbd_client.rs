@@ -658,6 +658,22 @@ fn bench_measures_fio_nbd_on_the_same_server() {
         field("nbd_fair_ops") * 4096.0,
         "{out}"
     );
+    // Where the CPU went, per request, on both sides: the client side is a part of the
+    // process, the simulated guest a part of the client side.
+    for p in ["", "nbd_fair_"] {
+        let (all, client) = (
+            field(&format!("{p}cpu_us_per_op")),
+            field(&format!("{p}client_cpu_us_per_op")),
+        );
+        assert!(all > 0.0 && client > 0.0 && client <= all, "{p}: {out}");
+        let busy = field(&format!("{p}machine_busy"));
+        assert!(busy > 0.0 && busy <= 1.0, "{p}: {out}");
+    }
+    let guest = field("guest_cpu_us_per_op");
+    assert!(
+        guest > 0.0 && guest < field("client_cpu_us_per_op"),
+        "{out}"
+    );
     // A URI given outright, in text mode.
     let uri = server.uri();
     let o = host(&[
@@ -673,6 +689,11 @@ fn bench_measures_fio_nbd_on_the_same_server() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("of fio-nbd"), "{}", stdout(&o));
     assert!(stdout(&o).contains("of nbd-fair"), "{}", stdout(&o));
+    let cpu_lines = stdout(&o)
+        .lines()
+        .filter(|l| l.starts_with("  cpu:"))
+        .count();
+    assert_eq!(cpu_lines, 2, "{}", stdout(&o));
     // A plugin without a `uri` key needs one on the command line.
     let o = host(&["bench", "discard", "--seconds", "0.2", "--fio-nbd"]);
     assert!(!o.status.success());

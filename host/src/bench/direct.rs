@@ -65,6 +65,8 @@ pub struct Figures {
     pub lat_p99_us: f64,
     /// The ring path's wake-ups per request (none for `--direct`).
     pub ring: Option<RingCounts>,
+    /// CPU time per request (ring runs).
+    pub cpu: Option<super::usage::CpuFigures>,
 }
 
 /// How often, per request answered, the ring path's threads woke one another: what a
@@ -151,6 +153,7 @@ fn figures(
         lat_p50_us: h.percentile(0.5) as f64 / 1000.0,
         lat_p99_us: h.percentile(0.99) as f64 / 1000.0,
         ring: None,
+        cpu: None,
     }
 }
 

@@ -31,6 +31,8 @@ pub struct FairFigures {
     /// Median and 99th percentile latency, microseconds.
     pub lat_p50_us: f64,
     pub lat_p99_us: f64,
+    /// CPU time per request; the client side is the submitting thread.
+    pub cpu: Option<super::usage::CpuFigures>,
 }
 
 impl FairFigures {
@@ -46,6 +48,7 @@ impl FairFigures {
             mbps: bytes as f64 / s / 1e6,
             lat_p50_us: h.percentile(0.5) as f64 / 1000.0,
             lat_p99_us: h.percentile(0.99) as f64 / 1000.0,
+            cpu: None,
         }
     }
 
@@ -54,7 +57,7 @@ impl FairFigures {
         format!(
             ",\"{prefix}_iops\":{:.0},\"{prefix}_mbps\":{:.1},\"{prefix}_ops\":{},\"{prefix}_bytes\":{},\"{prefix}_failed\":{},\"{prefix}_lat_p99_us\":{:.3}",
             self.iops, self.mbps, self.ops, self.bytes, self.failed, self.lat_p99_us
-        )
+        ) + &self.cpu.map(|c| c.json(prefix)).unwrap_or_default()
     }
 
     /// The text lines: the figures, then the plugin's IOPS as a ratio of them.
@@ -63,6 +66,9 @@ impl FairFigures {
             "  {label}: {:>10.0} IOPS {:>10.1} MB/s  p50 {:.3} us  p99 {:.3} us  ({what}, same run)",
             self.iops, self.mbps, self.lat_p50_us, self.lat_p99_us
         );
+        if let Some(c) = &self.cpu {
+            println!("{}", c.line("the submitting thread"));
+        }
         println!(
             "  ratio:  {:.3} of {label} (fair reference: fresh data on every write)",
             plugin_iops / self.iops.max(1e-9)
@@ -113,8 +119,15 @@ impl Tally {
         }
     }
 
-    /// The figures over `elapsed`, or why there are none (nothing completed).
-    pub fn figures(self, elapsed: Duration) -> Result<FairFigures, String> {
+    /// The figures over `elapsed`, or why there are none (nothing completed). `meter` was
+    /// started with the run, and `client` is the submitting thread's CPU time over it.
+    pub fn figures(
+        self,
+        elapsed: Duration,
+        meter: super::usage::Meter,
+        client: Duration,
+    ) -> Result<FairFigures, String> {
+        let cpu = meter.stop(self.ops, client, None);
         if self.ops == 0 {
             return Err(format!(
                 "no request completed ({} failed{})",
@@ -124,13 +137,10 @@ impl Tally {
                     .unwrap_or_default()
             ));
         }
-        Ok(FairFigures::new(
-            self.ops,
-            self.bytes,
-            self.failed,
-            elapsed,
-            &self.hist,
-        ))
+        Ok(FairFigures {
+            cpu: Some(cpu),
+            ..FairFigures::new(self.ops, self.bytes, self.failed, elapsed, &self.hist)
+        })
     }
 }
 
@@ -302,6 +312,7 @@ pub fn from_cli(
 
 #[cfg(test)]
 mod tests {
+    use super::super::usage::Meter;
     use super::*;
 
     #[test]
@@ -313,7 +324,8 @@ mod tests {
         assert_eq!(t.in_flight, 2);
         t.failed(Some("EIO".into()));
         assert_eq!(t.in_flight, 1);
-        let none = std::mem::take(&mut t).figures(Duration::from_secs(1));
+        let none =
+            std::mem::take(&mut t).figures(Duration::from_secs(1), Meter::start(), Duration::ZERO);
         assert_eq!(
             none.unwrap_err(),
             "no request completed (2 failed, first: refused)"
@@ -323,8 +335,11 @@ mod tests {
         t.succeeded(4096, Duration::from_micros(50));
         t.succeeded(4096, Duration::from_micros(70));
         assert_eq!(t.in_flight, 0);
-        let f = t.figures(Duration::from_secs(2)).unwrap();
+        let f = t
+            .figures(Duration::from_secs(2), Meter::start(), Duration::ZERO)
+            .unwrap();
         assert_eq!((f.ops, f.bytes, f.failed), (2, 8192, 0));
+        assert_eq!(f.cpu.map(|c| c.client_us), Some(0.0));
     }
 
     #[test]

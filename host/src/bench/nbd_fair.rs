@@ -144,6 +144,7 @@ pub fn run(
     DONE.with(|d| d.borrow_mut().clear());
     // Connected: only the submitting thread keeps to the client CPU (`--client-cpu`).
     let _pin = super::cpu::pin_here(client_cpu)?;
+    let (meter, client0) = (super::usage::Meter::start(), super::usage::thread_cpu());
     let started = Instant::now();
     let deadline = started + duration;
     let mut submit = |slot: usize, bufs: &mut [AlignedBuf], sent: &mut [Instant]| {
@@ -204,5 +205,6 @@ pub fn run(
         }
         batch.clear();
     }
-    tally.figures(started.elapsed())
+    let elapsed = started.elapsed();
+    tally.figures(elapsed, meter, super::usage::thread_cpu() - client0)
 }

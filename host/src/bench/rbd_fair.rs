@@ -272,6 +272,7 @@ pub fn run(
     let mut walk = Walk::new(pattern, bs, region);
     let mut tally = Tally::default();
     let mut seq = 0u64;
+    let (meter, client0) = (super::usage::Meter::start(), super::usage::thread_cpu());
     let started = Instant::now();
     let deadline = started + duration;
     // Starts one request in `slot`; librbd's error when it refused it.
@@ -333,6 +334,7 @@ pub fn run(
         batch.clear();
     }
     let elapsed = started.elapsed();
+    let client = super::usage::thread_cpu() - client0;
     drop(args);
-    tally.figures(elapsed)
+    tally.figures(elapsed, meter, client)
 }

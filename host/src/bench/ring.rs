@@ -123,6 +123,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
     let mut bells = Vec::new();
     let mut drivers = Vec::new();
     let mut queue_stats = Vec::new();
+    let meter = super::usage::Meter::start();
     let started = Instant::now();
     let deadline = started + opts.duration;
     for qi in 0..opts.queues {
@@ -170,7 +171,8 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
                 .spawn(move || {
                     // Checked before any thread started (`cpu::check`).
                     let _pin = super::cpu::pin_here(cpu);
-                    serve(parts, d, s, st)
+                    let r = serve(parts, d, s, st);
+                    (r, super::usage::thread_cpu())
                 })
                 .map_err(|e| format!("ring thread: {e}"))?,
         );
@@ -185,8 +187,8 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
             std::thread::Builder::new()
                 .name(format!("guest-{qi}"))
                 .spawn(move || {
-                    let _pin = super::cpu::pin_here(cpu)?;
-                    drive(q, pages, job)
+                    let r = super::cpu::pin_here(cpu).and_then(|_pin| drive(q, pages, job));
+                    (r, super::usage::thread_cpu())
                 })
                 .map_err(|e| format!("guest thread: {e}"))?,
         );
@@ -194,8 +196,11 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
     let mut hist = Histogram::default();
     let (mut ops, mut failed) = (0u64, 0u64);
     let (mut first_error, mut first_status) = (None, None);
+    let (mut guest_cpu, mut ring_cpu) = (Duration::ZERO, Duration::ZERO);
     for d in drivers {
-        match d.join().map_err(|_| "driver thread panicked")? {
+        let (r, cpu) = d.join().map_err(|_| "driver thread panicked")?;
+        guest_cpu += cpu;
+        match r {
             Ok(r) => {
                 ops += r.ops;
                 failed += r.failed;
@@ -211,10 +216,11 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
         bell.wake();
     }
     for s in servers {
-        s.join()
-            .map_err(|_| "queue thread panicked")?
-            .map_err(|e| e.to_string())?;
+        let (r, cpu) = s.join().map_err(|_| "queue thread panicked")?;
+        r.map_err(|e| e.to_string())?;
+        ring_cpu += cpu;
     }
+    let cpu = meter.stop(ops, guest_cpu + ring_cpu, Some(guest_cpu));
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -230,6 +236,7 @@ pub fn run(disk: Arc<GuardedDisk>, opts: &RingOptions) -> Result<Figures, String
         lat_p50_us: hist.percentile(0.5) as f64 / 1000.0,
         lat_p99_us: hist.percentile(0.99) as f64 / 1000.0,
         ring: Some(RingCounts::of(&queue_stats)),
+        cpu: Some(cpu),
     })
 }
 

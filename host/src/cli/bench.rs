@@ -324,7 +324,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
                 .iter()
                 .map(|r| r.figures.json(r.prefix))
                 .collect::<String>();
-        let ring_fields = f.ring.map(|r| r.json()).unwrap_or_default();
+        let ring_fields = f.ring.map(|r| r.json()).unwrap_or_default()
+            + &f.cpu.map(|c| c.json("")).unwrap_or_default();
         let cpu_field = args
             .client_cpu
             .map(|c| format!(",\"client_cpu\":{c}"))
@@ -372,6 +373,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         );
         if let Some(r) = &f.ring {
             println!("{}", r.line());
+        }
+        if let Some(c) = &f.cpu {
+            println!("{}", c.line("the client side (guest and ring threads)"));
         }
         if let Some(a) = &against {
             crate::bench::direct::print_against(a, &f);
