@@ -353,6 +353,35 @@ fn ceph_rbd_against_a_one_node_cluster() {
             "{out}"
         );
     }
+    // The plugin alone (`--submit`: its submissions from one thread, no ring) beside the
+    // same reference: every write it counts succeeded.
+    let o = host(&[
+        "bench",
+        "ceph-rbd",
+        "-c",
+        "image=benchw",
+        "-c",
+        &conf,
+        "--rw",
+        "randwrite",
+        "--iodepth",
+        "4",
+        "--seconds",
+        "0.3",
+        "--submit",
+        "--rbd-bench",
+        "--json",
+    ]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    let field = |k: &str| json_number(&out, k);
+    assert!(out.contains("\"mode\":\"submit\""), "{out}");
+    assert!(field("ops") >= 1.0 && field("failed") == 0.0, "{out}");
+    assert!(field("rbd_fair_ops") >= 1.0, "{out}");
+    assert!(
+        field("cpu_us_per_op") > field("client_cpu_us_per_op"),
+        "{out}"
+    );
 
     // The conformance suite.
     c.rbd(&["create", "--size", "64M", "rbd/check"]);

@@ -694,6 +694,45 @@ fn bench_measures_fio_nbd_on_the_same_server() {
         .filter(|l| l.starts_with("  cpu:"))
         .count();
     assert_eq!(cpu_lines, 2, "{}", stdout(&o));
+    // The plugin alone, driven as the fair reference drives libnbd: one submitting thread,
+    // no ring and no simulated guest.
+    let o = host(&[
+        "bench",
+        "nbd-client",
+        "-c",
+        &cfg,
+        "--rw",
+        "randwrite",
+        "--seconds",
+        "0.3",
+        "--submit",
+        "--iodepth",
+        "8",
+        "--fio-nbd",
+        "--fair-first",
+        "--json",
+    ]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    let field = |k: &str| json_number(&out, k);
+    assert!(out.contains("\"mode\":\"submit\""), "{out}");
+    assert!(field("iops") > 0.0 && field("failed") == 0.0, "{out}");
+    assert!(field("nbd_fair_iops") > 0.0, "{out}");
+    assert!(
+        field("client_cpu_us_per_op") <= field("cpu_us_per_op"),
+        "{out}"
+    );
+    assert!(!out.contains("guest_cpu_us_per_op"), "{out}");
+    // Only an asynchronous plugin takes submissions; --submit is not --direct.
+    let o = host(&["bench", "discard", "--seconds", "0.2", "--submit"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("--submit") && err.lines().count() == 1,
+        "{err}"
+    );
+    let o = host(&["bench", "nbd-client", "-c", &cfg, "--submit", "--direct"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     // A plugin without a `uri` key needs one on the command line.
     let o = host(&["bench", "discard", "--seconds", "0.2", "--fio-nbd"]);
     assert!(!o.status.success());

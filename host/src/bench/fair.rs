@@ -119,6 +119,11 @@ impl Tally {
         }
     }
 
+    /// What the first failure said, if one did.
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error.clone()
+    }
+
     /// The figures over `elapsed`, or why there are none (nothing completed). `meter` was
     /// started with the run, and `client` is the submitting thread's CPU time over it.
     pub fn figures(

@@ -11,6 +11,8 @@
 //!   clients that write fresh data on every request at the plugin's depth and block size.
 //! - [`cpu`]: `--client-cpu`, the client side of the plugin's run and of the fair
 //!   references on one CPU.
+//! - [`submit`]: `--submit`, an asynchronous plugin driven as the fair references drive
+//!   their libraries (one thread, its submissions, no ring).
 //! - [`usage`]: CPU time per request, the process's and its client side's, and the
 //!   machine's load, for a ring run and a fair reference alike.
 
@@ -24,4 +26,5 @@ pub mod qemu_img;
 pub mod rbd;
 pub mod rbd_fair;
 pub mod ring;
+pub mod submit;
 pub mod usage;

@@ -18,7 +18,13 @@ pub struct BenchArgs {
     /// Drive the plugin directly through its `.so` boundary, without the Xen ring.
     #[arg(long)]
     direct: bool,
-    /// Requests in flight (ring path).
+    /// Drive an asynchronous plugin (`nbd-client`, `ceph-rbd`) as the fair references drive
+    /// their libraries: one thread keeps `--iodepth` submissions in flight through the
+    /// plugin's asynchronous entry point, with no ring and no simulated guest. Beside
+    /// `--rbd-bench` or `--fio-nbd` it compares the plugin alone with the library's client.
+    #[arg(long, conflicts_with = "direct")]
+    submit: bool,
+    /// Requests in flight (ring path, `--submit`).
     #[arg(long, default_value_t = 32)]
     iodepth: usize,
     /// Worker threads of the device queue (ring path); 0 serves requests on the ring thread
@@ -115,7 +121,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         crate::bench::cpu::check(cpu).map_err(anyhow::Error::msg)?;
     }
     if args.fair_first && (args.direct || !(args.rbd_bench || args.fio_nbd.is_some())) {
-        bail!("--fair-first orders a ring run and its fair reference (--rbd-bench, --fio-nbd)");
+        bail!("--fair-first orders a ring or --submit run and its fair reference (--rbd-bench, --fio-nbd)");
     }
     if args.against.is_some() && !args.direct {
         bail!("--against compares --direct runs");
@@ -127,6 +133,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         .map_err(|e| anyhow::anyhow!("--limit {e}"))?;
     if args.direct && !limits.is_unlimited() {
         bail!("--limit applies to the ring path, not --direct");
+    }
+    if args.submit && !limits.is_unlimited() {
+        bail!("--limit applies to the ring path, not --submit");
     }
     // qemu-img's write pass needs the image as it was before the plugin wrote.
     let qemu_image = match &args.qemu_img {
@@ -156,6 +165,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     let (name, mut disk) = open()?;
     // An asynchronous plugin has every request the guest sends in flight, not one per worker.
     let is_async = disk.is_async();
+    if args.submit && !is_async {
+        bail!("--submit: {}", crate::bench::submit::NOT_ASYNC);
+    }
     let region = match &args.region {
         Some(r) => parse_size(r)
             .map_err(anyhow::Error::msg)
@@ -170,7 +182,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         threads: args.threads,
         one_pass: args.qemu_img.is_some(),
     };
-    let mode = if args.direct { "direct" } else { "ring" };
+    let mode = if args.direct {
+        "direct"
+    } else if args.submit {
+        "submit"
+    } else {
+        "ring"
+    };
     let run_fair = || {
         crate::bench::fair::from_cli(
             args.rbd_bench,
@@ -202,6 +220,23 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         // The plugin's disk is closed first: qemu-img takes the image's lock.
         drop(disk);
         f
+    } else if args.submit {
+        if args.iodepth == 0 || args.iodepth > 4096 {
+            bail!("--iodepth {}: must be 1 to 4096", args.iodepth);
+        }
+        let f = crate::bench::submit::run(
+            &disk,
+            args.rw,
+            bs,
+            args.iodepth,
+            region,
+            opts.duration,
+            args.client_cpu,
+        )
+        .map_err(|e| anyhow::anyhow!("--submit: {e}"))?;
+        // Closed before the references run, as after a ring run's.
+        drop(disk);
+        f
     } else {
         if args.iodepth == 0 || args.workers > 64 {
             bail!("--iodepth must be at least 1 and --workers at most 64");
@@ -223,6 +258,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     };
     let dst_span = if args.direct {
         bs
+    } else if args.submit {
+        bs * args.iodepth
     } else {
         bs * args.iodepth * args.queues
     };
@@ -350,6 +387,19 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             name,
             if args.direct {
                 format!("threads={}", args.threads)
+            } else if args.submit {
+                format!(
+                    "iodepth={}{}{}",
+                    args.iodepth,
+                    args.client_cpu
+                        .map(|c| format!(" client-cpu={c}"))
+                        .unwrap_or_default(),
+                    if args.fair_first {
+                        " (fair reference first)"
+                    } else {
+                        ""
+                    }
+                )
             } else {
                 format!(
                     "iodepth={} queues={} workers={}{}{}",
@@ -375,7 +425,12 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             println!("{}", r.line());
         }
         if let Some(c) = &f.cpu {
-            println!("{}", c.line("the client side (guest and ring threads)"));
+            let client = if args.submit {
+                "the submitting thread"
+            } else {
+                "the client side (guest and ring threads)"
+            };
+            println!("{}", c.line(client));
         }
         if let Some(a) = &against {
             crate::bench::direct::print_against(a, &f);
@@ -449,7 +504,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
 fn ref_depth(args: &BenchArgs, is_async: bool) -> usize {
     if args.direct {
         args.threads
-    } else if is_async {
+    } else if is_async || args.submit {
         args.iodepth
     } else {
         args.workers
