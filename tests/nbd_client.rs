@@ -731,6 +731,9 @@ fn bench_measures_fio_nbd_on_the_same_server() {
         err.contains("--submit") && err.lines().count() == 1,
         "{err}"
     );
+    let o = host(&["bench", "discard", "--submit", "--iodepth", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--iodepth 0"), "{}", stderr(&o));
     let o = host(&["bench", "nbd-client", "-c", &cfg, "--submit", "--direct"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     // A plugin without a `uri` key needs one on the command line.

@@ -87,7 +87,8 @@ pub struct BenchArgs {
     #[arg(long = "limit", value_name = "KEY=VALUE")]
     limits: Vec<String>,
     /// Keep the client side of the plugin's run (the simulated guest and the ring thread of
-    /// each queue) and of the fair references (their submitting thread) on CPU N; the
+    /// each queue, or the submitting thread with `--submit`) and of the fair references
+    /// (their submitting thread) on CPU N; the
     /// storage side (threads a plugin or library starts, the server) stays free. On a
     /// machine with few CPUs it takes out the scheduler's placement of guest and ring
     /// thread, which can halve a 4 KiB figure from one run to the next (ring path).
@@ -136,6 +137,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     }
     if args.submit && !limits.is_unlimited() {
         bail!("--limit applies to the ring path, not --submit");
+    }
+    if args.submit && !(1..=4096).contains(&args.iodepth) {
+        bail!("--iodepth {}: must be 1 to 4096", args.iodepth);
     }
     // qemu-img's write pass needs the image as it was before the plugin wrote.
     let qemu_image = match &args.qemu_img {
@@ -221,9 +225,6 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         drop(disk);
         f
     } else if args.submit {
-        if args.iodepth == 0 || args.iodepth > 4096 {
-            bail!("--iodepth {}: must be 1 to 4096", args.iodepth);
-        }
         let f = crate::bench::submit::run(
             &disk,
             args.rw,
