@@ -14,6 +14,9 @@
 # OSD filling up as it is written, a server warming up) favours neither side; each such pair
 # line ends in "fair first", and a last line gives the median ratio of each order.
 # PAIRS_ORDER=fixed keeps the plugin first in every pair, as the README's older sets were.
+# Beside a fair reference each pair line also gives the CPU time per request of each side's
+# process ("cpu P / R us per request"), and a last line the medians, with the plugin's client
+# side (and simulated guest) and the reference's submitting thread.
 #
 # Usage: scripts/pairs.sh N BENCH-ARGS...
 #   e.g. scripts/pairs.sh 14 nbd-client -c uri=nbd+unix:///?socket=S --rw randread --bs 4k --fio-nbd
@@ -34,15 +37,17 @@ host=${XEN_DISK_HOST:-$(cd "$(dirname "$0")/.." && pwd)/target/release/xen-disk-
 
 # The reference's JSON field (IOPS where it reports them, like the plugin's) and its name;
 # field2/name2: the engine's own tool beside a fair reference.
-field=memcpy_mbps unit=mbps name=memcpy field2='' name2='' fair=''
+field=memcpy_mbps unit=mbps name=memcpy field2='' name2='' fair='' cpu_ref=''
 for a in "$@"; do
   case "$a" in
     --fio-nbd | --fio-nbd=*)
       field=nbd_fair_iops unit=iops name=nbd-fair field2=fio_nbd_iops name2=fio-nbd fair=1
+      cpu_ref=nbd_fair
       break ;;
     --nbdkit) field=nbdkit_iops unit=iops name=nbdkit; break ;;
     --rbd-bench)
       field=rbd_fair_iops unit=iops name=rbd-fair field2=rbd_bench_iops name2="rbd bench" fair=1
+      cpu_ref=rbd_fair
       break ;;
     --qemu-img | --qemu-img=*) field=qemu_img_mbps unit=mbps name=qemu-img; break ;;
   esac
@@ -55,6 +60,9 @@ num() { sed -n "s/.*\"$1\":\(-\{0,1\}[0-9.]*\).*/\1/p" <<<"$2"; }
 ratio() { awk -v p="$1" -v r="$2" 'BEGIN { if (r > 0) printf "%.3f", p / r; else print "inf" }'; }
 
 ratios=() plugins=() refs=() ratios2=() refs2=() first_p=() first_f=()
+# CPU µs per request beside a fair reference: the plugin's process, its client side, its
+# simulated guest (ring runs), the reference's process and its submitting thread.
+cpu_p=() cpu_pc=() cpu_g=() cpu_r=() cpu_rc=()
 for i in $(seq 1 "$n"); do
   order=()
   [ -n "$fair" ] && [ $((i % 2)) = 0 ] && order=(--fair-first)
@@ -73,6 +81,16 @@ for i in $(seq 1 "$n"); do
     [ "$q2" = inf ] && { echo "pair $i: $name2 measured ${r2:-nothing}" >&2; exit 1; }
     line+=$(printf '; %s %s %s, ratio %s' "$name2" "$r2" "$unit" "$q2")
     ratios2+=("$q2") refs2+=("$r2")
+  fi
+  if [ -n "$cpu_ref" ]; then
+    a=$(num cpu_us_per_op "$out") b=$(num "${cpu_ref}_cpu_us_per_op" "$out")
+    if [ -n "$a" ] && [ -n "$b" ]; then
+      line+=$(printf '; cpu %s / %s us per request' "$a" "$b")
+      cpu_p+=("$a") cpu_r+=("$b")
+      cpu_pc+=("$(num client_cpu_us_per_op "$out")") cpu_rc+=("$(num "${cpu_ref}_client_cpu_us_per_op" "$out")")
+      g=$(num guest_cpu_us_per_op "$out")
+      [ -n "$g" ] && cpu_g+=("$g")
+    fi
   fi
   if [ ${#order[@]} -gt 0 ]; then
     line+='; fair first' first_f+=("$q")
@@ -104,5 +122,12 @@ summary "$name" "${ratios[@]}" -- "${refs[@]}"
 if [ ${#first_f[@]} -gt 0 ]; then
   echo "by order: plugin first median $(median %.3f "${first_p[@]}") over ${#first_p[@]} pairs," \
     "$name first median $(median %.3f "${first_f[@]}") over ${#first_f[@]} pairs"
+fi
+if [ ${#cpu_p[@]} -gt 0 ]; then
+  guest=''
+  [ ${#cpu_g[@]} -gt 0 ] && guest=", guest $(median %.1f "${cpu_g[@]}")"
+  echo "median cpu per request: plugin $(median %.1f "${cpu_p[@]}") us" \
+    "(client side $(median %.1f "${cpu_pc[@]}")$guest), $name $(median %.1f "${cpu_r[@]}") us" \
+    "(submitting thread $(median %.1f "${cpu_rc[@]}"))"
 fi
 exit 0

@@ -180,19 +180,20 @@ fn pairs_against_the_fair_nbd_reference_on_every_pattern() {
         let out = stdout(&o);
         assert!(o.status.success(), "{rw}: {out}{}", stderr(&o));
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines.len(), if fixed { 4 } else { 5 }, "{rw}: {out}");
-        let (mut fair, mut fio) = (Vec::new(), Vec::new());
+        assert_eq!(lines.len(), if fixed { 5 } else { 6 }, "{rw}: {out}");
+        let (mut fair, mut fio, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
         for (i, l) in lines[..2].iter().enumerate() {
-            // pair N: plugin P iops, nbd-fair R iops, ratio X; fio-nbd F iops, ratio Y
-            // [; fair first]
+            // pair N: plugin P iops, nbd-fair R iops, ratio X; fio-nbd F iops, ratio Y;
+            // cpu A / B us per request [; fair first]
             let w = words(l);
             assert_eq!(w[..2], ["pair", &format!("{}:", i + 1)], "{l}");
             let fair_first = i == 1 && !fixed;
-            assert_eq!(w.len(), if fair_first { 17 } else { 15 }, "{l}");
+            assert_eq!(w.len(), if fair_first { 24 } else { 22 }, "{l}");
             if fair_first {
-                assert_eq!(w[15..], ["fair", "first"], "{l}");
+                assert_eq!(w[22..], ["fair", "first"], "{l}");
             }
-            assert_eq!((w[5], w[10]), ("nbd-fair", "fio-nbd"), "{l}");
+            assert_eq!((w[5], w[10], w[15]), ("nbd-fair", "fio-nbd", "cpu"), "{l}");
+            assert_eq!(w[17], "/", "{l}");
             let n = |at: usize| -> f64 { w[at].parse().unwrap_or_else(|_| panic!("{l}")) };
             let (p, r, x, f, y) = (n(3), n(6), n(9), n(11), n(14));
             assert!(p > 0.0 && r > 0.0 && f > 0.0, "{l}");
@@ -200,8 +201,10 @@ fn pairs_against_the_fair_nbd_reference_on_every_pattern() {
                 (x - p / r).abs() < 0.001 && (y - p / f).abs() < 0.001,
                 "{l}"
             );
+            assert!(n(16) > 0.0 && n(18) > 0.0, "{l}");
             fair.push(x);
             fio.push(y);
+            cpu.push((n(16), n(18)));
         }
         for (line, name, r) in [(lines[2], "nbd-fair", &fair), (lines[3], "fio-nbd", &fio)] {
             let want = format!(
@@ -217,6 +220,21 @@ fn pairs_against_the_fair_nbd_reference_on_every_pattern() {
             );
             assert_eq!(lines[4], want, "{out}");
         }
+        // The CPU medians of both sides; a ring run names its simulated guest.
+        let want = format!(
+            "median cpu per request: plugin {:.1} us (client side ",
+            (cpu[0].0 + cpu[1].0) / 2.0
+        );
+        let last = lines[lines.len() - 1];
+        assert!(last.starts_with(&want), "want {want:?}:\n{out}");
+        let want = format!(
+            "nbd-fair {:.1} us (submitting thread ",
+            (cpu[0].1 + cpu[1].1) / 2.0
+        );
+        assert!(
+            last.contains(&want) && last.contains(", guest "),
+            "{want:?}:\n{out}"
+        );
     }
     // Every request the reference counts moved its whole block.
     let o = host(&[
