@@ -12,7 +12,7 @@
 # Beside a fair reference the order within a pair alternates: odd pairs run the plugin
 # first, even pairs the reference (`bench --fair-first`), so that a drift within a run (an
 # OSD filling up as it is written, a server warming up) favours neither side; each such pair
-# line ends in "fair first", and a last line gives the median ratio of each order.
+# line ends in "fair first", and a line after the medians gives the median ratio of each order.
 # PAIRS_ORDER=fixed keeps the plugin first in every pair, as the README's older sets were.
 # Beside a fair reference each pair line also gives the CPU time per request of each side's
 # process ("cpu P / R us per request"), and a last line the medians, with the plugin's client
@@ -37,21 +37,21 @@ host=${XEN_DISK_HOST:-$(cd "$(dirname "$0")/.." && pwd)/target/release/xen-disk-
 
 # The reference's JSON field (IOPS where it reports them, like the plugin's) and its name;
 # field2/name2: the engine's own tool beside a fair reference.
-field=memcpy_mbps unit=mbps name=memcpy field2='' name2='' fair='' cpu_ref=''
+field=memcpy_mbps unit=mbps name=memcpy field2='' name2='' fair=''
 for a in "$@"; do
   case "$a" in
     --fio-nbd | --fio-nbd=*)
       field=nbd_fair_iops unit=iops name=nbd-fair field2=fio_nbd_iops name2=fio-nbd fair=1
-      cpu_ref=nbd_fair
       break ;;
     --nbdkit) field=nbdkit_iops unit=iops name=nbdkit; break ;;
     --rbd-bench)
       field=rbd_fair_iops unit=iops name=rbd-fair field2=rbd_bench_iops name2="rbd bench" fair=1
-      cpu_ref=rbd_fair
       break ;;
     --qemu-img | --qemu-img=*) field=qemu_img_mbps unit=mbps name=qemu-img; break ;;
   esac
 done
+# A fair reference's JSON prefix (rbd_fair, nbd_fair), for its CPU figures.
+cpu_ref=${fair:+${field%_iops}}
 if [ "${PAIRS_ORDER:-alternate}" = fixed ]; then fair=''; fi
 
 # The number after "KEY": in a flat JSON object.

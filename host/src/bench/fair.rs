@@ -11,7 +11,8 @@
 use super::direct::Pattern;
 use crate::histogram::Histogram;
 use crate::rng::Rng;
-use std::time::Duration;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// What a fair reference measured.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +77,55 @@ impl FairFigures {
     }
 }
 
+/// Completions handed from whichever thread the library (or plugin) completes on to the
+/// submitting thread, which takes them in batches.
+pub struct Completions<T> {
+    done: Mutex<Vec<T>>,
+    wake: Condvar,
+}
+
+impl<T> Default for Completions<T> {
+    fn default() -> Self {
+        Completions {
+            done: Mutex::new(Vec::new()),
+            wake: Condvar::new(),
+        }
+    }
+}
+
+impl<T> Completions<T> {
+    /// Reports one completion.
+    pub fn push(&self, item: T) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.push(item);
+        self.wake.notify_one();
+    }
+
+    /// Waits for at least one completion and moves every reported one into the empty
+    /// `batch`; false when none came within `stall` (None: waits for ever).
+    pub fn take(&self, batch: &mut Vec<T>, stall: Option<Duration>) -> bool {
+        let waited = Instant::now();
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while done.is_empty() {
+            done = match stall {
+                None => self.wake.wait(done).unwrap_or_else(|e| e.into_inner()),
+                Some(s) => {
+                    let left = s.saturating_sub(waited.elapsed());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.wake
+                        .wait_timeout(done, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+        std::mem::swap(&mut *done, batch);
+        true
+    }
+}
+
 /// What a reference client counts while it runs: requests in flight, completions and the
 /// bytes they moved, failures and the first one's reason, latencies.
 #[derive(Default)]
@@ -125,14 +175,13 @@ impl Tally {
     }
 
     /// The figures over `elapsed`, or why there are none (nothing completed). `meter` was
-    /// started with the run, and `client` is the submitting thread's CPU time over it.
+    /// started with the run on this thread, the submitting one.
     pub fn figures(
         self,
         elapsed: Duration,
         meter: super::usage::Meter,
-        client: Duration,
     ) -> Result<FairFigures, String> {
-        let cpu = meter.stop(self.ops, client, None);
+        let cpu = meter.stop_here(self.ops);
         if self.ops == 0 {
             return Err(format!(
                 "no request completed ({} failed{})",
@@ -329,8 +378,7 @@ mod tests {
         assert_eq!(t.in_flight, 2);
         t.failed(Some("EIO".into()));
         assert_eq!(t.in_flight, 1);
-        let none =
-            std::mem::take(&mut t).figures(Duration::from_secs(1), Meter::start(), Duration::ZERO);
+        let none = std::mem::take(&mut t).figures(Duration::from_secs(1), Meter::start());
         assert_eq!(
             none.unwrap_err(),
             "no request completed (2 failed, first: refused)"
@@ -340,11 +388,31 @@ mod tests {
         t.succeeded(4096, Duration::from_micros(50));
         t.succeeded(4096, Duration::from_micros(70));
         assert_eq!(t.in_flight, 0);
-        let f = t
-            .figures(Duration::from_secs(2), Meter::start(), Duration::ZERO)
-            .unwrap();
+        let f = t.figures(Duration::from_secs(2), Meter::start()).unwrap();
         assert_eq!((f.ops, f.bytes, f.failed), (2, 8192, 0));
-        assert_eq!(f.cpu.map(|c| c.client_us), Some(0.0));
+        assert!(f
+            .cpu
+            .is_some_and(|c| c.client_us >= 0.0 && c.guest_us.is_none()));
+    }
+
+    #[test]
+    fn completions_come_in_batches_and_a_stall_gives_up() {
+        let c = std::sync::Arc::new(Completions::<u32>::default());
+        let mut batch = Vec::new();
+        assert!(!c.take(&mut batch, Some(Duration::from_millis(20))));
+        c.push(1);
+        c.push(2);
+        assert!(c.take(&mut batch, Some(Duration::from_millis(20))));
+        assert_eq!(batch, [1, 2]);
+        batch.clear();
+        let from = c.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            from.push(3);
+        });
+        assert!(c.take(&mut batch, None));
+        assert_eq!(batch, [3]);
+        t.join().unwrap();
     }
 
     #[test]

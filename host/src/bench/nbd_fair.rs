@@ -144,7 +144,7 @@ pub fn run(
     DONE.with(|d| d.borrow_mut().clear());
     // Connected: only the submitting thread keeps to the client CPU (`--client-cpu`).
     let _pin = super::cpu::pin_here(client_cpu)?;
-    let (meter, client0) = (super::usage::Meter::start(), super::usage::thread_cpu());
+    let meter = super::usage::Meter::start();
     let started = Instant::now();
     let deadline = started + duration;
     let mut submit = |slot: usize, bufs: &mut [AlignedBuf], sent: &mut [Instant]| {
@@ -206,5 +206,5 @@ pub fn run(
         batch.clear();
     }
     let elapsed = started.elapsed();
-    tally.figures(elapsed, meter, super::usage::thread_cpu() - client0)
+    tally.figures(elapsed, meter)
 }

@@ -11,10 +11,11 @@
 //! run time, so the host builds and runs where they are not installed.
 
 use super::direct::Pattern;
-use super::fair::{load_library, refill, symbol, AlignedBuf, FairFigures, Tally, Walk};
+use super::fair::{
+    load_library, refill, symbol, AlignedBuf, Completions, FairFigures, Tally, Walk,
+};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::ptr;
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::Config;
 
@@ -197,12 +198,9 @@ impl Image {
     }
 }
 
-/// Completions reported by librbd's finisher thread to the submitting thread.
-#[derive(Default)]
-struct Completed {
-    done: Mutex<Vec<(usize, isize)>>,
-    wake: Condvar,
-}
+/// Completions reported by librbd's finisher thread to the submitting thread: slot and
+/// librbd's return value.
+type Completed = Completions<(usize, isize)>;
 
 /// One slot's completion argument: where to report, and which slot.
 struct SlotArg {
@@ -222,10 +220,7 @@ unsafe extern "C" fn on_complete(c: Handle, arg: *mut c_void) {
         (a, r)
     };
     // SAFETY: as above.
-    let completed = unsafe { &*a.completed };
-    let mut done = completed.done.lock().unwrap_or_else(|e| e.into_inner());
-    done.push((a.slot, r));
-    completed.wake.notify_one();
+    unsafe { &*a.completed }.push((a.slot, r));
 }
 
 /// Runs the pattern on the image the `ceph-rbd` configuration names, `depth` requests of
@@ -272,7 +267,7 @@ pub fn run(
     let mut walk = Walk::new(pattern, bs, region);
     let mut tally = Tally::default();
     let mut seq = 0u64;
-    let (meter, client0) = (super::usage::Meter::start(), super::usage::thread_cpu());
+    let meter = super::usage::Meter::start();
     let started = Instant::now();
     let deadline = started + duration;
     // Starts one request in `slot`; librbd's error when it refused it.
@@ -312,13 +307,9 @@ pub fn run(
     }
     let mut batch = Vec::with_capacity(depth);
     while tally.in_flight > 0 {
-        {
-            let mut done = completed.done.lock().unwrap_or_else(|e| e.into_inner());
-            while done.is_empty() {
-                done = completed.wake.wait(done).unwrap_or_else(|e| e.into_inner());
-            }
-            std::mem::swap(&mut *done, &mut batch);
-        }
+        // No stall limit: the boxed arguments and `completed` live on this stack frame, so
+        // it cannot return while librbd may still call back.
+        completed.take(&mut batch, None);
         let now = Instant::now();
         for &(slot, r) in &batch {
             if r >= 0 && (writing || r as usize == bs) {
@@ -334,7 +325,6 @@ pub fn run(
         batch.clear();
     }
     let elapsed = started.elapsed();
-    let client = super::usage::thread_cpu() - client0;
     drop(args);
-    tally.figures(elapsed, meter, client)
+    tally.figures(elapsed, meter)
 }

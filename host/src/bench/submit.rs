@@ -7,9 +7,9 @@
 //! adds (measured by the ring bench) is not mixed into it.
 
 use super::direct::{Figures, Pattern};
-use super::fair::{refill, AlignedBuf, Tally, Walk};
+use super::fair::{refill, AlignedBuf, Completions, Tally, Walk};
 use crate::plugin::GuardedDisk;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xen_disk_plugin_api::{RawBuf, SubmitOp};
 
@@ -19,13 +19,6 @@ pub const NOT_ASYNC: &str =
 
 /// How long the run waits for any completion before it gives up on the plugin.
 const STALL: Duration = Duration::from_secs(60);
-
-/// Completions handed back by whichever thread the plugin completes on.
-#[derive(Default)]
-struct Completed {
-    done: Mutex<Vec<(usize, Result<(), String>)>>,
-    wake: Condvar,
-}
 
 /// Runs `pattern` on `disk` with `depth` submissions of `bs` bytes in flight over the first
 /// `region` bytes for `duration`; the submitting thread keeps to `client_cpu` if given.
@@ -57,7 +50,8 @@ pub fn run(
             .map_err(|e| format!("the first flush failed: {e}"))?;
     }
     let depth = depth.max(1);
-    let completed = Arc::new(Completed::default());
+    // Slot and outcome, from whichever thread the plugin completes on.
+    let completed = Arc::new(Completions::<(usize, Result<(), String>)>::default());
     let mut bufs: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::new(bs)).collect();
     let mut sent = vec![Instant::now(); depth];
     let mut walk = Walk::new(pattern, bs, region);
@@ -68,7 +62,7 @@ pub fn run(
     } else {
         SubmitOp::Read
     };
-    let (meter, client0) = (super::usage::Meter::start(), super::usage::thread_cpu());
+    let meter = super::usage::Meter::start();
     let started = Instant::now();
     let deadline = started + duration;
     let mut submit = |slot: usize, bufs: &mut [AlignedBuf], sent: &mut [Instant]| {
@@ -88,9 +82,7 @@ pub fn run(
         // thread leaves it alone until its completion is reported.
         unsafe {
             disk.submit(op, offset, raw, move |r| {
-                let mut done = completed.done.lock().unwrap_or_else(|e| e.into_inner());
-                done.push((slot, r.map_err(|e| e.to_string())));
-                completed.wake.notify_one();
+                completed.push((slot, r.map_err(|e| e.to_string())))
             })
         };
     };
@@ -100,27 +92,15 @@ pub fn run(
     }
     let mut batch = Vec::with_capacity(depth);
     while tally.in_flight > 0 {
-        {
-            let mut done = completed.done.lock().unwrap_or_else(|e| e.into_inner());
-            let waited = Instant::now();
-            while done.is_empty() {
-                if waited.elapsed() > STALL {
-                    // The plugin still holds the buffers of what it never completed: they
-                    // stay allocated (leaked), so a late completion writes into live memory.
-                    std::mem::forget(bufs);
-                    return Err(format!(
-                        "{} submissions not completed after {} s",
-                        tally.in_flight,
-                        STALL.as_secs()
-                    ));
-                }
-                done = completed
-                    .wake
-                    .wait_timeout(done, Duration::from_secs(1))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-            std::mem::swap(&mut *done, &mut batch);
+        if !completed.take(&mut batch, Some(STALL)) {
+            // The plugin still holds the buffers of what it never completed: they stay
+            // allocated (leaked), so a late completion writes into live memory.
+            std::mem::forget(bufs);
+            return Err(format!(
+                "{} submissions not completed after {} s",
+                tally.in_flight,
+                STALL.as_secs()
+            ));
         }
         let now = Instant::now();
         for (slot, r) in batch.drain(..) {
@@ -135,9 +115,8 @@ pub fn run(
         }
     }
     let elapsed = started.elapsed();
-    let client = super::usage::thread_cpu() - client0;
     let first_error = tally.first_error();
-    let f = tally.figures(elapsed, meter, client)?;
+    let f = tally.figures(elapsed, meter)?;
     Ok(Figures {
         ops: f.ops,
         failed: f.failed,

@@ -80,6 +80,8 @@ impl MachineTicks {
 /// Started before a run's first request, stopped after its last answer.
 pub struct Meter {
     process: Duration,
+    /// The starting thread's own CPU time, for [`Meter::stop_here`].
+    thread: Duration,
     machine: Option<MachineTicks>,
 }
 
@@ -87,8 +89,16 @@ impl Meter {
     pub fn start() -> Meter {
         Meter {
             process: process_cpu(),
+            thread: thread_cpu(),
             machine: MachineTicks::now(),
         }
+    }
+
+    /// As [`Meter::stop`], on the thread that started the meter and was the whole client
+    /// side (a fair reference's or `--submit`'s submitting thread).
+    pub fn stop_here(self, ops: u64) -> CpuFigures {
+        let client = thread_cpu().saturating_sub(self.thread);
+        self.stop(ops, client, None)
     }
 
     /// The figures for `ops` requests; `client` is the client side's CPU time and `guest`
@@ -207,6 +217,8 @@ mod tests {
         // Most of 50 ms of wall time spinning is CPU time, even with a neighbour stealing some.
         assert!(spun >= Duration::from_millis(10), "{spun:?}");
         let f = meter.stop(10, spun, Some(spun / 2));
+        let here = Meter::start().stop_here(1);
+        assert!(here.client_us >= 0.0 && here.guest_us.is_none(), "{here:?}");
         assert!(f.process_us >= f.client_us * 0.99, "{f:?}");
         assert!(
             (f.client_us - spun.as_secs_f64() * 1e5).abs() < 1e-6,

@@ -388,25 +388,15 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             name,
             if args.direct {
                 format!("threads={}", args.threads)
-            } else if args.submit {
-                format!(
-                    "iodepth={}{}{}",
-                    args.iodepth,
-                    args.client_cpu
-                        .map(|c| format!(" client-cpu={c}"))
-                        .unwrap_or_default(),
-                    if args.fair_first {
-                        " (fair reference first)"
-                    } else {
-                        ""
-                    }
-                )
             } else {
+                let ring = if args.submit {
+                    String::new()
+                } else {
+                    format!(" queues={} workers={}", args.queues, args.workers)
+                };
                 format!(
-                    "iodepth={} queues={} workers={}{}{}",
+                    "iodepth={}{ring}{}{}",
                     args.iodepth,
-                    args.queues,
-                    args.workers,
                     args.client_cpu
                         .map(|c| format!(" client-cpu={c}"))
                         .unwrap_or_default(),
