@@ -335,6 +335,23 @@ fn not_supported(reason: String) -> Refused {
 fn check_data(segments: &[Segment], sector_number: u64, limits: &Limits) -> Result<u64, Refused> {
     let lss = u64::from(limits.logical_sector_size);
     let per_lss = lss / 512;
+    // First one pass with a mask instead of two divisions per segment (256 segments in a
+    // 1 MiB request: the divisions were 8% of a ring thread's time on 1 MiB reads). The
+    // careful pass below runs when it finds a fault, to name the segment, or when the
+    // sector size is not a power of two.
+    if per_lss.is_power_of_two() {
+        let mask = per_lss - 1;
+        let (mut bad, mut sectors) = (false, 0u64);
+        for s in segments {
+            let (first, last) = (u64::from(s.first_sect), u64::from(s.last_sect));
+            let n = last.wrapping_sub(first).wrapping_add(1);
+            bad |= last > 7 || first > last || (n | first) & mask != 0;
+            sectors = sectors.wrapping_add(n);
+        }
+        if !bad {
+            return check_range(sectors, sector_number, per_lss, lss, limits);
+        }
+    }
     let mut sectors = 0u64;
     for (i, s) in segments.iter().enumerate() {
         if s.last_sect > 7 || s.first_sect > s.last_sect {
@@ -351,6 +368,17 @@ fn check_data(segments: &[Segment], sector_number: u64, limits: &Limits) -> Resu
         }
         sectors += n;
     }
+    check_range(sectors, sector_number, per_lss, lss, limits)
+}
+
+/// The rest of [`check_data`]: `sectors` from `sector_number` must be aligned and inside.
+fn check_range(
+    sectors: u64,
+    sector_number: u64,
+    per_lss: u64,
+    lss: u64,
+    limits: &Limits,
+) -> Result<u64, Refused> {
     if !sector_number.is_multiple_of(per_lss) {
         return Err(error(format!(
             "sector {sector_number} is not aligned to the {lss}-byte sector size"
@@ -816,6 +844,60 @@ mod tests {
             ..LIMITS
         };
         assert!(validate(&indirect(BLKIF_OP_READ, 4097), &big).is_err());
+    }
+
+    /// The single pass with a mask (power-of-two sector sizes) and the careful pass (any
+    /// other) agree with a plain statement of the rules, on random segment lists.
+    #[test]
+    fn segment_checks_agree_with_the_rules_for_any_sector_size() {
+        let mut rng = crate::rng::Rng::new(26);
+        for lss in [512u32, 1536, 4096] {
+            let limits = Limits {
+                logical_sector_size: lss,
+                sectors: 4096,
+                ..LIMITS
+            };
+            let per = u64::from(lss / 512);
+            for _ in 0..20_000 {
+                let n = 1 + rng.below(8) as usize;
+                let aligned = rng.below(2) == 0;
+                let segs: Vec<Segment> = (0..n)
+                    .map(|i| {
+                        if aligned {
+                            // Mostly valid lists, so that the sums are checked too.
+                            let k = 8 / per.min(8);
+                            let a = rng.below(k) * per;
+                            let b = a + per * (1 + rng.below(k - a / per)) - 1;
+                            seg(i as u32, a.min(7) as u8, b.min(7) as u8)
+                        } else {
+                            seg(i as u32, rng.below(10) as u8, rng.below(10) as u8)
+                        }
+                    })
+                    .collect();
+                let sector = rng.below(4200) & !(rng.below(2) * (per - 1).min(7));
+                let mut expect = Some(0u64);
+                for s in &segs {
+                    let (f, l) = (u64::from(s.first_sect), u64::from(s.last_sect));
+                    if l > 7 || f > l || (l - f + 1) % per != 0 || f % per != 0 {
+                        expect = None;
+                        break;
+                    }
+                    expect = expect.map(|e| e + l - f + 1);
+                }
+                let expect = expect
+                    .filter(|e| sector.is_multiple_of(per) && sector + e <= 4096)
+                    .map(|e| e * 512);
+                let got = check_data(&segs, sector, &limits);
+                assert_eq!(
+                    got.as_ref().ok().copied(),
+                    expect,
+                    "lss {lss} sector {sector} {segs:?}"
+                );
+                if let Err(r) = got {
+                    assert!(!r.reason.is_empty());
+                }
+            }
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! ([`super::sim::grant`]). Every reference comes from the guest: a bad one is an error for
 //! that request, never a crash.
 
+use super::gref_table::GrefTable;
 use std::sync::Arc;
 
 /// Why a mapping failed.
@@ -206,7 +207,7 @@ pub struct PersistentGrants {
     domid: u32,
     max: usize,
     /// Each page kept, by reference, inside one of `mappings`.
-    pages: std::collections::HashMap<u32, *mut u8, GrefHasher>,
+    pages: GrefTable,
     /// Pages are mapped a request's worth at a time, so a request whose pages were first
     /// seen together (a frontend that reuses each slot's pages) finds them side by side:
     /// one contiguous buffer, which a plugin can hand to one system call.
@@ -216,58 +217,6 @@ pub struct PersistentGrants {
 // SAFETY: the page pointers point into `mappings`, owned alongside them and only unmapped
 // when the cache is cleared or dropped; the cache is used by one thread at a time.
 unsafe impl Send for PersistentGrants {}
-
-/// A hash for grant references, looked up once per segment (256 per 1 MiB request), where
-/// SipHash costs several percent of a large read. The key comes from the guest, so the
-/// multiplier is seeded per cache: a guest cannot pick references that collide.
-#[derive(Clone)]
-struct GrefHasher {
-    seed: u64,
-}
-
-impl GrefHasher {
-    fn random() -> GrefHasher {
-        use std::hash::BuildHasher;
-        let seed = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
-        GrefHasher { seed }
-    }
-}
-
-impl std::hash::BuildHasher for GrefHasher {
-    type Hasher = GrefHash;
-    fn build_hasher(&self) -> GrefHash {
-        GrefHash {
-            seed: self.seed,
-            value: 0,
-        }
-    }
-}
-
-/// See [`GrefHasher`].
-struct GrefHash {
-    seed: u64,
-    value: u64,
-}
-
-impl std::hash::Hasher for GrefHash {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        // Multiply by an odd seeded constant, then fold the high bits down: the low bits pick
-        // the bucket and the high bits the tag, and both must depend on every key bit.
-        let x = (n ^ self.value ^ self.seed).wrapping_mul(self.seed | 1 | 0x9e37_79b9_0000_0000);
-        self.value = x ^ (x >> 29) ^ (x >> 47);
-    }
-    fn finish(&self) -> u64 {
-        self.value
-    }
-}
 
 impl PersistentGrants {
     /// Linux blkback's bound per ring: 32 requests x 11 segments x 3.
@@ -279,7 +228,7 @@ impl PersistentGrants {
             mapper,
             domid,
             max,
-            pages: std::collections::HashMap::with_hasher(GrefHasher::random()),
+            pages: GrefTable::new(),
             mappings: Vec::new(),
         }
     }
@@ -297,8 +246,8 @@ impl PersistentGrants {
         let mut missing = [0u32; 256];
         let mut n = 0;
         for (gref, slot) in grefs.iter().zip(out.iter_mut()) {
-            match self.pages.get(gref) {
-                Some(&p) => *slot = p,
+            match self.pages.get(*gref) {
+                Some(p) => *slot = p,
                 None => {
                     *slot = std::ptr::null_mut();
                     // A reference listed twice in one request is mapped once.
@@ -324,7 +273,7 @@ impl PersistentGrants {
         self.mappings.push(m);
         for (gref, slot) in grefs.iter().zip(out.iter_mut()) {
             if slot.is_null() {
-                *slot = self.pages[gref];
+                *slot = self.pages.get(*gref).expect("inserted just above");
             }
         }
         Ok(true)
@@ -337,7 +286,7 @@ impl PersistentGrants {
 
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.pages.len() == 0
     }
 
     /// Unmaps everything (at disconnect).

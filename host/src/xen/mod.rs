@@ -3,6 +3,7 @@
 
 pub mod evtchn;
 pub mod grant;
+mod gref_table;
 pub mod linux;
 pub mod sim;
 pub mod xenbus;
