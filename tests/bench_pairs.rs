@@ -263,19 +263,15 @@ fn pairs_against_the_fair_nbd_reference_on_every_pattern() {
 
 /// The CPUs a thread of process `pid` may run on (`Cpus_allowed_list`), by thread name.
 fn allowed_cpus(pid: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
-            let list = l.split_whitespace().nth(1).unwrap_or("").to_string();
-            out.push((comm.trim().to_string(), list));
-        }
-    }
-    out
+    threads(pid)
+        .into_iter()
+        .filter_map(|t| {
+            Some((
+                t.comm.clone(),
+                t.status_field("Cpus_allowed_list")?.to_string(),
+            ))
+        })
+        .collect()
 }
 
 /// `--client-cpu N` keeps the simulated guest and the ring thread on CPU N, leaves the

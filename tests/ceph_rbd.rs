@@ -120,19 +120,13 @@ impl Cluster {
     }
 }
 
-/// Whether every thread of `pid` is stopped (state T or t in /proc/PID/task/TID/stat).
+/// Whether every thread of `pid` is stopped (state T or t).
 fn all_threads_stopped(pid: i32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
-            // The state follows the command name, which is in parentheses and may hold spaces.
-            stat.rfind(')')
-                .and_then(|i| stat[i + 1..].trim_start().chars().next())
-                .is_some_and(|c| c == 'T' || c == 't')
-        })
-    })
+    let threads = threads(pid as u32);
+    !threads.is_empty()
+        && threads
+            .iter()
+            .all(|t| matches!(t.state(), Some('T') | Some('t')))
 }
 
 impl Drop for Cluster {

@@ -29,24 +29,16 @@ fn sleeps_of(pid: u32, prefix: &str) -> Vec<(u32, u64)> {
 
 /// The sum of the `/proc` status lines `keys` of each of `pid`'s threads named `prefix`...
 fn counted(pid: u32, prefix: &str, keys: &[&str]) -> Vec<(u32, u64)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap().path();
-        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
-        if !comm.starts_with(prefix) {
-            continue;
-        }
-        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
-        let n: u64 = status
-            .lines()
-            .filter(|l| keys.iter().any(|k| l.starts_with(k)))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum();
-        let tid = t.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        out.push((tid, n));
-    }
-    out.sort();
-    out
+    let all = threads(pid);
+    // A process that exited has no threads to count, and nothing to prove.
+    assert!(!all.is_empty(), "process {pid} is gone");
+    all.into_iter()
+        .filter(|t| t.comm.starts_with(prefix))
+        .map(|t| {
+            let n = keys.iter().filter_map(|k| t.status_number(k)).sum();
+            (t.tid, n)
+        })
+        .collect()
 }
 
 #[test]

@@ -137,6 +137,66 @@ pub fn json_number(out: &str, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} is not a number: {out}"))
 }
 
+/// One thread of a process, as `/proc/PID/task/TID` shows it.
+pub struct ProcThread {
+    pub tid: u32,
+    /// Its name (`comm`), trimmed.
+    pub comm: String,
+    /// Its `status` file (`Name:`, `Cpus_allowed_list:`, `voluntary_ctxt_switches:`...).
+    pub status: String,
+    /// Its `stat` line.
+    pub stat: String,
+}
+
+impl ProcThread {
+    /// The number after `key:` in `status`.
+    pub fn status_number(&self, key: &str) -> Option<u64> {
+        self.status_field(key)?.parse().ok()
+    }
+
+    /// The first word after `key:` in `status`.
+    pub fn status_field(&self, key: &str) -> Option<&str> {
+        self.status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+            .split_whitespace()
+            .next()
+    }
+
+    /// Its state letter (`R`, `S`, `T`...): the field after the name in `stat`, which is in
+    /// parentheses and may hold spaces.
+    pub fn state(&self) -> Option<char> {
+        let i = self.stat.rfind(')')?;
+        self.stat[i + 1..].trim_start().chars().next()
+    }
+}
+
+/// The threads of process `pid`, by thread id; empty once it has exited. A thread that ends
+/// while it is read is left out.
+pub fn threads(pid: u32) -> Vec<ProcThread> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<ProcThread> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let path = t.path();
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            Some(ProcThread {
+                tid,
+                comm: std::fs::read_to_string(path.join("comm"))
+                    .ok()?
+                    .trim()
+                    .to_string(),
+                status: std::fs::read_to_string(path.join("status")).ok()?,
+                stat: std::fs::read_to_string(path.join("stat")).ok()?,
+            })
+        })
+        .collect();
+    out.sort_by_key(|t| t.tid);
+    out
+}
+
 /// Makes a file immutable (`chattr +i`) for as long as it lives. Tests run as root, which
 /// ignores a 0444 mode; an immutable file refuses even root's writes (EPERM), as a read-only
 /// image refuses a user's.
