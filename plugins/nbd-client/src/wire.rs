@@ -49,6 +49,9 @@ const STAGE: usize = 256 << 10;
 /// some 200 KiB at a time), and one system call more per reply costs less than that copy.
 const LARGE_REPLY: usize = 64 << 10;
 
+/// Bytes one [`Reader::read`] takes at most (see [`Stop::Budget`]): a 1 MiB reply's worth.
+const READ_BUDGET: usize = 1 << 20;
+
 /// Whether `cmd`'s reply is small (anything but a read of [`LARGE_REPLY`] or more).
 fn small_reply(cmd: &Command) -> bool {
     !matches!(cmd, Command::Read { len, .. } if *len >= LARGE_REPLY)
@@ -499,6 +502,11 @@ impl Arriving {
 pub enum Stop {
     /// Nothing more to read now.
     Drained,
+    /// Read [`READ_BUDGET`] bytes; more may wait. A reader holds the connection's replies
+    /// while it reads, and a server streaming large replies could keep it reading for as long
+    /// as it sends: the host's ring thread, woken by the readable socket, would find the
+    /// replies taken on every wake-up (and after a thousand such wake-ups give them up).
+    Budget,
     /// The connection is finished: end of file, an error, or a protocol violation.
     Dead(String),
 }
@@ -519,6 +527,7 @@ impl Default for Reader {
 impl Reader {
     /// Reads what the socket holds and completes the commands whose replies are whole.
     pub fn read(&mut self, wire: &Wire) -> Stop {
+        let mut taken = 0;
         loop {
             let (dest, want_dest) = self
                 .current
@@ -578,6 +587,10 @@ impl Reader {
             if got < asked {
                 // The socket gave less than there was room for: it is empty now.
                 return Stop::Drained;
+            }
+            taken += got;
+            if taken >= READ_BUDGET {
+                return Stop::Budget;
             }
         }
     }
@@ -793,10 +806,21 @@ mod tests {
             if n > 0 {
                 at += n as usize;
             } else {
-                assert!(matches!(reader.read(wire), Stop::Drained));
+                drained(reader, wire);
             }
         }
-        assert!(matches!(reader.read(wire), Stop::Drained));
+        drained(reader, wire);
+    }
+
+    /// Reads until the socket is empty.
+    fn drained(reader: &mut Reader, wire: &Wire) {
+        loop {
+            match reader.read(wire) {
+                Stop::Drained => return,
+                Stop::Budget => continue,
+                Stop::Dead(why) => panic!("{why}"),
+            }
+        }
     }
 
     fn reply(cookie: u64, data: &[u8]) -> Vec<u8> {
@@ -886,6 +910,72 @@ mod tests {
         assert_eq!(got, vec![(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (9, 0)]);
         for (k, b) in bufs.iter().enumerate() {
             assert!(b == &patterns[k], "read {k} holds other bytes");
+        }
+        // SAFETY: our two descriptors, closed once.
+        unsafe {
+            libc::close(ours);
+            libc::close(server);
+        }
+    }
+
+    /// With more on the socket than one read may take, `read` gives the replies back after
+    /// its budget, and the next calls finish the job.
+    #[test]
+    fn a_reader_gives_the_replies_back_after_its_budget() {
+        let (ours, server) = pair();
+        // Root may raise the server's send buffer past net.core.wmem_max: room for all the
+        // replies at once, as a fast server keeps the socket full.
+        let size: c_int = 8 << 20;
+        // SAFETY: a socket; the option value is a c_int of the given size.
+        let r = unsafe {
+            libc::setsockopt(
+                server,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                (&size as *const c_int).cast(),
+                std::mem::size_of::<c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_SNDBUFFORCE (the tests run as root)");
+        let wire = Wire::new(ours, Duration::from_secs(5));
+        let mut reader = Reader::default();
+        let len = 768 << 10;
+        let mut bufs: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; len]).collect();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let d = done.clone();
+            let cmd = Command::Read {
+                buf: b.as_mut_ptr(),
+                len,
+                offset: i as u64,
+            };
+            let cb: Done = Box::new(move |e| {
+                assert_eq!(e, 0);
+                d.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+            // SAFETY: `bufs` outlives the wire's use of it: every read completes below.
+            unsafe { wire.submit(cmd, cb, |_| {}, false) };
+        }
+        let sent = drain(server);
+        let mut replies = Vec::new();
+        for (k, h) in sent.chunks(REQUEST_LEN).enumerate() {
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+            replies.extend(reply(cookie, &vec![k as u8 + 1; len]));
+        }
+        // SAFETY: writes from a live buffer of its length.
+        let n = unsafe { libc::write(server, replies.as_ptr().cast(), replies.len()) };
+        assert_eq!(
+            n,
+            replies.len() as isize,
+            "the socket took every reply at once"
+        );
+        assert!(matches!(reader.read(&wire), Stop::Budget));
+        let after_one = done.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(after_one < 4, "one read took everything");
+        drained(&mut reader, &wire);
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 4);
+        for (k, b) in bufs.iter().enumerate() {
+            assert!(b.iter().all(|&x| x == k as u8 + 1), "read {k}");
         }
         // SAFETY: our two descriptors, closed once.
         unsafe {
