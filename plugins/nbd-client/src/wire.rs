@@ -210,16 +210,20 @@ fn widen_unix_send_buffer(fd: c_int) {
     if c_int::from(family) != libc::AF_UNIX {
         return;
     }
-    let size = UNIX_SEND_BUFFER;
-    // SAFETY: fd is a socket; the option value is a c_int of the given size.
+    set_socket_int(fd, libc::SO_SNDBUF, UNIX_SEND_BUFFER);
+}
+
+/// Sets socket-level option `name` of socket `fd` to `value`; -1 (errno set) if refused.
+fn set_socket_int(fd: c_int, name: c_int, value: c_int) -> c_int {
+    // SAFETY: the option value is a c_int of the given size; a bad descriptor is an error.
     unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const c_int).cast(),
+            name,
+            (&value as *const c_int).cast(),
             std::mem::size_of::<c_int>() as libc::socklen_t,
-        );
+        )
     }
 }
 
@@ -925,17 +929,7 @@ mod tests {
         let (ours, server) = pair();
         // Root may raise the server's send buffer past net.core.wmem_max: room for all the
         // replies at once, as a fast server keeps the socket full.
-        let size: c_int = 8 << 20;
-        // SAFETY: a socket; the option value is a c_int of the given size.
-        let r = unsafe {
-            libc::setsockopt(
-                server,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUFFORCE,
-                (&size as *const c_int).cast(),
-                std::mem::size_of::<c_int>() as libc::socklen_t,
-            )
-        };
+        let r = set_socket_int(server, libc::SO_SNDBUFFORCE, 8 << 20);
         assert_eq!(r, 0, "SO_SNDBUFFORCE (the tests run as root)");
         let wire = Wire::new(ours, Duration::from_secs(5));
         let mut reader = Reader::default();
