@@ -3,12 +3,12 @@
 //!
 //! A hash table spreads neighbouring references over the whole table, and a large request's
 //! data copy evicts it from the cache between requests: profiled on a 1 MiB read through
-//! `ceph-rbd`, its lookups took a sixth of the ring thread's time. Frontends hand out
-//! references from the bottom of their grant table (a Linux guest's has 32 frames of 512 by
-//! default), so references below [`DIRECT`] index an array directly, in chunks of 4 KiB
-//! allocated on first use: neighbouring references share a cache line, and memory follows the
-//! references a guest uses. The rest go to a hash table seeded per table, since the guest
-//! picks the keys.
+//! `ceph-rbd`, its lookups took a sixth of the ring thread's time. A reference indexes the
+//! guest's grant table, 512 entries a page, which Xen limits to a few dozen pages unless told
+//! otherwise (`gnttab_max_frames`), so references below [`DIRECT`] index an array directly,
+//! in chunks of 4 KiB allocated on first use: neighbouring references share a cache line, and
+//! memory follows the references a guest uses. The rest go to a hash table seeded per table,
+//! since the guest picks the keys.
 
 use std::collections::HashMap;
 
