@@ -47,10 +47,11 @@
 //! On a Unix socket it speaks on itself (no TLS, simple replies) the plugin therefore raises
 //! the send buffer to 4 MiB (as far as `net.core.wmem_max` allows): with the kernel's
 //! default of about 208 KiB a 1 MiB write filled it five times over, and the ring thread
-//! slept until the server had read each part, one connection at a time. In `bench` against `nbdkit memory` (10 interleaved turns, 1 MiB
-//! writes) that took the plugin from 0.92 to 1.16 of the fair libnbd reference, better in
-//! every turn; 4 KiB requests and reads did not change. TCP sockets keep the kernel's
-//! autotuning, which a fixed size would switch off.
+//! slept until the server had read each part, one connection at a time. In `bench` against
+//! `nbdkit memory` (10 interleaved turns, 1 MiB writes) that took the plugin from 0.92 to
+//! 1.16 of the fair libnbd reference, better in every turn; 4 KiB requests and reads did
+//! not change. TCP sockets keep the kernel's autotuning, which a fixed size would switch
+//! off.
 //!
 //! Flush, trim and write-zeroes, and `read`/`write` called directly (`check`, `bench
 //! --direct`), block the calling thread: it submits the same way and parks until the reader
