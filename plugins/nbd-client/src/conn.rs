@@ -23,7 +23,8 @@
 //! channel, and the commands it submits are held back until its next pass, then sent in one
 //! message. The reader thread then stops watching the socket but looks every
 //! [`STAND_IN_MS`]: if the ring thread took nothing since the last look (it may be waiting
-//! on the disk itself, in a hot swap's drain), the reader sends what is held and reads.
+//! on the disk itself, in a hot swap's drain), the reader sends what is held and reads. A
+//! take that comes while the reader reads waits for it, then reads what is left.
 //!
 //! Nothing waits forever: if commands are outstanding and none has completed for `timeout`,
 //! the reader shuts the socket down; the reader then sees end-of-file, marks the connection
@@ -64,7 +65,7 @@ pub struct Caps {
 }
 
 /// How connections are opened.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     /// Ask the server for structured replies (NBD_OPT_STRUCTURED_REPLY).
     pub structured_replies: bool,
@@ -530,16 +531,20 @@ impl Conn {
         Some(self.fd)
     }
 
-    /// Takes the replies that are whole, without blocking; skips if another thread is
-    /// reading them right now.
+    /// Takes the replies that are whole. If the reader thread is standing in right now, waits
+    /// for it to finish its read and then reads what is left.
+    ///
+    /// Skipping instead would leave the socket readable with nothing taken: the ring thread,
+    /// woken again at once, would skip again, and on two CPUs a reader preempted while it
+    /// holds the replies let the host count a thousand such wake-ups in a row and give the
+    /// replies up for good. Waiting is safe: the reader never blocks holding the replies
+    /// (its socket reads do not wait, and the completions it runs only try the host's lock).
     pub fn take(&self) {
         self.takes.fetch_add(1, Ordering::Relaxed);
         let Some(wire) = &self.wire else { return };
         // What this thread sent since its last take goes out first, in one message.
         self.send_held(wire, false);
-        if let Ok(mut replies) = self.replies.try_lock() {
-            self.read_replies(wire, &mut replies);
-        }
+        self.read_replies(wire, &mut lock(&self.replies));
     }
 
     /// Sends the commands held back (see [`Wire::send_held`]); a failed send cuts the
@@ -974,5 +979,108 @@ impl Drop for Conn {
             libc::close(self.fd);
             libc::close(self.wake);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command as Process, Stdio};
+    use std::sync::mpsc;
+
+    /// `nbdkit memory` on a Unix socket of its own, stopped when dropped.
+    struct Nbdkit {
+        child: Child,
+        dir: std::path::PathBuf,
+    }
+
+    impl Nbdkit {
+        fn start(name: &str) -> Nbdkit {
+            let dir = std::env::temp_dir().join(format!("nbd-conn-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("test directory");
+            let socket = dir.join("sock");
+            let child = Process::new("nbdkit")
+                .args(["-f", "-U"])
+                .arg(&socket)
+                .args(["memory", "1M"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nbdkit must be installed to run this test (.ci/run installs it)");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !socket.exists() {
+                assert!(Instant::now() < deadline, "nbdkit made no socket in 30 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Nbdkit { child, dir }
+        }
+
+        fn uri(&self) -> String {
+            format!("nbd+unix:///?socket={}", self.dir.join("sock").display())
+        }
+    }
+
+    impl Drop for Nbdkit {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn a_take_waits_for_a_standing_in_reader_rather_than_leave_the_replies() {
+        let server = Nbdkit::start("take");
+        // Before the connection: a command left in flight by a failed assertion has its
+        // buffer until the connection is gone.
+        let mut buf = vec![0u8; 4096];
+        let conn = Conn::open(&server.uri(), Duration::from_secs(30), Options::default())
+            .expect("connect to nbdkit");
+        assert!(
+            conn.wire.is_some(),
+            "a plain connection speaks the wire itself"
+        );
+        let (held, release) = (mpsc::channel(), mpsc::channel::<()>());
+        let done = Arc::new(AtomicBool::new(false));
+        std::thread::scope(|s| {
+            // The reader standing in: it holds the replies while the reply arrives, and
+            // until told to let go.
+            let conn = &conn;
+            s.spawn(move || {
+                let replies = lock(&conn.replies);
+                held.0.send(()).unwrap();
+                release.1.recv().unwrap();
+                drop(replies);
+            });
+            held.1.recv().unwrap();
+            let flag = done.clone();
+            let cmd = Command::Read {
+                buf: buf.as_mut_ptr(),
+                len: buf.len(),
+                offset: 0,
+            };
+            // SAFETY: `buf` outlives the command: the scope ends after it completed (asserted
+            // below) or after the connection is dropped with it failed.
+            unsafe {
+                conn.start_async("read", cmd, move |r| {
+                    flag.store(r.is_ok(), Ordering::Release)
+                })
+            };
+            // The reply is on the socket now; the stand-in lets go a moment after the take
+            // began, which must then wait for it rather than return empty-handed.
+            conn.wait_readable(30_000);
+            let releaser = s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                release.0.send(()).unwrap();
+            });
+            conn.take();
+            assert!(
+                done.load(Ordering::Acquire),
+                "the take returned without the reply the stand-in was holding up"
+            );
+            releaser.join().unwrap();
+        });
+        assert_eq!(conn.pending(), 0);
     }
 }
