@@ -264,10 +264,26 @@ fn automatic_connections_settle_for_what_the_server_admits() {
     );
     // Two clients at most: the third automatic connection is never answered. It costs 2 s
     // an open; one that waited the connection timeout instead (120 s here) would take past
-    // the bound, which leaves a loaded machine room for check's own work.
+    // the bound, which leaves a loaded machine room for check's own work. Four automatic
+    // connections whatever the CPUs (a host with 2 or fewer gets one).
     let server = Server::qemu_nbd_shared(&t, &qcow2, 2);
     let start = Instant::now();
-    check_passes_with(&server, &["timeout=120"]);
+    let cfg = server.config();
+    let o = host_with_env(
+        &[
+            "check",
+            "--destructive",
+            "nbd-client",
+            "-c",
+            &cfg,
+            "-c",
+            "timeout=120",
+        ],
+        &[("XEN_DISK_NBD_AUTO_CONNECTIONS", "4")],
+    );
+    let out = stdout(&o);
+    assert!(o.status.success(), "check failed:\n{out}{}", stderr(&o));
+    assert!(out.contains(" 0 failed"), "{out}");
     assert!(
         start.elapsed() < Duration::from_secs(60),
         "{:?}",
@@ -480,6 +496,14 @@ fn a_missing_server_and_bad_keys_are_one_line() {
         "connections=17",
     ]);
     assert_bad_input(&o, &["connections"]);
+    // A bad automatic number fails at once, naming the variable.
+    for bad in ["0", "17", "four"] {
+        let o = host_with_env(
+            &["check", "nbd-client", "-c", "uri=nbd+unix:///?socket=/x"],
+            &[("XEN_DISK_NBD_AUTO_CONNECTIONS", bad)],
+        );
+        assert_bad_input(&o, &["XEN_DISK_NBD_AUTO_CONNECTIONS", "1 to 16"]);
+    }
     // A socket that accepts but never speaks NBD: the handshake times out.
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let start = Instant::now();

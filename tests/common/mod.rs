@@ -44,10 +44,16 @@ pub fn plugin_path(name: &str) -> PathBuf {
 
 /// Runs `xen-disk-host ARGS` with the plugin search path set to the build directory.
 pub fn host(args: &[&str]) -> Output {
+    host_with_env(args, &[])
+}
+
+/// [`host`] with these environment variables set as well.
+pub fn host_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     build_all();
     Command::new(target_dir().join("xen-disk-host"))
         .args(args)
         .env("XEN_DISK_PLUGIN_PATH", target_dir())
+        .envs(env.iter().copied())
         .output()
         .expect("run xen-disk-host")
 }
