@@ -22,7 +22,7 @@
 //! it reads the socket once per pass and while asleep polls it beside the guest's event
 //! channel, and the commands it submits are held back until its next pass, then sent in one
 //! message. The reader thread then stops watching the socket but looks every
-//! [`STAND_IN_MS`]: if the ring thread took nothing since the last look (it may be waiting
+//! `STAND_IN_MS`: if the ring thread took nothing since the last look (it may be waiting
 //! on the disk itself, in a hot swap's drain), the reader sends what is held and reads. A
 //! take that comes while the reader reads waits for it, then reads what is left.
 //!

@@ -9,7 +9,7 @@
 //! landing straight in the guest's page, the rest in a staging buffer it then copies from), and
 //! a command is one `sendmsg` of header and data under a lock only senders take. While every
 //! reply due is a large read's, the reader takes each header alone instead, so that no read's
-//! data goes through the staging buffer (see [`LARGE_REPLY`]).
+//! data goes through the staging buffer (see `LARGE_REPLY`).
 //!
 //! ```text
 //!  request (28 bytes, big-endian): magic 0x25609513 | flags u16 | type u16 | cookie u64 | offset u64 | length u32
@@ -252,7 +252,7 @@ impl Wire {
     /// learns why).
     ///
     /// With `hold`, the command's bytes wait with others for [`send_held`](Self::send_held)
-    /// (or until [`HOLD_MAX`] wait): one system call, and one wake-up of the server, for a
+    /// (or until `HOLD_MAX` wait): one system call, and one wake-up of the server, for a
     /// burst of commands.
     ///
     /// # Safety
@@ -506,7 +506,7 @@ impl Arriving {
 pub enum Stop {
     /// Nothing more to read now.
     Drained,
-    /// Read [`READ_BUDGET`] bytes; more may wait. A reader holds the connection's replies
+    /// Read `READ_BUDGET` bytes; more may wait. A reader holds the connection's replies
     /// while it reads, and a server streaming large replies could keep it reading for as long
     /// as it sends: the host's ring thread, woken by the readable socket, would find the
     /// replies taken on every wake-up (and after a thousand such wake-ups give them up).
