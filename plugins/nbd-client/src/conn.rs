@@ -1067,7 +1067,7 @@ mod tests {
                     flag.store(r.is_ok(), Ordering::Release)
                 })
             };
-            // The reply is on the socket now; the stand-in lets go a moment after the take
+            // Once the reply is on the socket, the stand-in lets go a moment after the take
             // began, which must then wait for it rather than return empty-handed.
             conn.wait_readable(30_000);
             let releaser = s.spawn(move || {

@@ -61,9 +61,9 @@
 //! with more than 2 CPUs, or `connections`; on 2 CPUs one connection, whose replies the ring
 //! thread takes itself, does better). A request takes the first connection with less than 1
 //! MiB in flight, else the one with the least: small requests share one socket, whose reader
-//! thread then collects a burst of replies per wake-up (spread over four sockets, each reply would wake
-//! a reader of its own), while large transfers spread over all of them and their readers
-//! copy in parallel. Without multi-conn the NBD protocol does not promise that
+//! thread then collects a burst of replies per wake-up (spread over four sockets, each reply
+//! would wake a reader of its own), while large transfers spread over all of them and their
+//! readers copy in parallel. Without multi-conn the NBD protocol does not promise that
 //! connections see each other's writes, so more than one is refused unless `readonly`.
 //! Automatic extra connections are optional: a server that admits fewer clients
 //! (`qemu-nbd --shared=2`) leaves the next one unanswered, which costs 2 s at open, and the
@@ -107,9 +107,9 @@ const AUTO_CONNECTIONS: u64 = 4;
 /// With this many CPUs or fewer (those the process may use), one connection is opened
 /// unless the user says otherwise: the host's ring thread then takes every reply itself,
 /// and no reader thread competes with it, the guest and the server for the CPUs. On 2 CPUs,
-/// 1 MiB reads against `nbdkit memory` ran 1.01 of the fair libnbd reference that way
-/// against 0.85 with four connections (6 turns each, one better in every turn); 4 KiB
-/// requests and 1 MiB writes did not change.
+/// through the ring against `nbdkit memory`, 1 MiB reads ran 0.975 of the fair libnbd
+/// reference that way (14 pairs) against 0.84-0.94 with four connections; 4 KiB requests
+/// and 1 MiB writes stayed ahead of it (README, "Benchmarks").
 const FEW_CPUS: usize = 2;
 
 /// Sets how many connections `connections=0` opens with a multi-conn server (1 to 16),
@@ -637,15 +637,11 @@ impl Plugin for NbdClientPlugin {
             structured_replies: config.bool("structured-replies")?,
             libnbd_commands: config.bool("libnbd-commands")?,
         };
+        let auto = connections == 0;
         // Checked before connecting: a bad setting fails at once.
-        let automatic = if connections == 0 {
-            auto_connections()?
-        } else {
-            0
-        };
+        let automatic = if auto { auto_connections()? } else { 0 };
         let first = Conn::open(&uri, timeout, options)?;
         let info = disk_info(&first.caps, readonly, &uri)?;
-        let auto = connections == 0;
         let connections = match connections {
             0 if first.caps.multi_conn => automatic,
             0 => 1,
