@@ -292,12 +292,19 @@ fn client_cpu_keeps_guest_and_ring_on_one_cpu_and_the_plugins_threads_free() {
         .spawn()
         .unwrap();
     let start = std::time::Instant::now();
+    // A thread carries its name from its first instruction but pins itself a moment later,
+    // so the snapshot kept is the last one with all three threads, and the wait ends early
+    // only once the pinned ones show their CPU.
     let mut seen = Vec::new();
     while start.elapsed() < std::time::Duration::from_secs(20) {
-        seen = allowed_cpus(child.id());
-        let named = |n: &str| seen.iter().any(|(c, _)| c == n);
-        if named("guest-0") && named("ring-0") && named("nbd-reader-0") {
-            break;
+        let now = allowed_cpus(child.id());
+        let on = |n: &str| now.iter().find(|(c, _)| c == n).map(|(_, l)| l.as_str());
+        if on("guest-0").is_some() && on("ring-0").is_some() && on("nbd-reader-0").is_some() {
+            let pinned = on("guest-0") == Some("0") && on("ring-0") == Some("0");
+            seen = now;
+            if pinned {
+                break;
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
