@@ -17,10 +17,17 @@ md5() { dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum | cut -c1-32;
 # A guest's lines from its console log $1, from `GUEST: ` on (a kernel message may have
 # started the line).
 guestlines() { grep -o 'GUEST: .*' "$1"; }
+# When a guest's kernel died, its report from the first line on (a tail would keep only the
+# end of the call trace, not what failed); fails when console log $1 holds none.
+oops() {
+  n=$(grep -n -m1 -E 'Kernel panic|BUG:|Oops|general protection fault|cut here' "$1" 2>/dev/null | cut -d: -f1)
+  [ -n "$n" ] || return 1
+  sed -n "$((n > 10 ? n - 10 : 1)),\$p" "$1" | head -150 | sed 's/^/LAB: console /'
+}
 # Waits for a guest console line matching $1 (up to $2 seconds).
 waitg() {
   i=0; while [ $i -lt "${2:-240}" ]; do grep -q "$1" $L 2>/dev/null && return 0; sleep 1; i=$((i + 1)); done
-  echo "LAB: timeout waiting for '$1'"; tail -20 $L | sed 's/^/LAB: console /'
+  echo "LAB: timeout waiting for '$1'"; oops $L || tail -20 $L | sed 's/^/LAB: console /'
   for f in /tmp/*.log; do sed "s|^|LAB: $f: |" $f; done
   xenstore-ls /local/domain/0/backend/vbd3 2>/dev/null | grep -E 'state|error' | sed 's/^/LAB: backend /'
   return 1
