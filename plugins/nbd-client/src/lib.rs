@@ -5,7 +5,7 @@
 //! |---|---|---|---|
 //! | `uri` | string | required | `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT` (also `nbds…` with TLS when libnbd has it) |
 //! | `readonly` | bool | `false` | serve the export read-only even if the server allows writes |
-//! | `connections` | integer | `0` | connections to open; `0`: 4 when the server advertises multi-conn and the host has more than 2 CPUs, else 1 (`XEN_DISK_NBD_AUTO_CONNECTIONS=N` sets the automatic number). More than one needs multi-conn, or `readonly` |
+//! | `connections` | integer | `0` | connections to open; `0`: with a server that advertises multi-conn, one per CPU the process may use, at most 4; else 1 (`XEN_DISK_NBD_AUTO_CONNECTIONS=N` sets the automatic number). More than one needs multi-conn, or `readonly` |
 //! | `timeout` | integer | `30` | seconds to wait for the handshake, and for any progress while requests are outstanding; then the connection is cut and its requests fail |
 //! | `structured-replies` | bool | `false` | ask the server for structured replies: it may then answer sparse reads with holes (less data on a slow link), at one more system call per read |
 //! | `libnbd-commands` | bool | `false` | exchange commands through libnbd's API rather than on the socket directly (see below); TLS and structured replies always do |
@@ -57,13 +57,12 @@
 //! --direct`), block the calling thread: it submits the same way and parks until the reader
 //! thread's callback wakes it (see [`conn`]).
 //!
-//! When the server advertises multi-conn, the disk also opens a few connections (4 on a host
-//! with more than 2 CPUs, or `connections`; on 2 CPUs one connection, whose replies the ring
-//! thread takes itself, does better). A request takes the first connection with less than 1
-//! MiB in flight, else the one with the least: small requests share one socket, whose reader
-//! thread then collects a burst of replies per wake-up (spread over four sockets, each reply
-//! would wake a reader of its own), while large transfers spread over all of them and their
-//! readers copy in parallel. Without multi-conn the NBD protocol does not promise that
+//! When the server advertises multi-conn, the disk also opens a few connections (one per CPU
+//! the process may use, at most 4, or `connections`: readers beyond the CPUs only compete).
+//! A request takes the first connection with less than 1 MiB in flight, else the one with
+//! the least: small requests share one socket, whose replies the ring thread takes in a
+//! burst per wake-up (spread over several sockets, each reply would wake a reader of its
+//! own), while large transfers spread over all of them and their readers copy in parallel. Without multi-conn the NBD protocol does not promise that
 //! connections see each other's writes, so more than one is refused unless `readonly`.
 //! Automatic extra connections are optional: a server that admits fewer clients
 //! (`qemu-nbd --shared=2`) leaves the next one unanswered, which costs 2 s at open, and the
@@ -98,19 +97,17 @@ use xen_disk_plugin_api::*;
 /// The longest trim or write-zeroes sent as one command: NBD lengths are 32-bit.
 const MAX_RANGE: u64 = 1 << 30;
 
-/// Connections opened when the server advertises multi-conn and the user did not say, on a
-/// host with more than [`FEW_CPUS`] CPUs: small requests share the first (see
-/// `NbdDisk::conn`), large transfers spread over all, whose readers then copy in parallel;
-/// more would cost an idle socket and thread each.
+/// The most connections opened when the server advertises multi-conn and the user did not
+/// say: small requests share the first (see `NbdDisk::conn`), large transfers spread over
+/// all, whose readers then copy in parallel; more would cost an idle socket and thread each.
+///
+/// Fewer are opened on a host with fewer CPUs (those the process may use): one per CPU, as
+/// readers beyond that only compete with one another, the ring thread, the guest and the
+/// server. On 2 CPUs, through the ring against `nbdkit memory` (8 interleaved turns of 1
+/// MiB reads, README "Benchmarks"), two connections ran 1.06-1.27 of the fair libnbd
+/// reference where one ran 0.87-1.04, better in every turn; four had run 0.84-0.94. Small
+/// requests, which stay on the first connection, and 1 MiB writes did not change.
 const AUTO_CONNECTIONS: u64 = 4;
-
-/// With this many CPUs or fewer (those the process may use), one connection is opened
-/// unless the user says otherwise: the host's ring thread then takes every reply itself,
-/// and no reader thread competes with it, the guest and the server for the CPUs. On 2 CPUs,
-/// through the ring against `nbdkit memory`, 1 MiB reads ran 0.975 of the fair libnbd
-/// reference that way (14 pairs) against 0.84-0.94 with four connections; 4 KiB requests
-/// and 1 MiB writes stayed ahead of it (README, "Benchmarks").
-const FEW_CPUS: usize = 2;
 
 /// Sets how many connections `connections=0` opens with a multi-conn server (1 to 16),
 /// whatever the CPUs: for a host whose CPUs are not what the disk gets, and for tests.
@@ -133,11 +130,7 @@ fn auto_connections() -> Result<u64> {
 
 /// [`auto_connections`] on a host whose process may use `cpus` CPUs.
 fn auto_for_cpus(cpus: usize) -> u64 {
-    if cpus <= FEW_CPUS {
-        1
-    } else {
-        AUTO_CONNECTIONS
-    }
+    (cpus.max(1) as u64).min(AUTO_CONNECTIONS)
 }
 
 /// Bytes in flight on a connection before the next request goes to another one.
@@ -708,9 +701,11 @@ mod tests {
 
     #[test]
     fn automatic_connections_follow_the_cpus() {
+        assert_eq!(auto_for_cpus(0), 1);
         assert_eq!(auto_for_cpus(1), 1);
-        assert_eq!(auto_for_cpus(FEW_CPUS), 1);
-        assert_eq!(auto_for_cpus(FEW_CPUS + 1), AUTO_CONNECTIONS);
+        assert_eq!(auto_for_cpus(2), 2);
+        assert_eq!(auto_for_cpus(3), 3);
+        assert_eq!(auto_for_cpus(4), AUTO_CONNECTIONS);
         assert_eq!(auto_for_cpus(64), AUTO_CONNECTIONS);
     }
 
