@@ -5,11 +5,10 @@
 //! checksum its messenger keeps, this client pays what the plugin pays for a guest's data.
 //!
 //! It opens the cluster as the plugin's configuration says (`pool`, `image`, `conf`, `id`,
-//! `keyring`, `non-blocking-aio`, `io-timeout`, each with the plugin's default: requests
-//! start on the submitting thread, an operation fails after 60 s), and sends one flush before
-//! a write pattern, as the ring bench's guest does (librbd's cache stays write-through until
-//! it sees one). librbd and librados are loaded at
-//! run time, so the host builds and runs where they are not installed.
+//! `keyring`, `non-blocking-aio`, `io-timeout`, with the defaults the plugin declares), and
+//! sends one flush before a write pattern, as the ring bench's guest does (librbd's cache
+//! stays write-through until it sees one). librbd and librados are loaded at run time, so the
+//! host builds and runs where they are not installed.
 
 use super::direct::Pattern;
 use super::fair::{
@@ -99,9 +98,6 @@ impl Drop for Image {
     }
 }
 
-/// `ceph-rbd`'s default `io-timeout`, seconds.
-const PLUGIN_IO_TIMEOUT: u64 = 60;
-
 fn cstr(what: &str, s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("{what} contains a NUL byte"))
 }
@@ -119,10 +115,11 @@ impl Image {
             return Err("the reference writes, so it cannot run on a snapshot".into());
         }
         let pool = key("pool").unwrap_or_else(|| "rbd".into());
-        let non_blocking = config
-            .value("non-blocking-aio")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        // With the plugin's defaults filled in (`bench` passes them).
+        let non_blocking = config.bool("non-blocking-aio").map_err(|e| e.to_string())?;
+        // The plugin's operation timeout too: librados then keeps a timer per operation on
+        // both sides, as any client that must not hang on a dead OSD does.
+        let io_timeout = config.u64("io-timeout").map_err(|e| e.to_string())?;
         let lib = Lib::load()?;
         let mut img = Image {
             lib,
@@ -153,15 +150,6 @@ impl Image {
         if r < 0 {
             return Err(format!("reading ceph.conf: {}", errno_text(r)));
         }
-        // The plugin's operation timeout too: librados then keeps a timer per operation on
-        // both sides, as any client that must not hang on a dead OSD does.
-        let io_timeout = match config.value("io-timeout") {
-            None => PLUGIN_IO_TIMEOUT,
-            Some(v) => v
-                .as_integer()
-                .and_then(|n| u64::try_from(n).ok())
-                .ok_or("io-timeout: must be a non-negative integer")?,
-        };
         let mut settings = vec![
             ("log_to_stderr", "false".to_string()),
             ("err_to_stderr", "false".to_string()),

@@ -5,7 +5,7 @@
 use super::PluginArgs;
 use crate::bench::direct::{memcpy_reference, run as run_direct, DirectOptions, Pattern};
 use crate::bench::ring::{run as run_ring, RingOptions};
-use crate::plugin::{open_stack, GuardedDisk};
+use crate::plugin::{open_stack, with_declared_defaults, GuardedDisk, KeyInfo};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::time::Duration;
@@ -160,13 +160,16 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             Some((path, snapshot))
         }
     };
-    let open = || -> Result<(String, GuardedDisk)> {
+    let open = || -> Result<(String, GuardedDisk, Vec<KeyInfo>)> {
         let stack = open_stack(&args.plugin.plugin, &config)?;
         let name = stack.describe();
+        let keys = stack.layers[0].keys.clone();
         let disk = GuardedDisk::new(Box::new(stack.disk), false).map_err(anyhow::Error::msg)?;
-        Ok((name, disk))
+        Ok((name, disk, keys))
     };
-    let (name, mut disk) = open()?;
+    let (name, mut disk, keys) = open()?;
+    // The fair references open their engine with the plugin's settings, defaults included.
+    let fair_config = with_declared_defaults(&config, &keys);
     // An asynchronous plugin has every request the guest sends in flight, not one per worker.
     let is_async = disk.is_async();
     if args.submit && !is_async {
@@ -197,7 +200,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         crate::bench::fair::from_cli(
             args.rbd_bench,
             args.fio_nbd.as_deref(),
-            &config,
+            &fair_config,
             (
                 args.rw,
                 bs,

@@ -91,6 +91,19 @@ pub struct KeyInfo {
     pub help: String,
 }
 
+/// `config` with the defaults `keys` declare filled in where it does not set them, as the
+/// plugin sees its table in `open`: for code outside the plugin that must use the same
+/// settings (`bench`'s fair references).
+pub fn with_declared_defaults(config: &Config, keys: &[KeyInfo]) -> Config {
+    let mut table = config.table().clone();
+    for k in keys {
+        if let (false, Some(d)) = (table.contains_key(&k.name), &k.default) {
+            table.insert(k.name.clone(), xen_disk_plugin_api::value_from_cli(d));
+        }
+    }
+    Config::from_table(table)
+}
+
 /// A loaded plugin: its file, its root module and what it says about itself.
 #[derive(Clone)]
 pub struct LoadedPlugin {
@@ -380,7 +393,33 @@ impl LoadedPlugin {
 
 #[cfg(test)]
 mod tests {
-    use super::{layout_reason, load, version_text};
+    use super::{layout_reason, load, version_text, with_declared_defaults, KeyInfo};
+    use xen_disk_plugin_api::{Config, KeyType};
+
+    #[test]
+    fn declared_defaults_fill_what_the_configuration_leaves_out() {
+        let key = |name: &str, ty, default: Option<&str>| KeyInfo {
+            name: name.into(),
+            ty,
+            default: default.map(str::to_string),
+            required: false,
+            help: String::new(),
+        };
+        let keys = [
+            key("io-timeout", KeyType::Integer, Some("60")),
+            key("non-blocking-aio", KeyType::Bool, Some("false")),
+            key("conf", KeyType::Path, None),
+        ];
+        let given = Config::from_pairs(&["non-blocking-aio=true", "image=x"]).unwrap();
+        let full = with_declared_defaults(&given, &keys);
+        assert_eq!(full.u64("io-timeout").unwrap(), 60);
+        assert!(
+            full.bool("non-blocking-aio").unwrap(),
+            "a given value stays"
+        );
+        assert_eq!(full.str("image").unwrap(), "x");
+        assert!(!full.contains("conf"), "no default, nothing filled");
+    }
 
     #[test]
     fn versions_read_as_major_minor_and_the_old_numbering_says_so() {

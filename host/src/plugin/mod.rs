@@ -18,6 +18,6 @@ pub mod stack;
 pub use bounded::open_bounded;
 pub use dirty::DirtyMap;
 pub use guard::{CompletionTaker, GuardError, GuardedDisk};
-pub use loader::{load, KeyInfo, LoadedPlugin, PluginError};
+pub use loader::{load, with_declared_defaults, KeyInfo, LoadedPlugin, PluginError};
 pub use search::{find_plugins, resolve, search_path};
 pub use stack::{open_stack, open_stack_read_only, Stack};

@@ -62,8 +62,9 @@
 //! A request takes the first connection with less than 1 MiB in flight, else the one with
 //! the least: small requests share one socket, whose replies the ring thread takes in a
 //! burst per wake-up (spread over several sockets, each reply would wake a reader of its
-//! own), while large transfers spread over all of them and their readers copy in parallel. Without multi-conn the NBD protocol does not promise that
-//! connections see each other's writes, so more than one is refused unless `readonly`.
+//! own), while large transfers spread over all of them and their readers copy in parallel.
+//! Without multi-conn the NBD protocol does not promise that connections see each other's
+//! writes, so more than one is refused unless `readonly`.
 //! Automatic extra connections are optional: a server that admits fewer clients
 //! (`qemu-nbd --shared=2`) leaves the next one unanswered, which costs 2 s at open, and the
 //! disk then uses the connections it has.
