@@ -114,8 +114,8 @@ impl Image {
         if key("snapshot").is_some() {
             return Err("the reference writes, so it cannot run on a snapshot".into());
         }
-        let pool = key("pool").unwrap_or_else(|| "rbd".into());
         // With the plugin's defaults filled in (`bench` passes them).
+        let pool = config.str("pool").map_err(|e| e.to_string())?.to_string();
         let non_blocking = config.bool("non-blocking-aio").map_err(|e| e.to_string())?;
         // The plugin's operation timeout too: librados then keeps a timer per operation on
         // both sides, as any client that must not hang on a dead OSD does.
