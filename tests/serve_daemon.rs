@@ -7,103 +7,14 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 use xen_disk_host::xen::xenstore::client::XsClient;
 use xen_disk_host::xen::xenstore::{transaction, Access, Perm, Xenstore, NO_TX};
 
 fn perm(domid: u32, access: Access) -> Perm {
     Perm { domid, access }
-}
-
-struct Daemon {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // A failed test must not leave the daemon running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        Daemon::start_env(args, &[])
-    }
-
-    /// [`Daemon::start`] with more variables in its environment.
-    fn start_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        build_all();
-        let mut child = Command::new(target_dir().join("xen-disk-host"))
-            .args(args)
-            .env("XEN_DISK_PLUGIN_PATH", target_dir())
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run xen-disk-host serve");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a line containing every needle; returns it.
-    fn expect(&mut self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(l) = self
-                .seen
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!("no line with {needles:?}; saw:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    fn terminate(&mut self) -> Vec<String> {
-        self.signal("-TERM");
-        let status = self.child.wait().unwrap();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(l);
-        }
-        assert!(
-            status.success(),
-            "exit {status:?}:\n{}",
-            self.seen.join("\n")
-        );
-        self.seen.clone()
-    }
 }
 
 #[test]
@@ -148,18 +59,18 @@ path = "{}"
     let control = t.join("control.sock");
     // Every request timed, whatever this machine's clocksource (see queue::clock).
     let (mut d, _) = serve_sim_env(&t, &config, &[("XEN_DISK_LATENCY_SAMPLE", "1")]);
-    d.expect(&["disk 1: mmap attached to domain 1 as xvdb"]);
-    d.expect(&["disk 2: file attached to domain 1 as xvdc"]);
-    d.expect(&["disk 3: file attached to domain 7 as xvdb"]);
-    d.expect(&[
+    d.expect("disk 1: mmap attached to domain 1 as xvdb");
+    d.expect("disk 2: file attached to domain 1 as xvdc");
+    d.expect("disk 3: file attached to domain 7 as xvdb");
+    d.expect_all(&[
         "guest 1 connected",
         "/51728: 67108864 bytes, 512-byte sectors",
     ]);
-    d.expect(&[
+    d.expect_all(&[
         "guest 1 connected",
         "/51744: 33554432 bytes, 4096-byte sectors, read-only",
     ]);
-    d.expect(&[
+    d.expect_all(&[
         "guest 7 connected",
         "/51728: 33554432 bytes, 512-byte sectors",
     ]);
@@ -297,8 +208,8 @@ path = "{}"
         be
     };
     let be = toolstack_device(51760, &format!("file:{}", c.display()));
-    d.expect(&[&format!("{be}: serving for domain 1")]);
-    d.expect(&["guest 1 connected", "/51760: 16777216 bytes"]);
+    d.expect(&format!("{be}: serving for domain 1"));
+    d.expect_all(&["guest 1 connected", "/51760: 16777216 bytes"]);
     assert_eq!(xs.read(NO_TX, &format!("{be}/state")).unwrap(), b"4");
     assert_eq!(
         xs.read(NO_TX, &format!("{be}/sectors")).unwrap(),
@@ -307,13 +218,13 @@ path = "{}"
 
     // A device whose plugin cannot open: an error node, Closing, and the rest serve on.
     let bad = toolstack_device(51776, "qcow2:/nonexistent/x.qcow2");
-    d.expect(&[&bad, "plugin qcow2"]);
-    d.expect(&["guest 1", "/51776: the backend closed it"]);
+    d.expect_all(&[&bad, "plugin qcow2"]);
+    d.expect_all(&["guest 1", "/51776: the backend closed it"]);
     let err = String::from_utf8(xs.read(NO_TX, &format!("{bad}/error")).unwrap()).unwrap();
     assert!(err.contains("/nonexistent/x.qcow2"), "{err}");
     assert_eq!(xs.read(NO_TX, &format!("{bad}/state")).unwrap(), b"5");
     let garbage = toolstack_device(51792, "");
-    d.expect(&[&garbage, "params"]);
+    d.expect_all(&[&garbage, "params"]);
     assert_eq!(xs.read(NO_TX, &format!("{be}/state")).unwrap(), b"4");
 
     // SIGHUP with a changed disks.toml: disk 3 moves from file to mmap under the running guest.
@@ -325,13 +236,13 @@ path = "{}"
     )
     .unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: 7/xvdb: now mmap"]);
+    d.expect("reload: 7/xvdb: now mmap");
     assert!(stdout(&ctl(&["list"])).contains(
         "7/xvdb domain=7 guest=sim-guest-7 vbd=xvdb state=Connected size=33554432 stack=mmap"
     ));
     std::fs::write(&config, "[[disk]]\nplugin = 3\n").unwrap();
     d.signal("-HUP");
-    d.expect(&["reload:", "keeping the running configuration"]);
+    d.expect_all(&["reload:", "keeping the running configuration"]);
     // Two new disks, the first of which cannot open: the second is added all the same (disks
     // are known by identity, not position).
     let mmap_text = format!("{}plugin = \"mmap\"{}", &text[..i], &text[i + 15..]);
@@ -343,25 +254,25 @@ path = "{}"
     )
     .unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: disk 4", "nosuch"]);
-    d.expect(&["reload: disk 5 added"]);
-    d.expect(&["disk 5: discard attached to domain 7 as xvdc"]);
-    d.expect(&["guest 7 connected", "/51744: "]);
+    d.expect_all(&["reload: disk 4", "nosuch"]);
+    d.expect("reload: disk 5 added");
+    d.expect("disk 5: discard attached to domain 7 as xvdc");
+    d.expect_all(&["guest 7 connected", "/51744: "]);
     // Disks 3 and 5 left out: detached. Disk 3 listed again: attached again, as the entry
     // now says.
     let third = mmap_text.rfind("[[disk]]").unwrap();
     std::fs::write(&config, &mmap_text[..third]).unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: 7/xvdb no longer listed; detaching"]);
-    d.expect(&["reload: 7/xvdc no longer listed; detaching"]);
-    d.expect(&["/local/domain/0/backend/vbd3/7/51728: removed"]);
-    d.expect(&["/local/domain/0/backend/vbd3/7/51744: removed"]);
+    d.expect("reload: 7/xvdb no longer listed; detaching");
+    d.expect("reload: 7/xvdc no longer listed; detaching");
+    d.expect("/local/domain/0/backend/vbd3/7/51728: removed");
+    d.expect("/local/domain/0/backend/vbd3/7/51744: removed");
     assert!(!stdout(&ctl(&["list"])).contains("7/xvdb"));
     std::fs::write(&config, &mmap_text).unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: disk 3 added"]);
-    d.expect(&["disk 3: mmap attached to domain 7 as xvdb"]);
-    d.expect(&["guest 7 connected", "/51728: 33554432 bytes"]);
+    d.expect("reload: disk 3 added");
+    d.expect("disk 3: mmap attached to domain 7 as xvdb");
+    d.expect_all(&["guest 7 connected", "/51728: 33554432 bytes"]);
 
     let lines = d.terminate();
     assert!(
@@ -432,7 +343,7 @@ fn ctl_swap_refuses_what_would_block_and_the_control_plane_keeps_answering() {
     .unwrap();
     let control = t.join("control.sock");
     let (mut d, _ctl) = serve_sim_env(&t, &config, &[("XEN_DISK_OPEN_TIMEOUT", "2")]);
-    d.expect(&["guest 1 connected", "8388608 bytes"]);
+    d.expect_all(&["guest 1 connected", "8388608 bytes"]);
     let path = format!("path={}", img.display());
     let listed = |o: &Output| {
         assert!(o.status.success(), "{}", stderr(o));
@@ -553,9 +464,9 @@ fn a_read_only_disk_is_opened_read_only_so_an_image_the_host_cannot_write_is_ser
     ];
     let _locked = Immutable::new(&img);
     std::fs::write(&config, disk(true)).unwrap();
-    let mut d = Daemon::start(&args);
-    d.expect(&["disk 1: file attached to domain 1 as xvdb"]);
-    d.expect(&["guest 1 connected", "4194304 bytes", "read-only"]);
+    let mut d = Running::host(&args);
+    d.expect("disk 1: file attached to domain 1 as xvdb");
+    d.expect_all(&["guest 1 connected", "4194304 bytes", "read-only"]);
     d.terminate();
     drop(d);
     let _ = std::fs::remove_file(&socket);
@@ -604,7 +515,7 @@ fn file_entry(domain: &str, path: &std::path::Path) -> String {
 }
 
 /// `serve --sim` with `config`, its control socket in `t`; and a `ctl` runner for it.
-fn serve_sim(t: &TempDir, config: &std::path::Path) -> (Daemon, impl Fn(&[&str]) -> String) {
+fn serve_sim(t: &TempDir, config: &std::path::Path) -> (Running, impl Fn(&[&str]) -> String) {
     serve_sim_env(t, config, &[])
 }
 
@@ -613,9 +524,9 @@ fn serve_sim_env(
     t: &TempDir,
     config: &std::path::Path,
     env: &[(&str, &str)],
-) -> (Daemon, impl Fn(&[&str]) -> String) {
+) -> (Running, impl Fn(&[&str]) -> String) {
     let control = t.join("control.sock");
-    let d = Daemon::start_env(
+    let d = Running::host_env(
         &[
             "serve",
             "--sim",
@@ -661,9 +572,9 @@ fn reload_matches_disks_by_domain_and_vbd_not_by_position() {
     ];
     std::fs::write(&config, entries.concat()).unwrap();
     let (mut d, ctl) = serve_sim(&t, &config);
-    d.expect(&["disk 4: file attached to domain 1 as xvdc"]);
-    d.expect(&["guest 1 connected", "/51744: 536870912 bytes"]);
-    d.expect(&["guest 2 connected", "/51728: 16777216 bytes"]);
+    d.expect("disk 4: file attached to domain 1 as xvdc");
+    d.expect_all(&["guest 1 connected", "/51744: 536870912 bytes"]);
+    d.expect_all(&["guest 2 connected", "/51728: 16777216 bytes"]);
 
     // g2's entry deleted: g2's disk goes, g1's second disk stays.
     std::fs::write(
@@ -674,8 +585,8 @@ fn reload_matches_disks_by_domain_and_vbd_not_by_position() {
     )
     .unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: 2/xvdb no longer listed; detaching"]);
-    d.expect(&["/local/domain/0/backend/vbd3/2/51728: removed"]);
+    d.expect("reload: 2/xvdb no longer listed; detaching");
+    d.expect("/local/domain/0/backend/vbd3/2/51728: removed");
     let list = ctl(&["list"]);
     assert!(!list.contains("2/xvdb"), "{list}");
     assert!(
@@ -698,8 +609,8 @@ fn reload_matches_disks_by_domain_and_vbd_not_by_position() {
     )
     .unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: 1/xvdb no longer listed; detaching"]);
-    d.expect(&["/local/domain/0/backend/vbd3/1/51728: removed"]);
+    d.expect("reload: 1/xvdb no longer listed; detaching");
+    d.expect("/local/domain/0/backend/vbd3/1/51728: removed");
     let list = ctl(&["list"]);
     assert!(!list.contains("1/xvdb"), "{list}");
     assert!(
@@ -736,10 +647,10 @@ fn two_disks_at_one_vbd_are_one_error() {
     // Brought in by a reload: one warning, and the running disk serves on.
     std::fs::write(&config, at_xvdb(&a)).unwrap();
     let (mut d, ctl) = serve_sim(&t, &config);
-    d.expect(&["guest 1 connected", "/51728: 1048576 bytes"]);
+    d.expect_all(&["guest 1 connected", "/51728: 1048576 bytes"]);
     std::fs::write(&config, at_xvdb(&a) + &at_xvdb(&b)).unwrap();
     d.signal("-HUP");
-    d.expect(&[
+    d.expect_all(&[
         "reload:",
         "disks 1 and 2",
         "keeping the running configuration",
@@ -749,8 +660,8 @@ fn two_disks_at_one_vbd_are_one_error() {
     let text = file_entry("guest1", &b).replace("plugin = ", "vbd = \"xvdb\"\nplugin = ");
     std::fs::write(&config, at_xvdb(&a).replace("guest1", "1") + &text).unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: disk 1 added"]);
-    d.expect(&["disk 1: domain 1 already has a disk at xvdb"]);
+    d.expect("reload: disk 1 added");
+    d.expect("disk 1: domain 1 already has a disk at xvdb");
     std::thread::sleep(Duration::from_secs(2));
     let lines = d.terminate();
     let repeats = lines
@@ -768,7 +679,7 @@ fn serve_sim_second_sigterm_forces_a_device_stuck_in_closing() {
     let config = t.join("disks.toml");
     std::fs::write(&config, file_entry("guest1", &a)).unwrap();
     let (mut d, _ctl) = serve_sim(&t, &config);
-    d.expect(&["guest 1 connected"]);
+    d.expect("guest 1 connected");
     // A toolstack device for a guest that says it published its rings but never did: the
     // backend fails to connect, goes Closing and waits for a frontend that never closes.
     let xs = XsClient::connect_unix(&t.join("xs.sock")).unwrap();
@@ -792,14 +703,14 @@ fn serve_sim_second_sigterm_forces_a_device_stuck_in_closing() {
         Ok(())
     })
     .unwrap();
-    d.expect(&[&format!("{be}: serving for domain 9")]);
+    d.expect(&format!("{be}: serving for domain 9"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while xs.read(NO_TX, &format!("{be}/state")).ok().as_deref() != Some(b"5") {
         assert!(Instant::now() < deadline, "the device never went Closing");
         std::thread::sleep(Duration::from_millis(50));
     }
     d.signal("-TERM");
-    d.expect(&["stopping: closing"]);
+    d.expect("stopping: closing");
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         d.child.try_wait().unwrap().is_none(),
@@ -830,11 +741,11 @@ fn a_reload_whose_plugin_never_opens_holds_up_nothing() {
     let config = t.join("disks.toml");
     std::fs::write(&config, file_entry("guest1", &a)).unwrap();
     let (mut d, _ctl) = serve_sim_env(&t, &config, &[("XEN_DISK_OPEN_TIMEOUT", "2")]);
-    d.expect(&["guest 1 connected"]);
+    d.expect("guest 1 connected");
     let hanging = file_entry("guest1", &fifo).replace("plugin = ", "readonly = true\nplugin = ");
     std::fs::write(&config, file_entry("guest1", &a) + &hanging).unwrap();
     d.signal("-HUP");
-    d.expect(&["reload: disk 2", "not opened within 2 s"]);
+    d.expect_all(&["reload: disk 2", "not opened within 2 s"]);
     // The daemon's loop went on: a later reload is applied, and SIGTERM stops it.
     std::fs::write(&config, file_entry("guest1", &a)).unwrap();
     d.signal("-HUP");

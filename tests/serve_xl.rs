@@ -9,83 +9,11 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use xen_disk_host::xen::xenstore::client::XsClient;
 use xen_disk_host::xen::xenstore::{transaction, Access, Perm, Xenstore, NO_TX};
-
-struct Daemon {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        build_all();
-        let mut child = Command::new(target_dir().join("xen-disk-host"))
-            .args(args)
-            .env("XEN_DISK_PLUGIN_PATH", target_dir())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run xen-disk-host serve");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a line containing every needle.
-    fn expect(&mut self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(l) = self
-                .seen
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return l.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => self.seen.push(l),
-                Err(_) => panic!("no line with {needles:?}; saw:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    fn terminate(&mut self) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "exit {status:?}");
-    }
-}
 
 fn perm(domid: u32, access: Access) -> Perm {
     Perm { domid, access }
@@ -219,7 +147,7 @@ fn xl_style_devices_reach_every_route_and_detach_as_libxl_does() {
     )
     .unwrap();
     let (xs_sock, control) = (t.join("xs.sock"), t.join("control.sock"));
-    let mut d = Daemon::start(&[
+    let mut d = Running::host(&[
         "serve",
         "--sim",
         "--config",
@@ -231,7 +159,7 @@ fn xl_style_devices_reach_every_route_and_detach_as_libxl_does() {
         "--descriptors",
         descriptors.to_str().unwrap(),
     ]);
-    d.expect(&["guest 1 connected", "/51712"]);
+    d.expect_all(&["guest 1 connected", "/51712"]);
     let xs = XsClient::connect_unix(&xs_sock).unwrap();
     let ctl_list = || {
         stdout(&host(&[
@@ -261,7 +189,7 @@ fn xl_style_devices_reach_every_route_and_detach_as_libxl_does() {
     assert_eq!(read(&xs, &format!("{be_raw}/state")), "2");
     let (ok, err) = hotplug(&xs_sock, &be_raw, "add");
     assert!(ok, "{err}");
-    d.expect(&["guest 1 connected", "/51728: 3145728 bytes"]);
+    d.expect_all(&["guest 1 connected", "/51728: 3145728 bytes"]);
     assert_eq!(read(&xs, &format!("{be_raw}/hotplug-status")), "connected");
     assert!(ctl_list().contains("1/xvdb domain=1"), "{}", ctl_list());
     assert!(
@@ -280,7 +208,7 @@ fn xl_style_devices_reach_every_route_and_detach_as_libxl_does() {
     )
     .unwrap();
     let be_q = libxl_attach(&xs, &xs_sock, 51744, &descriptors.join("q.toml"));
-    d.expect(&["guest 1 connected", "/51744: 8388608 bytes"]);
+    d.expect_all(&["guest 1 connected", "/51744: 8388608 bytes"]);
     let gold = t.join("gold.img");
     random_file(&gold, 2 << 20, 3);
     std::fs::write(
@@ -293,7 +221,7 @@ fn xl_style_devices_reach_every_route_and_detach_as_libxl_does() {
     )
     .unwrap();
     let be_c = libxl_attach(&xs, &xs_sock, 51760, &descriptors.join("c.toml"));
-    d.expect(&["guest 1 connected", "/51760: 2097152 bytes"]);
+    d.expect_all(&["guest 1 connected", "/51760: 2097152 bytes"]);
     let list = ctl_list();
     assert!(list.contains("1/xvdc domain=1"), "{list}");
     assert!(list.contains("size=8388608 stack=qcow2"), "{list}");
@@ -329,15 +257,15 @@ fn xl_style_devices_reach_every_route_and_detach_as_libxl_does() {
     // libxl's block-detach of the qcow2 disk: the guest lets go, the backend goes Closed,
     // libxl removes the directories; serve forgets the device.
     libxl_remove(&xs, &xs_sock, &be_q);
-    d.expect(&[&format!("{be_q}: removed")]);
+    d.expect(&format!("{be_q}: removed"));
     assert!(!ctl_list().contains("1/xvdc "), "{}", ctl_list());
     // And a device made again at the same place (block-detach, then block-attach): served
     // again, over the overlay file it had.
     libxl_remove(&xs, &xs_sock, &be_c);
-    d.expect(&[&format!("{be_c}: removed")]);
-    d.seen.clear();
+    d.expect(&format!("{be_c}: removed"));
+    d.forget_seen();
     let be_c = libxl_attach(&xs, &xs_sock, 51760, &descriptors.join("c.toml"));
-    d.expect(&["guest 1 connected", "/51760: 2097152 bytes"]);
+    d.expect_all(&["guest 1 connected", "/51760: 2097152 bytes"]);
     wait_for(&xs, &format!("{be_c}/state"), b"4");
     assert!(ctl_list().contains("stack=cow over file"), "{}", ctl_list());
     assert!(t.join("c.cow").exists());

@@ -258,10 +258,16 @@ impl Drop for Running {
 impl Running {
     /// Runs `xen-disk-host ARGS`, its stdout read line by line.
     pub fn host(args: &[&str]) -> Running {
+        Running::host_env(args, &[])
+    }
+
+    /// [`Running::host`] with more variables in its environment.
+    pub fn host_env(args: &[&str], env: &[(&str, &str)]) -> Running {
         build_all();
         let mut child = Command::new(target_dir().join("xen-disk-host"))
             .args(args)
             .env("XEN_DISK_PLUGIN_PATH", target_dir())
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -306,32 +312,81 @@ impl Running {
 
     /// Waits (at most 60 s) for a stdout line containing `needle`.
     pub fn expect(&mut self, needle: &str) -> String {
+        self.expect_all(&[needle])
+    }
+
+    /// Waits (at most 60 s) for a stdout line containing every needle. Lines seen earlier
+    /// count too: the order in which a daemon reports two devices is not part of a test.
+    pub fn expect_all(&mut self, needles: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         let rx = self.lines.as_ref().unwrap();
         loop {
-            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            if let Some(l) = self
+                .seen
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
                 return l.clone();
             }
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(l) => self.seen.push(l),
                 Err(e) => panic!(
-                    "no line with {needle:?} ({}); saw:\n{}\nlast of stderr:\n{}",
+                    "no line with {needles:?} ({}); saw:\n{}\nlast of stderr:\n{}",
                     match e {
                         RecvTimeoutError::Timeout => "60 s passed",
                         RecvTimeoutError::Disconnected => "its stdout closed",
                     },
                     self.seen.join("\n"),
-                    self.errors.as_ref().map_or(String::new(), |e| {
-                        e.lock()
-                            .unwrap()
-                            .iter()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    })
+                    self.stderr_tail()
                 ),
             }
         }
+    }
+
+    /// Forgets the lines seen so far: the next [`Running::expect`] waits for a new one (a
+    /// device attached again reports what it reported before).
+    pub fn forget_seen(&mut self) {
+        self.seen.clear();
+    }
+
+    /// The last lines of its stderr (none for [`Running::from_child`]).
+    fn stderr_tail(&self) -> String {
+        self.errors.as_ref().map_or(String::new(), |e| {
+            e.lock()
+                .unwrap()
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    }
+
+    /// Sends it signal `sig` (`-TERM`, `-HUP`…) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Stops it with SIGTERM and requires a clean exit; every stdout line it wrote.
+    pub fn terminate(&mut self) -> Vec<String> {
+        self.signal("-TERM");
+        let status = self.child.wait().unwrap();
+        if let Some(rx) = &self.lines {
+            while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
+                self.seen.push(l);
+            }
+        }
+        assert!(
+            status.success(),
+            "exit {status:?}:\n{}\nlast of stderr:\n{}",
+            self.seen.join("\n"),
+            self.stderr_tail()
+        );
+        self.seen.clone()
     }
 
     /// The `host:port` of the `metrics at http://host:port/metrics` line.

@@ -2,46 +2,13 @@
 //! plugin (via the FFI boundary), images written by the plugin pass `qemu-img check` and
 //! `qemu-img compare`, corrupt images give clear errors.
 
+mod common;
+
+use common::{check_clean, compare_to_raw, raw_of, run, tmpdir};
 use qcow2::Qcow2Plugin;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use xen_disk_plugin_api::{with_read_bufs, with_write_bufs, Config, Disk, ForeignDisk};
-
-/// A scratch folder, removed when the test ends (also when it fails).
-struct TmpDir(PathBuf);
-
-impl std::ops::Deref for TmpDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tmpdir(tag: &str) -> TmpDir {
-    let d = std::env::temp_dir().join(format!("qcow2-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TmpDir(d)
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} must be installed: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn open(pairs: &[String]) -> xen_disk_plugin_api::Result<ForeignDisk> {
     let cfg = Config::from_pairs(pairs).unwrap();
@@ -66,21 +33,6 @@ fn read_all(d: &ForeignDisk) -> Vec<u8> {
     v
 }
 
-fn raw_of(img: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("expect.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(raw).unwrap()
-}
-
 fn qemu_write(img: &Path, fmt: &str, cmds: &[&str]) {
     let mut args = vec!["-f", fmt];
     for c in cmds {
@@ -89,25 +41,6 @@ fn qemu_write(img: &Path, fmt: &str, cmds: &[&str]) {
     }
     args.push(img.to_str().unwrap());
     run("qemu-io", &args);
-}
-
-fn check_clean(img: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", img.to_str().unwrap()])
-        .output()
-        .expect("qemu-img");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "qemu-img check {}: {text}",
-        img.display()
-    );
-    assert!(
-        text.contains("No errors were found"),
-        "qemu-img check {}: {text}",
-        img.display()
-    );
 }
 
 #[test]
@@ -146,7 +79,7 @@ fn qemu_images_read_identically() {
         );
         let disk = open_path(&img, true);
         assert_eq!(disk.info().size, 12 << 20);
-        assert_eq!(read_all(&disk), raw_of(&img, &d), "{compat} {cs}");
+        assert_eq!(read_all(&disk), raw_of(&img), "{compat} {cs}");
     }
 }
 
@@ -209,7 +142,7 @@ fn backing_chains_and_compressed_clusters_read_identically() {
         &["write -P 0xcc 150k 10k", "write -P 0xdd 7M 1M"],
     );
     let disk = open_path(&top, true);
-    assert_eq!(read_all(&disk), raw_of(&top, &d));
+    assert_eq!(read_all(&disk), raw_of(&top));
 
     // Compressed: convert a patterned image with -c.
     let src = d.join("src.qcow2");
@@ -236,7 +169,7 @@ fn backing_chains_and_compressed_clusters_read_identically() {
             comp.to_str().unwrap(),
         ],
     );
-    let expect = raw_of(&comp, &d);
+    let expect = raw_of(&comp);
     let disk = open_path(&comp, true);
     assert_eq!(read_all(&disk), expect);
     drop(disk);
@@ -250,7 +183,7 @@ fn backing_chains_and_compressed_clusters_read_identically() {
     assert_eq!(read_all(&disk), exp);
     drop(disk);
     check_clean(&comp);
-    assert_eq!(raw_of(&comp, &d), exp);
+    assert_eq!(raw_of(&comp), exp);
 }
 
 #[test]
@@ -311,20 +244,7 @@ fn plugin_writes_pass_qemu_check_and_compare() {
         assert_eq!(read_all(&disk), expect, "{compat} {cs}");
         drop(disk);
         check_clean(&img);
-        let raw = d.join("expect.raw");
-        std::fs::write(&raw, &expect).unwrap();
-        run(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                img.to_str().unwrap(),
-                raw.to_str().unwrap(),
-            ],
-        );
+        compare_to_raw(&img, &expect);
     }
 }
 
@@ -354,7 +274,7 @@ fn create_via_config_with_backing() {
     check_clean(&top);
     let mut expect = vec![0x42u8; 3 << 20];
     expect[8192 * 3 + 100..8192 * 3 + 800].fill(0x99);
-    assert_eq!(raw_of(&top, &d), expect);
+    assert_eq!(raw_of(&top), expect);
     let info = run("qemu-img", &["info", top.to_str().unwrap()]);
     assert!(info.contains("backing file format: qcow2"), "{info}");
 
@@ -586,7 +506,7 @@ fn dirty_lazy_refcount_image_is_repaired_before_writing() {
     drop(d);
     check_clean(&img);
     assert!(
-        raw_of(&img, &dir) == model,
+        raw_of(&img) == model,
         "qemu reads the repaired and written image"
     );
 }
@@ -604,7 +524,7 @@ fn parallel_reads_agree_with_qemu() {
         "qcow2",
         &["write -P 0x61 0 3M", "write -P 0x62 5M 2M"],
     );
-    let expect = raw_of(&img, &d);
+    let expect = raw_of(&img);
     let disk = open_path(&img, true);
     std::thread::scope(|s| {
         for _ in 0..4 {
@@ -641,7 +561,7 @@ fn out_of_range_is_an_error_and_segmented_writes_match_qemu() {
     for (i, p) in pages.iter().enumerate() {
         expect[3 * 4096 + i * 4096..][..4096].copy_from_slice(p);
     }
-    assert_eq!(raw_of(&img, &d), expect);
+    assert_eq!(raw_of(&img), expect);
 }
 
 /// A dirty image in a huge sparse file (8 TiB, almost all of it unreferenced): the rebuilt

@@ -10,69 +10,13 @@
 //! Also: the order of writes and syncs of one flush, asserted directly; refcount-table
 //! growth; out-of-range reads.
 
+mod common;
+
+use common::{check_clean, compare_to_raw, qemu_img_check, raw_of, run, tmpdir};
 use qcow2::image::{Image, IoEvent, IoLog};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use xen_disk_plugin_api::ErrorKind;
-
-/// A scratch folder, removed when the test ends (also when it fails).
-struct TmpDir(PathBuf);
-
-impl std::ops::Deref for TmpDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tmpdir(tag: &str) -> TmpDir {
-    let d = std::env::temp_dir().join(format!("qcow2-pl-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TmpDir(d)
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `qemu-img check`: exit code and text.
-fn check(img: &Path) -> (i32, String) {
-    let out = Command::new("qemu-img")
-        .args(["check", img.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn raw_of(img: &Path) -> Vec<u8> {
-    let raw = img.with_extension("raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(raw).unwrap()
-}
 
 /// Writes the file a power loss would leave: the image as it was when recording started
 /// (`initial`, then a hole up to `initial_len`), the events before `from`, and of the
@@ -127,7 +71,7 @@ fn crashes(events: &[IoEvent]) -> Vec<(usize, usize, Vec<usize>)> {
 }
 
 fn assert_no_corruption(img: &Path, what: &str) {
-    let (code, text) = check(img);
+    let (code, text) = qemu_img_check(img);
     assert!(
         matches!(code, 0 | 3) && !text.contains("ERROR"),
         "{what}: qemu-img check {code}: {text}"
@@ -273,9 +217,7 @@ fn power_loss_at_any_point_leaves_a_consistent_image() {
     }
     assert!(images > 20);
     // And the image as closed: clean, no leaks, exactly the guest's data.
-    let (code, text) = check(&img);
-    assert_eq!(code, 0, "{text}");
-    assert!(text.contains("No errors were found"), "{text}");
+    check_clean(&img);
     assert_eq!(raw_of(&img), final_model);
 }
 
@@ -365,7 +307,7 @@ fn flush_orders_refcounts_then_sync_then_pointers() {
     assert_eq!(ev.len(), 2);
     assert_eq!(ev[1], IoEvent::Sync);
     drop(image);
-    let (code, text) = check(&img);
+    let (code, text) = qemu_img_check(&img);
     assert_eq!(code, 0, "{text}");
 }
 
@@ -437,29 +379,14 @@ fn grow(refcount_bits: u32, coverage: u64) {
     let rt_clusters = u32::from_be_bytes(after[56..60].try_into().unwrap());
     assert!(rt_clusters > 1, "refcount table did not grow");
     assert_ne!(header_u64(&after, 48), header_u64(&before, 48));
-    let (code, text) = check(&img);
-    assert_eq!(code, 0, "{text}");
-    assert!(text.contains("No errors were found"), "{text}");
-    let raw = d.join("expect.raw");
-    std::fs::write(&raw, &expect).unwrap();
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
+    check_clean(&img);
+    compare_to_raw(&img, &expect);
     // Reopened, the grown table is used, and it grows no further for more writes.
     let image = Image::open(&img, false, &[]).unwrap();
     assert_eq!(image.header().refcount_table_clusters, rt_clusters);
     image.write_at(60 << 20, &[9u8; 65536]).unwrap();
     drop(image);
-    let (code, text) = check(&img);
+    let (code, text) = qemu_img_check(&img);
     assert_eq!(code, 0, "{text}");
     assert_eq!(head(&img)[56..60], after[56..60]);
 }
@@ -539,7 +466,7 @@ fn power_loss_while_the_refcount_table_moves() {
             assert!(got[1 << 20..10 << 20] == want[1 << 20..10 << 20], "{what}");
         }
     }
-    let (code, text) = check(&img);
+    let (code, text) = qemu_img_check(&img);
     assert_eq!(code, 0, "{text}");
 }
 
