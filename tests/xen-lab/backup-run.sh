@@ -15,18 +15,7 @@ root=$(cd "$here/../.." && pwd)
 out=${OUT:-${TMPDIR:-/tmp}/xen-disk-lab-backup}
 release=${LAB_RELEASE:-13}
 
-# A line's KEY=value, from the first line that starts with TAG followed by a space (whole
-# lines only: a dom0 line quoting a guest's never passes for it).
-value() {
-  awk -v tag="$1" -v key="$2" 'index($0, tag " ") == 1 {
-    for (i = 1; i <= NF; i++) if (index($i, key "=") == 1) { print substr($i, length(key) + 2); exit }
-  }' <<<"$log"
-}
-has() { grep -q "^$1" <<<"$log"; }
-# yes when A and B are numbers and A > B.
-above() { [[ "$1" =~ ^[0-9]+$ && "$2" =~ ^[0-9]+$ ]] && [ "$1" -gt "$2" ] && echo yes || echo no; }
-fail=0; pass=0
-check() { if [ -n "$2" ] && [ "$2" = "$3" ]; then echo "ok    $1"; pass=$((pass + 1)); else echo "FAIL  $1 (got '$2', want '$3')"; fail=$((fail + 1)); fi; }
+. "$here/checks-lib.sh"
 
 checks() {
   local timeouts c1 c2 first end k
@@ -34,7 +23,7 @@ checks() {
   check "dom0: every wait saw its guest line" "${timeouts:-none}" none
   check "the guest got its disk" "$(value 'GUEST: xvdb' size)" 65536
   check "snapshot s1: frozen, exported, the disk served by cow over file" \
-    "$(value 'LAB: snapshot1' rc) $(has 'LAB: ctl s1: .* snapshot s1 frozen .*exported read-only' && echo said) $(value 'LAB: snapshot1' stack)" \
+    "$(value 'LAB: snapshot1' rc) $(matches 'LAB: ctl s1: .* snapshot s1 frozen .*exported read-only' && echo said) $(value 'LAB: snapshot1' stack)" \
     "0 said cow_over_file"
   check "backup 1 (nbdcopy) equals the frozen image, byte for byte" \
     "$(value 'LAB: backup1' rc) $(value 'LAB: backup1' copy) $(value 'LAB: backup1' base-after)" \
@@ -44,10 +33,10 @@ checks() {
     "$(above "$c1" 0) $(value 'LAB: backup1-blocks' content)" "yes ok"
   check "the guest wrote while backup 1 was copied" "$(above "$(value 'LAB: backup1' progress)" "$c1")" yes
   check "commit 1: the disk served by file again, the export closed" \
-    "$(value 'LAB: commit1' rc) $(has 'LAB: ctl commit1: .* snapshot s1 committed' && echo said) $(value 'LAB: commit1' stack) $(value 'LAB: commit1' export)" \
+    "$(value 'LAB: commit1' rc) $(matches 'LAB: ctl commit1: .* snapshot s1 committed' && echo said) $(value 'LAB: commit1' stack) $(value 'LAB: commit1' export)" \
     "0 said file gone"
   check "snapshot s2: frozen, with the blocks written since s1 as qemu:dirty-bitmap:s1" \
-    "$(value 'LAB: snapshot2' rc) $(has 'LAB: ctl s2: .* snapshot s2 frozen .*qemu:dirty-bitmap:s1' && echo said) $(value 'LAB: snapshot2' stack)" \
+    "$(value 'LAB: snapshot2' rc) $(matches 'LAB: ctl s2: .* snapshot s2 frozen .*qemu:dirty-bitmap:s1' && echo said) $(value 'LAB: snapshot2' stack)" \
     "0 said cow_over_file"
   check "backup 2 (nbdcopy) equals the frozen image, byte for byte" \
     "$(value 'LAB: backup2' rc) $(value 'LAB: backup2' copy) $(value 'LAB: backup2' base-after)" \
@@ -65,7 +54,7 @@ checks() {
   check "backup 1 + the dirty blocks (qemu-img from the export) equals backup 2" \
     "$(value 'LAB: incremental' failed) $(value 'LAB: incremental' copy)" "0 $(value 'LAB: backup2' copy)"
   check "commit 2: the disk served by file again, the export closed" \
-    "$(value 'LAB: commit2' rc) $(has 'LAB: ctl commit2: .* snapshot s2 committed' && echo said) $(value 'LAB: commit2' stack) $(value 'LAB: commit2' export)" \
+    "$(value 'LAB: commit2' rc) $(matches 'LAB: ctl commit2: .* snapshot s2 committed' && echo said) $(value 'LAB: commit2' stack) $(value 'LAB: commit2' export)" \
     "0 said file gone"
   k=$(value 'GUEST: writer done' blocks)
   check "the guest wrote after commit 2 and stopped on dom0's signal" \
@@ -79,14 +68,7 @@ checks() {
   check "serve logged no error" "$(value 'LAB: serve' errors)" 0
 }
 
-if [ "${1:-}" = "--checks-only" ]; then
-  [ -f "${2:-}" ] || { echo "usage: $0 --checks-only LOG" >&2; exit 2; }
-  log=$(tr -d '\r' <"$2")
-  checks
-  echo "xen-lab backup: $pass passed, $fail failed"
-  [ "$fail" = 0 ]
-  exit
-fi
+[ "${1:-}" != "--checks-only" ] || checks_only "xen-lab backup" "${2:-}" "$0 --checks-only LOG"
 
 lab=${XEN_LAB:-$here/xen-lab.sh}
 start=$(date +%s)
@@ -106,5 +88,4 @@ echo "$log" >"$out/lab.log"
 checks
 echo "xen-lab backup: 32 MiB disk; snapshot pauses (us): $(sed -n 's/^LAB: ctl s[12]: .*(paused \([0-9]*\) us).*/\1/p' <<<"$log" | paste -sd ' ' -); full copies (s): $(value 'LAB: backup1' s) $(value 'LAB: backup2' s); incremental: $(value 'LAB: dirty' bytes) bytes in $(value 'LAB: dirty' ranges) range(s), $(value 'LAB: incremental' s) s; commits (s): $(value 'LAB: commit1' s) $(value 'LAB: commit2' s), their pauses (us): $(sed -n 's/^LAB: ctl commit[12]: .* during a \([0-9]*\) us pause.*/\1/p' <<<"$log" | paste -sd ' ' -); guest blocks: $(value 'LAB: backup1-blocks' cut) at s1, $(value 'LAB: backup2-blocks' cut) at s2, $(value 'GUEST: writer done' blocks) in all"
 echo "xen-lab backup: build $((boot_start - start))s, boot $((end - boot_start))s (log: $out/lab.log; --checks-only checks it again)"
-echo "xen-lab backup: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "xen-lab backup"

@@ -80,8 +80,7 @@ table() {
   }'
 }
 
-fail=0; pass=0
-check() { if [ -n "$2" ] && [ "$2" = "$3" ]; then echo "ok    $1"; pass=$((pass + 1)); else echo "FAIL  $1 (got '$2', want '$3')"; fail=$((fail + 1)); fi; }
+. "$here/checks-lib.sh"
 # Complete and sane, not fast: every run of every pair ended well with requests counted and
 # dom0's marks around it, every disk connected, every median there.
 checks() {
@@ -126,8 +125,7 @@ if [ "${1:-}" = "--checks-only" ]; then
   tab=$(table <<<"$log")
   echo "$tab" | grep -v '^BENCH '
   checks
-  echo "xen-lab bench: $pass passed, $fail failed"
-  [ "$fail" = 0 ]
+  summary "xen-lab bench"
   exit
 fi
 
@@ -160,5 +158,4 @@ tab=$(table <<<"$log")
 echo "$tab" | grep -v '^BENCH '
 checks
 echo "xen-lab bench: release ${LAB_RELEASE:-12}: boot took ${boot}s (log: $out/lab.log; bench.sh --checks-only checks it again)"
-echo "xen-lab bench: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "xen-lab bench"

@@ -13,16 +13,7 @@ root=$(cd "$here/../.." && pwd)
 out=${OUT:-${TMPDIR:-/tmp}/xen-disk-lab-crash}
 release=${LAB_RELEASE:-13}
 
-# A line's KEY=value, from the first line that starts with TAG followed by a space (whole
-# lines only: a dom0 line quoting a guest's never passes for it).
-value() {
-  awk -v tag="$1" -v key="$2" 'index($0, tag " ") == 1 {
-    for (i = 1; i <= NF; i++) if (index($i, key "=") == 1) { print substr($i, length(key) + 2); exit }
-  }' <<<"$log"
-}
-has() { grep -q "^$1" <<<"$log"; }
-fail=0; pass=0
-check() { if [ -n "$2" ] && [ "$2" = "$3" ]; then echo "ok    $1"; pass=$((pass + 1)); else echo "FAIL  $1 (got '$2', want '$3')"; fail=$((fail + 1)); fi; }
+. "$here/checks-lib.sh"
 
 checks() {
   local timeouts kills
@@ -41,14 +32,7 @@ checks() {
   check "the guest's kernel log has no I/O error" "$(value 'GUEST: dmesg' io-errors)" 0
 }
 
-if [ "${1:-}" = "--checks-only" ]; then
-  [ -f "${2:-}" ] || { echo "usage: $0 --checks-only LOG" >&2; exit 2; }
-  log=$(tr -d '\r' <"$2")
-  checks
-  echo "xen-lab crash: $pass passed, $fail failed"
-  [ "$fail" = 0 ]
-  exit
-fi
+[ "${1:-}" != "--checks-only" ] || checks_only "xen-lab crash" "${2:-}" "$0 --checks-only LOG"
 
 lab=${XEN_LAB:-$here/xen-lab.sh}
 start=$(date +%s)
@@ -64,5 +48,4 @@ checks
 # Under emulation every write is slow: the five longest are the kills' pauses.
 echo "xen-lab crash: the guest's five longest writes (ms): $(sed -n 's/^GUEST: pause block=[0-9]* ms=//p' <<<"$log" | sort -n | tail -5 | paste -sd ' ' -); writes of 0.5 s or more: $(value 'GUEST: writer done' pauses) of 800; serve took over (s after the kill): $(sed -n 's/^LAB: kill .*taken-over-after-s=//p' <<<"$log" | paste -sd ' ' -)"
 echo "xen-lab crash: build $((boot_start - start))s, boot $((end - boot_start))s (log: $out/lab.log; --checks-only checks it again)"
-echo "xen-lab crash: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "xen-lab crash"

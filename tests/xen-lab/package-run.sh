@@ -13,17 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=${OUT:-${TMPDIR:-/tmp}/xen-disk-lab-pkg}
 
-# A line's KEY=value, from the first line that starts with TAG followed by a space (whole
-# lines only, as run.sh reads them: a dom0 line quoting a guest's never passes for it).
-value() {
-  awk -v tag="$1" -v key="$2" 'index($0, tag " ") == 1 {
-    for (i = 1; i <= NF; i++) if (index($i, key "=") == 1) { print substr($i, length(key) + 2); exit }
-  }' <<<"$log"
-}
-has() { grep -q "^$1\$" <<<"$log"; }
-fail=0; pass=0
-check() { if [ -n "$2" ] && [ "$2" = "$3" ]; then echo "ok    $1"; pass=$((pass + 1)); else echo "FAIL  $1 (got '$2', want '$3')"; fail=$((fail + 1)); fi; }
-yes_if() { if has "$1"; then echo yes; else echo no; fi; }
+. "$here/checks-lib.sh"
 
 checks() {
   local timeouts
@@ -56,14 +46,7 @@ checks() {
   check "read-only disk unchanged" "$(value 'LAB: c' host-md5-after)" "$(value 'LAB: c' host-md5)"
 }
 
-if [ "${1:-}" = "--checks-only" ]; then
-  [ -f "${2:-}" ] || { echo "usage: $0 --checks-only LOG" >&2; exit 2; }
-  log=$(tr -d '\r' <"$2")
-  checks
-  echo "xen-lab package: $pass passed, $fail failed"
-  [ "$fail" = 0 ]
-  exit
-fi
+[ "${1:-}" != "--checks-only" ] || checks_only "xen-lab package" "${2:-}" "$0 --checks-only LOG"
 
 lab=${XEN_LAB:-$here/xen-lab.sh}
 deb=$(bash "$root/dist/build-deb.sh" | grep '/xen-disk_[^/]*\.deb$')
@@ -76,5 +59,4 @@ echo "$log"
 echo "$log" >"$out/lab.log"
 checks
 echo "xen-lab package: boot took ${boot}s (log: $out/lab.log; --checks-only checks it again)"
-echo "xen-lab package: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "xen-lab package"

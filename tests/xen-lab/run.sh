@@ -14,28 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=${OUT:-${TMPDIR:-/tmp}/xen-disk-lab}
 
-# Matching is by whole lines, from their start: a GUEST: tag matches only the guest's own
-# lines (dom0 relays them as they are), a LAB: tag only dom0's line of that name. So dom0's
-# `LAB: timeout waiting for 'GUEST: xvdg gone ...'`, or a console tail it prints after one,
-# never passes for the line it quotes.
-# The value of KEY=... on the first line that starts with TAG (then a space, `=` or the
-# line's end) and has it.
-value() {
-  awk -v tag="$1" -v key="$2" 'index($0, tag) == 1 {
-    c = substr($0, length(tag) + 1, 1); if (c != "" && c != " " && c != "=") next
-    for (i = 1; i <= NF; i++) if (index($i, key "=") == 1) { print substr($i, length(key) + 2); exit }
-  }' <<<"$log"
-}
-# The first line that starts with TAG (as for value), or nothing.
-line() {
-  awk -v tag="$1" 'index($0, tag) == 1 {
-    c = substr($0, length(tag) + 1, 1); if (c == "" || c == " " || c == "=") { print; exit }
-  }' <<<"$log"
-}
-has() { [ -n "$(line "$1")" ]; }
-fail=0; pass=0
-check() { if [ -n "$2" ] && [ "$2" = "$3" ]; then echo "ok    $1"; pass=$((pass + 1)); else echo "FAIL  $1 (got '$2', want '$3')"; fail=$((fail + 1)); fi; }
-yes_if() { if has "$1"; then echo yes; else echo no; fi; }
+. "$here/checks-lib.sh"
 # MB/s of the guest's cold read of $1 (coldread.sh prints the line only if dd read it all).
 speed() {
   local b; b=$(value "GUEST: $1 dd-read" bytes)
@@ -87,14 +66,7 @@ checks() {
   check "serve: SIGTERM exits 0" "$(value 'LAB: serve exit' exit)" 0
 }
 
-if [ "${1:-}" = "--checks-only" ]; then
-  [ -f "${2:-}" ] || { echo "usage: $0 --checks-only LOG (a lab run's log, e.g. $out/lab.log)" >&2; exit 2; }
-  log=$(tr -d '\r' <"$2")
-  checks
-  echo "xen-lab: $pass passed, $fail failed"
-  [ "$fail" = 0 ]
-  exit
-fi
+[ "${1:-}" != "--checks-only" ] || checks_only "xen-lab" "${2:-}" "$0 --checks-only LOG (a lab run's log, e.g. $out/lab.log)"
 
 lab=${XEN_LAB:-$here/xen-lab.sh}
 cargo build --release --manifest-path "$root/Cargo.toml" >/dev/null
@@ -128,5 +100,4 @@ if [ "${1:-}" = "--reference" ]; then
   echo "xen-lab: kernel blkback (loop device): $(log=$(sed 's/^LAB: GUEST: /GUEST: /' <<<"$ref") speed xvda) MB/s (boot $(( $(date +%s) - start ))s)"
 fi
 
-echo "xen-lab: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "xen-lab"

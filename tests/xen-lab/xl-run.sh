@@ -11,24 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=${OUT:-${TMPDIR:-/tmp}/xen-disk-lab-xl}
 
-# Whole lines from their start, as in run.sh: a GUEST: tag matches only the guest's own lines
-# (dom0 relays them as they are), a LAB: tag only dom0's line of that name; dom0's
-# `LAB: timeout waiting for 'GUEST: ...'` never passes for the line it quotes.
-value() {
-  awk -v tag="$1" -v key="$2" 'index($0, tag) == 1 {
-    c = substr($0, length(tag) + 1, 1); if (c != "" && c != " " && c != "=") next
-    for (i = 1; i <= NF; i++) if (index($i, key "=") == 1) { print substr($i, length(key) + 2); exit }
-  }' <<<"$log"
-}
-line() {
-  awk -v tag="$1" 'index($0, tag) == 1 {
-    c = substr($0, length(tag) + 1, 1); if (c == "" || c == " " || c == "=") { print; exit }
-  }' <<<"$log"
-}
-has() { [ -n "$(line "$1")" ]; }
-fail=0; pass=0
-check() { if [ -n "$2" ] && [ "$2" = "$3" ]; then echo "ok    $1"; pass=$((pass + 1)); else echo "FAIL  $1 (got '$2', want '$3')"; fail=$((fail + 1)); fi; }
-yes_if() { if has "$1"; then echo yes; else echo no; fi; }
+. "$here/checks-lib.sh"
 
 checks() {
   local timeouts d
@@ -80,14 +63,7 @@ checks() {
   check "serve: SIGTERM exits 0" "$(value 'LAB: serve exit' exit)" 0
 }
 
-if [ "${1:-}" = "--checks-only" ]; then
-  [ -f "${2:-}" ] || { echo "usage: $0 --checks-only LOG (a lab run's log, e.g. $out/lab.log)" >&2; exit 2; }
-  log=$(tr -d '\r' <"$2")
-  checks
-  echo "xen-lab xl: $pass passed, $fail failed"
-  [ "$fail" = 0 ]
-  exit
-fi
+[ "${1:-}" != "--checks-only" ] || checks_only "xen-lab xl" "${2:-}" "$0 --checks-only LOG (a lab run's log, e.g. $out/lab.log)"
 
 lab=${XEN_LAB:-$here/xen-lab.sh}
 start=$(date +%s)
@@ -106,5 +82,4 @@ checks
 echo "xen-lab xl: phases (s): $(sed -n 's/^LAB: phase \([a-z-]*\) t=\([0-9.]*\)$/\1 \2/p' <<<"$log" |
   awk 'NR > 1 { printf "%s %.0f, ", name, $2 - t } { name = $1; t = $2 }' | sed 's/, $//')"
 echo "xen-lab xl: build $((boot_start - start))s, boot with all scenarios $((end - boot_start))s, whole run $((end - start))s (log: $out/lab.log; xl-run.sh --checks-only checks it again)"
-echo "xen-lab xl: $pass passed, $fail failed"
-[ "$fail" = 0 ]
+summary "xen-lab xl"
