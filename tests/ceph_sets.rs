@@ -8,8 +8,21 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// The monitor's port is fixed: the tests that start clusters take turns.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
+fn one_cluster() -> MutexGuard<'static, ()> {
+    ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn sets(args: &[&str], dir: Option<&Path>) -> Output {
+    sets_env(args, dir, &[])
+}
+
+/// [`sets`] with more variables in the script's environment (they win over the defaults).
+fn sets_env(args: &[&str], dir: Option<&Path>, env: &[(&str, &str)]) -> Output {
     build_all();
     let mut c = Command::new("bash");
     c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph-sets.sh"))
@@ -21,6 +34,7 @@ fn sets(args: &[&str], dir: Option<&Path>) -> Output {
     if let Some(d) = dir {
         c.env("SETS_DIR", d);
     }
+    c.envs(env.iter().copied());
     c.output().expect("bash")
 }
 
@@ -37,6 +51,19 @@ fn ceph_sets_refuses_a_bad_count_or_pattern_before_starting_a_cluster() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
         assert!(stdout(&o).is_empty(), "{args:?}: {}", stdout(&o));
+    }
+    for (cpu, needle) in [
+        ("x", "SETS_CPU=x: expected a CPU number"),
+        ("1x", "SETS_CPU=1x: expected a CPU number"),
+        (
+            "99999",
+            "SETS_CPU=99999: this process may not run on CPU 99999",
+        ),
+    ] {
+        let o = sets_env(&["1"], None, &[("SETS_CPU", cpu)]);
+        assert_eq!(o.status.code(), Some(2), "{cpu}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{cpu}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{cpu}: {}", stdout(&o));
     }
 }
 
@@ -63,6 +90,7 @@ fn ceph_sets_runs_each_pattern_on_its_own_cluster_and_stops_it() {
             .is_ok_and(|o| o.status.success());
         assert!(found, "{tool} is not installed (.ci/run installs Ceph)");
     }
+    let _turn = one_cluster();
     let dir = TempDir::new("ceph-sets");
     let o = sets(
         &["1", "randread:4k", "write:1M", "--", "--submit"],
@@ -111,4 +139,63 @@ fn ceph_sets_runs_each_pattern_on_its_own_cluster_and_stops_it() {
         .filter(|c| c.contains(&conf))
         .collect();
     assert!(running.is_empty(), "still running: {running:?}");
+}
+
+/// `SETS_CPU=0`: the cluster's daemons (every thread) and every bench run keep to CPU 0, and
+/// the runs go without `--client-cpu`. A wrapper in place of `xen-disk-host` records the CPUs
+/// each run may use.
+#[test]
+fn ceph_sets_on_one_cpu_pins_the_cluster_and_every_run() {
+    let _turn = one_cluster();
+    let dir = TempDir::new("ceph-sets-cpu");
+    let record = dir.join("affinity");
+    let wrapper = dir.join("host-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             taskset -c -p $$ | sed 's/.*: //' >> {}\n\
+             echo \"$*\" >> {}.args\n\
+             exec {} \"$@\"\n",
+            record.display(),
+            record.display(),
+            target_dir().join("xen-disk-host").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let o = sets_env(
+        &["1", "randread:4k"],
+        Some(&dir.0),
+        &[
+            ("SETS_CPU", "0"),
+            ("XEN_DISK_HOST", wrapper.to_str().unwrap()),
+        ],
+    );
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    // The daemons' affinity as the script read it back after pinning them.
+    let placed = out
+        .lines()
+        .find(|l| l.starts_with("one CPU: "))
+        .unwrap_or_else(|| panic!("no placement line:\n{out}"));
+    for daemon in ["ceph-mon on 0,", "ceph-osd on 0,", "ceph-mgr on 0,"] {
+        assert!(placed.contains(daemon), "{daemon}: {placed}");
+    }
+    assert!(placed.ends_with("every bench run on 0"), "{placed}");
+    // Two runs (the uncounted pair and the counted one), each allowed CPU 0 only.
+    let cpus = std::fs::read_to_string(&record).unwrap();
+    assert_eq!(cpus.lines().collect::<Vec<_>>(), ["0", "0"], "{cpus}");
+    let args = std::fs::read_to_string(format!("{}.args", record.display())).unwrap();
+    assert_eq!(args.lines().count(), 2, "{args}");
+    assert!(
+        args.lines()
+            .all(|l| !l.contains("--client-cpu") && l.contains("--rbd-bench")),
+        "{args}"
+    );
+    assert!(out.contains("randread 4k: median "), "{out}");
 }
