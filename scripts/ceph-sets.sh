@@ -19,8 +19,9 @@
 # SETS_DIR (where the cluster lives, default a new temporary folder, removed at the end),
 # XEN_DISK_HOST (as for pairs.sh), SETS_CPU (a CPU number: the cluster's daemons and every
 # bench run on that one CPU, without --client-cpu; nothing then waits on a wake-up from
-# another CPU, and each side's figure is its CPU time per request, the cluster's included). The monitor's port is fixed (see ceph-one-node.sh): one
-# cluster at a time on a machine, so nothing else may run one meanwhile (tests/ceph_rbd.rs).
+# another CPU, and each side's figure is its CPU time per request, the cluster's included).
+# The monitor's port is fixed (see ceph-one-node.sh): one cluster at a time on a machine,
+# so nothing else may run one meanwhile (tests/ceph_rbd.rs).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 lab=$here/../tests/ceph-lab/ceph-one-node.sh
